@@ -1,0 +1,122 @@
+"""`client`: the data owner's command line (tune, report)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .transport import DEFAULT_CA
+
+
+def _lora(args):
+    from tandem.stages.lora import LoraConfig
+
+    targets = tuple(t for t in (args.lora_targets or "").split(",") if t)
+    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+
+
+def _tune(args) -> int:
+    import torch
+
+    from . import report as rep
+    from .trainer import TuneConfig, tune
+    from .transport import TransportConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TuneConfig(data=args.data, out=args.out, mode=args.mode, model=args.model, client_blocks=args.client_blocks,
+                     steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                     lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
+                     checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress)
+    tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, timeout_s=args.timeout)
+    report = tune(cfg, tcfg)
+    rep.render(report)
+    png = rep.plot(report, os.path.join(args.out, "report.png"))
+    print(f"report: {os.path.join(args.out, 'report.json')}  plot: {png}  adapter: {os.path.join(args.out, 'adapter')}")
+    return 0
+
+
+def _report(args) -> int:
+    from . import report as rep
+
+    r = rep.load(args.run_dir)
+    rep.render(r)
+    png = rep.plot(r, os.path.join(args.run_dir, "report.png"))
+    print(f"plot: {png}")
+    return 0
+
+
+def _sample(args) -> int:
+    from .sample import write_sample
+
+    print(f"wrote sample data to {write_sample(args.out, n=args.n, seed=args.seed)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="client", description="tandem client: fine-tune a cloud-hosted LLM on private text that never leaves this machine.")
+    p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING); default WARNING")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("tune", help="train adapters on local data",
+                       description="Train LoRA adapters. In split mode (default) the cloud runs the frozen middle blocks; "
+                                   "your text, labels and loss stay here, only activations and gradients travel.")
+    t.add_argument("--data", required=True, help="directory of .txt (plain text) and .jsonl ({'text'} or {'prompt','completion'}) files")
+    t.add_argument("--out", default="tandem-run", help="run directory: report.json, report.png, adapter/, checkpoint.pt; default ./tandem-run")
+    t.add_argument("--mode", choices=("split", "local"), default="split",
+                   help="split: middle blocks in the cloud (default); local: whole model in this process (needs --model, for the model owner's verification)")
+    t.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
+    t.add_argument("--ca", default=DEFAULT_CA, help=f"CA certificate (PEM) that signed the server's certificate; default {DEFAULT_CA}")
+    t.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (only against a server started with --insecure); warns")
+    t.add_argument("--timeout", type=float, default=300.0, help="deadline of one call to the server, seconds; default 300")
+    t.add_argument("--model", default=None, help="local mode: Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    t.add_argument("--client-blocks", default="2:2", metavar="K:M", help="local mode: where the stages are cut; default 2:2 (split mode uses the server's)")
+    t.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 (default) means run --epochs")
+    t.add_argument("--epochs", type=float, default=1.0, help="passes over the training split when --steps is 0; default 1")
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per step; default 4")
+    t.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence; default 128")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate; default 1e-3")
+    t.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r; default 8")
+    t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r); default 16")
+    t.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input; default 0")
+    t.add_argument("--lora-targets", default="", help="comma-separated module names to adapt; default: peft's default for the architecture (q_proj,v_proj / c_attn)")
+    t.add_argument("--seed", type=int, default=0, help="seed for the split, batch order, LoRA init and dropout; default 0")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="share of sequences held out for validation; default 0.1")
+    t.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints; default 10")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (adapter, optimizer, data position)")
+    t.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(func=_tune, server_given=False)
+
+    r = sub.add_parser("report", help="print a run's report and write report.png")
+    r.add_argument("run_dir", help="the --out directory of a `client tune` run")
+    r.set_defaults(func=_report)
+
+    s = sub.add_parser("sample-data", help="write a small generated corpus to try tandem on")
+    s.add_argument("--out", default="sample-data", help="directory to write; default ./sample-data")
+    s.add_argument("--n", type=int, default=400, help="number of generated records; default 400")
+    s.add_argument("--seed", type=int, default=0, help="generator seed; default 0")
+    s.set_defaults(func=_sample)
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from .errors import ClientError
+
+    try:
+        return args.func(args)
+    except ClientError as e:
+        print(f"client {args.cmd}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"client {args.cmd}: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The data owner's text: reading .txt/.jsonl, packing into sequences, a held-out split, seeded batches."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Packed:
+    """Packed sequences: (N, T) ids, mask and labels (IGNORE where no loss)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
+
+    @property
+    def n_label_tokens(self) -> int:
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+def read_examples(data_dir: str) -> list[tuple[str, str]]:
+    """Returns (prompt, completion) pairs; plain text has an empty prompt. Files are read in name order."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data {data_dir!r} is not a directory; point it at a folder of .txt or .jsonl files")
+    names = sorted(n for n in os.listdir(data_dir) if n.endswith((".txt", ".jsonl")))
+    if not names:
+        raise DataError(f"--data {data_dir!r} has no .txt or .jsonl files")
+    out: list[tuple[str, str]] = []
+    for name in names:
+        path = os.path.join(data_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                if name.endswith(".txt"):
+                    text = f.read()
+                    if text.strip():
+                        out.append(("", text))
+                    continue
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                    if isinstance(row, dict) and isinstance(row.get("text"), str):
+                        out.append(("", row["text"]))
+                    elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+                        out.append((row["prompt"], row["completion"]))
+                    else:
+                        raise DataError(f'{path}:{lineno}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+    if not out:
+        raise DataError(f"--data {data_dir!r} contains no text")
+    return out
+
+
+def pack(examples: list[tuple[str, str]], tokenizer, seq_len: int) -> Packed:
+    """Tokenizes, joins examples with EOS and cuts the stream into right-padded sequences of seq_len.
+
+    Loss is on every token of plain text, and only on the completion (and its EOS) for prompt/completion rows.
+    """
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be >= 2, got {seq_len}")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ids: list[int] = []
+    labels: list[int] = []
+    for prompt, completion in examples:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids += p + c
+        labels += [IGNORE] * len(p) + c
+    n = -(-len(ids) // seq_len)
+    total = n * seq_len
+    mask = [1] * len(ids) + [0] * (total - len(ids))
+    labels += [IGNORE] * (total - len(ids))
+    ids += [pad] * (total - len(ids))
+    as_t = lambda x: torch.tensor(x, dtype=torch.long).view(n, seq_len)  # noqa: E731
+    return Packed(as_t(ids), as_t(mask), as_t(labels))
+
+
+@dataclass
+class DataSplit:
+    """Train and validation sequences, and the seeded batch order."""
+
+    train: Packed
+    val: Packed
+    batch_size: int
+    seed: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.train) // self.batch_size)
+
+    def batch_at(self, step: int) -> dict:
+        """The batch of global step `step`: depends only on the seed, the data and the step."""
+        epoch, i = divmod(step, self.batches_per_epoch)
+        perm = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
+        return self.train.batch(perm[i * self.batch_size : (i + 1) * self.batch_size])
+
+    def val_batches(self):
+        for i in range(0, len(self.val), self.batch_size):
+            yield self.val.batch(torch.arange(i, min(i + self.batch_size, len(self.val))))
+
+
+def load_split(data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, val_fraction: float) -> DataSplit:
+    """Reads, packs and splits the data owner's text; the split depends only on the seed and the data."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {batch_size}")
+    packed = pack(read_examples(data_dir), tokenizer, seq_len)
+    n = len(packed)
+    if n < 2:
+        raise DataError(f"--data yields only {n} sequence of {seq_len} tokens; add text or lower --seq-len")
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    return DataSplit(packed.__class__(**packed.batch(train_idx)), packed.__class__(**packed.batch(val_idx)), batch_size, seed)

@@ -1,0 +1,298 @@
+"""The data owner's model: local bottom and top stages, a middle that runs remotely (or in-process), one adapter."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tandem.protos import serde
+from tandem.protos import split_pb2 as pb
+from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
+from tandem.stages.lora import LoraConfig, LoRAAdapter, SlotSpec, bind, flatten, inject_slots
+from tandem.stages.loading import (
+    cache_root,
+    client_parts,
+    config_from_json,
+    load_model,
+    sha256,
+    unpack_state,
+)
+from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
+
+from .errors import ClientError, ServerError
+from .transport import Transport
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+def stage_seed(seed: int, step: int, stage: int) -> int:
+    """Seed of the dropout generator of one stage at one step (0 bottom, 1 middle, 2 top)."""
+    return (seed * 1_000_003 + step * 31 + stage) % (2**63 - 1)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class LocalMiddle:
+    """The middle blocks in this process (local mode: the model owner's verification run)."""
+
+    def __init__(self, stage: MiddleStage, adapter: LoRAAdapter, names: list[str]):
+        self.stage, self.adapter, self.names = stage, adapter, names
+
+    def __call__(self, h, am, step: int, seed: int, train: bool):
+        binding = self.adapter.binding(self.names, _gen(seed) if train else None)
+        if not train:
+            binding.dropout = 0.0
+        with bind(binding):
+            return self.stage(h, am)
+
+
+class _RemoteFn(torch.autograd.Function):
+    """Forward sends h to the cloud; backward sends dL/d(out) and receives dL/dh and the remote-LoRA grads."""
+
+    @staticmethod
+    def forward(ctx, h, am, remote, step, seed, *lora_params):
+        ctx.remote, ctx.step, ctx.seed = remote, step, seed
+        ctx.save_for_backward(h, am)
+        return remote.forward_rpc(h, am, step, seed, train=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, am = ctx.saved_tensors
+        gin, glora = ctx.remote.backward_rpc(ctx.step, grad_out, h, am, ctx.seed)
+        return (gin, None, None, None, None, *glora)
+
+
+class RemoteMiddle:
+    """The cloud's middle blocks as a differentiable call; owns the session's wire protocol."""
+
+    def __init__(self, transport: Transport, session_id: str, params: list[nn.Parameter]):
+        self.t = transport
+        self.session_id = session_id
+        self.params = params
+        self.sent_version: int | None = None
+
+    def _version(self) -> int:
+        # Optimizer steps update parameters in place, which bumps their version counters.
+        return sum(p._version for p in self.params)  # noqa: SLF001
+
+    def __call__(self, h, am, step: int, seed: int, train: bool):
+        if train and torch.is_grad_enabled():
+            return _RemoteFn.apply(h, am, self, step, seed, *self.params)
+        return self.forward_rpc(h, am, step, seed, train=False)
+
+    def forward_rpc(self, h, am, step: int, seed: int, train: bool, force_lora: bool = False) -> torch.Tensor:
+        version = self._version()
+        m = self.t.meter
+        t0 = time.perf_counter()
+        req = pb.ForwardRequest(session_id=self.session_id, step=step, hidden=serde.to_proto(h),
+                                attention_mask=serde.to_proto(am.to(torch.uint8)), lora_version=version,
+                                dropout_seed=seed, train=train)
+        if self.params and (force_lora or self.sent_version != version):
+            req.lora.CopyFrom(serde.to_proto(flatten(self.params)))
+        m.step_serde_s += time.perf_counter() - t0
+        try:
+            resp = self.t.call("Forward", req, kind="Forward" if train else "EvalForward")
+        except ServerError as e:
+            if e.reason == "lora-missing" and not force_lora:
+                return self.forward_rpc(h, am, step, seed, train, force_lora=True)
+            raise
+        self.sent_version = version
+        m.step_cloud_s += resp.compute_s
+        t0 = time.perf_counter()
+        out = serde.from_proto(resp.hidden, "hidden", torch.float32, tuple(h.shape))
+        m.step_serde_s += time.perf_counter() - t0
+        return out
+
+    def backward_rpc(self, step: int, grad_out, h, am, seed: int):
+        m = self.t.meter
+        t0 = time.perf_counter()
+        req = pb.BackwardRequest(session_id=self.session_id, step=step, grad_output=serde.to_proto(grad_out))
+        m.step_serde_s += time.perf_counter() - t0
+        try:
+            resp = self.t.call("Backward", req)
+        except ServerError as e:
+            if e.reason != "evicted":
+                raise
+            log.warning("step %d: the cloud evicted its forward state; recomputing the step's forward", step)
+            self.forward_rpc(h, am, step, seed, train=True)
+            resp = self.t.call("Backward", req)
+        m.step_cloud_s += resp.compute_s
+        t0 = time.perf_counter()
+        gin = serde.from_proto(resp.grad_input, "grad_input", torch.float32, tuple(h.shape))
+        flat = serde.from_proto(resp.lora_grad, "lora_grad", torch.float32)
+        if flat.numel() != sum(p.numel() for p in self.params):
+            raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}")
+        grads, at = [], 0
+        for p in self.params:
+            grads.append(flat[at : at + p.numel()].view_as(p))
+            at += p.numel()
+        m.step_serde_s += time.perf_counter() - t0
+        return gin, grads
+
+    def close(self) -> None:
+        try:
+            self.t.call("CloseSession", pb.CloseSessionRequest(session_id=self.session_id), retry=False)
+        except ServerError as e:
+            log.info("closing the session: %s", e)
+
+
+@dataclass
+class StagedModel:
+    """Bottom and top stages on the client, a middle (remote or local), and the data owner's adapter."""
+
+    bottom: BottomStage
+    middle: object  # RemoteMiddle | LocalMiddle
+    top: TopStage
+    adapter: LoRAAdapter
+    names: tuple[list[str], list[str], list[str]]  # slot names per stage: bottom, middle, top
+    layout: StageLayout
+    model_id: str
+    config: object
+    tokenizer: object
+    mode: str
+
+    def logits(self, ids: torch.Tensor, am: torch.Tensor, step: int, seed: int, train: bool) -> torch.Tensor:
+        """Runs bottom -> middle -> top; returns (B, T, V) logits."""
+        nb, nm, nt = self.names
+        dropout = self.adapter.cfg.dropout if train else 0.0
+
+        def b(names, stage):
+            binding = self.adapter.binding(names, _gen(stage_seed(seed, step, stage)) if dropout else None)
+            binding.dropout = dropout
+            return binding
+
+        with bind(b(nb, 0)):
+            h = self.bottom(ids, am)  # (B, T, H)
+        h = self.middle(h, am, step, stage_seed(seed, step, 1), train)  # (B, T, H)
+        with bind(b(nt, 2)):
+            return self.top(h, am)  # (B, T, V)
+
+    def loss(self, batch: dict, step: int, seed: int, train: bool) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over labelled tokens; returns (loss, number of labelled tokens)."""
+        logits = self.logits(batch["input_ids"], batch["attention_mask"], step, seed, train)
+        labels = batch["labels"][:, 1:]  # (B, T-1)
+        n = int((labels != IGNORE).sum())
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum") / max(n, 1)
+        return loss, n
+
+    def close(self) -> None:
+        if isinstance(self.middle, RemoteMiddle):
+            self.middle.close()
+
+
+def _order(specs: list[SlotSpec]) -> list[SlotSpec]:
+    return sorted(specs, key=lambda s: s.block)  # stable: keeps module order inside a block
+
+
+def _split_names(specs: list[SlotSpec], layout: StageLayout) -> tuple[list[str], list[str], list[str]]:
+    bottom = [s.name for s in specs if s.block in layout.bottom_blocks]
+    middle = [s.name for s in specs if s.block in layout.middle_blocks]
+    top = [s.name for s in specs if s.block in layout.top_blocks]
+    return bottom, middle, top
+
+
+def _check_tokenizer(tokenizer, config) -> None:
+    vocab = int(config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise ClientError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+            "tokenizer and model do not belong together"
+        )
+
+
+def fetch_client_files(t: Transport, session_id: str, want_sha: str) -> dict[str, bytes]:
+    """Downloads the client's stages and tokenizer (cached by the stages' SHA-256)."""
+    cache = os.path.join(cache_root(), "client", want_sha)
+    if os.path.exists(os.path.join(cache, "complete")):
+        files = {n: open(os.path.join(cache, n), "rb").read() for n in os.listdir(cache) if n != "complete"}
+        if sha256(files.get("client_stages.safetensors", b"")) == want_sha:
+            log.info("using cached client stages %s", want_sha[:12])
+            return files
+    files: dict[str, bytearray] = {}
+    digests: dict[str, str] = {}
+    for chunk in t.stream("FetchClientStages", pb.FetchClientStagesRequest(session_id=session_id), kind="FetchClientStages"):
+        buf = files.setdefault(chunk.name, bytearray())
+        if chunk.offset != len(buf):
+            raise ClientError(f"download of {chunk.name} arrived out of order; retry")
+        buf += chunk.data
+        if chunk.sha256:
+            digests[chunk.name] = chunk.sha256
+    out = {n: bytes(b) for n, b in files.items()}
+    for n, d in digests.items():
+        if sha256(out[n]) != d:
+            raise ClientError(f"download of {n} is corrupt (SHA-256 mismatch); retry")
+    if sha256(out.get("client_stages.safetensors", b"")) != want_sha:
+        raise ClientError("the client stages do not match the hash the server announced; retry")
+    os.makedirs(cache, exist_ok=True)
+    for n, b in out.items():
+        with open(os.path.join(cache, n), "wb") as f:
+            f.write(b)
+    open(os.path.join(cache, "complete"), "w").close()
+    return out
+
+
+def _tokenizer_from_files(files: dict[str, bytes], where: str):
+    from transformers import AutoTokenizer
+
+    os.makedirs(where, exist_ok=True)
+    for n, b in files.items():
+        if n != "client_stages.safetensors":
+            with open(os.path.join(where, n), "wb") as f:
+                f.write(b)
+    return AutoTokenizer.from_pretrained(where)
+
+
+def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "") -> StagedModel:
+    """Opens a session, fetches the client's stages and builds the split model."""
+    info = t.call("OpenSession", pb.OpenSessionRequest(
+        model_id=model_id, lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules)),
+        remote_lora=remote_lora, codec="float32"), one_time=True)
+    config = config_from_json(info.model_config_json)
+    layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
+    files = fetch_client_files(t, info.session_id, info.client_stages_sha256)
+    state = unpack_state(files["client_stages.safetensors"])
+    parts = client_parts(config, layout, state)
+    tokenizer = _tokenizer_from_files(files, os.path.join(cache_root(), "client", info.client_stages_sha256))
+    _check_tokenizer(tokenizer, config)
+    targets = lora.target_modules or arch_for(config).lora_targets
+    specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
+    specs += [SlotSpec(s.name, s.in_features, s.out_features) for s in info.middle_slots]
+    specs = _order(specs)
+    adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
+    names = _split_names(specs, layout)
+    k = layout.bottom
+    bottom = BottomStage(parts, list(range(k)))
+    top = TopStage(parts, list(range(k, k + layout.top)))
+    middle = RemoteMiddle(t, info.session_id, adapter.params_for(names[1]))
+    return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split")
+
+
+def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int) -> StagedModel:
+    """The whole model in this process with the same stages and adapter (for exactness checks)."""
+    from transformers import AutoTokenizer
+
+    from tandem.stages.loading import default_model_dir
+
+    loaded = load_model(model_path)
+    parts: Parts = parts_of(loaded.model)
+    layout = StageLayout.parse(client_blocks, loaded.config)
+    targets = lora.target_modules or parts.arch.lora_targets
+    specs = _order(inject_slots(parts.blocks, parts.arch, list(range(num_blocks(loaded.config))), targets))
+    adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
+    names = _split_names(specs, layout)
+    tokenizer = AutoTokenizer.from_pretrained(model_path or default_model_dir())
+    _check_tokenizer(tokenizer, loaded.config)
+    middle = LocalMiddle(MiddleStage(parts, layout.middle_blocks), adapter, names[1])
+    return StagedModel(BottomStage(parts, layout.bottom_blocks), middle, TopStage(parts, layout.top_blocks), adapter,
+                       names, layout, loaded.model_id, loaded.config, tokenizer, "local")

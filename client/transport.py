@@ -1,0 +1,171 @@
+"""The client's one door to the cloud: channel, TLS, stubs, retries and byte/time accounting."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+
+from tandem.protos import serde
+from tandem.protos import split_pb2_grpc as pb_grpc
+
+from .errors import ClientError, explain
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CA = os.path.join(os.path.expanduser("~"), ".tandem", "tls", "ca.pem")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", serde.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", serde.MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
+
+# Estimated framing around each serialized message (payload bytes are measured exactly):
+# gRPC adds a 5-byte length prefix; HTTP/2 a 9-byte header per DATA frame (16 KiB max) plus
+# HEADERS frames (~40 B request with HPACK, ~30 B response + trailers); TLS 1.3 adds 22 B per
+# record of at most 16 KiB (5 header, 1 content type, 16 AEAD tag).
+_FRAME = 16 * 1024
+
+
+def framing_estimate(payload: int, tls: bool) -> int:
+    """Estimated HTTP/2 (+TLS) framing bytes for one message of `payload` bytes."""
+    frames = max(1, -(-(payload + 5) // _FRAME))
+    return 5 + 9 * frames + 35 + (22 * frames if tls else 0)
+
+
+@dataclass
+class TransportConfig:
+    """How the client reaches the cloud.
+
+    Attributes:
+        server: HOST:PORT of `cloud serve`.
+        insecure: Plaintext gRPC (warns); otherwise TLS verified against `ca`.
+        ca: PEM file of the CA that signed the server certificate.
+        timeout_s: Deadline of one call.
+        retries: Attempts after the first for UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED.
+        backoff_s: First backoff; doubles each attempt, with jitter, capped at 30 s.
+    """
+
+    server: str = "127.0.0.1:50051"
+    insecure: bool = False
+    ca: str = DEFAULT_CA
+    timeout_s: float = 300.0
+    retries: int = 4
+    backoff_s: float = 0.5
+
+    def __post_init__(self):
+        if ":" not in self.server:
+            raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
+        if self.retries < 0:
+            raise ValueError(f"retries must be >= 0, got {self.retries}")
+
+
+@dataclass
+class KindTotals:
+    calls: int = 0
+    sent: int = 0
+    received: int = 0
+
+
+@dataclass
+class Meter:
+    """Counts serialized bytes per message kind and direction, and time per category.
+
+    `step_*` fields accumulate since the last `take_step()`; `kinds` and `one_time` are run totals.
+    """
+
+    tls: bool = True
+    kinds: dict[str, KindTotals] = field(default_factory=lambda: defaultdict(KindTotals))
+    one_time: dict[str, KindTotals] = field(default_factory=lambda: defaultdict(KindTotals))
+    step_sent: int = 0
+    step_received: int = 0
+    step_rpc_s: float = 0.0
+    step_cloud_s: float = 0.0
+    step_serde_s: float = 0.0
+    framing: int = 0
+
+    def add(self, kind: str, sent: int, received: int, one_time: bool = False) -> None:
+        table = self.one_time if one_time else self.kinds
+        k = table[kind]
+        k.calls += 1
+        k.sent += sent
+        k.received += received
+        self.framing += framing_estimate(sent, self.tls) + framing_estimate(received, self.tls)
+        if not one_time:
+            self.step_sent += sent
+            self.step_received += received
+
+    def take_step(self) -> dict:
+        out = dict(bytes_sent=self.step_sent, bytes_received=self.step_received, rpc_s=self.step_rpc_s,
+                   cloud_compute_s=self.step_cloud_s, serialization_s=self.step_serde_s)
+        self.step_sent = self.step_received = 0
+        self.step_rpc_s = self.step_cloud_s = self.step_serde_s = 0.0
+        return out
+
+    def totals(self) -> dict:
+        per = {k: vars(v).copy() for k, v in self.kinds.items()}
+        once = {k: vars(v).copy() for k, v in self.one_time.items()}
+        return dict(per_kind=per, one_time=once, framing_estimate_bytes=self.framing)
+
+
+class Transport:
+    """Channel + stub with retries and accounting. All cloud calls go through `call` / `stream`."""
+
+    def __init__(self, cfg: TransportConfig, meter: Meter | None = None):
+        self.cfg = cfg
+        self.meter = meter or Meter(tls=not cfg.insecure)
+        if cfg.insecure:
+            log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
+            self.channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
+        else:
+            if not os.path.exists(cfg.ca):
+                raise ClientError(
+                    f"no CA certificate at {cfg.ca}: pass --ca with the ca.pem the cloud operator gave you "
+                    "(or --insecure for a plaintext test server)"
+                )
+            with open(cfg.ca, "rb") as f:
+                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+            self.channel = grpc.secure_channel(cfg.server, creds, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.SplitTuningStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(self, method: str, request, kind: str | None = None, one_time: bool = False, retry: bool = True):
+        """Unary call with retries on transient codes; raises ServerError with an actionable message."""
+        fn = getattr(self.stub, method)
+        attempt = 0
+        while True:
+            t0 = time.perf_counter()
+            try:
+                resp = fn(request, timeout=self.cfg.timeout_s)
+            except grpc.RpcError as e:
+                self.meter.step_rpc_s += time.perf_counter() - t0
+                if retry and e.code() in RETRYABLE and attempt < self.cfg.retries:
+                    delay = min(30.0, self.cfg.backoff_s * 2**attempt) * (0.5 + random.random())
+                    log.warning("%s: %s; retrying in %.1f s (%d/%d)", method, e.code().name, delay, attempt + 1, self.cfg.retries)
+                    time.sleep(delay)
+                    attempt += 1
+                    continue
+                raise explain(e, self.cfg.server) from None
+            self.meter.step_rpc_s += time.perf_counter() - t0
+            self.meter.add(kind or method, serde.nbytes(request), serde.nbytes(resp), one_time)
+            return resp
+
+    def stream(self, method: str, request, kind: str | None = None):
+        """Server-streaming call (one-time downloads); yields messages and accounts every byte."""
+        try:
+            sent = serde.nbytes(request)
+            for msg in getattr(self.stub, method)(request, timeout=self.cfg.timeout_s):
+                self.meter.add(kind or method, sent, serde.nbytes(msg), one_time=True)
+                sent = 0
+                yield msg
+        except grpc.RpcError as e:
+            raise explain(e, self.cfg.server) from None

@@ -1,0 +1,99 @@
+"""`cloud`: the model owner's command line (serve the backbone, manage certificates)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_TLS_DIR = os.path.join(os.path.expanduser("~"), ".tandem", "tls")
+
+
+def _serve(args) -> int:
+    import torch
+
+    from tandem.stages.errors import StageError
+    from tandem.stages.loading import load_model
+    from tandem.stages.modules import StageLayout
+
+    from .server import build_server, serve_forever
+    from .service import BackboneService, ServiceLimits
+    from .sessions import StoreConfig
+    from .tls import ensure_server_tls
+
+    log = logging.getLogger("tandem.cloud")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.insecure:
+        log.warning("--insecure: serving PLAINTEXT gRPC; activations and adapters cross the network unencrypted")
+        tls_dir = None
+    else:
+        tls_dir = args.tls_dir
+        ensure_server_tls(tls_dir)
+    try:
+        loaded = load_model(args.model)
+        layout = StageLayout.parse(args.client_blocks, loaded.config)
+        service = BackboneService(
+            loaded, layout,
+            StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20), ttl_s=args.session_ttl),
+            ServiceLimits(max_tokens_per_step=args.max_tokens_per_step),
+        )
+        server, port = build_server(service, args.listen, tls_dir, workers=args.workers)
+    except (StageError, OSError, ValueError) as e:
+        print(f"cloud serve: {e}", file=sys.stderr)
+        return 2
+    host = args.listen.rsplit(":", 1)[0]
+    # One machine-readable line on stdout: tests and scripts wait for it.
+    print(f"tandem cloud serving {loaded.model_id} on {host}:{port} ({'plaintext' if tls_dir is None else 'TLS, CA ' + os.path.join(tls_dir, 'ca.pem')})", flush=True)
+    serve_forever(server, service)
+    return 0
+
+
+def _certs_init(args) -> int:
+    from .tls import init_ca
+
+    init_ca(args.dir, hosts=tuple(args.host))
+    print(f"created CA and server certificate in {args.dir}; give data owners {os.path.join(args.dir, 'ca.pem')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cloud", description="tandem cloud: serve a frozen LLM backbone for split fine-tuning.")
+    p.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING); default INFO")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="serve the model's middle blocks over gRPC",
+                       description="Serve the frozen middle of a causal LM. Clients run the embeddings, the first K and "
+                                   "last M blocks and the head themselves, and own every adapter.")
+    s.add_argument("--model", default=None, help="Hugging Face causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
+    s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 picks a free one); default 127.0.0.1:50051")
+    s.add_argument("--client-blocks", default="2:2", metavar="K:M", help="blocks the client runs below (K) and above (M) the cloud; default 2:2")
+    s.add_argument("--tls-dir", default=DEFAULT_TLS_DIR, help=f"directory with ca.pem/server.pem/server.key, created on first use; default {DEFAULT_TLS_DIR}")
+    s.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); only for trusted networks, prints a warning")
+    s.add_argument("--max-sessions", type=int, default=64, help="open sessions at once; default 64")
+    s.add_argument("--memory-cap-mb", type=float, default=8192, help="cap on forward state kept for backward, all sessions together, in MiB; default 8192")
+    s.add_argument("--session-ttl", type=float, default=600, help="seconds of inactivity after which a session is closed and freed; default 600")
+    s.add_argument("--max-tokens-per-step", type=int, default=64 * 1024, help="largest batch*seq_len accepted in one request; default 65536")
+    s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; default 8")
+    s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
+    s.set_defaults(func=_serve)
+
+    c = sub.add_parser("certs", help="certificates for TLS")
+    csub = c.add_subparsers(dest="certs_cmd", required=True)
+    ci = csub.add_parser("init", help="create a local CA and a server certificate")
+    ci.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"where to write them; default {DEFAULT_TLS_DIR}")
+    ci.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"],
+                    help="host name or IP the server certificate is valid for (repeatable); localhost and loopback always included")
+    ci.set_defaults(func=_certs_init)
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Domain errors of the cloud side; only the servicer maps them to gRPC status codes."""
+
+
+class CloudError(Exception):
+    """Base class; `reason` travels to the client as trailing metadata (tandem-reason)."""
+
+    reason = "error"
+
+
+class InvalidRequest(CloudError):
+    """A request is malformed (shape, dtype, sizes, NaN/Inf, unknown option)."""
+
+    reason = "invalid"
+
+
+class SessionNotFound(CloudError):
+    """No such session: never opened, closed, or expired after its TTL."""
+
+    reason = "no-session"
+
+
+class NotOwner(CloudError):
+    """The caller's identity did not open this session."""
+
+    reason = "not-owner"
+
+
+class StepNotPending(CloudError):
+    """Backward names a step whose forward the cloud does not hold."""
+
+    reason = "no-step"
+
+
+class StateEvicted(CloudError):
+    """The forward state for a step was evicted (memory cap); redo the step's forward."""
+
+    reason = "evicted"
+
+
+class LoraMissing(CloudError):
+    """The cloud does not hold the remote-LoRA version the client asked for; resend it."""
+
+    reason = "lora-missing"
+
+
+class Overloaded(CloudError):
+    """The server is at a capacity limit (sessions, memory); retry later or use a smaller batch."""
+
+    reason = "overloaded"

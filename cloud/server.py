@@ -1,0 +1,65 @@
+"""The plain gRPC entry point: a grpc.server over BackboneService, with TLS, health and graceful stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tandem.protos import serde
+from tandem.protos import split_pb2_grpc as pb_grpc
+
+from .service import BackboneService
+from .servicer import SplitTuningServicer
+from .tls import server_credentials
+
+log = logging.getLogger(__name__)
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", serde.MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", serde.MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8) -> tuple[grpc.Server, int]:
+    """Creates and starts the server; returns it and the bound port. tls_dir=None means plaintext."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    pb_grpc.add_SplitTuningServicer_to_server(SplitTuningServicer(service), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if tls_dir is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, server_credentials(tls_dir))
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}: the address is in use or invalid; choose another --listen")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("tandem.v1.SplitTuning", health_pb2.HealthCheckResponse.SERVING)
+    server._tandem_health = health_servicer  # noqa: SLF001 - kept for graceful shutdown
+    return server, port
+
+
+def serve_forever(server: grpc.Server, service: BackboneService, grace_s: float = 10.0) -> None:
+    """Blocks until SIGTERM/SIGINT; then stops accepting and drains in-flight calls for grace_s."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("signal %d: draining in-flight calls (up to %.0f s)", signum, grace_s)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(timeout=30.0):
+        n = service.store.expire()
+        if n:
+            log.info("closed %d idle session(s) after their TTL", n)
+    server._tandem_health.enter_graceful_shutdown()  # noqa: SLF001
+    server.stop(grace_s).wait()

@@ -1,0 +1,195 @@
+"""The cloud's pure-torch core: serves the frozen middle of one model to many sessions."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tandem.stages.arch import num_blocks, parts_of
+from tandem.stages.errors import LayoutError
+from tandem.stages.lora import Binding, LoraConfig, bind, inject_slots, slot_shapes, unflatten
+from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
+from tandem.stages.modules import MiddleStage, StageLayout
+
+from .errors import InvalidRequest, LoraMissing
+from .sessions import Pending, Session, SessionStore, StoreConfig
+
+log = logging.getLogger(__name__)
+
+CODECS = ("float32",)
+
+
+@dataclass
+class ServiceLimits:
+    """Per-request limits the service enforces."""
+
+    max_tokens_per_step: int = 64 * 1024
+
+
+def _linear_leaves(blocks: nn.ModuleList) -> tuple[str, ...]:
+    names = set()
+    for block in blocks:
+        for path, m in block.named_modules():
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D":
+                names.add(path.rsplit(".", 1)[-1])
+    return tuple(sorted(names))
+
+
+class BackboneService:
+    """Runs the middle blocks for sessions; knows nothing of gRPC or Ray.
+
+    Every adaptable layer of the middle blocks is wrapped in a LoRASlot once, at start-up. A
+    session's remote LoRA is bound only for the duration of its own calls, so sessions never
+    see each other's adapters and the frozen weights are shared.
+    """
+
+    def __init__(self, loaded: LoadedModel, layout: StageLayout, store: StoreConfig | None = None,
+                 limits: ServiceLimits | None = None):
+        self.loaded = loaded
+        self.layout = layout
+        self.limits = limits or ServiceLimits()
+        self.store = SessionStore(store or StoreConfig())
+        self.parts = parts_of(loaded.model)
+        if layout.num_layers != num_blocks(loaded.config):
+            raise LayoutError(f"layout is for {layout.num_layers} blocks, the model has {num_blocks(loaded.config)}")
+        mids = layout.middle_blocks
+        self.middle_leaves = _linear_leaves(nn.ModuleList(self.parts.blocks[i] for i in mids))
+        mid_list = nn.ModuleList(self.parts.blocks[i] for i in mids)
+        self.all_slots = inject_slots(mid_list, self.parts.arch, mids, self.middle_leaves)
+        self.middle = MiddleStage(self.parts, mids)
+        self.hidden_size = int(self.parts.embed.weight.shape[1])
+        self.max_positions = int(getattr(loaded.config, "max_position_embeddings", 0) or loaded.config.n_positions)
+        # The client's stages are packed once; every session downloads the same bytes.
+        self.client_blob = pack_state(client_state(self.parts, layout))
+        self.client_sha = sha256(self.client_blob)
+        self.tokenizer = tokenizer_files(loaded.path)
+        self.config_json = config_json(loaded.config)
+        self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
+        log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
+                 layout.num_layers, layout.bottom, layout.top, len(self.all_slots))
+
+    # Sessions ------------------------------------------------------------------------------
+    def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str) -> Session:
+        if model_id and model_id != self.loaded.model_id:
+            raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {model_id!r}")
+        if codec not in CODECS:
+            raise InvalidRequest(f"codec {codec!r} is not supported; choose one of {list(CODECS)}")
+        targets = lora.target_modules or self.parts.arch.lora_targets
+        unknown = [t for t in targets if t not in self.middle_leaves]
+        if unknown:
+            raise InvalidRequest(f"target modules {unknown} do not exist in this model; available: {list(self.middle_leaves)}")
+        slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
+        return self.store.open(owner, lora, slots, remote_lora, codec)
+
+    def close_session(self, owner: str, sid: str) -> None:
+        self.store.close(sid, owner)
+
+    # Compute ---------------------------------------------------------------------------------
+    def _check_activations(self, h: torch.Tensor, mask: torch.Tensor | None, name: str) -> None:
+        if h.dim() != 3 or h.shape[2] != self.hidden_size:
+            raise InvalidRequest(f"{name}: expected shape [batch, seq, {self.hidden_size}], got {list(h.shape)}")
+        b, t = h.shape[0], h.shape[1]
+        if b == 0 or t == 0:
+            raise InvalidRequest(f"{name}: empty batch {list(h.shape)}")
+        if b * t > self.limits.max_tokens_per_step:
+            raise InvalidRequest(f"{name}: {b * t} tokens in one step, over the server's limit of {self.limits.max_tokens_per_step}; use a smaller batch")
+        if t > self.max_positions:
+            raise InvalidRequest(f"{name}: sequence length {t} exceeds the model's {self.max_positions} positions")
+        if h.dtype != torch.float32:
+            raise InvalidRequest(f"{name}: expected float32 for codec float32, got {h.dtype}")
+        if not torch.isfinite(h).all():
+            raise InvalidRequest(f"{name}: contains NaN or Inf")
+        if mask is not None:
+            if tuple(mask.shape) != (b, t):
+                raise InvalidRequest(f"attention_mask: expected shape [{b}, {t}], got {list(mask.shape)}")
+            if mask.dtype != torch.uint8 or bool(((mask != 0) & (mask != 1)).any()):
+                raise InvalidRequest("attention_mask: expected uint8 zeros and ones")
+            if bool((mask.sum(dim=1) == 0).any()):
+                raise InvalidRequest("attention_mask: a row has no real token")
+
+    def _lora_for(self, s: Session, version: int, flat: torch.Tensor | None) -> list[torch.Tensor]:
+        if not s.remote_lora:
+            return []
+        if flat is not None:
+            if flat.dtype != torch.float32 or flat.dim() != 1:
+                raise InvalidRequest(f"lora: expected a flat float32 vector, got {flat.dtype} {list(flat.shape)}")
+            if not torch.isfinite(flat).all():
+                raise InvalidRequest("lora: contains NaN or Inf")
+            try:
+                tensors = unflatten(flat, slot_shapes(s.slots, s.lora_cfg.rank))
+            except LayoutError as e:
+                raise InvalidRequest(f"lora: {e}") from None
+            s.lora = [t.clone().requires_grad_(True) for t in tensors]
+            s.lora_version = version
+        elif version != s.lora_version:
+            raise LoraMissing(f"the cloud holds remote-LoRA version {s.lora_version}, not {version}; resend the adapter")
+        return s.lora
+
+    def forward(self, owner: str, sid: str, step: int, h: torch.Tensor, mask: torch.Tensor, lora_version: int,
+                lora_flat: torch.Tensor | None, dropout_seed: int, train: bool) -> tuple[torch.Tensor, float]:
+        """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
+        s = self.store.get(sid, owner)
+        self._check_activations(h, mask, "hidden")
+        with s.lock:
+            lora = self._lora_for(s, lora_version, lora_flat)
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
+            binding = Binding(
+                {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
+                s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen,
+            )
+            am = mask.to(torch.long)
+            if train:
+                h_in = h.requires_grad_(True)
+                saved = _SavedBytes(self._param_ptrs)
+                with torch.enable_grad(), bind(binding), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                    out = self.middle(h_in, am)
+                self.store.put(s, step, Pending(h_in, out, lora, saved.total + h.nbytes + out.nbytes))
+            else:
+                with torch.no_grad(), bind(binding):
+                    out = self.middle(h, am)
+            return out.detach(), time.perf_counter() - t0
+
+    def backward(self, owner: str, sid: str, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Back-propagates through the stored graph. Returns (grad input, flat LoRA grads, compute seconds)."""
+        s = self.store.get(sid, owner)
+        self._check_activations(grad_out, None, "grad_output")
+        with s.lock:
+            p = self.store.take(s, step)
+            if tuple(grad_out.shape) != tuple(p.out.shape):
+                self.store.put(s, step, p)  # keep it: the client may resend a correct gradient
+                raise InvalidRequest(f"grad_output: expected shape {list(p.out.shape)}, got {list(grad_out.shape)}")
+            t0 = time.perf_counter()
+            grads = torch.autograd.grad(p.out, [p.h_in, *p.lora], grad_out, allow_unused=True)
+            lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], p.lora)]
+            flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
+            return grads[0], flat, time.perf_counter() - t0
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for backward (activations only, not the frozen weights)."""
+
+    def __init__(self, param_ptrs: set[int]):
+        self.param_ptrs = param_ptrs
+        self.seen: set[int] = set()
+        self.total = 0
+
+    def pack(self, t: torch.Tensor):
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.param_ptrs and ptr not in self.seen:
+                self.seen.add(ptr)
+                self.total += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            self.total += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+

