@@ -98,6 +98,9 @@ class SessionStore:
         """Returns the caller's session; NotOwner when another identity opened it."""
         with self._lock:
             s = self._sessions.get(sid)
+        if s is not None and time.monotonic() - s.last_used > self.cfg.ttl_s:
+            self._drop(s)  # idle past its TTL: expired even if the periodic reaper has not run yet
+            s = None
         if s is None:
             raise SessionNotFound(
                 f"session {sid[:8]}... does not exist (closed, expired after {self.cfg.ttl_s:.0f} s idle, "

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny models of each architecture, sample data, and real `cloud serve` processes."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny import make_model  # noqa: E402
+
+ARCHS = ("llama", "qwen2", "gpt2")
+BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Client-stage downloads go to a per-test-run cache, never the user's."""
+    root = str(tmp_path_factory.mktemp("cache"))
+    real = os.environ.get("TANDEM_CACHE")
+    # The converted default model is expensive to make: keep using the user's cache for it.
+    os.environ["TANDEM_CACHE"] = root
+    if real is None:
+        home = os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+        if os.path.isdir(os.path.join(home, "models")):
+            os.symlink(os.path.join(home, "models"), os.path.join(root, "models"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{arch: model dir} for tiny random Llama, Qwen2 and GPT-2 (6 blocks, hidden 32)."""
+    root = tmp_path_factory.mktemp("models")
+    return {a: make_model(a, str(root / a)) for a in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    from tandem.client.sample import write_sample
+
+    return write_sample(str(tmp_path_factory.mktemp("data")), n=120, seed=0)
+
+
+class Server:
+    """A real `cloud serve` subprocess on a free loopback port."""
+
+    def __init__(self, proc, addr, tls_dir, log_path):
+        self.proc, self.addr, self.tls_dir, self.log_path = proc, addr, tls_dir, log_path
+
+    @property
+    def ca(self):
+        return os.path.join(self.tls_dir, "ca.pem") if self.tls_dir else None
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None) -> Server:
+    tls_dir = None if insecure else (tls_dir or str(tmp_path / "tls"))
+    log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
+    cmd = [os.path.join(BIN, "cloud"), "serve", "--listen", "127.0.0.1:0", "--threads", "1"]
+    if model_dir:
+        cmd += ["--model", model_dir]
+    cmd += ["--insecure"] if insecure else ["--tls-dir", tls_dir]
+    cmd += list(extra)
+    logf = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"cloud serve exited: {open(log_path).read()}")
+            continue
+        m = re.search(r"on (127\.0\.0\.1:\d+)", line)
+        if m:
+            return Server(proc, m.group(1), tls_dir, log_path)
+    proc.kill()
+    raise RuntimeError("cloud serve did not start in time")
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    started = []
+
+    def make(model_dir, *extra, **kw):
+        s = start_server(model_dir, tmp_path, *extra, **kw)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()

@@ -1,0 +1,84 @@
+"""Checkpoints: an interrupted split run resumes to the same losses and adapter; a failed write loses nothing."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tandem.client.errors import CheckpointError
+from tandem.client.trainer import TuneConfig, tune
+from tandem.client.transport import TransportConfig
+from tandem.stages.lora import LoraConfig
+
+from conftest import BIN
+
+
+def _tune_cmd(server, data, out, steps):
+    return [os.path.join(BIN, "client"), "tune", "--server", server.addr, "--ca", server.ca, "--data", data, "--out", out,
+            "--steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--seed", "5"]
+
+
+def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factory, tmp_path):
+    server = server_factory(tiny_models["llama"])
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    subprocess.run(_tune_cmd(server, sample_data, full, 8), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_tune_cmd(server, sample_data, cut, 8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = os.path.join(cut, "checkpoint.pt")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(ckpt) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be interrupted")
+    assert proc.returncode == 130 and "--resume" in err
+    assert not os.path.exists(os.path.join(cut, "report.json"))
+    done = torch.load(ckpt, weights_only=False)["step"]
+    assert 2 <= done < 8
+
+    subprocess.run(_tune_cmd(server, sample_data, cut, 8) + ["--resume"], check=True, capture_output=True)
+    a = json.load(open(os.path.join(full, "report.json")))
+    b = json.load(open(os.path.join(cut, "report.json")))
+    assert [s["step"] for s in b["steps"]] == list(range(8))
+    assert [s["loss"] for s in b["steps"]] == pytest.approx([s["loss"] for s in a["steps"]], rel=1e-6)
+    wa = load_file(os.path.join(full, "adapter", "adapter_model.safetensors"))
+    wb = load_file(os.path.join(cut, "adapter", "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-6, atol=1e-7), k
+
+
+def test_disk_full_mid_checkpoint_keeps_previous(tiny_models, sample_data, tmp_path, monkeypatch):
+    """A write failing with ENOSPC (simulated: we cannot fill this machine's disk) keeps the last good checkpoint."""
+    out = str(tmp_path / "run")
+    cfg = dict(data=sample_data, out=out, mode="local", model=tiny_models["gpt2"], batch_size=2, seq_len=32,
+               checkpoint_every=2, lora=LoraConfig(rank=2), progress=False)
+    tune(TuneConfig(steps=2, **cfg), TransportConfig())
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="previous checkpoint is intact.*--resume"):
+        tune(TuneConfig(steps=4, resume=True, **cfg), TransportConfig())
+    monkeypatch.setattr(torch, "save", real_save)
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 2
+    report = tune(TuneConfig(steps=4, resume=True, **cfg), TransportConfig())
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+
+
+def test_resume_without_checkpoint_says_what_to_do(tmp_path, sample_data):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        tune(TuneConfig(data=sample_data, out=str(tmp_path / "x"), mode="local", resume=True, progress=False))
