@@ -117,7 +117,7 @@ def render(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c, st, b, pk = Console(), res["step_s"], res["bytes"], res["peak_rss_mib"]
+    c, st, b, pk = Console(width=max(Console().width, 130)), res["step_s"], res["bytes"], res["peak_rss_mib"]
     s = res["settings"]
     c.print(f"[bold]{res['model_id']}[/bold], client blocks {res['layout']['bottom']}:{res['layout']['top']} of "
             f"{res['layout']['num_layers']}, batch {s['batch_size']} x seq {s['seq_len']}, hidden {s['hidden_size']}, "
