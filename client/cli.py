@@ -28,7 +28,7 @@ def _tune(args) -> int:
     cfg = TuneConfig(data=args.data, out=args.out, mode=args.mode, model=args.model, client_blocks=args.client_blocks,
                      steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
-                     checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress)
+                     checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress)
     tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, timeout_s=args.timeout)
     report = tune(cfg, tcfg)
     rep.render(report)
@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed for the split, batch order, LoRA init and dropout; default 0")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of sequences held out for validation; default 0.1")
     t.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints; default 10")
+    t.add_argument("--tune-client-blocks", action="store_true",
+                   help="also train the client's K+M blocks in full (Offsite-Tuning's adapter layers); saved as adapter/client_blocks.safetensors")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (adapter, optimizer, data position)")
     t.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -185,6 +185,28 @@ class StagedModel:
                                ignore_index=IGNORE, reduction="sum") / max(n, 1)
         return loss, n
 
+    def client_blocks(self) -> list[tuple[int, nn.Module]]:
+        """(full-model block index, block) for every block that runs on the client."""
+        return list(zip(self.layout.bottom_blocks, self.bottom.blocks)) + list(zip(self.layout.top_blocks, self.top.blocks))
+
+    def unfreeze_client_blocks(self) -> list[nn.Parameter]:
+        """Makes the client's blocks fully trainable (Offsite-Tuning's adapter layers); returns their parameters."""
+        params = []
+        for _, block in self.client_blocks():
+            for p in block.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        return params
+
+    def client_block_state(self) -> dict[str, torch.Tensor]:
+        """The client's blocks under their full-model names (for saving fully tuned blocks)."""
+        prefix = arch_for(self.config).block_prefix
+        out = {}
+        for gid, block in self.client_blocks():
+            for k, v in block.state_dict().items():
+                out[f"{prefix}.{gid}.{k.replace('.base_layer.', '.')}"] = v.detach().contiguous()
+        return out
+
     def close(self) -> None:
         if isinstance(self.middle, RemoteMiddle):
             self.middle.close()

@@ -9,6 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors.torch import save_file
 
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
@@ -21,6 +22,7 @@ from .transport import Meter, Transport, TransportConfig
 log = logging.getLogger(__name__)
 
 MODES = ("split", "local")
+CLIENT_BLOCKS_FILE = "client_blocks.safetensors"  # fully tuned client blocks, full-model key names
 PRIVACY_NOTE = (
     "The cloud receives the hidden states after client block {k} and the gradients at the top cut. At shallow "
     "cuts these are invertible by an operator who knows the client-stage weights it shipped (the literature "
@@ -47,6 +49,7 @@ class TuneConfig:
     seed: int = 0
     val_fraction: float = 0.1
     checkpoint_every: int = 10
+    tune_client_blocks: bool = False  # also train the client's K+M blocks in full
     resume: bool = False
     progress: bool = True
 
@@ -138,11 +141,16 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     try:
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
-        opt = torch.optim.AdamW(sm.adapter.parameters(), lr=cfg.lr, weight_decay=0.0)
+        trainable = list(sm.adapter.parameters()) + (sm.unfreeze_client_blocks() if cfg.tune_client_blocks else [])
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         steps: list[dict] = []
         start = 0
         if ckpt is not None:
             sm.adapter.load_state_dict(ckpt["adapter"])
+            if cfg.tune_client_blocks:
+                with torch.no_grad():
+                    for p, saved in zip(trainable[len(list(sm.adapter.parameters())):], ckpt["client_blocks"]):
+                        p.copy_(saved)
             opt.load_state_dict(ckpt["optimizer"])
             steps, start, val_before = ckpt["steps"], ckpt["step"], ckpt["val_before"]
             log.info("resumed from step %d", start)
@@ -172,12 +180,16 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens'] / wall:.0f}",
                             sent=f"{sent / 2**20:.1f}MB", recv=f"{recv / 2**20:.1f}MB")
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
-                save_checkpoint(cfg.out, {"adapter": sm.adapter.state_dict(), "optimizer": opt.state_dict(), "step": step + 1,
+                blocks = [p.detach().clone() for p in trainable[len(list(sm.adapter.parameters())):]]
+                save_checkpoint(cfg.out, {"adapter": sm.adapter.state_dict(), "client_blocks": blocks,
+                                          "optimizer": opt.state_dict(), "step": step + 1,
                                           "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg)})
         bar.close()
         val_after = evaluate(sm, data, cfg.seed)
         adapter_dir = os.path.join(cfg.out, "adapter")
         save_peft(sm.adapter, adapter_dir, PeftMeta(sm.model_id, fan_in_fan_out=arch_for(sm.config).fan_in_fan_out))
+        if cfg.tune_client_blocks:
+            save_file(sm.client_block_state(), os.path.join(adapter_dir, CLIENT_BLOCKS_FILE), metadata={"format": "pt"})
         report = _report(cfg, sm, data, steps, meter, val_before, val_after, time.perf_counter() - t_start)
         write_json(os.path.join(cfg.out, "report.json"), report)
         return report
@@ -207,7 +219,9 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
         "model_id": sm.model_id,
         "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
         "config": _cfg_dict(cfg),
-        "adapter": {"trainable_params": sum(p.numel() for p in sm.adapter.parameters()),
+        "adapter": {"trainable_params": sum(p.numel() for p in sm.adapter.parameters())
+                    + (sum(v.numel() for v in sm.client_block_state().values()) if cfg.tune_client_blocks else 0),
+                    "client_blocks_tuned": cfg.tune_client_blocks,
                     "remote_lora_params": sum(p.numel() for p in getattr(sm.middle, "params", []))},
         "steps": steps,
         "totals": {

@@ -82,3 +82,25 @@ def test_cli_split_and_local_reports_match(tiny_models, sample_data, server_fact
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert os.path.exists(os.path.join(split_out, "adapter", name))
     assert os.path.getsize(os.path.join(split_out, "report.png")) > 1000
+
+
+def test_full_client_block_tuning_split_equals_local(tiny_models, sample_data, server_factory, tmp_path):
+    """Offsite-Tuning-style adapter layers: the client's blocks train in full, still exact, and are saved."""
+    import os
+
+    from safetensors.torch import load_file
+
+    from tandem.client.trainer import CLIENT_BLOCKS_FILE, TuneConfig, tune
+
+    server = server_factory(tiny_models["gpt2"])
+    common = dict(data=sample_data, steps=3, batch_size=2, seq_len=32, lr=1e-2, lora=LoraConfig(rank=2),
+                  tune_client_blocks=True, progress=False)
+    a = tune(TuneConfig(out=str(tmp_path / "s"), **common), TransportConfig(server=server.addr, ca=server.ca))
+    b = tune(TuneConfig(out=str(tmp_path / "l"), mode="local", model=tiny_models["gpt2"], **common))
+    assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)
+    wa = load_file(os.path.join(tmp_path / "s", "adapter", CLIENT_BLOCKS_FILE))
+    assert sorted({k.split(".")[2] for k in wa}) == ["0", "1", "4", "5"]  # blocks 0,1 and 4,5 of 6; never the middle
+    from transformers import AutoModelForCausalLM
+
+    orig = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"]).state_dict()
+    assert any(not torch.equal(wa[k], orig[k]) for k in wa), "the client blocks were trained"
