@@ -236,7 +236,11 @@ def fetch_client_files(t: Transport, session_id: str, want_sha: str) -> dict[str
     """Downloads the client's stages and tokenizer (cached by the stages' SHA-256)."""
     cache = os.path.join(cache_root(), "client", want_sha)
     if os.path.exists(os.path.join(cache, "complete")):
-        files = {n: open(os.path.join(cache, n), "rb").read() for n in os.listdir(cache) if n != "complete"}
+        files = {}
+        for n in os.listdir(cache):
+            if n != "complete":
+                with open(os.path.join(cache, n), "rb") as f:
+                    files[n] = f.read()
         if sha256(files.get("client_stages.safetensors", b"")) == want_sha:
             log.info("using cached client stages %s", want_sha[:12])
             return files

@@ -65,7 +65,8 @@ class BackboneService:
         # The client's stages are packed once; every session downloads the same bytes.
         self.client_blob = pack_state(client_state(self.parts, layout))
         self.client_sha = sha256(self.client_blob)
-        self.tokenizer = tokenizer_files(loaded.path)
+        self.client_files = {"client_stages.safetensors": self.client_blob, **tokenizer_files(loaded.path)}
+        self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
         log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,

@@ -92,9 +92,8 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         except errors.CloudError as e:
             context.set_trailing_metadata((("tandem-reason", e.reason),))
             context.abort(_STATUS[type(e)], str(e))
-        files = {"client_stages.safetensors": self.service.client_blob, **self.service.tokenizer}
-        for name, blob in files.items():
-            digest = serde_sha(blob)
+        for name, blob in self.service.client_files.items():
+            digest = self.service.client_file_sha[name]
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
                 yield pb.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
                                    total_bytes=len(blob), sha256=digest if off == 0 else "")
@@ -118,9 +117,3 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     def CloseSession(self, request, context):
         self.service.close_session(identity(context), request.session_id)
         return pb.CloseSessionResponse()
-
-
-def serde_sha(blob: bytes) -> str:
-    from tandem.stages.loading import sha256
-
-    return sha256(blob)
