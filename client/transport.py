@@ -40,6 +40,16 @@ def framing_estimate(payload: int, tls: bool) -> int:
     return 5 + 9 * frames + 35 + (22 * frames if tls else 0)
 
 
+def _transient(e: grpc.RpcError) -> bool:
+    """Worth retrying: unavailable, deadline, or a capacity limit that may clear (not a too-large request)."""
+    if e.code() not in RETRYABLE:
+        return False
+    if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        reasons = [v for k, v in (e.trailing_metadata() or ()) if k == "tandem-reason"]
+        return reasons == ["overloaded"]
+    return True
+
+
 @dataclass
 class TransportConfig:
     """How the client reaches the cloud.
@@ -148,7 +158,7 @@ class Transport:
                 resp = fn(request, timeout=self.cfg.timeout_s)
             except grpc.RpcError as e:
                 self.meter.step_rpc_s += time.perf_counter() - t0
-                if retry and e.code() in RETRYABLE and attempt < self.cfg.retries:
+                if retry and _transient(e) and attempt < self.cfg.retries:
                     delay = min(30.0, self.cfg.backoff_s * 2**attempt) * (0.5 + random.random())
                     log.warning("%s: %s; retrying in %.1f s (%d/%d)", method, e.code().name, delay, attempt + 1, self.cfg.retries)
                     time.sleep(delay)

@@ -47,3 +47,9 @@ class Overloaded(CloudError):
     """The server is at a capacity limit (sessions, memory); retry later or use a smaller batch."""
 
     reason = "overloaded"
+
+
+class TooLarge(CloudError):
+    """One request needs more than a server limit allows; retrying cannot help, a smaller batch can."""
+
+    reason = "too-large"

@@ -152,6 +152,7 @@ class BackboneService:
             else:
                 with torch.no_grad(), bind(binding):
                     out = self.middle(h, am)
+            s.last_used = time.monotonic()  # a long compute must not count as idle time
             return out.detach(), time.perf_counter() - t0
 
     def backward(self, owner: str, sid: str, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -167,6 +168,7 @@ class BackboneService:
             grads = torch.autograd.grad(p.out, [p.h_in, *p.lora], grad_out, allow_unused=True)
             lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], p.lora)]
             flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
+            s.last_used = time.monotonic()
             return grads[0], flat, time.perf_counter() - t0
 
 

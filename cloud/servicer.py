@@ -24,6 +24,7 @@ _STATUS = {
     errors.StateEvicted: grpc.StatusCode.ABORTED,
     errors.LoraMissing: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -46,6 +47,7 @@ def _guard(method):
             context.set_trailing_metadata((("tandem-reason", "invalid"),))
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except MemoryError:
+            context.set_trailing_metadata((("tandem-reason", "too-large"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; retry with a smaller batch")
 
     wrapper.__name__ = method.__name__

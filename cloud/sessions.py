@@ -11,7 +11,7 @@ import torch
 
 from tandem.stages.lora import LoraConfig, SlotSpec
 
-from .errors import NotOwner, Overloaded, SessionNotFound, StateEvicted, StepNotPending
+from .errors import NotOwner, Overloaded, SessionNotFound, StateEvicted, StepNotPending, TooLarge
 
 
 @dataclass
@@ -103,7 +103,7 @@ class SessionStore:
             s = None
         if s is None:
             raise SessionNotFound(
-                f"session {sid[:8]}... does not exist (closed, expired after {self.cfg.ttl_s:.0f} s idle, "
+                f"session {sid[:8]}... does not exist (closed, expired after {self.cfg.ttl_s:g} s idle, "
                 "or the server restarted); open a new session"
             )
         if s.owner != owner:
@@ -135,9 +135,9 @@ class SessionStore:
     def put(self, s: Session, step: int, p: Pending) -> None:
         """Stores forward state for `step`, evicting least recently used state of any session."""
         if p.nbytes > self.cfg.memory_bytes:
-            raise Overloaded(
-                f"one step needs {p.nbytes / 2**20:.0f} MiB of forward state, over the server's cap of "
-                f"{self.cfg.memory_bytes / 2**20:.0f} MiB; use a smaller --batch-size or --seq-len"
+            raise TooLarge(
+                f"one step needs {p.nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
+                f"{self.cfg.memory_bytes / 2**20:.2f} MiB; use a smaller --batch-size or --seq-len"
             )
         with self._lock:
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
