@@ -159,6 +159,9 @@ class StagedModel:
     config: object
     tokenizer: object
     mode: str
+    # Applied to the bottom stage's output before it goes to the middle (e.g. clipping + noise as
+    # a privacy defense): fn(h, attention_mask, step, seed, train) -> h. Runs identically in every mode.
+    cut_transform: object = None
 
     def logits(self, ids: torch.Tensor, am: torch.Tensor, step: int, seed: int, train: bool) -> torch.Tensor:
         """Runs bottom -> middle -> top; returns (B, T, V) logits."""
@@ -172,6 +175,8 @@ class StagedModel:
 
         with bind(b(nb, 0)):
             h = self.bottom(ids, am)  # (B, T, H)
+        if self.cut_transform is not None:
+            h = self.cut_transform(h, am, step, stage_seed(seed, step, 3), train)
         h = self.middle(h, am, step, stage_seed(seed, step, 1), train)  # (B, T, H)
         with bind(b(nt, 2)):
             return self.top(h, am)  # (B, T, V)

@@ -125,11 +125,33 @@ class Meter:
         return dict(per_kind=per, one_time=once, framing_estimate_bytes=self.framing)
 
 
+class Recorder:
+    """Keeps an exact copy of what the cloud receives: the serialized requests of chosen kinds.
+
+    Writes RUN_DIR/cloud_view/<kind>-<n>.bin (the request bytes as sent), for at most `limit`
+    requests per kind. The privacy audit reads these files, not a recomputation from the text.
+    """
+
+    def __init__(self, run_dir: str, kinds=("Forward", "EvalForward", "Backward"), limit: int = 8):
+        self.dir = os.path.join(run_dir, "cloud_view")
+        self.kinds, self.limit = set(kinds), limit
+        self.counts: dict[str, int] = defaultdict(int)
+        os.makedirs(self.dir, exist_ok=True)
+
+    def __call__(self, kind: str, request) -> None:
+        if kind not in self.kinds or self.counts[kind] >= self.limit:
+            return
+        with open(os.path.join(self.dir, f"{kind}-{self.counts[kind]:04d}.bin"), "wb") as f:
+            f.write(request.SerializeToString())
+        self.counts[kind] += 1
+
+
 class Transport:
     """Channel + stub with retries and accounting. All cloud calls go through `call` / `stream`."""
 
-    def __init__(self, cfg: TransportConfig, meter: Meter | None = None):
+    def __init__(self, cfg: TransportConfig, meter: Meter | None = None, recorder: Recorder | None = None):
         self.cfg = cfg
+        self.recorder = recorder
         self.meter = meter or Meter(tls=not cfg.insecure)
         if cfg.insecure:
             log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
@@ -167,6 +189,8 @@ class Transport:
                 raise explain(e, self.cfg.server) from None
             self.meter.step_rpc_s += time.perf_counter() - t0
             self.meter.add(kind or method, serde.nbytes(request), serde.nbytes(resp), one_time)
+            if self.recorder is not None:
+                self.recorder(kind or method, request)
             return resp
 
     def stream(self, method: str, request, kind: str | None = None):
