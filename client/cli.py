@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-from .transport import DEFAULT_CA
+from .offsite_cli import add_offsite_parsers
+from .transport import DEFAULT_CA, DEFAULT_IDENTITY
 
 
 def _lora(args):
@@ -28,8 +29,11 @@ def _tune(args) -> int:
     cfg = TuneConfig(data=args.data, out=args.out, mode=args.mode, model=args.model, client_blocks=args.client_blocks,
                      steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
-                     checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress)
-    tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, timeout_s=args.timeout)
+                     checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress,
+                     emulator=args.emulator, middle_lora=args.mode != "offsite" and not args.no_middle_lora)
+    tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, identity=args.identity,
+                           timeout_s=args.timeout, retries=args.retries, seal=not args.no_seal, codec=args.codec,
+                           gradient_codec=args.gradient_codec)
     report = tune(cfg, tcfg)
     rep.render(report)
     png = rep.plot(report, os.path.join(args.out, "report.png"))
@@ -64,10 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "your text, labels and loss stay here, only activations and gradients travel.")
     t.add_argument("--data", required=True, help="directory of .txt (plain text) and .jsonl ({'text'} or {'prompt','completion'}) files")
     t.add_argument("--out", default="tandem-run", help="run directory: report.json, report.png, adapter/, checkpoint.pt; default ./tandem-run")
-    t.add_argument("--mode", choices=("split", "local"), default="split",
-                   help="split: middle blocks in the cloud (default); local: whole model in this process (needs --model, for the model owner's verification)")
+    t.add_argument("--mode", choices=("split", "local", "offsite"), default="split",
+                   help="split: middle blocks in the cloud (default); local: whole model in this process (needs --model, for the model owner's verification); "
+                        "offsite: no server at all, an emulator package (--emulator) stands in for the middle")
+    t.add_argument("--emulator", default=None, metavar="PKG",
+                   help="offsite mode: emulator package from `client fetch-emulator` or handed over by the operator")
+    t.add_argument("--no-middle-lora", action="store_true",
+                   help="split/local: adapt only the client's blocks, as offsite mode does (the same adapter in the full model)")
     t.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
-    t.add_argument("--ca", default=DEFAULT_CA, help=f"CA certificate (PEM) that signed the server's certificate; default {DEFAULT_CA}")
+    t.add_argument("--identity", default=DEFAULT_IDENTITY,
+                   help=f"your identity bundle from the operator (`cloud certs issue NAME`); default {DEFAULT_IDENTITY} when it exists")
+    t.add_argument("--ca", default=None, help=f"CA certificate (PEM) that signed the server's certificate; default: the CA in the identity bundle, else {DEFAULT_CA}")
+    t.add_argument("--codec", default="float32", choices=("float32", "float16", "bfloat16", "int8", "int4"),
+                   help="wire codec of activations; float32 is exact, the others trade accuracy for bytes; default float32")
+    t.add_argument("--gradient-codec", default="", choices=("", "float32", "float16", "bfloat16", "int8", "int4"),
+                   help="wire codec of the gradients at the cut; default: same as --codec")
+    t.add_argument("--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies); default: sealed")
+    t.add_argument("--retries", type=int, default=8, help="retries of a call while the server is unreachable or busy (exponential backoff, about 90 s in all); default 8")
     t.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (only against a server started with --insecure); warns")
     t.add_argument("--timeout", type=float, default=300.0, help="deadline of one call to the server, seconds; default 300")
     t.add_argument("--model", default=None, help="local mode: Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
@@ -100,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=400, help="number of generated records; default 400")
     s.add_argument("--seed", type=int, default=0, help="generator seed; default 0")
     s.set_defaults(func=_sample)
+    add_offsite_parsers(sub)
     return p
 
 

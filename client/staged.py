@@ -71,14 +71,43 @@ class _RemoteFn(torch.autograd.Function):
         return (gin, None, None, None, None, *glora)
 
 
-class RemoteMiddle:
-    """The cloud's middle blocks as a differentiable call; owns the session's wire protocol."""
+class SessionLost(ClientError):
+    """The cloud no longer knows this session (it restarted or expired it); the step must be redone."""
 
-    def __init__(self, transport: Transport, session_id: str, params: list[nn.Parameter]):
+
+@dataclass
+class Session:
+    """What OpenSession negotiated: id, codecs and the sealer (None when not sealing)."""
+
+    id: str
+    codec: str
+    gradient_codec: str
+    sealer: object
+    info: object
+
+
+class RemoteMiddle:
+    """The cloud's middle blocks as a differentiable call; owns the session's wire protocol.
+
+    `opener()` opens a session (used again after the cloud restarts: `reopen`).
+    """
+
+    def __init__(self, transport: Transport, opener, params: list[nn.Parameter]):
         self.t = transport
-        self.session_id = session_id
+        self.opener = opener
+        self.session: Session = opener()
         self.params = params
         self.sent_version: int | None = None
+
+    @property
+    def session_id(self) -> str:
+        return self.session.id
+
+    def reopen(self) -> None:
+        """Opens a fresh session (same model, layout and slots) after the old one was lost."""
+        log.warning("the cloud lost session %s...; opening a new one and redoing the step", self.session.id[:8])
+        self.session = self.opener()
+        self.sent_version = None
 
     def _version(self) -> int:
         # Optimizer steps update parameters in place, which bumps their version counters.
@@ -89,18 +118,26 @@ class RemoteMiddle:
             return _RemoteFn.apply(h, am, self, step, seed, *self.params)
         return self.forward_rpc(h, am, step, seed, train=False)
 
+    def _call(self, method: str, req, step: int, kind: str):
+        try:
+            return self.t.call(method, req, kind=kind, sealer=self.session.sealer, step=step)
+        except ServerError as e:
+            if e.reason == "no-session":
+                raise SessionLost(str(e)) from None
+            raise
+
     def forward_rpc(self, h, am, step: int, seed: int, train: bool, force_lora: bool = False) -> torch.Tensor:
         version = self._version()
         m = self.t.meter
         t0 = time.perf_counter()
-        req = pb.ForwardRequest(session_id=self.session_id, step=step, hidden=serde.to_proto(h),
+        req = pb.ForwardRequest(session_id=self.session.id, step=step, hidden=serde.encode(h, self.session.codec),
                                 attention_mask=serde.to_proto(am.to(torch.uint8)), lora_version=version,
                                 dropout_seed=seed, train=train)
         if self.params and (force_lora or self.sent_version != version):
             req.lora.CopyFrom(serde.to_proto(flatten(self.params)))
         m.step_serde_s += time.perf_counter() - t0
         try:
-            resp = self.t.call("Forward", req, kind="Forward" if train else "EvalForward")
+            resp = self._call("Forward", req, step, "Forward" if train else "EvalForward")
         except ServerError as e:
             if e.reason == "lora-missing" and not force_lora:
                 return self.forward_rpc(h, am, step, seed, train, force_lora=True)
@@ -108,26 +145,27 @@ class RemoteMiddle:
         self.sent_version = version
         m.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        out = serde.from_proto(resp.hidden, "hidden", torch.float32, tuple(h.shape))
+        out = serde.decode(resp.hidden, "hidden", self.session.codec, tuple(h.shape))
         m.step_serde_s += time.perf_counter() - t0
         return out
 
     def backward_rpc(self, step: int, grad_out, h, am, seed: int):
         m = self.t.meter
         t0 = time.perf_counter()
-        req = pb.BackwardRequest(session_id=self.session_id, step=step, grad_output=serde.to_proto(grad_out))
+        req = pb.BackwardRequest(session_id=self.session.id, step=step,
+                                 grad_output=serde.encode(grad_out, self.session.gradient_codec))
         m.step_serde_s += time.perf_counter() - t0
         try:
-            resp = self.t.call("Backward", req)
+            resp = self._call("Backward", req, step, "Backward")
         except ServerError as e:
             if e.reason != "evicted":
                 raise
             log.warning("step %d: the cloud evicted its forward state; recomputing the step's forward", step)
             self.forward_rpc(h, am, step, seed, train=True)
-            resp = self.t.call("Backward", req)
+            resp = self._call("Backward", req, step, "Backward")
         m.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        gin = serde.from_proto(resp.grad_input, "grad_input", torch.float32, tuple(h.shape))
+        gin = serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape))
         flat = serde.from_proto(resp.lora_grad, "lora_grad", torch.float32)
         if flat.numel() != sum(p.numel() for p in self.params):
             raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}")
@@ -140,7 +178,7 @@ class RemoteMiddle:
 
     def close(self) -> None:
         try:
-            self.t.call("CloseSession", pb.CloseSessionRequest(session_id=self.session_id), retry=False)
+            self.t.call("CloseSession", pb.CloseSessionRequest(session_id=self.session.id), retry=False)
         except ServerError as e:
             log.info("closing the session: %s", e)
 
@@ -283,12 +321,28 @@ def _tokenizer_from_files(files: dict[str, bytes], where: str):
     return AutoTokenizer.from_pretrained(where)
 
 
-def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "") -> StagedModel:
-    """Opens a session, fetches the client's stages and builds the split model."""
+def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "") -> Session:
+    """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange."""
+    from tandem.protos.sealing import Sealer, new_keypair
+
+    priv, pub = new_keypair() if t.cfg.seal else (None, b"")
     info = t.call("OpenSession", pb.OpenSessionRequest(
         model_id=model_id, lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                                             target_modules=list(lora.target_modules)),
-        remote_lora=remote_lora, codec="float32"), one_time=True)
+        remote_lora=remote_lora, codec=t.cfg.codec, gradient_codec=t.cfg.gradient_codec or t.cfg.codec,
+        seal_public_key=pub), one_time=True)
+    sealer = None
+    if t.cfg.seal:
+        if not info.seal_public_key:
+            raise ClientError("the server did not agree to seal tensors; it is too old, or pass --no-seal")
+        sealer = Sealer(priv, info.seal_public_key, info.session_id, "client")
+    return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info)
+
+
+def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "") -> StagedModel:
+    """Opens a session, fetches the client's stages and builds the split model."""
+    first = open_session(t, lora, remote_lora, model_id)
+    info = first.info
     config = config_from_json(info.model_config_json)
     layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
     files = fetch_client_files(t, info.session_id, info.client_stages_sha256)
@@ -305,12 +359,27 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
     k = layout.bottom
     bottom = BottomStage(parts, list(range(k)))
     top = TopStage(parts, list(range(k, k + layout.top)))
-    middle = RemoteMiddle(t, info.session_id, adapter.params_for(names[1]))
+    pending = [first]
+
+    def opener() -> Session:
+        if pending:
+            return pending.pop()
+        s = open_session(t, lora, remote_lora, model_id)
+        same = (s.info.client_stages_sha256 == info.client_stages_sha256
+                and [x.name for x in s.info.middle_slots] == [x.name for x in info.middle_slots])
+        if not same:
+            raise ClientError("the server came back with a different model or layout; this run cannot continue against it")
+        return s
+
+    middle = RemoteMiddle(t, opener, adapter.params_for(names[1]))
     return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split")
 
 
-def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int) -> StagedModel:
-    """The whole model in this process with the same stages and adapter (for exactness checks)."""
+def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True) -> StagedModel:
+    """The whole model in this process with the same stages and adapter (for exactness checks).
+
+    With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
+    """
     from transformers import AutoTokenizer
 
     from tandem.stages.loading import default_model_dir
@@ -319,7 +388,8 @@ def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, se
     parts: Parts = parts_of(loaded.model)
     layout = StageLayout.parse(client_blocks, loaded.config)
     targets = lora.target_modules or parts.arch.lora_targets
-    specs = _order(inject_slots(parts.blocks, parts.arch, list(range(num_blocks(loaded.config))), targets))
+    ids = list(range(num_blocks(loaded.config))) if middle_lora else layout.client_blocks
+    specs = _order(inject_slots(nn.ModuleList(parts.blocks[i] for i in ids), parts.arch, ids, targets))
     adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
     names = _split_names(specs, layout)
     tokenizer = AutoTokenizer.from_pretrained(model_path or default_model_dir())

@@ -16,12 +16,12 @@ from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 
 from .data import load_split
 from .errors import CheckpointError
-from .staged import StagedModel, build_local, connect_split
+from .staged import SessionLost, StagedModel, build_local, connect_split
 from .transport import Meter, Transport, TransportConfig
 
 log = logging.getLogger(__name__)
 
-MODES = ("split", "local")
+MODES = ("split", "local", "offsite")
 CLIENT_BLOCKS_FILE = "client_blocks.safetensors"  # fully tuned client blocks, full-model key names
 PRIVACY_NOTE = (
     "The cloud receives the hidden states after client block {k} and the gradients at the top cut. At shallow "
@@ -29,6 +29,9 @@ PRIVACY_NOTE = (
     "recovers 85-96% ROUGE-L on 7B decoders). TLS protects them from the network, not from the cloud. This run "
     "did not measure that exposure; treat your text as readable by the operator."
 )
+
+OFFSITE_NOTE = ("offsite mode: tuning ran against the emulator with no server; no byte left this machine. Only the "
+                "adapter leaves it, when you run `client push`.")
 
 
 @dataclass
@@ -50,12 +53,16 @@ class TuneConfig:
     val_fraction: float = 0.1
     checkpoint_every: int = 10
     tune_client_blocks: bool = False  # also train the client's K+M blocks in full
+    emulator: str | None = None  # offsite mode: the emulator package directory
+    middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
     resume: bool = False
     progress: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if (self.mode == "offsite") != (self.emulator is not None):
+            raise ValueError("--mode offsite needs --emulator PKG, and --emulator only applies to --mode offsite")
         if self.steps < 0 or self.epochs <= 0:
             raise ValueError("steps must be >= 0 and epochs > 0")
         if self.lr <= 0:
@@ -64,12 +71,27 @@ class TuneConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+def surviving_restarts(sm: StagedModel, fn, attempts: int = 3):
+    """Runs fn(); when the cloud lost the session (it restarted), reopens it and runs fn() again.
+
+    fn must be a whole step (forward and backward): every input it depends on is deterministic
+    in (seed, step), so the redone step equals the lost one.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except SessionLost:
+            if attempt == attempts - 1:
+                raise
+            sm.middle.reopen()
+
+
 def evaluate(sm: StagedModel, data, seed: int) -> dict:
     """Token-weighted validation loss and perplexity (no dropout, no gradients)."""
     total, n = 0.0, 0
     with torch.no_grad():
         for i, batch in enumerate(data.val_batches()):
-            loss, k = sm.loss(batch, -1 - i, seed, train=False)
+            loss, k = surviving_restarts(sm, lambda: sm.loss(batch, -1 - i, seed, train=False))  # noqa: B023
             total += float(loss) * k
             n += k
     loss = total / max(n, 1)
@@ -135,9 +157,13 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     meter = Meter(tls=bool(tcfg and not tcfg.insecure))
     if cfg.mode == "split":
         transport = Transport(tcfg or TransportConfig(), meter)
-        sm = connect_split(transport, cfg.lora, cfg.seed)
+        sm = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora)
+    elif cfg.mode == "offsite":  # no server at all: the emulator package stands in for the middle
+        from .offsite import build_offsite
+
+        sm = build_offsite(cfg.emulator, cfg.lora, cfg.seed)
     else:
-        sm = build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed)
+        sm = build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed, middle_lora=cfg.middle_lora)
     try:
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
@@ -164,9 +190,14 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         for step in range(start, total_steps):
             batch = data.batch_at(step)
             t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss, n_tok = sm.loss(batch, step, cfg.seed, train=True)
-            loss.backward()
+
+            def one_step():
+                opt.zero_grad(set_to_none=True)
+                loss, n_tok = sm.loss(batch, step, cfg.seed, train=True)  # noqa: B023
+                loss.backward()
+                return loss, n_tok
+
+            loss, n_tok = surviving_restarts(sm, one_step)
             opt.step()
             wall = time.perf_counter() - t0
             rec = meter.take_step()
@@ -199,6 +230,13 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             transport.close()
 
 
+def _wire(sm: StagedModel) -> dict:
+    sess = getattr(sm.middle, "session", None)
+    if sess is None:
+        return {"codec": None, "gradient_codec": None, "sealed": False}
+    return {"codec": sess.codec, "gradient_codec": sess.gradient_codec, "sealed": sess.sealer is not None}
+
+
 def _cfg_dict(cfg: TuneConfig) -> dict:
     d = asdict(cfg)
     d["lora"]["target_modules"] = list(cfg.lora.target_modules)
@@ -216,6 +254,7 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
     batch_tokens = cfg.batch_size * cfg.seq_len
     return {
         "mode": sm.mode,
+        "wire": _wire(sm),
         "model_id": sm.model_id,
         "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
         "config": _cfg_dict(cfg),
@@ -248,12 +287,13 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
             "client_compute_s": sum_("client_compute_s"),
             "cloud_compute_s": sum_("cloud_compute_s"),
             "serialization_s": sum_("serialization_s"),
+            "sealing_s": sum(s.get("sealing_s", 0.0) for s in steps),
             "network_wait_s": sum_("network_wait_s"),
-            "encryption_s": None,
-            "encryption_note": "TLS runs inside gRPC's core and is included in network_wait_s",
+            "encryption_note": "sealing_s is the AES-GCM sealing of tensors (client side); TLS runs inside "
+                               "gRPC's core and is included in network_wait_s",
         },
         "validation": {"before": val_before, "after": val_after, "sequences": len(data.val)},
         "privacy": {"cut_after_block": sm.layout.bottom, "measured": False,
-                    "note": PRIVACY_NOTE.format(k=sm.layout.bottom) if sm.mode == "split" else "local mode: nothing leaves this process"},
+                    "note": PRIVACY_NOTE.format(k=sm.layout.bottom) if sm.mode == "split" else OFFSITE_NOTE if sm.mode == "offsite" else "local mode: nothing leaves this process"},
     }
 

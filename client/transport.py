@@ -18,6 +18,8 @@ from .errors import ClientError, explain
 log = logging.getLogger(__name__)
 
 DEFAULT_CA = os.path.join(os.path.expanduser("~"), ".tandem", "tls", "ca.pem")
+# `cloud serve` issues this identity on first use, for a data owner on the same machine.
+DEFAULT_IDENTITY = os.path.join(os.path.expanduser("~"), ".tandem", "tls", "clients", "local.pem")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 CHANNEL_OPTIONS = [
@@ -57,7 +59,11 @@ class TransportConfig:
     Attributes:
         server: HOST:PORT of `cloud serve`.
         insecure: Plaintext gRPC (warns); otherwise TLS verified against `ca`.
-        ca: PEM file of the CA that signed the server certificate.
+        ca: PEM file of the CA that signed the server certificate (default: the bundle's CA).
+        identity: Identity bundle (key, certificate, CA) for mutual TLS; a missing default is skipped.
+        seal: Seal tensors end to end (X25519 + AES-256-GCM) on top of TLS.
+        codec: Wire codec of activations (float32 exact; float16, bfloat16, int8, int4 lossy).
+        gradient_codec: Wire codec of the gradients at the cut (empty: same as codec).
         timeout_s: Deadline of one call.
         retries: Attempts after the first for UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED.
         backoff_s: First backoff; doubles each attempt, with jitter, capped at 30 s.
@@ -65,10 +71,14 @@ class TransportConfig:
 
     server: str = "127.0.0.1:50051"
     insecure: bool = False
-    ca: str = DEFAULT_CA
+    ca: str | None = None  # None: the CA inside the identity bundle, else DEFAULT_CA
+    identity: str | None = DEFAULT_IDENTITY  # bundle from `cloud certs issue`; None: no client certificate
     timeout_s: float = 300.0
-    retries: int = 4
+    retries: int = 8
     backoff_s: float = 0.5
+    seal: bool = True
+    codec: str = "float32"
+    gradient_codec: str = ""  # empty: same as codec
 
     def __post_init__(self):
         if ":" not in self.server:
@@ -99,6 +109,7 @@ class Meter:
     step_rpc_s: float = 0.0
     step_cloud_s: float = 0.0
     step_serde_s: float = 0.0
+    step_seal_s: float = 0.0
     framing: int = 0
 
     def add(self, kind: str, sent: int, received: int, one_time: bool = False) -> None:
@@ -114,9 +125,9 @@ class Meter:
 
     def take_step(self) -> dict:
         out = dict(bytes_sent=self.step_sent, bytes_received=self.step_received, rpc_s=self.step_rpc_s,
-                   cloud_compute_s=self.step_cloud_s, serialization_s=self.step_serde_s)
+                   cloud_compute_s=self.step_cloud_s, serialization_s=self.step_serde_s, sealing_s=self.step_seal_s)
         self.step_sent = self.step_received = 0
-        self.step_rpc_s = self.step_cloud_s = self.step_serde_s = 0.0
+        self.step_rpc_s = self.step_cloud_s = self.step_serde_s = self.step_seal_s = 0.0
         return out
 
     def totals(self) -> dict:
@@ -146,6 +157,30 @@ class Recorder:
         self.counts[kind] += 1
 
 
+def _credentials(cfg: TransportConfig):
+    """TLS credentials: the CA to trust and, when an identity bundle exists, the client certificate."""
+    key = cert = ca = None
+    if cfg.identity and (os.path.exists(cfg.identity) or cfg.identity != DEFAULT_IDENTITY):
+        if not os.path.exists(cfg.identity):
+            raise ClientError(f"no identity bundle at {cfg.identity}: ask the operator for one (`cloud certs issue NAME`)")
+        from tandem.protos.bundle import read_bundle
+
+        try:
+            key, cert, ca = read_bundle(cfg.identity)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
+    ca_path = cfg.ca or (None if ca else DEFAULT_CA)
+    if ca_path:
+        if not os.path.exists(ca_path):
+            raise ClientError(
+                f"no CA certificate at {ca_path}: pass --ca with the ca.pem the cloud operator gave you, "
+                "or --identity with your identity bundle (or --insecure for a plaintext test server)"
+            )
+        with open(ca_path, "rb") as f:
+            ca = f.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 class Transport:
     """Channel + stub with retries and accounting. All cloud calls go through `call` / `stream`."""
 
@@ -157,24 +192,29 @@ class Transport:
             log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
             self.channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
         else:
-            if not os.path.exists(cfg.ca):
-                raise ClientError(
-                    f"no CA certificate at {cfg.ca}: pass --ca with the ca.pem the cloud operator gave you "
-                    "(or --insecure for a plaintext test server)"
-                )
-            with open(cfg.ca, "rb") as f:
-                creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-            self.channel = grpc.secure_channel(cfg.server, creds, options=CHANNEL_OPTIONS)
+            self.channel = grpc.secure_channel(cfg.server, _credentials(cfg), options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.SplitTuningStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, method: str, request, kind: str | None = None, one_time: bool = False, retry: bool = True):
-        """Unary call with retries on transient codes; raises ServerError with an actionable message."""
+    def call(self, method: str, request, kind: str | None = None, one_time: bool = False, retry: bool = True,
+             sealer=None, step: int = 0):
+        """Unary call with retries on transient codes; raises ServerError with an actionable message.
+
+        With a sealer, each attempt seals a fresh copy of the request (new counters, so a retry is
+        never a replay) and the response is opened before it is returned.
+        """
         fn = getattr(self.stub, method)
         attempt = 0
+        plain = request
         while True:
+            if sealer is not None:
+                t0 = time.perf_counter()
+                request = type(plain)()
+                request.CopyFrom(plain)
+                sealer.seal(request, step)
+                self.meter.step_seal_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             try:
                 resp = fn(request, timeout=self.cfg.timeout_s)
@@ -191,6 +231,13 @@ class Transport:
             self.meter.add(kind or method, serde.nbytes(request), serde.nbytes(resp), one_time)
             if self.recorder is not None:
                 self.recorder(kind or method, request)
+            if sealer is not None:
+                t0 = time.perf_counter()
+                try:
+                    sealer.open(resp, step)
+                except ValueError as e:
+                    raise ClientError(f"the server's reply failed its seal check ({e}); the connection may be tampered with") from None
+                self.meter.step_seal_s += time.perf_counter() - t0
             return resp
 
     def stream(self, method: str, request, kind: str | None = None):

@@ -6,7 +6,10 @@ import logging
 import os
 import sys
 
+from .offsite_cli import add_emulator_parser
+
 DEFAULT_TLS_DIR = os.path.join(os.path.expanduser("~"), ".tandem", "tls")
+DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
 
 
 def _serve(args) -> int:
@@ -16,6 +19,9 @@ def _serve(args) -> int:
     from tandem.stages.loading import load_model
     from tandem.stages.modules import StageLayout
 
+    from .identity import QuotaConfig
+    from .metrics import Metrics
+    from .offsite import OffsiteService
     from .server import build_server, serve_forever
     from .service import BackboneService, ServiceLimits
     from .sessions import StoreConfig
@@ -35,10 +41,19 @@ def _serve(args) -> int:
         layout = StageLayout.parse(args.client_blocks, loaded.config)
         service = BackboneService(
             loaded, layout,
-            StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20), ttl_s=args.session_ttl),
+            StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20), ttl_s=args.session_ttl,
+                        max_sessions_per_identity=args.quota_sessions),
             ServiceLimits(max_tokens_per_step=args.max_tokens_per_step),
         )
-        server, port = build_server(service, args.listen, tls_dir, workers=args.workers)
+        metrics = Metrics()
+        if args.metrics_port:
+            metrics.serve(args.metrics_port, args.listen.rsplit(":", 1)[0])
+        if tls_dir is not None and args.no_client_auth:
+            log.warning("--no-client-auth: any client that trusts the CA may connect; sessions are not tied to identities")
+        server, port = build_server(service, args.listen, tls_dir, workers=args.workers, mutual=not args.no_client_auth,
+                                    quotas=QuotaConfig(bytes_per_s=args.quota_mbps * 2**20),
+                                    require_sealing=args.require_sealing, metrics=metrics,
+                                    offsite=OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator))
     except (StageError, OSError, ValueError) as e:
         print(f"cloud serve: {e}", file=sys.stderr)
         return 2
@@ -54,6 +69,30 @@ def _certs_init(args) -> int:
 
     init_ca(args.dir, hosts=tuple(args.host))
     print(f"created CA and server certificate in {args.dir}; give data owners {os.path.join(args.dir, 'ca.pem')}")
+    return 0
+
+
+def _certs_issue(args) -> int:
+    from .tls import issue_bundle
+
+    try:
+        path = issue_bundle(args.dir, args.name, days=args.days)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"cloud certs issue: {e} (run `cloud certs init --dir {args.dir}` first?)", file=sys.stderr)
+        return 2
+    print(f"issued identity {args.name!r}: {path} (give it to the data owner: `client tune --identity {os.path.basename(path)}`; it holds a private key)")
+    return 0
+
+
+def _certs_revoke(args) -> int:
+    from .tls import revoke
+
+    try:
+        serial = revoke(args.dir, args.name)
+    except FileNotFoundError as e:
+        print(f"cloud certs revoke: {e}", file=sys.stderr)
+        return 2
+    print(f"revoked identity {args.name!r} (serial {serial}); running servers refuse it from the next call")
     return 0
 
 
@@ -74,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-cap-mb", type=float, default=8192, help="cap on forward state kept for backward, all sessions together, in MiB; default 8192")
     s.add_argument("--session-ttl", type=float, default=600, help="seconds of inactivity after which a session is closed and freed; default 600")
     s.add_argument("--max-tokens-per-step", type=int, default=64 * 1024, help="largest batch*seq_len accepted in one request; default 65536")
+    s.add_argument("--no-client-auth", action="store_true", help="TLS without client certificates (every caller is 'anonymous'); default: mutual TLS")
+    s.add_argument("--quota-sessions", type=int, default=0, help="open sessions per identity (0 = only --max-sessions applies)")
+    s.add_argument("--quota-mbps", type=float, default=0.0, help="request MiB/s per identity, 4 s burst (0 = unlimited)")
+    s.add_argument("--require-sealing", action="store_true", help="refuse sessions whose tensors are not sealed (X25519 + AES-256-GCM on top of TLS)")
+    s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
+    s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")
+    s.add_argument("--adapter-registry", default=DEFAULT_REGISTRY, metavar="DIR", help=f"where adapters uploaded with `client push` are registered; default {DEFAULT_REGISTRY}")
     s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; default 8")
     s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     s.set_defaults(func=_serve)
@@ -85,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"],
                     help="host name or IP the server certificate is valid for (repeatable); localhost and loopback always included")
     ci.set_defaults(func=_certs_init)
+    cs = csub.add_parser("issue", help="issue a data owner's identity bundle (key + certificate + CA, one PEM file)")
+    cs.add_argument("name", help="the identity's name (letters, digits, '-', '_', '.'); sessions belong to it")
+    cs.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"the CA directory; default {DEFAULT_TLS_DIR}")
+    cs.add_argument("--days", type=int, default=365, help="validity in days; default 365")
+    cs.set_defaults(func=_certs_issue)
+    cr = csub.add_parser("revoke", help="revoke a data owner's identity (takes effect on the next call, no restart)")
+    cr.add_argument("name", help="the identity to revoke")
+    cr.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"the CA directory; default {DEFAULT_TLS_DIR}")
+    cr.set_defaults(func=_certs_revoke)
+    add_emulator_parser(sub)
     return p
 
 

@@ -53,3 +53,15 @@ class TooLarge(CloudError):
     """One request needs more than a server limit allows; retrying cannot help, a smaller batch can."""
 
     reason = "too-large"
+
+
+class Unauthenticated(CloudError):
+    """No valid identity: missing, unknown, expired or revoked certificate."""
+
+    reason = "unauthenticated"
+
+
+class SealFailure(CloudError):
+    """A sealed tensor was replayed, reordered, tampered with or not sealed."""
+
+    reason = "seal"

@@ -12,6 +12,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tandem.protos import serde
 from tandem.protos import split_pb2_grpc as pb_grpc
 
+from .identity import Identities, QuotaConfig
+from .metrics import Metrics
+from .offsite_servicer import add_offsite
 from .service import BackboneService
 from .servicer import SplitTuningServicer
 from .tls import server_credentials
@@ -28,16 +31,28 @@ SERVER_OPTIONS = [
 ]
 
 
-def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8) -> tuple[grpc.Server, int]:
-    """Creates and starts the server; returns it and the bound port. tls_dir=None means plaintext."""
+def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8, mutual: bool = True,
+                 quotas: QuotaConfig | None = None, require_sealing: bool = False,
+                 metrics: Metrics | None = None, offsite=None) -> tuple[grpc.Server, int]:
+    """Creates and starts the server; returns it and the bound port.
+
+    Args:
+        tls_dir: CA and server certificate directory; None means plaintext (identities off).
+        mutual: Require client certificates signed by the CA (identities, revocation, quotas).
+        require_sealing: Refuse sessions that do not seal their tensors.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
-    pb_grpc.add_SplitTuningServicer_to_server(SplitTuningServicer(service), server)
+    mutual = mutual and tls_dir is not None
+    servicer = SplitTuningServicer(service, Identities(tls_dir, mutual, quotas), metrics or Metrics(), require_sealing)
+    pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
+    if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
+        add_offsite(server, offsite)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls_dir is None:
         port = server.add_insecure_port(listen)
     else:
-        port = server.add_secure_port(listen, server_credentials(tls_dir))
+        port = server.add_secure_port(listen, server_credentials(tls_dir, mutual))
     if port == 0:
         raise OSError(f"cannot listen on {listen}: the address is in use or invalid; choose another --listen")
     server.start()

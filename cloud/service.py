@@ -14,13 +14,12 @@ from tandem.stages.lora import Binding, LoraConfig, bind, inject_slots, slot_sha
 from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
 from tandem.stages.modules import MiddleStage, StageLayout
 
+from tandem.kernels.codecs import CODECS
+
 from .errors import InvalidRequest, LoraMissing
 from .sessions import Pending, Session, SessionStore, StoreConfig
 
 log = logging.getLogger(__name__)
-
-CODECS = ("float32",)
-
 
 @dataclass
 class ServiceLimits:
@@ -73,17 +72,19 @@ class BackboneService:
                  layout.num_layers, layout.bottom, layout.top, len(self.all_slots))
 
     # Sessions ------------------------------------------------------------------------------
-    def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str) -> Session:
+    def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str = "float32",
+                     gradient_codec: str = "float32") -> Session:
         if model_id and model_id != self.loaded.model_id:
             raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {model_id!r}")
-        if codec not in CODECS:
-            raise InvalidRequest(f"codec {codec!r} is not supported; choose one of {list(CODECS)}")
+        for c in (codec, gradient_codec):
+            if c not in CODECS:
+                raise InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
         targets = lora.target_modules or self.parts.arch.lora_targets
         unknown = [t for t in targets if t not in self.middle_leaves]
         if unknown:
             raise InvalidRequest(f"target modules {unknown} do not exist in this model; available: {list(self.middle_leaves)}")
         slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
-        return self.store.open(owner, lora, slots, remote_lora, codec)
+        return self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec)
 
     def close_session(self, owner: str, sid: str) -> None:
         self.store.close(sid, owner)
@@ -100,7 +101,7 @@ class BackboneService:
         if t > self.max_positions:
             raise InvalidRequest(f"{name}: sequence length {t} exceeds the model's {self.max_positions} positions")
         if h.dtype != torch.float32:
-            raise InvalidRequest(f"{name}: expected float32 for codec float32, got {h.dtype}")
+            raise InvalidRequest(f"{name}: expected float32, got {h.dtype}")
         if not torch.isfinite(h).all():
             raise InvalidRequest(f"{name}: contains NaN or Inf")
         if mask is not None:

@@ -1,18 +1,24 @@
-"""gRPC servicer: decodes requests, calls BackboneService, encodes replies, maps errors to status codes."""
+"""gRPC servicer: identity, unsealing and decoding, a call into BackboneService, encoding and sealing, status codes."""
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import grpc
 
+from tandem.kernels.codecs import CODECS, DEFAULT_BLOCK
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
+from tandem.protos.sealing import SealError, Sealer, new_keypair
 from tandem.stages.errors import StageError
 from tandem.stages.lora import LoraConfig
 
 from . import errors
-from .service import CODECS, BackboneService
+from .identity import Identities
+from .metrics import Metrics
+from .service import BackboneService
 
 log = logging.getLogger(__name__)
 
@@ -25,48 +31,80 @@ _STATUS = {
     errors.LoraMissing: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.SealFailure: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
-def identity(context: grpc.ServicerContext) -> str:
-    """The caller's identity: the client certificate's common name under mutual TLS, else 'anonymous'."""
-    cn = context.auth_context().get("x509_common_name")
-    return cn[0].decode() if cn else "anonymous"
-
-
 def _guard(method):
-    """Runs a handler, turning domain errors into gRPC statuses; other sessions are unaffected."""
+    """Runs a handler: counts it, turns domain errors into gRPC statuses; other sessions are unaffected."""
 
+    @functools.wraps(method)
     def wrapper(self, request, context):
+        name = method.__name__
+        t0 = time.perf_counter()
+        code = grpc.StatusCode.OK
         try:
-            return method(self, request, context)
+            resp = method(self, request, context)
+            self.metrics.bytes_out.labels(name).inc(resp.ByteSize())
+            return resp
         except errors.CloudError as e:
+            code = _STATUS.get(type(e), grpc.StatusCode.INTERNAL)
             context.set_trailing_metadata((("tandem-reason", e.reason),))
-            context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+            context.abort(code, str(e))
         except (serde.WireError, StageError, ValueError) as e:
+            code = grpc.StatusCode.INVALID_ARGUMENT
             context.set_trailing_metadata((("tandem-reason", "invalid"),))
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(code, str(e))
         except MemoryError:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
             context.set_trailing_metadata((("tandem-reason", "too-large"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request; retry with a smaller batch")
+            context.abort(code, "the server ran out of memory for this request; retry with a smaller batch")
+        finally:
+            self.metrics.requests.labels(name, code.name).inc()
+            self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            self.metrics.bytes_in.labels(name).inc(request.ByteSize())
+            self.metrics.sessions.set(len(self.service.store))
+            self.metrics.state_bytes.set(self.service.store.used_bytes)
 
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
     return wrapper
 
 
 class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     """Thin gRPC shell over a BackboneService."""
 
-    def __init__(self, service: BackboneService):
+    def __init__(self, service: BackboneService, identities: Identities | None = None, metrics: Metrics | None = None,
+                 require_sealing: bool = False):
         self.service = service
+        self.identities = identities or Identities(None, mutual=False)
+        self.metrics = metrics or Metrics()
+        self.require_sealing = require_sealing
+
+    def _who(self, request, context) -> str:
+        name = self.identities.resolve(context)
+        self.identities.charge(name, request.ByteSize())
+        return name
 
     def _layout(self) -> pb.StageLayout:
         lay = self.service.layout
         return pb.StageLayout(num_layers=lay.num_layers, bottom=lay.bottom, top=lay.top)
 
+    def _open(self, session, request) -> None:
+        """Unseals a request in place (sealed sessions), counting failures in the metrics."""
+        if session.sealer is None:
+            if self.require_sealing:
+                raise errors.SealFailure("this server requires sealed tensors; open the session with a sealing key")
+            return
+        try:
+            session.sealer.open(request, request.step)
+        except SealError as e:
+            self.metrics.seal_failures.labels(e.kind).inc()
+            log.warning("session %s...: sealed payload rejected (%s)", session.id[:8], e.kind)
+            raise errors.SealFailure(str(e)) from None
+
     @_guard
     def GetInfo(self, request, context):
+        self._who(request, context)
         svc = self.service
         return pb.GetInfoResponse(
             model_id=svc.loaded.model_id, layout=self._layout(), model_config_json=svc.config_json,
@@ -76,21 +114,37 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
 
     @_guard
     def OpenSession(self, request, context):
+        owner = self._who(request, context)
         lr = request.lora
-        cfg = LoraConfig(rank=lr.rank or 8, alpha=lr.alpha or 16.0, dropout=lr.dropout,
-                         target_modules=tuple(lr.target_modules))
-        s = self.service.open_session(identity(context), request.model_id, cfg, request.remote_lora,
-                                      request.codec or "float32")
-        svc = self.service
-        return pb.OpenSessionResponse(
-            session_id=s.id, model_id=svc.loaded.model_id, layout=self._layout(), model_config_json=svc.config_json,
+        cfg = LoraConfig(rank=lr.rank or 8, alpha=lr.alpha or 16.0, dropout=lr.dropout, target_modules=tuple(lr.target_modules))
+        codec = request.codec or "float32"
+        gcodec = request.gradient_codec or codec
+        for c in (codec, gcodec):
+            if c not in CODECS:
+                raise errors.InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
+        if self.require_sealing and not request.seal_public_key:
+            raise errors.SealFailure("this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)")
+        s = self.service.open_session(owner, request.model_id, cfg, request.remote_lora, codec, gcodec)
+        resp = pb.OpenSessionResponse(
+            session_id=s.id, model_id=self.service.loaded.model_id, layout=self._layout(),
+            model_config_json=self.service.config_json,
             middle_slots=[pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in s.slots],
-            client_stages_sha256=svc.client_sha, client_stages_bytes=len(svc.client_blob), ttl_s=svc.store.cfg.ttl_s,
+            client_stages_sha256=self.service.client_sha, client_stages_bytes=len(self.service.client_blob),
+            ttl_s=self.service.store.cfg.ttl_s, codec=codec, gradient_codec=gcodec, block_size=DEFAULT_BLOCK,
         )
+        if request.seal_public_key:
+            priv, pub = new_keypair()
+            try:
+                s.sealer = Sealer(priv, request.seal_public_key, s.id, "server")
+            except SealError as e:
+                self.service.store.close(s.id, owner)
+                raise errors.InvalidRequest(str(e)) from None
+            resp.seal_public_key = pub
+        return resp
 
     def FetchClientStages(self, request, context):
         try:
-            self.service.store.get(request.session_id, identity(context))
+            self.service.store.get(request.session_id, self._who(request, context))
         except errors.CloudError as e:
             context.set_trailing_metadata((("tandem-reason", e.reason),))
             context.abort(_STATUS[type(e)], str(e))
@@ -102,20 +156,33 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
 
     @_guard
     def Forward(self, request, context):
-        h = serde.from_proto(request.hidden, "hidden")
+        owner = self._who(request, context)
+        s = self.service.store.get(request.session_id, owner)
+        self._open(s, request)
+        h = serde.decode(request.hidden, "hidden", s.codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.from_proto(request.lora, "lora") if request.HasField("lora") else None
-        out, dt = self.service.forward(identity(context), request.session_id, request.step, h, mask,
+        out, dt = self.service.forward(owner, request.session_id, request.step, h, mask,
                                        request.lora_version, lora, request.dropout_seed, request.train)
-        return pb.ForwardResponse(hidden=serde.to_proto(out), compute_s=dt)
+        resp = pb.ForwardResponse(hidden=serde.encode(out, s.codec), compute_s=dt)
+        if s.sealer is not None:
+            s.sealer.seal(resp, request.step)
+        return resp
 
     @_guard
     def Backward(self, request, context):
-        g = serde.from_proto(request.grad_output, "grad_output")
-        gin, glora, dt = self.service.backward(identity(context), request.session_id, request.step, g)
-        return pb.BackwardResponse(grad_input=serde.to_proto(gin), lora_grad=serde.to_proto(glora), compute_s=dt)
+        owner = self._who(request, context)
+        s = self.service.store.get(request.session_id, owner)
+        self._open(s, request)
+        g = serde.decode(request.grad_output, "grad_output", s.gradient_codec)
+        gin, glora, dt = self.service.backward(owner, request.session_id, request.step, g)
+        resp = pb.BackwardResponse(grad_input=serde.encode(gin, s.gradient_codec), lora_grad=serde.to_proto(glora), compute_s=dt)
+        if s.sealer is not None:
+            s.sealer.seal(resp, request.step)
+        self.metrics.steps.inc()
+        return resp
 
     @_guard
     def CloseSession(self, request, context):
-        self.service.close_session(identity(context), request.session_id)
+        self.service.close_session(self._who(request, context), request.session_id)
         return pb.CloseSessionResponse()

@@ -27,6 +27,7 @@ class StoreConfig:
     max_sessions: int = 64
     memory_bytes: int = 8 * 1024**3
     ttl_s: float = 600.0
+    max_sessions_per_identity: int = 0  # 0: no per-identity limit
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -57,6 +58,8 @@ class Session:
     slots: list[SlotSpec]
     remote_lora: bool
     codec: str
+    gradient_codec: str = "float32"
+    sealer: object = None  # tandem.protos.sealing.Sealer when the client asked for sealing
     last_used: float = field(default_factory=time.monotonic)
     lora_version: int = -1
     lora: list[torch.Tensor] = field(default_factory=list)
@@ -82,15 +85,19 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str) -> Session:
+    def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str,
+             gradient_codec: str = "float32") -> Session:
         self.expire()
         with self._lock:
             if len(self._sessions) >= self.cfg.max_sessions:
                 raise Overloaded(
                     f"the server holds its maximum of {self.cfg.max_sessions} sessions; retry later"
                 )
+            quota = self.cfg.max_sessions_per_identity
+            if quota and sum(1 for x in self._sessions.values() if x.owner == owner) >= quota:
+                raise Overloaded(f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later")
             sid = secrets.token_urlsafe(16)
-            s = Session(sid, owner, lora_cfg, slots, remote_lora, codec)
+            s = Session(sid, owner, lora_cfg, slots, remote_lora, codec, gradient_codec)
             self._sessions[sid] = s
             return s
 

@@ -79,18 +79,72 @@ def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365,
     return cert_path, key_path
 
 
+LOCAL_IDENTITY = "local"
+
+
 def ensure_server_tls(tls_dir: str) -> None:
-    """Creates the CA and server certificate on first use; reuses them afterwards."""
+    """Creates the CA, the server certificate and a 'local' client identity on first use; reuses them afterwards.
+
+    The 'local' identity (tls_dir/clients/local.pem) is what a data owner on the same machine uses by default.
+    """
     if not os.path.exists(os.path.join(tls_dir, SERVER_CERT)):
         init_ca(tls_dir)
+    if not os.path.exists(os.path.join(tls_dir, "clients", f"{LOCAL_IDENTITY}.pem")):
+        issue_bundle(tls_dir, LOCAL_IDENTITY)
 
 
-def server_credentials(tls_dir: str):
-    """gRPC server credentials from tls_dir (TLS; mutual TLS is a separate step)."""
+def server_credentials(tls_dir: str, mutual: bool = True):
+    """gRPC server credentials from tls_dir; mutual=True requires a client certificate signed by the CA."""
     import grpc
 
     with open(os.path.join(tls_dir, SERVER_KEY), "rb") as f:
         key = f.read()
     with open(os.path.join(tls_dir, SERVER_CERT), "rb") as f:
         cert = f.read()
-    return grpc.ssl_server_credentials([(key, cert)])
+    if not mutual:
+        return grpc.ssl_server_credentials([(key, cert)])
+    with open(os.path.join(tls_dir, CA_CERT), "rb") as f:
+        ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.datetime | None = None) -> str:
+    """Issues a data owner's identity: one PEM file (key, certificate, CA) at tls_dir/clients/NAME.pem, mode 0600."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"identity name {name!r}: use letters, digits, '-', '_' and '.'")
+    if name in ("server", "ca", "tandem-server"):
+        raise ValueError(f"identity name {name!r} is reserved")
+    clients = os.path.join(tls_dir, "clients")
+    os.makedirs(clients, exist_ok=True)
+    cert_path, key_path = issue(tls_dir, name, days=days, not_before=not_before)
+    bundle = os.path.join(clients, f"{name}.pem")
+    with open(key_path, "rb") as k, open(cert_path, "rb") as c, open(os.path.join(tls_dir, CA_CERT), "rb") as ca:
+        data = k.read() + c.read() + ca.read()
+    fd = os.open(bundle, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.remove(key_path)
+    os.replace(cert_path, os.path.join(clients, f"{name}.cert.pem"))  # the operator keeps the certificate, not the key
+    return bundle
+
+
+def revoke(tls_dir: str, name: str) -> str:
+    """Revokes every certificate issued to NAME (by name and serial); the server re-reads the list on change."""
+    import json
+
+    from .identity import read_revoked, revoked_path
+
+    cert_path = os.path.join(tls_dir, "clients", f"{name}.cert.pem")
+    if not os.path.exists(cert_path):
+        raise FileNotFoundError(f"no identity {name!r} was issued from {tls_dir}")
+    with open(cert_path, "rb") as f:
+        serial = format(x509.load_pem_x509_certificate(f.read()).serial_number, "x")
+    d = read_revoked(tls_dir)
+    d["serials"] = sorted(set(d["serials"]) | {serial})
+    d["names"] = sorted(set(d["names"]) | {name})
+    tmp = revoked_path(tls_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(d, f, indent=2)
+    os.replace(tmp, revoked_path(tls_dir))
+    return serial
+

@@ -1,4 +1,4 @@
-"""Regenerates split_pb2.py / split_pb2_grpc.py from split.proto: `python -m tandem.protos.build`.
+"""Regenerates X_pb2.py / X_pb2_grpc.py from every X.proto in protos/: `python -m tandem.protos.build`.
 
 The proto is compiled under the virtual path tandem/protos/, so the generated code imports
 `tandem.protos.split_pb2` absolutely. The stubs are committed; tests/protos checks for drift.
@@ -11,10 +11,11 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOS = tuple(sorted(n for n in os.listdir(HERE) if n.endswith(".proto")))
 
 
 def generate(out_dir: str) -> list[str]:
-    """Compiles split.proto into out_dir; returns the generated file paths."""
+    """Compiles every .proto of this folder into out_dir; returns the generated file paths."""
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -24,12 +25,12 @@ def generate(out_dir: str) -> list[str]:
             f"-I{os.path.join(os.path.dirname(protoc.__file__), '_proto')}",
             f"--python_out={tmp}",
             f"--grpc_python_out={tmp}",
-            "tandem/protos/split.proto",
+            *(f"tandem/protos/{p}" for p in PROTOS),
         ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed")
         made = []
-        for name in ("split_pb2.py", "split_pb2_grpc.py"):
+        for name in (f"{p[:-6]}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2_grpc.py")):
             dst = os.path.join(out_dir, name)
             shutil.copyfile(os.path.join(tmp, "tandem", "protos", name), dst)
             made.append(dst)

@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from tandem.kernels import codecs
+
 from . import split_pb2 as pb
 
 # dtype <-> wire enum; bf16 travels as 2 bytes (viewed as int16), never upcast.
@@ -73,6 +75,71 @@ def from_proto(
     arr = np.frombuffer(msg.data, dtype=np_t if np_t is not None else torch.empty((), dtype=got).numpy().dtype)
     t = torch.from_numpy(arr.copy()).reshape(dims)
     return t.view(got) if view_t is not None else t
+
+
+CODEC_ENUM = {
+    "float32": pb.CODEC_NONE,
+    "float16": pb.CODEC_FLOAT16,
+    "bfloat16": pb.CODEC_BFLOAT16,
+    "int8": pb.CODEC_INT8,
+    "int4": pb.CODEC_INT4,
+}
+_CODEC_NAME = {v: k for k, v in CODEC_ENUM.items()}
+
+
+def encode(t: torch.Tensor, codec: str = "float32", block: int = codecs.DEFAULT_BLOCK) -> pb.Tensor:
+    """Encodes a float32 tensor with a wire codec (float32 is exact and equals to_proto)."""
+    if codec == "float32":
+        return to_proto(t)
+    values, scales = codecs.encode(t.detach(), codec, block)
+    msg = to_proto(values)
+    del msg.shape[:]
+    msg.shape.extend(t.shape)
+    msg.dtype = pb.FLOAT32
+    msg.codec = CODEC_ENUM[codec]
+    if scales is not None:
+        msg.scales = scales.numpy().tobytes()
+        msg.block_size = block
+    return msg
+
+
+def decode(msg: pb.Tensor, name: str, codec: str = "float32", shape: tuple | None = None) -> torch.Tensor:
+    """Decodes a float32 tensor sent with `codec` (the session's); validates sizes; returns float32."""
+    got = _CODEC_NAME.get(msg.codec)
+    if got is None:
+        raise WireError(f"{name}: unknown codec code {msg.codec}")
+    if got != codec:
+        raise WireError(f"{name}: this session negotiated codec {codec}, got {got}")
+    if codec == "float32":
+        return from_proto(msg, name, torch.float32, shape)
+    dims = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in dims):
+        raise WireError(f"{name}: negative dimension in shape {list(dims)}")
+    if shape is not None and (len(shape) != len(dims) or any(w is not None and w != d for w, d in zip(shape, dims))):
+        raise WireError(f"{name}: expected shape {['*' if w is None else w for w in shape]}, got {list(dims)}")
+    n = math.prod(dims)
+    if codec in ("float16", "bfloat16"):
+        want, vdtype = n * 2, torch.float16 if codec == "float16" else torch.bfloat16
+        vcount = n
+    else:
+        block = int(msg.block_size)
+        if block < 1 or block > 1 << 20:
+            raise WireError(f"{name}: block_size {block} out of range")
+        n_blocks = -(-n // block)
+        if len(msg.scales) != 4 * n_blocks:
+            raise WireError(f"{name}: {codec} needs {n_blocks} float32 scales, got {len(msg.scales)} bytes")
+        vcount = n_blocks * block if codec == "int8" else -(-(n_blocks * block) // 2)
+        want, vdtype = vcount, torch.int8 if codec == "int8" else torch.uint8
+    if len(msg.data) != want:
+        raise WireError(f"{name}: {codec} of shape {list(dims)} needs {want} bytes, got {len(msg.data)}")
+    values = from_proto(pb.Tensor(shape=[vcount], dtype=_TO_WIRE[vdtype], data=msg.data), name)
+    scales = None
+    if codec in ("int8", "int4"):
+        scales = torch.from_numpy(np.frombuffer(msg.scales, dtype=np.float32).copy())
+        if not torch.isfinite(scales).all():
+            raise WireError(f"{name}: scales contain NaN or Inf")
+        return codecs.decode(values, scales, codec, dims, block)
+    return codecs.decode(values, scales, codec, dims)
 
 
 def nbytes(msg) -> int:

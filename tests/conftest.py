@@ -57,6 +57,23 @@ class Server:
     def ca(self):
         return os.path.join(self.tls_dir, "ca.pem") if self.tls_dir else None
 
+    @property
+    def identity(self):
+        """The 'local' identity bundle `cloud serve` issues on first use (mutual TLS)."""
+        return os.path.join(self.tls_dir, "clients", "local.pem") if self.tls_dir else None
+
+    def tcfg(self, **kw):
+        """A TransportConfig that reaches this server with its CA and the 'local' identity."""
+        from tandem.client.transport import TransportConfig
+
+        kw.setdefault("ca", self.ca)
+        kw.setdefault("identity", self.identity)
+        return TransportConfig(server=self.addr, **kw)
+
+    def cli_args(self):
+        """`client` flags that reach this server."""
+        return ["--server", self.addr, "--ca", self.ca, "--identity", self.identity]
+
     def log(self) -> str:
         with open(self.log_path) as f:
             return f.read()

@@ -71,7 +71,7 @@ def test_peft_reload_reproduces_logits(arch, tiny_models, tmp_path):
 def test_peft_reload_after_split_training(tiny_models, server_factory, tmp_path):
     """The adapter trained through a real server (remote LoRA included) loads in peft on the full model."""
     server = server_factory(tiny_models["qwen2"])
-    t = Transport(TransportConfig(server=server.addr, ca=server.ca))
+    t = Transport(server.tcfg())
     sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
     _train_a_bit(sm)
     out = str(tmp_path / "adapter")

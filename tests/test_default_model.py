@@ -27,7 +27,7 @@ def test_default_model_is_smollm2(local_model):
 
 def test_split_step_equals_local_on_smollm2(local_model, sample_data, server_factory):
     server = server_factory(None, timeout=300)
-    t = Transport(TransportConfig(server=server.addr, ca=server.ca))
+    t = Transport(server.tcfg())
     split = connect_split(t, LoraConfig(rank=8, alpha=16), seed=0)
     assert split.layout.num_layers == 30 and len(split.names[1]) == 2 * 26  # q,v in each of 26 middle blocks
     tok = split.tokenizer

@@ -21,7 +21,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_split_equals_local(arch, dropout, tiny_models, sample_data, server_factory):
     server = server_factory(tiny_models[arch])
     lora = LoraConfig(rank=4, alpha=8, dropout=dropout)
-    t = Transport(TransportConfig(server=server.addr, ca=server.ca))
+    t = Transport(server.tcfg())
     split = connect_split(t, lora, seed=3)
     local = build_local(tiny_models[arch], "2:2", lora, seed=3)
     assert [s.name for s in split.adapter.specs] == [s.name for s in local.adapter.specs]
@@ -69,7 +69,7 @@ def test_cli_split_and_local_reports_match(tiny_models, sample_data, server_fact
     server = server_factory(tiny_models["llama"])
     common = ["--data", sample_data, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--seed", "1"]
     split_out, local_out = str(tmp_path / "split"), str(tmp_path / "local")
-    subprocess.run([os.path.join(BIN, "client"), "tune", "--server", server.addr, "--ca", server.ca, "--out", split_out, *common],
+    subprocess.run([os.path.join(BIN, "client"), "tune", *server.cli_args(), "--out", split_out, *common],
                    check=True, capture_output=True, text=True)
     subprocess.run([os.path.join(BIN, "client"), "tune", "--mode", "local", "--model", tiny_models["llama"], "--out", local_out, *common],
                    check=True, capture_output=True, text=True)
@@ -95,7 +95,7 @@ def test_full_client_block_tuning_split_equals_local(tiny_models, sample_data, s
     server = server_factory(tiny_models["gpt2"])
     common = dict(data=sample_data, steps=3, batch_size=2, seq_len=32, lr=1e-2, lora=LoraConfig(rank=2),
                   tune_client_blocks=True, progress=False)
-    a = tune(TuneConfig(out=str(tmp_path / "s"), **common), TransportConfig(server=server.addr, ca=server.ca))
+    a = tune(TuneConfig(out=str(tmp_path / "s"), **common), server.tcfg())
     b = tune(TuneConfig(out=str(tmp_path / "l"), mode="local", model=tiny_models["gpt2"], **common))
     assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)
     wa = load_file(os.path.join(tmp_path / "s", "adapter", CLIENT_BLOCKS_FILE))

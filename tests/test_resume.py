@@ -21,7 +21,7 @@ from conftest import BIN
 
 
 def _tune_cmd(server, data, out, steps):
-    return [os.path.join(BIN, "client"), "tune", "--server", server.addr, "--ca", server.ca, "--data", data, "--out", out,
+    return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", data, "--out", out,
             "--steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--seed", "5"]
 
 

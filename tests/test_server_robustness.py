@@ -33,8 +33,10 @@ HIDDEN = 32  # tests/tiny.py
 
 # Helpers -----------------------------------------------------------------------------------------
 def _raw(server, options=CHANNEL_OPTIONS):
-    with open(server.ca, "rb") as f:
-        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    from tandem.protos.bundle import read_bundle
+
+    key, cert, ca = read_bundle(server.identity)
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
     ch = grpc.secure_channel(server.addr, creds, options=options)
     return ch, pb_grpc.SplitTuningStub(ch)
 
@@ -130,8 +132,8 @@ def _bad_requests(stub, sid: str, n_lora: int):
          ["hidden: expected shape [batch, seq, 32], got [2, 8, 31]"], "invalid"),
         ("hidden 2-d", F, _fwd(sid, torch.randn(8, HIDDEN), mask=torch.ones(8, 1, dtype=torch.uint8)), inv,
          ["expected shape"], "invalid"),
-        ("hidden float16", F, _fwd(sid, h.half(), lora=ok_lora), inv, ["expected float32", "float16"], "invalid"),
-        ("hidden int64", F, _fwd(sid, h.long(), lora=ok_lora), inv, ["expected float32", "int64"], "invalid"),
+        ("hidden float16", F, _fwd(sid, h.half(), lora=ok_lora), inv, ["expected dtype torch.float32", "float16"], "invalid"),
+        ("hidden int64", F, _fwd(sid, h.long(), lora=ok_lora), inv, ["expected dtype torch.float32", "int64"], "invalid"),
         ("hidden unknown dtype code", F, _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=99, data=bytes(2048))), inv,
          ["unknown dtype code 99"], "invalid"),
         ("hidden byte count", F, _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=pb.FLOAT32, data=bytes(100))), inv,
@@ -187,7 +189,7 @@ def _bad_requests(stub, sid: str, n_lora: int):
 
 def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data):
     steps = 6
-    t = Transport(TransportConfig(server=guarded.addr, ca=guarded.ca, retries=0))
+    t = Transport(guarded.tcfg(retries=0))
     permits: queue.Queue = queue.Queue()
     result: dict = {}
 
@@ -301,7 +303,7 @@ def test_memory_cap_evicts_and_client_recomputes(tiny_models, sample_data, serve
     ch.close()
 
     # The same through the client library: the user sees an actionable ServerError.
-    t = Transport(TransportConfig(server=server.addr, ca=server.ca, retries=1, backoff_s=0.01))
+    t = Transport(server.tcfg(retries=1, backoff_s=0.01))
     m = connect_split(t, LORA, seed=1)
     data = load_split(sample_data, m.tokenizer, seq_len=2 * SEQ, batch_size=4, seed=1, val_fraction=0.1)
     with pytest.raises(ServerError) as ei:
@@ -366,7 +368,7 @@ def test_idle_session_expires_after_ttl(tiny_models, server_factory):
     ch.close()
 
     # Through the client library.
-    t = Transport(TransportConfig(server=server.addr, ca=server.ca, retries=0))
+    t = Transport(server.tcfg(retries=0))
     sid = t.call("OpenSession", pb.OpenSessionRequest(codec="float32")).session_id
     time.sleep(2.2)
     with pytest.raises(ServerError) as ei:
@@ -408,7 +410,7 @@ def test_tls_is_required_and_verified(guarded, tmp_path):
     assert "missing.pem" in str(ei.value) and "--ca" in str(ei.value)
 
     # The right CA works.
-    t = Transport(TransportConfig(server=guarded.addr, ca=guarded.ca, retries=0))
+    t = Transport(guarded.tcfg(retries=0))
     assert t.call("GetInfo", pb.GetInfoRequest()).max_tokens_per_step == 64
     t.close()
     _alive(guarded)

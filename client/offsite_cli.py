@@ -1,0 +1,80 @@
+"""`client push | eval | fetch-emulator | compare`: the data owner's Offsite-Tuning commands."""
+from __future__ import annotations
+
+import json
+
+from .transport import DEFAULT_IDENTITY
+
+
+def _transport_flags(p) -> None:
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
+    p.add_argument("--identity", default=DEFAULT_IDENTITY, help=f"your identity bundle from the operator; default {DEFAULT_IDENTITY} when it exists")
+    p.add_argument("--ca", default=None, help="CA certificate (PEM) that signed the server's certificate; default: the bundle's CA")
+    p.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (only against a server started with --insecure); warns")
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one call, seconds; default 300")
+    p.add_argument("--retries", type=int, default=8, help="retries while the server is unreachable or busy; default 8")
+
+
+def _tcfg(args, **kw):
+    from .transport import TransportConfig
+
+    return TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, identity=args.identity,
+                           timeout_s=args.timeout, retries=args.retries, **kw)
+
+
+def _push(args) -> int:
+    from .offsite import push_adapter
+
+    r = push_adapter(_tcfg(args), args.adapter, args.name)
+    what = "already registered" if r["already_registered"] else "registered"
+    print(f"{what} {r['name']} (sha256 {r['sha256'][:16]}, {r['params']:,} values, blocks {r['blocks']}) for "
+          f"{r['model_id']}; uploaded {r['bytes_sent']:,} bytes")
+    return 0
+
+
+def _eval(args) -> int:
+    from .offsite import eval_plugin
+
+    r = eval_plugin(_tcfg(args, seal=not args.no_seal), args.adapter, args.data, args.out, seq_len=args.seq_len,
+                    batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, name=args.name)
+    v = r["validation"]
+    print(f"validation ({v['sequences']} sequences): zero-shot ppl {v['zero_shot']['ppl']:.3f} -> plugged-in ppl "
+          f"{v['plugged_in']['ppl']:.3f}; report: {args.out}/eval.json")
+    return 0
+
+
+def _fetch(args) -> int:
+    from .offsite import fetch_emulator
+
+    r = fetch_emulator(_tcfg(args), args.out)
+    print(json.dumps(r))
+    return 0
+
+
+def add_offsite_parsers(sub) -> None:
+    """Adds push, eval and fetch-emulator to the `client` command line."""
+    p = sub.add_parser("push", help="upload a tuned adapter (only the adapter) to the cloud, which validates and registers it")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter/ directory of a `client tune` run")
+    p.add_argument("--name", default="", help="name to register it under; default: derived from its SHA-256")
+    _transport_flags(p)
+    p.set_defaults(func=_push)
+
+    e = sub.add_parser("eval", help="measure an adapter plugged into the full model, through the split path",
+                       description="Evaluate the adapter in the full model on your validation split (the same split as "
+                                   "`client tune` with the same --seed/--seq-len/--val-fraction). Your text stays here.")
+    e.add_argument("--adapter", required=True, metavar="DIR", help="the adapter/ directory of a `client tune` run")
+    e.add_argument("--data", required=True, metavar="DIR", help="the data directory the adapter was tuned on (its validation split is used)")
+    e.add_argument("--out", default="tandem-eval", metavar="DIR", help="where eval.json goes; default ./tandem-eval")
+    e.add_argument("--name", default="", help="also check that the server registered this adapter under NAME")
+    e.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (as in tune); default 128")
+    e.add_argument("--batch-size", type=int, default=4, help="sequences per evaluation batch; default 4")
+    e.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (as in tune); default 0")
+    e.add_argument("--val-fraction", type=float, default=0.1, help="validation share (as in tune); default 0.1")
+    e.add_argument("--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies)")
+    _transport_flags(e)
+    e.set_defaults(func=_eval)
+
+    f = sub.add_parser("fetch-emulator", help="download the cloud's emulator package for offsite tuning (bytes accounted)")
+    f.add_argument("--out", required=True, metavar="PKG", help="package directory to write (replaced when it exists)")
+    _transport_flags(f)
+    f.set_defaults(func=_fetch)

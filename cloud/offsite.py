@@ -1,0 +1,257 @@
+"""The cloud's Offsite-Tuning core: serves the emulator package, validates and registers uploaded adapters."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from torch import nn
+
+from tandem.emulator.errors import PackageError
+from tandem.emulator.package import EmulatorPackage, load_package
+from tandem.stages.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, CLIENT_BLOCKS, REQUIRED
+from tandem.stages.adapter_files import adapter_digest, sha256
+from tandem.stages.lora import LoRASlot, block_of
+from tandem.stages.modules import StageLayout
+
+from .errors import CloudError, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterRejected(CloudError):
+    """An uploaded adapter does not fit the served model (names, shapes, layout, hashes)."""
+
+    reason = "adapter-rejected"
+
+
+class NameTaken(CloudError):
+    """A different adapter is already registered under this name."""
+
+    reason = "name-taken"
+
+
+class NoEmulator(CloudError):
+    """The server was started without --emulator, so it has no package to hand out."""
+
+    reason = "no-emulator"
+
+
+@dataclass
+class Registered:
+    """A registered adapter (what ListAdapters returns)."""
+
+    name: str
+    sha256: str
+    params: int
+    blocks: list[int]
+    model_id: str
+    files: list[str] = field(default_factory=list)
+    registered_at: float = 0.0
+
+
+def _adaptable(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Module path (without LoRA-slot wrappers) -> (in, out) for every Linear / GPT-2 Conv1D of the model."""
+    out = {}
+    for path, m in model.named_modules():
+        if ".base_layer" in path or path.endswith("base_layer"):
+            continue
+        if isinstance(m, LoRASlot):
+            out[path] = (m.in_features, m.out_features)
+        elif isinstance(m, nn.Linear):
+            out[path] = (m.in_features, m.out_features)
+        elif type(m).__name__ == "Conv1D":
+            out[path] = (m.weight.shape[0], m.weight.shape[1])
+    return out
+
+
+class OffsiteService:
+    """Pure core (no gRPC) of Offsite-Tuning on the cloud side.
+
+    Args:
+        model: The served full model (its LoRA slots, if any, are looked through).
+        model_id: The served model's id; adapters must name it as their base model.
+        layout: The served split layout (used for full-block adapters when there is no package).
+        registry: Directory where registered adapters are kept, one sub-directory per name.
+        emulator: Path of an emulator package to hand out, or None.
+    """
+
+    def __init__(self, model: nn.Module, model_id: str, layout: StageLayout, registry: str = DEFAULT_REGISTRY,
+                 emulator: str | None = None):
+        self.model_id = model_id
+        self.package: EmulatorPackage | None = None
+        if emulator is not None:
+            try:
+                self.package = load_package(emulator)
+            except PackageError as e:
+                raise ValueError(f"--emulator: {e}") from None
+            if self.package.manifest["model_id"] != model_id:
+                raise ValueError(f"--emulator was built from {self.package.manifest['model_id']!r}, this server serves "
+                                 f"{model_id!r}; build the package from the served model")
+        self.layout = self.package.layout if self.package else layout
+        if self.layout.num_layers != layout.num_layers:
+            raise ValueError(f"--emulator is for {self.layout.num_layers} blocks, the model has {layout.num_layers}")
+        self.modules = _adaptable(model)
+        self.state_shapes = {re.sub(r"\.base_layer\.", ".", k): (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        self.registry = registry
+        self._lock = threading.Lock()
+        self.adapters: dict[str, Registered] = {}
+        self._load_registry()
+
+    # Package ----------------------------------------------------------------------------------
+    def package_files(self):
+        """Yields (name, bytes, sha256) for every file of the package, manifest last."""
+        if self.package is None:
+            raise NoEmulator("this server has no emulator package; ask the operator to start `cloud serve --emulator PKG` "
+                             "(built with `cloud emulator build`) or to hand the package over as files")
+        for name in self.package.files():
+            data = self.package.read(name)
+            yield name, data, sha256(data)
+
+    # Registry ---------------------------------------------------------------------------------
+    def _load_registry(self) -> None:
+        if not os.path.isdir(self.registry):
+            return
+        for name in sorted(os.listdir(self.registry)):
+            meta = os.path.join(self.registry, name, "registration.json")
+            if os.path.isfile(meta):
+                with open(meta) as f:
+                    reg = Registered(**json.load(f))
+                if reg.model_id == self.model_id:
+                    self.adapters[reg.name] = reg
+        if self.adapters:
+            log.info("adapter registry %s: %d adapter(s) for %s", self.registry, len(self.adapters), self.model_id)
+
+    def list(self) -> list[Registered]:
+        with self._lock:
+            return sorted(self.adapters.values(), key=lambda r: r.name)
+
+    def push(self, name: str, files: dict[str, tuple[bytes, str]]) -> tuple[Registered, bool]:
+        """Validates an uploaded adapter and registers it; returns (registration, already registered).
+
+        Args:
+            name: Registry name ('' derives one from the digest).
+            files: File name -> (content, SHA-256 the client computed).
+        """
+        blobs = self._check_files(files)
+        params, blocks = self.validate(blobs)
+        digest = adapter_digest(blobs)
+        name = name or f"adapter-{digest[:12]}"
+        if not _NAME.match(name):
+            raise InvalidRequest(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        with self._lock:
+            old = self.adapters.get(name)
+            if old is not None:
+                if old.sha256 == digest:
+                    return old, True
+                raise NameTaken(f"another adapter is registered as {name!r} (digest {old.sha256[:12]}); push with another --name")
+            reg = Registered(name, digest, params, blocks, self.model_id, sorted(blobs), time.time())
+            self._write(reg, blobs)
+            self.adapters[name] = reg
+        log.info("registered adapter %s (%s, %d params, blocks %s)", name, digest[:12], params, blocks)
+        return reg, False
+
+    def _write(self, reg: Registered, blobs: dict[str, bytes]) -> None:
+        final = os.path.join(self.registry, reg.name)
+        tmp = final + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for n, b in blobs.items():
+            with open(os.path.join(tmp, n), "wb") as f:
+                f.write(b)
+        with open(os.path.join(tmp, "registration.json"), "w") as f:
+            json.dump(asdict(reg), f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+
+    # Validation -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_files(files: dict[str, tuple[bytes, str]]) -> dict[str, bytes]:
+        unknown = sorted(set(files) - set(ADAPTER_FILES))
+        if unknown:
+            raise AdapterRejected(f"unexpected files {unknown}; an adapter is {list(ADAPTER_FILES)} (the last one optional)")
+        missing = [n for n in REQUIRED if n not in files]
+        if missing:
+            raise AdapterRejected(f"the adapter lacks {missing}; push the adapter/ directory of a `client tune` run")
+        for n, (data, digest) in files.items():
+            if sha256(data) != digest:
+                raise AdapterRejected(f"{n} arrived with SHA-256 {sha256(data)[:12]}, the client sent {digest[:12]}: "
+                                      "the upload is corrupt; push again")
+        return {n: d for n, (d, _) in files.items()}
+
+    def validate(self, blobs: dict[str, bytes]) -> tuple[int, list[int]]:
+        """Checks an adapter against the served model; returns (trainable values, blocks it changes).
+
+        Raises:
+            AdapterRejected: with a message naming the first problem found.
+        """
+        try:
+            cfg = json.loads(blobs[ADAPTER_CONFIG])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise AdapterRejected(f"{ADAPTER_CONFIG} is not valid JSON ({e})") from None
+        if cfg.get("peft_type") != "LORA":
+            raise AdapterRejected(f"{ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
+        base = cfg.get("base_model_name_or_path")
+        if base != self.model_id:
+            raise AdapterRejected(f"the adapter was tuned for {base!r}, this server serves {self.model_id!r}; "
+                                  "tune against this model's emulator or server")
+        rank = cfg.get("r")
+        if not isinstance(rank, int) or rank < 1:
+            raise AdapterRejected(f"{ADAPTER_CONFIG}: r must be a positive integer, got {rank!r}")
+        tensors = self._load(ADAPTER_WEIGHTS, blobs[ADAPTER_WEIGHTS])
+        params, blocks = 0, set()
+        for key, t in tensors.items():
+            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+            if m is None:
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: unexpected tensor {key!r}; expected base_model.model.<module>.lora_A/B.weight")
+            path, ab = m.groups()
+            if path not in self.modules:
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which the served model {self.model_id!r} "
+                                      "does not have; was it tuned for another architecture?")
+            fin, fout = self.modules[path]
+            want = (rank, fin) if ab == "A" else (fout, rank)
+            if tuple(t.shape) != want:
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} has shape {list(t.shape)}, the served model needs "
+                                      f"{list(want)} (r={rank}); was it tuned for another model size?")
+            self._finite(key, t)
+            params += t.numel()
+            blocks.add(block_of(path))
+        if CLIENT_BLOCKS in blobs:
+            client = set(self.layout.client_blocks)
+            for key, t in self._load(CLIENT_BLOCKS, blobs[CLIENT_BLOCKS]).items():
+                want = self.state_shapes.get(key)
+                if want is None:
+                    raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} is not a weight of {self.model_id!r}")
+                b = block_of(key)
+                if b not in client:
+                    raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} changes block {b}, but the layout "
+                                          f"{self.layout.bottom}:{self.layout.top} lets the data owner tune only blocks {sorted(client)}")
+                if (tuple(t.shape), t.dtype) != want:
+                    raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} is {t.dtype} {list(t.shape)}, the model has {want[1]} {list(want[0])}")
+                self._finite(key, t)
+                params += t.numel()
+                blocks.add(b)
+        return params, sorted(blocks)
+
+    @staticmethod
+    def _load(name: str, data: bytes) -> dict[str, torch.Tensor]:
+        try:
+            return st_load(data)
+        except (SafetensorError, ValueError, RuntimeError) as e:
+            raise AdapterRejected(f"{name} is not a readable safetensors file ({e})") from None
+
+    @staticmethod
+    def _finite(key: str, t: torch.Tensor) -> None:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise AdapterRejected(f"{key!r} contains NaN or Inf; the tuning run diverged")

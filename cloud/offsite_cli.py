@@ -1,0 +1,68 @@
+"""`cloud emulator build`: the operator's Offsite-Tuning command (distill an emulator, write the package)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _build(args) -> int:
+    import torch
+
+    from tandem.emulator.build import build_emulator
+    from tandem.emulator.distill import DistillConfig
+    from tandem.emulator.errors import EmulatorError
+    from tandem.stages.errors import StageError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                            warmup=args.warmup, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
+                            val_fraction=args.val_fraction, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+                            seed=args.seed, resume=args.resume, progress=not args.no_progress)
+        m = build_emulator(args.model, args.client_blocks, args.out, args.distill_data, cfg,
+                           drop_ratio=args.drop_ratio, keep=args.keep)
+    except (EmulatorError, StageError, ValueError, OSError) as e:
+        print(f"cloud emulator build: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cloud emulator build: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    d, p = m["distillation"], m["params"]
+    print(json.dumps({"package": args.out, "kept_middle_blocks": m["kept_middle_blocks"],
+                      "val_kd_before": d.get("val_kd_before"), "val_kd_after": d.get("val_kd_after"),
+                      "package_params": p["package"], "package_share_of_model": round(p["package_share_of_model"], 4)}))
+    return 0
+
+
+def add_emulator_parser(sub) -> None:
+    """Adds `emulator build` to the `cloud` command line."""
+    e = sub.add_parser("emulator", help="Offsite-Tuning emulators")
+    esub = e.add_subparsers(dest="emulator_cmd", required=True)
+    b = esub.add_parser("build", help="drop middle blocks uniformly, distill the rest on public text, write a package",
+                        description="Build an Offsite-Tuning emulator package: the client stages, the tokenizer and a "
+                                    "distilled, lossy stand-in for the middle blocks (never the dropped blocks).",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    b.add_argument("--model", default=None, help="Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)")
+    b.add_argument("--client-blocks", default="2:2", metavar="K:M", help="adapter blocks the data owner tunes, below (K) and above (M) the emulator")
+    how = b.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop-ratio", type=float, default=None, help="share of the middle blocks to drop (0.5 keeps about half)")
+    how.add_argument("--keep", type=int, default=None, help="number of middle blocks to keep (first and last always kept)")
+    b.add_argument("--distill-data", default=None, metavar="DIR", help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})")
+    b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
+    b.add_argument("--batch-size", type=int, default=4, help="text blocks per step")
+    b.add_argument("--seq-len", type=int, default=128, help="tokens per text block")
+    b.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
+    b.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
+    b.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss ((t-s)/rms(t))^2")
+    b.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss through the real top blocks (0: off)")
+    b.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out to validate the KD loss")
+    b.add_argument("--val-every", type=int, default=50, help="steps between validations")
+    b.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (OUT/distill_checkpoint.pt)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the text split and batch order")
+    b.add_argument("--resume", action="store_true", help="continue from OUT/distill_checkpoint.pt")
+    b.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
+    b.set_defaults(func=_build)

@@ -1,0 +1,65 @@
+"""gRPC servicer of Offsite-Tuning: decodes requests, calls OffsiteService, maps errors to status codes."""
+from __future__ import annotations
+
+import grpc
+
+from tandem.protos import offsite_pb2 as pb
+from tandem.protos import offsite_pb2_grpc as pb_grpc
+from tandem.protos import serde
+from tandem.protos import split_pb2
+
+from . import errors
+from .offsite import AdapterRejected, NameTaken, NoEmulator, OffsiteService, Registered
+
+_STATUS = {
+    AdapterRejected: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NameTaken: grpc.StatusCode.ALREADY_EXISTS,
+    NoEmulator: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def _abort(context: grpc.ServicerContext, e: errors.CloudError) -> None:
+    context.set_trailing_metadata((("tandem-reason", e.reason),))
+    context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+
+
+def _reg(r: Registered) -> pb.RegisteredAdapter:
+    return pb.RegisteredAdapter(name=r.name, sha256=r.sha256, params=r.params, blocks=r.blocks, model_id=r.model_id)
+
+
+class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
+    """Thin gRPC shell over an OffsiteService."""
+
+    def __init__(self, service: OffsiteService):
+        self.service = service
+
+    def FetchEmulator(self, request, context):
+        try:
+            files = list(self.service.package_files())
+        except errors.CloudError as e:
+            _abort(context, e)
+        for name, blob, digest in files:
+            for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
+                yield split_pb2.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
+                                          total_bytes=len(blob), sha256=digest if off == 0 else "")
+
+    def PushAdapter(self, request, context):
+        try:
+            files = {}
+            for f in request.files:
+                if f.name in files:
+                    raise AdapterRejected(f"file {f.name!r} was sent twice")
+                files[f.name] = (f.data, f.sha256)
+            reg, again = self.service.push(request.name, files)
+        except errors.CloudError as e:
+            _abort(context, e)
+        return pb.PushAdapterResponse(adapter=_reg(reg), already_registered=again)
+
+    def ListAdapters(self, request, context):
+        return pb.ListAdaptersResponse(adapters=[_reg(r) for r in self.service.list()])
+
+
+def add_offsite(server: grpc.Server, service: OffsiteService) -> None:
+    """Registers the Offsite-Tuning servicer on a grpc.Server."""
+    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service), server)
