@@ -88,10 +88,10 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None) -> Server:
+def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None, listen="127.0.0.1:0") -> Server:
     tls_dir = None if insecure else (tls_dir or str(tmp_path / "tls"))
     log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
-    cmd = [os.path.join(BIN, "cloud"), "serve", "--listen", "127.0.0.1:0", "--threads", "1"]
+    cmd = [os.path.join(BIN, "cloud"), "serve", "--listen", listen, "--threads", "1"]
     if model_dir:
         cmd += ["--model", model_dir]
     cmd += ["--insecure"] if insecure else ["--tls-dir", tls_dir]
