@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -200,6 +201,7 @@ class StagedModel:
     # Applied to the bottom stage's output before it goes to the middle (e.g. clipping + noise as
     # a privacy defense): fn(h, attention_mask, step, seed, train) -> h. Runs identically in every mode.
     cut_transform: object = None
+    stages_sha256: str = ""  # split mode: SHA-256 of the downloaded client stages (their cache key)
 
     def logits(self, ids: torch.Tensor, am: torch.Tensor, step: int, seed: int, train: bool) -> torch.Tensor:
         """Runs bottom -> middle -> top; returns (B, T, V) logits."""
@@ -304,10 +306,17 @@ def fetch_client_files(t: Transport, session_id: str, want_sha: str) -> dict[str
         raise ClientError("the client stages do not match the hash the server announced; retry")
     os.makedirs(cache, exist_ok=True)
     for n, b in out.items():
-        with open(os.path.join(cache, n), "wb") as f:
-            f.write(b)
-    open(os.path.join(cache, "complete"), "w").close()
+        _write_atomic(os.path.join(cache, n), b)
+    _write_atomic(os.path.join(cache, "complete"), b"")
     return out
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Writes via a private temporary file and a rename, so concurrent clients never read half a file."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def _tokenizer_from_files(files: dict[str, bytes], where: str):
@@ -316,8 +325,7 @@ def _tokenizer_from_files(files: dict[str, bytes], where: str):
     os.makedirs(where, exist_ok=True)
     for n, b in files.items():
         if n != "client_stages.safetensors":
-            with open(os.path.join(where, n), "wb") as f:
-                f.write(b)
+            _write_atomic(os.path.join(where, n), b)
     return AutoTokenizer.from_pretrained(where)
 
 
@@ -372,7 +380,8 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
         return s
 
     middle = RemoteMiddle(t, opener, adapter.params_for(names[1]))
-    return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split")
+    return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split",
+                       stages_sha256=info.client_stages_sha256)
 
 
 def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True) -> StagedModel:

@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 
+from . import audit as privacy
+from .audit import AuditRecorder
 from .data import load_split
 from .errors import CheckpointError
 from .staged import SessionLost, StagedModel, build_local, connect_split
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("split", "local", "offsite")
 CLIENT_BLOCKS_FILE = "client_blocks.safetensors"  # fully tuned client blocks, full-model key names
+EVAL_AFTER_SEED = 0x5EED  # added to --seed for the evaluation after tuning (its cut noise must differ from the first's)
 PRIVACY_NOTE = (
     "The cloud receives the hidden states after client block {k} and the gradients at the top cut. At shallow "
     "cuts these are invertible by an operator who knows the client-stage weights it shipped (the literature "
@@ -53,6 +56,10 @@ class TuneConfig:
     val_fraction: float = 0.1
     checkpoint_every: int = 10
     tune_client_blocks: bool = False  # also train the client's K+M blocks in full
+    noise_multiplier: float = 0.0  # Gaussian noise at the bottom cut, sigma = noise_multiplier * clip_norm
+    clip_norm: float = 0.0  # per-token L2 clip at the cut; 0 = auto (median norm on public text) when noise is on
+    audit: str = "auto"  # privacy audit of what the cloud received: auto (split mode), yes, no, record (audit later)
+    audit_tokens: int = 256  # received tokens the audit attacks
     emulator: str | None = None  # offsite mode: the emulator package directory
     middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
     resume: bool = False
@@ -69,6 +76,10 @@ class TuneConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.noise_multiplier < 0 or self.clip_norm < 0:
+            raise ValueError(f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}")
+        if self.audit not in ("auto", "yes", "no", "record"):
+            raise ValueError(f"audit must be auto, yes, no or record, got {self.audit!r}")
 
 
 def surviving_restarts(sm: StagedModel, fn, attempts: int = 3):
@@ -156,7 +167,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     transport = None
     meter = Meter(tls=bool(tcfg and not tcfg.insecure))
     if cfg.mode == "split":
-        transport = Transport(tcfg or TransportConfig(), meter)
+        transport = Transport(tcfg or TransportConfig(), meter, recorder=AuditRecorder(cfg.out) if cfg.audit != "no" else None)
         sm = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora)
     elif cfg.mode == "offsite":  # no server at all: the emulator package stands in for the middle
         from .offsite import build_offsite
@@ -167,6 +178,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     try:
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
+        privacy.attach(sm, cfg, total_steps, transport.recorder if transport is not None else None)
         trainable = list(sm.adapter.parameters()) + (sm.unfreeze_client_blocks() if cfg.tune_client_blocks else [])
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
         steps: list[dict] = []
@@ -216,12 +228,15 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                                           "optimizer": opt.state_dict(), "step": step + 1,
                                           "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg)})
         bar.close()
-        val_after = evaluate(sm, data, cfg.seed)
+        val_after = evaluate(sm, data, cfg.seed + EVAL_AFTER_SEED)  # fresh cut noise: never the draws of the first pass
         adapter_dir = os.path.join(cfg.out, "adapter")
         save_peft(sm.adapter, adapter_dir, PeftMeta(sm.model_id, fan_in_fan_out=arch_for(sm.config).fan_in_fan_out))
         if cfg.tune_client_blocks:
             save_file(sm.client_block_state(), os.path.join(adapter_dir, CLIENT_BLOCKS_FILE), metadata={"format": "pt"})
         report = _report(cfg, sm, data, steps, meter, val_before, val_after, time.perf_counter() - t_start)
+        if cfg.audit == "yes" or (cfg.audit == "auto" and sm.mode == "split"):
+            write_json(os.path.join(cfg.out, "report.json"), report)
+            report["privacy"] = privacy.audit_run(cfg.out, _cfg_dict(cfg), data, tokens=cfg.audit_tokens, progress=cfg.progress)
         write_json(os.path.join(cfg.out, "report.json"), report)
         return report
     finally:

@@ -39,12 +39,16 @@ def _serve(args) -> int:
     try:
         loaded = load_model(args.model)
         layout = StageLayout.parse(args.client_blocks, loaded.config)
-        service = BackboneService(
-            loaded, layout,
-            StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20), ttl_s=args.session_ttl,
-                        max_sessions_per_identity=args.quota_sessions),
-            ServiceLimits(max_tokens_per_step=args.max_tokens_per_step),
-        )
+        store = StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20),
+                            ttl_s=args.session_ttl, max_sessions_per_identity=args.quota_sessions)
+        limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step)
+        if args.ray:
+            from .ray_backend import RayBackbone
+
+            service = RayBackbone(loaded, layout, store, limits, args.ray, replicas=args.replicas,
+                                  pipeline=args.pipeline, actor_cpus=args.actor_cpus, threads=args.threads)
+        else:
+            service = BackboneService(loaded, layout, store, limits)
         metrics = Metrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.listen.rsplit(":", 1)[0])
@@ -120,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
     s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")
     s.add_argument("--adapter-registry", default=DEFAULT_REGISTRY, metavar="DIR", help=f"where adapters uploaded with `client push` are registered; default {DEFAULT_REGISTRY}")
+    s.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the middle blocks on a Ray cluster at ADDRESS (host:port of its GCS), or 'local' to start one in-process")
+    s.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the middle stage; sessions stick to one; default 1")
+    s.add_argument("--pipeline", type=int, default=1, help="with --ray: split the middle blocks across this many actors per replica; default 1")
+    s.add_argument("--actor-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per actor; default 1")
     s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; default 8")
     s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     s.set_defaults(func=_serve)

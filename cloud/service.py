@@ -46,7 +46,11 @@ class BackboneService:
     """
 
     def __init__(self, loaded: LoadedModel, layout: StageLayout, store: StoreConfig | None = None,
-                 limits: ServiceLimits | None = None):
+                 limits: ServiceLimits | None = None, blocks: list[int] | None = None, serve_client_files: bool = True):
+        """Args:
+            blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
+            serve_client_files: Pack the client's stages for download (the front door does; shards do not).
+        """
         self.loaded = loaded
         self.layout = layout
         self.limits = limits or ServiceLimits()
@@ -54,7 +58,9 @@ class BackboneService:
         self.parts = parts_of(loaded.model)
         if layout.num_layers != num_blocks(loaded.config):
             raise LayoutError(f"layout is for {layout.num_layers} blocks, the model has {num_blocks(loaded.config)}")
-        mids = layout.middle_blocks
+        mids = list(blocks) if blocks is not None else layout.middle_blocks
+        if not set(mids) <= set(layout.middle_blocks):
+            raise LayoutError(f"blocks {mids} are not all middle blocks of the layout")
         self.middle_leaves = _linear_leaves(nn.ModuleList(self.parts.blocks[i] for i in mids))
         mid_list = nn.ModuleList(self.parts.blocks[i] for i in mids)
         self.all_slots = inject_slots(mid_list, self.parts.arch, mids, self.middle_leaves)
@@ -62,9 +68,11 @@ class BackboneService:
         self.hidden_size = int(self.parts.embed.weight.shape[1])
         self.max_positions = int(getattr(loaded.config, "max_position_embeddings", 0) or loaded.config.n_positions)
         # The client's stages are packed once; every session downloads the same bytes.
-        self.client_blob = pack_state(client_state(self.parts, layout))
+        self.client_blob, self.client_files = b"", {}
+        if serve_client_files:
+            self.client_blob = pack_state(client_state(self.parts, layout))
+            self.client_files = {"client_stages.safetensors": self.client_blob, **tokenizer_files(loaded.path)}
         self.client_sha = sha256(self.client_blob)
-        self.client_files = {"client_stages.safetensors": self.client_blob, **tokenizer_files(loaded.path)}
         self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
@@ -73,7 +81,7 @@ class BackboneService:
 
     # Sessions ------------------------------------------------------------------------------
     def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str = "float32",
-                     gradient_codec: str = "float32") -> Session:
+                     gradient_codec: str = "float32", sid: str | None = None) -> Session:
         if model_id and model_id != self.loaded.model_id:
             raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {model_id!r}")
         for c in (codec, gradient_codec):
@@ -84,7 +92,7 @@ class BackboneService:
         if unknown:
             raise InvalidRequest(f"target modules {unknown} do not exist in this model; available: {list(self.middle_leaves)}")
         slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
-        return self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec)
+        return self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid)
 
     def close_session(self, owner: str, sid: str) -> None:
         self.store.close(sid, owner)

@@ -86,7 +86,7 @@ class SessionStore:
         return len(self._sessions)
 
     def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str,
-             gradient_codec: str = "float32") -> Session:
+             gradient_codec: str = "float32", sid: str | None = None) -> Session:
         self.expire()
         with self._lock:
             if len(self._sessions) >= self.cfg.max_sessions:
@@ -96,7 +96,7 @@ class SessionStore:
             quota = self.cfg.max_sessions_per_identity
             if quota and sum(1 for x in self._sessions.values() if x.owner == owner) >= quota:
                 raise Overloaded(f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later")
-            sid = secrets.token_urlsafe(16)
+            sid = sid or secrets.token_urlsafe(16)
             s = Session(sid, owner, lora_cfg, slots, remote_lora, codec, gradient_codec)
             self._sessions[sid] = s
             return s
