@@ -30,9 +30,9 @@ from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig  # noqa: E402
 
 
-def run_codec(server, data_dir, codec: str, seal: bool, args) -> dict:
+def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = "float32") -> dict:
     """Tunes `args.steps` steps with one codec; returns bytes per token, losses and time shares."""
-    t = Transport(server.tcfg(codec=codec, seal=seal))
+    t = Transport(server.tcfg(codec=codec, seal=seal, lora_codec=lora_codec))
     sm = connect_split(t, LoraConfig(rank=8, alpha=16), seed=0)
     data = load_split(data_dir, sm.tokenizer, args.seq, args.batch, 0, 0.1)
     opt = torch.optim.AdamW(sm.adapter.parameters(), lr=2e-3)
@@ -53,7 +53,7 @@ def run_codec(server, data_dir, codec: str, seal: bool, args) -> dict:
     tokens = sum(r["tokens"] for r in recs)
     wall = sum(r["wall_s"] for r in recs[1:]) or 1e-9
     return {
-        "codec": codec, "sealed": seal,
+        "codec": codec if lora_codec == "float32" else f"{codec}+lora {lora_codec}", "sealed": seal,
         "bytes_per_token_sent": sum(r["bytes_sent"] for r in recs) / tokens,
         "bytes_per_token_received": sum(r["bytes_received"] for r in recs) / tokens,
         "final_train_loss": recs[-1]["loss"], "val_loss": val["loss"],
@@ -86,9 +86,9 @@ def run_concurrent(server, data_dir, n: int, args, tmp: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8, help="tuning steps per codec")
-    p.add_argument("--batch", type=int, default=2, help="sequences per step")
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=int, default=6, help="tuning steps per codec")
+    p.add_argument("--batch", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     p.add_argument("--codecs", default="float32,float16,bfloat16,int8,int4", help="codecs to compare")
     p.add_argument("--clients", default="1,4,8", help="concurrent client counts")
     p.add_argument("--conc-steps", type=int, default=3, help="steps per client in the concurrency runs")
@@ -103,6 +103,8 @@ def main() -> None:
     try:
         for c in args.codecs.split(","):
             out["codecs"].append(run_codec(server, data_dir, c, True, args))
+        for c in ("int8",):  # the codec on the remote-LoRA traffic too
+            out["codecs"].append(run_codec(server, data_dir, c, True, args, lora_codec=c))
         out["unsealed_float32"] = run_codec(server, data_dir, "float32", False, args)
         for n in (int(x) for x in args.clients.split(",")):
             out["concurrency"].append(run_concurrent(server, data_dir, n, args, tmp))

@@ -1,16 +1,16 @@
 """Attacks a curious cloud can run on what it receives, with the weights it shipped: the audit's arsenal."""
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from tandem.stages.arch import Parts
-from tandem.stages.lora import Binding, bind, inject_slots
 from tandem.stages.loading import client_parts
+from tandem.stages.lora import Binding, bind, inject_slots
 from tandem.stages.modules import StageLayout, run_blocks
 
 # Public text for the learned inverter: the docstrings of these standard-library modules (any
@@ -23,6 +23,7 @@ PUBLIC_MODULES = (
 )
 
 
+@functools.lru_cache(maxsize=1)
 def public_text() -> str:
     """English prose from the standard library's docstrings, in a fixed order."""
     docs: list[str] = []
@@ -38,7 +39,8 @@ def public_text() -> str:
 
 def public_ids(tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
     """(N, seq_len) token ids of public text, at most n_tokens in all."""
-    ids = tokenizer(public_text(), add_special_tokens=False)["input_ids"]
+    text = public_text()
+    ids = tokenizer(text[: 16 * n_tokens], add_special_tokens=False)["input_ids"]  # a prefix is plenty: >= 1 token per 16 chars
     n = max(1, min(len(ids), n_tokens) // seq_len)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
@@ -58,7 +60,7 @@ class KnownStages:
     binding: Binding | None = None
 
     @classmethod
-    def build(cls, config, layout: StageLayout, state: dict, adapter: tuple[dict, dict] | None = None) -> "KnownStages":
+    def build(cls, config, layout: StageLayout, state: dict, adapter: tuple[dict, dict] | None = None) -> KnownStages:
         """Builds the stages from shipped weights; `adapter` = (adapter_config, peft tensors) binds a LoRA."""
         parts = client_parts(config, layout, state)
         binding = None

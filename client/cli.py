@@ -30,14 +30,38 @@ def _tune(args) -> int:
                      steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
                      checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress,
+                     noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, audit=args.audit, audit_tokens=args.audit_tokens,
                      emulator=args.emulator, middle_lora=args.mode != "offsite" and not args.no_middle_lora)
     tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, identity=args.identity,
                            timeout_s=args.timeout, retries=args.retries, seal=not args.no_seal, codec=args.codec,
-                           gradient_codec=args.gradient_codec)
+                           gradient_codec=args.gradient_codec, lora_codec=args.lora_codec)
     report = tune(cfg, tcfg)
     rep.render(report)
+    if report["privacy"].get("measured"):
+        from .audit import render_privacy
+
+        render_privacy(report["privacy"])
     png = rep.plot(report, os.path.join(args.out, "report.png"))
     print(f"report: {os.path.join(args.out, 'report.json')}  plot: {png}  adapter: {os.path.join(args.out, 'adapter')}")
+    return 0
+
+
+def _audit(args) -> int:
+    import json
+
+    import torch
+
+    from . import report as rep
+    from .audit import audit_run, render_privacy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = rep.load(args.run_dir)
+    r["privacy"] = audit_run(args.run_dir, r["config"], tokens=args.tokens, search_tokens=args.search_tokens,
+                             candidates=args.candidates, progress=not args.no_progress)
+    with open(os.path.join(args.run_dir, "report.json"), "w") as f:
+        json.dump(r, f, indent=2)
+    render_privacy(r["privacy"])
     return 0
 
 
@@ -83,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wire codec of activations; float32 is exact, the others trade accuracy for bytes; default float32")
     t.add_argument("--gradient-codec", default="", choices=("", "float32", "float16", "bfloat16", "int8", "int4"),
                    help="wire codec of the gradients at the cut; default: same as --codec")
+    t.add_argument("--lora-codec", default="float32", choices=("float32", "float16", "bfloat16", "int8", "int4"),
+                   help="wire codec of the remote-LoRA weights and their gradients; float32 (default) keeps the cloud's copy exact")
     t.add_argument("--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies); default: sealed")
     t.add_argument("--retries", type=int, default=8, help="retries of a call while the server is unreachable or busy (exponential backoff, about 90 s in all); default 8")
     t.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (only against a server started with --insecure); warns")
@@ -104,9 +130,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-client-blocks", action="store_true",
                    help="also train the client's K+M blocks in full (Offsite-Tuning's adapter layers); saved as adapter/client_blocks.safetensors")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (adapter, optimizer, data position)")
+    t.add_argument("--noise-multiplier", type=float, default=0.0, metavar="S",
+                   help="privacy defense: Gaussian noise on every token's state at the bottom cut, sigma = S x clip norm "
+                        "(train and eval); the report states the (epsilon, delta) it implies; default 0 (none)")
+    t.add_argument("--clip-norm", type=float, default=0.0, metavar="C",
+                   help="clip every token's state at the cut to L2 norm C before the noise; default 0 = with noise on, the "
+                        "median norm at the cut on public text (position 0 gets its own)")
+    t.add_argument("--audit", choices=("auto", "yes", "no", "record"), default="auto",
+                   help="privacy audit: record what the cloud receives (RUN_DIR/cloud_view) and attack it after tuning; "
+                        "auto = in split mode; record = record only (run `client audit` later); default auto")
+    t.add_argument("--audit-tokens", type=int, default=256, help="received tokens the audit attacks; default 256")
     t.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(func=_tune, server_given=False)
+
+    a = sub.add_parser("audit", help="attack what the cloud received in a run (its privacy audit), and update its report",
+                       description="Attacks the requests recorded in RUN_DIR/cloud_view with the cloud's knowledge (the "
+                                   "client-stage weights it shipped, public text) and measures token recovery and "
+                                   "ROUGE-L against your text. Runs here; sends nothing.")
+    a.add_argument("run_dir", help="the --out directory of a `client tune` run (split mode, or --audit yes)")
+    a.add_argument("--tokens", type=int, default=256, help="received tokens to attack; default 256")
+    a.add_argument("--search-tokens", type=int, default=128, help="of those, tokens the (slowest) search attack tries; default 128")
+    a.add_argument("--candidates", type=int, default=8, help="candidate tokens per position for the search; default 8")
+    a.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
+    a.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    a.set_defaults(func=_audit)
 
     r = sub.add_parser("report", help="print a run's report and write report.png")
     r.add_argument("run_dir", help="the --out directory of a `client tune` run")

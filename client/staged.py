@@ -85,6 +85,7 @@ class Session:
     gradient_codec: str
     sealer: object
     info: object
+    lora_codec: str = "float32"
 
 
 class RemoteMiddle:
@@ -135,7 +136,7 @@ class RemoteMiddle:
                                 attention_mask=serde.to_proto(am.to(torch.uint8)), lora_version=version,
                                 dropout_seed=seed, train=train)
         if self.params and (force_lora or self.sent_version != version):
-            req.lora.CopyFrom(serde.to_proto(flatten(self.params)))
+            req.lora.CopyFrom(serde.encode(flatten(self.params), self.session.lora_codec))
         m.step_serde_s += time.perf_counter() - t0
         try:
             resp = self._call("Forward", req, step, "Forward" if train else "EvalForward")
@@ -167,7 +168,7 @@ class RemoteMiddle:
         m.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
         gin = serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape))
-        flat = serde.from_proto(resp.lora_grad, "lora_grad", torch.float32)
+        flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec)
         if flat.numel() != sum(p.numel() for p in self.params):
             raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}")
         grads, at = [], 0
@@ -338,13 +339,14 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
         model_id=model_id, lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                                             target_modules=list(lora.target_modules)),
         remote_lora=remote_lora, codec=t.cfg.codec, gradient_codec=t.cfg.gradient_codec or t.cfg.codec,
-        seal_public_key=pub), one_time=True)
+        lora_codec=t.cfg.lora_codec, seal_public_key=pub), one_time=True)
     sealer = None
     if t.cfg.seal:
         if not info.seal_public_key:
             raise ClientError("the server did not agree to seal tensors; it is too old, or pass --no-seal")
         sealer = Sealer(priv, info.seal_public_key, info.session_id, "client")
-    return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info)
+    return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info,
+                   info.lora_codec or "float32")
 
 
 def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "") -> StagedModel:

@@ -248,8 +248,9 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
 def _wire(sm: StagedModel) -> dict:
     sess = getattr(sm.middle, "session", None)
     if sess is None:
-        return {"codec": None, "gradient_codec": None, "sealed": False}
-    return {"codec": sess.codec, "gradient_codec": sess.gradient_codec, "sealed": sess.sealer is not None}
+        return {"codec": None, "gradient_codec": None, "lora_codec": None, "sealed": False}
+    return {"codec": sess.codec, "gradient_codec": sess.gradient_codec, "lora_codec": sess.lora_codec,
+            "sealed": sess.sealer is not None}
 
 
 def _cfg_dict(cfg: TuneConfig) -> dict:

@@ -79,6 +79,7 @@ class TransportConfig:
     seal: bool = True
     codec: str = "float32"
     gradient_codec: str = ""  # empty: same as codec
+    lora_codec: str = "float32"  # remote-LoRA weights up and their gradients down
 
     def __post_init__(self):
         if ":" not in self.server:

@@ -119,18 +119,21 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         cfg = LoraConfig(rank=lr.rank or 8, alpha=lr.alpha or 16.0, dropout=lr.dropout, target_modules=tuple(lr.target_modules))
         codec = request.codec or "float32"
         gcodec = request.gradient_codec or codec
-        for c in (codec, gcodec):
+        lcodec = request.lora_codec or "float32"
+        for c in (codec, gcodec, lcodec):
             if c not in CODECS:
                 raise errors.InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
         if self.require_sealing and not request.seal_public_key:
             raise errors.SealFailure("this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)")
         s = self.service.open_session(owner, request.model_id, cfg, request.remote_lora, codec, gcodec)
+        s.lora_codec = lcodec
         resp = pb.OpenSessionResponse(
             session_id=s.id, model_id=self.service.loaded.model_id, layout=self._layout(),
             model_config_json=self.service.config_json,
             middle_slots=[pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in s.slots],
             client_stages_sha256=self.service.client_sha, client_stages_bytes=len(self.service.client_blob),
             ttl_s=self.service.store.cfg.ttl_s, codec=codec, gradient_codec=gcodec, block_size=DEFAULT_BLOCK,
+            lora_codec=lcodec,
         )
         if request.seal_public_key:
             priv, pub = new_keypair()
@@ -161,7 +164,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         self._open(s, request)
         h = serde.decode(request.hidden, "hidden", s.codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
-        lora = serde.from_proto(request.lora, "lora") if request.HasField("lora") else None
+        lora = serde.decode(request.lora, "lora", s.lora_codec) if request.HasField("lora") else None
         out, dt = self.service.forward(owner, request.session_id, request.step, h, mask,
                                        request.lora_version, lora, request.dropout_seed, request.train)
         resp = pb.ForwardResponse(hidden=serde.encode(out, s.codec), compute_s=dt)
@@ -176,7 +179,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         self._open(s, request)
         g = serde.decode(request.grad_output, "grad_output", s.gradient_codec)
         gin, glora, dt = self.service.backward(owner, request.session_id, request.step, g)
-        resp = pb.BackwardResponse(grad_input=serde.encode(gin, s.gradient_codec), lora_grad=serde.to_proto(glora), compute_s=dt)
+        resp = pb.BackwardResponse(grad_input=serde.encode(gin, s.gradient_codec), lora_grad=serde.encode(glora, s.lora_codec), compute_s=dt)
         if s.sealer is not None:
             s.sealer.seal(resp, request.step)
         self.metrics.steps.inc()

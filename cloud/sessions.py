@@ -59,6 +59,7 @@ class Session:
     remote_lora: bool
     codec: str
     gradient_codec: str = "float32"
+    lora_codec: str = "float32"
     sealer: object = None  # tandem.protos.sealing.Sealer when the client asked for sealing
     last_used: float = field(default_factory=time.monotonic)
     lora_version: int = -1
