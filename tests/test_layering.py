@@ -13,6 +13,7 @@ FORBIDDEN = {
     "kernels": {"tandem.cloud", "tandem.client", "tandem.protos", "tandem.stages", "tandem.emulator"},
     "stages": {"tandem.cloud", "tandem.client", "tandem.protos"},
     "protos": {"tandem.cloud", "tandem.client", "tandem.stages"},
+    "emulator": {"tandem.cloud", "tandem.client", "tandem.protos"},
 }
 
 
