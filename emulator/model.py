@@ -1,0 +1,84 @@
+"""The emulator as a stage: a short stack of distilled blocks standing in for the model's middle."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from tandem.stages.arch import Arch, Parts, parts_of
+from tandem.stages.modules import run_blocks
+
+from .errors import PackageError
+
+
+class EmulatorStage(nn.Module):
+    """Runs the emulator blocks with the mask and position handling of the model they came from.
+
+    Args:
+        parts: Any Parts of the same model family and config (the client's own parts work): used
+            for the config and the rotary embedding, never for blocks.
+        blocks: The emulator's blocks, in order.
+    """
+
+    def __init__(self, parts: Parts, blocks: nn.ModuleList):
+        super().__init__()
+        self.parts = parts
+        self.blocks = blocks
+
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.parts, self.blocks, h, attention_mask)  # (B, T, H)
+
+
+def copy_blocks(parts: Parts, block_ids: list[int]) -> nn.ModuleList:
+    """Independent copies of the given blocks (the student starts as the kept teacher blocks)."""
+    return nn.ModuleList(copy.deepcopy(parts.blocks[i]) for i in block_ids)
+
+
+def blocks_state(arch: Arch, blocks: nn.ModuleList) -> dict[str, torch.Tensor]:
+    """State of emulator blocks under keys '{block_prefix}.{j}.…', j = 0..E-1 (emulator numbering)."""
+    out = {}
+    for j, block in enumerate(blocks):
+        for k, v in block.state_dict().items():
+            out[f"{arch.block_prefix}.{j}.{k.replace('.base_layer.', '.')}"] = v.detach().contiguous()
+    return out
+
+
+def _blocks_config(config, kept: list[int]):
+    cfg = copy.deepcopy(config)
+    n = len(kept)
+    if getattr(cfg, "num_hidden_layers", None) is not None:
+        cfg.num_hidden_layers = n
+    if getattr(cfg, "n_layer", None) is not None:
+        cfg.n_layer = n
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = [cfg.layer_types[i] for i in kept]
+    cfg.vocab_size = 8  # only the blocks are used: do not allocate a real embedding
+    cfg.tie_word_embeddings = False
+    return cfg
+
+
+def build_blocks(config, kept: list[int], state: dict[str, torch.Tensor]) -> nn.ModuleList:
+    """Rebuilds emulator blocks from their saved state (frozen, eval mode).
+
+    Args:
+        config: The full model's config.
+        kept: Full-model indices of the kept middle blocks (for per-layer settings).
+        state: Output of blocks_state.
+    """
+    from transformers import AutoModelForCausalLM
+
+    shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept), dtype=torch.float32)
+    parts = parts_of(shell)
+    prefix = parts.arch.block_prefix + "."
+    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if len(local) != len(state):
+        raise PackageError("emulator weights have keys outside the blocks; the package is not a tandem emulator")
+    missing, unexpected = parts.blocks.load_state_dict(local, strict=False)
+    missing = [k for k in missing if not k.endswith(".attn.bias") and "masked_bias" not in k]
+    if missing or unexpected:
+        raise PackageError(f"emulator weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    blocks = parts.blocks
+    blocks.eval()
+    blocks.requires_grad_(False)
+    return blocks

@@ -1,0 +1,145 @@
+"""The emulator package: client stages, tokenizer, emulator blocks and a manifest with a SHA-256 per file."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+from torch import nn
+
+from tandem.stages.arch import num_blocks, parts_of
+from tandem.stages.loading import (
+    LoadedModel,
+    client_state,
+    config_from_json,
+    config_json,
+    n_params,
+    pack_state,
+    sha256,
+    tokenizer_files,
+)
+from tandem.stages.modules import StageLayout
+
+from .errors import PackageError
+from .model import blocks_state, build_blocks
+
+FORMAT = "tandem-emulator/1"
+MANIFEST = "manifest.json"
+CLIENT_FILE = "client_stages.safetensors"
+EMULATOR_FILE = "emulator.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emulator: nn.ModuleList, out_dir: str,
+                  distillation: dict | None = None) -> dict:
+    """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
+
+    The dropped middle blocks are never written: the emulator file holds only `emulator`'s own tensors.
+    """
+    parts = parts_of(loaded.model)
+    if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
+        raise PackageError(f"kept blocks {kept} must be increasing middle blocks {layout.middle_blocks}, one per emulator block")
+    client = client_state(parts, layout)
+    emu = blocks_state(parts.arch, emulator)
+    files = {CLIENT_FILE: pack_state(client), EMULATOR_FILE: pack_state(emu),
+             CONFIG_FILE: config_json(loaded.config).encode(), **tokenizer_files(loaded.path)}
+    model_params = sum(p.numel() for p in loaded.model.parameters())
+    manifest = {
+        "format": FORMAT,
+        "model_id": loaded.model_id,
+        "layout": {"num_layers": layout.num_layers, "bottom": layout.bottom, "top": layout.top},
+        "middle_blocks": layout.middle_blocks,
+        "kept_middle_blocks": list(kept),
+        "dropped_middle_blocks": [i for i in layout.middle_blocks if i not in kept],
+        "params": {"model": model_params, "client_stages": n_params(client), "emulator": n_params(emu),
+                   "package": n_params(client) + n_params(emu),
+                   "package_share_of_model": (n_params(client) + n_params(emu)) / model_params},
+        "bytes": {"total": sum(len(b) for b in files.values())},
+        "files": {name: {"sha256": sha256(blob), "bytes": len(blob)} for name, blob in sorted(files.items())},
+        "distillation": distillation or {},
+    }
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, blob in files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(blob)
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in list(files) + [MANIFEST]:  # keep other files in out_dir (a distillation checkpoint)
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+    return manifest
+
+
+@dataclass
+class EmulatorPackage:
+    """A verified package on disk."""
+
+    path: str
+    manifest: dict
+
+    @property
+    def layout(self) -> StageLayout:
+        lay = self.manifest["layout"]
+        return StageLayout(lay["num_layers"], lay["bottom"], lay["top"])
+
+    @property
+    def kept(self) -> list[int]:
+        return list(self.manifest["kept_middle_blocks"])
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def read(self, name: str) -> bytes:
+        with open(self.file(name), "rb") as f:
+            return f.read()
+
+    def files(self) -> list[str]:
+        """Every file of the package, manifest last."""
+        return sorted(self.manifest["files"]) + [MANIFEST]
+
+    def config(self):
+        return config_from_json(self.read(CONFIG_FILE).decode())
+
+    def client_state(self) -> dict[str, torch.Tensor]:
+        return st_load(self.read(CLIENT_FILE))
+
+    def emulator_blocks(self, config=None) -> nn.ModuleList:
+        """The emulator's blocks, frozen."""
+        return build_blocks(config or self.config(), self.kept, st_load(self.read(EMULATOR_FILE)))
+
+
+def load_package(path: str) -> EmulatorPackage:
+    """Opens PKG and verifies the SHA-256 of every file against manifest.json.
+
+    Raises:
+        PackageError: a file is missing, altered, or the manifest is not a tandem emulator manifest.
+    """
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        raise PackageError(f"{path!r} has no {MANIFEST}: build one with `cloud emulator build` or "
+                           "download one with `client fetch-emulator`")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackageError(f"cannot read {mpath}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise PackageError(f"{mpath} is format {manifest.get('format')!r}, this tandem reads {FORMAT!r}")
+    for name, meta in manifest["files"].items():
+        fpath = os.path.join(path, name)
+        if os.path.basename(name) != name or not os.path.isfile(fpath):
+            raise PackageError(f"package file {name!r} is missing from {path!r}; download or copy the package again")
+        with open(fpath, "rb") as f:
+            if sha256(f.read()) != meta["sha256"]:
+                raise PackageError(f"package file {name!r} does not match its SHA-256 in the manifest (corrupt or "
+                                   "altered); download or copy the package again")
+    pkg = EmulatorPackage(path, manifest)
+    if pkg.layout.num_layers != num_blocks(pkg.config()):
+        raise PackageError(f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(pkg.config())}")
+    return pkg

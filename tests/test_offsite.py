@@ -1,0 +1,210 @@
+"""Offsite-Tuning: layer selection, distillation, the package, offline tuning, push and plug-in eval via a real server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tandem.client.errors import ClientError, ServerError
+from tandem.client.offsite import eval_plugin, fetch_emulator, push_adapter
+from tandem.client.trainer import TuneConfig, tune
+import tandem.emulator.distill as dmod
+from tandem.emulator.build import build_emulator
+from tandem.emulator.distill import DistillConfig
+from tandem.emulator.errors import EmulatorError, PackageError, SelectionError
+from tandem.emulator.package import load_package
+from tandem.emulator.select import kept_blocks, uniform_keep
+from tandem.emulator.text import read_texts
+from tandem.stages.lora import LoraConfig
+from tandem.stages.loading import load_model
+from tandem.stages.modules import StageLayout
+
+from conftest import ARCHS
+from tiny import make_model
+
+DISTILL = dict(batch_size=4, seq_len=32, lr=3e-3, warmup=2, val_every=5, progress=False)
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def models8(tmp_path_factory):
+    """Tiny models with 8 blocks: 2:2 leaves 4 middle blocks, of which half are dropped."""
+    root = tmp_path_factory.mktemp("models8")
+    return {a: make_model(a, str(root / a), layers=8) for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def llama_pkg(models8, sample_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("pkg") / "llama")
+    build_emulator(models8["llama"], "2:2", out, sample_data, DistillConfig(steps=10, **DISTILL), drop_ratio=0.5)
+    return out
+
+
+def test_uniform_selection_keeps_first_and_last():
+    assert uniform_keep(26, 13) == [0, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25]  # stride 25/12, round(i*stride)
+    for n in range(1, 30):
+        for k in range(1, n + 1):
+            kept = uniform_keep(n, k)
+            assert len(kept) == k and kept[0] == 0 and (k == 1 or kept[-1] == n - 1)
+    middle = list(range(2, 28))
+    assert kept_blocks(middle, drop_ratio=0.5) == kept_blocks(middle, keep=13)
+    assert kept_blocks(middle, keep=2) == [2, 27]
+    with pytest.raises(SelectionError, match="exactly one"):
+        kept_blocks(middle, drop_ratio=0.5, keep=3)
+    with pytest.raises(SelectionError, match="choose 1..26"):
+        kept_blocks(middle, keep=27)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_distillation_lowers_kd_loss(arch, models8, sample_data, tmp_path):
+    m = build_emulator(models8[arch], "2:2", str(tmp_path / "pkg"), sample_data, DistillConfig(steps=10, **DISTILL), keep=2)
+    d = m["distillation"]
+    assert m["kept_middle_blocks"] == [2, 5]
+    assert d["val_kd_after"] < 0.7 * d["val_kd_before"], d["val"]
+    assert not os.path.exists(tmp_path / "pkg" / "distill_checkpoint.pt")
+    assert len(load_package(str(tmp_path / "pkg")).emulator_blocks()) == 2
+
+
+def test_distillation_resumes_to_the_uninterrupted_result(models8, sample_data, tmp_path, monkeypatch):
+    out = str(tmp_path / "pkg")
+    cfg = DistillConfig(**{**DISTILL, "steps": 4, "checkpoint_every": 2})
+    with pytest.raises(EmulatorError, match="no distill_checkpoint"):
+        build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
+    full = build_emulator(models8["gpt2"], "2:2", str(tmp_path / "full"), sample_data, cfg, keep=2)
+
+    real, saved = dmod._save, []
+
+    def save_then_stop(path, payload):  # an interruption right after the first checkpoint (step 2)
+        real(path, payload)
+        saved.append(payload["step"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmod, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        dmod.distill(load_model(models8["gpt2"]), StageLayout(8, 2, 2), [2, 5], read_texts(sample_data), cfg, out)
+    monkeypatch.setattr(dmod, "_save", real)
+    assert saved == [2]
+    resumed = build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
+    assert resumed["files"]["emulator.safetensors"]["sha256"] == full["files"]["emulator.safetensors"]["sha256"]
+    assert resumed["distillation"]["val_kd_after"] == full["distillation"]["val_kd_after"]
+
+
+def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
+    pkg = load_package(llama_pkg)
+    man = pkg.manifest
+    assert man["kept_middle_blocks"] == [2, 5] and man["dropped_middle_blocks"] == [3, 4]
+    loaded = load_model(models8["llama"])
+    state = loaded.model.state_dict()
+    prefix = "model.layers."
+    dropped = {_digest(v) for k, v in state.items() if v.dim() == 2 and int(k[len(prefix):].split(".")[0] if k.startswith(prefix) else -1) in (3, 4)}
+    shipped = {}
+    for name in man["files"]:
+        if name.endswith(".safetensors"):
+            shipped.update({f"{name}:{k}": _digest(v) for k, v in load_file(pkg.file(name)).items()})
+    assert dropped and not dropped & set(shipped.values()), "a dropped block's weight is in the package"
+    # The check can see blocks: the (unchanged) client blocks are found by hash.
+    client = {_digest(v) for k, v in state.items() if v.dim() == 2 and k.startswith("model.layers.0.")}
+    assert client <= set(shipped.values())
+    assert man["params"]["package"] == man["params"]["client_stages"] + man["params"]["emulator"] < man["params"]["model"]
+    # Tampering is detected.
+    bad = str(tmp_path / "bad")
+    shutil.copytree(llama_pkg, bad)
+    with open(os.path.join(bad, "emulator.safetensors"), "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\1")
+    with pytest.raises(PackageError, match="SHA-256"):
+        load_package(bad)
+
+
+def _offsite_run(pkg, data, out, steps=12, **kw):
+    cfg = TuneConfig(data=data, out=out, mode="offsite", emulator=pkg, steps=steps, batch_size=4, seq_len=32, lr=1e-2,
+                     lora=LoraConfig(rank=4, alpha=8), checkpoint_every=4, progress=False, **kw)
+    return tune(cfg)
+
+
+def test_offline_tuning_needs_no_server_and_learns(llama_pkg, sample_data, tmp_path):
+    out = str(tmp_path / "run")
+    # No TransportConfig at all: an unreachable default server address would fail the test if used.
+    r = _offsite_run(llama_pkg, sample_data, out, tune_client_blocks=True)
+    assert r["mode"] == "offsite"
+    assert r["totals"]["bytes_sent"] == r["totals"]["bytes_received"] == 0
+    assert r["totals"]["train_bytes_sent"] == 0 and r["totals"]["one_time_bytes_received"] == 0
+    assert r["validation"]["after"]["loss"] < r["validation"]["before"]["loss"]
+    losses = [s["loss"] for s in r["steps"]]
+    assert sum(losses[-3:]) < sum(losses[:3])
+    adapter = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    blocks = {int(k.split(".")[4]) for k in adapter}
+    assert blocks == {0, 1, 6, 7}, "LoRA only on the client blocks, under full-model names"
+    tuned = load_file(os.path.join(out, "adapter", "client_blocks.safetensors"))
+    assert {int(k.split(".")[2]) for k in tuned} == {0, 1, 6, 7}
+    again = _offsite_run(llama_pkg, sample_data, out, resume=True, tune_client_blocks=True)
+    assert [s["step"] for s in again["steps"]] == list(range(12))
+
+
+def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sample_data, server_factory, tmp_path):
+    registry = str(tmp_path / "registry")
+    server = server_factory(models8["llama"], "--emulator", llama_pkg, "--adapter-registry", registry)
+    tcfg = server.tcfg()
+
+    got = fetch_emulator(tcfg, str(tmp_path / "fetched"))
+    assert got["bytes_received"] >= sum(m["bytes"] for m in load_package(llama_pkg).manifest["files"].values())
+    assert load_package(str(tmp_path / "fetched")).manifest == load_package(llama_pkg).manifest
+
+    run = str(tmp_path / "run")
+    _offsite_run(str(tmp_path / "fetched"), sample_data, run, steps=6)
+    adapter = os.path.join(run, "adapter")
+    r = push_adapter(tcfg, adapter, "mine")
+    assert r["name"] == "mine" and r["blocks"] == [0, 1, 6, 7] and not r["already_registered"]
+    assert r["bytes_sent"] < 64 * 1024, "only the adapter travels"
+    assert push_adapter(tcfg, adapter, "mine")["already_registered"]
+    assert json.load(open(os.path.join(registry, "mine", "registration.json")))["sha256"] == r["sha256"]
+
+    # Mismatched adapters are rejected with a message that says what is wrong.
+    other = str(tmp_path / "other")
+    shutil.copytree(adapter, other)
+    w = load_file(os.path.join(other, "adapter_model.safetensors"))
+    key = next(k for k in w if "lora_A" in k)
+    w[key] = torch.zeros(w[key].shape[0], w[key].shape[1] + 1)
+    save_file(w, os.path.join(other, "adapter_model.safetensors"))
+    with pytest.raises(ServerError, match=r"has shape .* the served model needs") as e:
+        push_adapter(tcfg, other, "bad")
+    assert e.value.reason == "adapter-rejected"
+    gpt2_run = str(tmp_path / "gpt2run")
+    tune(TuneConfig(data=sample_data, out=gpt2_run, mode="local", model=models8["gpt2"], steps=1, batch_size=2, seq_len=32,
+                    lora=LoraConfig(rank=4), middle_lora=False, progress=False))
+    cfgp = os.path.join(gpt2_run, "adapter", "adapter_config.json")
+    cfg = json.load(open(cfgp))
+    cfg["base_model_name_or_path"] = "llama"  # even under the right name, the modules do not exist
+    json.dump(cfg, open(cfgp, "w"))
+    with pytest.raises(ServerError, match="does not have; was it tuned for another architecture"):
+        push_adapter(tcfg, os.path.join(gpt2_run, "adapter"), "gpt2")
+    changed = str(tmp_path / "changed")
+    shutil.copytree(adapter, changed)
+    w = load_file(os.path.join(changed, "adapter_model.safetensors"))
+    w[key] = w[key] + 1.0
+    save_file(w, os.path.join(changed, "adapter_model.safetensors"))
+    with pytest.raises(ServerError, match="another adapter is registered as 'mine'.*another --name"):
+        push_adapter(tcfg, changed, "mine")
+
+    rep = eval_plugin(tcfg, adapter, sample_data, str(tmp_path / "eval"), seq_len=32, batch_size=4, name="mine")
+    v = rep["validation"]
+    assert v["plugged_in"]["loss"] < v["zero_shot"]["loss"]
+    assert rep["bytes"]["per_kind"]["EvalForward"]["sent"] > 0
+    assert os.path.exists(tmp_path / "eval" / "eval.json")
+    with pytest.raises(ClientError, match="no adapter 'nope' is registered"):
+        eval_plugin(tcfg, adapter, sample_data, str(tmp_path / "eval2"), seq_len=32, name="nope")
+
+
+def test_fetch_without_emulator_says_what_to_do(tiny_models, server_factory, tmp_path):
+    server = server_factory(tiny_models["gpt2"], "--adapter-registry", str(tmp_path / "reg"))
+    with pytest.raises(ServerError, match="cloud serve --emulator PKG"):
+        fetch_emulator(server.tcfg(), str(tmp_path / "x"))
