@@ -144,7 +144,7 @@ def _expected_bytes(sm: StagedModel, batch_tokens: int) -> int:
         return 0
     hidden = int(sm.config.hidden_size)
     lora = sum(p.numel() for p in sm.middle.params)
-    return 4 * (4 * batch_tokens * hidden + batch_tokens + 2 * lora)  # + 1-byte mask per token
+    return 4 * (4 * batch_tokens * hidden + 2 * lora) + batch_tokens  # float32 tensors + a 1-byte mask per token
 
 
 def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
@@ -214,7 +214,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             wall = time.perf_counter() - t0
             rec = meter.take_step()
             rec.update(step=step, loss=float(loss.detach()), tokens=int(batch["attention_mask"].sum()), label_tokens=n_tok, wall_s=wall,
-                       client_compute_s=wall - rec["rpc_s"] - rec["serialization_s"],
+                       client_compute_s=wall - rec["rpc_s"] - rec["serialization_s"] - rec["sealing_s"],
                        network_wait_s=max(0.0, rec["rpc_s"] - rec["cloud_compute_s"]))
             steps.append(rec)
             sent += rec["bytes_sent"]
