@@ -161,7 +161,7 @@ def _bad_requests(stub, sid: str, n_lora: int):
         ("lora wrong length", F, _fwd(sid, h, lora=torch.zeros(n_lora - 1)), inv,
          [f"adapter vector has {n_lora - 1} values, expected {n_lora}"], "invalid"),
         ("lora int8", F, _fwd(sid, h, lora=torch.zeros(n_lora, dtype=torch.int8)), inv,
-         ["lora: expected a flat float32 vector"], "invalid"),
+         ["lora: expected dtype torch.float32, got torch.int8"], "invalid"),
         ("lora 2-d", F, _fwd(sid, h, lora=torch.zeros(1, n_lora)), inv, ["lora: expected a flat float32 vector"], "invalid"),
         ("lora version never sent", F, _fwd(sid, h, lora_version=7), grpc.StatusCode.FAILED_PRECONDITION,
          ["resend the adapter"], "lora-missing"),
