@@ -72,18 +72,7 @@ def _opened(request, sealer):
         return request
     if sealer is None:
         raise ClientError("a sealed request reached the audit recorder without its session's keys")
-    out = type(request)()
-    out.CopyFrom(request)
-    step = int(getattr(request, "step", 0))
-    for fd, _ in sealed:
-        value = getattr(out, fd.name)
-        for counter, attr, name in ((value.counter, "data", fd.name), (value.scales_counter, "scales", fd.name + ".scales")):
-            if attr == "scales" and not value.scales:
-                continue
-            aad = sealer._aad(step, sealer.send_dir, name, counter)
-            setattr(value, attr, sealer._send.decrypt(counter.to_bytes(12, "big"), getattr(value, attr), aad))
-        value.sealed = False
-    return out
+    return sealer.unseal_sent(request, int(getattr(request, "step", 0)))
 
 
 class PrivacyTap:

@@ -97,3 +97,23 @@ class Sealer:
                     setattr(value, attr, plain)
                     self._last_seen = counter
                 value.sealed = False
+
+    def unseal_sent(self, msg, step: int):
+        """A plaintext copy of a message this side sealed (what the peer holds once it opened it).
+
+        Used by the privacy audit to attack exactly what the cloud received; counters are not checked.
+        """
+        out = type(msg)()
+        out.CopyFrom(msg)
+        for fd, value in out.ListFields():
+            if fd.message_type is not pb.Tensor.DESCRIPTOR or not value.sealed:
+                continue
+            parts = [(value.counter, "data", fd.name)]
+            if value.scales:
+                parts.append((value.scales_counter, "scales", fd.name + ".scales"))
+            for counter, attr, aad_name in parts:
+                plain = self._send.decrypt(counter.to_bytes(12, "big"), getattr(value, attr),
+                                           self._aad(step, self.send_dir, aad_name, counter))
+                setattr(value, attr, plain)
+            value.sealed = False
+        return out
