@@ -1,11 +1,11 @@
 """The data owner's text: reading .txt/.jsonl, packing into sequences, a held-out split, seeded batches."""
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
+
+from tandem.stages.textfiles import TextFilesError, read_records
 
 from .errors import DataError
 
@@ -33,40 +33,10 @@ class Packed:
 
 def read_examples(data_dir: str) -> list[tuple[str, str]]:
     """Returns (prompt, completion) pairs; plain text has an empty prompt. Files are read in name order."""
-    if not os.path.isdir(data_dir):
-        raise DataError(f"--data {data_dir!r} is not a directory; point it at a folder of .txt or .jsonl files")
-    names = sorted(n for n in os.listdir(data_dir) if n.endswith((".txt", ".jsonl")))
-    if not names:
-        raise DataError(f"--data {data_dir!r} has no .txt or .jsonl files")
-    out: list[tuple[str, str]] = []
-    for name in names:
-        path = os.path.join(data_dir, name)
-        try:
-            with open(path, encoding="utf-8") as f:
-                if name.endswith(".txt"):
-                    text = f.read()
-                    if text.strip():
-                        out.append(("", text))
-                    continue
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if isinstance(row, dict) and isinstance(row.get("text"), str):
-                        out.append(("", row["text"]))
-                    elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-                        out.append((row["prompt"], row["completion"]))
-                    else:
-                        raise DataError(f'{path}:{lineno}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"cannot read {path}: {e}") from None
-    if not out:
-        raise DataError(f"--data {data_dir!r} contains no text")
-    return out
-
+    try:
+        return read_records(data_dir, "--data")
+    except TextFilesError as e:
+        raise DataError(str(e)) from None
 
 def pack(examples: list[tuple[str, str]], tokenizer, seq_len: int) -> Packed:
     """Tokenizes, joins examples with EOS and cuts the stream into right-padded sequences of seq_len.

@@ -17,7 +17,6 @@ import torch
 from tandem.client.data import load_split
 from tandem.client.staged import connect_split
 from tandem.client.transport import Transport
-from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
 
@@ -247,4 +246,3 @@ def test_abandoned_session_frees_memory_after_ttl(tiny_models, server_factory):
     assert _metric(mport, "tandem_sessions") == 1
     t.close()
     t2.close()
-    _ = serde

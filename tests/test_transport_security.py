@@ -89,13 +89,12 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
 def test_per_identity_session_quota(tiny_models, server_factory):
     server = server_factory(tiny_models["gpt2"], "--quota-sessions", "2")
     t = Transport(server.tcfg(retries=0))
-    s1, s2 = open_session(t, LORA), open_session(t, LORA)
+    s1, _ = open_session(t, LORA), open_session(t, LORA)
     with pytest.raises(ServerError) as ei:
         open_session(t, LORA)
     assert ei.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota of 2 sessions" in str(ei.value)
     t.call("CloseSession", pb.CloseSessionRequest(session_id=s1.id))
     assert open_session(t, LORA).id  # a freed slot can be used again
-    del s2
     t.close()
 
 
