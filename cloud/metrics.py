@@ -19,6 +19,8 @@ class Metrics:
         self.sessions = Gauge("tandem_sessions", "Open sessions", registry=r)
         self.seal_failures = Counter("tandem_seal_failures_total", "Rejected sealed payloads", ["kind"], registry=r)
         self.state_bytes = Gauge("tandem_forward_state_bytes", "Forward state held for backward", registry=r)
+        self.batch_passes = Gauge("tandem_batched_passes", "Passes of the middle run by the batcher", registry=r)
+        self.batch_requests = Gauge("tandem_batched_requests", "Requests those passes served (ratio: mean batch)", registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Exposes /metrics over HTTP on addr:port."""

@@ -10,12 +10,13 @@ from torch import nn
 
 from tandem.stages.arch import num_blocks, parts_of
 from tandem.stages.errors import LayoutError
-from tandem.stages.lora import Binding, LoraConfig, bind, inject_slots, slot_shapes, unflatten
+from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots, slot_shapes, unflatten
 from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
 from tandem.stages.modules import MiddleStage, StageLayout
 
 from tandem.kernels.codecs import CODECS
 
+from .batching import Batcher, BatchingConfig
 from .errors import InvalidRequest, LoraMissing
 from .sessions import Pending, Session, SessionStore, StoreConfig
 
@@ -46,10 +47,12 @@ class BackboneService:
     """
 
     def __init__(self, loaded: LoadedModel, layout: StageLayout, store: StoreConfig | None = None,
-                 limits: ServiceLimits | None = None, blocks: list[int] | None = None, serve_client_files: bool = True):
+                 limits: ServiceLimits | None = None, blocks: list[int] | None = None, serve_client_files: bool = True,
+                 batching: BatchingConfig | None = None):
         """Args:
             blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
             serve_client_files: Pack the client's stages for download (the front door does; shards do not).
+            batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
         """
         self.loaded = loaded
         self.layout = layout
@@ -76,6 +79,7 @@ class BackboneService:
         self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
+        self.batcher = Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs)) if batching else None
         log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
                  layout.num_layers, layout.bottom, layout.top, len(self.all_slots))
 
@@ -145,8 +149,10 @@ class BackboneService:
         self._check_activations(h, mask, "hidden")
         with s.lock:
             lora = self._lora_for(s, lora_version, lora_flat)
-            t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
+            if self.batcher is not None:
+                return self._forward_batched(s, step, h, mask, lora, gen, train)
+            t0 = time.perf_counter()
             binding = Binding(
                 {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
                 s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen,
@@ -173,12 +179,38 @@ class BackboneService:
             if tuple(grad_out.shape) != tuple(p.out.shape):
                 self.store.put(s, step, p)  # keep it: the client may resend a correct gradient
                 raise InvalidRequest(f"grad_output: expected shape {list(p.out.shape)}, got {list(grad_out.shape)}")
+            if p.group is not None:
+                g_in, flat, dt = self.batcher.backward(p.group, p.index, grad_out)
+                s.last_used = time.monotonic()
+                return g_in, flat, dt
             t0 = time.perf_counter()
             grads = torch.autograd.grad(p.out, [p.h_in, *p.lora], grad_out, allow_unused=True)
             lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], p.lora)]
             flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
             s.last_used = time.monotonic()
             return grads[0], flat, time.perf_counter() - t0
+
+
+    def _forward_batched(self, s: Session, step: int, h, mask, lora, gen, train: bool):
+        """forward() through the batcher: this session's rows share one pass with other sessions'."""
+        seg = Segment(h.shape[0], {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
+                      s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen)
+        out, group, index, dt, nbytes = self.batcher.forward(h, mask, seg, lora, train)
+        if train:
+            p = Pending(None, out, lora, nbytes, group=group, index=index, session=s)
+            try:
+                self.store.put(s, step, p)
+            except BaseException:
+                group.done[index] = True  # the group must not wait for this member's backward
+                raise
+            group.pending[index] = p
+        s.last_used = time.monotonic()
+        return out, dt
+
+    def stop(self) -> None:
+        """Stops the batching worker (if any)."""
+        if self.batcher is not None:
+            self.batcher.stop()
 
 
 class _SavedBytes:

@@ -66,6 +66,10 @@ def _guard(method):
             self.metrics.bytes_in.labels(name).inc(request.ByteSize())
             self.metrics.sessions.set(len(self.service.store))
             self.metrics.state_bytes.set(self.service.store.used_bytes)
+            batcher = getattr(self.service, "batcher", None)
+            if batcher is not None:
+                self.metrics.batch_passes.set(batcher.batches)
+                self.metrics.batch_requests.set(batcher.batched_requests)
 
     return wrapper
 

@@ -42,10 +42,13 @@ class StoreConfig:
 class Pending:
     """What backward of one step needs: the autograd graph from input to output."""
 
-    h_in: torch.Tensor
+    h_in: torch.Tensor | None
     out: torch.Tensor
     lora: list[torch.Tensor]
     nbytes: int
+    group: object = None  # tandem.cloud.batching.Group when the forward ran in a batch; h_in is then None
+    index: int = 0  # this session's place in the group
+    session: object = None  # the Session (the batcher checks whether this state still waits)
 
 
 @dataclass

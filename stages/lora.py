@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tandem.kernels.lora import lora_delta
+from tandem.kernels.lora import dropout_, lora_delta
+from tandem.kernels.multilora import multilora_delta, plan_segments, segment_ids, stack_adapters
 
 from .arch import Arch
 from .errors import LayoutError
@@ -96,6 +97,85 @@ class Binding:
     generator: torch.Generator | None = None
 
 
+@dataclass
+class Segment:
+    """A run of batch elements that share one adapter inside a MultiBinding.
+
+    Attributes:
+        size: Batch elements (sequences) in the run.
+        tensors: The run's adapter, by slot name: (A (r, in), B (out, r)); slots it lacks get no delta.
+        scaling: alpha / r of the run's adapter.
+        dropout: Dropout on the LoRA input, drawn from `generator` exactly as a Binding would.
+        generator: The run's dropout generator (one per run, so batching does not change the masks).
+    """
+
+    size: int
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+    dropout: float = 0.0
+    generator: torch.Generator | None = None
+
+
+class MultiBinding:
+    """Different adapters for different sequences of one batch (coordinated batching, adapter serving).
+
+    The batch is the concatenation of the segments along dim 0, in order. Each slot stacks the
+    segments' (A, B) once and applies them with the segmented multi-LoRA kernel; the stacking is
+    differentiable, so every segment's own tensors get their own gradients. Results equal running
+    each segment alone under its Binding, up to float rounding.
+    """
+
+    def __init__(self, segments: list[Segment], impl: str = "auto"):
+        if not segments or any(s.size < 1 for s in segments):
+            raise ValueError("a MultiBinding needs segments of at least one sequence each")
+        self.segments = segments
+        self.impl = impl
+        self.sizes = [s.size for s in segments]
+        self._stacked: dict[str, tuple | None] = {}
+        self._plans: dict[tuple, object] = {}
+
+    @property
+    def batch(self) -> int:
+        return sum(self.sizes)
+
+    def _stack(self, name: str, in_f: int, out_f: int, like: torch.Tensor):
+        if name not in self._stacked:
+            present = [i for i, s in enumerate(self.segments) if name in s.tensors]
+            if not present:
+                self._stacked[name] = None
+            else:
+                ab = [self.segments[i].tensors[name] for i in present]
+                a, b = stack_adapters(ab)
+                scal = torch.tensor([self.segments[i].scaling for i in present], dtype=torch.float32)
+                # adapter index of each segment within the stack; -1 where the segment lacks this slot
+                index = {seg: k for k, seg in enumerate(present)}
+                seg_ads = [index.get(i, -1) for i in range(len(self.segments))]
+                self._stacked[name] = (a.to(like.dtype), b.to(like.dtype), scal, seg_ads)
+        return self._stacked[name]
+
+    def _plan(self, seg_ads: list[int], n_adapters: int, t: int):
+        key = (tuple(seg_ads), t)
+        if key not in self._plans:
+            ids = segment_ids([n * t for n in self.sizes], seg_ads)  # (B*T,)
+            self._plans[key] = plan_segments(ids, n_adapters)
+        return self._plans[key]
+
+    def delta(self, name: str, x: torch.Tensor, in_f: int, out_f: int) -> torch.Tensor | None:
+        """The LoRA delta of slot `name` for x (B, T, in), or None when no segment adapts it."""
+        stacked = self._stack(name, in_f, out_f, x)
+        if stacked is None:
+            return None
+        a, b, scal, seg_ads = stacked
+        if x.shape[0] != self.batch:
+            raise ValueError(f"the batch has {x.shape[0]} sequences, the binding's segments {self.batch}")
+        if any(s.dropout > 0 for s in self.segments):
+            parts = torch.split(x, self.sizes, dim=0)
+            x = torch.cat([dropout_(p, s.dropout, s.generator) if s.dropout > 0 and name in s.tensors else p
+                           for p, s in zip(parts, self.segments)], dim=0)
+        plan = self._plan(seg_ads, a.shape[0], x.shape[1] if x.dim() == 3 else 1)
+        return multilora_delta(x, a, b, scal, plan, impl=self.impl)
+
+
 class LoRASlot(nn.Module):
     """A frozen layer plus the LoRA delta of whatever adapter is bound to this thread."""
 
@@ -110,6 +190,9 @@ class LoRASlot(nn.Module):
         binding = _BOUND.get()
         if binding is None:
             return out
+        if isinstance(binding, MultiBinding):
+            d = binding.delta(self.slot_name, x, self.in_features, self.out_features)
+            return out if d is None else out + d
         ab = binding.tensors.get(self.slot_name)
         if ab is None:
             return out
@@ -117,7 +200,7 @@ class LoRASlot(nn.Module):
 
 
 @contextlib.contextmanager
-def bind(binding: Binding | None):
+def bind(binding: "Binding | MultiBinding | None"):
     """Makes `binding` the adapter seen by every LoRASlot called in this thread."""
     token = _BOUND.set(binding)
     try:

@@ -1,0 +1,175 @@
+"""Coordinated batching: concurrent sessions share one pass of the middle and get what they would alone."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tandem.cloud.batching import BatchingConfig
+from tandem.cloud.errors import StateEvicted
+from tandem.cloud.service import BackboneService
+from tandem.stages.loading import load_model
+from tandem.stages.lora import LoraConfig, flatten, slot_shapes
+from tandem.stages.modules import StageLayout
+
+from conftest import ARCHS
+
+OWNER = "alice"
+
+
+def _services(model_dir, **batching):
+    plain_m, batched_m = load_model(model_dir), load_model(model_dir)
+    layout = StageLayout.parse("2:2", plain_m.config)
+    plain = BackboneService(plain_m, layout, serve_client_files=False)
+    batched = BackboneService(batched_m, layout, serve_client_files=False,
+                              batching=BatchingConfig(window_ms=50, **batching))
+    return plain, batched
+
+
+def _clients(svc_pair, specs, seed=0):
+    """Opens the same sessions on both services; returns per-session (sid pair, lora flat, h, mask, grad)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b, t, lora in specs:
+        sids = [svc.open_session(OWNER, "", lora, True).id for svc in svc_pair]
+        s = svc_pair[0].store.get(sids[0], OWNER)
+        flat = flatten([torch.randn(shape, generator=gen) * 0.1 for shape in slot_shapes(s.slots, lora.rank)])
+        h = torch.randn(b, t, svc_pair[0].hidden_size, generator=gen)
+        mask = torch.ones(b, t, dtype=torch.uint8)
+        mask[0, : t // 3] = 0  # left padding in the first row
+        g = torch.randn(b, t, svc_pair[0].hidden_size, generator=gen)
+        out.append((sids, flat, h, mask, g))
+    return out
+
+
+def _concurrently(fns):
+    results, errors = [None] * len(fns), []
+    barrier = threading.Barrier(len(fns))
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = fns[i]()
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not errors, errors
+    return results
+
+
+def _close(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12)) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_forward_and_backward_equal_unbatched(arch, tiny_models):
+    plain, batched = _services(tiny_models[arch])
+    specs = [(2, 16, LoraConfig(rank=4, alpha=8)), (1, 16, LoraConfig(rank=8, alpha=8, dropout=0.1)),
+             (3, 16, LoraConfig(rank=2, alpha=4)), (2, 24, LoraConfig(rank=4, alpha=8))]  # the last: other length
+    cl = _clients((plain, batched), specs)
+    want = []
+    for i, (sids, flat, h, mask, g) in enumerate(cl):
+        out, _ = plain.forward(OWNER, sids[0], 0, h, mask, 0, flat, 100 + i, True)
+        gin, glora, _ = plain.backward(OWNER, sids[0], 0, g)
+        want.append((out, gin, glora))
+
+    fwd = _concurrently([lambda c=c, i=i: batched.forward(OWNER, c[0][1], 0, c[2], c[3], 0, c[1], 100 + i, True)
+                         for i, c in enumerate(cl)])
+    n_fwd = batched.batcher.batches
+    assert n_fwd < len(cl), "concurrent forwards of one length must share a batch"
+    bwd = _concurrently([lambda c=c: batched.backward(OWNER, c[0][1], 0, c[4]) for c in cl])
+    assert batched.batcher.batches - n_fwd < len(cl), "a group's backwards must run together"
+    for (out, gin, glora), (bout, _), (bgin, bglora, _) in zip(want, fwd, bwd):
+        assert _close(bout, out) and _close(bgin, gin) and _close(bglora, glora)
+    assert batched.store.used_bytes == 0, "every member's forward state is released after backward"
+
+    # Eval forwards batch too, without keeping state.
+    ev = _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], 1, c[2], c[3], 0, None, 0, False) for c in cl])
+    for c, (out, _) in zip(cl, ev):
+        ref, _ = plain.forward(OWNER, c[0][0], 1, c[2], c[3], 0, None, 0, False)
+        assert _close(out, ref)
+    assert batched.store.used_bytes == 0
+    batched.stop()
+
+
+def test_late_member_keeps_the_graph_and_a_lone_session_is_bit_exact(tiny_models):
+    plain, batched = _services(tiny_models["llama"], backward_wait_ms=30)
+    specs = [(2, 12, LoraConfig(rank=4, alpha=8)), (2, 12, LoraConfig(rank=4, alpha=8))]
+    cl = _clients((plain, batched), specs, seed=1)
+    want = []
+    for sids, flat, h, mask, g in cl:
+        plain.forward(OWNER, sids[0], 5, h, mask, 0, flat, 0, True)
+        want.append(plain.backward(OWNER, sids[0], 5, g))
+    _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], 5, c[2], c[3], 0, c[1], 0, True) for c in cl])
+    # Only the first member sends its backward; it waits 30 ms for the second, then runs alone.
+    first = batched.backward(OWNER, cl[0][0][1], 5, cl[0][4])
+    assert _close(first[0], want[0][0]) and _close(first[1], want[0][1])
+    assert batched.store.used_bytes > 0, "the late member's state is still held"
+    second = batched.backward(OWNER, cl[1][0][1], 5, cl[1][4])  # the graph was retained for it
+    assert _close(second[0], want[1][0]) and _close(second[1], want[1][1])
+    assert batched.store.used_bytes == 0
+
+    # A session alone in its batch takes the plain path: bit for bit what the unbatched server computes.
+    sids, flat, h, mask, g = cl[0]
+    a, _ = plain.forward(OWNER, sids[0], 6, h, mask, 0, None, 0, True)
+    b, _ = batched.forward(OWNER, sids[1], 6, h, mask, 0, None, 0, True)
+    assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for x, y in zip(plain.backward(OWNER, sids[0], 6, g)[:2],
+                                                 batched.backward(OWNER, sids[1], 6, g)[:2]))
+    batched.stop()
+
+
+def test_closed_member_does_not_block_its_group(tiny_models):
+    _, batched = _services(tiny_models["gpt2"], backward_wait_ms=10_000)
+    specs = [(1, 8, LoraConfig(rank=4, alpha=8)), (1, 8, LoraConfig(rank=4, alpha=8))]
+    cl = _clients((batched, batched), specs, seed=2)
+    _concurrently([lambda c=c: batched.forward(OWNER, c[0][0], 0, c[2], c[3], 0, c[1], 0, True) for c in cl])
+    batched.close_session(OWNER, cl[1][0][0])  # the other member is gone: no 10 s wait
+    import time
+
+    t0 = time.monotonic()
+    batched.backward(OWNER, cl[0][0][0], 0, cl[0][4])
+    assert time.monotonic() - t0 < 5.0
+    assert batched.store.used_bytes == 0
+    # The released graph answers a stale backward with a retryable error, not a crash.
+    with pytest.raises(Exception) as e:
+        batched.backward(OWNER, cl[0][0][0], 0, cl[0][4])
+    assert not isinstance(e.value, StateEvicted) or "redo" in str(e.value)
+    batched.stop()
+
+
+def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tiny_models, sample_data, server_factory):
+    """Real `cloud serve` processes: two clients at once, batched (the default) vs --no-batching."""
+    import socket
+    import urllib.request
+
+    from test_ray import _train
+
+    def both(server):
+        res = {}
+        ths = [threading.Thread(target=lambda s=seed: res.__setitem__(s, _train(server, sample_data, s, 4))) for seed in (1, 2)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join(300)
+        return res
+
+    plain = server_factory(tiny_models["qwen2"], "--no-batching")
+    ref = both(plain)
+    plain.stop()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    batched = server_factory(tiny_models["qwen2"], "--batch-window-ms", "30", "--metrics-port", str(port))
+    got = both(batched)
+    for seed in (1, 2):
+        assert got[seed] == pytest.approx(ref[seed], rel=1e-5)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("tandem_batched_")}
+    assert vals["tandem_batched_requests"] > vals["tandem_batched_passes"] > 0, "some passes served both clients"
