@@ -21,6 +21,7 @@ from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
 
 from .errors import InvalidRequest, SessionNotFound
+from .batching import BatchingConfig
 from .service import BackboneService, ServiceLimits
 from .sessions import Session, StoreConfig
 
@@ -41,11 +42,12 @@ class MiddleShard:
     """A Ray actor: one contiguous range of middle blocks of one replica (wrapped by ray.remote at start-up)."""
 
     def __init__(self, model_path: str | None, layout: tuple[int, int, int], blocks: list[int], store: dict,
-                 limits: dict, threads: int = 0):
+                 limits: dict, threads: int = 0, batching: dict | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.svc = BackboneService(load_model(model_path), StageLayout(*layout), StoreConfig(**store),
-                                   ServiceLimits(**limits), blocks=blocks, serve_client_files=False)
+                                   ServiceLimits(**limits), blocks=blocks, serve_client_files=False,
+                                   batching=BatchingConfig(**batching) if batching is not None else None)
 
     def ready(self) -> int:
         return len(self.svc.all_slots)
@@ -70,13 +72,23 @@ class RayBackbone(BackboneService):
     """BackboneService whose middle compute runs on Ray actors; the servicer cannot tell the difference."""
 
     def __init__(self, loaded: LoadedModel, layout: StageLayout, store: StoreConfig, limits: ServiceLimits,
-                 address: str, replicas: int = 1, pipeline: int = 1, actor_cpus: float = 1.0, threads: int = 0):
+                 address: str, replicas: int = 1, pipeline: int = 1, actor_cpus: float = 1.0, threads: int = 0,
+                 shard_resources: list[dict] | None = None, batching: BatchingConfig | None = None):
+        """`shard_resources`, if given, is one dict of Ray custom resources per pipeline shard (e.g.
+        `[{"zone_a": 1}, {"zone_b": 1}]`): every replica's shard i requires shard_resources[i], which
+        pins shards to the nodes that were started with those resources (`ray start --resources`).
+        With `batching`, every shard batches the concurrent sessions of its replica (a threaded actor)."""
         import ray
 
         super().__init__(loaded, layout, store, limits)
         if replicas < 1:
             raise InvalidRequest(f"--replicas must be >= 1, got {replicas}")
         self.ranges = _shard_ranges(layout.middle_blocks, pipeline)
+        if shard_resources is not None and (len(shard_resources) != pipeline or not all(
+                isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0 for k, v in d.items())
+                for d in shard_resources)):
+            raise InvalidRequest(f"--ray-shard-resources must be a list of {pipeline} objects (one per pipeline shard) "
+                                 f"mapping resource names to positive amounts, got {shard_resources!r}")
         if not ray.is_initialized():
             if address == "local":
                 ray.init(num_cpus=max(2, int(replicas * pipeline * actor_cpus)), include_dashboard=False,
@@ -84,13 +96,18 @@ class RayBackbone(BackboneService):
             else:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         self.ray = ray
-        actor = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=actor_cpus)(MiddleShard)
+        # Batching needs concurrent calls to meet inside an actor: a threaded actor (compute stays serial in its batcher).
+        actor = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=actor_cpus,
+                           max_concurrency=64 if batching else 1)(MiddleShard)
+        batch_d = None if batching is None else {"window_ms": batching.window_ms, "max_tokens": batching.max_tokens,
+                                                 "backward_wait_ms": batching.backward_wait_ms}
         lay = (layout.num_layers, layout.bottom, layout.top)
         store_d = {"max_sessions": store.max_sessions, "memory_bytes": store.memory_bytes, "ttl_s": store.ttl_s}
         self.replicas = [
-            [actor.options(name=f"tandem-replica{r}-shard{i}", get_if_exists=False).remote(
+            [actor.options(name=f"tandem-replica{r}-shard{i}", get_if_exists=False,
+                           **({"resources": shard_resources[i]} if shard_resources else {})).remote(
                 loaded.path if loaded.model_id != "SmolLM2-135M-Instruct" else None, lay, blocks, store_d,
-                {"max_tokens_per_step": limits.max_tokens_per_step}, threads)
+                {"max_tokens_per_step": limits.max_tokens_per_step}, threads, batch_d)
              for i, blocks in enumerate(self.ranges)]
             for r in range(replicas)
         ]
