@@ -36,6 +36,12 @@ _HINTS = {
     grpc.StatusCode.UNIMPLEMENTED: "the server at {addr} does not speak tandem's protocol (wrong address or version?)",
 }
 
+# Reasons (tandem-reason trailer) whose hint is more precise than their status code's.
+_REASON_HINTS = {
+    "no-adapter": "the server has no adapter of that name",
+    "not-servable": "the server cannot serve this adapter",
+}
+
 
 def explain(e: grpc.RpcError, addr: str) -> ServerError:
     """Turns a gRPC error into a ServerError whose message says what happened and what to do."""
@@ -48,6 +54,6 @@ def explain(e: grpc.RpcError, addr: str) -> ServerError:
                 reason = v
     except (AttributeError, TypeError):
         pass
-    hint = _HINTS.get(code, "the call failed").format(addr=addr)
+    hint = _REASON_HINTS.get(reason) or _HINTS.get(code, "the call failed").format(addr=addr)
     name = code.name if code is not None else "UNKNOWN"
     return ServerError(f"{hint} [{name}: {detail}]", code, reason)

@@ -1,4 +1,4 @@
-"""`client push | eval | fetch-emulator | compare`: the data owner's Offsite-Tuning commands."""
+"""`client push | eval | fetch-emulator | generate`: the data owner's Offsite-Tuning and adapter-serving commands."""
 from __future__ import annotations
 
 import json
@@ -51,8 +51,23 @@ def _fetch(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from .serving import generate
+
+    r = generate(_tcfg(args), args.prompt, args.adapter, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, seed=args.seed)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    for i, c in enumerate(r["completions"]):
+        if i:
+            print()
+        print(c["text"])
+    return 0
+
+
 def add_offsite_parsers(sub) -> None:
-    """Adds push, eval and fetch-emulator to the `client` command line."""
+    """Adds push, eval, fetch-emulator and generate to the `client` command line."""
     p = sub.add_parser("push", help="upload a tuned adapter (only the adapter) to the cloud, which validates and registers it")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter/ directory of a `client tune` run")
     p.add_argument("--name", default="", help="name to register it under; default: derived from its SHA-256")
@@ -78,3 +93,17 @@ def add_offsite_parsers(sub) -> None:
     f.add_argument("--out", required=True, metavar="PKG", help="package directory to write (replaced when it exists)")
     _transport_flags(f)
     f.set_defaults(func=_fetch)
+
+    g = sub.add_parser("generate", help="generate text on the cloud with an adapter you pushed (or the base model)",
+                       description="Continue each prompt on the cloud's model with a registered adapter applied (see "
+                                   "`client push`). Requests for different adapters are batched together on the server; "
+                                   "each result is what generating alone gives (up to float rounding).")
+    g.add_argument("--adapter", default="", metavar="NAME", help="registered adapter name (`client push --name`); default: none, the base model")
+    g.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                   help="text to continue (repeatable: one completion per prompt, printed in order, blank-line separated)")
+    g.add_argument("--max-new-tokens", type=int, default=0, metavar="N", help="tokens to generate per prompt at most; default: the server's default (64), capped by the server")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 for greedy decoding (default); > 0 samples at this temperature")
+    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling with --temperature; the same seed gives the same text; default 0")
+    g.add_argument("--json", action="store_true", help="print the full result (token ids, counts, finish reasons, bytes) as JSON")
+    _transport_flags(g)
+    g.set_defaults(func=_generate)

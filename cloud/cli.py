@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -19,10 +20,12 @@ def _serve(args) -> int:
     from tandem.stages.loading import load_model
     from tandem.stages.modules import StageLayout
 
+    from .batching import BatchingConfig
     from .identity import QuotaConfig
     from .metrics import Metrics
     from .offsite import OffsiteService
     from .server import build_server, serve_forever
+    from .serving import GenerationService, ServingConfig
     from .service import BackboneService, ServiceLimits
     from .sessions import StoreConfig
     from .tls import ensure_server_tls
@@ -42,22 +45,29 @@ def _serve(args) -> int:
         store = StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20),
                             ttl_s=args.session_ttl, max_sessions_per_identity=args.quota_sessions)
         limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step)
+        batching = None if args.no_batching else BatchingConfig(
+            window_ms=args.batch_window_ms, max_tokens=args.batch_max_tokens, backward_wait_ms=args.batch_backward_wait_ms)
         if args.ray:
             from .ray_backend import RayBackbone
 
             service = RayBackbone(loaded, layout, store, limits, args.ray, replicas=args.replicas,
-                                  pipeline=args.pipeline, actor_cpus=args.actor_cpus, threads=args.threads)
+                                  pipeline=args.pipeline, actor_cpus=args.actor_cpus, threads=args.threads,
+                                  shard_resources=args.ray_shard_resources, batching=batching)
         else:
-            service = BackboneService(loaded, layout, store, limits)
+            service = BackboneService(loaded, layout, store, limits, batching=batching)
         metrics = Metrics()
         if args.metrics_port:
             metrics.serve(args.metrics_port, args.listen.rsplit(":", 1)[0])
         if tls_dir is not None and args.no_client_auth:
             log.warning("--no-client-auth: any client that trusts the CA may connect; sessions are not tied to identities")
+        offsite = OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator)
+        serving = GenerationService(loaded, offsite, ServingConfig(  # after the service: it adds slots to the other blocks
+            window_ms=args.generate_window_ms, max_batch=args.generate_max_batch, max_new_tokens=args.generate_max_new_tokens,
+            default_new_tokens=min(64, args.generate_max_new_tokens), adapter_cache=args.generate_adapter_cache))
         server, port = build_server(service, args.listen, tls_dir, workers=args.workers, mutual=not args.no_client_auth,
                                     quotas=QuotaConfig(bytes_per_s=args.quota_mbps * 2**20),
                                     require_sealing=args.require_sealing, metrics=metrics,
-                                    offsite=OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator))
+                                    offsite=offsite, serving=serving)
     except (StageError, OSError, ValueError) as e:
         print(f"cloud serve: {e}", file=sys.stderr)
         return 2
@@ -128,7 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the middle blocks on a Ray cluster at ADDRESS (host:port of its GCS), or 'local' to start one in-process")
     s.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the middle stage; sessions stick to one; default 1")
     s.add_argument("--pipeline", type=int, default=1, help="with --ray: split the middle blocks across this many actors per replica; default 1")
+    s.add_argument("--ray-shard-resources", type=json.loads, default=None, metavar="JSON",
+                   help='with --ray: Ray custom resources each pipeline shard requires, one object per shard, e.g. '
+                        '\'[{"node_a": 1}, {"node_b": 1}]\' to pin shards to nodes started with `ray start --resources`; default none')
     s.add_argument("--actor-cpus", type=float, default=1.0, help="with --ray: CPUs Ray reserves per actor; default 1")
+    s.add_argument("--no-batching", action="store_true",
+                   help="run each session's requests alone instead of batching concurrent sessions through one pass "
+                        "(batched results equal unbatched up to float rounding; a session alone in a batch is bit-exact)")
+    s.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long an idle server waits for other sessions' requests to join a batch; default 5")
+    s.add_argument("--batch-max-tokens", type=int, default=16384, help="most tokens (all sessions) in one batched pass; default 16384")
+    s.add_argument("--batch-backward-wait-ms", type=float, default=200.0,
+                   help="how long a backward waits for the other sessions of its batch before running without them; default 200")
+    s.add_argument("--generate-window-ms", type=float, default=10.0,
+                   help="Generate: after the first waiting request, how long to collect others (any adapter) into one decode batch; default 10")
+    s.add_argument("--generate-max-batch", type=int, default=32, help="Generate: most prompts decoded in one batch, and per request; default 32")
+    s.add_argument("--generate-max-new-tokens", type=int, default=256, help="Generate: cap on new tokens per prompt; default 256")
+    s.add_argument("--generate-adapter-cache", type=int, default=16, help="Generate: adapters kept loaded in memory (least recently used dropped); default 16")
     s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; default 8")
     s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     s.set_defaults(func=_serve)

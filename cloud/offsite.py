@@ -19,6 +19,7 @@ from tandem.emulator.errors import PackageError
 from tandem.emulator.package import EmulatorPackage, load_package
 from tandem.stages.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, CLIENT_BLOCKS, REQUIRED
 from tandem.stages.adapter_files import adapter_digest, sha256
+from tandem.stages.errors import LayoutError
 from tandem.stages.lora import LoRASlot, block_of
 from tandem.stages.modules import StageLayout
 
@@ -137,6 +138,12 @@ class OffsiteService:
         with self._lock:
             return sorted(self.adapters.values(), key=lambda r: r.name)
 
+    def lookup(self, name: str) -> tuple[Registered, str] | None:
+        """The registration of adapter `name` and the directory holding its files, or None when unknown."""
+        with self._lock:
+            reg = self.adapters.get(name)
+        return None if reg is None else (reg, os.path.join(self.registry, reg.name))
+
     def push(self, name: str, files: dict[str, tuple[bytes, str]]) -> tuple[Registered, bool]:
         """Validates an uploaded adapter and registers it; returns (registration, already registered).
 
@@ -224,16 +231,24 @@ class OffsiteService:
             if tuple(t.shape) != want:
                 raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} has shape {list(t.shape)}, the served model needs "
                                       f"{list(want)} (r={rank}); was it tuned for another model size?")
+            try:
+                block = block_of(path)
+            except LayoutError:
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which is outside the blocks; "
+                                      "tandem adapters put LoRA only on layers inside the blocks (not lm_head or embeddings)") from None
             self._finite(key, t)
             params += t.numel()
-            blocks.add(block_of(path))
+            blocks.add(block)
         if CLIENT_BLOCKS in blobs:
             client = set(self.layout.client_blocks)
             for key, t in self._load(CLIENT_BLOCKS, blobs[CLIENT_BLOCKS]).items():
                 want = self.state_shapes.get(key)
                 if want is None:
                     raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} is not a weight of {self.model_id!r}")
-                b = block_of(key)
+                try:
+                    b = block_of(key)
+                except LayoutError:
+                    b = -1  # embeddings, final norm, head: not a client block
                 if b not in client:
                     raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} changes block {b}, but the layout "
                                           f"{self.layout.bottom}:{self.layout.top} lets the data owner tune only blocks {sorted(client)}")

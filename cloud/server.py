@@ -15,6 +15,7 @@ from tandem.protos import split_pb2_grpc as pb_grpc
 from .identity import Identities, QuotaConfig
 from .metrics import Metrics
 from .offsite_servicer import add_offsite
+from .serving_servicer import add_serving
 from .service import BackboneService
 from .servicer import SplitTuningServicer
 from .tls import server_credentials
@@ -33,20 +34,25 @@ SERVER_OPTIONS = [
 
 def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8, mutual: bool = True,
                  quotas: QuotaConfig | None = None, require_sealing: bool = False,
-                 metrics: Metrics | None = None, offsite=None) -> tuple[grpc.Server, int]:
+                 metrics: Metrics | None = None, offsite=None, serving=None) -> tuple[grpc.Server, int]:
     """Creates and starts the server; returns it and the bound port.
 
     Args:
         tls_dir: CA and server certificate directory; None means plaintext (identities off).
         mutual: Require client certificates signed by the CA (identities, revocation, quotas).
         require_sealing: Refuse sessions that do not seal their tensors.
+        offsite: OffsiteService (emulator download, adapter push), or None.
+        serving: GenerationService (Generate with registered adapters), or None.
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     mutual = mutual and tls_dir is not None
-    servicer = SplitTuningServicer(service, Identities(tls_dir, mutual, quotas), metrics or Metrics(), require_sealing)
+    identities = Identities(tls_dir, mutual, quotas)
+    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing)
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
         add_offsite(server, offsite)
+    if serving is not None:  # adapter serving (Generate): cloud/serving_servicer.py
+        add_serving(server, serving, identities)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if tls_dir is None:

@@ -150,6 +150,10 @@ def test_offline_tuning_needs_no_server_and_learns(llama_pkg, sample_data, tmp_p
     assert [s["step"] for s in again["steps"]] == list(range(12))
 
 
+def load_model_vocab(model_dir: str) -> int:
+    return json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
+
+
 def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sample_data, server_factory, tmp_path):
     registry = str(tmp_path / "registry")
     server = server_factory(models8["llama"], "--emulator", llama_pkg, "--adapter-registry", registry)
@@ -187,6 +191,16 @@ def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sa
     json.dump(cfg, open(cfgp, "w"))
     with pytest.raises(ServerError, match="does not have; was it tuned for another architecture"):
         push_adapter(tcfg, os.path.join(gpt2_run, "adapter"), "gpt2")
+    head = str(tmp_path / "head")  # LoRA on lm_head: a Linear of the model, but not inside a block
+    shutil.copytree(adapter, head)
+    w = load_file(os.path.join(head, "adapter_model.safetensors"))
+    r_ = w[key].shape[0]
+    w["base_model.model.lm_head.lora_A.weight"] = torch.zeros(r_, 32)
+    w["base_model.model.lm_head.lora_B.weight"] = torch.zeros(load_model_vocab(models8["llama"]), r_)
+    save_file(w, os.path.join(head, "adapter_model.safetensors"))
+    with pytest.raises(ServerError, match="outside the blocks") as e:
+        push_adapter(tcfg, head, "head")
+    assert e.value.reason == "adapter-rejected"
     changed = str(tmp_path / "changed")
     shutil.copytree(adapter, changed)
     w = load_file(os.path.join(changed, "adapter_model.safetensors"))

@@ -1,0 +1,206 @@
+"""Serving tuned adapters: batched generation over one backbone equals generating alone, and a merged-weights reference."""
+from __future__ import annotations
+
+import os
+import threading
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tandem.client.cli import build_parser, main
+from tandem.client.errors import ServerError
+from tandem.client.offsite import push_adapter
+from tandem.client.serving import generate
+from tandem.cloud.errors import InvalidRequest
+from tandem.cloud.offsite import OffsiteService
+from tandem.cloud.service import BackboneService
+from tandem.cloud.serving import AdapterNotFound, GenerationService, NotServable, ServingConfig
+from tandem.stages.adapter_files import CLIENT_BLOCKS, read_adapter_dir, sha256
+from tandem.stages.arch import arch_for, parts_of
+from tandem.stages.loading import load_model
+from tandem.stages.lora import LoraConfig, LoRAAdapter, PeftMeta, inject_slots, save_peft
+from tandem.stages.modules import StageLayout
+
+from conftest import ARCHS
+
+PROMPTS = ["the quick brown fox", "split learning keeps labels", "low rank adapters train"]
+NEW = 8
+
+
+def make_adapter(model_dir: str, out: str, blocks: list[int], seed: int, rank: int = 4) -> str:
+    """A peft LoRA adapter on `blocks` with random A and non-zero B, saved as `client tune` saves one."""
+    loaded = load_model(model_dir)
+    parts = parts_of(loaded.model)
+    specs = inject_slots(torch.nn.ModuleList(parts.blocks[i] for i in blocks), parts.arch, blocks, parts.arch.lora_targets)
+    g = torch.Generator().manual_seed(seed)
+    adapter = LoRAAdapter(specs, LoraConfig(rank=rank, alpha=2.0 * rank), generator=g)
+    with torch.no_grad():
+        for b in adapter.b:
+            b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    save_peft(adapter, out, PeftMeta(loaded.model_id, fan_in_fan_out=arch_for(loaded.config).fan_in_fan_out))
+    return out
+
+
+def merged_reference(model_dir: str, adapter_dir: str | None) -> torch.nn.Module:
+    """A fresh copy of the model with the adapter merged into its weights: W + (alpha / r) B A."""
+    from tandem.stages.lora import load_peft_tensors
+
+    model = load_model(model_dir).model
+    if adapter_dir is None:
+        return model
+    cfg, tensors = load_peft_tensors(adapter_dir)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            path = key.removesuffix(".lora_A.weight")
+            delta = cfg["lora_alpha"] / cfg["r"] * (tensors[f"{path}.lora_B.weight"] @ a)  # (out, in)
+            layer = modules[path]
+            layer.weight += delta.T if type(layer).__name__ == "Conv1D" else delta  # Conv1D stores (in, out)
+    return model
+
+
+def reference_tokens(model: torch.nn.Module, prompt_ids: list[int], new: int, eos: set[int]) -> list[int]:
+    """Greedy tokens from Hugging Face's own generate, one prompt, no padding; EOS and what follows dropped."""
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                         max_new_tokens=new, do_sample=False, eos_token_id=sorted(eos), pad_token_id=min(eos))
+    toks = out[0, len(prompt_ids):].tolist()
+    return toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))]
+
+
+def _push_local(offsite: OffsiteService, name: str, adapter_dir: str) -> None:
+    offsite.push(name, {n: (b, sha256(b)) for n, b in read_adapter_dir(adapter_dir).items()})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models, tmp_path):
+    """In process: a batch mixing two adapters and the base model equals, token for token, the merged model alone."""
+    model_dir = tiny_models[arch]
+    a_dir = make_adapter(model_dir, str(tmp_path / "a"), [0, 1, 4, 5], seed=1)  # offsite: client blocks only
+    b_dir = make_adapter(model_dir, str(tmp_path / "b"), list(range(6)), seed=2)  # split: every block
+    loaded = load_model(model_dir)
+    layout = StageLayout.parse("2:2", loaded.config)
+    BackboneService(loaded, layout)  # puts its slots on the middle blocks first, as `cloud serve` does
+    ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
+    before = loaded.model(ids).logits
+    offsite = OffsiteService(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
+    _push_local(offsite, "a", a_dir)
+    _push_local(offsite, "b", b_dir)
+    # A long window that never runs out: the batch closes as soon as it holds max_batch sequences.
+    svc = GenerationService(loaded, offsite, ServingConfig(window_ms=10_000, max_batch=8, adapter_cache=1))
+    try:
+        assert torch.equal(loaded.model(ids).logits, before), "unbound slots must not change the model"
+        jobs = [("a", PROMPTS[:2]), ("", PROMPTS[1:]), ("b", PROMPTS[:1]), ("a", PROMPTS[2:]), ("b", PROMPTS[1:])]
+        futures = [svc.submit(name, prompts, NEW) for name, prompts in jobs]  # 8 sequences: one full batch
+        batched = [f.result(timeout=120) for f in futures]
+        assert {g.batch_sequences for g in batched} == {8}, "one batch for all requests"
+        refs = {"": merged_reference(model_dir, None), "a": merged_reference(model_dir, a_dir), "b": merged_reference(model_dir, b_dir)}
+        for (name, prompts), gen in zip(jobs, batched):
+            assert gen.adapter == name
+            for prompt, c in zip(prompts, gen.completions):
+                want = reference_tokens(refs[name], svc.tokenizer(prompt)["input_ids"], NEW, svc.eos_ids)
+                assert c.token_ids == want, (name, prompt)
+                assert c.finish_reason == ("length" if len(want) == NEW else "eos")
+        by = {name: gen.completions[0].token_ids for (name, prompts), gen in zip(jobs, batched) if prompts[0] == PROMPTS[1]}
+        assert by["b"] != by[""], "the adapter changes the output"
+        # Sampling draws from the request's own generator: the same text in a batch and alone.
+        svc.cfg.max_batch = 4
+        mixed = [svc.submit("b", PROMPTS, NEW, temperature=1.5, seed=7), svc.submit("a", PROMPTS[:1], NEW)]
+        sampled = mixed[0].result(timeout=120)
+        mixed[1].result(timeout=120)
+        svc.cfg.window_ms = 0
+        alone = svc.generate("b", PROMPTS, NEW, temperature=1.5, seed=7)
+        assert sampled.batch_sequences == 4 and alone.batch_sequences == 3
+        assert [c.token_ids for c in sampled.completions] == [c.token_ids for c in alone.completions]
+
+        with pytest.raises(AdapterNotFound, match=r"no adapter 'nope' is registered .*registered: \['a', 'b'\].*client push"):
+            svc.submit("nope", PROMPTS, NEW)
+        with pytest.raises(InvalidRequest, match="prompt 1 is empty"):
+            svc.submit("", ["x", ""], NEW)
+        with pytest.raises(InvalidRequest, match="over the server's limit of 4"):
+            svc.submit("", ["x"] * 5, NEW)
+        with pytest.raises(InvalidRequest, match="temperature"):
+            svc.submit("", ["x"], NEW, temperature=-1.0)
+    finally:
+        svc.close()
+
+
+def test_adapter_with_retuned_blocks_is_not_servable(tiny_models, tmp_path):
+    model_dir = tiny_models["llama"]
+    adapter = make_adapter(model_dir, str(tmp_path / "a"), [0, 1], seed=1)
+    loaded = load_model(model_dir)
+    key = "model.layers.0.mlp.down_proj.weight"
+    save_file({key: loaded.model.state_dict()[key].clone()}, os.path.join(adapter, CLIENT_BLOCKS))
+    layout = StageLayout.parse("2:2", loaded.config)
+    offsite = OffsiteService(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
+    _push_local(offsite, "full", adapter)
+    svc = GenerationService(loaded, offsite)
+    try:
+        with pytest.raises(NotServable, match="retunes whole client blocks.*without --tune-client-blocks"):
+            svc.submit("full", PROMPTS, NEW)
+    finally:
+        svc.close()
+
+
+def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, capsys):
+    """Push an offsite-style and a split-mode adapter; concurrent requests for both and the base model are batched
+    on the server, and each result equals that request generated alone."""
+    model_dir = tiny_models["llama"]
+    server = server_factory(model_dir, "--adapter-registry", str(tmp_path / "registry"), "--generate-window-ms", "400")
+    tcfg = server.tcfg()
+    pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "off"), [0, 1, 4, 5], seed=1), "offsite")
+    assert pushed["blocks"] == [0, 1, 4, 5]
+    pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "split"), list(range(6)), seed=2), "split")
+    assert pushed["blocks"] == list(range(6)), "a split-mode adapter (LoRA on the middle blocks too) is published by push"
+
+    requests = [(name, [p]) for name in ("", "offsite", "split") for p in PROMPTS[:2]] + [("split", PROMPTS)]
+    alone = [generate(tcfg, prompts, name, NEW) for name, prompts in requests]  # one at a time
+    assert all(r["batch_sequences"] == len(p) for r, (_, p) in zip(alone, requests))
+
+    results: list = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def worker(i):
+        name, prompts = requests[i]
+        start.wait()
+        results[i] = generate(tcfg, prompts, name, NEW)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert max(r["batch_sequences"] for r in results) > 3, "concurrent requests were decoded together"
+    for (name, prompts), got, want in zip(requests, results, alone):
+        assert [c["token_ids"] for c in got["completions"]] == [c["token_ids"] for c in want["completions"]], name
+        assert [c["text"] for c in got["completions"]] == [c["text"] for c in want["completions"]]
+    base = {r[1][0]: x["completions"][0]["token_ids"] for r, x in zip(requests, alone) if r[0] == ""}
+    for (name, prompts), x in zip(requests, alone):
+        if name and len(prompts) == 1:
+            assert x["completions"][0]["token_ids"] != base[prompts[0]], f"adapter {name!r} changes the output"
+
+    with pytest.raises(ServerError, match=r"no adapter of that name.*no adapter 'nope' is registered.*client push") as e:
+        generate(tcfg, PROMPTS, "nope", NEW)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.reason == "no-adapter"
+    with pytest.raises(ServerError, match="prompt 0 is empty") as e:
+        generate(tcfg, [""], "", NEW)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ServerError):  # mutual TLS: no identity, no generation
+        generate(server.tcfg(identity=None, retries=0, timeout_s=10), PROMPTS, "", NEW)
+
+    capsys.readouterr()
+    rc = main(["generate", *server.cli_args(), "--adapter", "split", "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW)])
+    assert rc == 0 and capsys.readouterr().out == alone[4]["completions"][0]["text"] + "\n"
+    assert main(["generate", *server.cli_args(), "--adapter", "nope", "--prompt", "x"]) == 2
+    assert "client push" in capsys.readouterr().err
+
+
+def test_generate_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--server", "--adapter", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--identity", "--ca", "--insecure"):
+        assert flag in out, flag
