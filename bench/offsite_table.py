@@ -26,10 +26,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--client-blocks", default="2:2", help="adapter blocks K:M; default 2:2 (the paper's)")
-    p.add_argument("--drop-ratio", type=float, default=0.5, help="share of middle blocks the emulator drops; default 0.5")
-    p.add_argument("--kd-steps", type=int, default=60, help="distillation steps; default 60")
-    p.add_argument("--kd-lr", type=float, default=2e-4, help="distillation learning rate; default 2e-4")
+    p.add_argument("--drop-ratio", type=float, default=0.62,
+                   help="share of middle blocks the emulator drops; default 0.62 (keeps 10 of 26: package <= 60%% of the model)")
+    p.add_argument("--kd-steps", type=int, default=200, help="distillation steps; default 200")
+    p.add_argument("--kd-lr", type=float, default=1e-3, help="distillation learning rate; default 1e-3")
     p.add_argument("--lm-weight", type=float, default=0.0, help="LM-loss weight during distillation; default 0")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="weight of KL(teacher || emulator) of next-token distributions through the top blocks; default 1")
+    p.add_argument("--layer-weight", type=float, default=0.0, help="per-layer matching weight during distillation; default 0")
+    p.add_argument("--kd-norm", choices=("global", "token"), default="token",
+                   help="KD normalisation: one teacher RMS per batch (global) or per token (token); default token")
+    p.add_argument("--init", choices=("copy", "rescale"), default="rescale",
+                   help="emulator init: kept blocks as they are, or residual updates rescaled to fit the teacher; default rescale")
     p.add_argument("--tune-steps", type=int, default=40, help="tuning steps of each tuned setting; default 40")
     p.add_argument("--lr", type=float, default=1e-3, help="tuning learning rate; default 1e-3")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the adapter blocks; default 8")
@@ -181,6 +189,8 @@ def main(argv=None) -> int:
     manifest = build_emulator(args.model, args.client_blocks, pkg, pub,
                               DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.kd_lr, max_val_batches=4,
                                             warmup=max(1, args.kd_steps // 10), lm_weight=args.lm_weight,
+                                            kl_weight=args.kl_weight, layer_weight=args.layer_weight,
+                                            kd_norm=args.kd_norm, init=args.init,
                                             val_every=max(1, args.kd_steps // 3), progress=True),
                               drop_ratio=args.drop_ratio)
     kd_s = time.perf_counter() - t0
@@ -217,7 +227,8 @@ def main(argv=None) -> int:
         "settings": vars(args),
         "model_id": manifest["model_id"],
         "kept_middle_blocks": manifest["kept_middle_blocks"],
-        "distillation": {k: manifest["distillation"].get(k) for k in ("val_kd_before", "val_kd_after", "val")} | {"wall_s": kd_s},
+        "distillation": {k: manifest["distillation"].get(k) for k in ("val_kd_before", "val_kd_after", "val", "rescale_factors",
+                                                                        "teacher_cache_s")} | {"wall_s": kd_s},
         "table": rows,
         "aims": {
             "emulator_zero_shot_ppl_worse_by": rows["emulator_zero_shot"]["ppl"] / rows["full_zero_shot"]["ppl"] - 1,

@@ -72,6 +72,7 @@ class _Job:
     key: tuple  # batching key: forward (T, train); backward (id of group)
     tokens: int
     args: tuple
+    member: str = ""
     future: Future = field(default_factory=Future)
 
 
@@ -88,6 +89,7 @@ class Batcher:
         self.cfg = cfg
         self.saved_bytes = saved_bytes
         self._jobs: list[_Job] = []
+        self._peers: dict[str, set[str]] = {}  # session -> the other sessions of its last training pass
         self._cv = threading.Condition()
         self._stop = False
         self.batches = 0  # batched passes run, for tests and metrics
@@ -96,7 +98,8 @@ class Batcher:
         self._thread.start()
 
     # Request side ---------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, segment: Segment, lora: list[torch.Tensor], train: bool):
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, segment: Segment, lora: list[torch.Tensor], train: bool,
+                member: str = ""):
         """Queues a forward of one session's batch.
 
         Args:
@@ -104,12 +107,21 @@ class Batcher:
             segment: The session's adapter and dropout, for the MultiBinding.
             lora: The session's remote-LoRA tensors in wire order [A0, B0, A1, B1, ...].
             train: Keep the graph for backward.
+            member: The session's id. Training sessions that shared a pass tend to stay in step, so the
+                worker waits (up to backward_wait_ms) for the other members of a session's last group.
 
         Returns:
             (output (b, T, H), Group or None, index in the group, compute seconds, forward-state bytes).
         """
-        job = _Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment, lora))
+        job = _Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment, lora), member=member)
         return self._submit(job)
+
+    def forget(self, member: str) -> None:
+        """Drops a closed session from the groups the worker waits for."""
+        with self._cv:
+            self._peers.pop(member, None)
+            for peers in self._peers.values():
+                peers.discard(member)
 
     def backward(self, group: Group, index: int, grad_out: torch.Tensor):
         """Queues the backward of member `index` of `group`; returns (grad input, flat lora grads, compute seconds)."""
@@ -160,7 +172,13 @@ class Batcher:
                     return
                 first = self._jobs[0]
                 if first.kind == "forward":
-                    batch = self._take(first, time.monotonic() + self.cfg.window_ms / 1000)
+                    peers = self._peers.get(first.member) if first.member and first.key[1] else None
+                    if peers:  # its last group is likely on its way: wait for it, within the bound
+                        batch = self._take(first, time.monotonic() + self.cfg.backward_wait_ms / 1000,
+                                           complete=lambda b, want=frozenset(peers): want <= {j.member for j in b})
+                        self._regroup(first.member, peers, batch)
+                    else:
+                        batch = self._take(first, time.monotonic() + self.cfg.window_ms / 1000)
                 else:
                     group = first.args[0]
                     batch = self._take(first, time.monotonic() + self.cfg.backward_wait_ms / 1000,
@@ -177,6 +195,14 @@ class Batcher:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
+
+    def _regroup(self, member: str, peers: set[str], batch: list[_Job]) -> None:
+        """Peers that did not come in time are not waited for again (until they share a pass again)."""
+        came = {j.member for j in batch}
+        for p in peers - came:
+            peers.discard(p)
+            if p in self._peers:
+                self._peers[p].discard(member)
 
     @staticmethod
     def _waiting(group: Group, i: int) -> bool:
@@ -212,6 +238,11 @@ class Batcher:
             with torch.enable_grad(), bind(binding), hooks:
                 out = self.middle(h_in, am)
             loras = [j.args[3] for j in batch]
+            members = {j.member for j in batch if j.member}
+            if len(members) > 1:
+                with self._cv:
+                    for m in members:
+                        self._peers[m] = members - {m}
             group = Group(h_in, out, [s.size for s in segments], loras)
             total = (saved.total if saved else 0) + h.nbytes + out.nbytes
         else:

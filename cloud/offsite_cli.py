@@ -19,6 +19,8 @@ def _build(args) -> int:
     try:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             warmup=args.warmup, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
+                            kl_weight=args.kl_weight, layer_weight=args.layer_weight, init=args.init,
+                            init_batches=args.init_batches, kd_norm=args.kd_norm, cache_teacher=not args.no_teacher_cache,
                             val_fraction=args.val_fraction, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress)
         m = build_emulator(args.model, args.client_blocks, args.out, args.distill_data, cfg,
@@ -57,6 +59,19 @@ def add_emulator_parser(sub) -> None:
     b.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
     b.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss ((t-s)/rms(t))^2")
     b.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token loss through the real top blocks (0: off)")
+    b.add_argument("--kd-norm", choices=("token", "global"), default="token",
+                   help="KD normalisation: 'token' divides each token's squared error by that token's own squared norm; "
+                        "'global' by one teacher RMS over the batch (the paper's), which on SmolLM2 lets the first "
+                        "token's huge hidden state carry ~96%% of the loss; default token")
+    b.add_argument("--kl-weight", type=float, default=0.0,
+                   help="weight of KL(teacher || emulator) on next-token distributions through the real top blocks and head (0: off; costs ~1.7x per step)")
+    b.add_argument("--layer-weight", type=float, default=0.0, help="weight of matching every kept block to the teacher at its original depth (0: off)")
+    b.add_argument("--init", choices=("copy", "rescale"), default="copy",
+                   help="emulator start: the kept blocks as they are, or with each block's residual update rescaled by a factor "
+                        "fitted on public text (folded into the output projections); default copy")
+    b.add_argument("--init-batches", type=int, default=2, help="public batches used to fit the --init rescale factors; default 2")
+    b.add_argument("--no-teacher-cache", action="store_true",
+                   help="recompute the full middle's outputs every step instead of once (less memory, slower)")
     b.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out to validate the KD loss")
     b.add_argument("--val-every", type=int, default=50, help="steps between validations")
     b.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (OUT/distill_checkpoint.pt)")

@@ -22,6 +22,7 @@ from .text import pack_blocks, split_blocks
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "distill_checkpoint.pt"
+INITS = ("copy", "rescale")
 
 
 @dataclass
@@ -34,8 +35,21 @@ class DistillConfig:
         seq_len: Tokens per block.
         lr: AdamW peak learning rate (linear warm-up, then cosine decay to 0).
         warmup: Warm-up steps.
-        kd_weight: Weight of the KD loss ((t - s) / rms(t))^2.
+        kd_weight: Weight of the KD loss ((t - s) / rms(t))^2 on the middle's output.
         lm_weight: Weight of the next-token loss through the real top stage (0 disables it).
+        kl_weight: Weight of KL(teacher || student) between the next-token distributions computed
+            through the frozen top blocks, norm and head (the parts the data owner holds); 0 disables it.
+        layer_weight: Weight of per-layer matching: the mean KD loss of every kept block's output
+            (but the last, which kd_weight covers) against the teacher's hidden state at the matching
+            depth (right before the next kept block); 0 disables it.
+        init: How the student starts: "copy" (the kept blocks as they are) or "rescale" (each kept
+            block's residual update scaled by a factor fitted to the teacher on a few public batches,
+            folded into the block's output projections; the blocks stay standard blocks).
+        init_batches: Public batches used to fit the rescaling factors.
+        kd_norm: "global" (one teacher RMS over the batch, the paper's) or "token" (each token by its own
+            teacher RMS) for the KD, per-layer and rescaling losses.
+        cache_teacher: Compute the teacher's outputs on the training text once and reuse them
+            (the teacher is frozen); costs memory of a few hidden states per training token.
         val_fraction: Share of text blocks held out to validate the KD loss.
         val_every: Steps between validations (also run before the first and after the last step).
         max_val_batches: Cap on validation batches per validation.
@@ -52,6 +66,12 @@ class DistillConfig:
     warmup: int = 10
     kd_weight: float = 1.0
     lm_weight: float = 0.0
+    kl_weight: float = 0.0
+    layer_weight: float = 0.0
+    init: str = "copy"
+    init_batches: int = 2
+    kd_norm: str = "global"
+    cache_teacher: bool = True
     val_fraction: float = 0.1
     val_every: int = 50
     max_val_batches: int = 8
@@ -64,23 +84,63 @@ class DistillConfig:
         for name in ("steps", "warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "val_every", "max_val_batches", "checkpoint_every"):
+        for name in ("batch_size", "val_every", "max_val_batches", "checkpoint_every", "init_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
-            raise ValueError("lr must be > 0, kd_weight and lm_weight >= 0 and not both 0")
+        weights = (self.kd_weight, self.lm_weight, self.kl_weight, self.layer_weight)
+        if self.lr <= 0 or min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("lr must be > 0, kd_weight, lm_weight, kl_weight and layer_weight >= 0 and not all 0")
+        if self.kd_norm not in ("global", "token"):
+            raise ValueError(f"kd_norm must be global or token, got {self.kd_norm!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def kd_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Offsite-Tuning's distillation loss: mean of ((t - s) / sqrt(mean(t^2)))^2 over valid tokens."""
+def kd_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None,
+            per_token: bool = False) -> torch.Tensor:
+    """Offsite-Tuning's distillation loss: mean of ((t - s) / sqrt(mean(t^2)))^2 over valid tokens.
+
+    With per_token=True every token is normalised by its own teacher RMS: mean over valid tokens of
+    |t - s|^2 / |t|^2. Llama-family models put a few massive activations on the first token (the attention
+    sink, here ~40x the norm of the others); with one global scale that token is nearly all of the loss.
+    """
     if mask is None:
         mask = torch.ones(teacher.shape[:2], dtype=teacher.dtype)
     m = mask.to(teacher.dtype).unsqueeze(-1)  # (B, T, 1)
+    if per_token:
+        err = (teacher - student).pow(2).sum(-1, keepdim=True) / teacher.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+        return (err * m).sum() / m.sum()
     denom = m.sum() * teacher.shape[-1]
     scale = ((teacher.pow(2) * m).sum() / denom).sqrt().clamp_min(1e-12)
     return (((teacher - student) / scale).pow(2) * m).sum() / denom
+
+
+def residual_outputs(block: nn.Module) -> list[nn.Module]:
+    """The layers that write a block's residual update: the attention and MLP output projections.
+
+    Llama-family blocks (Llama, SmolLM2, Qwen2, Mistral): self_attn.o_proj and mlp.down_proj;
+    GPT-2 blocks: attn.c_proj and mlp.c_proj.
+    """
+    out = []
+    for a, b in (("self_attn", "o_proj"), ("mlp", "down_proj"), ("attn", "c_proj"), ("mlp", "c_proj")):
+        m = getattr(getattr(block, a, None), b, None)
+        if m is not None and all(m is not o for o in out):
+            out.append(getattr(m, "base_layer", m))
+    if len(out) != 2:
+        raise EmulatorError(f"cannot find the residual output projections of a {type(block).__name__}; "
+                            "--init rescale supports Llama-family and GPT-2 blocks (use --init copy)")
+    return out
+
+
+@torch.no_grad()
+def scale_residual(block: nn.Module, factor: float) -> None:
+    """Multiplies the block's residual update projections (weights and biases) by factor, in place."""
+    for m in residual_outputs(block):
+        m.weight.mul_(factor)
+        if getattr(m, "bias", None) is not None:
+            m.bias.mul_(factor)
 
 
 @dataclass
@@ -95,32 +155,153 @@ class Distiller:
 
     def __post_init__(self):
         self.bottom = BottomStage(self.parts, self.layout.bottom_blocks)
-        self.teacher = [self.parts.blocks[i] for i in self.layout.middle_blocks]
+        middle = self.layout.middle_blocks
+        # Teacher segment j: from kept block j up to (not including) kept block j+1; segment 0 starts at the
+        # middle's first block. The teacher's state after segment j is student block j's per-layer target.
+        bounds = [middle[0]] + list(self.kept[1:]) + [middle[-1] + 1]
+        self.segments = [[self.parts.blocks[i] for i in range(a, b)] for a, b in zip(bounds[:-1], bounds[1:])]
         self.top = [self.parts.blocks[i] for i in self.layout.top_blocks]
 
-    def losses(self, ids: torch.Tensor, cfg: DistillConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted total, KD, LM) for a batch of full blocks of ids (B, T)."""
+    @torch.no_grad()
+    def teacher(self, ids: torch.Tensor, cfg: DistillConfig, every_layer: bool | None = None) -> dict:
+        """Frozen-model outputs for ids (B, T): 'h' the middle's input, 'targets' the states after each
+        segment (only the last, the middle's output, unless per-layer targets are needed), and 'top' the
+        top blocks' output on the teacher's middle output (when the KL loss needs it)."""
         am = torch.ones_like(ids)
-        with torch.no_grad():
-            h = self.bottom(ids, am)  # (B, T, H)
-            t = run_blocks(self.parts, self.teacher, h, am)  # (B, T, H)
-        s = run_blocks(self.parts, self.student, h, am)  # (B, T, H)
-        kd = kd_loss(t, s)
-        lm = torch.zeros(())
-        if cfg.lm_weight > 0:
-            logits = self.parts.head(self.parts.norm(run_blocks(self.parts, self.top, s, am)))  # (B, T, V)
-            lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-        return cfg.kd_weight * kd + cfg.lm_weight * lm, kd, lm
+        every = (cfg.layer_weight > 0) if every_layer is None else every_layer
+        h = self.bottom(ids, am)  # (B, T, H)
+        targets, t = [], h
+        for seg in self.segments:
+            t = run_blocks(self.parts, seg, t, am)  # (B, T, H)
+            targets.append(t)
+        out = {"h": h, "targets": targets if every else targets[-1:]}
+        if cfg.kl_weight > 0:
+            out["top"] = run_blocks(self.parts, self.top, t, am)  # (B, T, H)
+        return out
+
+    def student_states(self, h: torch.Tensor, am: torch.Tensor, every: bool) -> list[torch.Tensor]:
+        """Outputs of every student block (every=True) or only of the last, each (B, T, H)."""
+        if not every:
+            return [run_blocks(self.parts, self.student, h, am)]
+        out = []
+        for block in self.student:
+            h = run_blocks(self.parts, [block], h, am)
+            out.append(h)
+        return out
+
+    def logits(self, h: torch.Tensor, am: torch.Tensor, through_top: bool = True) -> torch.Tensor:
+        """Next-token logits (B, T, V) of a middle output h through the frozen top blocks, norm and head."""
+        if through_top:
+            h = run_blocks(self.parts, self.top, h, am)
+        return self.parts.head(self.parts.norm(h))
+
+    def losses(self, ids: torch.Tensor, cfg: DistillConfig, teacher: dict | None = None) -> dict:
+        """Weighted total ('loss') and its terms ('kd', 'lm', 'kl', 'layer') for a batch of ids (B, T).
+
+        Args:
+            teacher: This batch's teacher outputs (from a cache); computed here when None.
+        """
+        am = torch.ones_like(ids)
+        if teacher is None:
+            teacher = self.teacher(ids, cfg)
+        every = cfg.layer_weight > 0
+        states = self.student_states(teacher["h"], am, every)
+        s = states[-1]
+        tok = cfg.kd_norm == "token"
+        out = {"kd": kd_loss(teacher["targets"][-1], s, per_token=tok), "lm": torch.zeros(()), "kl": torch.zeros(()),
+               "layer": torch.zeros(())}
+        if every and len(states) > 1:
+            out["layer"] = torch.stack([kd_loss(t, x, per_token=tok) for t, x in zip(teacher["targets"][:-1], states[:-1])]).mean()
+        if cfg.lm_weight > 0 or cfg.kl_weight > 0:
+            logits = self.logits(s, am)  # (B, T, V)
+            if cfg.lm_weight > 0:
+                out["lm"] = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+            if cfg.kl_weight > 0:
+                with torch.no_grad():
+                    t_logp = F.log_softmax(self.logits(teacher["top"], am, through_top=False), -1).flatten(0, 1)
+                s_logp = F.log_softmax(logits, -1).flatten(0, 1)  # (B*T, V)
+                out["kl"] = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
+        out["loss"] = (cfg.kd_weight * out["kd"] + cfg.lm_weight * out["lm"] + cfg.kl_weight * out["kl"]
+                       + cfg.layer_weight * out["layer"])
+        return out
 
     @torch.no_grad()
     def validate(self, val: torch.Tensor, cfg: DistillConfig) -> dict:
-        """Mean KD (and LM) loss over held-out blocks."""
-        kds, lms = [], []
+        """Mean KD, LM and KL losses over held-out blocks (LM and KL whatever their training weight)."""
+        vcfg = DistillConfig(**{**asdict(cfg), "lm_weight": 1.0, "kl_weight": 1.0})
+        sums: dict[str, list[float]] = {"kd": [], "lm": [], "kl": []}
         for i in range(0, min(len(val), cfg.batch_size * cfg.max_val_batches), cfg.batch_size):
-            _, kd, lm = self.losses(val[i : i + cfg.batch_size], cfg)
-            kds.append(float(kd))
-            lms.append(float(lm))
-        return {"kd": sum(kds) / len(kds), "lm": sum(lms) / len(lms)}
+            out = self.losses(val[i : i + cfg.batch_size], vcfg)
+            for k in sums:
+                sums[k].append(float(out[k]))
+        return {k: sum(v) / len(v) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def rescale(self, ids: torch.Tensor, cfg: DistillConfig) -> list[float]:
+        """Residual rescaling init: for each student block in turn, the factor on its residual update that
+        minimises the KD loss of its output against the teacher's state at the matching depth (given the
+        already rescaled blocks below), by a search over a log grid; folded into the block's weights.
+
+        Args:
+            ids: Public blocks (N, T) to fit on.
+
+        Returns:
+            The factor of every student block (all 1.0 when the fitted ones would not lower the KD loss
+            of the output on these blocks: the student then stays the plain copy).
+        """
+        batches = [ids[i : i + cfg.batch_size] for i in range(0, len(ids), cfg.batch_size)]
+        ams = [torch.ones_like(b) for b in batches]
+        teach = [self.teacher(b, cfg, every_layer=True) for b in batches]
+        xs = [t["h"] for t in teach]
+        factors, tok = [], cfg.kd_norm == "token"
+
+        def final_err(states: list[torch.Tensor]) -> float:
+            return sum(float(kd_loss(t["targets"][-1], x, per_token=tok)) for t, x in zip(teach, states))
+
+        copy_err = final_err([run_blocks(self.parts, self.student, x, am) for x, am in zip(xs, ams)])
+        originals = [{k: v.clone() for k, v in b.state_dict().items()} for b in self.student]
+        for j, block in enumerate(self.student):
+            mods = residual_outputs(block)
+            orig = [(m.weight.clone(), None if getattr(m, "bias", None) is None else m.bias.clone()) for m in mods]
+
+            def set_factor(f: float) -> None:
+                for m, (w, b) in zip(mods, orig):
+                    m.weight.copy_(w * f)
+                    if b is not None:
+                        m.bias.copy_(b * f)
+
+            def err(f: float) -> float:
+                set_factor(f)
+                return sum(float(kd_loss(t["targets"][j], run_blocks(self.parts, [block], x, am), per_token=tok))
+                           for t, x, am in zip(teach, xs, ams))
+
+            tried: dict[float, float] = {}
+            for f in [2 ** (k / 2) for k in range(-4, 7)]:  # 1/4 .. 8
+                tried[f] = err(f)
+            best = min(tried, key=tried.get)
+            for f in [best * 2 ** (k / 8) for k in (-2, -1, 1, 2)]:
+                tried[f] = err(f)
+            best = min(tried, key=tried.get)
+            set_factor(best)
+            factors.append(best)
+            xs = [run_blocks(self.parts, [block], x, am) for x, am in zip(xs, ams)]
+        if final_err(xs) >= copy_err:  # the greedy per-block fit can miss on the output: never start worse
+            for b, st in zip(self.student, originals):
+                b.load_state_dict(st)
+            factors = [1.0] * len(factors)
+        return factors
+
+
+class TeacherCache:
+    """The teacher's outputs on every training block, computed once (the teacher never changes)."""
+
+    def __init__(self, d: Distiller, train: torch.Tensor, cfg: DistillConfig):
+        chunks = [d.teacher(train[i : i + cfg.batch_size], cfg) for i in range(0, len(train), cfg.batch_size)]
+        self.data = {k: torch.cat([c[k] for c in chunks]) for k in ("h", "top") if k in chunks[0]}
+        self.targets = [torch.cat([c["targets"][j] for c in chunks]) for j in range(len(chunks[0]["targets"]))]
+
+    def get(self, idx: torch.Tensor) -> dict:
+        return {**{k: v[idx] for k, v in self.data.items()}, "targets": [t[idx] for t in self.targets]}
 
 
 def _schedule(cfg: DistillConfig):
@@ -162,13 +343,10 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
     train, val = split_blocks(pack_blocks(texts, tokenizer, cfg.seq_len), cfg.val_fraction, cfg.seed)
     student = copy_blocks(parts, kept)
     student.train(False)  # deterministic: no dropout in the student either
-    student.requires_grad_(True)
     d = Distiller(parts, layout, kept, student)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     settings = {"kept": list(kept), "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-                "layout": [layout.num_layers, layout.bottom, layout.top]}
+                "layout": [layout.num_layers, layout.bottom, layout.top], "init": cfg.init, "kd_norm": cfg.kd_norm}
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:
@@ -176,29 +354,47 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
             raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["settings"] != settings:
-            raise EmulatorError("--resume: the checkpoint was made with other blocks, seed, layout or batch shape; "
-                                "use the same settings or start fresh without --resume")
+            raise EmulatorError("--resume: the checkpoint was made with other blocks, seed, layout, init or batch "
+                                "shape; use the same settings or start fresh without --resume")
+    else:
+        hist["val"].append({"step": 0, "init": "copy", **d.validate(val, cfg)})
+        if cfg.init == "rescale":
+            t0 = time.perf_counter()
+            hist["rescale_factors"] = d.rescale(train[: cfg.batch_size * cfg.init_batches], cfg)
+            hist["rescale_s"] = time.perf_counter() - t0
+            log.info("residual rescaling factors %s", [round(f, 3) for f in hist["rescale_factors"]])
+            hist["val"].append({"step": 0, "init": "rescale", **d.validate(val, cfg)})
+    student.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    if cfg.resume:
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start, hist = ck["step"], ck["history"]
         log.info("resumed distillation at step %d", start)
-    else:
-        hist["val"].append({"step": 0, **d.validate(val, cfg)})
     os.makedirs(out_dir, exist_ok=True)
     per_epoch = max(1, len(train) // cfg.batch_size)
+    # The cache pays off once a block is seen twice: with more than one epoch of steps. (Decided on the
+    # whole run, not on what is left, so that a resumed run computes exactly what an uninterrupted one does.)
+    cache = None
+    if cfg.cache_teacher and cfg.steps > per_epoch and start < cfg.steps:
+        t0 = time.perf_counter()
+        cache = TeacherCache(d, train, cfg)
+        hist["teacher_cache_s"] = hist.get("teacher_cache_s", 0.0) + time.perf_counter() - t0
     bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
     for step in range(start, cfg.steps):
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        ids = train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]  # (B, T)
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        ids = train[idx]  # (B, T)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss, kd, lm = d.losses(ids, cfg)
-        loss.backward()
+        out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None)
+        out["loss"].backward()
         opt.step()
         sched.step()
-        hist["steps"].append({"step": step, "loss": float(loss.detach()), "kd": float(kd.detach()), "lm": float(lm.detach()),
+        hist["steps"].append({"step": step, **{k: float(v.detach()) for k, v in out.items()},
                               "wall_s": time.perf_counter() - t0})
         bar.update(1)
         bar.set_postfix(kd=f"{hist['steps'][-1]['kd']:.4f}", val_kd=f"{hist['val'][-1]['kd']:.4f}")

@@ -222,3 +222,88 @@ def test_fetch_without_emulator_says_what_to_do(tiny_models, server_factory, tmp
     server = server_factory(tiny_models["gpt2"], "--adapter-registry", str(tmp_path / "reg"))
     with pytest.raises(ServerError, match="cloud serve --emulator PKG"):
         fetch_emulator(server.tcfg(), str(tmp_path / "x"))
+
+
+def _distiller(path, keep=2):
+    from tandem.emulator.model import copy_blocks
+    from tandem.stages.arch import parts_of
+
+    loaded = load_model(path)
+    parts = parts_of(loaded.model)
+    layout = StageLayout.parse("2:2", loaded.config)
+    kept = kept_blocks(layout.middle_blocks, keep=keep)
+    return dmod.Distiller(parts, layout, kept, copy_blocks(parts, kept)), parts
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("norm", ["global", "token"])
+def test_rescaling_init_lowers_kd_loss_and_stays_standard_blocks(arch, norm, models8):
+    d, parts = _distiller(models8[arch])
+    with torch.no_grad():  # a redundant middle (blocks 3 and 4 repeat block 2): one kept block stands for three
+        for i in (3, 4):
+            parts.blocks[i].load_state_dict(parts.blocks[2].state_dict())
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, parts.config.vocab_size, (8, 32), generator=g)
+    cfg = DistillConfig(steps=0, batch_size=4, kd_norm=norm, init="rescale", progress=False)
+    before = {k: v.clone() for k, v in d.student.state_dict().items()}
+
+    def kd():
+        with torch.no_grad():
+            return float(d.losses(ids, cfg)["kd"])
+
+    kd0 = kd()
+    factors = d.rescale(ids, cfg)
+    assert len(factors) == 2 and factors[0] > 1.5  # block 2 now writes about three blocks' update
+    assert kd() < 0.7 * kd0
+    # Folded into the weights: only the residual output projections change, by the fitted factor.
+    after = d.student.state_dict()
+    assert after.keys() == before.keys()
+    outs = {"self_attn.o_proj", "mlp.down_proj", "attn.c_proj", "mlp.c_proj"}
+    for k, v in after.items():
+        j, rest = int(k.split(".")[0]), k.split(".", 1)[1]
+        if rest.rsplit(".", 1)[0] in outs:
+            assert torch.allclose(v, before[k] * factors[j], rtol=1e-5, atol=1e-7), k
+        else:
+            assert torch.equal(v, before[k]), k
+
+
+def test_per_token_kd_is_not_dominated_by_one_massive_token():
+    t = torch.randn(1, 8, 16)
+    t[:, 0] *= 1000.0  # an attention-sink-like token
+    s = t.clone()
+    s[:, 1:] = 0.0  # right only on the massive token
+    assert dmod.kd_loss(t, s) < 1e-3
+    assert dmod.kd_loss(t, s, per_token=True) == pytest.approx(7 / 8)
+
+
+def test_teacher_cache_gives_the_same_losses(models8):
+    d, parts = _distiller(models8["llama"])
+    ids = torch.randint(0, parts.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
+    cfg = DistillConfig(steps=0, batch_size=4, kl_weight=1.0, layer_weight=0.5, lm_weight=0.3, kd_norm="token")
+    cache = dmod.TeacherCache(d, ids, cfg)
+    idx = torch.tensor([5, 0, 3, 6])
+    a, b = d.losses(ids[idx], cfg), d.losses(ids[idx], cfg, cache.get(idx))
+    for k in ("loss", "kd", "lm", "kl", "layer"):
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+    assert float(a["kl"]) > 0 and float(a["layer"]) > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rescale_kl_and_layer_distillation_lowers_losses(arch, models8, sample_data, tmp_path):
+    cfg = DistillConfig(**{**DISTILL, "steps": 10}, init="rescale", kd_norm="token", kl_weight=1.0, layer_weight=1.0)
+    m = build_emulator(models8[arch], "2:2", str(tmp_path / "pkg"), sample_data, cfg, keep=2)
+    d = m["distillation"]
+    first, fitted, last = d["val"][0], d["val"][1], d["val"][-1]
+    assert first["init"] == "copy" and fitted["init"] == "rescale" and len(d["rescale_factors"]) == 2
+    assert last["kd"] < fitted["kd"] and last["kl"] < first["kl"], d["val"]
+    assert len(load_package(str(tmp_path / "pkg")).emulator_blocks()) == 2
+
+
+def test_distill_config_rejects_bad_new_options():
+    with pytest.raises(ValueError, match="init must be one of"):
+        DistillConfig(init="svd")
+    with pytest.raises(ValueError, match="kd_norm"):
+        DistillConfig(kd_norm="layer")
+    with pytest.raises(ValueError, match="not all 0"):
+        DistillConfig(kd_weight=0.0)
+    DistillConfig(kd_weight=0.0, kl_weight=1.0)  # KL alone is a valid objective
