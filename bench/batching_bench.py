@@ -145,6 +145,15 @@ def run(server, n: int, args) -> dict:
             "step_s_per_client": sum(walls) / n / args.steps, "total_s": time.perf_counter() - t0}
 
 
+def _batch_counters(port: int) -> tuple[float, float]:
+    """(passes, requests) of the batched server's batcher, from its Prometheus metrics."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("tandem_batched_")}
+    return vals.get("tandem_batched_passes", 0.0), vals.get("tandem_batched_requests", 0.0)
+
+
 def main(argv=None) -> int:
     """Runs the benchmark and prints the table."""
     args = parse_args(argv)
@@ -152,8 +161,13 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     os.makedirs(args.work, exist_ok=True)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        mport = sock.getsockname()[1]
     servers = {}
-    for name, extra in (("unbatched", ("--no-batching",)), ("batched", ())):
+    for name, extra in (("unbatched", ("--no-batching",)), ("batched", ("--metrics-port", str(mport)))):
         work = pathlib.Path(args.work) / name
         work.mkdir(parents=True, exist_ok=True)
         servers[name] = start_server(args.model, work, *extra, "--threads", str(args.threads), timeout=300)
@@ -162,10 +176,16 @@ def main(argv=None) -> int:
         for n in [int(x) for x in args.clients.split(",")]:
             row = {"clients": n}
             for name in ("unbatched", "batched"):
+                before = _batch_counters(mport) if name == "batched" else None
                 r = run(servers[name], n, args)
+                if before is not None:
+                    after = _batch_counters(mport)
+                    passes = after[0] - before[0]
+                    r["mean_requests_per_pass"] = (after[1] - before[1]) / passes if passes else None
                 row[name] = r
                 print(f"  {n} clients, {name}: {r['tokens_per_s']:.0f} tokens/s ({r['step_s_per_client']:.2f} s/step/client)", flush=True)
             row["ratio"] = row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"]
+            print(f"  {n} clients: {row['batched'].get('mean_requests_per_pass') or 0:.2f} requests per batched pass", flush=True)
             rows.append(row)
     finally:
         for s in servers.values():
@@ -177,9 +197,10 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
     print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps")
-    print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}")
+    print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}")
     for r in rows:
-        print(f"{r['clients']:>8}{r['unbatched']['tokens_per_s']:>18.0f}{r['batched']['tokens_per_s']:>16.0f}{r['ratio']:>20.2f}")
+        print(f"{r['clients']:>8}{r['unbatched']['tokens_per_s']:>18.0f}{r['batched']['tokens_per_s']:>16.0f}"
+              f"{r['ratio']:>20.2f}{r['batched'].get('mean_requests_per_pass') or 0:>15.2f}")
     return 0
 
 

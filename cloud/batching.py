@@ -74,28 +74,39 @@ class _Job:
     args: tuple
     member: str = ""
     future: Future = field(default_factory=Future)
+    t0: float = field(default_factory=time.monotonic)
 
 
 class Batcher:
     """The worker that runs batched forward and backward passes of a MiddleStage."""
 
-    def __init__(self, middle, cfg: BatchingConfig, saved_bytes=None):
+    def __init__(self, middle, cfg: BatchingConfig, saved_bytes=None, sessions=None):
         """Args:
             middle: The MiddleStage (callable as middle(h, attention_mask)).
             cfg: Batching limits.
             saved_bytes: Factory of a saved-tensor counter (pack/unpack/total) for memory accounting.
+            sessions: Callable giving the number of open sessions (one open session never waits).
         """
+        self.sessions = sessions
+        self._idle_since = time.monotonic()  # waits count from when the worker is free, not while it computes
+        self._running = False
         self.middle = middle
         self.cfg = cfg
         self.saved_bytes = saved_bytes
         self._jobs: list[_Job] = []
-        self._peers: dict[str, set[str]] = {}  # session -> the other sessions of its last training pass
+        # (key, session) -> sessions that ran a training forward of that key since the session's last one
+        self._since: dict[tuple, set[str]] = {}
         self._cv = threading.Condition()
         self._stop = False
         self.batches = 0  # batched passes run, for tests and metrics
         self.batched_requests = 0
         self._thread = threading.Thread(target=self._run, name="tandem-batcher", daemon=True)
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests are queued or a pass is running (a lone session then still goes through the worker)."""
+        return bool(self._jobs) or self._running
 
     # Request side ---------------------------------------------------------------------------
     def forward(self, h: torch.Tensor, mask: torch.Tensor, segment: Segment, lora: list[torch.Tensor], train: bool,
@@ -107,8 +118,8 @@ class Batcher:
             segment: The session's adapter and dropout, for the MultiBinding.
             lora: The session's remote-LoRA tensors in wire order [A0, B0, A1, B1, ...].
             train: Keep the graph for backward.
-            member: The session's id. Training sessions that shared a pass tend to stay in step, so the
-                worker waits (up to backward_wait_ms) for the other members of a session's last group.
+            member: The session's id. A training forward waits (up to backward_wait_ms) for the sessions
+                that ran between this session's last two forwards, so clients that cycle together meet.
 
         Returns:
             (output (b, T, H), Group or None, index in the group, compute seconds, forward-state bytes).
@@ -119,9 +130,11 @@ class Batcher:
     def forget(self, member: str) -> None:
         """Drops a closed session from the groups the worker waits for."""
         with self._cv:
-            self._peers.pop(member, None)
-            for peers in self._peers.values():
-                peers.discard(member)
+            for k in [k for k in self._since if k[1] == member]:
+                del self._since[k]
+            for seen in self._since.values():
+                seen.discard(member)
+            self._cv.notify_all()
 
     def backward(self, group: Group, index: int, grad_out: torch.Tensor):
         """Queues the backward of member `index` of `group`; returns (grad input, flat lora grads, compute seconds)."""
@@ -142,67 +155,81 @@ class Batcher:
             self._cv.notify_all()
 
     # Worker side ----------------------------------------------------------------------------
-    def _take(self, first: _Job, deadline: float, complete=None) -> list[_Job]:
-        """Pops `first` and every queued job with its key (within max_tokens), waiting until `deadline`.
+    def _pick(self) -> list[_Job] | float:
+        """Chooses the next batch, or returns how long to wait (s) before looking again. Holds the lock.
 
-        Returns early when `complete(batch)` says the batch cannot grow any more.
+        Backwards go first: they free memory and unblock their clients, whose next forwards are what
+        a waiting forward batch wants to meet. A backward waits (bounded) for the rest of its group.
+        A training forward waits (bounded) for the sessions that ran in between its session's last
+        two forwards: the clients that cycle with it. Anything else waits `window_ms`.
         """
-        batch, tokens = [first], first.tokens
-        self._jobs.remove(first)
-        while True:
-            for j in [j for j in self._jobs if j.key == first.key and j.kind == first.kind]:
-                if tokens + j.tokens > self.cfg.max_tokens:
-                    continue
-                self._jobs.remove(j)
-                batch.append(j)
-                tokens += j.tokens
-            if complete is not None and complete(batch):
-                return batch
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stop:
-                return batch
-            self._cv.wait(left)
+        now = time.monotonic()
+        first = next((j for j in self._jobs if j.kind == "backward"), None)
+        if first is not None:
+            group = first.args[0]
+            batch = [j for j in self._jobs if j.kind == "backward" and j.key == first.key]
+            deadline = max(first.t0, self._idle_since) + self.cfg.backward_wait_ms / 1000
+            if not self._group_complete(group, batch) and now < deadline and not self._stop:
+                return deadline - now
+        else:
+            first = self._jobs[0]
+            batch, tokens = [], 0
+            for j in self._jobs:
+                if j.key == first.key and tokens + j.tokens <= self.cfg.max_tokens:
+                    batch.append(j)
+                    tokens += j.tokens
+            want = self._since.get((first.key, first.member), set()) if first.key[1] else set()
+            full = tokens + min((j.tokens for j in batch), default=0) > self.cfg.max_tokens
+            alone = self.sessions is not None and self.sessions() <= 1  # no one else could join
+            wait_ms = self.cfg.backward_wait_ms if want else (0.0 if alone else self.cfg.window_ms)
+            deadline = max(first.t0, self._idle_since) + wait_ms / 1000
+            if not full and not want <= {j.member for j in batch} and now < deadline and not self._stop:
+                return deadline - now
+            if want and now >= deadline:  # those that did not come are not waited for again by this session
+                self._since[(first.key, first.member)] = {j.member for j in batch} - {first.member}
+        for j in batch:
+            self._jobs.remove(j)
+        return batch
+
+    def _cycled(self, key: tuple, members: set[str]) -> None:
+        """Records a training forward pass of `members` at `key` (their cycles restart; the others saw them run)."""
+        for (k, m), seen in self._since.items():
+            if k == key and m not in members:
+                seen |= members
+        for m in members:
+            self._since[(key, m)] = members - {m}
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stop:
-                    self._cv.wait()
-                if self._stop and not self._jobs:
-                    return
-                first = self._jobs[0]
-                if first.kind == "forward":
-                    peers = self._peers.get(first.member) if first.member and first.key[1] else None
-                    if peers:  # its last group is likely on its way: wait for it, within the bound
-                        batch = self._take(first, time.monotonic() + self.cfg.backward_wait_ms / 1000,
-                                           complete=lambda b, want=frozenset(peers): want <= {j.member for j in b})
-                        self._regroup(first.member, peers, batch)
-                    else:
-                        batch = self._take(first, time.monotonic() + self.cfg.window_ms / 1000)
-                else:
-                    group = first.args[0]
-                    batch = self._take(first, time.monotonic() + self.cfg.backward_wait_ms / 1000,
-                                       complete=lambda b, g=group: self._group_complete(g, b))
+                while True:
+                    if not self._jobs:
+                        if self._stop:
+                            return
+                        self._cv.wait()
+                        continue
+                    batch = self._pick()
+                    if isinstance(batch, list):
+                        break
+                    self._cv.wait(batch)
+                kind = batch[0].kind
+                self._running = True
+                if kind == "forward" and batch[0].key[1]:
+                    self._cycled(batch[0].key, {j.member for j in batch if j.member})
             try:
-                if first.kind == "forward":
+                if kind == "forward":
                     self._forward(batch)
                 else:
                     self._backward(batch)
                 self.batches += 1
                 self.batched_requests += len(batch)
             except BaseException as e:  # every waiting request gets the error; the worker lives on
-                log.warning("batched %s of %d requests failed: %s", first.kind, len(batch), type(e).__name__)
+                log.warning("batched %s of %d requests failed: %s", kind, len(batch), type(e).__name__)
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
-
-    def _regroup(self, member: str, peers: set[str], batch: list[_Job]) -> None:
-        """Peers that did not come in time are not waited for again (until they share a pass again)."""
-        came = {j.member for j in batch}
-        for p in peers - came:
-            peers.discard(p)
-            if p in self._peers:
-                self._peers[p].discard(member)
+            self._idle_since = time.monotonic()
+            self._running = False
 
     @staticmethod
     def _waiting(group: Group, i: int) -> bool:
@@ -238,11 +265,6 @@ class Batcher:
             with torch.enable_grad(), bind(binding), hooks:
                 out = self.middle(h_in, am)
             loras = [j.args[3] for j in batch]
-            members = {j.member for j in batch if j.member}
-            if len(members) > 1:
-                with self._cv:
-                    for m in members:
-                        self._peers[m] = members - {m}
             group = Group(h_in, out, [s.size for s in segments], loras)
             total = (saved.total if saved else 0) + h.nbytes + out.nbytes
         else:

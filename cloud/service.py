@@ -79,7 +79,8 @@ class BackboneService:
         self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
-        self.batcher = Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs)) if batching else None
+        self.batcher = (Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs), sessions=lambda: len(self.store))
+                        if batching else None)
         log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
                  layout.num_layers, layout.bottom, layout.top, len(self.all_slots))
 
@@ -152,7 +153,7 @@ class BackboneService:
         with s.lock:
             lora = self._lora_for(s, lora_version, lora_flat)
             gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
-            if self.batcher is not None:
+            if self.batcher is not None and (len(self.store) > 1 or self.batcher.busy):
                 return self._forward_batched(s, step, h, mask, lora, gen, train)
             t0 = time.perf_counter()
             binding = Binding(
