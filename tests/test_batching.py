@@ -22,8 +22,9 @@ def _services(model_dir, **batching):
     plain_m, batched_m = load_model(model_dir), load_model(model_dir)
     layout = StageLayout.parse("2:2", plain_m.config)
     plain = BackboneService(plain_m, layout, serve_client_files=False)
-    batched = BackboneService(batched_m, layout, serve_client_files=False,
-                              batching=BatchingConfig(window_ms=50, **batching))
+    # Generous waits: on a loaded machine the test's threads may start far apart; every member does come.
+    batching = {"window_ms": 500, "backward_wait_ms": 10_000, **batching}
+    batched = BackboneService(batched_m, layout, serve_client_files=False, batching=BatchingConfig(**batching))
     return plain, batched
 
 
@@ -166,7 +167,8 @@ def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    batched = server_factory(tiny_models["qwen2"], "--batch-window-ms", "30", "--metrics-port", str(port))
+    batched = server_factory(tiny_models["qwen2"], "--batch-window-ms", "300", "--batch-backward-wait-ms", "5000",
+                             "--metrics-port", str(port))
     got = both(batched)
     for seed in (1, 2):
         assert got[seed] == pytest.approx(ref[seed], rel=1e-5)
