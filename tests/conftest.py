@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from tiny import make_model  # noqa: E402
+from tiny import make_model
 
 ARCHS = ("llama", "qwen2", "gpt2")
 BIN = os.path.dirname(sys.executable)
@@ -124,3 +124,38 @@ def server_factory(tmp_path):
     yield make
     for s in started:
         s.stop()
+
+
+def split_losses(tcfg, data_dir: str, seed: int, steps: int, seq_len: int = 24, batch: int = 2, hook=None) -> list[float]:
+    """A short split run (LoRA r=4 on every slot, remote LoRA on the middle): the per-step training losses.
+
+    Survives a lost session the way `client tune` does (reopen and redo the step); `hook(step)` runs
+    before each step (tests kill replicas there).
+    """
+    import torch
+    from tandem.client.data import load_split
+    from tandem.client.staged import connect_split
+    from tandem.client.trainer import surviving_restarts
+    from tandem.client.transport import Transport
+    from tandem.stages.lora import LoraConfig
+
+    t = Transport(tcfg)
+    sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=seed)
+    data = load_split(data_dir, sm.tokenizer, seq_len, batch, seed, 0.1)
+    opt = torch.optim.AdamW(sm.adapter.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        if hook:
+            hook(step)
+
+        def one():
+            opt.zero_grad()
+            loss, _ = sm.loss(data.batch_at(step), step, seed, train=True)  # noqa: B023
+            loss.backward()
+            return loss
+
+        losses.append(float(surviving_restarts(sm, one).detach()))
+        opt.step()
+    sm.close()
+    t.close()
+    return losses

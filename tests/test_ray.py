@@ -9,16 +9,7 @@ import threading
 import time
 
 import pytest
-import torch
-
-from tandem.client.data import load_split
-from tandem.client.staged import connect_split
-from tandem.client.transport import Transport
-from tandem.stages.lora import LoraConfig
-
-from conftest import BIN
-
-LORA = LoraConfig(rank=4, alpha=8)
+from conftest import BIN, split_losses
 
 
 def _free_port() -> int:
@@ -45,28 +36,7 @@ def ray_cluster(tmp_path):
 
 
 def _train(server, data_dir, seed, steps, hook=None):
-    t = Transport(server.tcfg())
-    sm = connect_split(t, LORA, seed=seed)
-    data = load_split(data_dir, sm.tokenizer, 24, 2, seed, 0.1)
-    opt = torch.optim.AdamW(sm.adapter.parameters(), lr=1e-2)
-    from tandem.client.trainer import surviving_restarts
-
-    losses = []
-    for step in range(steps):
-        if hook:
-            hook(step)
-
-        def one():
-            opt.zero_grad()
-            loss, _ = sm.loss(data.batch_at(step), step, seed, train=True)  # noqa: B023
-            loss.backward()
-            return loss
-
-        losses.append(float(surviving_restarts(sm, one).detach()))
-        opt.step()
-    sm.close()
-    t.close()
-    return losses
+    return split_losses(server.tcfg(), data_dir, seed, steps, hook=hook)
 
 
 def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, server_factory, ray_cluster):

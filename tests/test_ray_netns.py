@@ -36,10 +36,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import BIN, Server
-from tandem.stages.lora import LoraConfig
+from conftest import BIN, Server, split_losses
 
-LORA = LoraConfig(rank=4, alpha=8)
 SEED, STEPS, SEQ_LEN, BATCH = 3, 4, 128, 4  # activations of 4 x 128 x 32 float32 = 64 KiB per hop
 HIDDEN = 32  # tests/tiny.py's hidden size
 GCS_PORT = 6379  # inside namespace A: no clash with anything outside it
@@ -196,30 +194,9 @@ def _start_server_in(ns: str, model_dir: str, tmp_path, *extra, timeout=240) -> 
 
 
 def _train(tcfg, data_dir: str, seed: int, steps: int, seq_len: int, batch: int) -> list[float]:
-    """A short split run (remote LoRA on the middle): the per-step training losses."""
-    from tandem.client.data import load_split
-    from tandem.client.staged import connect_split
-    from tandem.client.trainer import surviving_restarts
-    from tandem.client.transport import Transport
-
+    """A short split run (remote LoRA on the middle), one torch thread: the per-step training losses."""
     torch.set_num_threads(1)
-    t = Transport(tcfg)
-    sm = connect_split(t, LORA, seed=seed)
-    data = load_split(data_dir, sm.tokenizer, seq_len, batch, seed, 0.1)
-    opt = torch.optim.AdamW(sm.adapter.parameters(), lr=1e-2)
-    losses = []
-    for step in range(steps):
-        def one():
-            opt.zero_grad()
-            loss, _ = sm.loss(data.batch_at(step), step, seed, train=True)  # noqa: B023
-            loss.backward()
-            return loss
-
-        losses.append(float(surviving_restarts(sm, one).detach()))
-        opt.step()
-    sm.close()
-    t.close()
-    return losses
+    return split_losses(tcfg, data_dir, seed, steps, seq_len, batch)
 
 
 def _client_main(argv: list[str]) -> None:
