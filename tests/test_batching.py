@@ -150,11 +150,12 @@ def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tin
     import socket
     import urllib.request
 
-    from test_ray import _train
+    from conftest import split_losses
 
     def both(server):
         res = {}
-        ths = [threading.Thread(target=lambda s=seed: res.__setitem__(s, _train(server, sample_data, s, 4))) for seed in (1, 2)]
+        ths = [threading.Thread(target=lambda s=seed: res.__setitem__(s, split_losses(server.tcfg(), sample_data, s, 4)))
+               for seed in (1, 2)]
         for th in ths:
             th.start()
         for th in ths:
