@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generate-max-batch", type=int, default=32, help="Generate: most prompts decoded in one batch, and per request; default 32")
     s.add_argument("--generate-max-new-tokens", type=int, default=256, help="Generate: cap on new tokens per prompt; default 256")
     s.add_argument("--generate-adapter-cache", type=int, default=16, help="Generate: adapters kept loaded in memory (least recently used dropped); default 16")
-    s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; default 8")
+    s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; every waiting request holds one, so a batch can gather at most this many sessions; default 8")
     s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     s.set_defaults(func=_serve)
 
