@@ -88,10 +88,12 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None, listen="127.0.0.1:0") -> Server:
+def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None, listen="127.0.0.1:0",
+                 prefix=()) -> Server:
+    """Starts `cloud serve` (through `prefix`, e.g. `ip netns exec NS`) and waits for its ready line."""
     tls_dir = None if insecure else (tls_dir or str(tmp_path / "tls"))
     log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
-    cmd = [os.path.join(BIN, "cloud"), "serve", "--listen", listen, "--threads", "1"]
+    cmd = [*prefix, os.path.join(BIN, "cloud"), "serve", "--listen", listen, "--threads", "1"]
     if model_dir:
         cmd += ["--model", model_dir]
     cmd += ["--insecure"] if insecure else ["--tls-dir", tls_dir]

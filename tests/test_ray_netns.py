@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import BIN, Server, split_losses
+from conftest import BIN, Server, split_losses, start_server
 
 SEED, STEPS, SEQ_LEN, BATCH = 3, 4, 128, 4  # activations of 4 x 128 x 32 float32 = 64 KiB per hop
 HIDDEN = 32  # tests/tiny.py's hidden size
@@ -170,27 +170,7 @@ def ray_two_nodes(netns_pair):
 
 def _start_server_in(ns: str, model_dir: str, tmp_path, *extra, timeout=240) -> Server:
     """conftest.start_server, but inside network namespace `ns` (listening on its loopback)."""
-    tls_dir = str(tmp_path / "tls")
-    log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
-    cmd = _in(ns, os.path.join(BIN, "cloud"), "serve", "--listen", "127.0.0.1:0", "--threads", "1",
-              "--model", model_dir, "--tls-dir", tls_dir, *extra)
-    with open(log_path, "w") as logf:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True)
-    server = Server(proc, None, tls_dir, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                raise RuntimeError(f"cloud serve exited: {server.log()}")
-            continue
-        m = re.search(r"on (127\.0\.0\.1:\d+)", line)
-        if m:
-            server.addr = m.group(1)
-            return server
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"cloud serve did not start in time: {server.log()}")
+    return start_server(model_dir, tmp_path, *extra, timeout=timeout, prefix=_in(ns))
 
 
 def _train(tcfg, data_dir: str, seed: int, steps: int, seq_len: int, batch: int) -> list[float]:
