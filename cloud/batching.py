@@ -13,6 +13,7 @@ computing forms the next batch, so clients need not be in lock-step for their re
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -261,7 +262,7 @@ class Batcher:
             h_in = h.detach().requires_grad_(True)
             saved = self.saved_bytes() if self.saved_bytes else None
             hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if saved
-                     else _nullcontext())
+                     else contextlib.nullcontext())
             with torch.enable_grad(), bind(binding), hooks:
                 out = self.middle(h_in, am)
             loras = [j.args[3] for j in batch]
@@ -309,11 +310,3 @@ class Batcher:
                                  dt * j.tokens / n_tok))
         if not retain:
             group.out = group.h_in = None  # free the graph even if a member's Pending lingers
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
