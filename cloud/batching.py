@@ -21,7 +21,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-
 from tandem.stages.lora import Binding, MultiBinding, Segment, bind
 
 from .errors import StateEvicted
