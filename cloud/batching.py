@@ -109,14 +109,12 @@ class Batcher:
         return bool(self._jobs) or self._running
 
     # Request side ---------------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, mask: torch.Tensor, segment: Segment, lora: list[torch.Tensor], train: bool,
-                member: str = ""):
+    def forward(self, h: torch.Tensor, mask: torch.Tensor, segment: Segment, train: bool, member: str = ""):
         """Queues a forward of one session's batch.
 
         Args:
             h, mask: The session's hidden states (b, T, H) and padding mask (b, T).
-            segment: The session's adapter and dropout, for the MultiBinding.
-            lora: The session's remote-LoRA tensors in wire order [A0, B0, A1, B1, ...].
+            segment: The session's adapter (slots in wire order) and dropout, for the MultiBinding.
             train: Keep the graph for backward.
             member: The session's id. A training forward waits (up to backward_wait_ms) for the sessions
                 that ran between this session's last two forwards, so clients that cycle together meet.
@@ -124,7 +122,7 @@ class Batcher:
         Returns:
             (output (b, T, H), Group or None, index in the group, compute seconds, forward-state bytes).
         """
-        job = _Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment, lora), member=member)
+        job = _Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment), member=member)
         return self._submit(job)
 
     def forget(self, member: str) -> None:
@@ -264,7 +262,7 @@ class Batcher:
                      else contextlib.nullcontext())
             with torch.enable_grad(), bind(binding), hooks:
                 out = self.middle(h_in, am)
-            loras = [j.args[3] for j in batch]
+            loras = [[t for pair in seg.tensors.values() for t in pair] for seg in segments]  # wire order
             group = Group(h_in, out, [s.size for s in segments], loras)
             total = (saved.total if saved else 0) + h.nbytes + out.nbytes
         else:

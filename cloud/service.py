@@ -198,7 +198,7 @@ class BackboneService:
         """forward() through the batcher: this session's rows share one pass with other sessions'."""
         seg = Segment(h.shape[0], {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
                       s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen)
-        out, group, index, dt, nbytes = self.batcher.forward(h, mask, seg, lora, train, member=s.id)
+        out, group, index, dt, nbytes = self.batcher.forward(h, mask, seg, train, member=s.id)
         if train:
             p = Pending(None, out, lora, nbytes, group=group, index=index, session=s)
             try:

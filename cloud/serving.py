@@ -1,7 +1,6 @@
 """Serving tuned adapters: text generation over the one frozen model, requests for many adapters batched together."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -14,20 +13,19 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from tandem.stages.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CLIENT_BLOCKS
+from tandem.stages.adapter_files import CLIENT_BLOCKS
 from tandem.stages.arch import parts_of
-from tandem.stages.lora import LoRASlot, MultiBinding, Segment, bind, inject_slots
 from tandem.stages.loading import LoadedModel
+from tandem.stages.lora import LoRASlot, MultiBinding, Segment, bind, inject_slots, load_peft_tensors
 
 from .errors import CloudError, InvalidRequest, Overloaded
 from .offsite import OffsiteService
 
 log = logging.getLogger(__name__)
 
-_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+_KEY = re.compile(r"(.+)\.lora_([AB])\.weight")  # keys as load_peft_tensors returns them
 
 
 class AdapterNotFound(CloudError):
@@ -161,13 +159,11 @@ def load_served(name: str, sha256: str, directory: str, slots: set[str]) -> Serv
     if os.path.exists(os.path.join(directory, CLIENT_BLOCKS)):
         raise NotServable(f"adapter {name!r} also retunes whole client blocks ({CLIENT_BLOCKS}); serving shares one frozen "
                           "model, so only LoRA adapters can be served: tune without --tune-client-blocks and push again")
-    with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
-        cfg = json.load(f)
+    cfg, raw = load_peft_tensors(directory)
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise NotServable(f"adapter {name!r} uses DoRA or per-module ranks/alphas; serving supports plain LoRA with one r and alpha")
     rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    raw = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         m = _KEY.fullmatch(key)

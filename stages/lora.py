@@ -138,7 +138,7 @@ class MultiBinding:
     def batch(self) -> int:
         return sum(self.sizes)
 
-    def _stack(self, name: str, in_f: int, out_f: int, like: torch.Tensor):
+    def _stack(self, name: str, like: torch.Tensor):
         if name not in self._stacked:
             present = [i for i, s in enumerate(self.segments) if name in s.tensors]
             if not present:
@@ -160,9 +160,9 @@ class MultiBinding:
             self._plans[key] = plan_segments(ids, n_adapters)
         return self._plans[key]
 
-    def delta(self, name: str, x: torch.Tensor, in_f: int, out_f: int) -> torch.Tensor | None:
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA delta of slot `name` for x (B, T, in), or None when no segment adapts it."""
-        stacked = self._stack(name, in_f, out_f, x)
+        stacked = self._stack(name, x)
         if stacked is None:
             return None
         a, b, scal, seg_ads = stacked
@@ -191,7 +191,7 @@ class LoRASlot(nn.Module):
         if binding is None:
             return out
         if isinstance(binding, MultiBinding):
-            d = binding.delta(self.slot_name, x, self.in_features, self.out_features)
+            d = binding.delta(self.slot_name, x)
             return out if d is None else out + d
         ab = binding.tensors.get(self.slot_name)
         if ab is None:
