@@ -100,6 +100,7 @@ class Batcher:
         self._stop = False
         self.batches = 0  # batched passes run, for tests and metrics
         self.batched_requests = 0
+        self.compute_s = 0.0  # seconds spent in passes; over wall time, the worker's busy share
         self._thread = threading.Thread(target=self._run, name="tandem-batcher", daemon=True)
         self._thread.start()
 
@@ -214,6 +215,7 @@ class Batcher:
                 self._running = True
                 if kind == "forward" and batch[0].key[1]:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
+            t_pass = time.perf_counter()
             try:
                 if kind == "forward":
                     self._forward(batch)
@@ -226,6 +228,7 @@ class Batcher:
                 for j in batch:
                     if not j.future.done():
                         j.future.set_exception(e)
+            self.compute_s += time.perf_counter() - t_pass
             self._idle_since = time.monotonic()
             self._running = False
 

@@ -21,6 +21,9 @@ class Metrics:
         self.state_bytes = Gauge("tandem_forward_state_bytes", "Forward state held for backward", registry=r)
         self.batch_passes = Gauge("tandem_batched_passes", "Passes of the middle run by the batcher", registry=r)
         self.batch_requests = Gauge("tandem_batched_requests", "Requests those passes served (ratio: mean batch)", registry=r)
+        self.batch_compute = Gauge("tandem_batched_compute_seconds",
+                                   "Seconds the batcher's worker spent computing passes (over wall time: its busy share)",
+                                   registry=r)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Exposes /metrics over HTTP on addr:port."""

@@ -70,6 +70,7 @@ def _guard(method):
             if batcher is not None:
                 self.metrics.batch_passes.set(batcher.batches)
                 self.metrics.batch_requests.set(batcher.batched_requests)
+                self.metrics.batch_compute.set(batcher.compute_s)
 
     return wrapper
 

@@ -175,3 +175,4 @@ def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tin
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("tandem_batched_")}
     assert vals["tandem_batched_requests"] > vals["tandem_batched_passes"] > 0, "some passes served both clients"
+    assert 0 < vals["tandem_batched_compute_seconds"] < 300, "the worker's compute time is counted, in seconds"
