@@ -238,7 +238,7 @@ class Batcher:
         if group.done[i]:
             return False
         p = group.pending[i]
-        if p is None:  # forward returned but the state is not stored yet: it will be
+        if p is None or p.taken:  # not stored yet (it will be), or its backward is on its way here
             return True
         return any(q is p for q in list(p.session.pending.values()))
 

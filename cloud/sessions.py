@@ -49,6 +49,7 @@ class Pending:
     group: object = None  # tandem.cloud.batching.Group when the forward ran in a batch; h_in is then None
     index: int = 0  # this session's place in the group
     session: object = None  # the Session (the batcher checks whether this state still waits)
+    taken: bool = False  # taken from the store by a backward request that has not reached the batcher yet
 
 
 @dataclass
@@ -150,6 +151,7 @@ class SessionStore:
                 f"one step needs {p.nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
                 f"{self.cfg.memory_bytes / 2**20:.2f} MiB; use a smaller --batch-size or --seq-len"
             )
+        p.taken = False
         with self._lock:
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
@@ -171,6 +173,7 @@ class SessionStore:
         with self._lock:
             if step in s.pending:
                 p = s.pending[step]
+                p.taken = True  # before the release: whoever sees it gone from the store also sees this
                 self._release(s, step)
                 return p
             if step in s.evicted:

@@ -126,6 +126,28 @@ def test_late_member_keeps_the_graph_and_a_lone_session_is_bit_exact(tiny_models
     batched.stop()
 
 
+def test_a_backward_on_its_way_keeps_the_group_graph(tiny_models):
+    """A member whose backward request has taken its state from the store, but not yet reached the batcher,
+    still counts as waiting: the group's other backward must not free the graph under it (a race seen with
+    clients in separate processes)."""
+    plain, batched = _services(tiny_models["qwen2"], backward_wait_ms=30)
+    specs = [(1, 10, LoraConfig(rank=4, alpha=8)), (1, 10, LoraConfig(rank=4, alpha=8))]
+    cl = _clients((plain, batched), specs, seed=3)
+    want = []
+    for sids, flat, h, mask, g in cl:
+        plain.forward(OWNER, sids[0], 2, h, mask, 0, flat, 0, True)
+        want.append(plain.backward(OWNER, sids[0], 2, g))
+    _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], 2, c[2], c[3], 0, c[1], 0, True) for c in cl])
+    # The first member's request thread has taken its state (as service.backward does first) and is paused.
+    first = batched.store.take(batched.store.get(cl[0][0][1], OWNER), 2)
+    assert first.group is not None, "the two forwards ran as one batch"
+    second = batched.backward(OWNER, cl[1][0][1], 2, cl[1][4])
+    assert _close(second[0], want[1][0]) and _close(second[1], want[1][1])
+    got = batched.batcher.backward(first.group, first.index, cl[0][4])  # not StateEvicted
+    assert _close(got[0], want[0][0]) and _close(got[1], want[0][1])
+    batched.stop()
+
+
 def test_closed_member_does_not_block_its_group(tiny_models):
     _, batched = _services(tiny_models["gpt2"], backward_wait_ms=10_000)
     specs = [(1, 8, LoraConfig(rank=4, alpha=8)), (1, 8, LoraConfig(rank=4, alpha=8))]
