@@ -6,9 +6,9 @@ Two real `cloud serve` processes (mutual TLS, sealing) run side by side on the s
 coordinated batching (the default) and one with --no-batching. For each client count, both get the
 same load in turn, so compare the ratio column; absolute rates depend on this machine.
 
-By default the clients are *replay clients*: each opens its own session with its own remote LoRA
-and sends real-sized Forward and Backward requests (hidden states, output gradients, and a changed
-LoRA every step, as a training client does) without computing its own stages. That measures what
+By default the clients are *replay clients*, one process each: each opens its own session with its
+own remote LoRA and sends real-sized Forward and Backward requests (hidden states, output gradients,
+and a changed LoRA every step, as a training client does) without computing its own stages. That measures what
 batching changes, the cloud's throughput, without the clients' embeddings and LM head competing
 for the server's cores: on a real deployment they run on the data owners' machines. --end-to-end
 runs real split-tuning clients (threads of this process) instead; on a 2-core machine their own
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -50,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="timed steps per client (after one warm-up step); default 4")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server; default 2")
     p.add_argument("--end-to-end", action="store_true", help="real split-tuning clients instead of replay clients")
+    p.add_argument("--reps", type=int, default=3,
+                   help="alternating repetitions per client count; the table shows medians; default 3")
+    p.add_argument("--compute-reps", type=int, default=3,
+                   help="repetitions of the in-process compute-gain measurement (0 skips it); default 3")
     p.add_argument("--work", default=os.path.join(HERE, "out", "batching_bench"), help="scratch directory")
     p.add_argument("--json", default=os.path.join(HERE, "out", "batching_bench.json"), help="where to write results")
     return p.parse_args(argv)
@@ -58,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 class ReplayClient:
     """A training client's traffic without its compute: real-sized requests on its own session."""
 
-    def __init__(self, server, args, seed: int):
-        self.t = Transport(server.tcfg())
+    def __init__(self, tcfg, args, seed: int):
+        self.t = Transport(tcfg)
         first = open_session(self.t, LORA)
         info = first.info
         self.hidden = json.loads(info.model_config_json).get("hidden_size") or json.loads(info.model_config_json)["n_embd"]
@@ -87,8 +92,8 @@ class ReplayClient:
 class RealClient:
     """A split-tuning client: its own stages, adapter and optimizer."""
 
-    def __init__(self, server, args, seed: int):
-        self.t = Transport(server.tcfg())
+    def __init__(self, tcfg, args, seed: int):
+        self.t = Transport(tcfg)
         self.sm = connect_split(self.t, LORA, seed=seed)
         gen = torch.Generator().manual_seed(seed)
         vocab = self.sm.config.vocab_size
@@ -108,50 +113,153 @@ class RealClient:
         self.t.close()
 
 
-def run(server, n: int, args) -> dict:
-    """n clients at once, `args.steps` timed steps each; returns aggregate tokens/s."""
-    kind = RealClient if args.end_to_end else ReplayClient
-    clients = [kind(server, args, seed) for seed in range(n)]
-    barrier = threading.Barrier(n)
-    walls = [0.0] * n
-    errors = []
-
-    def go(i):
-        try:
-            c = clients[i]
-            c.step(0)  # warm-up (also sends the LoRA the first time)
-            barrier.wait()
-            t0 = time.perf_counter()
-            for s in range(1, args.steps + 1):
-                c.step(s)
-            walls[i] = time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001 - reported after join
-            errors.append(repr(e))
-            barrier.abort()
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+def _client_loop(c, args, barrier) -> float:
+    """One warm-up step (it also sends the LoRA the first time), then the timed steps; returns their wall time."""
+    c.step(0)
+    barrier.wait()
     t0 = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    for c in clients:
+    for s in range(1, args.steps + 1):
+        c.step(s)
+    return time.perf_counter() - t0
+
+
+def _replay_process(tcfg, args, seed: int, barrier, results) -> None:
+    """A replay client in its own process, as a separate data owner would be (no GIL shared with the others)."""
+    torch.set_num_threads(1)
+    try:
+        c = ReplayClient(tcfg, args, seed)
+        wall = _client_loop(c, args, barrier)
         c.close()
+        results.put((seed, wall, c.tokens, None))
+    except Exception as e:  # noqa: BLE001 - reported by the parent
+        barrier.abort()
+        results.put((seed, 0.0, 0, repr(e)))
+
+
+def run(server, n: int, args, counters=None) -> dict:
+    """n clients at once, `args.steps` timed steps each; returns aggregate tokens/s.
+
+    Replay clients run one process each; real clients (--end-to-end) are threads of this process.
+    counters: for the batched server, a function reading its batcher's counters; they are read when the
+    timed steps start (this process joins the clients' barrier) and when they end.
+    """
+    t0 = time.perf_counter()
+    if args.end_to_end:
+        clients = [RealClient(server.tcfg(), args, seed) for seed in range(n)]
+        barrier = threading.Barrier(n + 1)
+        walls, errors = [0.0] * n, []
+
+        def go(i):
+            try:
+                walls[i] = _client_loop(clients[i], args, barrier)
+            except Exception as e:  # noqa: BLE001 - reported after join
+                errors.append(repr(e))
+                barrier.abort()
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(n)]
+        for th in threads:
+            th.start()
+        before = _start(barrier, counters)
+        for th in threads:
+            th.join()
+        after = counters() if counters else None
+        for c in clients:
+            c.close()
+        tokens = sum(c.tokens for c in clients) * args.steps
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        barrier, results = ctx.Barrier(n + 1), ctx.Queue()
+        procs = [ctx.Process(target=_replay_process, args=(server.tcfg(), args, seed, barrier, results)) for seed in range(n)]
+        for pr in procs:
+            pr.start()
+        before = _start(barrier, counters)
+        got = [results.get(timeout=1800) for _ in procs]
+        after = counters() if counters else None
+        for pr in procs:
+            pr.join()
+        walls = [w for _, w, _, _ in got]
+        errors = [e for _, _, _, e in got if e]
+        tokens = sum(k for _, _, k, _ in got) * args.steps
     if errors:
         raise RuntimeError(errors[0])
-    tokens = sum(c.tokens for c in clients) * args.steps
     wall = max(walls)
-    return {"clients": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "step_s_per_client": sum(walls) / n / args.steps, "total_s": time.perf_counter() - t0}
+    out = {"clients": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+           "step_s_per_client": sum(walls) / n / args.steps, "total_s": time.perf_counter() - t0}
+    if before is not None and after is not None:
+        passes = after[0] - before[0]
+        out["mean_requests_per_pass"] = (after[1] - before[1]) / passes if passes else None
+        out["worker_busy_share"] = (after[2] - before[2]) / wall
+    return out
 
 
-def _batch_counters(port: int) -> tuple[float, float]:
-    """(passes, requests) of the batched server's batcher, from its Prometheus metrics."""
+def _start(barrier, counters):
+    """Releases the clients into their timed steps; returns the counters at that moment (or None)."""
+    try:
+        barrier.wait(timeout=1800)
+    except threading.BrokenBarrierError:
+        return None  # a client failed; its error is reported after the join
+    return counters() if counters else None
+
+
+def _batch_counters(port: int) -> tuple[float, float, float]:
+    """(passes, requests, compute seconds) of the batched server's batcher, from its Prometheus metrics."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("tandem_batched_")}
-    return vals.get("tandem_batched_passes", 0.0), vals.get("tandem_batched_requests", 0.0)
+    return (vals.get("tandem_batched_passes", 0.0), vals.get("tandem_batched_requests", 0.0),
+            vals.get("tandem_batched_compute_seconds", 0.0))
+
+
+def compute_gain(args, counts: list[int]) -> list[dict]:
+    """What batching gains in the compute alone: the frozen middle's forward+backward, in this process, on n
+    sessions' inputs one after another vs concatenated into one pass (no RPC, no LoRA, no scheduling, no
+    concurrency). Where it is near 1 the matrix products are already compute-bound and grouping rows saves
+    little. The servers' ratio can differ either way: the batched server pays the clients' I/O between passes,
+    and the unbatched one pays for its concurrent passes competing for the cores.
+    """
+    from tandem.stages.arch import parts_of
+    from tandem.stages.loading import load_model
+    from tandem.stages.modules import MiddleStage, StageLayout
+
+    torch.set_num_threads(args.threads)
+    lm = load_model(args.model)
+    mid = MiddleStage(parts_of(lm.model), StageLayout.parse("2:2", lm.config).middle_blocks)
+    hidden = lm.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for n in counts:
+        hs = [torch.randn(args.batch, args.seq, hidden, generator=gen) for _ in range(n)]
+        am = torch.ones(args.batch, args.seq, dtype=torch.long)
+
+        def one(h, mask):
+            h = h.clone().requires_grad_(True)
+            y = mid(h, mask)
+            y.backward(torch.ones_like(y))
+            return h.grad
+
+        def separate():
+            for h in hs:
+                one(h, am)
+
+        def together():
+            one(torch.cat(hs), am.repeat(n, 1))
+
+        one(hs[0], am)  # warm-up
+        times = {"separate": [], "together": []}
+        for _ in range(args.compute_reps):
+            for name, fn in (("separate", separate), ("together", together)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        sep, tog = min(times["separate"]), min(times["together"])
+        out.append({"clients": n, "separate_s": sep, "together_s": tog, "ratio": sep / tog})
+        print(f"  compute gain, {n} sessions: separate {sep:.3f} s, one pass {tog:.3f} s, {sep / tog:.2f}x", flush=True)
+    del mid, lm
+    torch.set_num_threads(1)
+    return out
 
 
 def main(argv=None) -> int:
@@ -159,6 +267,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import pathlib
 
+    counts = [int(x) for x in args.clients.split(",")]
+    ceil = compute_gain(args, counts) if args.compute_reps > 0 else []
     torch.set_num_threads(1)
     os.makedirs(args.work, exist_ok=True)
     import socket
@@ -173,34 +283,48 @@ def main(argv=None) -> int:
         servers[name] = start_server(args.model, work, *extra, "--threads", str(args.threads), timeout=300)
     rows = []
     try:
-        for n in [int(x) for x in args.clients.split(",")]:
-            row = {"clients": n}
+        for n in counts:
+            row = {"clients": n, "unbatched": {"reps": []}, "batched": {"reps": []}}
+            for _ in range(args.reps):  # alternating, so that drift in the machine's load hits both alike
+                for name in ("unbatched", "batched"):
+                    r = run(servers[name], n, args, (lambda: _batch_counters(mport)) if name == "batched" else None)
+                    row[name]["reps"].append(r)
+                    busy = f", worker busy {r['worker_busy_share']:.0%}" if r.get("worker_busy_share") is not None else ""
+                    print(f"  {n} clients, {name}: {r['tokens_per_s']:.0f} tokens/s ({r['step_s_per_client']:.2f} s/step/client{busy})",
+                          flush=True)
             for name in ("unbatched", "batched"):
-                before = _batch_counters(mport) if name == "batched" else None
-                r = run(servers[name], n, args)
-                if before is not None:
-                    after = _batch_counters(mport)
-                    passes = after[0] - before[0]
-                    r["mean_requests_per_pass"] = (after[1] - before[1]) / passes if passes else None
-                row[name] = r
-                print(f"  {n} clients, {name}: {r['tokens_per_s']:.0f} tokens/s ({r['step_s_per_client']:.2f} s/step/client)", flush=True)
+                reps = row[name]["reps"]
+                row[name]["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in reps)
+                if name == "batched":
+                    rpp = [r["mean_requests_per_pass"] for r in reps if r.get("mean_requests_per_pass")]
+                    row[name]["mean_requests_per_pass"] = statistics.median(rpp) if rpp else None
             row["ratio"] = row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"]
-            print(f"  {n} clients: {row['batched'].get('mean_requests_per_pass') or 0:.2f} requests per batched pass", flush=True)
+            row["ratio_per_rep"] = [b["tokens_per_s"] / u["tokens_per_s"]
+                                    for u, b in zip(row["unbatched"]["reps"], row["batched"]["reps"])]
+            print(f"  {n} clients: {row['batched'].get('mean_requests_per_pass') or 0:.2f} requests per batched pass, "
+                  f"ratio of medians {row['ratio']:.2f}", flush=True)
             rows.append(row)
     finally:
         for s in servers.values():
             s.stop()
-    res = {"settings": vars(args), "rows": rows,
+    res = {"settings": vars(args), "rows": rows, "compute_gain": ceil,
            "what": "end-to-end split tuning (clients share this machine's cores)" if args.end_to_end
            else "cloud throughput: replay clients send real-sized requests without their own compute"}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
-    print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps")
-    print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}")
+    print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps, median of {args.reps}")
+    limit = {c["clients"]: c["ratio"] for c in ceil}
+    print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}"
+          f"{'compute gain':>14}")
     for r in rows:
+        c = limit.get(r["clients"])
         print(f"{r['clients']:>8}{r['unbatched']['tokens_per_s']:>18.0f}{r['batched']['tokens_per_s']:>16.0f}"
-              f"{r['ratio']:>20.2f}{r['batched'].get('mean_requests_per_pass') or 0:>15.2f}")
+              f"{r['ratio']:>20.2f}{r['batched'].get('mean_requests_per_pass') or 0:>15.2f}"
+              f"{(f'{c:.2f}x' if c else '-'):>14}")
+    if ceil:
+        print("compute gain: the middle's forward+backward on all clients' rows in one pass vs one pass each, in this "
+              "process, without RPC or concurrency")
     return 0
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -15,10 +14,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# Public text for distillation: the docstrings of standard-library modules (real prose, written by people).
-PUBLIC_MODULES = ("argparse", "collections", "functools", "itertools", "logging", "pathlib", "re", "subprocess",
-                  "typing", "unittest", "json", "textwrap", "shutil", "email.message", "http.client", "csv",
-                  "datetime", "decimal", "fractions", "heapq", "inspect", "threading", "asyncio.tasks", "zipfile")
+# Public text for distillation: the docstrings of the standard library's modules, classes and functions
+# (real prose, written by people; about 416k SmolLM2 tokens). pydoc_data, the data owner's text, is excluded.
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "idlelib",
+             "turtledemo", "ensurepip", "pydoc_data"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", choices=("copy", "rescale"), default="copy",
                    help="emulator init: kept blocks as they are, or residual updates rescaled to fit the teacher; default copy "
                         "(rescale starts lower but ended worse after 60 KD steps)")
+    p.add_argument("--package", default=None,
+                   help="reuse this emulator package (from an earlier run) instead of distilling one; the KD settings "
+                        "above are then ignored, and the package's manifest says how it was made")
     p.add_argument("--tune-steps", type=int, default=40, help="tuning steps of each tuned setting; default 40")
     p.add_argument("--lr", type=float, default=1e-3, help="tuning learning rate; default 1e-3")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the adapter blocks; default 8")
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seqs", type=int, default=24, help="held-out real-text sequences for perplexity; default 24")
     p.add_argument("--qa-train", type=int, default=300, help="generated arithmetic questions to tune on; default 300")
     p.add_argument("--qa-test", type=int, default=60, help="held-out arithmetic questions for accuracy; default 60")
+    p.add_argument("--cost-reps", type=int, default=10,
+                   help="training steps per model, alternating, for the side-by-side step-time ratio; default 10")
     p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
     p.add_argument("--seed", type=int, default=0, help="seed; default 0")
     p.add_argument("--work", default=os.path.join(HERE, "out", "offsite_table"), help="scratch directory")
@@ -56,20 +60,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def public_text() -> list[str]:
-    """Docstrings of standard-library modules and their public members."""
-    import importlib
+def public_text(min_len: int = 40) -> list[str]:
+    """Docstrings of the standard library, one text per source file, read with ast (nothing is imported)."""
+    import ast
+    import sysconfig
 
+    root = sysconfig.get_paths()["stdlib"]
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     out = []
-    for name in PUBLIC_MODULES:
-        mod = importlib.import_module(name)
-        docs = [inspect.getdoc(mod) or ""]
-        for attr in sorted(dir(mod)):
-            if not attr.startswith("_"):
-                obj = getattr(mod, attr)
-                if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == mod.__name__:
-                    docs.append(inspect.getdoc(obj) or "")
-        out.append("\n\n".join(d for d in docs if len(d) > 40))
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for fn in sorted(f for f in filenames if f.endswith(".py")):
+            try:
+                with open(os.path.join(dirpath, fn), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            docs = [d for d in (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)) if d and len(d) >= min_len]
+            if docs:
+                out.append("\n\n".join(docs))
     return out
 
 
@@ -166,6 +175,36 @@ def accuracy(sm, qa, tok, batch_size: int = 16) -> float:
     return right / len(qa)
 
 
+def step_costs(models: dict, batch: dict, reps: int) -> dict:
+    """Per-step client compute of each model, side by side: FLOPs of one training step and the median wall time.
+
+    A training step is the forward, the loss and the backward into the adapter. FLOPs are counted by torch's
+    FlopCounterMode (matrix products and attention), so they do not depend on how busy the machine is; the wall
+    times alternate between the models so that drift in the machine's load hits both alike.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def step(sm):
+        loss, _ = sm.loss(batch, 0, 0, train=True)
+        loss.backward()
+        for p in sm.adapter.parameters():
+            p.grad = None
+
+    flops = {}
+    for k, sm in models.items():
+        with FlopCounterMode(display=False) as fc:
+            step(sm)
+        flops[k] = fc.get_total_flops()
+    walls = {k: [] for k in models}
+    for _ in range(reps):
+        for k, sm in models.items():
+            t0 = time.perf_counter()
+            step(sm)
+            walls[k].append(time.perf_counter() - t0)
+    return {"flops": flops, "wall_s_median": {k: statistics.median(v) for k, v in walls.items()}, "reps": reps}
+
+
 def main(argv=None) -> int:
     """Runs the protocol and writes the JSON and a table."""
     args = parse_args(argv)
@@ -177,6 +216,7 @@ def main(argv=None) -> int:
     from tandem.client.trainer import TuneConfig, tune
     from tandem.emulator.build import build_emulator
     from tandem.emulator.distill import DistillConfig
+    from tandem.emulator.package import load_package
     from tandem.stages.loading import default_model_dir
     from tandem.stages.lora import LoraConfig
 
@@ -185,9 +225,9 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(args.model or default_model_dir())
     pub, priv, qa_test, eval_ids = write_data(args, tok)
     lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets.split(",")))
-    pkg = os.path.join(args.work, "pkg")
+    pkg = args.package or os.path.join(args.work, "pkg")
     t0 = time.perf_counter()
-    manifest = build_emulator(args.model, args.client_blocks, pkg, pub,
+    manifest = load_package(pkg).manifest if args.package else build_emulator(args.model, args.client_blocks, pkg, pub,
                               DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.kd_lr, max_val_batches=4,
                                             warmup=max(1, args.kd_steps // 10), lm_weight=args.lm_weight,
                                             kl_weight=args.kl_weight, layer_weight=args.layer_weight,
@@ -211,6 +251,10 @@ def main(argv=None) -> int:
         rows[key] = {"ppl": perplexity(sm, eval_ids, args.batch_size), "acc": accuracy(sm, qa_test, tok)}
         print(key, rows[key], flush=True)
 
+    costs = step_costs({"offsite": emu, "full": full}, {"input_ids": eval_ids[: args.batch_size],
+                                                         "attention_mask": torch.ones_like(eval_ids[: args.batch_size]),
+                                                         "labels": eval_ids[: args.batch_size]}, args.cost_reps)
+    print("per-step client compute", costs, flush=True)
     measure("full_zero_shot", full)
     measure("emulator_zero_shot", emu)
     load_adapter(emu, os.path.join(args.work, "offsite", "adapter"))
@@ -229,15 +273,18 @@ def main(argv=None) -> int:
         "model_id": manifest["model_id"],
         "kept_middle_blocks": manifest["kept_middle_blocks"],
         "distillation": {k: manifest["distillation"].get(k) for k in ("val_kd_before", "val_kd_after", "val", "rescale_factors",
-                                                                        "teacher_cache_s")} | {"wall_s": kd_s},
+                                                                        "teacher_cache_s", "config")}
+                        | {"wall_s": None if args.package else kd_s, "package": pkg},
         "table": rows,
         "aims": {
             "emulator_zero_shot_ppl_worse_by": rows["emulator_zero_shot"]["ppl"] / rows["full_zero_shot"]["ppl"] - 1,
             "plug_in_recovers_share_of_ft_gain": gain_pi / gain_ft if gain_ft > 0 else None,
             "package_share_of_model_params": p["package_share_of_model"],
-            "offsite_step_over_full_step": step["offsite"] / step["full"],
+            "offsite_step_flops_over_full_step_flops": costs["flops"]["offsite"] / costs["flops"]["full"],
+            "offsite_step_wall_over_full_step_wall": costs["wall_s_median"]["offsite"] / costs["wall_s_median"]["full"],
         },
-        "step_wall_s_median": step,
+        "step_costs": costs,
+        "tune_step_wall_s_median": step,
         "package": {"params": p, "bytes": manifest["bytes"]["total"]},
         "adapter_trainable_params": runs["offsite"]["adapter"]["trainable_params"],
         "tune_validation": {k: r["validation"] for k, r in runs.items()},
