@@ -99,15 +99,22 @@ def test_batched_forward_and_backward_equal_unbatched(arch, tiny_models):
     batched.stop()
 
 
-def test_late_member_keeps_the_graph_and_a_lone_session_is_bit_exact(tiny_models):
-    plain, batched = _services(tiny_models["llama"], backward_wait_ms=30)
-    specs = [(2, 12, LoraConfig(rank=4, alpha=8)), (2, 12, LoraConfig(rank=4, alpha=8))]
-    cl = _clients((plain, batched), specs, seed=1)
+def _pair_in_one_batch(arch_dir, shape, seed, step):
+    """Two sessions on a plain and a batching service (30 ms backward wait); the plain service's results as
+    reference, and both sessions' forwards of `step` run as one batch. Returns (plain, batched, clients, want)."""
+    plain, batched = _services(arch_dir, backward_wait_ms=30)
+    specs = [(*shape, LoraConfig(rank=4, alpha=8)), (*shape, LoraConfig(rank=4, alpha=8))]
+    cl = _clients((plain, batched), specs, seed=seed)
     want = []
     for sids, flat, h, mask, g in cl:
-        plain.forward(OWNER, sids[0], 5, h, mask, 0, flat, 0, True)
-        want.append(plain.backward(OWNER, sids[0], 5, g))
-    _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], 5, c[2], c[3], 0, c[1], 0, True) for c in cl])
+        plain.forward(OWNER, sids[0], step, h, mask, 0, flat, 0, True)
+        want.append(plain.backward(OWNER, sids[0], step, g))
+    _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], step, c[2], c[3], 0, c[1], 0, True) for c in cl])
+    return plain, batched, cl, want
+
+
+def test_late_member_keeps_the_graph_and_a_lone_session_is_bit_exact(tiny_models):
+    plain, batched, cl, want = _pair_in_one_batch(tiny_models["llama"], (2, 12), seed=1, step=5)
     # Only the first member sends its backward; it waits 30 ms for the second, then runs alone.
     first = batched.backward(OWNER, cl[0][0][1], 5, cl[0][4])
     assert _close(first[0], want[0][0]) and _close(first[1], want[0][1])
@@ -130,17 +137,10 @@ def test_a_backward_on_its_way_keeps_the_group_graph(tiny_models):
     """A member whose backward request has taken its state from the store, but not yet reached the batcher,
     still counts as waiting: the group's other backward must not free the graph under it (a race seen with
     clients in separate processes)."""
-    plain, batched = _services(tiny_models["qwen2"], backward_wait_ms=30)
-    specs = [(1, 10, LoraConfig(rank=4, alpha=8)), (1, 10, LoraConfig(rank=4, alpha=8))]
-    cl = _clients((plain, batched), specs, seed=3)
-    want = []
-    for sids, flat, h, mask, g in cl:
-        plain.forward(OWNER, sids[0], 2, h, mask, 0, flat, 0, True)
-        want.append(plain.backward(OWNER, sids[0], 2, g))
-    _concurrently([lambda c=c: batched.forward(OWNER, c[0][1], 2, c[2], c[3], 0, c[1], 0, True) for c in cl])
+    _, batched, cl, want = _pair_in_one_batch(tiny_models["qwen2"], (1, 10), seed=3, step=2)
     # The first member's request thread has taken its state (as service.backward does first) and is paused.
     first = batched.store.take(batched.store.get(cl[0][0][1], OWNER), 2)
-    assert first.group is not None, "the two forwards ran as one batch"
+    assert first.group is not None and len(first.group.sizes) == 2, "the two forwards ran as one batch"
     second = batched.backward(OWNER, cl[1][0][1], 2, cl[1][4])
     assert _close(second[0], want[1][0]) and _close(second[1], want[1][1])
     got = batched.batcher.backward(first.group, first.index, cl[0][4])  # not StateEvicted
