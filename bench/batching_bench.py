@@ -213,6 +213,13 @@ def _batch_counters(port: int) -> tuple[float, float, float]:
             vals.get("tandem_batched_compute_seconds", 0.0))
 
 
+def _forward_backward(mid, h: torch.Tensor, mask: torch.Tensor) -> None:
+    """The middle's forward and its backward into the input (the frozen weights get no gradient)."""
+    h = h.clone().requires_grad_(True)
+    y = mid(h, mask)
+    y.backward(torch.ones_like(y))
+
+
 def compute_gain(args, counts: list[int]) -> list[dict]:
     """What batching gains in the compute alone: the frozen middle's forward+backward, in this process, on n
     sessions' inputs one after another vs concatenated into one pass (no RPC, no LoRA, no scheduling, no
@@ -233,31 +240,18 @@ def compute_gain(args, counts: list[int]) -> list[dict]:
     for n in counts:
         hs = [torch.randn(args.batch, args.seq, hidden, generator=gen) for _ in range(n)]
         am = torch.ones(args.batch, args.seq, dtype=torch.long)
-
-        def one(h, mask):
-            h = h.clone().requires_grad_(True)
-            y = mid(h, mask)
-            y.backward(torch.ones_like(y))
-            return h.grad
-
-        def separate():
-            for h in hs:
-                one(h, am)
-
-        def together():
-            one(torch.cat(hs), am.repeat(n, 1))
-
-        one(hs[0], am)  # warm-up
-        times = {"separate": [], "together": []}
+        runs = {"separate": [(h, am) for h in hs], "together": [(torch.cat(hs), am.repeat(n, 1))]}
+        _forward_backward(mid, hs[0], am)  # warm-up
+        times = {name: [] for name in runs}
         for _ in range(args.compute_reps):
-            for name, fn in (("separate", separate), ("together", together)):
+            for name, inputs in runs.items():
                 t0 = time.perf_counter()
-                fn()
+                for h, mask in inputs:
+                    _forward_backward(mid, h, mask)
                 times[name].append(time.perf_counter() - t0)
         sep, tog = min(times["separate"]), min(times["together"])
         out.append({"clients": n, "separate_s": sep, "together_s": tog, "ratio": sep / tog})
         print(f"  compute gain, {n} sessions: separate {sep:.3f} s, one pass {tog:.3f} s, {sep / tog:.2f}x", flush=True)
-    del mid, lm
     torch.set_num_threads(1)
     return out
 

@@ -182,7 +182,6 @@ def step_costs(models: dict, batch: dict, reps: int) -> dict:
     FlopCounterMode (matrix products and attention), so they do not depend on how busy the machine is; the wall
     times alternate between the models so that drift in the machine's load hits both alike.
     """
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     def step(sm):

@@ -183,7 +183,7 @@ class Batcher:
             wait_ms = self.cfg.backward_wait_ms if want else (0.0 if alone else self.cfg.window_ms)
             deadline = max(first.t0, self._idle_since) + wait_ms / 1000
             # With sessions to meet, wait until they are all here; without, wait out the window (others may join).
-            missing = not want <= {j.member for j in batch} if want else True
+            missing = not want or not want <= {j.member for j in batch}
             if not full and missing and now < deadline and not self._stop:
                 return deadline - now
             if want and now >= deadline:  # those that did not come are not waited for again by this session
