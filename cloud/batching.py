@@ -215,6 +215,10 @@ class Batcher:
                     self._cv.wait(batch)
                 kind = batch[0].kind
                 self._running = True
+                if log.isEnabledFor(logging.DEBUG):
+                    now = time.monotonic()
+                    log.debug("batched %s: %d requests, %d tokens, oldest waited %.0f ms", kind, len(batch),
+                              sum(j.tokens for j in batch), 1000 * (now - min(j.t0 for j in batch)))
                 if kind == "forward" and batch[0].key[1]:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
             t_pass = time.perf_counter()

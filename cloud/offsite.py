@@ -17,6 +17,7 @@ from torch import nn
 
 from tandem.emulator.errors import PackageError
 from tandem.emulator.package import EmulatorPackage, load_package
+from tandem.kernels.checks import all_finite
 from tandem.stages.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, CLIENT_BLOCKS, REQUIRED
 from tandem.stages.adapter_files import adapter_digest, sha256
 from tandem.stages.errors import LayoutError
@@ -268,5 +269,5 @@ class OffsiteService:
 
     @staticmethod
     def _finite(key: str, t: torch.Tensor) -> None:
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if t.is_floating_point() and not all_finite(t):
             raise AdapterRejected(f"{key!r} contains NaN or Inf; the tuning run diverged")

@@ -15,6 +15,7 @@ from tandem.stages.loading import LoadedModel, client_state, config_json, pack_s
 from tandem.stages.modules import MiddleStage, StageLayout
 
 from tandem.kernels.codecs import CODECS
+from tandem.kernels.checks import all_finite
 
 from .batching import Batcher, BatchingConfig
 from .errors import InvalidRequest, LoraMissing
@@ -117,7 +118,7 @@ class BackboneService:
             raise InvalidRequest(f"{name}: sequence length {t} exceeds the model's {self.max_positions} positions")
         if h.dtype != torch.float32:
             raise InvalidRequest(f"{name}: expected float32, got {h.dtype}")
-        if not torch.isfinite(h).all():
+        if not all_finite(h):
             raise InvalidRequest(f"{name}: contains NaN or Inf")
         if mask is not None:
             if tuple(mask.shape) != (b, t):
@@ -133,7 +134,7 @@ class BackboneService:
         if flat is not None:
             if flat.dtype != torch.float32 or flat.dim() != 1:
                 raise InvalidRequest(f"lora: expected a flat float32 vector, got {flat.dtype} {list(flat.shape)}")
-            if not torch.isfinite(flat).all():
+            if not all_finite(flat):
                 raise InvalidRequest("lora: contains NaN or Inf")
             try:
                 tensors = unflatten(flat, slot_shapes(s.slots, s.lora_cfg.rank))

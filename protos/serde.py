@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from tandem.kernels import codecs
+from tandem.kernels.checks import all_finite
 
 from . import split_pb2 as pb
 
@@ -136,7 +137,7 @@ def decode(msg: pb.Tensor, name: str, codec: str = "float32", shape: tuple | Non
     scales = None
     if codec in ("int8", "int4"):
         scales = torch.from_numpy(np.frombuffer(msg.scales, dtype=np.float32).copy())
-        if not torch.isfinite(scales).all():
+        if not all_finite(scales):
             raise WireError(f"{name}: scales contain NaN or Inf")
         return codecs.decode(values, scales, codec, dims, block)
     return codecs.decode(values, scales, codec, dims)

@@ -82,3 +82,16 @@ def test_lossy_codec_trains_close_to_float32(codec, lora_codec, tiny_models, sam
         t.close()
     assert losses[codec] == pytest.approx(losses["float32"], rel=2e-2)
     assert sent[codec] < 0.75 * sent["float32"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from tandem.kernels.checks import all_finite
+
+    x = torch.randn(70_000, generator=torch.Generator().manual_seed(0)).to(dtype)  # over one parallel grain
+    assert all_finite(x) and all_finite(x.view(700, 100).t())  # non-contiguous too
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[69_999] = bad
+        assert not all_finite(y), f"{dtype}: missed {bad}"
+    assert all_finite(torch.tensor([torch.finfo(dtype).max, torch.finfo(dtype).min], dtype=dtype))
