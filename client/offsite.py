@@ -155,13 +155,18 @@ def fetch_emulator(tcfg: TransportConfig, out: str) -> dict:
             "model_id": pkg.manifest["model_id"], "kept_middle_blocks": pkg.kept}
 
 
-def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "") -> dict:
-    """Uploads only the adapter files; the cloud validates them against its model and registers them."""
+def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public: bool = False) -> dict:
+    """Uploads only the adapter files; the cloud validates them against its model and registers them.
+
+    The adapter belongs to this client's identity: other identities can neither list it nor generate
+    with it, unless `public`.
+    """
     try:
         blobs = read_adapter_dir(adapter_dir)
     except FileNotFoundError as e:
         raise ClientError(f"--adapter: {e}") from None
-    req = opb.PushAdapterRequest(name=name, files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())])
+    req = opb.PushAdapterRequest(name=name, files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
+                                 public=public)
     t = OffsiteTransport(tcfg)
     try:
         resp = t.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
@@ -172,7 +177,8 @@ def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "") -> dic
         raise ClientError("the cloud registered a different digest than this adapter's; push again")
     tot = t.meter.totals()["one_time"]["PushAdapter"]
     return {"name": a.name, "sha256": a.sha256, "params": a.params, "blocks": list(a.blocks), "model_id": a.model_id,
-            "already_registered": resp.already_registered, "bytes_sent": tot["sent"], "bytes_received": tot["received"]}
+            "owner": a.owner, "public": a.public, "already_registered": resp.already_registered,
+            "bytes_sent": tot["sent"], "bytes_received": tot["received"]}
 
 
 def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str, seq_len: int = 128, batch_size: int = 4,
@@ -199,7 +205,8 @@ def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str
         finally:
             ot.close()
         if name not in listed:
-            raise ClientError(f"no adapter {name!r} is registered on the server; `client push --name {name}` first")
+            raise ClientError(f"no adapter {name!r} is registered on the server for your identity; "
+                              f"`client push --name {name}` first")
         if listed[name].sha256 != digest:
             raise ClientError(f"the adapter registered as {name!r} is not the one in {adapter_dir!r} (digest differs)")
         registered = name

@@ -25,10 +25,11 @@ def _tcfg(args, **kw):
 def _push(args) -> int:
     from .offsite import push_adapter
 
-    r = push_adapter(_tcfg(args), args.adapter, args.name)
+    r = push_adapter(_tcfg(args), args.adapter, args.name, public=args.public)
     what = "already registered" if r["already_registered"] else "registered"
+    who = "every identity" if r["public"] else f"only {r['owner']!r}"
     print(f"{what} {r['name']} (sha256 {r['sha256'][:16]}, {r['params']:,} values, blocks {r['blocks']}) for "
-          f"{r['model_id']}; uploaded {r['bytes_sent']:,} bytes")
+          f"{r['model_id']}; usable by {who}; uploaded {r['bytes_sent']:,} bytes")
     return 0
 
 
@@ -71,6 +72,9 @@ def add_offsite_parsers(sub) -> None:
     p = sub.add_parser("push", help="upload a tuned adapter (only the adapter) to the cloud, which validates and registers it")
     p.add_argument("--adapter", required=True, metavar="DIR", help="the adapter/ directory of a `client tune` run")
     p.add_argument("--name", default="", help="name to register it under; default: derived from its SHA-256")
+    p.add_argument("--public", action="store_true",
+                   help="let every identity on the server list it and generate with it (an adapter can reveal what it "
+                        "was tuned on); default: only your identity. Pushing again without --public makes it private")
     _transport_flags(p)
     p.set_defaults(func=_push)
 

@@ -61,6 +61,12 @@ class Registered:
     model_id: str
     files: list[str] = field(default_factory=list)
     registered_at: float = 0.0
+    owner: str = ""  # the identity that pushed it; "" for registrations made before adapters had owners
+    public: bool = False  # every identity may list it and generate with it
+
+    def visible_to(self, who: str | None) -> bool:
+        """Whether identity `who` may list and use it (None: the operator, who sees everything)."""
+        return who is None or self.public or not self.owner or self.owner == who
 
 
 def _adaptable(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -132,25 +138,35 @@ class OffsiteService:
                     reg = Registered(**json.load(f))
                 if reg.model_id == self.model_id:
                     self.adapters[reg.name] = reg
+                    if not reg.owner:
+                        log.warning("adapter %s has no owner (registered before adapters had owners): every identity "
+                                    "can use it; push it again to scope it to its data owner", reg.name)
         if self.adapters:
             log.info("adapter registry %s: %d adapter(s) for %s", self.registry, len(self.adapters), self.model_id)
 
-    def list(self) -> list[Registered]:
+    def list(self, who: str | None = None) -> list[Registered]:
+        """The adapters identity `who` may use: its own and the public ones (None: all of them)."""
         with self._lock:
-            return sorted(self.adapters.values(), key=lambda r: r.name)
+            return sorted((r for r in self.adapters.values() if r.visible_to(who)), key=lambda r: r.name)
 
-    def lookup(self, name: str) -> tuple[Registered, str] | None:
-        """The registration of adapter `name` and the directory holding its files, or None when unknown."""
+    def lookup(self, name: str, who: str | None = None) -> tuple[Registered, str] | None:
+        """The registration of adapter `name` and the directory holding its files, or None when unknown
+        or not visible to identity `who` (None: the operator)."""
         with self._lock:
             reg = self.adapters.get(name)
-        return None if reg is None else (reg, os.path.join(self.registry, reg.name))
+        if reg is None or not reg.visible_to(who):
+            return None
+        return reg, os.path.join(self.registry, reg.name)
 
-    def push(self, name: str, files: dict[str, tuple[bytes, str]]) -> tuple[Registered, bool]:
+    def push(self, name: str, files: dict[str, tuple[bytes, str]], owner: str = "", public: bool = False
+             ) -> tuple[Registered, bool]:
         """Validates an uploaded adapter and registers it; returns (registration, already registered).
 
         Args:
             name: Registry name ('' derives one from the digest).
             files: File name -> (content, SHA-256 the client computed).
+            owner: The pushing identity; only it may list and use the adapter unless `public`.
+            public: Let every identity list it and generate with it.
         """
         blobs = self._check_files(files)
         params, blocks = self.validate(blobs)
@@ -161,13 +177,23 @@ class OffsiteService:
         with self._lock:
             old = self.adapters.get(name)
             if old is not None:
-                if old.sha256 == digest:
+                claim = not old.owner and old.sha256 == digest  # an ownerless registration, pushed again with its files
+                if old.owner != owner and not claim:  # says nothing about another owner's adapter, not even its digest
+                    raise NameTaken(f"the name {name!r} is taken; push with another --name")
+                if old.sha256 == digest and old.public == public and not claim:
                     return old, True
-                raise NameTaken(f"another adapter is registered as {name!r} (digest {old.sha256[:12]}); push with another --name")
-            reg = Registered(name, digest, params, blocks, self.model_id, sorted(blobs), time.time())
+                if old.sha256 == digest:  # the owner changes who may use it, or claims it
+                    reg = Registered(**{**asdict(old), "public": public, "owner": owner})
+                    self._write_registration(reg)
+                    self.adapters[name] = reg
+                    log.info("adapter %s is now %s", name, "public" if public else "private to its owner")
+                    return reg, True
+                raise NameTaken(f"you registered another adapter as {name!r} (digest {old.sha256[:12]}); push with another --name")
+            reg = Registered(name, digest, params, blocks, self.model_id, sorted(blobs), time.time(), owner, public)
             self._write(reg, blobs)
             self.adapters[name] = reg
-        log.info("registered adapter %s (%s, %d params, blocks %s)", name, digest[:12], params, blocks)
+        log.info("registered adapter %s (%s, %d params, blocks %s) for %s%s", name, digest[:12], params, blocks,
+                 owner or "no identity", ", public" if public else "")
         return reg, False
 
     def _write(self, reg: Registered, blobs: dict[str, bytes]) -> None:
@@ -182,6 +208,12 @@ class OffsiteService:
             json.dump(asdict(reg), f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+
+    def _write_registration(self, reg: Registered) -> None:
+        path = os.path.join(self.registry, reg.name, "registration.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(asdict(reg), f, indent=2)
+        os.replace(path + ".tmp", path)
 
     # Validation -------------------------------------------------------------------------------
     @staticmethod

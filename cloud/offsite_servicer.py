@@ -9,6 +9,7 @@ from tandem.protos import serde
 from tandem.protos import split_pb2
 
 from . import errors
+from .identity import Identities
 from .offsite import AdapterRejected, NameTaken, NoEmulator, OffsiteService, Registered
 
 _STATUS = {
@@ -16,6 +17,8 @@ _STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NoEmulator: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 
@@ -25,14 +28,17 @@ def _abort(context: grpc.ServicerContext, e: errors.CloudError) -> None:
 
 
 def _reg(r: Registered) -> pb.RegisteredAdapter:
-    return pb.RegisteredAdapter(name=r.name, sha256=r.sha256, params=r.params, blocks=r.blocks, model_id=r.model_id)
+    return pb.RegisteredAdapter(name=r.name, sha256=r.sha256, params=r.params, blocks=r.blocks, model_id=r.model_id,
+                                owner=r.owner, public=r.public)
 
 
 class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
-    """Thin gRPC shell over an OffsiteService."""
+    """Thin gRPC shell over an OffsiteService. An adapter belongs to the identity that pushed it: others
+    neither list it nor generate with it, unless it was pushed as public."""
 
-    def __init__(self, service: OffsiteService):
+    def __init__(self, service: OffsiteService, identities: Identities):
         self.service = service
+        self.identities = identities
 
     def FetchEmulator(self, request, context):
         try:
@@ -46,20 +52,25 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
 
     def PushAdapter(self, request, context):
         try:
+            who = self.identities.resolve(context)  # the adapter's owner (not charged: an upload is one-time)
             files = {}
             for f in request.files:
                 if f.name in files:
                     raise AdapterRejected(f"file {f.name!r} was sent twice")
                 files[f.name] = (f.data, f.sha256)
-            reg, again = self.service.push(request.name, files)
+            reg, again = self.service.push(request.name, files, owner=who, public=request.public)
         except errors.CloudError as e:
             _abort(context, e)
         return pb.PushAdapterResponse(adapter=_reg(reg), already_registered=again)
 
     def ListAdapters(self, request, context):
-        return pb.ListAdaptersResponse(adapters=[_reg(r) for r in self.service.list()])
+        try:
+            who = self.identities.resolve(context)
+        except errors.CloudError as e:
+            _abort(context, e)
+        return pb.ListAdaptersResponse(adapters=[_reg(r) for r in self.service.list(who)])
 
 
-def add_offsite(server: grpc.Server, service: OffsiteService) -> None:
+def add_offsite(server: grpc.Server, service: OffsiteService, identities: Identities) -> None:
     """Registers the Offsite-Tuning servicer on a grpc.Server."""
-    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service), server)
+    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service, identities), server)

@@ -50,7 +50,7 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing)
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
-        add_offsite(server, offsite)
+        add_offsite(server, offsite, identities)
     if serving is not None:  # adapter serving (Generate): cloud/serving_servicer.py
         add_serving(server, serving, identities)
     health_servicer = health.HealthServicer()

@@ -289,11 +289,14 @@ class GenerationService:
 
     # Requests --------------------------------------------------------------------------------
     def submit(self, adapter: str, prompts: list[str], max_new_tokens: int = 0, temperature: float = 0.0,
-               seed: int = 0) -> Future:
+               seed: int = 0, who: str | None = None) -> Future:
         """Validates a request and queues it; the Future yields a Generation.
 
+        Args:
+            who: The caller's identity: it may use its own adapters and public ones (None: any adapter).
+
         Raises:
-            AdapterNotFound: no adapter named `adapter` is registered.
+            AdapterNotFound: no adapter named `adapter` is registered for `who`.
             NotServable: the adapter cannot be applied over the shared model.
             InvalidRequest: no prompts, too many, an empty or too long prompt, a bad temperature or token count.
             Overloaded: too many requests are waiting.
@@ -318,7 +321,7 @@ class GenerationService:
             if len(p) + n_new > self.max_positions:
                 raise InvalidRequest(f"prompt {k} has {len(p)} tokens; with {n_new} new tokens that exceeds the model's "
                                      f"{self.max_positions} positions: shorten it or ask for fewer tokens")
-        served = self.adapter(adapter) if adapter else None
+        served = self.adapter(adapter, who) if adapter else None
         if self._queue.qsize() >= self.cfg.max_queued:
             raise Overloaded(f"{self._queue.qsize()} generate requests are waiting; retry in a moment")
         pending = _Pending(DecodeJob(served, ids, n_new, float(temperature), int(seed)), adapter)
@@ -326,22 +329,25 @@ class GenerationService:
         return pending.future
 
     def generate(self, adapter: str, prompts: list[str], max_new_tokens: int = 0, temperature: float = 0.0,
-                 seed: int = 0) -> Generation:
+                 seed: int = 0, who: str | None = None) -> Generation:
         """`submit` and wait for the result."""
-        return self.submit(adapter, prompts, max_new_tokens, temperature, seed).result()
+        return self.submit(adapter, prompts, max_new_tokens, temperature, seed, who).result()
 
-    def adapter(self, name: str) -> ServedAdapter:
-        """The loaded adapter `name` (from the cache, else from the registry).
+    def adapter(self, name: str, who: str | None = None) -> ServedAdapter:
+        """The loaded adapter `name` (from the cache, else from the registry), if identity `who` may use it.
 
         Raises:
-            AdapterNotFound: no adapter of that name is registered.
+            AdapterNotFound: no adapter of that name is registered, or it belongs to another identity
+                (the message does not tell which).
             NotServable: it cannot be served (see `load_served`).
         """
-        found = self.offsite.lookup(name)
+        found = self.offsite.lookup(name, who)
         if found is None:
-            known = [r.name for r in self.offsite.list()]
-            raise AdapterNotFound(f"no adapter {name!r} is registered on this server (registered: {known or 'none'}); "
-                                  "upload it with `client push --adapter DIR --name NAME`, or leave --adapter empty for the base model")
+            known = [r.name for r in self.offsite.list(who)]
+            whose = "" if who is None else f" for identity {who!r}"
+            raise AdapterNotFound(f"no adapter {name!r} is registered{whose} on this server (yours and public ones: "
+                                  f"{known or 'none'}); upload it with `client push --adapter DIR --name NAME`, or leave "
+                                  "--adapter empty for the base model")
         reg, directory = found
         with self._cache_lock:
             hit = self._cache.get(name)

@@ -21,7 +21,8 @@ _STATUS = {
 
 
 class AdapterServingServicer(pb_grpc.AdapterServingServicer):
-    """Thin gRPC shell over a GenerationService; every call needs a valid identity (under mutual TLS)."""
+    """Thin gRPC shell over a GenerationService; every call needs a valid identity (under mutual TLS), and an
+    adapter serves only the identity that pushed it, unless it was pushed as public."""
 
     def __init__(self, service: GenerationService, identities: Identities):
         self.service = service
@@ -32,7 +33,7 @@ class AdapterServingServicer(pb_grpc.AdapterServingServicer):
             who = self.identities.resolve(context)
             self.identities.charge(who, request.ByteSize())
             future = self.service.submit(request.adapter, list(request.prompts), request.max_new_tokens,
-                                         request.temperature, request.seed)
+                                         request.temperature, request.seed, who=who)
             context.add_callback(future.cancel)  # a caller that hangs up before its batch starts is skipped
             gen = future.result()
         except errors.CloudError as e:

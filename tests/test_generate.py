@@ -116,7 +116,7 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
         assert sampled.batch_sequences == 4 and alone.batch_sequences == 3
         assert [c.token_ids for c in sampled.completions] == [c.token_ids for c in alone.completions]
 
-        with pytest.raises(AdapterNotFound, match=r"no adapter 'nope' is registered .*registered: \['a', 'b'\].*client push"):
+        with pytest.raises(AdapterNotFound, match=r"no adapter 'nope' is registered on this server \(yours and public ones: \['a', 'b'\]\).*client push"):
             svc.submit("nope", PROMPTS, NEW)
         with pytest.raises(InvalidRequest, match="prompt 1 is empty"):
             svc.submit("", ["x", ""], NEW)
@@ -143,6 +143,58 @@ def test_adapter_with_retuned_blocks_is_not_servable(tiny_models, tmp_path):
             svc.submit("full", PROMPTS, NEW)
     finally:
         svc.close()
+
+
+def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_factory, tmp_path, capsys):
+    """Under mutual TLS an adapter belongs to the identity that pushed it: another identity neither lists it, nor
+    generates with it, nor takes its name, nor learns it exists; pushed again with --public, everyone may use it.
+    The registry keeps the owner across a restart."""
+    from tandem.client.offsite import OffsiteTransport
+    from tandem.cloud.tls import issue_bundle
+    from tandem.protos import offsite_pb2 as opb
+
+    model_dir = tiny_models["llama"]
+    registry = str(tmp_path / "registry")
+    server = server_factory(model_dir, "--adapter-registry", registry)
+    alice = server.tcfg()  # the 'local' identity
+    bob = server.tcfg(identity=issue_bundle(server.tls_dir, "bob"))
+    adapter = make_adapter(model_dir, str(tmp_path / "a"), [0, 1, 4, 5], seed=1)
+    r = push_adapter(alice, adapter, "alices")
+    assert (r["owner"], r["public"], r["already_registered"]) == ("local", False, False)
+    want = generate(alice, PROMPTS[:1], "alices", NEW)["completions"][0]["token_ids"]
+
+    def listed(tcfg):
+        t = OffsiteTransport(tcfg)
+        try:
+            return sorted(a.name for a in t.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters").adapters)
+        finally:
+            t.close()
+
+    assert listed(alice) == ["alices"] and listed(bob) == []
+    with pytest.raises(ServerError, match="no adapter 'alices' is registered for identity 'bob'") as e:
+        generate(bob, PROMPTS[:1], "alices", NEW)
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "local" not in str(e.value)  # the owner is not named
+    other = make_adapter(model_dir, str(tmp_path / "b"), [0, 1, 4, 5], seed=2)
+    with pytest.raises(ServerError, match="the name 'alices' is taken") as e:
+        push_adapter(bob, other, "alices")
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "digest" not in str(e.value)
+    with pytest.raises(ServerError, match="the name 'alices' is taken"):
+        push_adapter(bob, adapter, "alices")  # even with the same files: bob cannot claim alice's name
+    assert push_adapter(bob, other, "bobs")["owner"] == "bob"
+    assert listed(alice) == ["alices"] and listed(bob) == ["bobs"]
+
+    r = push_adapter(alice, adapter, "alices", public=True)
+    assert r["public"] and r["already_registered"] and r["owner"] == "local"
+    assert generate(bob, PROMPTS[:1], "alices", NEW)["completions"][0]["token_ids"] == want
+    assert listed(bob) == ["alices", "bobs"]
+    server.stop()
+    server = server_factory(model_dir, "--adapter-registry", registry, tls_dir=server.tls_dir)
+    assert listed(server.tcfg(identity=bob.identity)) == ["alices", "bobs"]  # owners and the public flag persist
+    push_adapter(server.tcfg(), adapter, "alices")  # private again
+    assert listed(server.tcfg(identity=bob.identity)) == ["bobs"]
+    capsys.readouterr()
+    assert main(["push", *server.cli_args(), "--adapter", adapter, "--name", "alices", "--public"]) == 0
+    assert "usable by every identity" in capsys.readouterr().out
 
 
 def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, capsys):

@@ -206,7 +206,7 @@ def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sa
     w = load_file(os.path.join(changed, "adapter_model.safetensors"))
     w[key] = w[key] + 1.0
     save_file(w, os.path.join(changed, "adapter_model.safetensors"))
-    with pytest.raises(ServerError, match="another adapter is registered as 'mine'.*another --name"):
+    with pytest.raises(ServerError, match="you registered another adapter as 'mine'.*another --name"):
         push_adapter(tcfg, changed, "mine")
 
     rep = eval_plugin(tcfg, adapter, sample_data, str(tmp_path / "eval"), seq_len=32, batch_size=4, name="mine")
