@@ -31,8 +31,49 @@ def ray_cluster(tmp_path):
                     "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=120)
     yield f"127.0.0.1:{port}"
-    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+    _stop_cluster(temp, port)  # not `ray stop`, which stops every Ray cluster on the machine
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def _cluster_pids(temp: str, port: int) -> list[int]:
+    """Processes of the cluster with this temp dir and GCS port, and their descendants.
+
+    Ray passes the temp dir (as the session dir) to most of them and the GCS address to the rest
+    (the client server); the agents, renamed `ray::...`, are children of the raylet.
+    """
+    mine, parent = set(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+        if any(temp.encode() in a for a in args) or any(a.startswith(b"--address=") and a.endswith(b":%d" % port) for a in args):
+            mine.add(int(entry))
+    grew = True
+    while grew:
+        kids = {p for p, pp in parent.items() if pp in mine} - mine
+        mine |= kids
+        grew = bool(kids)
+    return sorted(mine)
+
+
+def _stop_cluster(temp: str, port: int) -> None:
+    """Ends this test's Ray cluster only: TERM, then KILL what is left."""
+    for sig, wait in ((15, 10.0), (9, 5.0)):
+        pids = _cluster_pids(temp, port)
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline and _cluster_pids(temp, port):
+            time.sleep(0.2)
 
 
 def _train(server, data_dir, seed, steps, hook=None):
