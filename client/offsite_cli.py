@@ -102,7 +102,8 @@ def add_offsite_parsers(sub) -> None:
                        description="Continue each prompt on the cloud's model with a registered adapter applied (see "
                                    "`client push`). Requests for different adapters are batched together on the server; "
                                    "each result is what generating alone gives (up to float rounding).")
-    g.add_argument("--adapter", default="", metavar="NAME", help="registered adapter name (`client push --name`); default: none, the base model")
+    g.add_argument("--adapter", default="", metavar="NAME", help="registered adapter name (`client push --name`): yours, or one another identity pushed with --public; "
+                        "default: none, the base model")
     g.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="text to continue (repeatable: one completion per prompt, printed in order, blank-line separated)")
     g.add_argument("--max-new-tokens", type=int, default=0, metavar="N", help="tokens to generate per prompt at most; default: the server's default (64), capped by the server")
