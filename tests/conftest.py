@@ -114,6 +114,22 @@ def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_d
     raise RuntimeError("cloud serve did not start in time")
 
 
+def terminate(pids_now) -> None:
+    """Ends the processes `pids_now()` lists (called again to see which are left): TERM, then KILL after 10 s."""
+    for sig, wait in ((15, 10.0), (9, 5.0)):
+        pids = pids_now()
+        if not pids:
+            return
+        for p in pids:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and pids_now():
+            time.sleep(0.2)
+
+
 @pytest.fixture
 def server_factory(tmp_path):
     started = []

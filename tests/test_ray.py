@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import BIN, split_losses
+from conftest import BIN, split_losses, terminate
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def ray_cluster(tmp_path):
                     "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=120)
     yield f"127.0.0.1:{port}"
-    _stop_cluster(temp, port)  # not `ray stop`, which stops every Ray cluster on the machine
+    terminate(lambda: _cluster_pids(temp, port))  # not `ray stop`, which stops every Ray cluster on the machine
     shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -60,20 +60,6 @@ def _cluster_pids(temp: str, port: int) -> list[int]:
         mine |= kids
         grew = bool(kids)
     return sorted(mine)
-
-
-def _stop_cluster(temp: str, port: int) -> None:
-    """Ends this test's Ray cluster only: TERM, then KILL what is left."""
-    for sig, wait in ((15, 10.0), (9, 5.0)):
-        pids = _cluster_pids(temp, port)
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids and time.monotonic() < deadline and _cluster_pids(temp, port):
-            time.sleep(0.2)
 
 
 def _train(server, data_dir, seed, steps, hook=None):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import BIN, Server, split_losses, start_server
+from conftest import BIN, Server, split_losses, start_server, terminate
 
 SEED, STEPS, SEQ_LEN, BATCH = 3, 4, 128, 4  # activations of 4 x 128 x 32 float32 = 64 KiB per hop
 HIDDEN = 32  # tests/tiny.py's hidden size
@@ -79,18 +79,7 @@ class NetnsPair:
 
 def _kill_namespace_processes(ns: str) -> None:
     """Ends every process in `ns` (all started by this test), TERM first, then KILL."""
-    for sig, wait in ((15, 10.0), (9, 5.0)):
-        pids = [int(p) for p in _run("ip", "netns", "pids", ns, check=False).stdout.split()]
-        if not pids:
-            return
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _run("ip", "netns", "pids", ns, check=False).stdout.split():
-            time.sleep(0.2)
+    terminate(lambda: [int(p) for p in _run("ip", "netns", "pids", ns, check=False).stdout.split()])
 
 
 @pytest.fixture
