@@ -17,7 +17,6 @@ _STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NoEmulator: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
