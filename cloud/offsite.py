@@ -177,10 +177,10 @@ class OffsiteService:
         with self._lock:
             old = self.adapters.get(name)
             if old is not None:
-                claim = not old.owner and old.sha256 == digest  # an ownerless registration, pushed again with its files
+                claim = bool(owner) and not old.owner and old.sha256 == digest  # ownerless, pushed again with its files
                 if old.owner != owner and not claim:  # says nothing about another owner's adapter, not even its digest
                     raise NameTaken(f"the name {name!r} is taken; push with another --name")
-                if old.sha256 == digest and old.public == public and not claim:
+                if old.sha256 == digest and old.public == public and old.owner == owner:
                     return old, True
                 if old.sha256 == digest:  # the owner changes who may use it, or claims it
                     reg = Registered(**{**asdict(old), "public": public, "owner": owner})

@@ -128,6 +128,30 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
         svc.close()
 
 
+def test_an_ownerless_registration_is_shared_until_claimed(tiny_models, tmp_path):
+    """Registrations from before adapters had owners serve everyone; pushing the same files claims one, and a
+    reloaded registry keeps the claim. Another owner's files under the name are refused."""
+    from tandem.cloud.offsite import NameTaken
+
+    model_dir = tiny_models["llama"]
+    loaded = load_model(model_dir)
+    layout = StageLayout.parse("2:2", loaded.config)
+    registry = str(tmp_path / "registry")
+    a_dir = make_adapter(model_dir, str(tmp_path / "a"), [0, 1, 4, 5], seed=1)
+    files = {n: (b, sha256(b)) for n, b in read_adapter_dir(a_dir).items()}
+    offsite = OffsiteService(loaded.model, loaded.model_id, layout, registry)
+    assert offsite.push("old", files)[0].owner == ""  # no identity: as registrations made before owners
+    assert [r.name for r in offsite.list("bob")] == ["old"] and offsite.lookup("old", "bob") is not None
+    other = {n: (b, sha256(b)) for n, b in read_adapter_dir(make_adapter(model_dir, str(tmp_path / "b"), [0, 1, 4, 5], seed=2)).items()}
+    with pytest.raises(NameTaken, match="the name 'old' is taken"):
+        offsite.push("old", other, owner="bob")  # claiming needs the same files
+    reg, again = offsite.push("old", files, owner="alice")
+    assert again and reg.owner == "alice" and not reg.public
+    reloaded = OffsiteService(loaded.model, loaded.model_id, layout, registry)
+    assert reloaded.list("bob") == [] and reloaded.lookup("old", "bob") is None
+    assert reloaded.lookup("old", "alice")[0].owner == "alice" and [r.name for r in reloaded.list()] == ["old"]
+
+
 def test_adapter_with_retuned_blocks_is_not_servable(tiny_models, tmp_path):
     model_dir = tiny_models["llama"]
     adapter = make_adapter(model_dir, str(tmp_path / "a"), [0, 1], seed=1)
