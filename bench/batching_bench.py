@@ -34,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from conftest import start_server  # noqa: E402
 
 from tandem.client.staged import RemoteMiddle, connect_split, open_session  # noqa: E402
+from tandem.client.trainer import ADAMW  # noqa: E402
 from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig, slot_shapes  # noqa: E402
 
@@ -54,6 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "different passes fall into step within one step, see the README)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server; default 2")
     p.add_argument("--end-to-end", action="store_true", help="real split-tuning clients instead of replay clients")
+    p.add_argument("--cloud-optimizer", action="store_true",
+                   help="sessions with `client tune --cloud-optimizer`: the cloud updates the remote LoRA, so neither it nor "
+                        "its gradients travel each step (default: the client's own optimizer, the LoRA up and its "
+                        "gradients down every step)")
     p.add_argument("--reps", type=int, default=3,
                    help="alternating repetitions per client count; the table shows medians; default 3")
     p.add_argument("--compute-reps", type=int, default=3,
@@ -68,13 +73,14 @@ class ReplayClient:
 
     def __init__(self, tcfg, args, seed: int):
         self.t = Transport(tcfg)
-        first = open_session(self.t, LORA)
+        self.cloud = args.cloud_optimizer
+        first = open_session(self.t, LORA, cloud_optimizer=ADAMW if self.cloud else None)
         info = first.info
         self.hidden = json.loads(info.model_config_json).get("hidden_size") or json.loads(info.model_config_json)["n_embd"]
         gen = torch.Generator().manual_seed(seed)
         shapes = slot_shapes(list(info.middle_slots), LORA.rank)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.01) for s in shapes]
-        self.mid = RemoteMiddle(self.t, lambda: first, self.params)
+        self.mid = RemoteMiddle(self.t, lambda: first, self.params, cloud_optimizer=self.cloud)
         self.h = torch.randn(args.batch, args.seq, self.hidden, generator=gen)
         self.am = torch.ones(args.batch, args.seq, dtype=torch.long)
         self.g = torch.randn(args.batch, args.seq, self.hidden, generator=gen) * 1e-3
@@ -83,6 +89,8 @@ class ReplayClient:
     def step(self, step: int) -> None:
         self.mid.forward_rpc(self.h, self.am, step, 0, train=True)
         _, grads = self.mid.backward_rpc(step, self.g, self.h, self.am, 0)
+        if self.cloud:
+            return  # the cloud applied the update
         with torch.no_grad():
             for p, g in zip(self.params, grads):
                 p.add_(g, alpha=-1e-3)  # an optimizer step: the LoRA changes and is resent, as in training
@@ -97,11 +105,12 @@ class RealClient:
 
     def __init__(self, tcfg, args, seed: int):
         self.t = Transport(tcfg)
-        self.sm = connect_split(self.t, LORA, seed=seed)
+        self.sm = connect_split(self.t, LORA, seed=seed, cloud_optimizer=ADAMW if args.cloud_optimizer else None)
         gen = torch.Generator().manual_seed(seed)
         vocab = self.sm.config.vocab_size
         self.ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-        self.opt = torch.optim.AdamW(self.sm.adapter.parameters(), lr=1e-3)
+        remote = {id(p) for p in self.sm.middle.params} if args.cloud_optimizer else set()
+        self.opt = torch.optim.AdamW([p for p in self.sm.adapter.parameters() if id(p) not in remote], lr=ADAMW["lr"])
         self.tokens = args.batch * args.seq
 
     def step(self, step: int) -> None:
@@ -311,7 +320,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
-    print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps, median of {args.reps}")
+    opt = "the cloud's optimizer (--cloud-optimizer)" if args.cloud_optimizer else "the client's own optimizer"
+    print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps, median of {args.reps}; "
+          f"remote LoRA updated by {opt}")
     limit = {c["clients"]: c["ratio"] for c in ceil}
     print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}"
           f"{'compute gain':>14}")

@@ -31,7 +31,8 @@ def _tune(args) -> int:
                      lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
                      checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress,
                      noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, audit=args.audit, audit_tokens=args.audit_tokens,
-                     emulator=args.emulator, middle_lora=args.mode != "offsite" and not args.no_middle_lora)
+                     emulator=args.emulator, middle_lora=args.mode != "offsite" and not args.no_middle_lora,
+                     cloud_optimizer=args.cloud_optimizer)
     tcfg = TransportConfig(server=args.server, insecure=args.insecure, ca=args.ca, identity=args.identity,
                            timeout_s=args.timeout, retries=args.retries, seal=not args.no_seal, codec=args.codec,
                            gradient_codec=args.gradient_codec, lora_codec=args.lora_codec)
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="offsite mode: emulator package from `client fetch-emulator` or handed over by the operator")
     t.add_argument("--no-middle-lora", action="store_true",
                    help="split/local: adapt only the client's blocks, as offsite mode does (the same adapter in the full model)")
+    t.add_argument("--cloud-optimizer", action="store_true",
+                   help="split mode: the cloud applies AdamW to the remote LoRA itself (the same update, bit for bit), so "
+                        "neither the remote LoRA nor its gradients cross the network each step (for r=8 on SmolLM2: 3.2 MB "
+                        "less per step). The client fetches them at every checkpoint; if the cloud loses the session, the "
+                        "run goes back to the last checkpoint. The cloud sees nothing it did not see before")
     t.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
     t.add_argument("--identity", default=DEFAULT_IDENTITY,
                    help=f"your identity bundle from the operator (`cloud certs issue NAME`); default {DEFAULT_IDENTITY} when it exists")

@@ -76,6 +76,13 @@ class SessionLost(ClientError):
     """The cloud no longer knows this session (it restarted or expired it); the step must be redone."""
 
 
+class CloudStateLost(SessionLost):
+    """A cloud optimizer session was lost after its last GetRemoteState: the updates since then exist nowhere.
+
+    Redoing the step is not enough; the run must go back to its last checkpoint (`client tune` does).
+    """
+
+
 @dataclass
 class Session:
     """What OpenSession negotiated: id, codecs and the sealer (None when not sealing)."""
@@ -94,12 +101,18 @@ class RemoteMiddle:
     `opener()` opens a session (used again after the cloud restarts: `reopen`).
     """
 
-    def __init__(self, transport: Transport, opener, params: list[nn.Parameter]):
+    def __init__(self, transport: Transport, opener, params: list[nn.Parameter], cloud_optimizer: bool = False):
         self.t = transport
         self.opener = opener
         self.session: Session = opener()
         self.params = params
         self.sent_version: int | None = None
+        # Cloud optimizer: the cloud updates the remote LoRA after every Backward; `params` hold its value
+        # only when `synced` (at the start, and after fetch_state / put_state).
+        self.cloud_optimizer = cloud_optimizer
+        self.cloud_version = 0
+        self.synced = True
+        self.last_state: dict | None = None  # the last fetched (or put) AdamW state
 
     @property
     def session_id(self) -> str:
@@ -107,11 +120,25 @@ class RemoteMiddle:
 
     def reopen(self) -> None:
         """Opens a fresh session (same model, layout and slots) after the old one was lost."""
+        if self.cloud_optimizer and not self.synced:
+            raise CloudStateLost(
+                f"the cloud lost session {self.session.id[:8]}... and with it the remote LoRA it was optimizing since "
+                "the last checkpoint; go back to that checkpoint (`client tune --resume` does)")
         log.warning("the cloud lost session %s...; opening a new one and redoing the step", self.session.id[:8])
         self.session = self.opener()
         self.sent_version = None
+        if self.cloud_optimizer and self.last_state is not None:  # the moments, as last fetched: exactly the cloud's
+            self.put_state(self.last_state, 0)
+
+    def restart(self, state: dict | None) -> None:
+        """Cloud optimizer: a new session from `params` and a saved AdamW state (None: before the first step)."""
+        self.synced, self.last_state = True, state
+        self.cloud_version = 0 if state is None else int(state["version"])
+        self.reopen()
 
     def _version(self) -> int:
+        if self.cloud_optimizer:
+            return self.cloud_version
         # Optimizer steps update parameters in place, which bumps their version counters.
         return sum(p._version for p in self.params)  # noqa: SLF001
 
@@ -136,6 +163,9 @@ class RemoteMiddle:
                                 attention_mask=serde.to_proto(am.to(torch.uint8)), lora_version=version,
                                 dropout_seed=seed, train=train)
         if self.params and (force_lora or self.sent_version != version):
+            if not self.synced:  # cloud optimizer: only the cloud has the current LoRA
+                raise CloudStateLost(f"the cloud no longer holds remote-LoRA version {version} of session "
+                                     f"{self.session.id[:8]}...; go back to the last checkpoint (`client tune --resume`)")
             req.lora.CopyFrom(serde.encode(flatten(self.params), self.session.lora_codec))
         m.step_serde_s += time.perf_counter() - t0
         try:
@@ -168,6 +198,14 @@ class RemoteMiddle:
         m.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
         gin = serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape))
+        if self.cloud_optimizer:  # the cloud applied the update; the client's copy is now behind
+            if resp.HasField("lora_grad"):
+                raise ClientError("the server returned LoRA gradients in a cloud optimizer session; it did not apply them")
+            self.cloud_version += 1
+            self.sent_version = self.cloud_version
+            self.synced = False
+            m.step_serde_s += time.perf_counter() - t0
+            return gin, [None] * len(self.params)
         flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec)
         if flat.numel() != sum(p.numel() for p in self.params):
             raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}")
@@ -177,6 +215,33 @@ class RemoteMiddle:
             at += p.numel()
         m.step_serde_s += time.perf_counter() - t0
         return gin, grads
+
+    def fetch_state(self, step: int) -> dict:
+        """Cloud optimizer: copies the cloud's remote LoRA into `params`; returns AdamW's state (for a checkpoint)."""
+        resp = self._call("GetRemoteState", pb.GetRemoteStateRequest(session_id=self.session.id, step=step), step, "GetRemoteState")
+        n = sum(p.numel() for p in self.params)
+        lora = serde.from_proto(resp.lora, "lora", torch.float32)
+        moments = [serde.from_proto(getattr(resp, f), f, torch.float32) for f in ("exp_avg", "exp_avg_sq")]
+        if lora.numel() != n or any(t.numel() not in (0, n) for t in moments):
+            raise ClientError(f"the cloud returned a remote state of the wrong size (expected {n} values)")
+        with torch.no_grad():
+            at = 0
+            for p in self.params:
+                p.copy_(lora[at : at + p.numel()].view_as(p))
+                at += p.numel()
+        self.cloud_version, self.sent_version, self.synced = resp.lora_version, resp.lora_version, True
+        self.last_state = {"exp_avg": moments[0], "exp_avg_sq": moments[1], "steps": resp.optimizer_steps,
+                           "version": resp.lora_version}
+        return self.last_state
+
+    def put_state(self, state: dict, step: int) -> None:
+        """Cloud optimizer: gives the cloud `params` and a saved AdamW state (resuming a checkpoint)."""
+        req = pb.RemoteState(session_id=self.session.id, step=step, lora=serde.to_proto(flatten(self.params)),
+                             exp_avg=serde.to_proto(state["exp_avg"]), exp_avg_sq=serde.to_proto(state["exp_avg_sq"]),
+                             optimizer_steps=int(state["steps"]), lora_version=int(state["version"]))
+        self._call("PutRemoteState", req, step, "PutRemoteState")
+        self.cloud_version, self.sent_version, self.synced = int(state["version"]), int(state["version"]), True
+        self.last_state = state
 
     def close(self) -> None:
         try:
@@ -330,16 +395,26 @@ def _tokenizer_from_files(files: dict[str, bytes], where: str):
     return AutoTokenizer.from_pretrained(where)
 
 
-def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "") -> Session:
-    """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange."""
+def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "",
+                 cloud_optimizer: dict | None = None) -> Session:
+    """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange.
+
+    cloud_optimizer: AdamW settings (lr, beta1, beta2, eps, weight_decay) for the cloud to apply the
+    remote LoRA's updates itself; None keeps the optimizer here.
+    """
     from tandem.protos.sealing import Sealer, new_keypair
 
     priv, pub = new_keypair() if t.cfg.seal else (None, b"")
-    info = t.call("OpenSession", pb.OpenSessionRequest(
+    req = pb.OpenSessionRequest(
         model_id=model_id, lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
                                             target_modules=list(lora.target_modules)),
         remote_lora=remote_lora, codec=t.cfg.codec, gradient_codec=t.cfg.gradient_codec or t.cfg.codec,
-        lora_codec=t.cfg.lora_codec, seal_public_key=pub), one_time=True)
+        lora_codec=t.cfg.lora_codec, seal_public_key=pub)
+    if cloud_optimizer is not None:
+        req.cloud_optimizer.CopyFrom(pb.AdamW(**cloud_optimizer))
+    info = t.call("OpenSession", req, one_time=True)
+    if cloud_optimizer is not None and not info.cloud_optimizer:
+        raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
     sealer = None
     if t.cfg.seal:
         if not info.seal_public_key:
@@ -349,9 +424,10 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
                    info.lora_codec or "float32")
 
 
-def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "") -> StagedModel:
-    """Opens a session, fetches the client's stages and builds the split model."""
-    first = open_session(t, lora, remote_lora, model_id)
+def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "",
+                  cloud_optimizer: dict | None = None) -> StagedModel:
+    """Opens a session, fetches the client's stages and builds the split model (see open_session)."""
+    first = open_session(t, lora, remote_lora, model_id, cloud_optimizer)
     info = first.info
     config = config_from_json(info.model_config_json)
     layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
@@ -374,14 +450,14 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
     def opener() -> Session:
         if pending:
             return pending.pop()
-        s = open_session(t, lora, remote_lora, model_id)
+        s = open_session(t, lora, remote_lora, model_id, cloud_optimizer)
         same = (s.info.client_stages_sha256 == info.client_stages_sha256
                 and [x.name for x in s.info.middle_slots] == [x.name for x in info.middle_slots])
         if not same:
             raise ClientError("the server came back with a different model or layout; this run cannot continue against it")
         return s
 
-    middle = RemoteMiddle(t, opener, adapter.params_for(names[1]))
+    middle = RemoteMiddle(t, opener, adapter.params_for(names[1]), cloud_optimizer=cloud_optimizer is not None)
     return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split",
                        stages_sha256=info.client_stages_sha256)
 

@@ -1,6 +1,7 @@
 """The tuning loop: seeded batches, the data owner's optimizer, evaluation, checkpoints and the report."""
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from .transport import Meter, Transport, TransportConfig
 log = logging.getLogger(__name__)
 
 MODES = ("split", "local", "offsite")
+# The data owner's optimizer (torch.optim.AdamW, no weight decay); with --cloud-optimizer the cloud runs the same.
+ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
 CLIENT_BLOCKS_FILE = "client_blocks.safetensors"  # fully tuned client blocks, full-model key names
 EVAL_AFTER_SEED = 0x5EED  # added to --seed for the evaluation after tuning (its cut noise must differ from the first's)
 PRIVACY_NOTE = (
@@ -62,6 +65,7 @@ class TuneConfig:
     audit_tokens: int = 256  # received tokens the audit attacks
     emulator: str | None = None  # offsite mode: the emulator package directory
     middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
+    cloud_optimizer: bool = False  # split: the cloud applies the remote LoRA's AdamW updates (no LoRA traffic per step)
     resume: bool = False
     progress: bool = True
 
@@ -78,6 +82,8 @@ class TuneConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.noise_multiplier < 0 or self.clip_norm < 0:
             raise ValueError(f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}")
+        if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
+            raise ValueError("--cloud-optimizer applies to --mode split with a remote LoRA (not with --no-middle-lora)")
         if self.audit not in ("auto", "yes", "no", "record"):
             raise ValueError(f"audit must be auto, yes, no or record, got {self.audit!r}")
 
@@ -143,7 +149,7 @@ def _expected_bytes(sm: StagedModel, batch_tokens: int) -> int:
     if sm.mode != "split":
         return 0
     hidden = int(sm.config.hidden_size)
-    lora = sum(p.numel() for p in sm.middle.params)
+    lora = 0 if sm.middle.cloud_optimizer else sum(p.numel() for p in sm.middle.params)
     return 4 * (4 * batch_tokens * hidden + 2 * lora) + batch_tokens  # float32 tensors + a 1-byte mask per token
 
 
@@ -163,12 +169,16 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             raise CheckpointError(f"--resume: cannot read {_ckpt_path(cfg.out)} ({e}); start fresh without --resume") from None
         if ckpt["config"]["seed"] != cfg.seed or ckpt["config"]["mode"] != cfg.mode:
             raise CheckpointError("--resume: the checkpoint was made with another --seed or --mode; use the same settings")
+        if ckpt["config"].get("cloud_optimizer", False) != cfg.cloud_optimizer:
+            flag = "with" if cfg.cloud_optimizer else "without"
+            raise CheckpointError(f"--resume: the checkpoint was not made {flag} --cloud-optimizer; use the same setting")
 
     transport = None
     meter = Meter(tls=bool(tcfg and not tcfg.insecure))
     if cfg.mode == "split":
         transport = Transport(tcfg or TransportConfig(), meter, recorder=AuditRecorder(cfg.out) if cfg.audit != "no" else None)
-        sm = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora)
+        sm = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora,
+                           cloud_optimizer=ADAMW | {"lr": cfg.lr} if cfg.cloud_optimizer else None)
     elif cfg.mode == "offsite":  # no server at all: the emulator package stands in for the middle
         from .offsite import build_offsite
 
@@ -179,27 +189,41 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
         privacy.attach(sm, cfg, total_steps, transport.recorder if transport is not None else None)
-        trainable = list(sm.adapter.parameters()) + (sm.unfreeze_client_blocks() if cfg.tune_client_blocks else [])
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+        remote = {id(p) for p in sm.middle.params} if cfg.cloud_optimizer else set()  # the cloud updates these
+        trainable = [p for p in sm.adapter.parameters() if id(p) not in remote]
+        n_adapter = len(trainable)
+        trainable += sm.unfreeze_client_blocks() if cfg.tune_client_blocks else []
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"],
+                                weight_decay=ADAMW["weight_decay"])
         steps: list[dict] = []
         start = 0
         if ckpt is not None:
             sm.adapter.load_state_dict(ckpt["adapter"])
             if cfg.tune_client_blocks:
                 with torch.no_grad():
-                    for p, saved in zip(trainable[len(list(sm.adapter.parameters())):], ckpt["client_blocks"]):
+                    for p, saved in zip(trainable[n_adapter:], ckpt["client_blocks"]):
                         p.copy_(saved)
             opt.load_state_dict(ckpt["optimizer"])
             steps, start, val_before = ckpt["steps"], ckpt["step"], ckpt["val_before"]
+            if cfg.cloud_optimizer:
+                sm.middle.put_state(ckpt["remote_optimizer"], start)
             log.info("resumed from step %d", start)
         else:
             val_before = evaluate(sm, data, cfg.seed)
         meter.take_step()  # evaluation traffic is accounted per kind, not per training step
+        # Cloud optimizer: where the run goes back to when the cloud loses the remote LoRA's state (a copy of the
+        # last checkpoint; the file may be unwritable).
+        last = copy.deepcopy({"adapter": sm.adapter.state_dict(), "optimizer": opt.state_dict(), "step": start,
+                              "steps": steps, "client_blocks": [p.detach() for p in trainable[n_adapter:]],
+                              "remote_optimizer": ckpt.get("remote_optimizer") if ckpt else None}) \
+            if cfg.cloud_optimizer else None
+        rollbacks = 0
 
         bar = tqdm(total=total_steps, initial=start, desc=f"tune ({cfg.mode})", unit="step", disable=not cfg.progress)
         sent = sum(s["bytes_sent"] for s in steps)
         recv = sum(s["bytes_received"] for s in steps)
-        for step in range(start, total_steps):
+        step = start
+        while step < total_steps:
             batch = data.batch_at(step)
             t0 = time.perf_counter()
 
@@ -209,9 +233,31 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                 loss.backward()
                 return loss, n_tok
 
-            loss, n_tok = surviving_restarts(sm, one_step)
-            opt.step()
-            wall = time.perf_counter() - t0
+            checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
+            try:
+                loss, n_tok = surviving_restarts(sm, one_step)
+                opt.step()
+                wall = time.perf_counter() - t0
+                # Cloud optimizer: the remote LoRA and its state come down for the checkpoint (this step's traffic).
+                remote_state = sm.middle.fetch_state(step) if checkpoint and cfg.cloud_optimizer else None
+            except SessionLost as e:
+                if not cfg.cloud_optimizer or rollbacks >= 3:
+                    raise
+                rollbacks += 1  # the cloud lost the remote LoRA's updates since the last checkpoint: redo them
+                log.warning("%s; going back to step %d (the last checkpoint) and redoing the steps since", e, last["step"])
+                sm.adapter.load_state_dict(last["adapter"])
+                with torch.no_grad():
+                    for p, saved in zip(trainable[n_adapter:], last["client_blocks"]):
+                        p.copy_(saved)
+                opt.load_state_dict(copy.deepcopy(last["optimizer"]))
+                steps, step = copy.deepcopy(last["steps"]), last["step"]
+                meter.take_step()  # the lost steps' traffic stays in the totals, not in the step records
+                sm.middle.restart(last["remote_optimizer"])
+                sent = sum(s["bytes_sent"] for s in steps)
+                recv = sum(s["bytes_received"] for s in steps)
+                bar.n = step
+                bar.refresh()
+                continue
             rec = meter.take_step()
             rec.update(step=step, loss=float(loss.detach()), tokens=int(batch["attention_mask"].sum()), label_tokens=n_tok, wall_s=wall,
                        client_compute_s=wall - rec["rpc_s"] - rec["serialization_s"] - rec["sealing_s"],
@@ -222,11 +268,15 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens'] / wall:.0f}",
                             sent=f"{sent / 2**20:.1f}MB", recv=f"{recv / 2**20:.1f}MB")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
-                blocks = [p.detach().clone() for p in trainable[len(list(sm.adapter.parameters())):]]
-                save_checkpoint(cfg.out, {"adapter": sm.adapter.state_dict(), "client_blocks": blocks,
-                                          "optimizer": opt.state_dict(), "step": step + 1,
-                                          "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg)})
+            if checkpoint:
+                blocks = [p.detach().clone() for p in trainable[n_adapter:]]
+                payload = {"adapter": sm.adapter.state_dict(), "client_blocks": blocks, "optimizer": opt.state_dict(),
+                           "step": step + 1, "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg),
+                           "remote_optimizer": remote_state}
+                if cfg.cloud_optimizer:
+                    last = copy.deepcopy(payload)
+                save_checkpoint(cfg.out, payload)
+            step += 1
         bar.close()
         val_after = evaluate(sm, data, cfg.seed + EVAL_AFTER_SEED)  # fresh cut noise: never the draws of the first pass
         adapter_dir = os.path.join(cfg.out, "adapter")
@@ -261,7 +311,7 @@ def _cfg_dict(cfg: TuneConfig) -> dict:
 
 def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
     tot = meter.totals()
-    sum_ = lambda k: sum(s[k] for s in steps)  # noqa: E731
+    sum_ = lambda k: sum(s[k] for s in steps)
     tokens = sum_("tokens") or 1
     one_time_sent = sum(v["sent"] for v in tot["one_time"].values())
     one_time_recv = sum(v["received"] for v in tot["one_time"].values())

@@ -135,9 +135,13 @@ class Batcher:
                 seen.discard(member)
             self._cv.notify_all()
 
-    def backward(self, group: Group, index: int, grad_out: torch.Tensor):
-        """Queues the backward of member `index` of `group`; returns (grad input, flat lora grads, compute seconds)."""
-        job = _Job("backward", (group,), grad_out.shape[0] * grad_out.shape[1], (group, index, grad_out))
+    def backward(self, group: Group, index: int, grad_out: torch.Tensor, then=None):
+        """Queues the backward of member `index` of `group`; returns (grad input, flat lora grads, compute seconds).
+
+        then: optional fn(flat lora grads) -> what to return instead, run by the worker right after the pass
+        (a cloud optimizer's update: on the worker's cores, not competing with it from a request thread).
+        """
+        job = _Job("backward", (group,), grad_out.shape[0] * grad_out.shape[1], (group, index, grad_out, then))
         return self._submit(job)
 
     def _submit(self, job: _Job):
@@ -311,8 +315,14 @@ class Batcher:
             mine, rest = rest[:k], rest[k:]
             flat = [g if g is not None else torch.zeros_like(t) for g, t in zip(mine, group.loras[i])]
             off = group.offsets[i]
-            j.future.set_result((g_in[off : off + group.sizes[i]],
-                                 torch.cat([g.reshape(-1) for g in flat]) if flat else torch.zeros(0),
-                                 dt * j.tokens / n_tok))
+            out = torch.cat([g.reshape(-1) for g in flat]) if flat else torch.zeros(0)
+            then, t1 = j.args[3], time.perf_counter()
+            if then is not None:
+                try:
+                    out = then(out)
+                except Exception as e:  # noqa: BLE001 - this member's error; the others' results stand
+                    j.future.set_exception(e)
+                    continue
+            j.future.set_result((g_in[off : off + group.sizes[i]], out, dt * j.tokens / n_tok + time.perf_counter() - t1))
         if not retain:
             group.out = group.h_in = None  # free the graph even if a member's Pending lingers

@@ -9,6 +9,7 @@ step, so results are unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
@@ -22,6 +23,7 @@ from tandem.stages.modules import StageLayout
 
 from .errors import InvalidRequest, SessionNotFound
 from .batching import BatchingConfig
+from .optimizer import AdamWSpec
 from .service import BackboneService, ServiceLimits
 from .sessions import Session, StoreConfig
 
@@ -52,8 +54,16 @@ class MiddleShard:
     def ready(self) -> int:
         return len(self.svc.all_slots)
 
-    def open(self, owner, model_id, lora: dict, remote_lora, codec, gcodec, sid) -> int:
-        return len(self.svc.open_session(owner, model_id, LoraConfig(**lora), remote_lora, codec, gcodec, sid=sid).slots)
+    def open(self, owner, model_id, lora: dict, remote_lora, codec, gcodec, sid, optimizer: dict | None = None) -> int:
+        opt = AdamWSpec(**optimizer) if optimizer else None
+        return len(self.svc.open_session(owner, model_id, LoraConfig(**lora), remote_lora, codec, gcodec, sid=sid,
+                                         optimizer=opt).slots)
+
+    def remote_state(self, owner, sid) -> dict:
+        return self.svc.remote_state(owner, sid)
+
+    def put_remote_state(self, *args) -> None:
+        self.svc.put_remote_state(*args)
 
     def forward(self, *args):
         return self.svc.forward(*args)
@@ -129,8 +139,10 @@ class RayBackbone(BackboneService):
         return SessionNotFound("the replica serving this session failed and was restarted; open a new session "
                                "(the client does this automatically and redoes the step)")
 
-    def open_session(self, owner, model_id, lora, remote_lora, codec="float32", gradient_codec="float32", sid=None):
-        s = super().open_session(owner, model_id, lora, remote_lora, codec, gradient_codec)
+    def open_session(self, owner, model_id, lora, remote_lora, codec="float32", gradient_codec="float32", sid=None,
+                     optimizer=None):
+        s = super().open_session(owner, model_id, lora, remote_lora, codec, gradient_codec, optimizer=optimizer)
+        opt_d = None if optimizer is None else dataclasses.asdict(optimizer)  # every shard updates its own slice
         with self._lock:
             loads = [sum(1 for v in self.route.values() if v == r) for r in range(len(self.replicas))]
             r = min(range(len(self.replicas)), key=lambda i: (loads[i], (i - next(self._rr)) % len(self.replicas)))
@@ -139,7 +151,7 @@ class RayBackbone(BackboneService):
         deadline = time.monotonic() + 120.0
         while True:  # a replica that Ray is restarting answers again once it has reloaded the model
             try:
-                self.ray.get([a.open.remote(owner, model_id, lora_d, remote_lora, codec, gradient_codec, s.id)
+                self.ray.get([a.open.remote(owner, model_id, lora_d, remote_lora, codec, gradient_codec, s.id, opt_d)
                               for a in self.replicas[r]])
                 return s
             except self.ray.exceptions.RayActorError as e:
@@ -182,6 +194,33 @@ class RayBackbone(BackboneService):
         except self.ray.exceptions.RayActorError as e:
             raise self._lost(s, owner, e) from None
         return grad_out, torch.cat(grads), total
+
+    def remote_state(self, owner, sid) -> dict:
+        s = self.store.get(sid, owner)
+        if s.opt_spec is None:
+            raise InvalidRequest("this session does not use a cloud optimizer; the client holds its remote LoRA itself")
+        try:
+            parts = self.ray.get([a.remote_state.remote(owner, sid) for a in self.replicas[self.route[sid]]])
+        except self.ray.exceptions.RayActorError as e:
+            raise self._lost(s, owner, e) from None
+        return {"lora": torch.cat([p["lora"] for p in parts]), "exp_avg": torch.cat([p["exp_avg"] for p in parts]),
+                "exp_avg_sq": torch.cat([p["exp_avg_sq"] for p in parts]), "steps": parts[0]["steps"],
+                "version": parts[0]["version"]}
+
+    def put_remote_state(self, owner, sid, lora, exp_avg, exp_avg_sq, steps, version) -> None:
+        s = self.store.get(sid, owner)
+        if s.opt_spec is None:
+            raise InvalidRequest("this session does not use a cloud optimizer; send the remote LoRA with Forward instead")
+        sizes = self._slices(s)
+        for name, t in (("lora", lora), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+            if t is None or (t.numel() != sum(sizes) and not (name != "lora" and steps == 0)):
+                raise InvalidRequest(f"{name}: expected {sum(sizes)} values, got {None if t is None else t.numel()}")
+        split = lambda t: torch.split(t, sizes) if t.numel() else [t] * len(sizes)
+        try:
+            self.ray.get([a.put_remote_state.remote(owner, sid, lo.contiguous(), m.contiguous(), v.contiguous(), steps, version)
+                          for a, lo, m, v in zip(self.replicas[self.route[sid]], split(lora), split(exp_avg), split(exp_avg_sq))])
+        except self.ray.exceptions.RayActorError as e:
+            raise self._lost(s, owner, e) from None
 
     def close_session(self, owner, sid):
         super().close_session(owner, sid)

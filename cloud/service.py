@@ -19,6 +19,7 @@ from tandem.kernels.checks import all_finite
 
 from .batching import Batcher, BatchingConfig
 from .errors import InvalidRequest, LoraMissing
+from .optimizer import AdamWSpec, RemoteOptimizer
 from .sessions import Pending, Session, SessionStore, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ class BackboneService:
 
     # Sessions ------------------------------------------------------------------------------
     def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str = "float32",
-                     gradient_codec: str = "float32", sid: str | None = None) -> Session:
+                     gradient_codec: str = "float32", sid: str | None = None, optimizer: AdamWSpec | None = None) -> Session:
+        """Opens a session; with `optimizer`, the cloud applies the remote LoRA's AdamW updates itself."""
+        if optimizer is not None and not remote_lora:
+            raise InvalidRequest("a cloud optimizer needs a remote LoRA (remote_lora=true): there is nothing else to optimize here")
         if model_id and model_id != self.loaded.model_id:
             raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {model_id!r}")
         for c in (codec, gradient_codec):
@@ -98,7 +102,9 @@ class BackboneService:
         if unknown:
             raise InvalidRequest(f"target modules {unknown} do not exist in this model; available: {list(self.middle_leaves)}")
         slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
-        return self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid)
+        s = self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid)
+        s.opt_spec = optimizer
+        return s
 
     def close_session(self, owner: str, sid: str) -> None:
         self.store.close(sid, owner)
@@ -140,7 +146,11 @@ class BackboneService:
                 tensors = unflatten(flat, slot_shapes(s.slots, s.lora_cfg.rank))
             except LayoutError as e:
                 raise InvalidRequest(f"lora: {e}") from None
-            s.lora = [t.clone().requires_grad_(True) for t in tensors]
+            if s.opt_spec is not None:  # a fresh start: new AdamW state (PutRemoteState restores a saved one)
+                s.optimizer = RemoteOptimizer(s.opt_spec, tensors)
+                s.lora = s.optimizer.tensors()
+            else:
+                s.lora = [t.clone().requires_grad_(True) for t in tensors]
             s.lora_version = version
         elif version != s.lora_version:
             raise LoraMissing(f"the cloud holds remote-LoRA version {s.lora_version}, not {version}; resend the adapter")
@@ -183,16 +193,57 @@ class BackboneService:
             if tuple(grad_out.shape) != tuple(p.out.shape):
                 self.store.put(s, step, p)  # keep it: the client may resend a correct gradient
                 raise InvalidRequest(f"grad_output: expected shape {list(p.out.shape)}, got {list(grad_out.shape)}")
+            # A cloud optimizer makes the update the client would have made; nothing LoRA-sized goes back.
+            update = (lambda flat: self._cloud_step(s, flat)) if s.optimizer is not None else None
             if p.group is not None:
-                g_in, flat, dt = self.batcher.backward(p.group, p.index, grad_out)
-                s.last_used = time.monotonic()
-                return g_in, flat, dt
-            t0 = time.perf_counter()
-            grads = torch.autograd.grad(p.out, [p.h_in, *p.lora], grad_out, allow_unused=True)
-            lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], p.lora)]
-            flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
+                g_in, flat, dt = self.batcher.backward(p.group, p.index, grad_out, then=update)
+            else:
+                t0 = time.perf_counter()
+                grads = torch.autograd.grad(p.out, [p.h_in, *p.lora], grad_out, allow_unused=True)
+                lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], p.lora)]
+                flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
+                flat = update(flat) if update is not None else flat
+                g_in, dt = grads[0], time.perf_counter() - t0
             s.last_used = time.monotonic()
-            return grads[0], flat, time.perf_counter() - t0
+            return g_in, flat, dt
+
+    @staticmethod
+    def _cloud_step(s: Session, flat: torch.Tensor) -> torch.Tensor:
+        """Applies a cloud optimizer session's update (its lock is held by the waiting request)."""
+        s.lora = s.optimizer.step(flat)
+        s.lora_version += 1
+        return torch.zeros(0)
+
+    # Cloud optimizer state ---------------------------------------------------------------------
+    def remote_state(self, owner: str, sid: str) -> dict:
+        """The remote LoRA and its AdamW state of a cloud optimizer session (flat tensors, steps, version)."""
+        s = self.store.get(sid, owner)
+        with s.lock:
+            if s.opt_spec is None:
+                raise InvalidRequest("this session does not use a cloud optimizer; the client holds its remote LoRA itself")
+            if s.optimizer is None:
+                raise LoraMissing("the cloud holds no remote LoRA for this session yet; send it with the first Forward")
+            return {**s.optimizer.state(), "version": s.lora_version}
+
+    def put_remote_state(self, owner: str, sid: str, lora: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         steps: int, version: int) -> None:
+        """Replaces a cloud optimizer session's remote LoRA and AdamW state (the client resumes a checkpoint)."""
+        s = self.store.get(sid, owner)
+        with s.lock:
+            if s.opt_spec is None:
+                raise InvalidRequest("this session does not use a cloud optimizer; send the remote LoRA with Forward instead")
+            for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+                if t.dtype != torch.float32 or t.dim() != 1 or not all_finite(t):
+                    raise InvalidRequest(f"{name}: expected a finite flat float32 vector")
+            if lora is None:
+                raise InvalidRequest("lora: PutRemoteState needs the remote LoRA")
+            before = (s.optimizer, s.lora, s.lora_version)
+            try:
+                self._lora_for(s, version, lora)
+                s.optimizer.load(exp_avg, exp_avg_sq, int(steps))
+            except BaseException:
+                s.optimizer, s.lora, s.lora_version = before  # a rejected state changes nothing
+                raise
 
 
     def _forward_batched(self, s: Session, step: int, h, mask, lora, gen, train: bool):

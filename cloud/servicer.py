@@ -6,6 +6,7 @@ import logging
 import time
 
 import grpc
+import torch
 
 from tandem.kernels.codecs import CODECS, DEFAULT_BLOCK
 from tandem.protos import serde
@@ -18,6 +19,7 @@ from tandem.stages.lora import LoraConfig
 from . import errors
 from .identity import Identities
 from .metrics import Metrics
+from .optimizer import AdamWSpec
 from .service import BackboneService
 
 log = logging.getLogger(__name__)
@@ -130,7 +132,11 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
                 raise errors.InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
         if self.require_sealing and not request.seal_public_key:
             raise errors.SealFailure("this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)")
-        s = self.service.open_session(owner, request.model_id, cfg, request.remote_lora, codec, gcodec)
+        opt = None
+        if request.HasField("cloud_optimizer"):
+            o = request.cloud_optimizer
+            opt = AdamWSpec(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay)
+        s = self.service.open_session(owner, request.model_id, cfg, request.remote_lora, codec, gcodec, optimizer=opt)
         s.lora_codec = lcodec
         resp = pb.OpenSessionResponse(
             session_id=s.id, model_id=self.service.loaded.model_id, layout=self._layout(),
@@ -138,7 +144,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
             middle_slots=[pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in s.slots],
             client_stages_sha256=self.service.client_sha, client_stages_bytes=len(self.service.client_blob),
             ttl_s=self.service.store.cfg.ttl_s, codec=codec, gradient_codec=gcodec, block_size=DEFAULT_BLOCK,
-            lora_codec=lcodec,
+            lora_codec=lcodec, cloud_optimizer=opt is not None,
         )
         if request.seal_public_key:
             priv, pub = new_keypair()
@@ -184,11 +190,35 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         self._open(s, request)
         g = serde.decode(request.grad_output, "grad_output", s.gradient_codec)
         gin, glora, dt = self.service.backward(owner, request.session_id, request.step, g)
-        resp = pb.BackwardResponse(grad_input=serde.encode(gin, s.gradient_codec), lora_grad=serde.encode(glora, s.lora_codec), compute_s=dt)
+        resp = pb.BackwardResponse(grad_input=serde.encode(gin, s.gradient_codec), compute_s=dt)
+        if s.opt_spec is None:  # a cloud optimizer session gets no LoRA gradients: the cloud applied them
+            resp.lora_grad.CopyFrom(serde.encode(glora, s.lora_codec))
         if s.sealer is not None:
             s.sealer.seal(resp, request.step)
         self.metrics.steps.inc()
         return resp
+
+    @_guard
+    def GetRemoteState(self, request, context):
+        owner = self._who(request, context)
+        s = self.service.store.get(request.session_id, owner)
+        st = self.service.remote_state(owner, request.session_id)
+        resp = pb.RemoteState(session_id=s.id, step=request.step, lora=serde.to_proto(st["lora"]),
+                              exp_avg=serde.to_proto(st["exp_avg"]), exp_avg_sq=serde.to_proto(st["exp_avg_sq"]),
+                              optimizer_steps=st["steps"], lora_version=st["version"])
+        if s.sealer is not None:
+            s.sealer.seal(resp, request.step)
+        return resp
+
+    @_guard
+    def PutRemoteState(self, request, context):
+        owner = self._who(request, context)
+        s = self.service.store.get(request.session_id, owner)
+        self._open(s, request)
+        flat = [serde.from_proto(getattr(request, f), f) if request.HasField(f) else None for f in ("lora", "exp_avg", "exp_avg_sq")]
+        flat = [t if t is not None or i == 0 else torch.zeros(0) for i, t in enumerate(flat)]
+        self.service.put_remote_state(owner, request.session_id, *flat, request.optimizer_steps, request.lora_version)
+        return pb.PutRemoteStateResponse()
 
     @_guard
     def CloseSession(self, request, context):

@@ -65,6 +65,8 @@ class Session:
     gradient_codec: str = "float32"
     lora_codec: str = "float32"
     sealer: object = None  # tandem.protos.sealing.Sealer when the client asked for sealing
+    opt_spec: object = None  # tandem.cloud.optimizer.AdamWSpec: the cloud applies the remote LoRA's updates
+    optimizer: object = None  # its RemoteOptimizer, made when the first LoRA arrives
     last_used: float = field(default_factory=time.monotonic)
     lora_version: int = -1
     lora: list[torch.Tensor] = field(default_factory=list)
@@ -133,6 +135,7 @@ class SessionStore:
             for step in list(s.pending):
                 self._release(s, step)
             s.lora = []
+            s.optimizer = None
 
     def expire(self) -> int:
         """Closes sessions idle longer than the TTL; returns how many."""

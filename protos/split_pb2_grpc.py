@@ -64,6 +64,16 @@ class SplitTuningStub:
                 request_serializer=tandem_dot_protos_dot_split__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=tandem_dot_protos_dot_split__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.GetRemoteState = channel.unary_unary(
+                '/tandem.v1.SplitTuning/GetRemoteState',
+                request_serializer=tandem_dot_protos_dot_split__pb2.GetRemoteStateRequest.SerializeToString,
+                response_deserializer=tandem_dot_protos_dot_split__pb2.RemoteState.FromString,
+                _registered_method=True)
+        self.PutRemoteState = channel.unary_unary(
+                '/tandem.v1.SplitTuning/PutRemoteState',
+                request_serializer=tandem_dot_protos_dot_split__pb2.RemoteState.SerializeToString,
+                response_deserializer=tandem_dot_protos_dot_split__pb2.PutRemoteStateResponse.FromString,
+                _registered_method=True)
 
 
 class SplitTuningServicer:
@@ -113,6 +123,21 @@ class SplitTuningServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRemoteState(self, request, context):
+        """Cloud optimizer sessions only: the remote LoRA and its AdamW state as the cloud holds them
+        now (the client saves them in its checkpoints and in the exported adapter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutRemoteState(self, request, context):
+        """Cloud optimizer sessions only: replaces the remote LoRA and its AdamW state (resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SplitTuningServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +170,16 @@ def add_SplitTuningServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=tandem_dot_protos_dot_split__pb2.CloseSessionRequest.FromString,
                     response_serializer=tandem_dot_protos_dot_split__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'GetRemoteState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRemoteState,
+                    request_deserializer=tandem_dot_protos_dot_split__pb2.GetRemoteStateRequest.FromString,
+                    response_serializer=tandem_dot_protos_dot_split__pb2.RemoteState.SerializeToString,
+            ),
+            'PutRemoteState': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRemoteState,
+                    request_deserializer=tandem_dot_protos_dot_split__pb2.RemoteState.FromString,
+                    response_serializer=tandem_dot_protos_dot_split__pb2.PutRemoteStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +344,60 @@ class SplitTuning:
             '/tandem.v1.SplitTuning/CloseSession',
             tandem_dot_protos_dot_split__pb2.CloseSessionRequest.SerializeToString,
             tandem_dot_protos_dot_split__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRemoteState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.SplitTuning/GetRemoteState',
+            tandem_dot_protos_dot_split__pb2.GetRemoteStateRequest.SerializeToString,
+            tandem_dot_protos_dot_split__pb2.RemoteState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRemoteState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.SplitTuning/PutRemoteState',
+            tandem_dot_protos_dot_split__pb2.RemoteState.SerializeToString,
+            tandem_dot_protos_dot_split__pb2.PutRemoteStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

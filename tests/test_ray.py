@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 from conftest import BIN, split_losses, terminate
 
 
@@ -66,9 +67,19 @@ def _train(server, data_dir, seed, steps, hook=None):
     return split_losses(server.tcfg(), data_dir, seed, steps, hook=hook)
 
 
-def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, server_factory, ray_cluster):
+def _tune(server, data_dir, out, cloud_optimizer):
+    from tandem.client.trainer import TuneConfig, tune
+    from tandem.stages.lora import LoraConfig
+
+    return tune(TuneConfig(data=data_dir, out=str(out), steps=4, batch_size=2, seq_len=24, lr=1e-2, seed=3,
+                           lora=LoraConfig(rank=4, alpha=8), checkpoint_every=2, audit="no", progress=False,
+                           cloud_optimizer=cloud_optimizer), server.tcfg())
+
+
+def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, server_factory, ray_cluster, tmp_path):
     plain = server_factory(tiny_models["llama"])
     ref = {seed: _train(plain, sample_data, seed, 4) for seed in (1, 2)}
+    ref_tune = _tune(plain, sample_data, tmp_path / "plain", cloud_optimizer=False)
     plain.stop()
 
     server = server_factory(tiny_models["llama"], "--ray", ray_cluster, "--replicas", "2", "--pipeline", "2", timeout=240)
@@ -80,6 +91,16 @@ def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, s
         th.join(300)
     assert results[1] == pytest.approx(ref[1], rel=1e-5)
     assert results[2] == pytest.approx(ref[2], rel=1e-5)
+
+    # --cloud-optimizer across the pipeline: each shard updates its slice of the remote LoRA, the client
+    # fetches and joins them at the checkpoints; the same run as the client's own optimizer on a plain server.
+    cloud = _tune(server, sample_data, tmp_path / "ray", cloud_optimizer=True)
+    assert [s["loss"] for s in cloud["steps"]] == pytest.approx([s["loss"] for s in ref_tune["steps"]], rel=1e-5)
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "plain" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "ray" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
     # Kill a replica's actor mid-run: Ray restarts it, the client reopens and finishes with identical losses.
     import ray

@@ -1,0 +1,167 @@
+"""--cloud-optimizer: the cloud applies the remote LoRA's AdamW updates. The run must equal the client's own optimizer
+bit for bit, carry no LoRA-sized traffic per step, resume exactly, and survive a cloud that loses its state."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import BIN, start_server
+from safetensors.torch import load_file
+from tandem.client.data import load_split
+from tandem.client.errors import ServerError
+from tandem.client.staged import connect_split
+from tandem.client.trainer import TuneConfig, tune
+from tandem.stages.lora import LoraConfig
+
+STEPS = 6
+
+
+def _run(server, data, out, steps=STEPS, cloud=True, resume=False, checkpoint_every=3):
+    cfg = TuneConfig(data=data, out=str(out), steps=steps, batch_size=2, seq_len=24, lr=1e-2, seed=11,
+                     lora=LoraConfig(rank=4, alpha=8), checkpoint_every=checkpoint_every, audit="no", progress=False,
+                     cloud_optimizer=cloud, resume=resume)
+    return tune(cfg, server.tcfg())
+
+
+def _adapter(out) -> dict:
+    return load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cloud_optimizer_equals_the_clients_and_resumes_exactly(arch, tiny_models, sample_data, server_factory, tmp_path):
+    server = server_factory(tiny_models[arch])
+    own = _run(server, sample_data, tmp_path / "own", cloud=False)
+    cloud = _run(server, sample_data, tmp_path / "cloud")
+    # Same update, bit for bit: the same losses and the same adapter (the remote LoRA fetched from the cloud).
+    assert [s["loss"] for s in cloud["steps"]] == [s["loss"] for s in own["steps"]]
+    assert cloud["validation"]["after"]["loss"] == own["validation"]["after"]["loss"]
+    wa, wb = _adapter(tmp_path / "own"), _adapter(tmp_path / "cloud")
+    assert wa.keys() == wb.keys()
+    mid = [k for k in wa if (".layers.2." in k or ".h.2." in k) and bool((wa[k] != 0).any())]
+    assert mid, "the remote LoRA must have been trained"
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+    # No LoRA up and no LoRA gradients down per step: only the checkpoints fetch it (steps 3 and 6).
+    n = own["adapter"]["remote_lora_params"]
+    assert n > 0 and cloud["adapter"]["remote_lora_params"] == n
+    for a, b in zip(own["steps"][1:], cloud["steps"][1:]):
+        assert a["bytes_sent"] - b["bytes_sent"] >= 4 * n  # the LoRA no longer goes up
+    for i in (1, 3, 4):  # steps without a checkpoint: no gradients come down either
+        assert own["steps"][i]["bytes_received"] - cloud["steps"][i]["bytes_received"] >= 4 * n
+    for i in (2, 5):  # checkpoints: the LoRA and both AdamW moments come down instead of the gradients
+        assert cloud["steps"][i]["bytes_received"] - own["steps"][i]["bytes_received"] >= 8 * n
+    assert cloud["per_token"]["expected_bytes_per_step"] < own["per_token"]["expected_bytes_per_step"] - 8 * n + 1
+
+    # Stopped after 4 steps (a checkpoint at 3 and at 4), resumed to 6: the same run.
+    _run(server, sample_data, tmp_path / "cut", steps=4)
+    resumed = _run(server, sample_data, tmp_path / "cut", resume=True)
+    assert [s["loss"] for s in resumed["steps"]] == [s["loss"] for s in own["steps"]]
+    wc = _adapter(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+    # A checkpoint made with one setting does not resume with the other.
+    with pytest.raises(Exception, match="cloud-optimizer"):
+        _run(server, sample_data, tmp_path / "cut", cloud=False, resume=True)
+
+
+def test_cloud_optimizer_state_rejects_bad_input_and_other_sessions(tiny_models, sample_data, server_factory):
+    server = server_factory(tiny_models["llama"])
+    from tandem.client.transport import Transport
+
+    t = Transport(server.tcfg())
+    lora = LoraConfig(rank=4, alpha=8)
+    sm = connect_split(t, lora, seed=1, cloud_optimizer={"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                                                         "weight_decay": 0.0})
+    data = load_split(sample_data, sm.tokenizer, 24, 2, 1, 0.1)
+    with pytest.raises(ServerError, match="no remote LoRA"):
+        sm.middle.fetch_state(0)  # nothing sent yet
+    loss, _ = sm.loss(data.batch_at(0), 0, 1, train=True)
+    loss.backward()
+    mid = sm.middle.params
+    assert all(p.grad is None for p in mid), "the client must not get the remote LoRA's gradients"
+    st = sm.middle.fetch_state(0)
+    assert st["steps"] == 1 and st["version"] == 1 and st["exp_avg"].numel() == sum(p.numel() for p in mid)
+    before = [p.detach().clone() for p in mid]
+
+    bad = dict(st, exp_avg=torch.zeros(3))
+    with pytest.raises(ServerError, match="moments"):
+        sm.middle.put_state(bad, 1)
+    with pytest.raises(ServerError, match="finite"):
+        sm.middle.put_state(dict(st, exp_avg_sq=torch.full_like(st["exp_avg_sq"], float("nan"))), 1)
+    again = sm.middle.fetch_state(1)  # the rejected states changed nothing
+    assert again["steps"] == 1 and torch.equal(again["exp_avg"], st["exp_avg"])
+    assert all(torch.equal(a, b) for a, b in zip(before, mid))
+
+    # A session with the client's own optimizer has no cloud state to get or put.
+    own = connect_split(t, lora, seed=1)
+    with pytest.raises(ServerError, match="does not use a cloud optimizer"):
+        own.middle.fetch_state(0)
+    own.close()
+    # The session still trains.
+    loss, _ = sm.loss(data.batch_at(1), 1, 1, train=True)
+    loss.backward()
+    assert sm.middle.fetch_state(2)["steps"] == 2
+    sm.close()
+    t.close()
+
+
+def _metric(port: int, name: str) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_data, tmp_path):
+    """The cloud held the only copy of the remote LoRA's last updates; after a crash the client goes back to its
+    last checkpoint, puts that state into a new session and redoes the steps: the same run."""
+    import socket
+
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def cmd(server, out):
+        return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", sample_data, "--out", out,
+                "--steps", "10", "--checkpoint-every", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress",
+                "--seed", "7", "--threads", "1", "--cloud-optimizer", "--audit", "no"]
+
+    tls = str(tmp_path / "tls")
+    ref = start_server(tiny_models["llama"], tmp_path, tls_dir=tls)
+    try:
+        r = subprocess.run(cmd(ref, str(tmp_path / "ref")), capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+    finally:
+        ref.stop()
+    port, mport = free_port(), free_port()
+    server = start_server(tiny_models["llama"], tmp_path, "--metrics-port", str(mport), tls_dir=tls, listen=f"127.0.0.1:{port}")
+    client = subprocess.Popen(cmd(server, str(tmp_path / "cut")), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while _metric(mport, "tandem_steps_total") < 5 and time.monotonic() < deadline:  # past the checkpoint at 3
+            time.sleep(0.05)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        time.sleep(1.0)
+        server = start_server(tiny_models["llama"], tmp_path, tls_dir=tls, listen=f"127.0.0.1:{port}")
+        _, err = client.communicate(timeout=240)
+        assert client.returncode == 0, err
+        assert "going back to step 3" in err or "going back to step 6" in err, err
+    finally:
+        client.kill()
+        server.stop()
+    a, b = (json.loads((tmp_path / run / "report.json").read_text()) for run in ("ref", "cut"))
+    assert [s["step"] for s in b["steps"]] == list(range(10))
+    assert [s["loss"] for s in b["steps"]] == [s["loss"] for s in a["steps"]]
+    wa, wb = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
