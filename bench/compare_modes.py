@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bandwidth-mbps", type=float, default=50.0, help="link bandwidth, megabits/s, each way; default 50")
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round-trip time, ms; default 40")
     p.add_argument("--timings", default=os.path.join(HERE, "out", "offsite_table.json"),
-                   help="measured per-step compute (offsite_table.json: step_wall_s_median of offsite and full); default its output")
+                   help="measured per-step compute (offsite_table.json: tune_step_wall_s_median of offsite and full); default its output")
     p.add_argument("--cloud-speedup", type=float, default=1.0, help="how much faster the cloud computes than this machine; default 1")
     p.add_argument("--out", default=os.path.join(HERE, "out", "compare_modes"), help="directory for compare.json and compare.png")
     return p.parse_args(argv)
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     pkg = load_package(args.emulator)
     pkg_bytes = pkg.manifest["bytes"]["total"]
     timings = json.load(open(args.timings))
-    t_off, t_full = timings["step_wall_s_median"]["offsite"], timings["step_wall_s_median"]["full"]
+    step = timings.get("tune_step_wall_s_median") or timings["step_wall_s_median"]  # the latter: older outputs
+    t_off, t_full = step["offsite"], step["full"]
     adapter_bytes = 4 * timings["adapter_trainable_params"] + 4096  # float32 tensors + config and framing
     bt = args.batch_size * args.seq_len
     # Share of a step's compute on the split client: its blocks and the head, against all blocks and the head.
