@@ -52,7 +52,7 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
     adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
     names = _split_names(specs, layout)
     k = layout.bottom
-    middle = LocalMiddle(EmulatorStage(parts, pkg.emulator_blocks(config)), adapter, [])
+    middle = LocalMiddle(EmulatorStage(parts, pkg.emulator_blocks(config), sink=pkg.sink()), adapter, [])
     return StagedModel(BottomStage(parts, list(range(k))), middle, TopStage(parts, list(range(k, k + layout.top))),
                        adapter, names, layout, pkg.manifest["model_id"], config, tokenizer, "offsite")
 

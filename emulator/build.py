@@ -46,7 +46,18 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
     summary = {k: v for k, v in hist.items() if k != "steps"}
     if hist.get("steps"):
         summary["train_kd_first"], summary["train_kd_last"] = hist["steps"][0]["kd"], hist["steps"][-1]["kd"]
-    manifest = build_package(loaded, layout, kept, student, out, summary)
+    sink = None
+    if distill_data is not None:  # the attention sink, measured on the same public text
+        from transformers import AutoTokenizer
+
+        from .sink import measure_sink
+        from .text import pack_blocks
+
+        sink = measure_sink(loaded, layout, pack_blocks(read_texts(distill_data), AutoTokenizer.from_pretrained(loaded.path),
+                                                        cfg.seq_len))
+        log.info("first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s", sink[1]["rms_first"],
+                 sink[1]["rms_other"], sink[1]["spread"], "shipped as the emulator's sink" if sink[1]["used"] else "no sink")
+    manifest = build_package(loaded, layout, kept, student, out, summary, sink)
     ckpt = os.path.join(out, CHECKPOINT)
     if os.path.exists(ckpt):
         os.remove(ckpt)  # the package is complete; the checkpoint only served resumption

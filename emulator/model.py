@@ -19,15 +19,23 @@ class EmulatorStage(nn.Module):
         parts: Any Parts of the same model family and config (the client's own parts work): used
             for the config and the rotary embedding, never for blocks.
         blocks: The emulator's blocks, in order.
+        sink: The full middle's mean output at the first token, which replaces the emulator's there
+            (the package's attention sink; None: the emulator's own output).
     """
 
-    def __init__(self, parts: Parts, blocks: nn.ModuleList):
+    def __init__(self, parts: Parts, blocks: nn.ModuleList, sink: torch.Tensor | None = None):
         super().__init__()
         self.parts = parts
         self.blocks = blocks
+        self.sink = sink  # (H,): the full middle's first-token output (tandem.emulator.sink), or None
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.parts, self.blocks, h, attention_mask)  # (B, T, H)
+        out = run_blocks(self.parts, self.blocks, h, attention_mask)  # (B, T, H)
+        if self.sink is not None:
+            from .sink import apply_sink
+
+            out = apply_sink(out, attention_mask, self.sink)
+        return out
 
 
 def copy_blocks(parts: Parts, block_ids: list[int]) -> nn.ModuleList:

@@ -31,13 +31,16 @@ MANIFEST = "manifest.json"
 CLIENT_FILE = "client_stages.safetensors"
 EMULATOR_FILE = "emulator.safetensors"
 CONFIG_FILE = "config.json"
+SINK_FILE = "sink.safetensors"
 
 
 def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emulator: nn.ModuleList, out_dir: str,
-                  distillation: dict | None = None) -> dict:
+                  distillation: dict | None = None, sink: tuple[torch.Tensor, dict] | None = None) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
     The dropped middle blocks are never written: the emulator file holds only `emulator`'s own tensors.
+    sink: (vector, stats) from tandem.emulator.sink.measure_sink; the vector is written (sink.safetensors)
+    only when stats["used"].
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
@@ -46,6 +49,8 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
     emu = blocks_state(parts.arch, emulator)
     files = {CLIENT_FILE: pack_state(client), EMULATOR_FILE: pack_state(emu),
              CONFIG_FILE: config_json(loaded.config).encode(), **tokenizer_files(loaded.path)}
+    if sink is not None and sink[1].get("used"):
+        files[SINK_FILE] = pack_state({"first_token_output": sink[0]})
     model_params = sum(p.numel() for p in loaded.model.parameters())
     manifest = {
         "format": FORMAT,
@@ -60,6 +65,7 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
         "bytes": {"total": sum(len(b) for b in files.values())},
         "files": {name: {"sha256": sha256(blob), "bytes": len(blob)} for name, blob in sorted(files.items())},
         "distillation": distillation or {},
+        "sink": sink[1] if sink is not None else {"used": False, "measured": False},
     }
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -108,6 +114,12 @@ class EmulatorPackage:
 
     def client_state(self) -> dict[str, torch.Tensor]:
         return st_load(self.read(CLIENT_FILE))
+
+    def sink(self) -> torch.Tensor | None:
+        """The full middle's first-token output the emulator stands in with (None: the package has none)."""
+        if SINK_FILE not in self.manifest.get("files", {}):
+            return None
+        return st_load(self.read(SINK_FILE))["first_token_output"]
 
     def emulator_blocks(self, config=None) -> nn.ModuleList:
         """The emulator's blocks, frozen."""

@@ -51,3 +51,19 @@ def test_split_step_equals_local_on_smollm2(local_model, sample_data, server_fac
     assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
     split.close()
     t.close()
+
+
+def test_smollm2_has_an_attention_sink_that_the_package_measures(sample_data):
+    """The first token's output of SmolLM2's middle is a huge, nearly constant vector: the emulator must ship it."""
+    from transformers import AutoTokenizer
+
+    from tandem.emulator.sink import measure_sink
+    from tandem.emulator.text import pack_blocks, read_texts
+    from tandem.stages.loading import default_model_dir, load_model
+    from tandem.stages.modules import StageLayout
+
+    loaded = load_model(None)
+    blocks = pack_blocks(read_texts(sample_data), AutoTokenizer.from_pretrained(default_model_dir()), 32)
+    vec, stats = measure_sink(loaded, StageLayout.parse("2:2", loaded.config), blocks, max_blocks=16)
+    assert stats["used"] and stats["ratio"] > 20 and stats["spread"] < 0.1, stats
+    assert vec.shape == (576,) and float(vec.pow(2).mean().sqrt()) > 300

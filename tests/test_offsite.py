@@ -307,3 +307,48 @@ def test_distill_config_rejects_bad_new_options():
     with pytest.raises(ValueError, match="not all 0"):
         DistillConfig(kd_weight=0.0)
     DistillConfig(kd_weight=0.0, kl_weight=1.0)  # KL alone is a valid objective
+
+
+def test_the_sink_replaces_each_rows_first_real_token_only():
+    from tandem.emulator.sink import apply_sink
+
+    out = torch.randn(2, 5, 4, requires_grad=True)
+    am = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])  # the second row is left-padded
+    sink = torch.full((4,), 7.0)
+    got = apply_sink(out, am, sink)
+    assert torch.equal(got[0, 0], sink) and torch.equal(got[1, 2], sink)
+    rest = torch.ones(2, 5, dtype=torch.bool)
+    rest[0, 0] = rest[1, 2] = False
+    assert torch.equal(got[rest], out[rest])
+    got.sum().backward()
+    assert out.grad[0, 0].abs().sum() == 0 and out.grad[1, 2].abs().sum() == 0 and bool(out.grad[rest].eq(1).all())
+
+
+def test_a_measured_sink_travels_in_the_package_only_when_there_is_one(models8, sample_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tandem.client.offsite import build_offsite
+    from tandem.emulator.model import copy_blocks
+    from tandem.emulator.package import build_package
+    from tandem.emulator.sink import measure_sink
+    from tandem.emulator.text import pack_blocks
+    from tandem.stages.arch import parts_of
+
+    loaded = load_model(models8["llama"])
+    layout = StageLayout.parse("2:2", loaded.config)
+    vec, stats = measure_sink(loaded, layout, pack_blocks(read_texts(sample_data), AutoTokenizer.from_pretrained(models8["llama"]), 16))
+    assert vec.shape == (loaded.config.hidden_size,) and {"ratio", "spread", "rms_first", "rms_other", "used"} <= set(stats)
+    assert not stats["used"], "a tiny random model has no attention sink"
+    blocks = copy_blocks(parts_of(loaded.model), [2, 5])
+    for used in (False, True):
+        out = str(tmp_path / f"pkg-{used}")
+        build_package(loaded, layout, [2, 5], blocks, out, sink=(vec, dict(stats, used=used)))
+        pkg = load_package(out)  # the sink file is covered by the manifest's SHA-256 like every other
+        assert pkg.manifest["sink"]["used"] is used and ("sink.safetensors" in pkg.manifest["files"]) is used
+        assert (pkg.sink() is not None) is used and (not used or torch.equal(pkg.sink(), vec))
+        sm = build_offsite(out, LoraConfig(rank=4, alpha=8), 0)
+        ids = torch.randint(0, 100, (2, 6))
+        am = torch.ones_like(ids)
+        with torch.no_grad():
+            h = sm.middle.stage(sm.bottom(ids, am), am)
+        assert torch.equal(h[:, 0], vec.expand(2, -1)) is used
