@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--client-blocks", default="2:2", help="adapter blocks K:M; default 2:2 (the paper's)")
+    p.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
+                   help="keep exactly these middle blocks instead of --drop-ratio's uniform choice (e.g. "
+                        "2,5,8,11,13,16,19,21,24,27: the uniform 10 with SmolLM2's sink-making block 11 for 10)")
     p.add_argument("--drop-ratio", type=float, default=0.62,
                    help="share of middle blocks the emulator drops; default 0.62 (keeps 10 of 26: package <= 60%% of the model)")
     p.add_argument("--kd-steps", type=int, default=400, help="distillation steps; default 400 (about 8 min on 2 cores)")
@@ -232,7 +235,7 @@ def main(argv=None) -> int:
                                             kl_weight=args.kl_weight, layer_weight=args.layer_weight,
                                             kd_norm=args.kd_norm, init=args.init,
                                             val_every=max(1, args.kd_steps // 3), progress=True),
-                              drop_ratio=args.drop_ratio)
+                              drop_ratio=None if args.keep_blocks else args.drop_ratio, keep_blocks=args.keep_blocks)
     kd_s = time.perf_counter() - t0
     runs = {}
     for name, mode in (("offsite", "offsite"), ("full", "local")):

@@ -24,7 +24,7 @@ def _build(args) -> int:
                             val_fraction=args.val_fraction, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress)
         m = build_emulator(args.model, args.client_blocks, args.out, args.distill_data, cfg,
-                           drop_ratio=args.drop_ratio, keep=args.keep)
+                           drop_ratio=args.drop_ratio, keep=args.keep, keep_blocks=args.keep_blocks)
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
         return 2
@@ -51,6 +51,9 @@ def add_emulator_parser(sub) -> None:
     how = b.add_mutually_exclusive_group(required=True)
     how.add_argument("--drop-ratio", type=float, default=None, help="share of the middle blocks to drop (0.5 keeps about half)")
     how.add_argument("--keep", type=int, default=None, help="number of middle blocks to keep (first and last always kept)")
+    how.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
+                     help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
+                          "makes the model's attention sink swapped in (SmolLM2: 11; see the README)")
     b.add_argument("--distill-data", default=None, metavar="DIR", help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})")
     b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
     b.add_argument("--batch-size", type=int, default=4, help="text blocks per step")

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def build_emulator(model: str | None, client_blocks: str, out: str, distill_data: str | None, cfg: DistillConfig,
-                   drop_ratio: float | None = None, keep: int | None = None) -> dict:
+                   drop_ratio: float | None = None, keep: int | None = None, keep_blocks: list[int] | None = None) -> dict:
     """Builds an emulator package; returns its manifest.
 
     Args:
@@ -26,11 +26,12 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         distill_data: Directory of public .txt/.jsonl text (needed when cfg.steps > 0).
         cfg: Distillation settings.
         drop_ratio: Share of middle blocks to drop, or
-        keep: number of middle blocks to keep.
+        keep: number of middle blocks to keep, or
+        keep_blocks: exactly these middle blocks (full-model indices).
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
-    kept = kept_blocks(layout.middle_blocks, drop_ratio, keep)
+    kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
     log.info("emulator keeps middle blocks %s of %s", kept, layout.middle_blocks)
     if cfg.steps > 0:
         if distill_data is None:
@@ -57,6 +58,12 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
                                                         cfg.seq_len))
         log.info("first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s", sink[1]["rms_first"],
                  sink[1]["rms_other"], sink[1]["spread"], "shipped as the emulator's sink" if sink[1]["used"] else "no sink")
+        made = sink[1]["made_by_block"]
+        if sink[1]["used"] and made is not None and made not in kept:
+            near = min(kept[1:-1] or kept, key=lambda j: abs(j - made))
+            log.warning("block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
+                        "lets the emulator rebuild the sink: --keep-blocks %s", made, near,
+                        ",".join(str(j) for j in sorted({*kept, made} - {near})))
     manifest = build_package(loaded, layout, kept, student, out, summary, sink)
     ckpt = os.path.join(out, CHECKPOINT)
     if os.path.exists(ckpt):

@@ -37,13 +37,25 @@ def keep_count(n: int, drop_ratio: float | None = None, keep: int | None = None)
     return max(1, min(n, round(n * (1.0 - drop_ratio))))
 
 
-def kept_blocks(middle: list[int], drop_ratio: float | None = None, keep: int | None = None) -> list[int]:
+def kept_blocks(middle: list[int], drop_ratio: float | None = None, keep: int | None = None,
+                blocks: list[int] | None = None) -> list[int]:
     """Full-model indices of the middle blocks the emulator keeps.
 
     Args:
         middle: Full-model indices of the middle blocks, in order.
         drop_ratio: Share of middle blocks to drop (0.5 keeps about half).
         keep: Number of middle blocks to keep (alternative to drop_ratio).
+        blocks: Exactly these middle blocks (alternative to both: the operator's own choice, e.g. a uniform
+            selection with the block that makes the attention sink swapped in).
     """
+    if blocks is not None:
+        if drop_ratio is not None or keep is not None:
+            raise SelectionError("give one of --drop-ratio, --keep or --keep-blocks")
+        out = sorted(set(blocks))
+        bad = [b for b in out if b not in middle]
+        if not out or bad or len(out) != len(blocks):
+            raise SelectionError(f"--keep-blocks {blocks}: give distinct middle blocks, from {middle[0]} to {middle[-1]}"
+                                 + (f" ({bad} are not middle blocks)" if bad else ""))
+        return out
     k = keep_count(len(middle), drop_ratio, keep)
     return [middle[i] for i in uniform_keep(len(middle), k)]

@@ -29,19 +29,35 @@ def measure_sink(loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor,
                  max_blocks: int = 64) -> tuple[torch.Tensor, dict]:
     """Runs the full model's bottom and middle on packed public text (N, T); returns (mean first-token output, stats).
 
-    stats: rms_first, rms_other (median), ratio, spread, and `used`: whether the emulator should replace its
+    stats: rms_first, rms_other (median), ratio, spread, made_by_block (the middle block that grows the first
+    token's hidden state the most, if at least MIN_RATIO-fold, else None), and `used`: whether the emulator should replace its
     first-token output with the vector (a sink exists and is nearly constant).
     """
     parts = parts_of(loaded.model)
     bottom, middle = BottomStage(parts, layout.bottom_blocks), MiddleStage(parts, layout.middle_blocks)
     firsts, other = [], []
-    with torch.no_grad():
-        for i in range(0, min(len(blocks), max_blocks), batch_size):
-            ids = blocks[i : i + batch_size]
-            am = torch.ones_like(ids)
-            out = middle(bottom(ids, am), am)  # (b, T, H)
-            firsts.append(out[:, 0])
-            other.append(out[:, 1:].pow(2).mean(-1).sqrt().reshape(-1))
+    growth: dict[int, list[float]] = {j: [] for j in layout.middle_blocks}  # block -> first-token RMS after / before it
+
+    def watch(j):
+        def hook(_m, args, out):
+            h_in, h = args[0], out[0] if isinstance(out, tuple) else out
+            growth[j].append(float(h[:, 0].pow(2).mean(-1).sqrt().mean() / h_in[:, 0].pow(2).mean(-1).sqrt().mean()))
+        return hook
+
+    hooks = [parts.blocks[j].register_forward_hook(watch(j)) for j in layout.middle_blocks]
+    try:
+        with torch.no_grad():
+            for i in range(0, min(len(blocks), max_blocks), batch_size):
+                ids = blocks[i : i + batch_size]
+                am = torch.ones_like(ids)
+                out = middle(bottom(ids, am), am)  # (b, T, H)
+                firsts.append(out[:, 0])
+                other.append(out[:, 1:].pow(2).mean(-1).sqrt().reshape(-1))
+    finally:
+        for h in hooks:
+            h.remove()
+    grew = {j: sum(v) / len(v) for j, v in growth.items() if v}
+    made_by = max(grew, key=grew.get) if grew and max(grew.values()) >= MIN_RATIO else None
     first = torch.cat(firsts)  # (n, H)
     mean = first.mean(0)
     rms_first = float(first.pow(2).mean(-1).sqrt().mean())
@@ -49,7 +65,7 @@ def measure_sink(loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor,
     spread = float(((first - mean).norm(dim=-1) / mean.norm().clamp_min(1e-12)).mean())
     ratio = rms_first / max(rms_other, 1e-12)
     stats = {"rms_first": rms_first, "rms_other": rms_other, "ratio": ratio, "spread": spread, "sequences": len(first),
-             "used": ratio >= MIN_RATIO and spread <= MAX_SPREAD}
+             "made_by_block": made_by, "used": ratio >= MIN_RATIO and spread <= MAX_SPREAD}
     return mean.contiguous(), stats
 
 

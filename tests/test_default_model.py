@@ -66,4 +66,5 @@ def test_smollm2_has_an_attention_sink_that_the_package_measures(sample_data):
     blocks = pack_blocks(read_texts(sample_data), AutoTokenizer.from_pretrained(default_model_dir()), 32)
     vec, stats = measure_sink(loaded, StageLayout.parse("2:2", loaded.config), blocks, max_blocks=16)
     assert stats["used"] and stats["ratio"] > 20 and stats["spread"] < 0.1, stats
+    assert stats["made_by_block"] == 11  # which a uniform 10 of 26 (2, 5, 8, 10, 13, ...) drops
     assert vec.shape == (576,) and float(vec.pow(2).mean().sqrt()) > 300

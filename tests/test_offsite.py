@@ -62,6 +62,13 @@ def test_uniform_selection_keeps_first_and_last():
         kept_blocks(middle, drop_ratio=0.5, keep=3)
     with pytest.raises(SelectionError, match="choose 1..26"):
         kept_blocks(middle, keep=27)
+    # The operator's own choice (--keep-blocks): the uniform 10 of SmolLM2 with its sink-making block 11 for 10.
+    assert kept_blocks(middle, blocks=[2, 5, 8, 11, 13, 16, 19, 21, 24, 27]) == [2, 5, 8, 11, 13, 16, 19, 21, 24, 27]
+    for bad in ([1, 5], [5, 5, 8], [], [2, 28]):
+        with pytest.raises(SelectionError, match="distinct middle blocks"):
+            kept_blocks(middle, blocks=bad)
+    with pytest.raises(SelectionError, match="one of"):
+        kept_blocks(middle, keep=3, blocks=[2, 27])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
