@@ -38,8 +38,11 @@ def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factor
     errs = []
     for attempt in range(3):
         cut = str(tmp_path / f"cut{attempt}")
+        # SIGINT back to its default: a test run started as a background job inherits it ignored, and Python
+        # then never raises KeyboardInterrupt (what made the run finish, with rc 0, on CI runs started with `&`).
         proc = subprocess.Popen(["nice", "-n", "15", *_tune_cmd(server, sample_data, cut, steps)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         ckpt = os.path.join(cut, "checkpoint.pt")
         deadline = time.monotonic() + 120
         while not os.path.exists(ckpt) and time.monotonic() < deadline and proc.poll() is None:
