@@ -177,3 +177,23 @@ def split_losses(tcfg, data_dir: str, seed: int, steps: int, seq_len: int = 24, 
     sm.close()
     t.close()
     return losses
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(port: int, name: str) -> float:
+    """One value from a server's Prometheus metrics (`--metrics-port`); 0 when absent."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith((name + " ", name + "{")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, start_server
+from conftest import BIN, free_port, metric, start_server
 from safetensors.torch import load_file
 from tandem.client.data import load_split
 from tandem.client.errors import ServerError
@@ -111,26 +111,9 @@ def test_cloud_optimizer_state_rejects_bad_input_and_other_sessions(tiny_models,
     t.close()
 
 
-def _metric(port: int, name: str) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith((name + " ", name + "{")):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_data, tmp_path):
     """The cloud held the only copy of the remote LoRA's last updates; after a crash the client goes back to its
     last checkpoint, puts that state into a new session and redoes the steps: the same run."""
-    import socket
-
-    def free_port():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     def cmd(server, out):
         return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", sample_data, "--out", out,
                 "--steps", "30", "--checkpoint-every", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress",
@@ -149,7 +132,7 @@ def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_d
                               stderr=subprocess.PIPE, text=True)  # low priority: the kill lands mid-run on a loaded machine too
     try:
         deadline = time.monotonic() + 120
-        while _metric(mport, "tandem_steps_total") < 5 and time.monotonic() < deadline:  # past the checkpoint at 3
+        while metric(mport, "tandem_steps_total") < 5 and time.monotonic() < deadline:  # past the checkpoint at 3
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGKILL)
         server.proc.wait()
