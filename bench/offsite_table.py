@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
                    help="keep exactly these middle blocks instead of --drop-ratio's uniform choice (e.g. "
                         "2,5,8,11,13,16,19,21,24,27: the uniform 10 with SmolLM2's sink-making block 11 for 10)")
+    p.add_argument("--select", choices=("uniform", "greedy"), default="uniform",
+                   help="how --drop-ratio's blocks are chosen (cloud emulator build --select); default uniform (the paper's)")
     p.add_argument("--drop-ratio", type=float, default=0.62,
                    help="share of middle blocks the emulator drops; default 0.62 (keeps 10 of 26: package <= 60%% of the model)")
     p.add_argument("--kd-steps", type=int, default=400, help="distillation steps; default 400 (about 8 min on 2 cores)")
@@ -36,6 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="weight of KL(teacher || emulator) of next-token distributions through the top blocks; default 1")
     p.add_argument("--layer-weight", type=float, default=0.0, help="per-layer matching weight during distillation; default 0")
+    p.add_argument("--jacobian-weight", type=float, default=0.0,
+                   help="weight of the finite-difference Jacobian match during distillation (cloud emulator build "
+                        "--jacobian-weight); default 0")
+    p.add_argument("--jacobian-eps", type=float, default=0.05, help="its input moves, relative to each token's RMS; default 0.05")
     p.add_argument("--kd-norm", choices=("global", "token"), default="token",
                    help="KD normalisation: one teacher RMS per batch (global) or per token (token); default token")
     p.add_argument("--init", choices=("copy", "rescale"), default="copy",
@@ -233,9 +239,11 @@ def main(argv=None) -> int:
                               DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.kd_lr, max_val_batches=4,
                                             warmup=max(1, args.kd_steps // 10), lm_weight=args.lm_weight,
                                             kl_weight=args.kl_weight, layer_weight=args.layer_weight,
+                                            jacobian_weight=args.jacobian_weight, jacobian_eps=args.jacobian_eps,
                                             kd_norm=args.kd_norm, init=args.init,
                                             val_every=max(1, args.kd_steps // 3), progress=True),
-                              drop_ratio=None if args.keep_blocks else args.drop_ratio, keep_blocks=args.keep_blocks)
+                              drop_ratio=None if args.keep_blocks else args.drop_ratio, keep_blocks=args.keep_blocks,
+                              select=args.select)
     kd_s = time.perf_counter() - t0
     runs = {}
     for name, mode in (("offsite", "offsite"), ("full", "local")):
@@ -274,6 +282,7 @@ def main(argv=None) -> int:
         "settings": vars(args),
         "model_id": manifest["model_id"],
         "kept_middle_blocks": manifest["kept_middle_blocks"],
+        "selection": manifest.get("selection", {"method": "uniform"}),
         "distillation": {k: manifest["distillation"].get(k) for k in ("val_kd_before", "val_kd_after", "val", "rescale_factors",
                                                                         "teacher_cache_s", "config")}
                         | {"wall_s": None if args.package else kd_s, "package": pkg},

@@ -19,12 +19,14 @@ def _build(args) -> int:
     try:
         cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                             warmup=args.warmup, kd_weight=args.kd_weight, lm_weight=args.lm_weight,
-                            kl_weight=args.kl_weight, layer_weight=args.layer_weight, init=args.init,
+                            kl_weight=args.kl_weight, layer_weight=args.layer_weight,
+                            jacobian_weight=args.jacobian_weight, jacobian_eps=args.jacobian_eps, init=args.init,
                             init_batches=args.init_batches, kd_norm=args.kd_norm, cache_teacher=not args.no_teacher_cache,
                             val_fraction=args.val_fraction, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                             seed=args.seed, resume=args.resume, progress=not args.no_progress)
         m = build_emulator(args.model, args.client_blocks, args.out, args.distill_data, cfg,
-                           drop_ratio=args.drop_ratio, keep=args.keep, keep_blocks=args.keep_blocks)
+                           drop_ratio=args.drop_ratio, keep=args.keep, keep_blocks=args.keep_blocks,
+                           select=args.select, select_seqs=args.select_seqs)
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
         return 2
@@ -32,7 +34,7 @@ def _build(args) -> int:
         print("cloud emulator build: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
     d, p = m["distillation"], m["params"]
-    print(json.dumps({"package": args.out, "kept_middle_blocks": m["kept_middle_blocks"],
+    print(json.dumps({"package": args.out, "kept_middle_blocks": m["kept_middle_blocks"], "selection": m["selection"]["method"],
                       "val_kd_before": d.get("val_kd_before"), "val_kd_after": d.get("val_kd_after"),
                       "package_params": p["package"], "package_share_of_model": round(p["package_share_of_model"], 4)}))
     return 0
@@ -42,7 +44,7 @@ def add_emulator_parser(sub) -> None:
     """Adds `emulator build` to the `cloud` command line."""
     e = sub.add_parser("emulator", help="Offsite-Tuning emulators")
     esub = e.add_subparsers(dest="emulator_cmd", required=True)
-    b = esub.add_parser("build", help="drop middle blocks uniformly, distill the rest on public text, write a package",
+    b = esub.add_parser("build", help="drop middle blocks (uniformly or loss-guided), distill the rest on public text, write a package",
                         description="Build an Offsite-Tuning emulator package: the client stages, the tokenizer and a "
                                     "distilled, lossy stand-in for the middle blocks (never the dropped blocks).",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -54,6 +56,12 @@ def add_emulator_parser(sub) -> None:
     how.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
                      help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
                           "makes the model's attention sink swapped in (SmolLM2: 11; see the README)")
+    b.add_argument("--select", choices=("uniform", "greedy"), default="uniform",
+                   help="how --drop-ratio/--keep's blocks are chosen: 'uniform' spaces them evenly (the paper's rule); "
+                        "'greedy' drops, one at a time, the block whose removal raises the model's next-token loss on "
+                        "the public text least (first and last middle block kept; SmolLM2: ~12 min on 2 cores, and a "
+                        "much better start for distillation, see the README)")
+    b.add_argument("--select-seqs", type=int, default=32, help="public sequences (of --seq-len tokens) the greedy selection measures the loss on")
     b.add_argument("--distill-data", default=None, metavar="DIR", help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})")
     b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
     b.add_argument("--batch-size", type=int, default=4, help="text blocks per step")
@@ -69,6 +77,11 @@ def add_emulator_parser(sub) -> None:
     b.add_argument("--kl-weight", type=float, default=0.0,
                    help="weight of KL(teacher || emulator) on next-token distributions through the real top blocks and head (0: off; costs ~1.7x per step)")
     b.add_argument("--layer-weight", type=float, default=0.0, help="weight of matching every kept block to the teacher at its original depth (0: off)")
+    b.add_argument("--jacobian-weight", type=float, default=0.0,
+                   help="weight of matching how the middle's output moves when its input moves (finite differences "
+                        "along random per-token directions): the data owner's bottom adapter learns through the "
+                        "emulator's Jacobian (0: off; costs a teacher pass over the whole middle per step)")
+    b.add_argument("--jacobian-eps", type=float, default=0.05, help="size of those input moves, relative to each token's RMS")
     b.add_argument("--init", choices=("copy", "rescale"), default="copy",
                    help="emulator start: the kept blocks as they are, or with each block's residual update rescaled by a factor "
                         "fitted on public text (folded into the output projections); default copy")

@@ -8,6 +8,8 @@ from tandem.stages.loading import load_model
 from tandem.stages.modules import StageLayout
 
 from .distill import CHECKPOINT, DistillConfig, distill
+from .errors import SelectionError
+from .greedy import SELECTION_FILE, selection
 from .package import build_package
 from .select import kept_blocks
 from .text import read_texts
@@ -16,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def build_emulator(model: str | None, client_blocks: str, out: str, distill_data: str | None, cfg: DistillConfig,
-                   drop_ratio: float | None = None, keep: int | None = None, keep_blocks: list[int] | None = None) -> dict:
+                   drop_ratio: float | None = None, keep: int | None = None, keep_blocks: list[int] | None = None,
+                   select: str = "uniform", select_seqs: int = 32) -> dict:
     """Builds an emulator package; returns its manifest.
 
     Args:
@@ -28,17 +31,33 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         drop_ratio: Share of middle blocks to drop, or
         keep: number of middle blocks to keep, or
         keep_blocks: exactly these middle blocks (full-model indices).
+        select: how drop_ratio/keep's count of blocks is chosen: "uniform" (the paper's evenly spaced choice)
+            or "greedy" (drop the blocks whose removal raises the public-text loss least; tandem.emulator.greedy).
+        select_seqs: public sequences (of cfg.seq_len tokens) the greedy selection measures the loss on.
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
+    texts = read_texts(distill_data) if distill_data is not None else None
     kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
+    chosen = {"method": "blocks" if keep_blocks is not None else "uniform"}
+    if select not in ("uniform", "greedy"):
+        raise SelectionError(f"--select must be uniform or greedy, got {select!r}")
+    if select == "greedy":
+        if keep_blocks is not None:
+            raise SelectionError("--select greedy chooses the blocks itself: give --drop-ratio or --keep, not --keep-blocks")
+        if texts is None:
+            raise SelectionError("--select greedy measures the loss on public text: give --distill-data DIR")
+        if select_seqs < 1:
+            raise SelectionError(f"--select-seqs must be >= 1, got {select_seqs}")
+        chosen = _greedy(loaded, layout, texts, len(kept), cfg, out, select_seqs)
+        kept = chosen["kept"]
     log.info("emulator keeps middle blocks %s of %s", kept, layout.middle_blocks)
     if cfg.steps > 0:
-        if distill_data is None:
+        if texts is None:
             from .errors import TextError
 
             raise TextError("--distill-data DIR is needed to distill (or pass --steps 0 for a plain layer drop)")
-        student, hist = distill(loaded, layout, kept, read_texts(distill_data), cfg, out)
+        student, hist = distill(loaded, layout, kept, texts, cfg, out)
     else:
         from .model import copy_blocks
         from tandem.stages.arch import parts_of
@@ -48,14 +67,13 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
     if hist.get("steps"):
         summary["train_kd_first"], summary["train_kd_last"] = hist["steps"][0]["kd"], hist["steps"][-1]["kd"]
     sink = None
-    if distill_data is not None:  # the attention sink, measured on the same public text
+    if texts is not None:  # the attention sink, measured on the same public text
         from transformers import AutoTokenizer
 
         from .sink import measure_sink
         from .text import pack_blocks
 
-        sink = measure_sink(loaded, layout, pack_blocks(read_texts(distill_data), AutoTokenizer.from_pretrained(loaded.path),
-                                                        cfg.seq_len))
+        sink = measure_sink(loaded, layout, pack_blocks(texts, AutoTokenizer.from_pretrained(loaded.path), cfg.seq_len))
         log.info("first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s", sink[1]["rms_first"],
                  sink[1]["rms_other"], sink[1]["spread"], "shipped as the emulator's sink" if sink[1]["used"] else "no sink")
         made = sink[1]["made_by_block"]
@@ -64,8 +82,26 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
             log.warning("block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
                         "lets the emulator rebuild the sink: --keep-blocks %s", made, near,
                         ",".join(str(j) for j in sorted({*kept, made} - {near})))
-    manifest = build_package(loaded, layout, kept, student, out, summary, sink)
-    ckpt = os.path.join(out, CHECKPOINT)
-    if os.path.exists(ckpt):
-        os.remove(ckpt)  # the package is complete; the checkpoint only served resumption
+    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen)
+    for name in (CHECKPOINT, SELECTION_FILE):  # the package is complete; these only served resumption
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     return manifest
+
+
+def _greedy(loaded, layout: StageLayout, texts: list[str], k: int, cfg: DistillConfig, out: str, seqs: int) -> dict:
+    """The greedy selection on `seqs` sequences of the distillation's training split (its validation stays unseen)."""
+    import hashlib
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tandem.stages.arch import parts_of
+
+    from .text import pack_blocks, split_blocks
+
+    train, _ = split_blocks(pack_blocks(texts, AutoTokenizer.from_pretrained(loaded.path), cfg.seq_len), cfg.val_fraction, cfg.seed)
+    ids = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:seqs]]  # (S, T)
+    key = {"model_id": loaded.model_id, "layout": [layout.num_layers, layout.bottom, layout.top], "keep": k,
+           "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+    return selection(parts_of(loaded.model), layout, ids, k, out, key, progress=cfg.progress)

@@ -42,6 +42,12 @@ class DistillConfig:
         layer_weight: Weight of per-layer matching: the mean KD loss of every kept block's output
             (but the last, which kd_weight covers) against the teacher's hidden state at the matching
             depth (right before the next kept block); 0 disables it.
+        jacobian_weight: Weight of matching how the middle's output moves when its input moves: for a
+            random per-token perturbation d of the middle's input h (RMS jacobian_eps of h's), the mean over
+            tokens of |(T(h+d)-T(h)) - (S(h+d)-S(h))|^2 / |T(h+d)-T(h)|^2 (a finite-difference Jacobian
+            match). The data owner's bottom adapter learns through the emulator's Jacobian, not its output;
+            0 disables it. Costs a teacher pass over the whole middle and a second student pass per step.
+        jacobian_eps: Size of that perturbation, relative to each token's RMS.
         init: How the student starts: "copy" (the kept blocks as they are) or "rescale" (each kept
             block's residual update scaled by a factor fitted to the teacher on a few public batches,
             folded into the block's output projections; the blocks stay standard blocks).
@@ -68,6 +74,8 @@ class DistillConfig:
     lm_weight: float = 0.0
     kl_weight: float = 0.0
     layer_weight: float = 0.0
+    jacobian_weight: float = 0.0
+    jacobian_eps: float = 0.05
     init: str = "copy"
     init_batches: int = 2
     kd_norm: str = "global"
@@ -87,9 +95,12 @@ class DistillConfig:
         for name in ("batch_size", "val_every", "max_val_batches", "checkpoint_every", "init_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        weights = (self.kd_weight, self.lm_weight, self.kl_weight, self.layer_weight)
+        weights = (self.kd_weight, self.lm_weight, self.kl_weight, self.layer_weight, self.jacobian_weight)
         if self.lr <= 0 or min(weights) < 0 or sum(weights) == 0:
-            raise ValueError("lr must be > 0, kd_weight, lm_weight, kl_weight and layer_weight >= 0 and not all 0")
+            raise ValueError("lr must be > 0, kd_weight, lm_weight, kl_weight, layer_weight and jacobian_weight >= 0 "
+                             "and not all 0")
+        if self.jacobian_eps <= 0:
+            raise ValueError(f"jacobian_eps must be > 0, got {self.jacobian_eps}")
         if self.kd_norm not in ("global", "token"):
             raise ValueError(f"kd_norm must be global or token, got {self.kd_norm!r}")
         if self.init not in INITS:
@@ -195,11 +206,12 @@ class Distiller:
             h = run_blocks(self.parts, self.top, h, am)
         return self.parts.head(self.parts.norm(h))
 
-    def losses(self, ids: torch.Tensor, cfg: DistillConfig, teacher: dict | None = None) -> dict:
-        """Weighted total ('loss') and its terms ('kd', 'lm', 'kl', 'layer') for a batch of ids (B, T).
+    def losses(self, ids: torch.Tensor, cfg: DistillConfig, teacher: dict | None = None, step: int = -1) -> dict:
+        """Weighted total ('loss') and its terms ('kd', 'lm', 'kl', 'layer', 'jac') for a batch of ids (B, T).
 
         Args:
             teacher: This batch's teacher outputs (from a cache); computed here when None.
+            step: Seeds the Jacobian term's perturbation (with cfg.seed), so a resumed run draws the same ones.
         """
         am = torch.ones_like(ids)
         if teacher is None:
@@ -209,7 +221,9 @@ class Distiller:
         s = states[-1]
         tok = cfg.kd_norm == "token"
         out = {"kd": kd_loss(teacher["targets"][-1], s, per_token=tok), "lm": torch.zeros(()), "kl": torch.zeros(()),
-               "layer": torch.zeros(())}
+               "layer": torch.zeros(()), "jac": torch.zeros(())}
+        if cfg.jacobian_weight > 0:
+            out["jac"] = self.jacobian_loss(teacher["h"], teacher["targets"][-1], s, am, cfg, step)
         if every and len(states) > 1:
             out["layer"] = torch.stack([kd_loss(t, x, per_token=tok) for t, x in zip(teacher["targets"][:-1], states[:-1])]).mean()
         if cfg.lm_weight > 0 or cfg.kl_weight > 0:
@@ -222,14 +236,28 @@ class Distiller:
                 s_logp = F.log_softmax(logits, -1).flatten(0, 1)  # (B*T, V)
                 out["kl"] = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
         out["loss"] = (cfg.kd_weight * out["kd"] + cfg.lm_weight * out["lm"] + cfg.kl_weight * out["kl"]
-                       + cfg.layer_weight * out["layer"])
+                       + cfg.layer_weight * out["layer"] + cfg.jacobian_weight * out["jac"])
         return out
+
+    def jacobian_loss(self, h: torch.Tensor, t: torch.Tensor, s: torch.Tensor, am: torch.Tensor, cfg: DistillConfig,
+                      step: int) -> torch.Tensor:
+        """Finite-difference Jacobian match (DistillConfig.jacobian_weight) at the middle's input h (B, T, H),
+        given the teacher's and the student's outputs t, s on h."""
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
+        rms = h.detach().pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
+        moved = h + cfg.jacobian_eps * rms * torch.randn(h.shape, generator=g, dtype=h.dtype)
+        with torch.no_grad():
+            dt = run_blocks(self.parts, [b for seg in self.segments for b in seg], moved, am) - t  # (B, T, H)
+        ds = self.student_states(moved, am, False)[-1] - s
+        return kd_loss(dt, ds, per_token=True)
 
     @torch.no_grad()
     def validate(self, val: torch.Tensor, cfg: DistillConfig) -> dict:
         """Mean KD, LM and KL losses over held-out blocks (LM and KL whatever their training weight)."""
         vcfg = DistillConfig(**{**asdict(cfg), "lm_weight": 1.0, "kl_weight": 1.0})
         sums: dict[str, list[float]] = {"kd": [], "lm": [], "kl": []}
+        if cfg.jacobian_weight > 0:
+            sums["jac"] = []
         for i in range(0, min(len(val), cfg.batch_size * cfg.max_val_batches), cfg.batch_size):
             out = self.losses(val[i : i + cfg.batch_size], vcfg)
             for k in sums:
@@ -390,7 +418,7 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
         ids = train[idx]  # (B, T)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None)
+        out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None, step)
         out["loss"].backward()
         opt.step()
         sched.step()

@@ -35,12 +35,14 @@ SINK_FILE = "sink.safetensors"
 
 
 def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emulator: nn.ModuleList, out_dir: str,
-                  distillation: dict | None = None, sink: tuple[torch.Tensor, dict] | None = None) -> dict:
+                  distillation: dict | None = None, sink: tuple[torch.Tensor, dict] | None = None,
+                  selection: dict | None = None) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
     The dropped middle blocks are never written: the emulator file holds only `emulator`'s own tensors.
     sink: (vector, stats) from tandem.emulator.sink.measure_sink; the vector is written (sink.safetensors)
     only when stats["used"].
+    selection: how the kept blocks were chosen ({"method": "uniform" | "blocks" | "greedy", ...}).
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
@@ -59,6 +61,7 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
         "middle_blocks": layout.middle_blocks,
         "kept_middle_blocks": list(kept),
         "dropped_middle_blocks": [i for i in layout.middle_blocks if i not in kept],
+        "selection": selection or {"method": "uniform"},
         "params": {"model": model_params, "client_stages": n_params(client), "emulator": n_params(emu),
                    "package": n_params(client) + n_params(emu),
                    "package_share_of_model": (n_params(client) + n_params(emu)) / model_params},

@@ -83,7 +83,8 @@ def test_distillation_lowers_kd_loss(arch, models8, sample_data, tmp_path):
 
 def test_distillation_resumes_to_the_uninterrupted_result(models8, sample_data, tmp_path, monkeypatch):
     out = str(tmp_path / "pkg")
-    cfg = DistillConfig(**{**DISTILL, "steps": 4, "checkpoint_every": 2})
+    # With the Jacobian term: its perturbations are seeded by the step, so the resumed run draws the same ones.
+    cfg = DistillConfig(**{**DISTILL, "steps": 4, "checkpoint_every": 2}, jacobian_weight=0.5)
     with pytest.raises(EmulatorError, match="no distill_checkpoint"):
         build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
     full = build_emulator(models8["gpt2"], "2:2", str(tmp_path / "full"), sample_data, cfg, keep=2)
@@ -359,3 +360,112 @@ def test_a_measured_sink_travels_in_the_package_only_when_there_is_one(models8, 
         with torch.no_grad():
             h = sm.middle.stage(sm.bottom(ids, am), am)
         assert torch.equal(h[:, 0], vec.expand(2, -1)) is used
+
+
+def _loss_without(model_dir: str, drop: list[int], ids: torch.Tensor) -> float:
+    """Oracle: the plain Hugging Face forward's loss with the given blocks removed from the model."""
+    from tandem.stages.arch import parts_of
+
+    model = load_model(model_dir).model.eval()
+    dec = getattr(model, parts_of(model).arch.decoder)
+    name = parts_of(model).arch.blocks
+    blocks = [b for i, b in enumerate(getattr(dec, name)) if i not in drop]
+    setattr(dec, name, torch.nn.ModuleList(blocks))
+    for key in ("num_hidden_layers", "n_layer"):
+        if getattr(model.config, key, None) is not None:
+            setattr(model.config, key, len(blocks))
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_greedy_selection_drops_the_block_that_costs_least(arch, tmp_path):
+    from tandem.emulator.greedy import greedy_keep
+    from tandem.stages.arch import parts_of
+
+    path = make_model(arch, str(tmp_path / arch), layers=10, seed=3)
+    loaded = load_model(path)
+    layout = StageLayout.parse("2:2", loaded.config)  # middle 2..7
+    ids = torch.randint(5, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    kept, hist = greedy_keep(parts_of(loaded.model), layout, ids, 3, batch_size=4)
+    assert len(kept) == 3 and kept[0] == 2 and kept[-1] == 7 and sorted(kept) == kept
+    assert [h["left"] for h in hist] == [5, 4, 3] and sorted(kept + [h["dropped"] for h in hist]) == layout.middle_blocks
+    # The first elimination, against the plain model's loss for every candidate (2 and 7 are never candidates).
+    trials = {b: _loss_without(path, [b], ids) for b in range(3, 7)}
+    assert hist[0]["dropped"] == min(trials, key=trials.get)
+    assert hist[0]["loss"] == pytest.approx(trials[hist[0]["dropped"]], abs=1e-4)
+    # The last elimination's loss is that of the model with exactly the dropped blocks removed.
+    assert hist[-1]["loss"] == pytest.approx(_loss_without(path, [h["dropped"] for h in hist], ids), abs=1e-4)
+
+
+def test_greedy_build_records_and_reuses_its_selection(models8, sample_data, tmp_path, monkeypatch):
+    import tandem.emulator.greedy as gmod
+
+    out = str(tmp_path / "pkg")
+    cfg = DistillConfig(steps=0, **DISTILL)
+    m = build_emulator(models8["llama"], "2:2", out, sample_data, cfg, keep=2, select="greedy", select_seqs=4)
+    assert m["selection"]["method"] == "greedy" and m["kept_middle_blocks"] == [2, 5]  # keep=2: first and last
+    assert sorted(h["dropped"] for h in m["selection"]["history"]) == [3, 4]
+    assert not os.path.exists(os.path.join(out, gmod.SELECTION_FILE))
+    m = build_emulator(models8["llama"], "2:2", out, sample_data, cfg, keep=3, select="greedy", select_seqs=4)
+    assert m["selection"]["method"] == "greedy" and len(m["kept_middle_blocks"]) == 3
+    assert [h["dropped"] for h in m["selection"]["history"]] == [b for b in (2, 3, 4, 5) if b not in m["kept_middle_blocks"]]
+    assert load_package(out).manifest["selection"] == m["selection"]
+    assert build_emulator(models8["llama"], "2:2", out, sample_data, cfg, keep=2)["selection"] == {"method": "uniform"}
+    # A build interrupted after the selection reuses it (same model, layout, count and text), and only then.
+    key = {"k": 1}
+    saved = {"method": "greedy", "kept": [2, 3, 5], "history": [], "sequences": 4, "tokens": 128}
+    with open(os.path.join(out, gmod.SELECTION_FILE), "w") as f:
+        json.dump({"key": key, "selection": saved}, f)
+
+    def no_rerun(*a, **k):
+        raise AssertionError("the saved selection should have been reused")
+
+    monkeypatch.setattr(gmod, "greedy_keep", no_rerun)
+    assert gmod.selection(None, None, torch.zeros(4, 32), 3, out, key) == saved
+    with pytest.raises(AssertionError, match="reused"):
+        gmod.selection(None, None, torch.zeros(4, 32), 3, out, {"k": 2})
+
+
+def test_greedy_selection_errors_say_what_to_do(models8, sample_data, tmp_path):
+    cfg = DistillConfig(steps=0, **DISTILL)
+    with pytest.raises(SelectionError, match="not --keep-blocks"):
+        build_emulator(models8["llama"], "2:2", str(tmp_path / "a"), sample_data, cfg, keep_blocks=[2, 5], select="greedy")
+    with pytest.raises(SelectionError, match="--distill-data"):
+        build_emulator(models8["llama"], "2:2", str(tmp_path / "b"), None, cfg, keep=2, select="greedy")
+    with pytest.raises(SelectionError, match="uniform or greedy"):
+        build_emulator(models8["llama"], "2:2", str(tmp_path / "c"), sample_data, cfg, keep=2, select="best")
+    with pytest.raises(SelectionError, match="choose 2..4"):
+        build_emulator(models8["llama"], "2:2", str(tmp_path / "d"), sample_data, cfg, keep=1, select="greedy")
+
+
+def test_jacobian_term_is_a_finite_difference_match(models8):
+    d, parts = _distiller(models8["llama"], keep=4)  # every middle block kept: the student is the teacher
+    ids = torch.randint(0, parts.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(2))
+    cfg = DistillConfig(steps=0, batch_size=4, kd_norm="token", jacobian_weight=1.0, jacobian_eps=0.05)
+    with torch.no_grad():
+        assert float(d.losses(ids, cfg, step=3)["jac"]) < 1e-8
+    d, parts = _distiller(models8["llama"], keep=2)
+    with torch.no_grad():
+        a, b, c = (d.losses(ids, cfg, step=s) for s in (3, 3, 4))
+        # By hand: the same perturbation (seeded by cfg.seed and the step) through the teacher and the student.
+        teacher = d.teacher(ids, cfg)
+        am = torch.ones_like(ids)
+        h, t = teacher["h"], teacher["targets"][-1]
+        rms = h.pow(2).mean(-1, keepdim=True).sqrt()
+        moved = h + 0.05 * rms * torch.randn(h.shape, generator=torch.Generator().manual_seed(4))
+        dt = dmod.run_blocks(parts, [parts.blocks[i] for i in range(2, 6)], moved, am) - t
+        ds = dmod.run_blocks(parts, d.student, moved, am) - dmod.run_blocks(parts, d.student, h, am)
+        want = ((dt - ds).pow(2).sum(-1) / dt.pow(2).sum(-1)).mean()
+    assert float(a["jac"]) == float(b["jac"]) and float(a["jac"]) != float(c["jac"])  # deterministic per step
+    assert float(a["jac"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(a["loss"]) == pytest.approx(float(a["kd"] + a["jac"]), rel=1e-6)
+
+
+def test_jacobian_distillation_lowers_the_term(models8, sample_data, tmp_path):
+    cfg = DistillConfig(**{**DISTILL, "steps": 10}, kd_norm="token", jacobian_weight=1.0, jacobian_eps=0.1)
+    m = build_emulator(models8["gpt2"], "2:2", str(tmp_path / "pkg"), sample_data, cfg, keep=2)
+    val = m["distillation"]["val"]
+    assert val[-1]["jac"] < 0.8 * val[0]["jac"] and val[-1]["kd"] < val[0]["kd"], val
+    with pytest.raises(ValueError, match="jacobian_eps"):
+        DistillConfig(jacobian_weight=1.0, jacobian_eps=0.0)
