@@ -4,11 +4,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -20,21 +18,11 @@ from tandem.client.transport import Transport
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
 
-from conftest import BIN, start_server
+from conftest import BIN, free_port, metric, start_server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _metric(port: int, name: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def _tune(server, data, out, steps, seed=7, extra=()):
@@ -51,14 +39,14 @@ def test_cloud_killed_mid_run_and_restarted_gives_identical_run(tiny_models, sam
     finally:
         ref_server.stop()
 
-    port, mport = _free_port(), _free_port()
+    port, mport = free_port(), free_port()
     args = ("--metrics-port", str(mport))
     server = start_server(tiny_models["llama"], tmp_path, *args, tls_dir=tls, listen=f"127.0.0.1:{port}")
     client = subprocess.Popen(_tune(server, sample_data, str(tmp_path / "cut"), 10), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while _metric(mport, "tandem_steps_total") < 3 and time.monotonic() < deadline:
+        while metric(mport, "tandem_steps_total") < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         server.proc.send_signal(signal.SIGKILL)  # no drain: a crash
         server.proc.wait()
@@ -230,19 +218,19 @@ def test_stop_drains_in_flight_steps(tiny_models):
 
 
 def test_abandoned_session_frees_memory_after_ttl(tiny_models, server_factory):
-    mport = _free_port()
+    mport = free_port()
     server = server_factory(tiny_models["llama"], "--session-ttl", "1", "--metrics-port", str(mport))
     t = Transport(server.tcfg())
     sm = connect_split(t, LoraConfig(rank=2), seed=0)
     h = torch.randn(2, 16, 32)
     sm.middle.forward_rpc(h, torch.ones(2, 16, dtype=torch.long), 0, 0, train=True)  # state kept for a backward that never comes
     t.call("GetInfo", pb.GetInfoRequest())
-    assert _metric(mport, "tandem_forward_state_bytes") > 0
+    assert metric(mport, "tandem_forward_state_bytes") > 0
     time.sleep(1.5)
     # Any later call (from anyone) expires idle sessions; the client's next call learns its session is gone.
     t2 = Transport(server.tcfg())
     connect_split(t2, LoraConfig(rank=2), seed=0)
-    assert _metric(mport, "tandem_forward_state_bytes") == 0
-    assert _metric(mport, "tandem_sessions") == 1
+    assert metric(mport, "tandem_forward_state_bytes") == 0
+    assert metric(mport, "tandem_sessions") == 1
     t.close()
     t2.close()

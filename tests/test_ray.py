@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
 import torch
-from conftest import BIN, split_losses, terminate
+from conftest import BIN, free_port, split_losses, terminate
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -25,7 +20,7 @@ def ray_cluster(tmp_path):
     import tempfile
 
     ray_bin = os.path.join(BIN, "ray")
-    port = _free_port()
+    port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",

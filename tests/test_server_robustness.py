@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import socket
 import threading
 import time
 
@@ -24,7 +23,7 @@ from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.stages.lora import LoraConfig
 
-from conftest import start_server
+from conftest import free_port, start_server
 
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.1)
 BATCH, SEQ = 2, 24  # 48 tokens a step: under the guarded server's --max-tokens-per-step 64
@@ -79,10 +78,6 @@ def _rejects(call, req, code, *needles, reason=None):
     return e
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(t: Transport, sample_data, seed: int, steps: int, before_step=None) -> list[float]:
@@ -442,7 +437,7 @@ def test_no_server_is_unavailable_with_a_hint(tmp_path):
     from tandem.cloud.tls import init_ca
 
     init_ca(str(tmp_path / "ca"))
-    addr = f"127.0.0.1:{_free_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     t = Transport(TransportConfig(server=addr, ca=str(tmp_path / "ca" / "ca.pem"), retries=1, backoff_s=0.05))
     t0 = time.monotonic()
     with pytest.raises(ServerError) as ei:
