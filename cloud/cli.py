@@ -44,7 +44,7 @@ def _serve(args) -> int:
         layout = StageLayout.parse(args.client_blocks, loaded.config)
         store = StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20),
                             ttl_s=args.session_ttl, max_sessions_per_identity=args.quota_sessions)
-        limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step)
+        limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step, cloud_optimizer=not args.no_cloud_optimizer)
         batching = None if args.no_batching else BatchingConfig(
             window_ms=args.batch_window_ms, max_tokens=args.batch_max_tokens, backward_wait_ms=args.batch_backward_wait_ms)
         if args.ray:
@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-client-auth", action="store_true", help="TLS without client certificates (every caller is 'anonymous'); default: mutual TLS")
     s.add_argument("--quota-sessions", type=int, default=0, help="open sessions per identity (0 = only --max-sessions applies)")
     s.add_argument("--quota-mbps", type=float, default=0.0, help="request MiB/s per identity, 4 s burst (0 = unlimited)")
+    s.add_argument("--no-cloud-optimizer", action="store_true",
+                   help="refuse sessions that ask this server to run their remote LoRA's AdamW (`client tune "
+                        "--cloud-optimizer`); such a session keeps its remote LoRA and both AdamW moments here (3x the "
+                        "LoRA: 4.8 MB for SmolLM2 at r=8 on q,v) until it closes, outside --memory-cap-mb")
     s.add_argument("--require-sealing", action="store_true", help="refuse sessions whose tensors are not sealed (X25519 + AES-256-GCM on top of TLS)")
     s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
     s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")

@@ -117,7 +117,7 @@ class RayBackbone(BackboneService):
             [actor.options(name=f"tandem-replica{r}-shard{i}", get_if_exists=False,
                            **({"resources": shard_resources[i]} if shard_resources else {})).remote(
                 loaded.path if loaded.model_id != "SmolLM2-135M-Instruct" else None, lay, blocks, store_d,
-                {"max_tokens_per_step": limits.max_tokens_per_step}, threads, batch_d)
+                {"max_tokens_per_step": limits.max_tokens_per_step, "cloud_optimizer": limits.cloud_optimizer}, threads, batch_d)
              for i, blocks in enumerate(self.ranges)]
             for r in range(replicas)
         ]

@@ -29,6 +29,7 @@ class ServiceLimits:
     """Per-request limits the service enforces."""
 
     max_tokens_per_step: int = 64 * 1024
+    cloud_optimizer: bool = True  # run the remote LoRA's optimizer for sessions that ask (`client tune --cloud-optimizer`)
 
 
 def _linear_leaves(blocks: nn.ModuleList) -> tuple[str, ...]:
@@ -90,6 +91,9 @@ class BackboneService:
     def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str = "float32",
                      gradient_codec: str = "float32", sid: str | None = None, optimizer: AdamWSpec | None = None) -> Session:
         """Opens a session; with `optimizer`, the cloud applies the remote LoRA's AdamW updates itself."""
+        if optimizer is not None and not self.limits.cloud_optimizer:
+            raise InvalidRequest("this server does not run optimizers for clients (cloud serve --no-cloud-optimizer); "
+                                 "tune without --cloud-optimizer: your client then updates the remote LoRA itself")
         if optimizer is not None and not remote_lora:
             raise InvalidRequest("a cloud optimizer needs a remote LoRA (remote_lora=true): there is nothing else to optimize here")
         if model_id and model_id != self.loaded.model_id:

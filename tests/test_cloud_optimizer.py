@@ -176,3 +176,11 @@ def test_a_lost_session_goes_back_to_the_checkpoint_in_process(tiny_models, samp
     assert [s["loss"] for s in got["steps"]] == [s["loss"] for s in ref["steps"]]
     wa, wb = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_operator_can_refuse_cloud_optimizer_sessions(tiny_models, sample_data, server_factory, tmp_path):
+    server = server_factory(tiny_models["llama"], "--no-cloud-optimizer")
+    with pytest.raises(ServerError, match="does not run optimizers for clients.*tune without --cloud-optimizer"):
+        _run(server, sample_data, tmp_path / "cloud", steps=2)
+    report = _run(server, sample_data, tmp_path / "own", steps=2, cloud=False)  # the client's own optimizer still tunes
+    assert len(report["steps"]) == 2
