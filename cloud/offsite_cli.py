@@ -59,8 +59,8 @@ def add_emulator_parser(sub) -> None:
     b.add_argument("--select", choices=("uniform", "greedy"), default="uniform",
                    help="how --drop-ratio/--keep's blocks are chosen: 'uniform' spaces them evenly (the paper's rule); "
                         "'greedy' drops, one at a time, the block whose removal raises the model's next-token loss on "
-                        "the public text least (first and last middle block kept; SmolLM2: ~12 min on 2 cores, and a "
-                        "much better start for distillation, see the README)")
+                        "the public text least (first and last middle block kept; a closer emulator, but not a better "
+                        "plug-in on SmolLM2: see the README; about 10 min on 2 cores for SmolLM2 at --seq-len 64)")
     b.add_argument("--select-seqs", type=int, default=32, help="public sequences (of --seq-len tokens) the greedy selection measures the loss on")
     b.add_argument("--distill-data", default=None, metavar="DIR", help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})")
     b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
