@@ -1,10 +1,10 @@
 """Loss-guided layer drop: which middle blocks the emulator keeps, chosen on the operator's public text.
 
-Offsite-Tuning drops middle blocks uniformly. On SmolLM2 that keeps blocks whose neighbours matter more: the
-uniform 10 of 26 give a zero-shot next-token loss of 9.5 nats on the public text before distillation, the
-greedy choice below 5.9 (the full model: 3.6). Greedy backward elimination, as in the layer-pruning
-literature (ShortGPT and others): drop, one at a time, the block whose removal raises the full model's
-next-token loss least; the first and the last middle block stay, as in the uniform rule.
+Offsite-Tuning drops middle blocks uniformly, whatever they do. Greedy backward elimination instead drops,
+one at a time, the block whose removal raises the full model's next-token loss on the public text least;
+the first and the last middle block stay, as in the uniform rule. (Layer-pruning work such as ShortGPT
+ranks blocks by how little they change the hidden state; this measures the loss itself.) On SmolLM2 the
+uniform 10 of 26 give a public-text loss of 9.5 nats before distillation, the greedy 10 5.9 (full model 3.6).
 """
 from __future__ import annotations
 
