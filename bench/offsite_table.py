@@ -28,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
                    help="keep exactly these middle blocks instead of --drop-ratio's uniform choice (e.g. "
                         "2,5,8,11,13,16,19,21,24,27: the uniform 10 with SmolLM2's sink-making block 11 for 10)")
+    p.add_argument("--mlp-width", type=int, default=None,
+                   help="width-prune the emulator blocks to this many MLP neurons (cloud emulator build --mlp-width); default: full width")
     p.add_argument("--select", choices=("uniform", "greedy"), default="uniform",
                    help="how --drop-ratio's blocks are chosen (cloud emulator build --select); default uniform (the paper's)")
     p.add_argument("--drop-ratio", type=float, default=0.62,
@@ -243,7 +245,7 @@ def main(argv=None) -> int:
                                             kd_norm=args.kd_norm, init=args.init,
                                             val_every=max(1, args.kd_steps // 3), progress=True),
                               drop_ratio=None if args.keep_blocks else args.drop_ratio, keep_blocks=args.keep_blocks,
-                              select=args.select)
+                              select=args.select, mlp_width=args.mlp_width)
     kd_s = time.perf_counter() - t0
     runs = {}
     for name, mode in (("offsite", "offsite"), ("full", "local")):

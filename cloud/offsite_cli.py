@@ -26,7 +26,7 @@ def _build(args) -> int:
                             seed=args.seed, resume=args.resume, progress=not args.no_progress)
         m = build_emulator(args.model, args.client_blocks, args.out, args.distill_data, cfg,
                            drop_ratio=args.drop_ratio, keep=args.keep, keep_blocks=args.keep_blocks,
-                           select=args.select, select_seqs=args.select_seqs)
+                           select=args.select, select_seqs=args.select_seqs, mlp_width=args.mlp_width)
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
         return 2
@@ -35,6 +35,7 @@ def _build(args) -> int:
         return 130
     d, p = m["distillation"], m["params"]
     print(json.dumps({"package": args.out, "kept_middle_blocks": m["kept_middle_blocks"], "selection": m["selection"]["method"],
+                      "mlp_width": m["pruning"]["mlp_width"],
                       "val_kd_before": d.get("val_kd_before"), "val_kd_after": d.get("val_kd_after"),
                       "package_params": p["package"], "package_share_of_model": round(p["package_share_of_model"], 4)}))
     return 0
@@ -61,7 +62,12 @@ def add_emulator_parser(sub) -> None:
                         "'greedy' drops, one at a time, the block whose removal raises the model's next-token loss on "
                         "the public text least (first and last middle block kept; a closer emulator, but not a better "
                         "plug-in on SmolLM2: see the README; about 10 min on 2 cores for SmolLM2 at --seq-len 64)")
-    b.add_argument("--select-seqs", type=int, default=32, help="public sequences (of --seq-len tokens) the greedy selection measures the loss on")
+    b.add_argument("--select-seqs", type=int, default=32,
+                   help="public sequences (of --seq-len tokens) the greedy selection, and --mlp-width's neuron ranking, measure on")
+    b.add_argument("--mlp-width", type=int, default=None, metavar="N",
+                   help="also width-prune: each kept block keeps only the N MLP neurons that add the most to the "
+                        "residual stream on the public text, so the emulator can keep more blocks in the same "
+                        "parameter budget (default: full-width blocks)")
     b.add_argument("--distill-data", default=None, metavar="DIR", help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})")
     b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
     b.add_argument("--batch-size", type=int, default=4, help="text blocks per step")

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def build_emulator(model: str | None, client_blocks: str, out: str, distill_data: str | None, cfg: DistillConfig,
                    drop_ratio: float | None = None, keep: int | None = None, keep_blocks: list[int] | None = None,
-                   select: str = "uniform", select_seqs: int = 32) -> dict:
+                   select: str = "uniform", select_seqs: int = 32, mlp_width: int | None = None) -> dict:
     """Builds an emulator package; returns its manifest.
 
     Args:
@@ -33,7 +33,10 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         keep_blocks: exactly these middle blocks (full-model indices).
         select: how drop_ratio/keep's count of blocks is chosen: "uniform" (the paper's evenly spaced choice)
             or "greedy" (drop the blocks whose removal raises the public-text loss least; tandem.emulator.greedy).
-        select_seqs: public sequences (of cfg.seq_len tokens) the greedy selection measures the loss on.
+        select_seqs: public sequences (of cfg.seq_len tokens) the greedy selection, and the MLP pruning,
+            measure on.
+        mlp_width: keep only this many MLP neurons in each kept block, the ones that add the most to the
+            residual stream on the public text (tandem.emulator.prune), then distill; None keeps them all.
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
@@ -52,17 +55,27 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         chosen = _greedy(loaded, layout, texts, len(kept), cfg, out, select_seqs)
         kept = chosen["kept"]
     log.info("emulator keeps middle blocks %s of %s", kept, layout.middle_blocks)
+    from tandem.stages.arch import parts_of
+
+    from .model import copy_blocks
+
+    student, pruning = copy_blocks(parts_of(loaded.model), kept), None
+    if mlp_width is not None:
+        if texts is None:
+            raise SelectionError("--mlp-width ranks MLP neurons on public text: give --distill-data DIR")
+        from .prune import neuron_scores, prune_blocks
+
+        scores = neuron_scores(parts_of(loaded.model), layout, kept, _sample(loaded, layout, texts, cfg, select_seqs))
+        pruning = prune_blocks(student, kept, scores, mlp_width)
+        log.info("emulator blocks keep %d of %d MLP neurons each", mlp_width, pruning["from_width"])
     if cfg.steps > 0:
         if texts is None:
             from .errors import TextError
 
             raise TextError("--distill-data DIR is needed to distill (or pass --steps 0 for a plain layer drop)")
-        student, hist = distill(loaded, layout, kept, texts, cfg, out)
+        student, hist = distill(loaded, layout, kept, texts, cfg, out, student)
     else:
-        from .model import copy_blocks
-        from tandem.stages.arch import parts_of
-
-        student, hist = copy_blocks(parts_of(loaded.model), kept), {"config": {"steps": 0}}
+        hist = {"config": {"steps": 0}}
     summary = {k: v for k, v in hist.items() if k != "steps"}
     if hist.get("steps"):
         summary["train_kd_first"], summary["train_kd_last"] = hist["steps"][0]["kd"], hist["steps"][-1]["kd"]
@@ -82,26 +95,31 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
             log.warning("block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
                         "lets the emulator rebuild the sink: --keep-blocks %s", made, near,
                         ",".join(str(j) for j in sorted({*kept, made} - {near})))
-    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen)
+    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen, pruning)
     for name in (CHECKPOINT, SELECTION_FILE):  # the package is complete; these only served resumption
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     return manifest
 
 
-def _greedy(loaded, layout: StageLayout, texts: list[str], k: int, cfg: DistillConfig, out: str, seqs: int) -> dict:
-    """The greedy selection on `seqs` sequences of the distillation's training split (its validation stays unseen)."""
-    import hashlib
-
+def _sample(loaded, layout: StageLayout, texts: list[str], cfg: DistillConfig, seqs: int):
+    """`seqs` sequences (S, T) of the distillation's training split (its validation stays unseen)."""
     import torch
     from transformers import AutoTokenizer
-
-    from tandem.stages.arch import parts_of
 
     from .text import pack_blocks, split_blocks
 
     train, _ = split_blocks(pack_blocks(texts, AutoTokenizer.from_pretrained(loaded.path), cfg.seq_len), cfg.val_fraction, cfg.seed)
-    ids = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:seqs]]  # (S, T)
+    return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:seqs]]
+
+
+def _greedy(loaded, layout: StageLayout, texts: list[str], k: int, cfg: DistillConfig, out: str, seqs: int) -> dict:
+    """The greedy selection on `seqs` sequences of the distillation's training split."""
+    import hashlib
+
+    from tandem.stages.arch import parts_of
+
+    ids = _sample(loaded, layout, texts, cfg, seqs)  # (S, T)
     key = {"model_id": loaded.model_id, "layout": [layout.num_layers, layout.bottom, layout.top], "keep": k,
            "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
     return selection(parts_of(loaded.model), layout, ids, k, out, key, progress=cfg.progress)

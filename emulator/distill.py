@@ -349,7 +349,7 @@ def _save(path: str, payload: dict) -> None:
 
 
 def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: list[str], cfg: DistillConfig,
-            out_dir: str) -> tuple[nn.ModuleList, dict]:
+            out_dir: str, student: nn.ModuleList | None = None) -> tuple[nn.ModuleList, dict]:
     """Distills the kept middle blocks into an emulator of the whole middle.
 
     Args:
@@ -359,6 +359,8 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
         texts: Public text.
         cfg: Distillation settings.
         out_dir: Where the checkpoint lives (the package directory).
+        student: The blocks to start from, one per kept block (a width-pruned copy, tandem.emulator.prune);
+            None: copies of the kept blocks.
 
     Returns:
         The student blocks and a history dict (validation KD before/after, per-step losses).
@@ -369,12 +371,15 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
     parts = parts_of(loaded.model)
     tokenizer = AutoTokenizer.from_pretrained(loaded.path)
     train, val = split_blocks(pack_blocks(texts, tokenizer, cfg.seq_len), cfg.val_fraction, cfg.seed)
-    student = copy_blocks(parts, kept)
+    student = copy_blocks(parts, kept) if student is None else student
+    if len(student) != len(kept):
+        raise EmulatorError(f"{len(student)} student blocks for {len(kept)} kept blocks")
     student.train(False)  # deterministic: no dropout in the student either
     d = Distiller(parts, layout, kept, student)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     settings = {"kept": list(kept), "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-                "layout": [layout.num_layers, layout.bottom, layout.top], "init": cfg.init, "kd_norm": cfg.kd_norm}
+                "layout": [layout.num_layers, layout.bottom, layout.top], "init": cfg.init, "kd_norm": cfg.kd_norm,
+                "student_params": sum(p.numel() for p in student.parameters())}
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:

@@ -52,9 +52,11 @@ def blocks_state(arch: Arch, blocks: nn.ModuleList) -> dict[str, torch.Tensor]:
     return out
 
 
-def _blocks_config(config, kept: list[int]):
+def _blocks_config(config, kept: list[int], mlp_width: int | None = None):
     cfg = copy.deepcopy(config)
     n = len(kept)
+    if mlp_width is not None:  # width-pruned emulator blocks (tandem.emulator.prune)
+        setattr(cfg, "n_inner" if hasattr(cfg, "n_inner") else "intermediate_size", mlp_width)
     if getattr(cfg, "num_hidden_layers", None) is not None:
         cfg.num_hidden_layers = n
     if getattr(cfg, "n_layer", None) is not None:
@@ -66,17 +68,18 @@ def _blocks_config(config, kept: list[int]):
     return cfg
 
 
-def build_blocks(config, kept: list[int], state: dict[str, torch.Tensor]) -> nn.ModuleList:
+def build_blocks(config, kept: list[int], state: dict[str, torch.Tensor], mlp_width: int | None = None) -> nn.ModuleList:
     """Rebuilds emulator blocks from their saved state (frozen, eval mode).
 
     Args:
         config: The full model's config.
         kept: Full-model indices of the kept middle blocks (for per-layer settings).
         state: Output of blocks_state.
+        mlp_width: MLP neurons per block of a width-pruned emulator (None: the model's own).
     """
     from transformers import AutoModelForCausalLM
 
-    shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept), dtype=torch.float32)
+    shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept, mlp_width), dtype=torch.float32)
     parts = parts_of(shell)
     prefix = parts.arch.block_prefix + "."
     local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

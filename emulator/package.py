@@ -36,13 +36,14 @@ SINK_FILE = "sink.safetensors"
 
 def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emulator: nn.ModuleList, out_dir: str,
                   distillation: dict | None = None, sink: tuple[torch.Tensor, dict] | None = None,
-                  selection: dict | None = None) -> dict:
+                  selection: dict | None = None, pruning: dict | None = None) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
     The dropped middle blocks are never written: the emulator file holds only `emulator`'s own tensors.
     sink: (vector, stats) from tandem.emulator.sink.measure_sink; the vector is written (sink.safetensors)
     only when stats["used"].
     selection: how the kept blocks were chosen ({"method": "uniform" | "blocks" | "greedy", ...}).
+    pruning: the MLP width pruning of the emulator blocks (tandem.emulator.prune.prune_blocks' record), or None.
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
@@ -62,6 +63,7 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
         "kept_middle_blocks": list(kept),
         "dropped_middle_blocks": [i for i in layout.middle_blocks if i not in kept],
         "selection": selection or {"method": "uniform"},
+        "pruning": pruning or {"mlp_width": None},
         "params": {"model": model_params, "client_stages": n_params(client), "emulator": n_params(emu),
                    "package": n_params(client) + n_params(emu),
                    "package_share_of_model": (n_params(client) + n_params(emu)) / model_params},
@@ -101,6 +103,11 @@ class EmulatorPackage:
     def kept(self) -> list[int]:
         return list(self.manifest["kept_middle_blocks"])
 
+    @property
+    def mlp_width(self) -> int | None:
+        """MLP neurons per emulator block when the emulator is width-pruned, else None."""
+        return self.manifest.get("pruning", {}).get("mlp_width")
+
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
@@ -126,7 +133,7 @@ class EmulatorPackage:
 
     def emulator_blocks(self, config=None) -> nn.ModuleList:
         """The emulator's blocks, frozen."""
-        return build_blocks(config or self.config(), self.kept, st_load(self.read(EMULATOR_FILE)))
+        return build_blocks(config or self.config(), self.kept, st_load(self.read(EMULATOR_FILE)), self.mlp_width)
 
 
 def load_package(path: str) -> EmulatorPackage:

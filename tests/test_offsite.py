@@ -469,3 +469,72 @@ def test_jacobian_distillation_lowers_the_term(models8, sample_data, tmp_path):
     assert val[-1]["jac"] < 0.8 * val[0]["jac"] and val[-1]["kd"] < val[0]["kd"], val
     with pytest.raises(ValueError, match="jacobian_eps"):
         DistillConfig(jacobian_weight=1.0, jacobian_eps=0.0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_width_pruning_equals_the_block_with_its_other_neurons_silenced(arch, tmp_path):
+    from tandem.emulator.prune import mlp_layers, mlp_width_of, neuron_scores, prune_blocks
+    from tandem.emulator.model import copy_blocks
+    from tandem.stages.arch import parts_of
+    from tandem.stages.modules import run_blocks
+
+    loaded = load_model(make_model(arch, str(tmp_path / arch), layers=6, seed=2))
+    parts, layout = parts_of(loaded.model), StageLayout.parse("1:1", loaded.config)  # middle 1..4
+    ids = torch.randint(5, 200, (3, 16), generator=torch.Generator().manual_seed(0))
+    kept = [1, 3, 4]
+    scores = neuron_scores(parts, layout, kept, ids, batch_size=2)
+    full = mlp_width_of(parts.blocks[1])
+    # Block 1's scores by hand: the RMS of its output projection's input times that projection's column norms.
+    seen = []
+    hook = mlp_layers(parts.blocks[1])[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        loaded.model(input_ids=ids)
+    hook.remove()
+    out = mlp_layers(parts.blocks[1])[1]
+    cols = out.weight.norm(dim=0) if isinstance(out, torch.nn.Linear) else out.weight.norm(dim=1)
+    assert torch.allclose(scores[1], seen[0].pow(2).mean(dim=(0, 1)).sqrt() * cols, rtol=1e-4)
+
+    blocks = copy_blocks(parts, kept)
+    rec = prune_blocks(blocks, kept, scores, full // 4)
+    assert rec["mlp_width"] == full // 4 and rec["from_width"] == full and all(0 < s < 1 for s in rec["kept_score_share"])
+    assert all(mlp_width_of(b) == full // 4 for b in blocks)
+    # Oracle: the full block with every neuron outside the kept ones zeroed at the output projection's input.
+    keep = torch.topk(scores[3], full // 4).indices
+    mask = torch.zeros(full)
+    mask[keep] = 1.0
+    h = torch.randn(2, 16, loaded.config.hidden_size if arch != "gpt2" else loaded.config.n_embd)
+    am = torch.ones(2, 16, dtype=torch.long)
+    hook = mlp_layers(parts.blocks[3])[1].register_forward_pre_hook(lambda m, a: (a[0] * mask,))
+    with torch.no_grad():
+        want = run_blocks(parts, [parts.blocks[3]], h, am)
+        hook.remove()
+        got = run_blocks(parts, [blocks[1]], h, am)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(run_blocks(parts, [parts.blocks[3]], h, am), want, atol=1e-3)  # pruning did change it
+    # Keeping every neuron leaves a block as it was.
+    whole = copy_blocks(parts, [4])
+    prune_blocks(whole, [4], scores, full)
+    with torch.no_grad():
+        assert torch.equal(run_blocks(parts, whole, h, am), run_blocks(parts, [parts.blocks[4]], h, am))
+    with pytest.raises(SelectionError, match=f"choose 1..{full}"):
+        prune_blocks(copy_blocks(parts, [4]), [4], scores, full + 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_width_pruned_package_distills_ships_and_tunes(arch, models8, sample_data, tmp_path):
+    from tandem.emulator.prune import mlp_width_of
+
+    out = str(tmp_path / "pkg")
+    narrow = build_emulator(models8[arch], "2:2", out, sample_data, DistillConfig(steps=10, **DISTILL), keep=2, mlp_width=8)
+    wide = build_emulator(models8[arch], "2:2", str(tmp_path / "wide"), sample_data, DistillConfig(steps=0, **DISTILL), keep=2)
+    assert narrow["pruning"]["mlp_width"] == 8 and wide["pruning"] == {"mlp_width": None}
+    assert narrow["kept_middle_blocks"] == [2, 5]
+    assert narrow["params"]["emulator"] < 0.6 * wide["params"]["emulator"]
+    d = narrow["distillation"]
+    assert d["val_kd_after"] < 0.7 * d["val_kd_before"], d["val"]
+    pkg = load_package(out)
+    assert pkg.mlp_width == 8 and all(mlp_width_of(b) == 8 for b in pkg.emulator_blocks())
+    r = _offsite_run(out, sample_data, str(tmp_path / "run"))
+    assert r["validation"]["after"]["loss"] < r["validation"]["before"]["loss"]
+    with pytest.raises(SelectionError, match="--distill-data"):
+        build_emulator(models8[arch], "2:2", str(tmp_path / "x"), None, DistillConfig(steps=0, **DISTILL), keep=4, mlp_width=8)
