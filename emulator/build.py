@@ -65,7 +65,7 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
             raise SelectionError("--mlp-width ranks MLP neurons on public text: give --distill-data DIR")
         from .prune import neuron_scores, prune_blocks
 
-        scores = neuron_scores(parts_of(loaded.model), layout, kept, _sample(loaded, layout, texts, cfg, select_seqs))
+        scores = neuron_scores(parts_of(loaded.model), layout, kept, _sample(loaded, texts, cfg, select_seqs))
         pruning = prune_blocks(student, kept, scores, mlp_width)
         log.info("emulator blocks keep %d of %d MLP neurons each", mlp_width, pruning["from_width"])
     if cfg.steps > 0:
@@ -102,7 +102,7 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
     return manifest
 
 
-def _sample(loaded, layout: StageLayout, texts: list[str], cfg: DistillConfig, seqs: int):
+def _sample(loaded, texts: list[str], cfg: DistillConfig, seqs: int):
     """`seqs` sequences (S, T) of the distillation's training split (its validation stays unseen)."""
     import torch
     from transformers import AutoTokenizer
@@ -119,7 +119,7 @@ def _greedy(loaded, layout: StageLayout, texts: list[str], k: int, cfg: DistillC
 
     from tandem.stages.arch import parts_of
 
-    ids = _sample(loaded, layout, texts, cfg, seqs)  # (S, T)
+    ids = _sample(loaded, texts, cfg, seqs)  # (S, T)
     key = {"model_id": loaded.model_id, "layout": [layout.num_layers, layout.bottom, layout.top], "keep": k,
            "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
     return selection(parts_of(loaded.model), layout, ids, k, out, key, progress=cfg.progress)
