@@ -29,7 +29,8 @@ def _tune(args) -> int:
     cfg = TuneConfig(data=args.data, out=args.out, mode=args.mode, model=args.model, client_blocks=args.client_blocks,
                      steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
-                     checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, progress=not args.no_progress,
+                     checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, overwrite=args.overwrite,
+                     progress=not args.no_progress,
                      noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, audit=args.audit, audit_tokens=args.audit_tokens,
                      emulator=args.emulator, middle_lora=args.mode != "offsite" and not args.no_middle_lora,
                      cloud_optimizer=args.cloud_optimizer)
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tune-client-blocks", action="store_true",
                    help="also train the client's K+M blocks in full (Offsite-Tuning's adapter layers); saved as adapter/client_blocks.safetensors")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt (adapter, optimizer, data position)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its adapter, checkpoint and report); without it a finished or "
+                        "unfinished run there is refused")
     t.add_argument("--noise-multiplier", type=float, default=0.0, metavar="S",
                    help="privacy defense: Gaussian noise on every token's state at the bottom cut, sigma = S x clip norm "
                         "(train and eval); the report states the (epsilon, delta) it implies; default 0 (none)")

@@ -16,6 +16,7 @@ from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 
 from . import audit as privacy
+from . import rundir
 from .audit import AuditRecorder
 from .data import load_split
 from .errors import CheckpointError
@@ -67,6 +68,7 @@ class TuneConfig:
     middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
     cloud_optimizer: bool = False  # split: the cloud applies the remote LoRA's AdamW updates (no LoRA traffic per step)
     resume: bool = False
+    overwrite: bool = False  # replace a finished or unfinished run in `out` (refused otherwise)
     progress: bool = True
 
     def __post_init__(self):
@@ -157,7 +159,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     """Runs `client tune`; returns the report (also written to OUT/report.json)."""
     from tqdm.auto import tqdm
 
-    os.makedirs(cfg.out, exist_ok=True)
+    rundir.prepare(cfg.out, cfg.resume, cfg.overwrite)
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:

@@ -1,0 +1,75 @@
+"""The run directory (--out): never overwriting another run's work, and keeping what it holds private."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import ClientError
+
+# What `client tune` writes into a run directory; --overwrite removes these and nothing else.
+ARTIFACTS = ("checkpoint.pt", "checkpoint.pt.tmp", "report.json", "report.json.tmp", "report.png", "adapter", "cloud_view")
+FINISHED = ("report.json", "adapter")
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+
+
+def _make_private_dir(path: str, flag: str) -> None:
+    """Creates `path` (0700) and checks that files can be written in it; one-line ClientError when not."""
+    try:
+        os.makedirs(path, mode=PRIVATE_DIR, exist_ok=True)
+        os.chmod(path, PRIVATE_DIR)  # an existing directory may have been made under a wider umask
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ClientError(f"{flag} {path}: cannot write there ({e.strerror or e}); pick a writable directory") from None
+
+
+def check_writable(path: str, flag: str = "--out") -> None:
+    """Fails early (before any network call) when `path` cannot be created or written as a private directory."""
+    _make_private_dir(path, flag)
+
+
+def prepare(out: str, resume: bool, overwrite: bool) -> None:
+    """Makes `out` ready for a run: private, writable, and holding no other run's work unless --overwrite.
+
+    A finished run (report.json, adapter/) and an unfinished one (checkpoint.pt) are refused: the
+    first would lose its adapter, the second its progress (--resume continues it). So are files
+    tandem did not write, which --overwrite leaves in place.
+    """
+    _make_private_dir(out, "--out")
+    if resume:
+        return
+    present = set(os.listdir(out))
+    foreign = sorted(present - set(ARTIFACTS))
+    if not overwrite:
+        if present & set(FINISHED):
+            raise ClientError(f"--out {out} holds a finished run (report.json, adapter/); pass --overwrite to replace it, "
+                              "or choose another --out")
+        if "checkpoint.pt" in present:
+            raise ClientError(f"--out {out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --out")
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise ClientError(f"--out {out} holds files that are not a tandem run ({shown}); choose another --out, "
+                              "or pass --overwrite (those files are kept)")
+    for name in present & set(ARTIFACTS):  # an old run's results must not mix with this one's
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+
+
+def make_private(path: str) -> None:
+    """Restricts a file (0600) or a directory tree (0700 dirs, 0600 files) to this user."""
+    if os.path.isfile(path):
+        os.chmod(path, PRIVATE_FILE)
+        return
+    for root, dirs, files in os.walk(path):
+        os.chmod(root, PRIVATE_DIR)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, PRIVATE_FILE)
