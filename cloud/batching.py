@@ -17,13 +17,14 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 from tandem.stages.lora import Binding, MultiBinding, Segment, bind
 
-from .errors import StateEvicted
+from .errors import Overloaded, StateEvicted
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +59,17 @@ class Group:
     sizes: list[int]  # sequences of each member, in batch order
     loras: list[list[torch.Tensor]]  # each member's remote-LoRA tensors (leaves of the graph)
     done: list[bool] = field(default_factory=list)
-    pending: list[object] = field(default_factory=list)  # each member's Pending, to tell if it still waits
+    pending: list[object] = field(default_factory=list)  # weak refs to each member's Pending, to tell if it still waits
 
     def __post_init__(self):
         self.done = [False] * len(self.sizes)
-        self.pending = [None] * len(self.sizes)  # set by the service once the member's state is stored
+        self.pending = [None] * len(self.sizes)  # set by the service (stored()) once the member's state is stored
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def stored(self, index: int, pending) -> None:
+        """Records member `index`'s Pending. Weakly: a Pending holds its Group, and a strong link back would make
+        a cycle that keeps a dropped graph (tens of MB) alive until Python's cycle collector happens to run."""
+        self.pending[index] = weakref.ref(pending)
 
 
 @dataclass
@@ -98,6 +104,8 @@ class Batcher:
         self._since: dict[tuple, set[str]] = {}
         self._cv = threading.Condition()
         self._stop = False
+        self._dead = False
+        self.on_death = None  # fn() called once if the worker thread dies (the server then reports NOT_SERVING)
         self.batches = 0  # batched passes run, for tests and metrics
         self.batched_requests = 0
         self.compute_s = 0.0  # seconds spent in passes; over wall time, the worker's busy share
@@ -146,8 +154,8 @@ class Batcher:
 
     def _submit(self, job: _Job):
         with self._cv:
-            if self._stop:
-                raise RuntimeError("the batcher has stopped")
+            if self._stop or self._dead:
+                raise Overloaded("the server is shutting down or its compute worker stopped; retry on another server")
             self._jobs.append(job)
             self._cv.notify_all()
         return job.future.result()
@@ -177,8 +185,8 @@ class Batcher:
         else:
             first = self._jobs[0]
             batch, tokens = [], 0
-            for j in self._jobs:
-                if j.key == first.key and tokens + j.tokens <= self.cfg.max_tokens:
+            for j in self._jobs:  # the first job always runs, alone if it alone is over max_tokens
+                if j.key == first.key and (not batch or tokens + j.tokens <= self.cfg.max_tokens):
                     batch.append(j)
                     tokens += j.tokens
             want = self._since.get((first.key, first.member), set()) if first.key[1] else set()
@@ -205,50 +213,93 @@ class Batcher:
             self._since[(key, m)] = members - {m}
 
     def _run(self) -> None:
-        while True:
-            with self._cv:
-                while True:
-                    if not self._jobs:
-                        if self._stop:
-                            return
-                        self._cv.wait()
-                        continue
+        try:
+            while True:
+                batch = self._next()
+                if batch is None:
+                    return
+                self._pass(batch)
+        except BaseException as e:  # noqa: BLE001 - a bug in the worker itself: fail everyone, report unhealthy
+            self._die(e)
+
+    def _next(self) -> list[_Job] | None:
+        """Waits for and takes the next batch (None: stopped and drained)."""
+        with self._cv:
+            while True:
+                if not self._jobs:
+                    if self._stop:
+                        return None
+                    self._cv.wait()
+                    continue
+                try:
                     batch = self._pick()
-                    if isinstance(batch, list):
-                        break
-                    self._cv.wait(batch)
-                kind = batch[0].kind
-                self._running = True
-                if log.isEnabledFor(logging.DEBUG):
-                    now = time.monotonic()
-                    log.debug("batched %s: %d requests, %d tokens, oldest waited %.0f ms", kind, len(batch),
-                              sum(j.tokens for j in batch), 1000 * (now - min(j.t0 for j in batch)))
-                if kind == "forward" and batch[0].key[1]:
+                except Exception as e:  # noqa: BLE001 - fail the oldest job (the one the pick was about), go on
+                    log.error("batcher: choosing a batch failed (%s); failing the oldest request", type(e).__name__)
+                    batch = [self._jobs.pop(0)]
+                    batch[0].future.set_exception(e)
+                    continue
+                if isinstance(batch, list):
+                    break
+                self._cv.wait(batch)
+            self._running = True
+            return batch
+
+    def _pass(self, batch: list[_Job]) -> None:
+        """Runs one batch; an error fails only this batch's requests."""
+        kind = batch[0].kind
+        t_pass = time.perf_counter()
+        try:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("batched %s: %d requests, %d tokens, oldest waited %.0f ms", kind, len(batch),
+                          sum(j.tokens for j in batch), 1000 * (time.monotonic() - min(j.t0 for j in batch)))
+            if kind == "forward" and batch[0].key[1]:
+                with self._cv:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
-            t_pass = time.perf_counter()
-            try:
-                if kind == "forward":
-                    self._forward(batch)
-                else:
-                    self._backward(batch)
-                self.batches += 1
-                self.batched_requests += len(batch)
-            except BaseException as e:  # every waiting request gets the error; the worker lives on
-                log.warning("batched %s of %d requests failed: %s", kind, len(batch), type(e).__name__)
-                for j in batch:
-                    if not j.future.done():
-                        j.future.set_exception(e)
+            if kind == "forward":
+                self._forward(batch)
+            else:
+                self._backward(batch)
+            self.batches += 1
+            self.batched_requests += len(batch)
+        except Exception as e:  # noqa: BLE001 - every waiting request of this batch gets the error; the worker lives on
+            log.warning("batched %s of %d requests failed: %s", kind, len(batch), type(e).__name__)
+            for j in batch:
+                if not j.future.done():
+                    j.future.set_exception(e)
+        finally:
             self.compute_s += time.perf_counter() - t_pass
             self._idle_since = time.monotonic()
             self._running = False
+
+    def _die(self, e: BaseException) -> None:
+        """The worker cannot go on: every queued request fails, later ones are refused, on_death reports it."""
+        log.error("batcher: the worker stopped on %s; batched requests now fail", type(e).__name__)
+        with self._cv:
+            self._dead = True
+            jobs, self._jobs = self._jobs, []
+        for j in jobs:
+            if not j.future.done():
+                j.future.set_exception(Overloaded("the server's compute worker stopped; retry on another server"))
+        if self.on_death is not None:
+            self.on_death()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs passes (false once it died or was stopped and drained)."""
+        return self._thread.is_alive() and not self._dead
 
     @staticmethod
     def _waiting(group: Group, i: int) -> bool:
         """Whether member i of the group still waits for its backward (its forward state is still stored)."""
         if group.done[i]:
             return False
-        p = group.pending[i]
-        if p is None or p.taken:  # not stored yet (it will be), or its backward is on its way here
+        ref = group.pending[i]
+        if ref is None:  # not stored yet (it will be)
+            return True
+        p = ref()
+        if p is None:  # dropped from the store and gone
+            return False
+        if p.taken:  # its backward is on its way here
             return True
         return any(q is p for q in list(p.session.pending.values()))
 

@@ -60,7 +60,8 @@ def _serve(args) -> int:
             metrics.serve(args.metrics_port, args.listen.rsplit(":", 1)[0])
         if tls_dir is not None and args.no_client_auth:
             log.warning("--no-client-auth: any client that trusts the CA may connect; sessions are not tied to identities")
-        offsite = OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator)
+        offsite = OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator,
+                                 quota_bytes=int(args.registry_quota_mb * 2**20), max_adapters=args.registry_max_adapters)
         serving = GenerationService(loaded, offsite, ServingConfig(  # after the service: it adds slots to the other blocks
             window_ms=args.generate_window_ms, max_batch=args.generate_max_batch, max_new_tokens=args.generate_max_new_tokens,
             default_new_tokens=min(64, args.generate_max_new_tokens), adapter_cache=args.generate_adapter_cache))
@@ -75,14 +76,24 @@ def _serve(args) -> int:
     # One machine-readable line on stdout: tests and scripts wait for it.
     print(f"tandem cloud serving {loaded.model_id} on {host}:{port} ({'plaintext' if tls_dir is None else 'TLS, CA ' + os.path.join(tls_dir, 'ca.pem')})", flush=True)
     serve_forever(server, service)
-    return 0
+    # Exit now: handler threads stuck past the drain time must not keep the process alive (interpreter exit joins them).
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _certs_init(args) -> int:
     from .tls import init_ca
 
-    init_ca(args.dir, hosts=tuple(args.host))
+    try:
+        init_ca(args.dir, hosts=tuple(args.host), force=args.force)
+    except OSError as e:
+        print(f"cloud certs init: {e}", file=sys.stderr)
+        return 2
     print(f"created CA and server certificate in {args.dir}; give data owners {os.path.join(args.dir, 'ca.pem')}")
+    if args.force:
+        print("the CA was replaced: identity bundles issued before no longer connect; re-issue them with "
+              "`cloud certs issue NAME --force`")
     return 0
 
 
@@ -90,10 +101,15 @@ def _certs_issue(args) -> int:
     from .tls import issue_bundle
 
     try:
-        path = issue_bundle(args.dir, args.name, days=args.days)
-    except (ValueError, FileNotFoundError) as e:
+        path = issue_bundle(args.dir, args.name, days=args.days, replace=args.force)
+    except ValueError as e:
+        print(f"cloud certs issue: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
         print(f"cloud certs issue: {e} (run `cloud certs init --dir {args.dir}` first?)", file=sys.stderr)
         return 2
+    if args.force:
+        print(f"the previous certificate of {args.name!r}, if any, is revoked: its bundle no longer connects")
     print(f"issued identity {args.name!r}: {path} (give it to the data owner: `client tune --identity {os.path.basename(path)}`; it holds a private key)")
     return 0
 
@@ -129,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens-per-step", type=int, default=64 * 1024, help="largest batch*seq_len accepted in one request; default 65536")
     s.add_argument("--no-client-auth", action="store_true", help="TLS without client certificates (every caller is 'anonymous'); default: mutual TLS")
     s.add_argument("--quota-sessions", type=int, default=0, help="open sessions per identity (0 = only --max-sessions applies)")
-    s.add_argument("--quota-mbps", type=float, default=0.0, help="request MiB/s per identity, 4 s burst (0 = unlimited)")
+    s.add_argument("--quota-mbps", type=float, default=0.0,
+                   help="MiB/s per identity, every byte of every call both ways (requests, responses, downloads, "
+                        "pushes); a 4 s burst, so one request above 4x this is refused outright (0 = unlimited)")
     s.add_argument("--no-cloud-optimizer", action="store_true",
                    help="refuse sessions that ask this server to run their remote LoRA's AdamW (`client tune "
                         "--cloud-optimizer`); such a session keeps its remote LoRA and both AdamW moments here (3x the "
@@ -138,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
     s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")
     s.add_argument("--adapter-registry", default=DEFAULT_REGISTRY, metavar="DIR", help=f"where adapters uploaded with `client push` are registered; default {DEFAULT_REGISTRY}")
+    s.add_argument("--registry-quota-mb", type=float, default=1024,
+                   help="adapter registry disk per identity, in MiB (0 = unlimited); default 1024")
+    s.add_argument("--registry-max-adapters", type=int, default=64,
+                   help="adapters one identity may register (0 = unlimited); default 64")
     s.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the middle blocks on a Ray cluster at ADDRESS (host:port of its GCS), or 'local' to start one in-process")
     s.add_argument("--replicas", type=int, default=1, help="with --ray: copies of the middle stage; sessions stick to one; default 1")
@@ -169,14 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     ci.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"where to write them; default {DEFAULT_TLS_DIR}")
     ci.add_argument("--host", action="append", default=["localhost", "127.0.0.1", "::1"],
                     help="host name or IP the server certificate is valid for (repeatable); localhost and loopback always included")
+    ci.add_argument("--force", action="store_true",
+                    help="replace an existing CA in --dir; every identity bundle issued from the old one stops working")
     ci.set_defaults(func=_certs_init)
     cs = csub.add_parser("issue", help="issue a data owner's identity bundle (key + certificate + CA, one PEM file)")
     cs.add_argument("name", help="the identity's name (letters, digits, '-', '_', '.'); sessions belong to it")
     cs.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"the CA directory; default {DEFAULT_TLS_DIR}")
     cs.add_argument("--days", type=int, default=365, help="validity in days; default 365")
+    cs.add_argument("--force", action="store_true",
+                    help="NAME was issued before: revoke its current certificate and issue a new bundle in its place")
     cs.set_defaults(func=_certs_issue)
-    cr = csub.add_parser("revoke", help="revoke a data owner's identity (takes effect on the next call, no restart)")
-    cr.add_argument("name", help="the identity to revoke")
+    cr = csub.add_parser("revoke", help="revoke a data owner's current certificate (takes effect on the next call, no restart)")
+    cr.add_argument("name", help="the identity whose certificate to revoke (by serial: `cloud certs issue NAME --force` issues a working one again)")
     cr.add_argument("--dir", default=DEFAULT_TLS_DIR, help=f"the CA directory; default {DEFAULT_TLS_DIR}")
     cr.set_defaults(func=_certs_revoke)
     add_emulator_parser(sub)

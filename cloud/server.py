@@ -18,7 +18,7 @@ from .offsite_servicer import add_offsite
 from .serving_servicer import add_serving
 from .service import BackboneService
 from .servicer import SplitTuningServicer
-from .tls import server_credentials
+from .tls import load_sealing, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,10 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     mutual = mutual and tls_dir is not None
     identities = Identities(tls_dir, mutual, quotas)
-    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing)
+    sealing = load_sealing(tls_dir) if tls_dir is not None else None  # signs sealing handshakes (protos/handshake.py)
+    if tls_dir is not None and sealing is None:
+        log.warning("no sealing certificate in %s: TLS clients will refuse to seal (`cloud serve` issues one)", tls_dir)
+    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing, sealing=sealing)
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
         add_offsite(server, offsite, identities)
@@ -64,12 +67,26 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("tandem.v1.SplitTuning", health_pb2.HealthCheckResponse.SERVING)
+    batcher = getattr(service, "batcher", None)
+    if batcher is not None:  # a dead compute worker means nothing can be served: say so to load balancers
+        batcher.on_death = lambda: _not_serving(health_servicer)
+        if not batcher.alive:
+            _not_serving(health_servicer)
     server._tandem_health = health_servicer  # noqa: SLF001 - kept for graceful shutdown
     return server, port
 
 
+def _not_serving(health_servicer) -> None:
+    for name in ("", "tandem.v1.SplitTuning"):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 def serve_forever(server: grpc.Server, service: BackboneService, grace_s: float = 10.0) -> None:
-    """Blocks until SIGTERM/SIGINT; then stops accepting and drains in-flight calls for grace_s."""
+    """Blocks until SIGTERM/SIGINT; then stops accepting and drains in-flight calls for grace_s.
+
+    The process then ends even if a call is still stuck (a handler thread blocked for good would otherwise
+    hold the interpreter's exit forever): the caller exits right after this returns.
+    """
     stop = threading.Event()
 
     def on_signal(signum, _frame):
@@ -83,4 +100,9 @@ def serve_forever(server: grpc.Server, service: BackboneService, grace_s: float 
         if n:
             log.info("closed %d idle session(s) after their TTL", n)
     server._tandem_health.enter_graceful_shutdown()  # noqa: SLF001
-    server.stop(grace_s).wait()
+    drained = server.stop(grace_s).wait(grace_s + 2.0)
+    stop_service = getattr(service, "stop", None)
+    if stop_service is not None:  # fails what is still queued for the compute worker
+        stop_service()
+    if not drained:
+        log.warning("calls still running after %.0f s; exiting without them", grace_s)

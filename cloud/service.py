@@ -262,7 +262,7 @@ class BackboneService:
             except BaseException:
                 group.done[index] = True  # the group must not wait for this member's backward
                 raise
-            group.pending[index] = p
+            group.stored(index, p)
         s.last_used = time.monotonic()
         return out, dt
 
@@ -288,7 +288,9 @@ class _SavedBytes:
                 self.total += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):
             self.total += t.numel() * t.element_size()
-        return t
+        # Detached: the same storage, but no link to t's grad_fn. Returning t itself makes a cycle through C++
+        # (grad_fn -> saved t -> grad_fn) that Python's GC cannot see, so a graph whose backward never came leaked.
+        return t.detach()
 
     @staticmethod
     def unpack(t):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -154,8 +155,6 @@ def test_closed_member_does_not_block_its_group(tiny_models):
     cl = _clients((batched, batched), specs, seed=2)
     _concurrently([lambda c=c: batched.forward(OWNER, c[0][0], 0, c[2], c[3], 0, c[1], 0, True) for c in cl])
     batched.close_session(OWNER, cl[1][0][0])  # the other member is gone: no 10 s wait
-    import time
-
     t0 = time.monotonic()
     batched.backward(OWNER, cl[0][0][0], 0, cl[0][4])
     assert time.monotonic() - t0 < 5.0
@@ -238,3 +237,90 @@ def test_cloud_optimizer_sessions_update_inside_the_batch(tiny_models):
         assert float(moved.mean()) > 1e-2, "three AdamW steps of lr 1e-2 must have moved the LoRA"
         assert float((st["lora"] - param.detach()).abs().max()) <= 1e-2 * 0.05
     batched.stop()
+
+
+def _two_sessions(svc, shapes, seed=0):
+    """Opens one session per (b, T) on `svc` (no remote LoRA); returns [(sid, h, mask)]."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b, t in shapes:
+        sid = svc.open_session(OWNER, "", LoraConfig(rank=4, alpha=8), False).id
+        out.append((sid, torch.randn(b, t, svc.hidden_size, generator=gen), torch.ones(b, t, dtype=torch.uint8)))
+    return out
+
+
+def test_a_failing_pass_fails_only_its_own_group(tiny_models):
+    """A pass that raises (forced here) fails its own requests; another group, and every later request, runs."""
+    _, batched = _services(tiny_models["llama"], window_ms=50)
+    bad, good = _two_sessions(batched, [(1, 7), (2, 8)])  # different lengths: two groups
+    real = batched.batcher.middle
+
+    def middle(h, am):
+        if h.shape[1] == 7:
+            raise RuntimeError("forced failure of this pass")
+        return real(h, am)
+
+    batched.batcher.middle = middle
+    res = {}
+
+    def call(c):
+        try:
+            res[c[0]] = batched.forward(OWNER, c[0], 0, c[1], c[2], -1, None, 0, True)[0]
+        except RuntimeError as e:
+            res[c[0]] = e
+
+    ths = [threading.Thread(target=call, args=(c,)) for c in (bad, good)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(60)
+    assert isinstance(res[bad[0]], RuntimeError) and "forced failure" in str(res[bad[0]])
+    assert res[good[0]].shape == (2, 8, batched.hidden_size)
+    assert batched.backward(OWNER, good[0], 0, torch.ones_like(good[1]))[0].shape == good[1].shape
+    # A failure in choosing a batch fails the oldest request only; the worker goes on.
+    real_pick, calls = batched.batcher._pick, []
+
+    def pick():
+        calls.append(1)
+        if len(calls) == 1:
+            raise IndexError("forced failure of a pick")
+        return real_pick()
+
+    batched.batcher._pick = pick
+    with pytest.raises(IndexError, match="forced failure of a pick"):
+        batched.forward(OWNER, good[0], 1, good[1], good[2], -1, None, 0, False)
+    assert batched.forward(OWNER, good[0], 2, good[1], good[2], -1, None, 0, False)[0].shape == good[1].shape
+    assert batched.batcher.alive
+    batched.stop()
+
+
+def test_a_dead_worker_fails_fast_and_health_says_not_serving(tiny_models):
+    """If the worker thread itself dies, waiting and later requests fail at once (no hang) and health turns NOT_SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tandem.cloud.errors import Overloaded
+    from tandem.cloud.server import build_server
+
+    _, batched = _services(tiny_models["gpt2"], window_ms=50)
+    a, b = _two_sessions(batched, [(1, 8), (1, 8)])
+    server, port = build_server(batched, "127.0.0.1:0", None)
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}")
+    health = health_pb2_grpc.HealthStub(ch)
+    check = lambda: health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.SplitTuning"), timeout=10).status  # noqa: E731
+    assert check() == health_pb2.HealthCheckResponse.SERVING
+
+    def broken():
+        raise SystemExit("forced death of the worker")
+
+    batched.batcher._next = broken  # taken by the worker after its current pass
+    assert batched.forward(OWNER, a[0], 0, a[1], a[2], -1, None, 0, False)[0].shape == a[1].shape
+    deadline = time.monotonic() + 10
+    while batched.batcher.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not batched.batcher.alive
+    with pytest.raises(Overloaded, match="compute worker stopped"):
+        batched.forward(OWNER, b[0], 0, b[1], b[2], -1, None, 0, False)
+    assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+    ch.close()
+    server.stop(0)
