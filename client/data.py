@@ -1,6 +1,8 @@
 """The data owner's text: reading .txt/.jsonl, packing into sequences, a held-out split, seeded batches."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,29 @@ def read_examples(data_dir: str) -> list[tuple[str, str]]:
         return read_records(data_dir, "--data")
     except TextFilesError as e:
         raise DataError(str(e)) from None
+
+def data_files(data_dir: str) -> list[str]:
+    """Names of the files of `data_dir` that are read, in reading order."""
+    try:
+        return sorted(n for n in os.listdir(data_dir) if n.endswith((".txt", ".jsonl")))
+    except OSError as e:
+        raise DataError(f"--data {data_dir!r}: cannot list it ({e.strerror or e})") from None
+
+
+def fingerprint(data_dir: str) -> str:
+    """SHA-256 over the names, sizes and contents of the files read: equal iff the same data is read."""
+    h = hashlib.sha256()
+    for name in data_files(data_dir):
+        path = os.path.join(data_dir, name)
+        try:
+            with open(path, "rb") as f:
+                h.update(f"{name}\0{os.fstat(f.fileno()).st_size}\0".encode())
+                for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                    h.update(block)
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+    return h.hexdigest()
+
 
 def pack(examples: list[tuple[str, str]], tokenizer, seq_len: int) -> Packed:
     """Tokenizes, joins examples with EOS and cuts the stream into right-padded sequences of seq_len.

@@ -16,9 +16,9 @@ from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 
 from . import audit as privacy
-from . import rundir
+from . import resume, rundir
 from .audit import AuditRecorder
-from .data import load_split
+from .data import fingerprint, load_split
 from .errors import CheckpointError
 from .staged import SessionLost, StagedModel, build_local, connect_split
 from .transport import Meter, Transport, TransportConfig
@@ -162,6 +162,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     rundir.prepare(cfg.out, cfg.resume, cfg.overwrite)
     t_start = time.perf_counter()
     ckpt = None
+    settings = resume.settings(cfg, tcfg, fingerprint(cfg.data))
     if cfg.resume:
         if not os.path.exists(_ckpt_path(cfg.out)):
             raise CheckpointError(f"--resume: no checkpoint in {cfg.out}; run without --resume to start fresh")
@@ -169,11 +170,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             ckpt = torch.load(_ckpt_path(cfg.out), weights_only=False)
         except (OSError, RuntimeError, EOFError) as e:
             raise CheckpointError(f"--resume: cannot read {_ckpt_path(cfg.out)} ({e}); start fresh without --resume") from None
-        if ckpt["config"]["seed"] != cfg.seed or ckpt["config"]["mode"] != cfg.mode:
-            raise CheckpointError("--resume: the checkpoint was made with another --seed or --mode; use the same settings")
-        if ckpt["config"].get("cloud_optimizer", False) != cfg.cloud_optimizer:
-            flag = "with" if cfg.cloud_optimizer else "without"
-            raise CheckpointError(f"--resume: the checkpoint was not made {flag} --cloud-optimizer; use the same setting")
+        resume.check(ckpt.get("settings"), settings, cfg.out)
 
     transport = None
     meter = Meter(tls=bool(tcfg and not tcfg.insecure))
@@ -188,6 +185,8 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     else:
         sm = build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed, middle_lora=cfg.middle_lora)
     try:
+        stages = resume.stages(sm, cfg.lora)
+        resume.check(ckpt.get("stages") if ckpt else None, stages, cfg.out)
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
         privacy.attach(sm, cfg, total_steps, transport.recorder if transport is not None else None)
@@ -274,7 +273,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                 blocks = [p.detach().clone() for p in trainable[n_adapter:]]
                 payload = {"adapter": sm.adapter.state_dict(), "client_blocks": blocks, "optimizer": opt.state_dict(),
                            "step": step + 1, "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg),
-                           "remote_optimizer": remote_state}
+                           "remote_optimizer": remote_state, "settings": settings, "stages": stages}
                 if cfg.cloud_optimizer:
                     last = copy.deepcopy(payload)
                 save_checkpoint(cfg.out, payload)
@@ -300,9 +299,10 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
 def _wire(sm: StagedModel) -> dict:
     sess = getattr(sm.middle, "session", None)
     if sess is None:
-        return {"codec": None, "gradient_codec": None, "lora_codec": None, "sealed": False}
+        return {"codec": None, "gradient_codec": None, "lora_codec": None, "sealed": False, "sealing": "off"}
+    # "sealed" only says tensors were encrypted; "sealing" says against whom (authenticated: active hops too).
     return {"codec": sess.codec, "gradient_codec": sess.gradient_codec, "lora_codec": sess.lora_codec,
-            "sealed": sess.sealer is not None}
+            "sealed": sess.sealer is not None, "sealing": sess.sealing}
 
 
 def _cfg_dict(cfg: TuneConfig) -> dict:

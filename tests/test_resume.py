@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -95,3 +96,74 @@ def test_disk_full_mid_checkpoint_keeps_previous(tiny_models, sample_data, tmp_p
 def test_resume_without_checkpoint_says_what_to_do(tmp_path, sample_data):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         tune(TuneConfig(data=sample_data, out=str(tmp_path / "x"), mode="local", resume=True, progress=False))
+
+
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_resume_refuses_every_setting_that_changes_the_result(tiny_models, sample_data, tmp_path):
+    """Today's silent cases (another --lr trained on with the new lr reported) and loud ones (another rank ended in a
+    size-mismatch traceback) both become a refusal that names the flag, with the saved and the new value."""
+    import shutil
+
+    out = str(tmp_path / "run")
+    base = dict(data=sample_data, out=out, mode="local", model=tiny_models["gpt2"], batch_size=2, seq_len=32,
+                checkpoint_every=2, lora=LoraConfig(rank=2, alpha=4.0), progress=False, steps=2)
+    tune(TuneConfig(**base))
+    changed_data = str(tmp_path / "data2")
+    shutil.copytree(sample_data, changed_data)
+    name = sorted(os.listdir(changed_data))[0]
+    with open(os.path.join(changed_data, name), "a") as f:
+        f.write("\none more line")
+    cases = {
+        "--lr": dict(lr=5e-3),
+        "--batch-size": dict(batch_size=3),
+        "--seq-len": dict(seq_len=24),
+        "--val-fraction": dict(val_fraction=0.2),
+        "--seed": dict(seed=1),
+        "--lora-rank": dict(lora=LoraConfig(rank=4, alpha=4.0)),
+        "--lora-alpha": dict(lora=LoraConfig(rank=2, alpha=8.0)),
+        "--lora-dropout": dict(lora=LoraConfig(rank=2, alpha=4.0, dropout=0.1)),
+        "--lora-targets": dict(lora=LoraConfig(rank=2, alpha=4.0, target_modules=("c_attn", "c_proj"))),
+        "--no-middle-lora": dict(middle_lora=False),
+        "--tune-client-blocks": dict(tune_client_blocks=True),
+        "--data": dict(data=changed_data),
+        "--model": dict(model=tiny_models["llama"]),
+        "--client-blocks": dict(client_blocks="1:2"),
+    }
+    for flag, change in cases.items():
+        with pytest.raises(CheckpointError, match=re.escape(flag)) as e:
+            tune(TuneConfig(**{**base, "steps": 4, "resume": True, **change}))
+        assert "--overwrite" in str(e.value)
+    assert "--lr 0.001 (now 0.005)" in _message(lambda: tune(TuneConfig(**{**base, "steps": 4, "resume": True, "lr": 5e-3})))
+    # The same settings (more steps) still resume.
+    report = tune(TuneConfig(**{**base, "steps": 4, "resume": True}))
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
+
+
+def _message(fn) -> str:
+    with pytest.raises(CheckpointError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_resume_cli_refuses_changed_split_settings_before_any_network_call(tiny_models, sample_data, server_factory, tmp_path):
+    server = server_factory(tiny_models["llama"])
+    out = str(tmp_path / "run")
+    r = subprocess.run(_tune_cmd(server, sample_data, out, 2) + ["--audit", "no", "--lora-rank", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    server.stop()  # a refusal must come from the checkpoint, before the client tries the (now gone) server
+    resume = _tune_cmd(server, sample_data, out, 4) + ["--audit", "no", "--lora-rank", "2", "--resume", "--retries", "0"]
+    for flag, change in {"--lr": ["--lr", "5e-3"], "--lora-rank": ["--lora-rank", "4"], "--codec": ["--codec", "float16"],
+                         "--gradient-codec": ["--gradient-codec", "bfloat16"], "--lora-codec": ["--lora-codec", "int8"],
+                         "--cloud-optimizer": ["--cloud-optimizer"], "--mode": ["--mode", "local", "--model", tiny_models["llama"]],
+                         "--no-middle-lora": ["--no-middle-lora"]}.items():
+        r = subprocess.run(resume + change, capture_output=True, text=True)
+        line = _one_line(r.stderr)
+        assert r.returncode == 2 and flag in line and "--resume" in line, (flag, line)
+    # The same settings get past the checks and only then need the server.
+    r = subprocess.run(resume, capture_output=True, text=True)
+    assert r.returncode == 2 and "not reachable" in _one_line(r.stderr)
