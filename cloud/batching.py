@@ -219,6 +219,7 @@ class Batcher:
                 if batch is None:
                     return
                 self._pass(batch)
+                batch = None  # wait for the next batch holding nothing of this one (its futures hold its graph)
         except BaseException as e:  # noqa: BLE001 - a bug in the worker itself: fail everyone, report unhealthy
             self._die(e)
 

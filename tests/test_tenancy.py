@@ -18,7 +18,7 @@ from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
 
-from conftest import split_losses
+from conftest import free_port, metric, split_losses
 
 HIDDEN = 32  # tests/tiny.py
 
@@ -84,3 +84,60 @@ def test_an_oversized_legal_forward_runs_alone_while_others_train(tiny_models, s
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(20) == 0 and time.monotonic() - t0 < 15
     assert "Traceback" not in server.log()
+
+
+# 2. Dropped forward state is really freed ----------------------------------------------------------------
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_forward_state_without_backward_is_freed(tiny_models, server_factory, monkeypatch):
+    """Training forwards whose backward never comes (superseded, closed, expired) give their memory back."""
+    # A fixed mmap threshold: freed tensors go back to the system at once, so RSS shows what is really held.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    mport = free_port()
+    server = server_factory(tiny_models["llama"], "--session-ttl", "4", "--metrics-port", str(mport))
+    pid = server.proc.pid
+    ch, stub = _raw(server)
+    h = torch.randn(48, 256, HIDDEN)  # 12,288 tokens: each graph keeps ~30 MB of activations
+
+    def forwards(sids, steps):
+        for step in steps:  # each forward of a session supersedes its last one: one graph per session held
+            for sid in sids:
+                stub.Forward(_fwd(sid, h, step=step), timeout=120)
+
+    def close(*sids):
+        for sid in sids:
+            stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+
+    warm = _open(stub).session_id  # the first round sizes the allocator's pools: measure from after it
+    forwards([warm], range(3))
+    graph = metric(mport, "tandem_forward_state_bytes") / 2**20
+    assert graph > 20, f"one graph should hold tens of MB, the server counts {graph:.0f} MB"
+    close(warm)
+    base = _rss_mb(pid)  # the allocator's noise is about one graph: a leak here is one graph per forward
+
+    a = _open(stub).session_id
+    forwards([a], range(10))
+    held = _rss_mb(pid) - base
+    assert held < 3 * graph, f"superseded graphs kept: {held:.0f} MB held after 10 forwards; one graph is {graph:.0f} MB"
+    close(a)
+    left = _rss_mb(pid) - base
+    assert left < 2 * graph, f"CloseSession left {left:.0f} MB; one graph is {graph:.0f} MB"
+
+    # Two sessions: forwards go through the batching worker (a Group per pass); then one session expires.
+    b, c = _open(stub).session_id, _open(stub).session_id
+    forwards([b, c], range(6))
+    held = _rss_mb(pid) - base
+    assert held < 6 * graph, f"batched: 12 forwards of 2 sessions hold {held:.0f} MB; one graph is {graph:.0f} MB"
+    close(b)
+    time.sleep(4.5)  # c idles past its TTL; the next OpenSession expires it
+    close(_open(stub).session_id)
+    assert metric(mport, "tandem_forward_state_bytes") == 0 and metric(mport, "tandem_sessions") == 0
+    left = _rss_mb(pid) - base
+    assert left < 2 * graph, f"closed and expired sessions left {left:.0f} MB; one graph is {graph:.0f} MB"
+    ch.close()
