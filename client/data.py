@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -11,7 +12,12 @@ from tandem.stages.textfiles import TextFilesError, read_records
 
 from .errors import DataError
 
+log = logging.getLogger(__name__)
+
 IGNORE = -100
+TEXT_SUFFIXES = (".txt", ".text", ".md")  # plain text: the whole file is one record
+ROW_SUFFIXES = (".jsonl",)  # one JSON object a line: {"text"} or {"prompt", "completion"}
+_KINDS = "/".join(TEXT_SUFFIXES + ROW_SUFFIXES)
 
 
 @dataclass
@@ -40,18 +46,38 @@ def read_examples(data_dir: str) -> list[tuple[str, str]]:
     except TextFilesError as e:
         raise DataError(str(e)) from None
 
-def data_files(data_dir: str) -> list[str]:
-    """Names of the files of `data_dir` that are read, in reading order."""
+def data_files(data_dir: str, warn: bool = False) -> list[str]:
+    """Names of the files of `data_dir` that are read, in reading order; with `warn`, logs the files it skips.
+
+    Read: plain text (TEXT_SUFFIXES) and JSON lines (ROW_SUFFIXES), any letter case; not subfolders.
+    """
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data {data_dir!r} is not a directory; point it at a folder of {_KINDS} files")
     try:
-        return sorted(n for n in os.listdir(data_dir) if n.endswith((".txt", ".jsonl")))
+        entries = sorted(os.listdir(data_dir))
     except OSError as e:
         raise DataError(f"--data {data_dir!r}: cannot list it ({e.strerror or e})") from None
+    names, skipped = [], []
+    for n in entries:
+        if n.lower().endswith(TEXT_SUFFIXES + ROW_SUFFIXES) and os.path.isfile(os.path.join(data_dir, n)):
+            names.append(n)
+        elif not n.startswith("."):
+            skipped.append(n)
+    if not names:
+        raise DataError(f"--data {data_dir!r} has no {_KINDS} files")
+    if skipped and warn:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        log.warning("--data %s: ignoring %d file(s) that are not %s: %s", data_dir, len(skipped), _KINDS, shown)
+    return names
 
 
 def fingerprint(data_dir: str) -> str:
-    """SHA-256 over the names, sizes and contents of the files read: equal iff the same data is read."""
+    """SHA-256 over the names, sizes and contents of the files read: equal iff the same data is read.
+
+    Checks --data (and names the files it skips) before a run touches anything else.
+    """
     h = hashlib.sha256()
-    for name in data_files(data_dir):
+    for name in data_files(data_dir, warn=True):
         path = os.path.join(data_dir, name)
         try:
             with open(path, "rb") as f:

@@ -3,16 +3,27 @@ from __future__ import annotations
 
 import json
 
+from . import flags
 from .transport import DEFAULT_IDENTITY
 
 
 def _transport_flags(p) -> None:
-    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
+    p.add_argument("--server", default="127.0.0.1:50051", type=flags.server_address, help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051")
     p.add_argument("--identity", default=DEFAULT_IDENTITY, help=f"your identity bundle from the operator; default {DEFAULT_IDENTITY} when it exists")
     p.add_argument("--ca", default=None, help="CA certificate (PEM) that signed the server's certificate; default: the bundle's CA")
     p.add_argument("--insecure", action="store_true", help="plaintext gRPC, no TLS (only against a server started with --insecure); warns")
-    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one call, seconds; default 300")
-    p.add_argument("--retries", type=int, default=8, help="retries while the server is unreachable or busy; default 8")
+    p.add_argument("--timeout", type=flags.positive_float, default=300.0, help="deadline of one call, seconds; default 300")
+    p.add_argument("--retries", type=flags.nonneg_int, default=8, help="retries while the server is unreachable or busy; default 8")
+
+
+def _adapter_dir(path: str) -> None:
+    import os
+
+    from .errors import ClientError
+
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ClientError(f"--adapter {path!r} is not an adapter directory (no adapter_config.json); pass the "
+                          "adapter/ folder of a `client tune` run")
 
 
 def _tcfg(args, **kw):
@@ -25,6 +36,7 @@ def _tcfg(args, **kw):
 def _push(args) -> int:
     from .offsite import push_adapter
 
+    _adapter_dir(args.adapter)
     r = push_adapter(_tcfg(args), args.adapter, args.name, public=args.public)
     what = "already registered" if r["already_registered"] else "registered"
     who = "every identity" if r["public"] else f"only {r['owner']!r}"
@@ -34,8 +46,13 @@ def _push(args) -> int:
 
 
 def _eval(args) -> int:
+    from .data import data_files
     from .offsite import eval_plugin
+    from .rundir import check_writable
 
+    _adapter_dir(args.adapter)
+    data_files(args.data, warn=True)  # before any network call
+    check_writable(args.out)
     r = eval_plugin(_tcfg(args, seal=not args.no_seal), args.adapter, args.data, args.out, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, name=args.name)
     v = r["validation"]
@@ -46,7 +63,9 @@ def _eval(args) -> int:
 
 def _fetch(args) -> int:
     from .offsite import fetch_emulator
+    from .rundir import check_creatable
 
+    check_creatable(args.out, "--out")
     r = fetch_emulator(_tcfg(args), args.out)
     print(json.dumps(r))
     return 0
@@ -85,10 +104,10 @@ def add_offsite_parsers(sub) -> None:
     e.add_argument("--data", required=True, metavar="DIR", help="the data directory the adapter was tuned on (its validation split is used)")
     e.add_argument("--out", default="tandem-eval", metavar="DIR", help="where eval.json goes; default ./tandem-eval")
     e.add_argument("--name", default="", help="also check that the server registered this adapter under NAME")
-    e.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (as in tune); default 128")
-    e.add_argument("--batch-size", type=int, default=4, help="sequences per evaluation batch; default 4")
-    e.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (as in tune); default 0")
-    e.add_argument("--val-fraction", type=float, default=0.1, help="validation share (as in tune); default 0.1")
+    e.add_argument("--seq-len", type=flags.seq_len, default=128, help="tokens per packed sequence (as in tune); default 128")
+    e.add_argument("--batch-size", type=flags.positive_int, default=4, help="sequences per evaluation batch; default 4")
+    e.add_argument("--seed", type=flags.nonneg_int, default=0, help="seed of the train/validation split (as in tune); default 0")
+    e.add_argument("--val-fraction", type=flags.open_fraction, default=0.1, help="validation share (as in tune); default 0.1")
     e.add_argument("--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies)")
     _transport_flags(e)
     e.set_defaults(func=_eval)
@@ -106,9 +125,9 @@ def add_offsite_parsers(sub) -> None:
                         "default: none, the base model")
     g.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                    help="text to continue (repeatable: one completion per prompt, printed in order, blank-line separated)")
-    g.add_argument("--max-new-tokens", type=int, default=0, metavar="N", help="tokens to generate per prompt at most; default: the server's default (64), capped by the server")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 for greedy decoding (default); > 0 samples at this temperature")
-    g.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampling with --temperature; the same seed gives the same text; default 0")
+    g.add_argument("--max-new-tokens", type=flags.nonneg_int, default=0, metavar="N", help="tokens to generate per prompt at most; default: the server's default (64), capped by the server")
+    g.add_argument("--temperature", type=flags.nonneg_float, default=0.0, metavar="T", help="0 for greedy decoding (default); > 0 samples at this temperature")
+    g.add_argument("--seed", type=flags.nonneg_int, default=0, metavar="S", help="seed of the sampling with --temperature; the same seed gives the same text; default 0")
     g.add_argument("--json", action="store_true", help="print the full result (token ids, counts, finish reasons, bytes) as JSON")
     _transport_flags(g)
     g.set_defaults(func=_generate)

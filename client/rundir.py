@@ -31,6 +31,18 @@ def check_writable(path: str, flag: str = "--out") -> None:
     _make_private_dir(path, flag)
 
 
+def check_creatable(path: str, flag: str) -> None:
+    """Fails early when `path` could not be created (its nearest existing ancestor is no writable directory).
+
+    Changes nothing: for outputs that are replaced as a whole once complete.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ClientError(f"{flag} {path}: cannot write there ({parent} is not a writable directory); pick another place")
+
+
 def prepare(out: str, resume: bool, overwrite: bool) -> None:
     """Makes `out` ready for a run: private, writable, and holding no other run's work unless --overwrite.
 

@@ -78,8 +78,11 @@ class TuneConfig:
             raise ValueError("--mode offsite needs --emulator PKG, and --emulator only applies to --mode offsite")
         if self.steps < 0 or self.epochs <= 0:
             raise ValueError("steps must be >= 0 and epochs > 0")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
+            raise ValueError(f"batch_size and checkpoint_every must be >= 1 and seq_len >= 2, got "
+                             f"{self.batch_size}, {self.checkpoint_every}, {self.seq_len}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.noise_multiplier < 0 or self.clip_norm < 0:
@@ -159,10 +162,11 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     """Runs `client tune`; returns the report (also written to OUT/report.json)."""
     from tqdm.auto import tqdm
 
-    rundir.prepare(cfg.out, cfg.resume, cfg.overwrite)
     t_start = time.perf_counter()
-    ckpt = None
+    # Everything that can be checked here is, before the session opens and the stages download.
     settings = resume.settings(cfg, tcfg, fingerprint(cfg.data))
+    rundir.prepare(cfg.out, cfg.resume, cfg.overwrite)
+    ckpt = None
     if cfg.resume:
         if not os.path.exists(_ckpt_path(cfg.out)):
             raise CheckpointError(f"--resume: no checkpoint in {cfg.out}; run without --resume to start fresh")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,25 @@ from .offsite_cli import add_emulator_parser
 
 DEFAULT_TLS_DIR = os.path.join(os.path.expanduser("~"), ".tandem", "tls")
 DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
+
+
+def _listen_problem(listen: str) -> str:
+    """Why HOST:PORT cannot be listened on ('' when it can). Binds without SO_REUSEPORT, which gRPC sets: a port
+    another server (gRPC or not) listens on is refused here instead of shared or failing deep inside grpc."""
+    import socket
+
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return "expected HOST:PORT"
+    host = host.strip("[]")
+    try:
+        family = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may find old connections in TIME_WAIT
+            s.bind((host, int(port)))
+    except OSError as e:
+        return "the port is in use" if e.errno == errno.EADDRINUSE else str(e.strerror or e)
+    return ""
 
 
 def _serve(args) -> int:
@@ -31,6 +51,10 @@ def _serve(args) -> int:
     from .tls import ensure_server_tls
 
     log = logging.getLogger("tandem.cloud")
+    problem = _listen_problem(args.listen)  # before the model loads: a taken port is one line, not a traceback
+    if problem:
+        print(f"cloud serve: --listen {args.listen}: {problem}; choose another --listen", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.insecure:
