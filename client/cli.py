@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="train adapters on local data",
                        description="Train LoRA adapters. In split mode (default) the cloud runs the frozen middle blocks; "
                                    "your text, labels and loss stay here, only activations and gradients travel.")
-    t.add_argument("--data", required=True, help="directory of .txt (plain text) and .jsonl ({'text'} or {'prompt','completion'}) files")
+    t.add_argument("--data", required=True, help="directory of text: .txt, .text and .md files (any case) are plain text, one record per file; "
+                        ".jsonl files hold one {'text'} or {'prompt','completion'} object a line. Other files and "
+                        "subfolders are skipped (and listed in a warning). Any size: long lines are read in pieces")
     t.add_argument("--out", default="tandem-run", help="run directory: report.json, report.png, adapter/, checkpoint.pt; default ./tandem-run")
     t.add_argument("--mode", choices=("split", "local", "offsite"), default="split",
                    help="split: middle blocks in the cloud (default); local: whole model in this process (needs --model, for the model owner's verification); "

@@ -4,11 +4,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
-from tandem.stages.textfiles import TextFilesError, read_records
+from tandem.stages.textfiles import TextFilesError, parse_row
 
 from .errors import DataError
 
@@ -18,6 +21,9 @@ IGNORE = -100
 TEXT_SUFFIXES = (".txt", ".text", ".md")  # plain text: the whole file is one record
 ROW_SUFFIXES = (".jsonl",)  # one JSON object a line: {"text"} or {"prompt", "completion"}
 _KINDS = "/".join(TEXT_SUFFIXES + ROW_SUFFIXES)
+PIECE_CHARS = 4096  # the most characters one tokenizer call sees: memory and time stay linear in the text
+READ_CHARS = 1 << 20  # characters read from a file at a time
+Text = Union[str, Iterable[str]]  # a string, or a stream of pieces of one
 
 
 @dataclass
@@ -39,12 +45,71 @@ class Packed:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
 
-def read_examples(data_dir: str) -> list[tuple[str, str]]:
-    """Returns (prompt, completion) pairs; plain text has an empty prompt. Files are read in name order."""
+def read_examples(data_dir: str) -> Iterator[tuple[Text, Text]]:
+    """(prompt, completion) records, read lazily in file-name order; plain text has an empty prompt.
+
+    The directory is checked now; the files are read as the records are consumed. A plain-text file's
+    completion is a stream of bounded pieces (see `pieces`), so a file of any size, one line or many,
+    is read in bounded memory.
+    """
+    return _records(data_dir, data_files(data_dir))
+
+
+def _records(data_dir: str, names: list[str]) -> Iterator[tuple[Text, Text]]:
+    for name in names:
+        path = os.path.join(data_dir, name)
+        try:
+            if name.lower().endswith(TEXT_SUFFIXES):
+                if _has_text(path):
+                    yield "", pieces(_chunks(path))
+                continue
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield parse_row(line, f"{path}:{lineno}")
+        except TextFilesError as e:
+            raise DataError(str(e)) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _chunks(path: str) -> Iterator[str]:
     try:
-        return read_records(data_dir, "--data")
-    except TextFilesError as e:
-        raise DataError(str(e)) from None
+        with open(path, encoding="utf-8") as f:
+            yield from iter(lambda: f.read(READ_CHARS), "")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _has_text(path: str) -> bool:
+    """Whether the file holds anything but whitespace (stops at the first such character)."""
+    return any(not chunk.isspace() for chunk in _chunks(path))
+
+
+def pieces(chunks: Iterable[str], cap: int = PIECE_CHARS) -> Iterator[str]:
+    """Cuts a stream of text into pieces of at most `cap` characters, joined they are the text.
+
+    A piece ends before the last whitespace in its second half (so words stay whole and the next piece
+    starts with the space, as byte-level BPE splits anyway); a piece with no whitespace there is cut at `cap`.
+    """
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        at = 0
+        while len(buf) - at > cap:
+            end = _cut(buf, at, cap)
+            yield buf[at:end]
+            at = end
+        buf = buf[at:]
+    if buf:
+        yield buf
+
+
+def _cut(buf: str, at: int, cap: int) -> int:
+    lo, hi = at + cap // 2, at + cap
+    ws = max(buf.rfind(c, lo, hi) for c in " \n\t")
+    return ws if ws > lo else hi
+
 
 def data_files(data_dir: str, warn: bool = False) -> list[str]:
     """Names of the files of `data_dir` that are read, in reading order; with `warn`, logs the files it skips.
@@ -89,29 +154,36 @@ def fingerprint(data_dir: str) -> str:
     return h.hexdigest()
 
 
-def pack(examples: list[tuple[str, str]], tokenizer, seq_len: int) -> Packed:
+def pack(examples: Iterable[tuple[Text, Text]], tokenizer, seq_len: int) -> Packed:
     """Tokenizes, joins examples with EOS and cuts the stream into right-padded sequences of seq_len.
 
     Loss is on every token of plain text, and only on the completion (and its EOS) for prompt/completion rows.
+    A prompt or completion is a string or a stream of pieces; every tokenizer call sees at most one piece of
+    PIECE_CHARS characters, and tokens are kept as 8-byte integers, not Python lists.
     """
     if seq_len < 2:
         raise DataError(f"--seq-len must be >= 2, got {seq_len}")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    ids: list[int] = []
-    labels: list[int] = []
+    ids, labels = array("q"), array("q")
     for prompt, completion in examples:
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        ids += p + c
-        labels += [IGNORE] * len(p) + c
-    n = -(-len(ids) // seq_len)
-    total = n * seq_len
-    mask = [1] * len(ids) + [0] * (total - len(ids))
-    labels += [IGNORE] * (total - len(ids))
-    ids += [pad] * (total - len(ids))
-    as_t = lambda x: torch.tensor(x, dtype=torch.long).view(n, seq_len)  # noqa: E731
-    return Packed(as_t(ids), as_t(mask), as_t(labels))
+        for part, labelled in ((prompt, False), (completion, True)):
+            for piece in pieces([part]) if isinstance(part, str) else part:
+                t = tokenizer(piece, add_special_tokens=False)["input_ids"]
+                ids.extend(t)
+                labels.extend(t if labelled else array("q", [IGNORE]) * len(t))
+        if eos is not None:
+            ids.append(eos)
+            labels.append(eos)
+    n_tok = len(ids)
+    n = -(-n_tok // seq_len)
+    ids.extend(array("q", [pad]) * (n * seq_len - n_tok))
+    labels.extend(array("q", [IGNORE]) * (n * seq_len - n_tok))
+    mask = torch.zeros(n * seq_len, dtype=torch.long)
+    mask[:n_tok] = 1
+    as_t = lambda a: torch.frombuffer(a, dtype=torch.long).clone().view(n, seq_len)  # noqa: E731
+    return Packed(as_t(ids) if n else torch.zeros(0, seq_len, dtype=torch.long), mask.view(n, seq_len),
+                  as_t(labels) if n else torch.zeros(0, seq_len, dtype=torch.long))
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The data owner's model: local bottom and top stages, a middle that runs remotely (or in-process), one adapter."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -85,7 +86,12 @@ class CloudStateLost(SessionLost):
 
 @dataclass
 class Session:
-    """What OpenSession negotiated: id, codecs and the sealer (None when not sealing)."""
+    """What OpenSession negotiated: id, codecs and the sealer (None when not sealing).
+
+    `sealing` says what the sealer is worth: "authenticated" (the server's sealing certificate,
+    checked against the trusted CA, signed the handshake: no hop can read or rewrite tensors),
+    "unauthenticated" (no CA to check it, e.g. --insecure: passive observers only) or "off".
+    """
 
     id: str
     codec: str
@@ -93,6 +99,7 @@ class Session:
     sealer: object
     info: object
     lora_codec: str = "float32"
+    sealing: str = "off"
 
 
 class RemoteMiddle:
@@ -402,7 +409,7 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
     cloud_optimizer: AdamW settings (lr, beta1, beta2, eps, weight_decay) for the cloud to apply the
     remote LoRA's updates itself; None keeps the optimizer here.
     """
-    from tandem.protos.sealing import Sealer, new_keypair
+    from tandem.protos.sealing import new_keypair
 
     priv, pub = new_keypair() if t.cfg.seal else (None, b"")
     req = pb.OpenSessionRequest(
@@ -415,13 +422,39 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
     info = t.call("OpenSession", req, one_time=True)
     if cloud_optimizer is not None and not info.cloud_optimizer:
         raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
-    sealer = None
-    if t.cfg.seal:
-        if not info.seal_public_key:
-            raise ClientError("the server did not agree to seal tensors; it is too old, or pass --no-seal")
-        sealer = Sealer(priv, info.seal_public_key, info.session_id, "client")
+    sealer, sealing = _sealer(t, priv, req, info) if t.cfg.seal else (None, "off")
     return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info,
-                   info.lora_codec or "float32")
+                   info.lora_codec or "float32", sealing)
+
+
+@functools.cache
+def _warn_unauthenticated(server: str) -> None:
+    log.warning("sealing with %s is UNAUTHENTICATED (no CA to check its sealing certificate, e.g. --insecure): it "
+                "stops passive observers, not a proxy that rewrites the session", server)
+
+
+def _sealer(t: Transport, priv, req, info):
+    """The client's Sealer and its worth; with a trusted CA, a missing or bad handshake signature is fatal."""
+    from tandem.protos.handshake import HandshakeError, transcript_hash, verify
+    from tandem.protos.sealing import SealError, Sealer
+
+    if not info.seal_public_key:
+        raise ClientError("the server did not agree to seal tensors; it is too old, or pass --no-seal")
+    transcript = transcript_hash(info.session_id, req.seal_public_key, info.seal_public_key, req, info)
+    if t.ca_pem is None:
+        _warn_unauthenticated(t.cfg.server)
+        sealing = "unauthenticated"
+    else:
+        try:
+            verify(info.seal_certificate, info.seal_signature, transcript, t.ca_pem)
+        except HandshakeError as e:
+            raise ClientError(f"sealing handshake refused: {e}; a proxy on the path may be rewriting the session "
+                              "(or the server predates authenticated sealing)") from None
+        sealing = "authenticated"
+    try:
+        return Sealer(priv, info.seal_public_key, info.session_id, "client", transcript), sealing
+    except SealError as e:
+        raise ClientError(f"sealing handshake refused: {e}") from None
 
 
 def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "",

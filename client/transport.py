@@ -159,7 +159,7 @@ class Recorder:
 
 
 def _credentials(cfg: TransportConfig):
-    """TLS credentials: the CA to trust and, when an identity bundle exists, the client certificate."""
+    """TLS credentials and the trusted CA's PEM: the CA to trust and, when an identity bundle exists, the client certificate."""
     key = cert = ca = None
     if cfg.identity and (os.path.exists(cfg.identity) or cfg.identity != DEFAULT_IDENTITY):
         if not os.path.exists(cfg.identity):
@@ -179,7 +179,7 @@ def _credentials(cfg: TransportConfig):
             )
         with open(ca_path, "rb") as f:
             ca = f.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert), ca
 
 
 class Transport:
@@ -189,11 +189,13 @@ class Transport:
         self.cfg = cfg
         self.recorder = recorder
         self.meter = meter or Meter(tls=not cfg.insecure)
+        self.ca_pem: bytes | None = None  # the CA trusted for TLS; it also vouches for the server's sealing key
         if cfg.insecure:
             log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
             self.channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.secure_channel(cfg.server, _credentials(cfg), options=CHANNEL_OPTIONS)
+            creds, self.ca_pem = _credentials(cfg)
+            self.channel = grpc.secure_channel(cfg.server, creds, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.SplitTuningStub(self.channel)
 
     def close(self) -> None:

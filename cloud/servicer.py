@@ -12,6 +12,7 @@ from tandem.kernels.codecs import CODECS, DEFAULT_BLOCK
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
+from tandem.protos.handshake import sign, transcript_hash
 from tandem.protos.sealing import SealError, Sealer, new_keypair
 from tandem.stages.errors import StageError
 from tandem.stages.lora import LoraConfig
@@ -81,8 +82,10 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     """Thin gRPC shell over a BackboneService."""
 
     def __init__(self, service: BackboneService, identities: Identities | None = None, metrics: Metrics | None = None,
-                 require_sealing: bool = False):
+                 require_sealing: bool = False, sealing=None):
+        """`sealing`: (ECDSA P-256 key, certificate DER) that signs sealing handshakes (cloud/tls.py load_sealing)."""
         self.service = service
+        self.sealing = sealing
         self.identities = identities or Identities(None, mutual=False)
         self.metrics = metrics or Metrics()
         self.require_sealing = require_sealing
@@ -147,14 +150,23 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
             lora_codec=lcodec, cloud_optimizer=opt is not None,
         )
         if request.seal_public_key:
-            priv, pub = new_keypair()
             try:
-                s.sealer = Sealer(priv, request.seal_public_key, s.id, "server")
+                s.sealer = self._handshake(s.id, request, resp)
             except SealError as e:
                 self.service.store.close(s.id, owner)
                 raise errors.InvalidRequest(str(e)) from None
-            resp.seal_public_key = pub
         return resp
+
+    def _handshake(self, sid: str, request, resp) -> Sealer:
+        """Answers the client's sealing key with ours and signs the transcript (keys + every negotiated field)."""
+        priv, pub = new_keypair()
+        resp.seal_public_key = pub
+        transcript = transcript_hash(sid, request.seal_public_key, pub, request, resp)
+        if self.sealing is not None:
+            key, cert_der = self.sealing
+            resp.seal_certificate = cert_der
+            resp.seal_signature = sign(key, transcript)
+        return Sealer(priv, request.seal_public_key, sid, "server", transcript)
 
     def FetchClientStages(self, request, context):
         try:

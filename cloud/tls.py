@@ -12,6 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+SEALING_CERT, SEALING_KEY = "sealing.pem", "sealing.key"  # the serving process's own: never give them to a proxy
 
 
 def _name(cn: str) -> x509.Name:
@@ -45,6 +46,7 @@ def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", ":
     _write_key(os.path.join(tls_dir, CA_KEY), ca_key)
     _write_cert(os.path.join(tls_dir, CA_CERT), ca)
     issue(tls_dir, "tandem-server", hosts=hosts, days=days, server=True)
+    issue_sealing(tls_dir, days=days)
 
 
 def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365, server: bool = False,
@@ -79,6 +81,47 @@ def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365,
     return cert_path, key_path
 
 
+def issue_sealing(tls_dir: str, days: int = 365) -> tuple[str, str]:
+    """Issues the serving process's sealing certificate (tls_dir/sealing.pem, .key mode 0600); returns their paths.
+
+    Its key signs each session's sealing handshake (protos/handshake.py). Its only purpose is the
+    tandem-sealing ExtendedKeyUsage, so a TLS key (which a load balancer may hold) can never stand
+    in for it, and it cannot serve TLS either.
+    """
+    from tandem.protos.handshake import SEALING_EKU
+
+    with open(os.path.join(tls_dir, CA_KEY), "rb") as f:
+        ca_key = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(tls_dir, CA_CERT), "rb") as f:
+        ca = x509.load_pem_x509_certificate(f.read())
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder().subject_name(_name("tandem sealing")).issuer_name(ca.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = os.path.join(tls_dir, SEALING_CERT), os.path.join(tls_dir, SEALING_KEY)
+    _write_key(key_path, key)
+    _write_cert(cert_path, cert)
+    return cert_path, key_path
+
+
+def load_sealing(tls_dir: str):
+    """(private key, certificate DER) of the sealing identity in tls_dir; None when it has none."""
+    if not os.path.exists(os.path.join(tls_dir, SEALING_CERT)):
+        return None
+    with open(os.path.join(tls_dir, SEALING_KEY), "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(tls_dir, SEALING_CERT), "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    return key, cert.public_bytes(serialization.Encoding.DER)
+
+
 LOCAL_IDENTITY = "local"
 
 
@@ -89,6 +132,8 @@ def ensure_server_tls(tls_dir: str) -> None:
     """
     if not os.path.exists(os.path.join(tls_dir, SERVER_CERT)):
         init_ca(tls_dir)
+    if not os.path.exists(os.path.join(tls_dir, SEALING_CERT)):  # a tls_dir made before authenticated sealing
+        issue_sealing(tls_dir)
     if not os.path.exists(os.path.join(tls_dir, "clients", f"{LOCAL_IDENTITY}.pem")):
         issue_bundle(tls_dir, LOCAL_IDENTITY)
 

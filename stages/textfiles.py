@@ -9,6 +9,19 @@ class TextFilesError(ValueError):
     """A text folder is missing, empty, unreadable or holds a malformed row; the message says which."""
 
 
+def parse_row(line: str, where: str) -> tuple[str, str]:
+    """One JSON-lines row as (prompt, completion): {"text"} has an empty prompt. `where` is FILE:LINE for errors."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TextFilesError(f"{where}: not valid JSON ({e.msg})") from None
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return "", row["text"]
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return row["prompt"], row["completion"]
+    raise TextFilesError(f'{where}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+
+
 def read_records(data_dir: str, flag: str = "--data") -> list[tuple[str, str]]:
     """(prompt, completion) pairs from DIR's .txt files and .jsonl rows, in file-name order.
 
@@ -31,18 +44,8 @@ def read_records(data_dir: str, flag: str = "--data") -> list[tuple[str, str]]:
                         out.append(("", text))
                     continue
                 for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise TextFilesError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                    if isinstance(row, dict) and isinstance(row.get("text"), str):
-                        out.append(("", row["text"]))
-                    elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
-                        out.append((row["prompt"], row["completion"]))
-                    else:
-                        raise TextFilesError(f'{path}:{lineno}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}')
+                    if line.strip():
+                        out.append(parse_row(line, f"{path}:{lineno}"))
         except (OSError, UnicodeDecodeError) as e:
             raise TextFilesError(f"cannot read {path}: {e}") from None
     if not out:

@@ -108,7 +108,7 @@ def test_sealed_tensors_reject_tamper_and_replay(tiny_models, sample_data, serve
     t = Transport(server.tcfg(retries=0))
     sm = connect_split(t, LORA, seed=0)
     sess = sm.middle.session
-    assert sess.sealer is not None and sm.middle.session.codec == "float32"
+    assert sess.sealer is not None and sm.middle.session.codec == "float32" and sess.sealing == "authenticated"
 
     # A well-formed sealed request works; the payload on the wire is ciphertext, not the tensor.
     h = torch.randn(1, 4, 32)
@@ -171,3 +171,48 @@ def test_require_sealing_refuses_unsealed_sessions(tiny_models, server_factory):
     t = Transport(server.tcfg(retries=0))
     assert open_session(t, LORA).sealer is not None
     t.close()
+
+
+def test_sealing_certificate_has_its_own_purpose_and_is_checked(tmp_path):
+    """`cloud certs init` issues a sealing certificate; verify() accepts only it, signed by the trusted CA, in validity."""
+    import stat
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from tandem.cloud.tls import ensure_server_tls, init_ca, load_sealing
+    from tandem.protos.handshake import SEALING_EKU, HandshakeError, sign, verify
+
+    d = str(tmp_path / "tls")
+    init_ca(d)
+    key, der = load_sealing(d)
+    assert stat.S_IMODE(os.stat(os.path.join(d, "sealing.key")).st_mode) == 0o600
+    eku = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [SEALING_EKU] and ExtendedKeyUsageOID.SERVER_AUTH not in eku
+    with open(os.path.join(d, "ca.pem"), "rb") as f:
+        ca = f.read()
+    th = b"t" * 32
+    verify(der, sign(key, th), th, ca)  # the genuine article
+    with pytest.raises(HandshakeError, match="does not verify"):
+        verify(der, sign(key, th), b"u" * 32, ca)
+    with pytest.raises(HandshakeError, match="validity"):
+        verify(der, sign(key, th), th, ca, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=400))
+    # The TLS server certificate and key (what a load balancer holds) cannot vouch for sealing keys.
+    with open(os.path.join(d, "server.key"), "rb") as f:
+        tls_key = serialization.load_pem_private_key(f.read(), None)
+    with open(os.path.join(d, "server.pem"), "rb") as f:
+        tls_der = x509.load_pem_x509_certificate(f.read()).public_bytes(serialization.Encoding.DER)
+    with pytest.raises(HandshakeError, match="not a sealing certificate"):
+        verify(tls_der, sign(tls_key, th), th, ca)
+    # A sealing certificate of another CA is refused.
+    other = str(tmp_path / "other")
+    init_ca(other)
+    okey, oder = load_sealing(other)
+    with pytest.raises(HandshakeError, match="not signed by the CA"):
+        verify(oder, sign(okey, th), th, ca)
+    # A tls_dir made before authenticated sealing gets its sealing certificate on the next `cloud serve`.
+    os.remove(os.path.join(d, "sealing.pem"))
+    os.remove(os.path.join(d, "sealing.key"))
+    ensure_server_tls(d)
+    assert load_sealing(d) is not None and load_sealing(d)[1] != der

@@ -1,0 +1,94 @@
+"""The sealing handshake: the serving process signs both X25519 keys and the session's parameters.
+
+A TLS-terminating hop (a load balancer) holds the server's TLS key, so TLS alone cannot tell the
+client whom its sealing key belongs to. The serving process holds a separate sealing key whose
+certificate, signed by the deployment's CA, carries its own ExtendedKeyUsage (SEALING_EKU) and is
+no TLS certificate. It signs the transcript: a label, the session id, both X25519 keys and a
+digest of every other field of OpenSessionRequest and OpenSessionResponse. The client checks the
+certificate against the CA it trusts for TLS and the signature against the transcript it computed
+itself; the transcript hash also salts the sealing keys (protos/sealing.py).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .sealing import canonical
+
+# A private arc: "tandem sealing". A certificate without it never signs a handshake.
+SEALING_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.1")
+_LABEL = b"tandem/v1 sealing handshake"
+_SEAL_FIELDS = frozenset({"seal_public_key", "seal_certificate", "seal_signature"})
+
+
+class HandshakeError(ValueError):
+    """The server's proof of its sealing key is missing or does not hold."""
+
+
+def transcript_hash(session_id: str, client_public: bytes, server_public: bytes, request, response) -> bytes:
+    """SHA-256 over the label, session id, both keys and the parameters of both OpenSession messages."""
+    params = hashlib.sha256(canonical(request, _SEAL_FIELDS) + canonical(response, _SEAL_FIELDS)).digest()
+    h = hashlib.sha256()
+    for part in (_LABEL, session_id.encode(), client_public, server_public, params):
+        h.update(len(part).to_bytes(4, "big") + part)  # length-prefixed: no two transcripts encode alike
+    return h.digest()
+
+
+def sign(key: ec.EllipticCurvePrivateKey, transcript: bytes) -> bytes:
+    """ECDSA P-256/SHA-256 signature of a transcript hash."""
+    return key.sign(transcript, ec.ECDSA(hashes.SHA256()))
+
+
+def _issuer(cert: x509.Certificate, ca_pem: bytes) -> None:
+    try:
+        cas = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        raise HandshakeError("the trusted CA file holds no PEM certificate") from None
+    for ca in cas:
+        try:
+            cert.verify_directly_issued_by(ca)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise HandshakeError("the sealing certificate is not signed by the CA this client trusts")
+
+
+def _purpose(cert: x509.Certificate) -> None:
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        eku, ca = [], True
+    if SEALING_EKU not in eku or ca:
+        raise HandshakeError("the certificate offered is not a sealing certificate (it lacks the tandem-sealing "
+                             "ExtendedKeyUsage; a TLS certificate cannot vouch for sealing keys)")
+
+
+def verify(cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, now: dt.datetime | None = None) -> x509.Certificate:
+    """Checks the sealing certificate (CA, validity, purpose, key type) and its signature over `transcript`."""
+    if not cert_der or not signature:
+        raise HandshakeError("the server sent no sealing certificate or no handshake signature")
+    try:
+        cert = x509.load_der_x509_certificate(cert_der)
+    except ValueError:
+        raise HandshakeError("the sealing certificate is not a valid DER certificate") from None
+    _issuer(cert, ca_pem)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise HandshakeError(f"the sealing certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
+                             f"to {cert.not_valid_after_utc:%Y-%m-%d})")
+    _purpose(cert)
+    key = cert.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise HandshakeError("the sealing certificate's key is not an ECDSA P-256 key")
+    try:
+        key.verify(signature, transcript, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise HandshakeError("the handshake signature does not verify: the sealing keys or session parameters were "
+                             "changed on the way") from None
+    return cert
