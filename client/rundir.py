@@ -74,6 +74,12 @@ def prepare(out: str, resume: bool, overwrite: bool) -> None:
             os.remove(path)
 
 
+def make_private_dir(path: str) -> None:
+    """Restricts an existing directory (not its contents) to this user: 0700 closes everything under it."""
+    if os.path.isdir(path):
+        os.chmod(path, PRIVATE_DIR)
+
+
 def make_private(path: str) -> None:
     """Restricts a file (0600) or a directory tree (0700 dirs, 0600 files) to this user."""
     if os.path.isfile(path):

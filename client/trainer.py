@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tandem.stages.arch import arch_for
+from tandem.stages.loading import cache_root
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 
 from . import audit as privacy
@@ -188,6 +189,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         sm = build_offsite(cfg.emulator, cfg.lora, cfg.seed)
     else:
         sm = build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed, middle_lora=cfg.middle_lora)
+    rundir.make_private_dir(cache_root())  # downloaded stages and tokenizers: this user's only
     try:
         stages = resume.stages(sm, cfg.lora)
         resume.check(ckpt.get("stages") if ckpt else None, stages, cfg.out)
@@ -281,6 +283,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                 if cfg.cloud_optimizer:
                     last = copy.deepcopy(payload)
                 save_checkpoint(cfg.out, payload)
+                rundir.make_private(_ckpt_path(cfg.out))
             step += 1
         bar.close()
         val_after = evaluate(sm, data, cfg.seed + EVAL_AFTER_SEED)  # fresh cut noise: never the draws of the first pass
@@ -293,6 +296,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             write_json(os.path.join(cfg.out, "report.json"), report)
             report["privacy"] = privacy.audit_run(cfg.out, _cfg_dict(cfg), data, tokens=cfg.audit_tokens, progress=cfg.progress)
         write_json(os.path.join(cfg.out, "report.json"), report)
+        rundir.make_private(cfg.out)  # adapter, report, recorded traffic (the CLI's umask already did; library calls too)
         return report
     finally:
         sm.close()
