@@ -68,7 +68,8 @@ def _serve(args) -> int:
         layout = StageLayout.parse(args.client_blocks, loaded.config)
         store = StoreConfig(max_sessions=args.max_sessions, memory_bytes=int(args.memory_cap_mb * 2**20),
                             ttl_s=args.session_ttl, max_sessions_per_identity=args.quota_sessions)
-        limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step, cloud_optimizer=not args.no_cloud_optimizer)
+        limits = ServiceLimits(max_tokens_per_step=args.max_tokens_per_step, cloud_optimizer=not args.no_cloud_optimizer,
+                               max_lora_rank=args.max_lora_rank, max_lora_targets=args.max_lora_targets)
         batching = None if args.no_batching else BatchingConfig(
             window_ms=args.batch_window_ms, max_tokens=args.batch_max_tokens, backward_wait_ms=args.batch_backward_wait_ms)
         if args.ray:
@@ -164,18 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-dir", default=DEFAULT_TLS_DIR, help=f"directory with ca.pem/server.pem/server.key, created on first use; default {DEFAULT_TLS_DIR}")
     s.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); only for trusted networks, prints a warning")
     s.add_argument("--max-sessions", type=int, default=64, help="open sessions at once; default 64")
-    s.add_argument("--memory-cap-mb", type=float, default=8192, help="cap on forward state kept for backward, all sessions together, in MiB; default 8192")
+    s.add_argument("--memory-cap-mb", type=float, default=8192, help="cap on memory held for sessions, all together, in MiB: forward state kept for backward (checked "
+                        "from the request's shape before it runs) and remote LoRAs with their cloud-optimizer state; default 8192")
     s.add_argument("--session-ttl", type=float, default=600, help="seconds of inactivity after which a session is closed and freed; default 600")
     s.add_argument("--max-tokens-per-step", type=int, default=64 * 1024, help="largest batch*seq_len accepted in one request; default 65536")
     s.add_argument("--no-client-auth", action="store_true", help="TLS without client certificates (every caller is 'anonymous'); default: mutual TLS")
-    s.add_argument("--quota-sessions", type=int, default=0, help="open sessions per identity (0 = only --max-sessions applies)")
+    s.add_argument("--quota-sessions", type=int, default=8, help="open sessions per identity (0 = only --max-sessions applies); default 8")
+    s.add_argument("--max-lora-rank", type=int, default=256, help="largest LoRA rank a session may ask for; default 256")
+    s.add_argument("--max-lora-targets", type=int, default=16, help="most target module names in one session's LoRA; default 16")
     s.add_argument("--quota-mbps", type=float, default=0.0,
                    help="MiB/s per identity, every byte of every call both ways (requests, responses, downloads, "
                         "pushes); a 4 s burst, so one request above 4x this is refused outright (0 = unlimited)")
     s.add_argument("--no-cloud-optimizer", action="store_true",
                    help="refuse sessions that ask this server to run their remote LoRA's AdamW (`client tune "
                         "--cloud-optimizer`); such a session keeps its remote LoRA and both AdamW moments here (3x the "
-                        "LoRA: 4.8 MB for SmolLM2 at r=8 on q,v) until it closes, outside --memory-cap-mb")
+                        "LoRA: 4.8 MB for SmolLM2 at r=8 on q,v) until it closes, counted in --memory-cap-mb")
     s.add_argument("--require-sealing", action="store_true", help="refuse sessions whose tensors are not sealed (X25519 + AES-256-GCM on top of TLS)")
     s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
     s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")

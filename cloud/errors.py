@@ -1,6 +1,12 @@
 """Domain errors of the cloud side; only the servicer maps them to gRPC status codes."""
 
 
+def clip(value, limit: int = 80) -> str:
+    """repr() of a client-sent value for an error message, cut to `limit` characters with an ellipsis."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class CloudError(Exception):
     """Base class; `reason` travels to the client as trailing metadata (tandem-reason)."""
 
@@ -53,6 +59,12 @@ class TooLarge(CloudError):
     """One request needs more than a server limit allows; retrying cannot help, a smaller batch can."""
 
     reason = "too-large"
+
+
+class OverQuota(TooLarge):
+    """One request is larger than its identity's byte-quota burst: no wait makes it fit, a smaller one does."""
+
+    reason = "over-quota-burst"
 
 
 class Unauthenticated(CloudError):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -18,11 +19,14 @@ from tandem.kernels.codecs import CODECS
 from tandem.kernels.checks import all_finite
 
 from .batching import Batcher, BatchingConfig
-from .errors import InvalidRequest, LoraMissing
+from .errors import InvalidRequest, LoraMissing, clip
 from .optimizer import AdamWSpec, RemoteOptimizer
 from .sessions import Pending, Session, SessionStore, StoreConfig
 
 log = logging.getLogger(__name__)
+
+MAX_ALPHA = 1e4  # LoRA alpha; the scale is alpha / rank, and a huge one only overflows the middle's activations
+
 
 @dataclass
 class ServiceLimits:
@@ -30,6 +34,12 @@ class ServiceLimits:
 
     max_tokens_per_step: int = 64 * 1024
     cloud_optimizer: bool = True  # run the remote LoRA's optimizer for sessions that ask (`client tune --cloud-optimizer`)
+    max_lora_rank: int = 256  # a session's LoRA rank; its remote LoRA's size grows with it
+    max_lora_targets: int = 16  # target module names in one LoraSpec
+
+    def __post_init__(self):
+        if self.max_lora_rank < 1 or self.max_lora_targets < 1:
+            raise ValueError("--max-lora-rank and --max-lora-targets must be >= 1")
 
 
 def _linear_leaves(blocks: nn.ModuleList) -> tuple[str, ...]:
@@ -82,6 +92,7 @@ class BackboneService:
         self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
+        self._state_fit = self._calibrate()
         self.batcher = (Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs), sessions=lambda: len(self.store))
                         if batching else None)
         log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
@@ -101,12 +112,22 @@ class BackboneService:
         for c in (codec, gradient_codec):
             if c not in CODECS:
                 raise InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
-        targets = lora.target_modules or self.parts.arch.lora_targets
-        unknown = [t for t in targets if t not in self.middle_leaves]
+        if not math.isfinite(lora.alpha) or abs(lora.alpha) > MAX_ALPHA:
+            raise InvalidRequest(f"LoRA alpha must be a finite number of magnitude <= {MAX_ALPHA:g}, got {clip(lora.alpha)}")
+        if lora.rank > self.limits.max_lora_rank:
+            raise InvalidRequest(f"LoRA rank {lora.rank} is over this server's limit of {self.limits.max_lora_rank} "
+                                 "(cloud serve --max-lora-rank); use a smaller --rank")
+        if len(lora.target_modules) > self.limits.max_lora_targets:
+            raise InvalidRequest(f"{len(lora.target_modules)} target modules named, over this server's limit of "
+                                 f"{self.limits.max_lora_targets} (cloud serve --max-lora-targets)")
+        targets = set(lora.target_modules or self.parts.arch.lora_targets)
+        unknown = sorted(t for t in targets if t not in self.middle_leaves)
         if unknown:
-            raise InvalidRequest(f"target modules {unknown} do not exist in this model; available: {list(self.middle_leaves)}")
+            raise InvalidRequest(f"target modules {clip(unknown)} do not exist in this model; available: {list(self.middle_leaves)}")
         slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
-        s = self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid)
+        # What the session keeps for its whole life: the remote LoRA, and with a cloud optimizer its two AdamW moments.
+        resident = 4 * sum(lora.rank * (sl.in_features + sl.out_features) for sl in slots) * (3 if optimizer else 1)
+        s = self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid, resident=resident)
         s.opt_spec = optimizer
         return s
 
@@ -138,6 +159,35 @@ class BackboneService:
             if bool((mask.sum(dim=1) == 0).any()):
                 raise InvalidRequest("attention_mask: a row has no real token")
 
+    # Admission -------------------------------------------------------------------------------
+    def _saved_bytes(self, b: int, t: int) -> int:
+        """Bytes autograd keeps for one training forward of (b, t) tokens through the middle, without adapters."""
+        h = torch.zeros(b, t, self.hidden_size, requires_grad=True)
+        saved = _SavedBytes(self._param_ptrs)
+        with torch.enable_grad(), bind(None), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            self.middle(h, torch.ones(b, t, dtype=torch.long))
+        return saved.total
+
+    def _calibrate(self) -> tuple[float, float, float]:
+        """Fits the middle's forward state as k + b*(a*t + c*t^2) bytes from three tiny passes (c: attention
+        maps, when the attention implementation keeps them), so a request's state is known before it runs."""
+        t1, t2 = min(32, self.max_positions), min(64, self.max_positions)
+        f11, f12, f22 = self._saved_bytes(1, t1), self._saved_bytes(1, t2), self._saved_bytes(2, t2)
+        row2 = f22 - f12  # one row of t2 tokens
+        k = max(0.0, f12 - row2)
+        row1 = f11 - k
+        c = max(0.0, (row2 / t2 - row1 / t1) / (t2 - t1)) if t2 > t1 else 0.0
+        a = max(0.0, row1 / t1 - c * t1, row2 / t2 - c * t2)
+        return k, a, c
+
+    def state_estimate(self, s: Session, b: int, t: int) -> int:
+        """The forward state a training forward of (b, t) tokens in session s will keep, in bytes (see _calibrate)."""
+        k, a, c = self._state_fit
+        per_token = 2 * self.hidden_size * 4  # the input and output kept with the graph
+        for sl in s.slots:  # the LoRA path: A x (rank), and with dropout its mask and dropped-out input
+            per_token += 4 * 2 * s.lora_cfg.rank + (8 * sl.in_features if s.lora_cfg.dropout > 0 else 0)
+        return int(k + b * (a * t + c * t * t) + b * t * per_token)
+
     def _lora_for(self, s: Session, version: int, flat: torch.Tensor | None) -> list[torch.Tensor]:
         if not s.remote_lora:
             return []
@@ -166,6 +216,8 @@ class BackboneService:
         s = self.store.get(sid, owner)
         self._check_activations(h, mask, "hidden")
         with s.lock:
+            if train:  # refuse, or make room, before the compute: memory is spent as the forward runs
+                self.store.admit(s, step, self.state_estimate(s, h.shape[0], h.shape[1]))
             lora = self._lora_for(s, lora_version, lora_flat)
             gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
             if self.batcher is not None and (len(self.store) > 1 or self.batcher.busy):

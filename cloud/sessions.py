@@ -20,14 +20,15 @@ class StoreConfig:
 
     Attributes:
         max_sessions: Open sessions at once; more get RESOURCE_EXHAUSTED.
-        memory_bytes: Cap on forward state held for backward, over all sessions.
+        memory_bytes: Cap on memory held for sessions, over all of them: forward state kept for backward, and
+            each session's remote LoRA (with a cloud optimizer, its AdamW moments too).
         ttl_s: A session idle this long is closed and its memory freed.
     """
 
     max_sessions: int = 64
     memory_bytes: int = 8 * 1024**3
     ttl_s: float = 600.0
-    max_sessions_per_identity: int = 0  # 0: no per-identity limit
+    max_sessions_per_identity: int = 8  # 0: no per-identity limit
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -70,6 +71,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lora_version: int = -1
     lora: list[torch.Tensor] = field(default_factory=list)
+    resident: int = 0  # bytes the session holds for its life (remote LoRA, AdamW moments), counted in the cap
     pending: dict[int, Pending] = field(default_factory=dict)
     evicted: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -83,6 +85,7 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # (session, step) -> bytes
         self._used = 0
+        self._resident = 0  # sessions' resident bytes, together
         self._lock = threading.Lock()
 
     @property
@@ -92,9 +95,18 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def resident_bytes(self) -> int:
+        return self._resident
+
     def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str,
-             gradient_codec: str = "float32", sid: str | None = None) -> Session:
+             gradient_codec: str = "float32", sid: str | None = None, resident: int = 0) -> Session:
+        """Opens a session that will hold `resident` bytes for its life (counted in the memory cap from now)."""
         self.expire()
+        cap = self.cfg.memory_bytes
+        if resident > cap:
+            raise TooLarge(f"this session's remote LoRA needs {resident / 2**20:.2f} MiB, over the server's cap of "
+                           f"{cap / 2**20:.2f} MiB; use a smaller --rank or fewer target modules")
         with self._lock:
             if len(self._sessions) >= self.cfg.max_sessions:
                 raise Overloaded(
@@ -103,9 +115,14 @@ class SessionStore:
             quota = self.cfg.max_sessions_per_identity
             if quota and sum(1 for x in self._sessions.values() if x.owner == owner) >= quota:
                 raise Overloaded(f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later")
+            self._evict(resident)
+            if self._used + self._resident + resident > cap:
+                raise Overloaded(f"the server's memory cap ({cap / 2**20:.2f} MiB) is held by other sessions' adapters; "
+                                 "retry later or use a smaller --rank")
             sid = sid or secrets.token_urlsafe(16)
-            s = Session(sid, owner, lora_cfg, slots, remote_lora, codec, gradient_codec)
+            s = Session(sid, owner, lora_cfg, slots, remote_lora, codec, gradient_codec, resident=resident)
             self._sessions[sid] = s
+            self._resident += resident
             return s
 
     def get(self, sid: str, owner: str) -> Session:
@@ -131,7 +148,8 @@ class SessionStore:
 
     def _drop(self, s: Session) -> None:
         with self._lock:
-            self._sessions.pop(s.id, None)
+            if self._sessions.pop(s.id, None) is not None:
+                self._resident -= s.resident
             for step in list(s.pending):
                 self._release(s, step)
             s.lora = []
@@ -147,25 +165,42 @@ class SessionStore:
         return len(old)
 
     # Pending forward state -------------------------------------------------------------------
+    def _too_large(self, nbytes: int, what: str) -> TooLarge:
+        cap, res = self.cfg.memory_bytes, self._resident
+        held = f" ({res / 2**20:.2f} MiB of it held by sessions' adapters)" if res else ""
+        return TooLarge(f"one step needs {what}{nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
+                        f"{cap / 2**20:.2f} MiB{held}; use a smaller --batch-size or --seq-len")
+
+    def admit(self, s: Session, step: int, nbytes: int) -> None:
+        """Before a training forward runs: refuses one whose estimated state (`nbytes`) can never fit, and
+        evicts least recently used state (and this session's older steps) so that it will."""
+        if nbytes > self.cfg.memory_bytes - self._resident:
+            raise self._too_large(nbytes, "an estimated ")
+        with self._lock:
+            for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
+                self._release(s, old)
+            self._evict(nbytes)
+
+    def _evict(self, nbytes: int) -> None:
+        """Drops least recently used forward state until `nbytes` more fit under the cap (or none is left). Holds the lock."""
+        while self._used + self._resident + nbytes > self.cfg.memory_bytes and self._lru:
+            (sid, old_step), _ = next(iter(self._lru.items()))
+            victim = self._sessions.get(sid)
+            if victim is None:
+                self._lru.pop((sid, old_step))
+                continue
+            self._release(victim, old_step)
+            victim.evicted.add(old_step)
+
     def put(self, s: Session, step: int, p: Pending) -> None:
         """Stores forward state for `step`, evicting least recently used state of any session."""
-        if p.nbytes > self.cfg.memory_bytes:
-            raise TooLarge(
-                f"one step needs {p.nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
-                f"{self.cfg.memory_bytes / 2**20:.2f} MiB; use a smaller --batch-size or --seq-len"
-            )
+        if p.nbytes > self.cfg.memory_bytes - self._resident:
+            raise self._too_large(p.nbytes, "")
         p.taken = False
         with self._lock:
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
-            while self._used + p.nbytes > self.cfg.memory_bytes and self._lru:
-                (sid, old_step), _ = next(iter(self._lru.items()))
-                victim = self._sessions.get(sid)
-                if victim is None:
-                    self._lru.pop((sid, old_step))
-                    continue
-                self._release(victim, old_step)
-                victim.evicted.add(old_step)
+            self._evict(p.nbytes)
             s.pending[step] = p
             s.evicted.discard(step)
             self._lru[(s.id, step)] = p.nbytes

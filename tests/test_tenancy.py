@@ -141,3 +141,71 @@ def test_forward_state_without_backward_is_freed(tiny_models, server_factory, mo
     left = _rss_mb(pid) - base
     assert left < 2 * graph, f"closed and expired sessions left {left:.0f} MB; one graph is {graph:.0f} MB"
     ch.close()
+
+
+# 3. Admission before compute; adapters inside the memory cap; per-identity session quota ------------------
+def _peak_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _code_reason(call, req):
+    with pytest.raises(grpc.RpcError) as ei:
+        call(req, timeout=60)
+    e = ei.value
+    return e.code(), dict(e.trailing_metadata() or ()).get("tandem-reason", ""), e.details()
+
+
+def test_a_forward_over_the_memory_cap_is_refused_before_it_runs(tiny_models, server_factory, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    server = server_factory(tiny_models["llama"], "--memory-cap-mb", "16")
+    ch, stub = _raw(server)
+    info = _open(stub, remote_lora=True)
+    sid, n_lora = info.session_id, sum(4 * (x.in_features + x.out_features) for x in info.middle_slots)
+    h = torch.randn(8, 64, HIDDEN)  # a step that fits: state ~2 MB
+    stub.Forward(_fwd(sid, h, lora=serde.to_proto(torch.zeros(n_lora))), timeout=60)
+    peak0 = _peak_mb(server.proc.pid)
+    big = torch.randn(256, 256, HIDDEN)  # 65,536 tokens (the step limit): ~200 MB of state if it ran
+    code, reason, details = _code_reason(stub.Forward, _fwd(sid, big, step=1, lora_version=0))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "too-large", details
+    assert "estimated" in details and "over the server's cap of 16.00 MiB" in details, details
+    grew = _peak_mb(server.proc.pid) - peak0
+    assert grew < 64, f"the refused forward ran anyway: the server's peak RSS grew {grew:.0f} MB"
+    ch.close()
+
+
+def test_lora_rank_and_cloud_optimizer_state_count_against_the_cap(tiny_models, server_factory):
+    server = server_factory(tiny_models["llama"], "--memory-cap-mb", "16", "--max-lora-rank", "4096")
+    ch, stub = _raw(server)
+    code, reason, details = _code_reason(stub.OpenSession, pb.OpenSessionRequest(
+        lora=pb.LoraSpec(rank=30000, alpha=8), remote_lora=True))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max-lora-rank" in details and "30000" in details, details
+    opt = pb.AdamW(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    req = pb.OpenSessionRequest(lora=pb.LoraSpec(rank=2048, alpha=8), remote_lora=True, cloud_optimizer=opt)
+    first = stub.OpenSession(req, timeout=30)
+    per = 4 * 2048 * sum(s.in_features + s.out_features for s in first.middle_slots) * 3  # LoRA + 2 AdamW moments
+    fit = int(16 * 2**20 // per)
+    assert 1 <= fit < 8, f"each session holds {per / 2**20:.1f} MiB; the test needs a few to fill 16 MiB"
+    opened = [first.session_id] + [stub.OpenSession(req, timeout=30).session_id for _ in range(fit - 1)]
+    code, reason, details = _code_reason(stub.OpenSession, req)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "overloaded", details
+    assert "held by other sessions' adapters" in details, details
+    stub.CloseSession(pb.CloseSessionRequest(session_id=opened.pop()), timeout=30)
+    opened.append(stub.OpenSession(req, timeout=30).session_id)  # the room came back
+    for sid in opened:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
+    ch.close()
+
+
+def test_one_identity_holds_at_most_eight_sessions_by_default(tiny_models, server_factory):
+    server = server_factory(tiny_models["gpt2"])
+    ch, stub = _raw(server)
+    sids = [_open(stub).session_id for _ in range(8)]
+    code, reason, details = _code_reason(stub.OpenSession, pb.OpenSessionRequest(lora=pb.LoraSpec(rank=4)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "overloaded" and "quota of 8 sessions" in details
+    stub.CloseSession(pb.CloseSessionRequest(session_id=sids[0]), timeout=30)
+    _open(stub)
+    ch.close()
