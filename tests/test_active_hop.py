@@ -115,6 +115,30 @@ def test_stripped_or_replaced_sealing_certificate_is_refused(hop):
         t.close()
 
 
+def _set(**fields):
+    def rewrite(msg):
+        for k, v in fields.items():
+            setattr(msg, k, v)
+        return msg
+
+    return rewrite
+
+
+@pytest.mark.parametrize("side, rewrite", [
+    ("request", _set(codec="int4")),  # the server would compute on 4-bit activations the client never chose
+    ("request", _set(remote_lora=False)),
+    ("response", _set(client_stages_sha256="0" * 64)),  # the client would accept substituted client stages
+    ("response", _set(block_size=7)),
+])
+def test_rewritten_session_parameters_are_refused(hop, side, rewrite):
+    """The handshake signature covers every OpenSession field, not only the keys."""
+    (hop.on_request if side == "request" else hop.on_response)["OpenSession"] = rewrite
+    t = Transport(hop.tcfg(retries=0))
+    with pytest.raises(ClientError, match="handshake signature does not verify"):
+        open_session(t, LORA)
+    t.close()
+
+
 def _halve(t: pb.Tensor, tail: int) -> None:
     """(B, T, ...) -> (2B, T/2, ...): same bytes, other meaning."""
     b, n = t.shape[0], t.shape[1]
