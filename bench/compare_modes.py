@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Computes, prints and plots the comparison."""
     args = parse_args(argv)
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer
 
     from tandem.client.data import pack, read_examples
     from tandem.emulator.package import load_package
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from tandem.stages.modules import StageLayout
 
     model_dir = args.model or default_model_dir()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     raw = sum(os.path.getsize(os.path.join(args.data, n)) for n in os.listdir(args.data) if n.endswith((".txt", ".jsonl")))
     n_seq = len(pack(read_examples(args.data), tok, args.seq_len))
     steps = math.ceil(args.epochs * math.ceil(n_seq / args.batch_size))

@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     """Runs the protocol and writes the JSON and a table."""
     args = parse_args(argv)
     import torch
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer
 
     from tandem.client.offsite import build_offsite, load_adapter
     from tandem.client.staged import build_local
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(args.model or default_model_dir())
+    tok = load_tokenizer(args.model or default_model_dir())
     pub, priv, qa_test, eval_ids = write_data(args, tok)
     lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets.split(",")))
     pkg = args.package or os.path.join(args.work, "pkg")

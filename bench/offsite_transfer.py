@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
     import torch.nn.functional as F
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer
 
     import offsite_table as ot
     from tandem.client.data import load_split
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.work, "offsite", "adapter", "adapter_config.json")) as f:
         acfg = json.load(f)
     table = ot.parse_args(["--work", os.path.join(args.work, "transfer"), "--seed", str(args.seed)])
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    tok = load_tokenizer(default_model_dir())
     _, _, _, eval_ids = ot.write_data(table, tok)  # the same held-out text as the table (it depends on the seed only)
     lora = LoraConfig(rank=acfg["r"], alpha=float(acfg["lora_alpha"]), target_modules=tuple(acfg["target_modules"]))
     pkg = args.package or os.path.join(args.work, "pkg")

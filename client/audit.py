@@ -187,7 +187,7 @@ def read_cloud_view(run_dir: str) -> list[Received]:
 
 def _known_state(ctx: dict, config, layout: StageLayout):
     """The shipped client-stage weights and the tokenizer, as the data owner has them."""
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer
 
     if ctx["mode"] == "split":
         where = os.path.join(cache_root(), "client", ctx["stages_sha256"])
@@ -195,12 +195,12 @@ def _known_state(ctx: dict, config, layout: StageLayout):
         if not ctx["stages_sha256"] or not os.path.exists(path):
             raise ClientError(f"the client stages this run downloaded are not in the cache ({where}); rerun `client tune`")
         with open(path, "rb") as f:
-            return unpack_state(f.read()), AutoTokenizer.from_pretrained(where)
+            return unpack_state(f.read()), load_tokenizer(where)
     from tandem.stages.arch import parts_of
     from tandem.stages.loading import default_model_dir
 
     loaded = load_model(ctx["model"])
-    return client_state(parts_of(loaded.model), layout), AutoTokenizer.from_pretrained(ctx["model"] or default_model_dir())
+    return client_state(parts_of(loaded.model), layout), load_tokenizer(ctx["model"] or default_model_dir())
 
 
 def _score(tokenizer, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:

@@ -36,7 +36,7 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
     Only the client's blocks carry LoRA slots; the emulator blocks are frozen and never adapted, so the
     adapter plugs into the full model unchanged. No server is contacted.
     """
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer
 
     try:
         pkg = load_package(pkg_dir)
@@ -45,7 +45,7 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
     config = pkg.config()
     layout = pkg.layout
     parts = client_parts(config, layout, pkg.client_state())
-    tokenizer = AutoTokenizer.from_pretrained(pkg.path)
+    tokenizer = load_tokenizer(pkg.path)  # the loader of every mode
     _check_tokenizer(tokenizer, config)
     targets = lora.target_modules or parts.arch.lora_targets
     specs = _order(inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets))

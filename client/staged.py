@@ -393,13 +393,13 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def _tokenizer_from_files(files: dict[str, bytes], where: str):
-    from transformers import AutoTokenizer
+    from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
     os.makedirs(where, exist_ok=True)
     for n, b in files.items():
         if n != "client_stages.safetensors":
             _write_atomic(os.path.join(where, n), b)
-    return AutoTokenizer.from_pretrained(where)
+    return load_tokenizer_dir(where)  # the loader of every mode: the same ids as local and offsite runs
 
 
 def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "",
@@ -500,9 +500,8 @@ def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, se
 
     With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
     """
-    from transformers import AutoTokenizer
-
     from tandem.stages.loading import default_model_dir
+    from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
     loaded = load_model(model_path)
     parts: Parts = parts_of(loaded.model)
@@ -512,7 +511,7 @@ def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, se
     specs = _order(inject_slots(nn.ModuleList(parts.blocks[i] for i in ids), parts.arch, ids, targets))
     adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
     names = _split_names(specs, layout)
-    tokenizer = AutoTokenizer.from_pretrained(model_path or default_model_dir())
+    tokenizer = load_tokenizer_dir(model_path or default_model_dir())  # the loader of every mode (split's ids)
     _check_tokenizer(tokenizer, loaded.config)
     middle = LocalMiddle(MiddleStage(parts, layout.middle_blocks), adapter, names[1])
     return StagedModel(BottomStage(parts, layout.bottom_blocks), middle, TopStage(parts, layout.top_blocks), adapter,

@@ -264,14 +264,14 @@ class GenerationService:
     """
 
     def __init__(self, loaded: LoadedModel, offsite: OffsiteService, cfg: ServingConfig | None = None, impl: str = "auto"):
-        from transformers import AutoTokenizer
+        from tandem.stages.loading import load_tokenizer
 
         self.cfg = cfg or ServingConfig()
         self.model = loaded.model
         self.offsite = offsite
         self.impl = impl
         self.slots = wrap_all_blocks(self.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(loaded.path)
+        self.tokenizer = load_tokenizer(loaded.path)  # the ids the data owner tuned on, in every mode
         self._tok_lock = threading.Lock()  # a fast tokenizer must not be used from two threads at once
         config = loaded.config
         self.max_positions = int(getattr(config, "max_position_embeddings", 0) or config.n_positions)

@@ -81,12 +81,12 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         summary["train_kd_first"], summary["train_kd_last"] = hist["steps"][0]["kd"], hist["steps"][-1]["kd"]
     sink = None
     if texts is not None:  # the attention sink, measured on the same public text
-        from transformers import AutoTokenizer
+        from tandem.stages.loading import load_tokenizer
 
         from .sink import measure_sink
         from .text import pack_blocks
 
-        sink = measure_sink(loaded, layout, pack_blocks(texts, AutoTokenizer.from_pretrained(loaded.path), cfg.seq_len))
+        sink = measure_sink(loaded, layout, pack_blocks(texts, load_tokenizer(loaded.path), cfg.seq_len))
         log.info("first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s", sink[1]["rms_first"],
                  sink[1]["rms_other"], sink[1]["spread"], "shipped as the emulator's sink" if sink[1]["used"] else "no sink")
         made = sink[1]["made_by_block"]
@@ -105,11 +105,12 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
 def _sample(loaded, texts: list[str], cfg: DistillConfig, seqs: int):
     """`seqs` sequences (S, T) of the distillation's training split (its validation stays unseen)."""
     import torch
-    from transformers import AutoTokenizer
+
+    from tandem.stages.loading import load_tokenizer
 
     from .text import pack_blocks, split_blocks
 
-    train, _ = split_blocks(pack_blocks(texts, AutoTokenizer.from_pretrained(loaded.path), cfg.seq_len), cfg.val_fraction, cfg.seed)
+    train, _ = split_blocks(pack_blocks(texts, load_tokenizer(loaded.path), cfg.seq_len), cfg.val_fraction, cfg.seed)
     return train[torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + 1))[:seqs]]
 
 

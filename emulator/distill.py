@@ -366,10 +366,11 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
         The student blocks and a history dict (validation KD before/after, per-step losses).
     """
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+
+    from tandem.stages.loading import load_tokenizer
 
     parts = parts_of(loaded.model)
-    tokenizer = AutoTokenizer.from_pretrained(loaded.path)
+    tokenizer = load_tokenizer(loaded.path)
     train, val = split_blocks(pack_blocks(texts, tokenizer, cfg.seq_len), cfg.val_fraction, cfg.seed)
     student = copy_blocks(parts, kept) if student is None else student
     if len(student) != len(kept):

@@ -201,6 +201,24 @@ def tokenizer_files(model_dir: str) -> dict[str, bytes]:
     return out
 
 
+def load_tokenizer(path: str):
+    """The tokenizer a directory's tokenizer files describe: the one loader of every mode and both sides.
+
+    The model's config is deliberately not consulted. transformers 5's AutoTokenizer picks a class by
+    config.json's model_type before the class tokenizer_config.json names (a Qwen2 directory gets
+    Qwen2Tokenizer, which rebuilds normalizer and pre-tokenizer, even when the files name the generic
+    TokenizersBackend), while split mode receives the tokenizer files without config.json. Loading every
+    directory as split mode sees it gives local, split and offsite runs, and the cloud, the same ids.
+    No remote code runs: in split mode these files come from the network.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    try:
+        return AutoTokenizer.from_pretrained(path, config=PretrainedConfig(), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {e}") from None
+
+
 def config_json(config) -> str:
     return config.to_json_string(use_diff=False)
 
