@@ -3,6 +3,10 @@
 
 def clip(value, limit: int = 80) -> str:
     """repr() of a client-sent value for an error message, cut to `limit` characters with an ellipsis."""
+    if isinstance(value, str):  # cut before repr(): a 100 MB name must not be copied whole
+        value = value[:limit]
+    elif isinstance(value, (list, tuple)):
+        value = [v[:limit] if isinstance(v, str) else v for v in value[:limit]]
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -108,10 +108,10 @@ class BackboneService:
         if optimizer is not None and not remote_lora:
             raise InvalidRequest("a cloud optimizer needs a remote LoRA (remote_lora=true): there is nothing else to optimize here")
         if model_id and model_id != self.loaded.model_id:
-            raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {model_id!r}")
+            raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {clip(model_id)}")
         for c in (codec, gradient_codec):
             if c not in CODECS:
-                raise InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
+                raise InvalidRequest(f"codec {clip(c)} is not supported; choose one of {list(CODECS)}")
         if not math.isfinite(lora.alpha) or abs(lora.alpha) > MAX_ALPHA:
             raise InvalidRequest(f"LoRA alpha must be a finite number of magnitude <= {MAX_ALPHA:g}, got {clip(lora.alpha)}")
         if lora.rank > self.limits.max_lora_rank:
@@ -206,6 +206,8 @@ class BackboneService:
             else:
                 s.lora = [t.clone().requires_grad_(True) for t in tensors]
             s.lora_version = version
+        elif not s.lora:
+            raise LoraMissing("the cloud holds no remote LoRA for this session yet; resend the adapter with this Forward")
         elif version != s.lora_version:
             raise LoraMissing(f"the cloud holds remote-LoRA version {s.lora_version}, not {version}; resend the adapter")
         return s.lora

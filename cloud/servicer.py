@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 
 import grpc
@@ -24,6 +25,7 @@ from .optimizer import AdamWSpec
 from .service import BackboneService
 
 log = logging.getLogger(__name__)
+_caller = threading.local()  # the identity `_who` resolved for the handler running on this thread
 
 _STATUS = {
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -34,6 +36,7 @@ _STATUS = {
     errors.LoraMissing: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OverQuota: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.SealFailure: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -47,22 +50,27 @@ def _guard(method):
         name = method.__name__
         t0 = time.perf_counter()
         code = grpc.StatusCode.OK
+        _caller.name = None
         try:
             resp = method(self, request, context)
-            self.metrics.bytes_out.labels(name).inc(resp.ByteSize())
+            nbytes = resp.ByteSize()
+            self.metrics.bytes_out.labels(name).inc(nbytes)
+            if _caller.name is not None:  # responses count against the byte quota too
+                self.identities.charge_reply(_caller.name, nbytes)
             return resp
         except errors.CloudError as e:
-            code = _STATUS.get(type(e), grpc.StatusCode.INTERNAL)
-            context.set_trailing_metadata((("tandem-reason", e.reason),))
-            context.abort(code, str(e))
+            code, reason, msg = _STATUS.get(type(e), grpc.StatusCode.INTERNAL), e.reason, str(e)
         except (serde.WireError, StageError, ValueError) as e:
-            code = grpc.StatusCode.INVALID_ARGUMENT
-            context.set_trailing_metadata((("tandem-reason", "invalid"),))
-            context.abort(code, str(e))
+            code, reason, msg = grpc.StatusCode.INVALID_ARGUMENT, "invalid", str(e)
         except MemoryError:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            context.set_trailing_metadata((("tandem-reason", "too-large"),))
-            context.abort(code, "the server ran out of memory for this request; retry with a smaller batch")
+            code, reason = grpc.StatusCode.RESOURCE_EXHAUSTED, "too-large"
+            msg = "the server ran out of memory for this request; retry with a smaller batch"
+        except Exception as e:  # noqa: BLE001 - a bug or an unforeseen input: INTERNAL, one log line, never UNKNOWN
+            if getattr(getattr(context, "_state", None), "aborted", False):
+                raise  # the handler aborted with its own status already
+            code, reason = grpc.StatusCode.INTERNAL, "internal"
+            msg = "the server failed on this request (logged); retry, and report it if it persists"
+            log.error("%s: internal error: %s: %s", name, type(e).__name__, _bounded(str(e), 200))
         finally:
             self.metrics.requests.labels(name, code.name).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
@@ -74,8 +82,22 @@ def _guard(method):
                 self.metrics.batch_passes.set(batcher.batches)
                 self.metrics.batch_requests.set(batcher.batched_requests)
                 self.metrics.batch_compute.set(batcher.compute_s)
+        # One line per refused request, never a traceback; malformed ones at INFO (an operator may want to see a fuzzer).
+        log.log(logging.INFO if reason in ("invalid", "seal") else logging.DEBUG, "%s refused: %s %s: %s", name,
+                code.name, reason, _bounded(msg, 160))
+        context.set_trailing_metadata((("tandem-reason", reason),))
+        context.abort(code, _bounded(msg, MAX_DETAILS))
 
     return wrapper
+
+
+MAX_DETAILS = 1024  # characters of an error's details: they travel in a header, and may quote the request
+
+
+def _bounded(text: str, limit: int) -> str:
+    """One line of at most `limit` characters (an ellipsis marks a cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class SplitTuningServicer(pb_grpc.SplitTuningServicer):
@@ -93,6 +115,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     def _who(self, request, context) -> str:
         name = self.identities.resolve(context)
         self.identities.charge(name, request.ByteSize())
+        _caller.name = name
         return name
 
     def _layout(self) -> pb.StageLayout:
@@ -132,7 +155,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         lcodec = request.lora_codec or "float32"
         for c in (codec, gcodec, lcodec):
             if c not in CODECS:
-                raise errors.InvalidRequest(f"codec {c!r} is not supported; choose one of {list(CODECS)}")
+                raise errors.InvalidRequest(f"codec {errors.clip(c)} is not supported; choose one of {list(CODECS)}")
         if self.require_sealing and not request.seal_public_key:
             raise errors.SealFailure("this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)")
         opt = None
@@ -170,15 +193,22 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
 
     def FetchClientStages(self, request, context):
         try:
-            self.service.store.get(request.session_id, self._who(request, context))
+            who = self._who(request, context)
+            self.service.store.get(request.session_id, who)
         except errors.CloudError as e:
             context.set_trailing_metadata((("tandem-reason", e.reason),))
             context.abort(_STATUS[type(e)], str(e))
         for name, blob in self.service.client_files.items():
             digest = self.service.client_file_sha[name]
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                yield pb.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
-                                   total_bytes=len(blob), sha256=digest if off == 0 else "")
+                chunk = pb.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
+                                     total_bytes=len(blob), sha256=digest if off == 0 else "")
+                try:
+                    self.identities.pace(who, chunk.ByteSize(), context)  # every streamed byte counts
+                except errors.CloudError as e:
+                    context.set_trailing_metadata((("tandem-reason", e.reason),))
+                    context.abort(_STATUS[type(e)], str(e))
+                yield chunk
 
     @_guard
     def Forward(self, request, context):

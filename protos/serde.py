@@ -43,6 +43,22 @@ def to_proto(t: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(shape=list(t.shape), dtype=_TO_WIRE[t.dtype], data=arr.tobytes())
 
 
+MAX_DIMS = 8  # a tensor's rank on the wire
+
+
+def _dims(msg: pb.Tensor, name: str) -> tuple[int, ...]:
+    """The declared shape, refused unless it is small and its element count can be held (even a zero-element
+    shape: [2**62, 2**62, 0] would overflow torch's size arithmetic)."""
+    if len(msg.shape) > MAX_DIMS:
+        raise WireError(f"{name}: {len(msg.shape)} dimensions, at most {MAX_DIMS} allowed")
+    dims = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in dims):
+        raise WireError(f"{name}: negative dimension in shape {list(dims)}")
+    if math.prod(d for d in dims if d) > MAX_MESSAGE_BYTES:
+        raise WireError(f"{name}: shape {list(dims)} is larger than any message can carry")
+    return dims
+
+
 def from_proto(
     msg: pb.Tensor,
     name: str = "tensor",
@@ -62,9 +78,7 @@ def from_proto(
     got = _FROM_WIRE[msg.dtype]
     if dtype is not None and got != dtype:
         raise WireError(f"{name}: expected dtype {dtype}, got {got}")
-    dims = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in dims):
-        raise WireError(f"{name}: negative dimension in shape {list(dims)}")
+    dims = _dims(msg, name)
     if shape is not None:
         if len(shape) != len(dims) or any(w is not None and w != d for w, d in zip(shape, dims)):
             want = ["*" if w is None else w for w in shape]
@@ -113,9 +127,7 @@ def decode(msg: pb.Tensor, name: str, codec: str = "float32", shape: tuple | Non
         raise WireError(f"{name}: this session negotiated codec {codec}, got {got}")
     if codec == "float32":
         return from_proto(msg, name, torch.float32, shape)
-    dims = tuple(int(d) for d in msg.shape)
-    if any(d < 0 for d in dims):
-        raise WireError(f"{name}: negative dimension in shape {list(dims)}")
+    dims = _dims(msg, name)
     if shape is not None and (len(shape) != len(dims) or any(w is not None and w != d for w, d in zip(shape, dims))):
         raise WireError(f"{name}: expected shape {['*' if w is None else w for w in shape]}, got {list(dims)}")
     n = math.prod(dims)

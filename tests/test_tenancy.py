@@ -209,3 +209,72 @@ def test_one_identity_holds_at_most_eight_sessions_by_default(tiny_models, serve
     stub.CloseSession(pb.CloseSessionRequest(session_id=sids[0]), timeout=30)
     _open(stub)
     ch.close()
+
+
+# 4. Every refusal is a bounded, reasoned status and one log line ----------------------------------------
+def test_hostile_messages_get_bounded_reasoned_errors(tiny_models, server_factory):
+    server = server_factory(tiny_models["llama"])
+    ch, stub = _raw(server)
+    info = _open(stub, remote_lora=True)
+    sid, inv = info.session_id, grpc.StatusCode.INVALID_ARGUMENT
+    h = torch.randn(2, 8, HIDDEN)
+    lora = lambda **kw: pb.OpenSessionRequest(lora=pb.LoraSpec(**{"rank": 4, "alpha": 8, **kw}), remote_lora=True)  # noqa: E731
+    cases = [
+        ("no LoRA sent yet, version -1", stub.Forward, _fwd(sid, h, lora_version=-1),
+         grpc.StatusCode.FAILED_PRECONDITION, "lora-missing", "no remote LoRA"),
+        ("zero-element shape with overflowing dims", stub.Forward,
+         pb.ForwardRequest(session_id=sid, hidden=pb.Tensor(shape=[2**62, 2**62, 0], dtype=pb.FLOAT32),
+                           attention_mask=serde.to_proto(torch.ones(2, 8, dtype=torch.uint8))),
+         inv, "invalid", "larger than any message"),
+        ("100 kB target module", stub.OpenSession, lora(target_modules=["q" * 100_000]), inv, "invalid", "do not exist"),
+        ("20 MB model id", stub.OpenSession, pb.OpenSessionRequest(model_id="m" * 20_000_000), inv, "invalid", "not 'mmm"),
+        ("100 kB codec", stub.OpenSession, pb.OpenSessionRequest(codec="c" * 100_000), inv, "invalid", "not supported"),
+        ("alpha NaN", stub.OpenSession, lora(alpha=float("nan")), inv, "invalid", "alpha"),
+        ("alpha Inf", stub.OpenSession, lora(alpha=float("inf")), inv, "invalid", "alpha"),
+        ("alpha 1e38", stub.OpenSession, lora(alpha=1e38), inv, "invalid", "alpha"),
+        ("dropout 1", stub.OpenSession, lora(dropout=1.0), inv, "invalid", "dropout"),
+        ("dropout -0.5", stub.OpenSession, lora(dropout=-0.5), inv, "invalid", "dropout"),
+        ("dropout NaN", stub.OpenSession, lora(dropout=float("nan")), inv, "invalid", "dropout"),
+        ("rank -3", stub.OpenSession, lora(rank=-3), inv, "invalid", "rank"),
+        ("1000 targets", stub.OpenSession, lora(target_modules=["q_proj"] * 1000), inv, "invalid", "--max-lora-targets"),
+    ]
+    lines = len(server.log().splitlines())
+    for label, call, req, code, reason, needle in cases:
+        got, why, details = _code_reason(call, req)
+        assert (got, why) == (code, reason), f"{label}: {got.name} {why!r}: {details[:300]}"
+        assert needle in details and len(details) <= 1024, f"{label}: {details[:300]}"
+    log = server.log()
+    assert "Traceback" not in log and len(log.splitlines()) - lines <= len(cases), log[-3000:]
+    assert max(len(line) for line in log.splitlines()) < 1000
+    ch.close()
+
+
+def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_models, caplog):
+    """In-process (the failure is forced): a handler bug gives INTERNAL, reason 'internal', one log line, no UNKNOWN."""
+    import logging
+
+    from tandem.client.transport import CHANNEL_OPTIONS
+    from tandem.cloud.server import build_server
+    from tandem.cloud.service import BackboneService
+    from tandem.stages.loading import load_model
+    from tandem.stages.modules import StageLayout
+
+    loaded = load_model(tiny_models["gpt2"])
+    service = BackboneService(loaded, StageLayout(6, 2, 2), serve_client_files=False)
+    server, port = build_server(service, "127.0.0.1:0", None)
+    ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
+    stub = pb_grpc.SplitTuningStub(ch)
+    sid = _open(stub).session_id
+
+    def broken(*a, **k):
+        raise KeyError("secret-looking internals " * 100)
+
+    service.forward = broken
+    caplog.set_level(logging.INFO, logger="tandem.cloud.servicer")
+    code, reason, details = _code_reason(stub.Forward, _fwd(sid, torch.randn(1, 4, HIDDEN)))
+    assert code == grpc.StatusCode.INTERNAL and reason == "internal", (code, details)
+    assert "secret-looking" not in details
+    mine = [r for r in caplog.records if r.name == "tandem.cloud.servicer"]
+    assert len(mine) == 1 and "KeyError" in mine[0].getMessage() and not mine[0].exc_info, [r.getMessage() for r in mine]
+    ch.close()
+    server.stop(0)
