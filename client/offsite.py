@@ -5,7 +5,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -23,6 +22,7 @@ from tandem.stages.loading import client_parts
 from tandem.stages.modules import BottomStage, TopStage
 
 from .data import load_split
+from .downloads import MAX_DOWNLOAD_BYTES, emulator_files, receive
 from .errors import ClientError
 from .staged import LocalMiddle, StagedModel, _check_tokenizer, _gen, _order, _split_names, connect_split
 from .transport import Meter, Transport, TransportConfig
@@ -114,45 +114,38 @@ class OffsiteTransport(Transport):
         self.stub = opb_grpc.OffsiteTuningStub(self.channel)
 
 
-def fetch_emulator(tcfg: TransportConfig, out: str) -> dict:
-    """Downloads the server's emulator package into `out` and verifies it; returns a summary with bytes."""
+def fetch_emulator(tcfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOAD_BYTES) -> dict:
+    """Downloads the server's emulator package into `out` and verifies it; returns a summary with bytes.
+
+    Only the files a package holds are accepted, each against its SHA-256 and within `max_bytes` in all;
+    `out` is replaced only when the whole package verifies (see tandem.client.downloads).
+    """
     t = OffsiteTransport(tcfg)
     t0 = time.perf_counter()
+    seen: dict = {}
+
+    def verify(staging: str, digests: dict[str, str]) -> None:
+        if MANIFEST not in digests:
+            raise ClientError("the server's package has no manifest; ask the operator to rebuild it")
+        try:
+            pkg = load_package(staging)  # every file against the manifest's SHA-256
+            listed = set(pkg.manifest["files"]) | {MANIFEST}
+            seen.update(model_id=str(pkg.manifest["model_id"]), kept=[int(i) for i in pkg.manifest["kept_middle_blocks"]])
+        except (PackageError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ClientError(f"the downloaded package does not verify: {e}") from None
+        if listed != set(digests):
+            raise ClientError(f"the server sent files {sorted(set(digests) - listed)} its manifest does not list; "
+                              "refusing the package")
+
     try:
-        files: dict[str, bytearray] = {}
-        digests: dict[str, str] = {}
-        for chunk in t.stream("FetchEmulator", opb.FetchEmulatorRequest(), kind="FetchEmulator"):
-            if os.path.basename(chunk.name) != chunk.name or not chunk.name:
-                raise ClientError(f"the server sent a file named {chunk.name!r}; refusing to write it")
-            buf = files.setdefault(chunk.name, bytearray())
-            if chunk.offset != len(buf):
-                raise ClientError(f"download of {chunk.name} arrived out of order; retry")
-            buf += chunk.data
-            if chunk.sha256:
-                digests[chunk.name] = chunk.sha256
+        digests = receive(t.stream("FetchEmulator", opb.FetchEmulatorRequest(), kind="FetchEmulator"), out,
+                          emulator_files(max_bytes), verify)
     finally:
         t.close()
-    for n, d in digests.items():
-        if sha256(bytes(files[n])) != d:
-            raise ClientError(f"download of {n} is corrupt (SHA-256 mismatch); retry")
-    if MANIFEST not in files:
-        raise ClientError("the server's package has no manifest; ask the operator to rebuild it")
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for n, b in files.items():
-        with open(os.path.join(tmp, n), "wb") as f:
-            f.write(b)
-    try:
-        pkg = load_package(tmp)  # every file against the manifest's SHA-256
-    except PackageError as e:
-        raise ClientError(f"the downloaded package does not verify: {e}") from None
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
     tot = t.meter.totals()["one_time"].get("FetchEmulator", {})
-    return {"package": out, "files": len(files), "bytes_sent": tot.get("sent", 0), "bytes_received": tot.get("received", 0),
+    return {"package": out, "files": len(digests), "bytes_sent": tot.get("sent", 0), "bytes_received": tot.get("received", 0),
             "framing_estimate_bytes": t.meter.framing, "wall_s": time.perf_counter() - t0,
-            "model_id": pkg.manifest["model_id"], "kept_middle_blocks": pkg.kept}
+            "model_id": seen["model_id"], "kept_middle_blocks": seen["kept"]}
 
 
 def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public: bool = False) -> dict:

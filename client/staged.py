@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -17,15 +15,14 @@ from tandem.protos import split_pb2 as pb
 from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
 from tandem.stages.lora import LoraConfig, LoRAAdapter, SlotSpec, bind, flatten, inject_slots
 from tandem.stages.loading import (
-    cache_root,
     client_parts,
     config_from_json,
     load_model,
-    sha256,
     unpack_state,
 )
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
 
+from .downloads import _write_atomic, fetch_client_files, load_tokenizer  # noqa: F401 (importable here)
 from .errors import ClientError, ServerError
 from .transport import Transport
 
@@ -350,58 +347,6 @@ def _check_tokenizer(tokenizer, config) -> None:
         )
 
 
-def fetch_client_files(t: Transport, session_id: str, want_sha: str) -> dict[str, bytes]:
-    """Downloads the client's stages and tokenizer (cached by the stages' SHA-256)."""
-    cache = os.path.join(cache_root(), "client", want_sha)
-    if os.path.exists(os.path.join(cache, "complete")):
-        files = {}
-        for n in os.listdir(cache):
-            if n != "complete":
-                with open(os.path.join(cache, n), "rb") as f:
-                    files[n] = f.read()
-        if sha256(files.get("client_stages.safetensors", b"")) == want_sha:
-            log.info("using cached client stages %s", want_sha[:12])
-            return files
-    files: dict[str, bytearray] = {}
-    digests: dict[str, str] = {}
-    for chunk in t.stream("FetchClientStages", pb.FetchClientStagesRequest(session_id=session_id), kind="FetchClientStages"):
-        buf = files.setdefault(chunk.name, bytearray())
-        if chunk.offset != len(buf):
-            raise ClientError(f"download of {chunk.name} arrived out of order; retry")
-        buf += chunk.data
-        if chunk.sha256:
-            digests[chunk.name] = chunk.sha256
-    out = {n: bytes(b) for n, b in files.items()}
-    for n, d in digests.items():
-        if sha256(out[n]) != d:
-            raise ClientError(f"download of {n} is corrupt (SHA-256 mismatch); retry")
-    if sha256(out.get("client_stages.safetensors", b"")) != want_sha:
-        raise ClientError("the client stages do not match the hash the server announced; retry")
-    os.makedirs(cache, exist_ok=True)
-    for n, b in out.items():
-        _write_atomic(os.path.join(cache, n), b)
-    _write_atomic(os.path.join(cache, "complete"), b"")
-    return out
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Writes via a private temporary file and a rename, so concurrent clients never read half a file."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _tokenizer_from_files(files: dict[str, bytes], where: str):
-    from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
-
-    os.makedirs(where, exist_ok=True)
-    for n, b in files.items():
-        if n != "client_stages.safetensors":
-            _write_atomic(os.path.join(where, n), b)
-    return load_tokenizer_dir(where)  # the loader of every mode: the same ids as local and offsite runs
-
-
 def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "",
                  cloud_optimizer: dict | None = None) -> Session:
     """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange.
@@ -422,9 +367,20 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
     info = t.call("OpenSession", req, one_time=True)
     if cloud_optimizer is not None and not info.cloud_optimizer:
         raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
-    sealer, sealing = _sealer(t, priv, req, info) if t.cfg.seal else (None, "off")
+    try:
+        sealer, sealing = _sealer(t, priv, req, info) if t.cfg.seal else (None, "off")
+    except ClientError:
+        _close_quietly(t, info.session_id)  # the server opened it: do not let it count against our quota until its TTL
+        raise
     return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info,
                    info.lora_codec or "float32", sealing)
+
+
+def _close_quietly(t: Transport, session_id: str) -> None:
+    try:
+        t.call("CloseSession", pb.CloseSessionRequest(session_id=session_id), retry=False)
+    except ClientError as e:
+        log.info("closing the refused session: %s", e)
 
 
 @functools.cache
@@ -464,10 +420,14 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
     info = first.info
     config = config_from_json(info.model_config_json)
     layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
-    files = fetch_client_files(t, info.session_id, info.client_stages_sha256)
+    try:
+        files = fetch_client_files(t, info.session_id, info.client_stages_sha256, info.client_stages_bytes)
+    except ClientError:
+        _close_quietly(t, info.session_id)  # a refused download must not hold one of the identity's sessions
+        raise
     state = unpack_state(files["client_stages.safetensors"])
     parts = client_parts(config, layout, state)
-    tokenizer = _tokenizer_from_files(files, os.path.join(cache_root(), "client", info.client_stages_sha256))
+    tokenizer = load_tokenizer(files)
     _check_tokenizer(tokenizer, config)
     targets = lora.target_modules or arch_for(config).lora_targets
     specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
