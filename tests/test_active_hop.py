@@ -69,6 +69,8 @@ def test_key_swap_is_refused_and_the_hop_reads_nothing(hop, resign, expected):
     t.close()
     assert mitm.plaintexts == []  # the client sent no tensor under the hop's keys
     assert not any(name in ("Forward", "Backward") for name, _ in hop.seen)
+    # It closed the session it refused (else a hostile hop could use up the identity's session quota).
+    assert [name for name, _ in hop.seen] == ["OpenSession", "CloseSession"]
 
 
 def test_the_same_mitm_reads_everything_when_the_client_skips_the_check(hop, sample_data):
