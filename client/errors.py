@@ -40,6 +40,8 @@ _HINTS = {
 _REASON_HINTS = {
     "no-adapter": "the server has no adapter of that name",
     "not-servable": "the server cannot serve this adapter",
+    "over-quota-burst": "the request is larger than this identity's byte quota lets through at once (retrying cannot help)",
+    "registry-quota": "this identity's share of the adapter registry is full",
 }
 
 

@@ -43,11 +43,19 @@ def framing_estimate(payload: int, tls: bool) -> int:
 
 
 def _transient(e: grpc.RpcError) -> bool:
-    """Worth retrying: unavailable, deadline, or a capacity limit that may clear (not a too-large request)."""
+    """Worth retrying: unavailable, deadline, or a capacity limit that may clear.
+
+    RESOURCE_EXHAUSTED is retried only with the reason "overloaded" (the server or the identity's byte quota is
+    busy now). Any other reason, e.g. "too-large", "over-quota-burst" (one request above the identity's quota
+    burst) or "registry-quota", or none at all (gRPC's own message-size limit), fails the same way every time.
+    """
     if e.code() not in RETRYABLE:
         return False
     if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        reasons = [v for k, v in (e.trailing_metadata() or ()) if k == "tandem-reason"]
+        try:
+            reasons = [v for k, v in (e.trailing_metadata() or ()) if k == "tandem-reason"]
+        except (AttributeError, TypeError):
+            return False
         return reasons == ["overloaded"]
     return True
 

@@ -24,12 +24,15 @@ from tandem.stages.errors import LayoutError
 from tandem.stages.lora import LoRASlot, block_of
 from tandem.stages.modules import StageLayout
 
+from .adapter_config import ConfigError, parse_config
 from .errors import CloudError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: `$` would let "name\n" through
+DEFAULT_QUOTA_BYTES = 2**30  # registry disk per identity
+DEFAULT_MAX_ADAPTERS = 64  # registered adapters per identity
 
 
 class AdapterRejected(CloudError):
@@ -42,6 +45,12 @@ class NameTaken(CloudError):
     """A different adapter is already registered under this name."""
 
     reason = "name-taken"
+
+
+class RegistryFull(CloudError):
+    """The pushing identity's share of the registry (bytes or adapters) would be exceeded."""
+
+    reason = "registry-quota"
 
 
 class NoEmulator(CloudError):
@@ -69,6 +78,14 @@ class Registered:
         return who is None or self.public or not self.owner or self.owner == who
 
 
+def _in_block(path: str) -> bool:
+    try:
+        block_of(path)
+    except LayoutError:
+        return False
+    return True
+
+
 def _adaptable(model: nn.Module) -> dict[str, tuple[int, int]]:
     """Module path (without LoRA-slot wrappers) -> (in, out) for every Linear / GPT-2 Conv1D of the model."""
     out = {}
@@ -93,10 +110,16 @@ class OffsiteService:
         layout: The served split layout (used for full-block adapters when there is no package).
         registry: Directory where registered adapters are kept, one sub-directory per name.
         emulator: Path of an emulator package to hand out, or None.
+        quota_bytes: Registry disk one identity may fill (files of its adapters); 0 = unlimited.
+        max_adapters: Adapters one identity may register; 0 = unlimited.
     """
 
     def __init__(self, model: nn.Module, model_id: str, layout: StageLayout, registry: str = DEFAULT_REGISTRY,
-                 emulator: str | None = None):
+                 emulator: str | None = None, quota_bytes: int = DEFAULT_QUOTA_BYTES,
+                 max_adapters: int = DEFAULT_MAX_ADAPTERS):
+        if quota_bytes < 0 or max_adapters < 0:
+            raise ValueError("registry quotas must be >= 0 (0 = unlimited)")
+        self.quota_bytes, self.max_adapters = quota_bytes, max_adapters
         self.model_id = model_id
         self.package: EmulatorPackage | None = None
         if emulator is not None:
@@ -111,10 +134,13 @@ class OffsiteService:
         if self.layout.num_layers != layout.num_layers:
             raise ValueError(f"--emulator is for {self.layout.num_layers} blocks, the model has {layout.num_layers}")
         self.modules = _adaptable(model)
+        self.leaves = {p.rsplit(".", 1)[-1] for p in self.modules if _in_block(p)}
+        self.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
         self.state_shapes = {re.sub(r"\.base_layer\.", ".", k): (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         self.registry = registry
         self._lock = threading.Lock()
         self.adapters: dict[str, Registered] = {}
+        self._sizes: dict[str, int] = {}  # name -> bytes of its files on disk
         self._load_registry()
 
     # Package ----------------------------------------------------------------------------------
@@ -133,11 +159,13 @@ class OffsiteService:
             return
         for name in sorted(os.listdir(self.registry)):
             meta = os.path.join(self.registry, name, "registration.json")
-            if os.path.isfile(meta):
+            if _NAME.fullmatch(name) and os.path.isfile(meta):  # skips unfinished pushes (.push-NAME)
                 with open(meta) as f:
                     reg = Registered(**json.load(f))
-                if reg.model_id == self.model_id:
+                if reg.model_id == self.model_id and reg.name == name:
                     self.adapters[reg.name] = reg
+                    self._sizes[name] = sum(os.path.getsize(os.path.join(self.registry, name, n)) for n in reg.files
+                                            if os.path.isfile(os.path.join(self.registry, name, n)))
                     if not reg.owner:
                         log.warning("adapter %s has no owner (registered before adapters had owners): every identity "
                                     "can use it; push it again to scope it to its data owner", reg.name)
@@ -168,12 +196,12 @@ class OffsiteService:
             owner: The pushing identity; only it may list and use the adapter unless `public`.
             public: Let every identity list it and generate with it.
         """
+        if name and not _NAME.fullmatch(name):
+            raise InvalidRequest(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         blobs = self._check_files(files)
         params, blocks = self.validate(blobs)
         digest = adapter_digest(blobs)
         name = name or f"adapter-{digest[:12]}"
-        if not _NAME.match(name):
-            raise InvalidRequest(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         with self._lock:
             old = self.adapters.get(name)
             if old is not None:
@@ -189,16 +217,32 @@ class OffsiteService:
                     log.info("adapter %s is now %s", name, "public" if public else "private to its owner")
                     return reg, True
                 raise NameTaken(f"you registered another adapter as {name!r} (digest {old.sha256[:12]}); push with another --name")
+            size = sum(len(b) for b in blobs.values())
+            self._check_quota(owner, size)
             reg = Registered(name, digest, params, blocks, self.model_id, sorted(blobs), time.time(), owner, public)
             self._write(reg, blobs)
             self.adapters[name] = reg
+            self._sizes[name] = size
         log.info("registered adapter %s (%s, %d params, blocks %s) for %s%s", name, digest[:12], params, blocks,
                  owner or "no identity", ", public" if public else "")
         return reg, False
 
+    def _check_quota(self, owner: str, size: int) -> None:
+        """Raises RegistryFull when one more adapter of `size` bytes would exceed `owner`'s share (lock held)."""
+        mine = [n for n, r in self.adapters.items() if r.owner == owner]
+        used = sum(self._sizes.get(n, 0) for n in mine)
+        who = f"identity {owner!r}" if owner else "this caller"
+        if self.max_adapters and len(mine) + 1 > self.max_adapters:
+            raise RegistryFull(f"{who} has {len(mine)} adapters registered, the most this server allows per identity "
+                               f"(--registry-max-adapters {self.max_adapters}); ask the operator to remove some or raise it")
+        if self.quota_bytes and used + size > self.quota_bytes:
+            raise RegistryFull(f"this adapter is {size / 2**20:.1f} MiB and {who}'s adapters already use "
+                               f"{used / 2**20:.1f} MiB of its {self.quota_bytes / 2**20:.0f} MiB registry quota "
+                               "(--registry-quota-mb); ask the operator to remove some or raise it")
+
     def _write(self, reg: Registered, blobs: dict[str, bytes]) -> None:
         final = os.path.join(self.registry, reg.name)
-        tmp = final + ".partial"
+        tmp = os.path.join(self.registry, f".push-{reg.name}")  # outside the name space: no adapter is called that
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         for n, b in blobs.items():
@@ -237,20 +281,14 @@ class OffsiteService:
             AdapterRejected: with a message naming the first problem found.
         """
         try:
-            cfg = json.loads(blobs[ADAPTER_CONFIG])
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise AdapterRejected(f"{ADAPTER_CONFIG} is not valid JSON ({e})") from None
-        if cfg.get("peft_type") != "LORA":
-            raise AdapterRejected(f"{ADAPTER_CONFIG}: peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
-        base = cfg.get("base_model_name_or_path")
-        if base != self.model_id:
-            raise AdapterRejected(f"the adapter was tuned for {base!r}, this server serves {self.model_id!r}; "
-                                  "tune against this model's emulator or server")
-        rank = cfg.get("r")
-        if not isinstance(rank, int) or rank < 1:
-            raise AdapterRejected(f"{ADAPTER_CONFIG}: r must be a positive integer, got {rank!r}")
+            lora = parse_config(blobs[ADAPTER_CONFIG], self.model_id, self.leaves, self.fan_in_fan_out, self.layout.num_layers)
+        except ConfigError as e:
+            raise AdapterRejected(f"{ADAPTER_CONFIG}: {e}") from None
+        rank = lora.rank
         tensors = self._load(ADAPTER_WEIGHTS, blobs[ADAPTER_WEIGHTS])
-        params, blocks = 0, set()
+        if not tensors:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS} holds no tensors; push the adapter/ directory of a `client tune` run")
+        params, blocks, halves = 0, set(), {}
         for key, t in tensors.items():
             m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
             if m is None:
@@ -269,9 +307,20 @@ class OffsiteService:
             except LayoutError:
                 raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which is outside the blocks; "
                                       "tandem adapters put LoRA only on layers inside the blocks (not lm_head or embeddings)") from None
+            # peft would skip a tensor its config does not target; serving would apply it: refuse the mismatch.
+            if path.rsplit(".", 1)[-1] not in lora.targets or (lora.layers is not None and block not in lora.layers):
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which {ADAPTER_CONFIG} does not "
+                                      "target (target_modules / layers_to_transform); the two files do not belong together")
+            if not t.is_floating_point():
+                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} is {t.dtype}; LoRA weights are floating point")
+            halves.setdefault(path, set()).add(ab)
             self._finite(key, t)
             params += t.numel()
             blocks.add(block)
+        unpaired = sorted(p for p, h in halves.items() if h != {"A", "B"})
+        if unpaired:
+            raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {unpaired[0]!r} has only lora_{min(halves[unpaired[0]])}; "
+                                  "every adapted layer needs both lora_A and lora_B")
         if CLIENT_BLOCKS in blobs:
             client = set(self.layout.client_blocks)
             for key, t in self._load(CLIENT_BLOCKS, blobs[CLIENT_BLOCKS]).items():

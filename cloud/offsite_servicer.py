@@ -10,10 +10,13 @@ from tandem.protos import split_pb2
 
 from . import errors
 from .identity import Identities
-from .offsite import AdapterRejected, NameTaken, NoEmulator, OffsiteService, Registered
+from .offsite import AdapterRejected, NameTaken, NoEmulator, OffsiteService, Registered, RegistryFull
 
 _STATUS = {
     AdapterRejected: grpc.StatusCode.INVALID_ARGUMENT,
+    RegistryFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OverQuota: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NoEmulator: grpc.StatusCode.FAILED_PRECONDITION,
@@ -33,25 +36,37 @@ def _reg(r: Registered) -> pb.RegisteredAdapter:
 
 class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
     """Thin gRPC shell over an OffsiteService. An adapter belongs to the identity that pushed it: others
-    neither list it nor generate with it, unless it was pushed as public."""
+    neither list it nor generate with it, unless it was pushed as public. Every call checks the caller's
+    identity and charges its bytes, both ways, to the identity's byte quota."""
 
     def __init__(self, service: OffsiteService, identities: Identities):
         self.service = service
         self.identities = identities
 
+    def _who(self, request, context) -> str:
+        who = self.identities.resolve(context)
+        self.identities.charge(who, request.ByteSize())
+        return who
+
     def FetchEmulator(self, request, context):
         try:
+            who = self._who(request, context)
             files = list(self.service.package_files())
         except errors.CloudError as e:
             _abort(context, e)
         for name, blob, digest in files:
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                yield split_pb2.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
-                                          total_bytes=len(blob), sha256=digest if off == 0 else "")
+                chunk = split_pb2.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
+                                            total_bytes=len(blob), sha256=digest if off == 0 else "")
+                try:
+                    self.identities.pace(who, chunk.ByteSize(), context)
+                except errors.CloudError as e:
+                    _abort(context, e)
+                yield chunk
 
     def PushAdapter(self, request, context):
         try:
-            who = self.identities.resolve(context)  # the adapter's owner (not charged: an upload is one-time)
+            who = self._who(request, context)  # the adapter's owner
             files = {}
             for f in request.files:
                 if f.name in files:
@@ -60,14 +75,18 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
             reg, again = self.service.push(request.name, files, owner=who, public=request.public)
         except errors.CloudError as e:
             _abort(context, e)
-        return pb.PushAdapterResponse(adapter=_reg(reg), already_registered=again)
+        resp = pb.PushAdapterResponse(adapter=_reg(reg), already_registered=again)
+        self.identities.charge_reply(who, resp.ByteSize())
+        return resp
 
     def ListAdapters(self, request, context):
         try:
-            who = self.identities.resolve(context)
+            who = self._who(request, context)
         except errors.CloudError as e:
             _abort(context, e)
-        return pb.ListAdaptersResponse(adapters=[_reg(r) for r in self.service.list(who)])
+        resp = pb.ListAdaptersResponse(adapters=[_reg(r) for r in self.service.list(who)])
+        self.identities.charge_reply(who, resp.ByteSize())
+        return resp
 
 
 def add_offsite(server: grpc.Server, service: OffsiteService, identities: Identities) -> None:

@@ -16,6 +16,7 @@ _STATUS = {
     ServingClosed: grpc.StatusCode.UNAVAILABLE,
     errors.InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OverQuota: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
@@ -43,10 +44,12 @@ class AdapterServingServicer(pb_grpc.AdapterServingServicer):
             context.set_trailing_metadata((("tandem-reason", "too-large"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this batch; "
                                                               "retry with fewer prompts or fewer --max-new-tokens")
-        return pb.GenerateResponse(
+        resp = pb.GenerateResponse(
             completions=[pb.Completion(text=c.text, token_ids=c.token_ids, prompt_tokens=c.prompt_tokens,
                                        finish_reason=c.finish_reason) for c in gen.completions],
             adapter=gen.adapter, batch_sequences=gen.batch_sequences)
+        self.identities.charge_reply(who, resp.ByteSize())  # responses count against the byte quota too
+        return resp
 
 
 def add_serving(server: grpc.Server, service: GenerationService, identities: Identities) -> None:

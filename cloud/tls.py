@@ -30,8 +30,16 @@ def _write_cert(path: str, cert: x509.Certificate) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 365) -> None:
-    """Creates a CA and a server certificate for `hosts` in tls_dir (keys are mode 0600)."""
+def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 365,
+            force: bool = False) -> None:
+    """Creates a CA and a server certificate for `hosts` in tls_dir (keys are mode 0600).
+
+    Raises:
+        FileExistsError: tls_dir already holds a CA and not `force` (a new CA breaks every issued bundle).
+    """
+    if not force and any(os.path.exists(os.path.join(tls_dir, f)) for f in (CA_CERT, CA_KEY)):
+        raise FileExistsError(f"{tls_dir} already holds a CA; replacing it breaks every identity bundle issued from it "
+                              "(pass --force to replace it anyway, then re-issue every identity)")
     os.makedirs(tls_dir, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -130,12 +138,14 @@ def ensure_server_tls(tls_dir: str) -> None:
 
     The 'local' identity (tls_dir/clients/local.pem) is what a data owner on the same machine uses by default.
     """
-    if not os.path.exists(os.path.join(tls_dir, SERVER_CERT)):
+    if not os.path.exists(os.path.join(tls_dir, CA_CERT)):
         init_ca(tls_dir)
+    elif not os.path.exists(os.path.join(tls_dir, SERVER_CERT)):  # keep the CA: it signed the issued bundles
+        issue(tls_dir, "tandem-server", hosts=("localhost", "127.0.0.1", "::1"), server=True)
     if not os.path.exists(os.path.join(tls_dir, SEALING_CERT)):  # a tls_dir made before authenticated sealing
         issue_sealing(tls_dir)
     if not os.path.exists(os.path.join(tls_dir, "clients", f"{LOCAL_IDENTITY}.pem")):
-        issue_bundle(tls_dir, LOCAL_IDENTITY)
+        issue_bundle(tls_dir, LOCAL_IDENTITY, replace=True)  # its bundle is gone: revoke the old certificate
 
 
 def server_credentials(tls_dir: str, mutual: bool = True):
@@ -153,13 +163,49 @@ def server_credentials(tls_dir: str, mutual: bool = True):
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
-def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.datetime | None = None) -> str:
-    """Issues a data owner's identity: one PEM file (key, certificate, CA) at tls_dir/clients/NAME.pem, mode 0600."""
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise ValueError(f"identity name {name!r}: use letters, digits, '-', '_' and '.'")
-    if name in ("server", "ca", "tandem-server"):
-        raise ValueError(f"identity name {name!r} is reserved")
+# Names the code or the CA directory give a meaning: the identity of callers without a certificate, and the
+# stems of files in the CA directory (issue() writes NAME.pem/NAME.key there before moving them).
+RESERVED_NAMES = frozenset({"anonymous", "server", "ca", "tandem-server", "tandem local ca", "revoked", "clients"})
+
+
+def check_identity_name(name: str) -> None:
+    """Raises ValueError unless `name` may name an identity (ASCII, 1-64 chars, not reserved in any case)."""
+    from .identity import NAME_RE
+
+    if not NAME_RE.fullmatch(name or ""):
+        raise ValueError(f"identity name {name!r}: use 1-64 ASCII letters, digits, '-', '_' and '.', starting with a letter or digit")
+    if name.lower() in RESERVED_NAMES or name.lower().startswith("tandem-"):
+        raise ValueError(f"identity name {name!r} is reserved; choose another")
+
+
+def issued_names(tls_dir: str) -> list[str]:
+    """The identities issued from tls_dir (those with a certificate at clients/NAME.cert.pem)."""
     clients = os.path.join(tls_dir, "clients")
+    if not os.path.isdir(clients):
+        return []
+    return sorted(f[: -len(".cert.pem")] for f in os.listdir(clients) if f.endswith(".cert.pem"))
+
+
+def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.datetime | None = None,
+                 replace: bool = False) -> str:
+    """Issues a data owner's identity: one PEM file (key, certificate, CA) at tls_dir/clients/NAME.pem, mode 0600.
+
+    Args:
+        replace: Issue a name that was issued before: its previous certificate is revoked first (its bundle
+            would otherwise stay valid with no record left to revoke it by).
+
+    Raises:
+        ValueError: a bad or reserved name, or one issued before (in any letter case) without `replace`.
+    """
+    check_identity_name(name)
+    clients = os.path.join(tls_dir, "clients")
+    same = [n for n in issued_names(tls_dir) if n.lower() == name.lower()]
+    if same and not replace:
+        raise ValueError(f"identity {same[0]!r} was issued before; pass --force to revoke its certificate and issue a new one")
+    for old in same:
+        revoke(tls_dir, old)
+        if old != name:
+            os.remove(os.path.join(clients, f"{old}.cert.pem"))
     os.makedirs(clients, exist_ok=True)
     cert_path, key_path = issue(tls_dir, name, days=days, not_before=not_before)
     bundle = os.path.join(clients, f"{name}.pem")
@@ -174,19 +220,22 @@ def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.dateti
 
 
 def revoke(tls_dir: str, name: str) -> str:
-    """Revokes every certificate issued to NAME (by name and serial); the server re-reads the list on change."""
+    """Revokes NAME's current certificate, by serial; the server re-reads the list on change.
+
+    Issuing NAME again (`cloud certs issue NAME --force`) gives a new certificate, with a new serial, that works.
+    """
     import json
 
-    from .identity import read_revoked, revoked_path
+    from .identity import NAME_RE, cert_serial, read_revoked, revoked_path
 
     cert_path = os.path.join(tls_dir, "clients", f"{name}.cert.pem")
-    if not os.path.exists(cert_path):
+    serial = cert_serial(cert_path) if NAME_RE.fullmatch(name or "") else None
+    if serial is None:
         raise FileNotFoundError(f"no identity {name!r} was issued from {tls_dir}")
-    with open(cert_path, "rb") as f:
-        serial = format(x509.load_pem_x509_certificate(f.read()).serial_number, "x")
     d = read_revoked(tls_dir)
     d["serials"] = sorted(set(d["serials"]) | {serial})
-    d["names"] = sorted(set(d["names"]) | {name})
+    if not d["names"]:
+        del d["names"]  # only files written by older versions have name entries (see identity.read_revoked)
     tmp = revoked_path(tls_dir) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(d, f, indent=2)

@@ -216,3 +216,154 @@ def test_sealing_certificate_has_its_own_purpose_and_is_checked(tmp_path):
     os.remove(os.path.join(d, "sealing.key"))
     ensure_server_tls(d)
     assert load_sealing(d) is not None and load_sealing(d)[1] != der
+
+
+# Identities: revocation by serial, re-issue, the CA, reserved names ------------------------------------------
+def _cloud(*args):
+    import subprocess
+
+    from conftest import BIN
+
+    return subprocess.run([os.path.join(BIN, "cloud"), *args], capture_output=True, text=True, check=False)
+
+
+def _refused_as_revoked(server, bundle) -> bool:
+    ch, stub = _stub(server, bundle)
+    try:
+        stub.GetInfo(pb.GetInfoRequest(), timeout=30)
+        return False
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details(), e.details()
+        return True
+    finally:
+        ch.close()
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _copy(path, tmp_path, name):
+    dst = tmp_path / name
+    dst.write_bytes(_read(path))
+    return str(dst)
+
+
+def test_revocation_is_by_certificate_and_a_name_can_be_issued_again(tiny_models, server_factory, tmp_path):
+    server = server_factory(tiny_models["gpt2"])
+    d = server.tls_dir
+    bob1 = _copy(issue_bundle(d, "bob"), tmp_path, "bob1.pem")
+    assert not _refused_as_revoked(server, bob1)
+    assert _cloud("certs", "revoke", "bob", "--dir", d).returncode == 0
+    assert _refused_as_revoked(server, bob1)
+    # Issuing a name again is explicit: without --force it is refused (its bundle would be overwritten).
+    r = _cloud("certs", "issue", "bob", "--dir", d)
+    assert r.returncode == 2 and "issued before" in r.stderr and "--force" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = _cloud("certs", "issue", "bob", "--dir", d, "--force")
+    assert r.returncode == 0, r.stderr
+    bob2 = _copy(os.path.join(d, "clients", "bob.pem"), tmp_path, "bob2.pem")
+    assert not _refused_as_revoked(server, bob2)  # the new certificate works, on the running server
+    assert _refused_as_revoked(server, bob1)  # the revoked one stays revoked
+    # Re-issuing a live name revokes the certificate it replaces: an overwritten bundle cannot linger.
+    assert _cloud("certs", "issue", "bob", "--dir", d, "--force").returncode == 0
+    assert _refused_as_revoked(server, bob2)
+    assert not _refused_as_revoked(server, os.path.join(d, "clients", "bob.pem"))
+    # Names differing only in letter case are one name.
+    assert issue_bundle(d, "carol") and _cloud("certs", "issue", "Carol", "--dir", d).returncode == 2
+
+
+def test_name_entries_of_older_revocation_files_still_refuse_old_certificates(tiny_models, server_factory, tmp_path):
+    """Older versions revoked by name and serial, and overwrote a re-issued name's certificate file."""
+    import json
+
+    from tandem.cloud.identity import cert_serial
+
+    server = server_factory(tiny_models["gpt2"])
+    d = server.tls_dir
+    lost = _copy(issue_bundle(d, "dave"), tmp_path, "lost.pem")  # issued, then overwritten (its serial forgotten)
+    os.remove(os.path.join(d, "clients", "dave.cert.pem"))
+    last = _copy(issue_bundle(d, "dave"), tmp_path, "last.pem")
+    with open(os.path.join(d, "revoked.json"), "w") as f:
+        json.dump({"serials": [cert_serial(os.path.join(d, "clients", "dave.cert.pem"))], "names": ["dave"]}, f)
+    assert _refused_as_revoked(server, lost) and _refused_as_revoked(server, last)
+    assert _cloud("certs", "issue", "dave", "--dir", d, "--force").returncode == 0
+    assert not _refused_as_revoked(server, os.path.join(d, "clients", "dave.pem"))
+    assert _refused_as_revoked(server, lost) and _refused_as_revoked(server, last)
+    assert json.loads(_read(os.path.join(d, "revoked.json")))["names"] == ["dave"]  # kept: it still guards `lost`
+
+
+def test_certs_init_keeps_an_existing_ca(tiny_models, server_factory, tmp_path):
+    server = server_factory(tiny_models["gpt2"])
+    d = server.tls_dir
+    ca = _read(server.ca)
+    r = _cloud("certs", "init", "--dir", d)
+    assert r.returncode == 2 and "already holds a CA" in r.stderr and "--force" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    assert _read(server.ca) == ca
+    t = Transport(server.tcfg(retries=0))  # issued bundles still connect
+    assert t.call("GetInfo", pb.GetInfoRequest()).model_id
+    t.close()
+    # A lost server certificate is re-made under the same CA on the next start, so issued bundles keep working.
+    server.stop()
+    os.remove(os.path.join(d, "server.pem"))
+    again = server_factory(tiny_models["gpt2"], tls_dir=d)
+    assert _read(again.ca) == ca
+    t = Transport(again.tcfg(retries=0))
+    assert t.call("GetInfo", pb.GetInfoRequest()).model_id
+    t.close()
+    r = _cloud("certs", "init", "--dir", d, "--force")
+    assert r.returncode == 0 and "re-issue" in r.stdout and _read(again.ca) != ca
+
+
+def test_reserved_and_malformed_identity_names_are_refused(tmp_path):
+    d = str(tmp_path / "tls")
+    assert _cloud("certs", "init", "--dir", d).returncode == 0
+    before = sorted(os.listdir(d))
+    for bad in ("anonymous", "Anonymous", "server", "CA", "tandem-server", "Tandem-Sealing", "bob\n", "b\u00f3b",
+                "../x", "x" * 65, ""):
+        r = _cloud("certs", "issue", bad, "--dir", d)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, (bad, r.stderr)
+        assert "reserved" in r.stderr or "identity name" in r.stderr, r.stderr
+    assert sorted(os.listdir(d)) == before  # nothing written
+    assert _cloud("certs", "issue", "local", "--dir", d).returncode == 0  # the default identity `cloud serve` issues
+
+
+# Byte quota: every byte, both ways; a request above the burst is refused once, not retried ------------------
+def _requests(port: int, method: str, code: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("tandem_requests_total{") and f'method="{method}"' in line and f'code="{code}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_request_larger_than_the_quota_burst_is_refused_not_retried(tiny_models, server_factory):
+    from conftest import free_port
+
+    mport = free_port()
+    server = server_factory(tiny_models["llama"], "--quota-mbps", "0.01", "--metrics-port", str(mport))  # burst 40 KiB
+    t = Transport(server.tcfg(retries=3, backoff_s=0.05))
+    req = pb.ForwardRequest(session_id="x" * 32, step=0, hidden=serde.to_proto(torch.randn(1, 400, 32)),  # 50 KiB
+                            attention_mask=serde.to_proto(torch.ones(1, 400, dtype=torch.uint8)), train=False)
+    with pytest.raises(ServerError) as ei:
+        t.call("Forward", req)
+    e = ei.value
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "over-quota-burst", str(e)
+    assert "0.05 MiB" in str(e) and "0.04 MiB" in str(e) and "smaller batch" in str(e) and "--quota-mbps" in str(e)
+    assert "retrying cannot help" in str(e)
+    assert _requests(mport, "Forward", "RESOURCE_EXHAUSTED") == 1  # one attempt reached the server
+    t.close()
+
+
+def test_responses_count_against_the_byte_quota(tiny_models, server_factory):
+    server = server_factory(tiny_models["llama"], "--quota-mbps", str(100 / 2**20))  # 100 B/s, burst 400 B
+    t = Transport(server.tcfg(retries=0))
+    info = t.call("GetInfo", pb.GetInfoRequest())  # an empty request; a reply of the model's config
+    assert info.ByteSize() > 1000
+    with pytest.raises(ServerError) as ei:  # the reply put the identity in debt: its next call waits
+        t.call("GetInfo", pb.GetInfoRequest())
+    assert ei.value.reason == "overloaded" and "over its quota" in str(ei.value)
+    wait = float(str(ei.value).split("retry in ")[1].split(" s")[0])
+    assert wait >= (info.ByteSize() - 400) / 100 * 0.8
+    t.close()
