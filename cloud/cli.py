@@ -93,7 +93,8 @@ def _serve(args) -> int:
         server, port = build_server(service, args.listen, tls_dir, workers=args.workers, mutual=not args.no_client_auth,
                                     quotas=QuotaConfig(bytes_per_s=args.quota_mbps * 2**20),
                                     require_sealing=args.require_sealing, metrics=metrics,
-                                    offsite=offsite, serving=serving)
+                                    offsite=offsite, serving=serving, max_downloads=args.max_downloads,
+                                    download_deadline_s=args.download_timeout)
     except (StageError, OSError, ValueError) as e:
         print(f"cloud serve: {e}", file=sys.stderr)
         return 2
@@ -210,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generate-max-new-tokens", type=int, default=256, help="Generate: cap on new tokens per prompt; default 256")
     s.add_argument("--generate-adapter-cache", type=int, default=16, help="Generate: adapters kept loaded in memory (least recently used dropped); default 16")
     s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; every waiting request holds one, so a batch can gather at most this many sessions; default 8")
+    s.add_argument("--max-downloads", type=int, default=4,
+                   help="client-stage downloads streamed at once (at most --workers minus 2, so health checks and "
+                        "training calls always find a worker); more are refused as overloaded; default 4")
+    s.add_argument("--download-timeout", type=float, default=600.0,
+                   help="seconds after which a download still streaming is cancelled (a reader that stopped reading); default 600")
     s.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
     s.set_defaults(func=_serve)
 

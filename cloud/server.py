@@ -18,6 +18,7 @@ from .offsite_servicer import add_offsite
 from .serving_servicer import add_serving
 from .service import BackboneService
 from .servicer import SplitTuningServicer
+from .streams import StreamSlots
 from .tls import load_sealing, server_credentials
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ SERVER_OPTIONS = [
 
 def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8, mutual: bool = True,
                  quotas: QuotaConfig | None = None, require_sealing: bool = False,
-                 metrics: Metrics | None = None, offsite=None, serving=None) -> tuple[grpc.Server, int]:
+                 metrics: Metrics | None = None, offsite=None, serving=None, max_downloads: int = 4,
+                 download_deadline_s: float = 600.0) -> tuple[grpc.Server, int]:
     """Creates and starts the server; returns it and the bound port.
 
     Args:
@@ -43,6 +45,8 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
         require_sealing: Refuse sessions that do not seal their tensors.
         offsite: OffsiteService (emulator download, adapter push), or None.
         serving: GenerationService (Generate with registered adapters), or None.
+        max_downloads: Client-stage download streams at once (at most workers - 2); more are refused as overloaded.
+        download_deadline_s: A download still running after this long is cancelled (a reader that stopped reading).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
     mutual = mutual and tls_dir is not None
@@ -50,7 +54,10 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     sealing = load_sealing(tls_dir) if tls_dir is not None else None  # signs sealing handshakes (protos/handshake.py)
     if tls_dir is not None and sealing is None:
         log.warning("no sealing certificate in %s: TLS clients will refuse to seal (`cloud serve` issues one)", tls_dir)
-    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing, sealing=sealing)
+    # Downloads may hold at most all workers but two: health checks and training calls always find one free.
+    streams = StreamSlots(max(1, min(max_downloads, workers - 2)), download_deadline_s)
+    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing, sealing=sealing,
+                                   streams=streams)
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
         add_offsite(server, offsite, identities)

@@ -23,6 +23,7 @@ from .identity import Identities
 from .metrics import Metrics
 from .optimizer import AdamWSpec
 from .service import BackboneService
+from .streams import StreamSlots
 
 log = logging.getLogger(__name__)
 _caller = threading.local()  # the identity `_who` resolved for the handler running on this thread
@@ -104,13 +105,14 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     """Thin gRPC shell over a BackboneService."""
 
     def __init__(self, service: BackboneService, identities: Identities | None = None, metrics: Metrics | None = None,
-                 require_sealing: bool = False, sealing=None):
+                 require_sealing: bool = False, sealing=None, streams: StreamSlots | None = None):
         """`sealing`: (ECDSA P-256 key, certificate DER) that signs sealing handshakes (cloud/tls.py load_sealing)."""
         self.service = service
         self.sealing = sealing
         self.identities = identities or Identities(None, mutual=False)
         self.metrics = metrics or Metrics()
         self.require_sealing = require_sealing
+        self.streams = streams or StreamSlots(4, 600.0)
 
     def _who(self, request, context) -> str:
         name = self.identities.resolve(context)
@@ -195,9 +197,16 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         try:
             who = self._who(request, context)
             self.service.store.get(request.session_id, who)
+            release = self.streams.take(context)  # bounded and timed: unread streams must not hold every worker
         except errors.CloudError as e:
             context.set_trailing_metadata((("tandem-reason", e.reason),))
             context.abort(_STATUS[type(e)], str(e))
+        try:
+            yield from self._client_stage_chunks(who, context)
+        finally:
+            release()
+
+    def _client_stage_chunks(self, who: str, context):
         for name, blob in self.service.client_files.items():
             digest = self.service.client_file_sha[name]
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):

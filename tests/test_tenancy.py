@@ -278,3 +278,57 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
     assert len(mine) == 1 and "KeyError" in mine[0].getMessage() and not mine[0].exc_info, [r.getMessage() for r in mine]
     ch.close()
     server.stop(0)
+
+
+# 5. Slow readers ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    """A Llama of hidden size 256: its client stages (~17 MB) cannot sit in a stalled reader's flow-control window."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tiny import make_tokenizer
+
+    out = str(tmp_path_factory.mktemp("wide"))
+    tok = make_tokenizer(out)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      vocab_size=len(tok) + 4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    return out
+
+
+def test_unread_downloads_do_not_freeze_the_server(wide_model, server_factory):
+    """Ten readers that never read (the server has 8 workers): four streams run, six are refused, health and
+    training calls still answer at once, and the stalled streams are cancelled at their deadline."""
+    server = server_factory(wide_model, "--download-timeout", "8")
+    chans = [_raw(server) for _ in range(10)]
+    ch0, stub0 = chans[0]
+    sid, other = _open(stub0).session_id, _open(stub0).session_id
+    req = pb.FetchClientStagesRequest(session_id=sid)
+    calls = [stub.FetchClientStages(req, timeout=120) for _, stub in chans]
+    t0 = time.monotonic()
+    deadline = time.monotonic() + 5
+    while sum(c.done() for c in calls) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refused = [c for c in calls if c.done()]
+    assert len(refused) == 6, f"{len(refused)} downloads refused; the server runs 4 at once"
+    for c in refused:
+        assert c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 4 downloads" in c.details()
+        assert dict(c.trailing_metadata())["tandem-reason"] == "overloaded"
+    t1 = time.monotonic()
+    assert _health(ch0) == health_pb2.HealthCheckResponse.SERVING
+    out = stub0.Forward(_fwd(other, torch.randn(1, 8, 256), train=False), timeout=30)
+    assert list(out.hidden.shape) == [1, 8, 256] and time.monotonic() - t1 < 20
+    # At their 8 s deadline the server cancels the stalled streams, freeing their slots and workers: a reader
+    # that reads then gets everything (before, it would have been refused like the six).
+    time.sleep(max(0.0, 9.5 - (time.monotonic() - t0)))
+    chunks = list(stub0.FetchClientStages(req, timeout=60))
+    sizes = {}
+    for ck in chunks:
+        sizes[ck.name] = sizes.get(ck.name, 0) + len(ck.data)
+        assert ck.total_bytes >= sizes[ck.name]
+    assert sizes["client_stages.safetensors"] > 8 * 2**20
+    for ch, _ in chans:
+        ch.close()
