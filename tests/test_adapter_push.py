@@ -286,3 +286,16 @@ def test_emulator_download_is_paced_by_the_byte_quota(emulator_pkg, tiny_models,
         got = sum(len(c.data) for c in stub.FetchEmulator(opb.FetchEmulatorRequest(), timeout=60))
         took = time.monotonic() - t0
         assert got >= size * 0.99 and took >= 1.8, took
+
+
+def test_generate_replies_count_against_the_byte_quota(tiny_models, server_factory, tmp_path):
+    server = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "reg"),
+                            "--quota-mbps", str(100 / 2**20))  # 100 B/s, burst 400 B
+    with _channel(server) as ch:
+        req = spb.GenerateRequest(prompts=["a b c", "d e f", "g h", "i j"], max_new_tokens=100)
+        assert req.ByteSize() < 400
+        resp = spb_grpc.AdapterServingStub(ch).Generate(req, timeout=120)
+        assert resp.ByteSize() > 400  # more than the whole burst: the identity is now in debt
+        with pytest.raises(grpc.RpcError) as ei:
+            opb_grpc.OffsiteTuningStub(ch).ListAdapters(opb.ListAdaptersRequest(), timeout=30)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "over its quota" in ei.value.details()
