@@ -65,7 +65,13 @@ def stage_files(announced_bytes: int) -> Allowed:
 
 def emulator_files(max_bytes: int = MAX_DOWNLOAD_BYTES) -> Allowed:
     """FetchEmulator: the files emulator/package.py writes, and nothing else."""
-    from tandem.emulator.package import CLIENT_FILE, CONFIG_FILE, EMULATOR_FILE, MANIFEST, SINK_FILE
+    from tandem.emulator.package import (
+        CLIENT_FILE,
+        CONFIG_FILE,
+        EMULATOR_FILE,
+        MANIFEST,
+        SINK_FILE,
+    )
 
     big = min(max_bytes, MAX_DOWNLOAD_BYTES)
     sizes = {CLIENT_FILE: big, EMULATOR_FILE: big, SINK_FILE: SMALL_FILE_BYTES, CONFIG_FILE: SMALL_FILE_BYTES,
@@ -185,7 +191,7 @@ def receive(chunks, target: str, allowed: Allowed, check=None) -> dict[str, str]
     On any error nothing is left: not in `target`, not beside it. The stream is closed either way.
     """
     parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, mode=0o700, exist_ok=True)
+    _makedirs_private(parent)
     staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)  # mode 0700
     rx = _Receiver(staging, allowed, shutil.disk_usage(parent).free)
     try:
@@ -208,6 +214,17 @@ def receive(chunks, target: str, allowed: Allowed, check=None) -> dict[str, str]
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return digests
+
+
+def _makedirs_private(path: str) -> None:
+    """Creates the missing directories of `path`, each mode 0700 (os.makedirs gives parents the umask's mode)."""
+    if os.path.isdir(path):
+        return
+    _makedirs_private(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _commit(staging: str, target: str) -> None:

@@ -7,8 +7,13 @@ import stat
 import time
 
 import pytest
-
-from tandem.client.downloads import CACHE_MANIFEST, MAX_DOWNLOAD_BYTES, TOKENIZER_ALLOWANCE
+from conftest import start_server
+from hostile import HostileProxy, chunk, whole_files
+from tandem.client.downloads import (
+    CACHE_MANIFEST,
+    MAX_DOWNLOAD_BYTES,
+    TOKENIZER_ALLOWANCE,
+)
 from tandem.client.errors import ClientError
 from tandem.client.offsite import fetch_emulator
 from tandem.client.staged import connect_split
@@ -17,9 +22,6 @@ from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import load_package
 from tandem.stages.lora import LoraConfig
-
-from conftest import start_server
-from hostile import HostileProxy, chunk, whole_files
 
 STAGES = "client_stages.safetensors"
 
@@ -207,8 +209,14 @@ def test_hostile_session_announcement_is_refused(cloud, box, field, value, error
 def test_honest_download_is_private_and_cached(cloud, box):
     _, proxy, _ = cloud
     proxy.rewrite = lambda cs: cs
-    sm = connect(cloud)
+    old = os.umask(0o022)  # a library caller's usual umask: the cache is private anyway
+    try:
+        sm = connect(cloud)
+    finally:
+        os.umask(old)
     assert proxy.yielded > 0
+    for d in (box / "a", box / "a" / "cache", box / "a" / "cache" / "client"):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
     cache = box / "a" / "cache" / "client" / sm.stages_sha256
     names = set(os.listdir(cache))
     assert names == {STAGES, "tokenizer.json", "tokenizer_config.json", CACHE_MANIFEST}
