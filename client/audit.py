@@ -190,12 +190,16 @@ def _known_state(ctx: dict, config, layout: StageLayout):
     from tandem.stages.loading import load_tokenizer
 
     if ctx["mode"] == "split":
-        where = os.path.join(cache_root(), "client", ctx["stages_sha256"])
-        path = os.path.join(where, "client_stages.safetensors")
-        if not ctx["stages_sha256"] or not os.path.exists(path):
-            raise ClientError(f"the client stages this run downloaded are not in the cache ({where}); rerun `client tune`")
-        with open(path, "rb") as f:
-            return unpack_state(f.read()), load_tokenizer(where)
+        from . import downloads
+
+        sha = ctx["stages_sha256"] or ""
+        where = os.path.join(cache_root(), "client", sha)
+        # The cache came from the network: read it only through the hash record its download wrote.
+        files = downloads.read_verified(where, {downloads.STAGES_FILE: sha}) if sha else None
+        if files is None:
+            raise ClientError(f"the client stages this run downloaded are not in the cache, or fail their hash check "
+                              f"({where}); rerun `client tune`")
+        return unpack_state(files[downloads.STAGES_FILE]), downloads.load_tokenizer(files)
     from tandem.stages.arch import parts_of
     from tandem.stages.loading import default_model_dir
 
