@@ -94,6 +94,12 @@ class TuneConfig:
             raise ValueError(f"audit must be auto, yes, no or record, got {self.audit!r}")
 
 
+# Cloud optimizer: sessions the cloud may lose in a row, each sending the run back to its last checkpoint, before
+# the run stops. Any number are survived while checkpoints keep being reached; this bounds a cloud that loses the
+# session at every attempt (e.g. one that crashes on the same step), which would otherwise redo steps forever.
+MAX_LOST_WITHOUT_PROGRESS = 5
+
+
 def surviving_restarts(sm: StagedModel, fn, attempts: int = 3):
     """Runs fn(); when the cloud lost the session (it restarted), reopens it and runs fn() again.
 
@@ -224,7 +230,8 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                               "steps": steps, "client_blocks": [p.detach() for p in trainable[n_adapter:]],
                               "remote_optimizer": ckpt.get("remote_optimizer") if ckpt else None}) \
             if cfg.cloud_optimizer else None
-        rollbacks = 0
+        lost = 0  # sessions lost since the last checkpoint (progress resets it)
+        restart = False  # a rollback is pending: the new session must get the checkpoint's remote state
 
         bar = tqdm(total=total_steps, initial=start, desc=f"tune ({cfg.mode})", unit="step", disable=not cfg.progress)
         sent = sum(s["bytes_sent"] for s in steps)
@@ -242,15 +249,23 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
 
             checkpoint = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps
             try:
+                if restart:  # inside the try: the cloud may go away again while the new session gets its state
+                    sm.middle.restart(last["remote_optimizer"])
+                    restart = False
                 loss, n_tok = surviving_restarts(sm, one_step)
                 opt.step()
                 wall = time.perf_counter() - t0
                 # Cloud optimizer: the remote LoRA and its state come down for the checkpoint (this step's traffic).
                 remote_state = sm.middle.fetch_state(step) if checkpoint and cfg.cloud_optimizer else None
             except SessionLost as e:
-                if not cfg.cloud_optimizer or rollbacks >= 3:
+                if not cfg.cloud_optimizer:
                     raise
-                rollbacks += 1  # the cloud lost the remote LoRA's updates since the last checkpoint: redo them
+                lost += 1  # the cloud lost the remote LoRA's updates since the last checkpoint: redo them
+                if lost > MAX_LOST_WITHOUT_PROGRESS:  # a cloud that never lets the run reach a checkpoint: stop
+                    raise SessionLost(
+                        f"{e}; the cloud lost {lost} sessions in a row before the run reached a new checkpoint, giving "
+                        f"up at step {last['step']}. Rerun with --resume when the server is stable, or lower "
+                        "--checkpoint-every") from None
                 log.warning("%s; going back to step %d (the last checkpoint) and redoing the steps since", e, last["step"])
                 sm.adapter.load_state_dict(last["adapter"])
                 with torch.no_grad():
@@ -259,7 +274,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                 opt.load_state_dict(copy.deepcopy(last["optimizer"]))
                 steps, step = copy.deepcopy(last["steps"]), last["step"]
                 meter.take_step()  # the lost steps' traffic stays in the totals, not in the step records
-                sm.middle.restart(last["remote_optimizer"])
+                restart = True
                 sent = sum(s["bytes_sent"] for s in steps)
                 recv = sum(s["bytes_received"] for s in steps)
                 bar.n = step
@@ -281,7 +296,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                            "step": step + 1, "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg),
                            "remote_optimizer": remote_state, "settings": settings, "stages": stages}
                 if cfg.cloud_optimizer:
-                    last = copy.deepcopy(payload)
+                    last, lost = copy.deepcopy(payload), 0  # progress: a new point to go back to
                 save_checkpoint(cfg.out, payload)
                 rundir.make_private(_ckpt_path(cfg.out))
             step += 1

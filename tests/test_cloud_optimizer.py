@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -184,3 +185,95 @@ def test_an_operator_can_refuse_cloud_optimizer_sessions(tiny_models, sample_dat
         _run(server, sample_data, tmp_path / "cloud", steps=2)
     report = _run(server, sample_data, tmp_path / "own", steps=2, cloud=False)  # the client's own optimizer still tunes
     assert len(report["steps"]) == 2
+
+
+# Ten crashes, each placed on one RPC of the run: (method, its n-th call counting redone ones, when). "before": the
+# server dies just before the call reaches it; "after": it handled the call and died before the reply arrived, so
+# the client's retry meets a new server (a Backward's update, a checkpoint's fetch or a recovery's put is lost).
+# The first 18 Forwards evaluate; the run is deterministic, so each crash lands on the same step every time.
+KILLS = [("Forward", 22, "before"),        # step 3, right after the checkpoint: a new session, the same state
+         ("Backward", 6, "after"),         # the cloud's update of step 5 lost: back to step 3
+         ("PutRemoteState", 2, "before"),  # the recovery itself loses its new session...
+         ("PutRemoteState", 3, "after"),   # ...twice: three lost sessions in a row, still no manual step
+         ("GetRemoteState", 4, "after"),   # the checkpoint at 12 lost with its fetch: back to 9
+         ("Backward", 16, "before"),       # step 9 again, before the cloud applied it: a new session suffices
+         ("Backward", 21, "after"),        # step 13: back to 12
+         ("Forward", 45, "after"),         # step 16: back to 15
+         ("GetRemoteState", 8, "before"),  # the checkpoint at 21 lost: back to 18
+         ("Forward", 65, "after")]         # the evaluation after tuning: a new session with the final state
+
+
+def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(tiny_models, sample_data, tmp_path, monkeypatch,
+                                                                        caplog):
+    """`client tune --cloud-optimizer` survives any number of lost sessions while it keeps reaching checkpoints:
+    ten SIGKILLed servers (some during the recovery from the previous one) give the undisturbed run's losses
+    and adapter, in one process."""
+    from tandem.client.transport import Transport, TransportConfig
+    from warm_servers import WarmServers
+
+    port = free_port()
+    argv = ["--model", tiny_models["llama"], "--listen", f"127.0.0.1:{port}", "--threads", "1",
+            "--tls-dir", str(tmp_path / "tls"), "--adapter-registry", str(tmp_path / "registry")]
+    servers = WarmServers(tmp_path)  # a restart costs the tiny model's load, not the imports
+    try:
+        pid, addr = servers.start(argv)
+        tls = tmp_path / "tls"
+        server = SimpleNamespace(tcfg=lambda: TransportConfig(server=addr, ca=str(tls / "ca.pem"), backoff_s=0.05,
+                                                              identity=str(tls / "clients" / "local.pem")))
+        ref = _run(server, sample_data, tmp_path / "ref", steps=24)
+
+        real, seen, fired = Transport.call, {}, []
+
+        def crash():
+            nonlocal pid
+            servers.kill(pid)
+            pid, _ = servers.start(argv)
+
+        def call(self, method, *args, **kw):
+            seen[method] = seen.get(method, 0) + 1
+            when = next((w for m, n, w in KILLS if m == method and n == seen[method]), None)
+            if when == "before":
+                crash()
+            elif when == "after":
+                real(self, method, *args, **kw)
+                crash()
+            if when:
+                fired.append((method, seen[method], when))
+            return real(self, method, *args, **kw)
+
+        monkeypatch.setattr(Transport, "call", call)
+        with caplog.at_level("WARNING"):
+            got = _run(server, sample_data, tmp_path / "cut", steps=24)
+    finally:
+        servers.close()
+    assert sorted(fired) == sorted(KILLS), "every planned crash must land in the run"
+    assert caplog.text.count("going back to step") >= 6 and "opening a new one" in caplog.text
+    assert [s["step"] for s in got["steps"]] == list(range(24))
+    assert [s["loss"] for s in got["steps"]] == [s["loss"] for s in ref["steps"]]
+    assert got["validation"]["after"]["loss"] == ref["validation"]["after"]["loss"]
+    wa, wb = _adapter(tmp_path / "ref"), _adapter(tmp_path / "cut")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_cloud_that_loses_every_attempt_stops_the_run_with_one_clear_error(tiny_models, sample_data, server_factory,
+                                                                             tmp_path, monkeypatch):
+    """Without progress the recovery is bounded: a session lost at the same step every time ends the run after
+    MAX_LOST_WITHOUT_PROGRESS + 1 losses, naming the step and the way on, instead of redoing steps forever."""
+    from tandem.client.staged import RemoteMiddle, SessionLost
+    from tandem.client.trainer import MAX_LOST_WITHOUT_PROGRESS
+
+    server = server_factory(tiny_models["llama"])
+    real, closed = RemoteMiddle.backward_rpc, []
+
+    def backward_rpc(self, step, *args):
+        if step == 4:  # a cloud that crashes on this step, every time
+            closed.append(step)
+            self.close()
+        return real(self, step, *args)
+
+    monkeypatch.setattr(RemoteMiddle, "backward_rpc", backward_rpc)
+    with pytest.raises(SessionLost, match=r"lost 6 sessions in a row .* giving up at step 3\. Rerun with --resume"):
+        _run(server, sample_data, tmp_path / "cut")
+    assert len(closed) == MAX_LOST_WITHOUT_PROGRESS + 1 == 6
+    # The checkpoint at step 3 is intact: --resume continues from it.
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
