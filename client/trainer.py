@@ -90,6 +90,8 @@ class TuneConfig:
             raise ValueError(f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}")
         if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
             raise ValueError("--cloud-optimizer applies to --mode split with a remote LoRA (not with --no-middle-lora)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
         if self.audit not in ("auto", "yes", "no", "record"):
             raise ValueError(f"audit must be auto, yes, no or record, got {self.audit!r}")
 

@@ -75,6 +75,7 @@ def _tune_cases(data, out, a_file):
         "--out": ["--out", os.path.join(a_file, "sub")],
         "--emulator": ["--mode", "offsite"],
         "--cloud-optimizer": ["--cloud-optimizer", "--no-middle-lora"],
+        "--overwrite": ["--resume", "--overwrite"],
     }
 
 
