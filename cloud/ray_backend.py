@@ -112,12 +112,14 @@ class RayBackbone(BackboneService):
         batch_d = None if batching is None else {"window_ms": batching.window_ms, "max_tokens": batching.max_tokens,
                                                  "backward_wait_ms": batching.backward_wait_ms}
         lay = (layout.num_layers, layout.bottom, layout.top)
-        store_d = {"max_sessions": store.max_sessions, "memory_bytes": store.memory_bytes, "ttl_s": store.ttl_s}
+        store_d = {"max_sessions": store.max_sessions, "memory_bytes": store.memory_bytes, "ttl_s": store.ttl_s,
+                   "max_sessions_per_identity": 0}  # the front door enforces it; a shard's lingering copies must not
         self.replicas = [
             [actor.options(name=f"tandem-replica{r}-shard{i}", get_if_exists=False,
                            **({"resources": shard_resources[i]} if shard_resources else {})).remote(
                 loaded.path if loaded.model_id != "SmolLM2-135M-Instruct" else None, lay, blocks, store_d,
-                {"max_tokens_per_step": limits.max_tokens_per_step, "cloud_optimizer": limits.cloud_optimizer}, threads, batch_d)
+                {"max_tokens_per_step": limits.max_tokens_per_step, "cloud_optimizer": limits.cloud_optimizer,
+                 "max_lora_rank": limits.max_lora_rank, "max_lora_targets": limits.max_lora_targets}, threads, batch_d)
              for i, blocks in enumerate(self.ranges)]
             for r in range(replicas)
         ]
