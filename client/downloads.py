@@ -100,8 +100,8 @@ def check_no_remote_code(name: str, data: bytes) -> None:
         return
     try:
         doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClientError(f"the server's {name} is not JSON ({e.__class__.__name__}); refusing it") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, nested too deep, a 5000-digit integer
+        raise ClientError(f"the server's {name} is not JSON we accept ({e.__class__.__name__}); refusing it") from None
     if not isinstance(doc, dict):
         raise ClientError(f"the server's {name} is not a JSON object; refusing it")
     for key, value in doc.items():
@@ -281,16 +281,26 @@ def read_verified(directory: str, required: dict[str, str] | None = None) -> dic
     return files
 
 
-def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES) -> dict[str, bytes]:
+def _named_by_handshake(digests: dict[str, str], want_files: str) -> bool:
+    """Whether these files are the ones OpenSession named (want_files; empty from a server that names none)."""
+    from tandem.protos.handshake import files_digest
+
+    return not want_files or files_digest(digests) == want_files
+
+
+def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES,
+                       want_files: str = "") -> dict[str, bytes]:
     """Downloads the client's stages and tokenizer, or takes them from the cache (keyed by the stages' SHA-256).
 
-    want_sha and want_bytes are what OpenSession announced: the stages must hash to the one and fit the other.
+    want_sha, want_bytes and want_files are what OpenSession announced (signed when sealing is authenticated):
+    the stages must hash to the first and fit the second, and every file (the tokenizer too) must be one the
+    third names, downloaded or cached (a cache entry left by another server with the same stages is not).
     """
     if not SHA256_HEX.fullmatch(want_sha or ""):
         raise ClientError(f"the server announced the client stages' SHA-256 as {want_sha[:70]!r}; not a SHA-256")
     cache = os.path.join(cache_root(), "client", want_sha)
     files = read_verified(cache, {STAGES_FILE: want_sha})
-    if files is not None:
+    if files is not None and _named_by_handshake({n: hashlib.sha256(b).hexdigest() for n, b in files.items()}, want_files):
         return files
     allowed = stage_files(want_bytes)
 
@@ -299,6 +309,9 @@ def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes:
             raise ClientError("the client stages do not match the hash the server announced; retry")
         if not {"tokenizer.json", "vocab.json"} & set(digests):
             raise ClientError("the server sent no tokenizer (tokenizer.json or vocab.json) with the client stages")
+        if not _named_by_handshake(digests, want_files):
+            raise ClientError("the downloaded tokenizer or stages are not the files the server's signed handshake names "
+                              "(a proxy on the path may have substituted them); refusing them")
 
     stream = t.stream("FetchClientStages", pb.FetchClientStagesRequest(session_id=session_id), kind="FetchClientStages")
     receive(stream, cache, allowed, matches)

@@ -13,6 +13,7 @@ from torch import nn
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
+from tandem.stages.errors import StageError
 from tandem.stages.lora import LoraConfig, LoRAAdapter, SlotSpec, bind, flatten, inject_slots
 from tandem.stages.loading import (
     client_parts,
@@ -418,10 +419,15 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
     """Opens a session, fetches the client's stages and builds the split model (see open_session)."""
     first = open_session(t, lora, remote_lora, model_id, cloud_optimizer)
     info = first.info
-    config = config_from_json(info.model_config_json)
+    try:
+        config = config_from_json(info.model_config_json)
+    except StageError as e:
+        _close_quietly(t, info.session_id)
+        raise ClientError(f"the server's model configuration is not usable: {e}") from None
     layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
     try:
-        files = fetch_client_files(t, info.session_id, info.client_stages_sha256, info.client_stages_bytes)
+        files = fetch_client_files(t, info.session_id, info.client_stages_sha256, info.client_stages_bytes,
+                                   info.client_files_sha256)
     except ClientError:
         _close_quietly(t, info.session_id)  # a refused download must not hold one of the identity's sessions
         raise

@@ -13,7 +13,7 @@ from tandem.kernels.codecs import CODECS, DEFAULT_BLOCK
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
-from tandem.protos.handshake import sign, transcript_hash
+from tandem.protos.handshake import files_digest, sign, transcript_hash
 from tandem.protos.sealing import SealError, Sealer, new_keypair
 from tandem.stages.errors import StageError
 from tandem.stages.lora import LoraConfig
@@ -173,6 +173,7 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
             client_stages_sha256=self.service.client_sha, client_stages_bytes=len(self.service.client_blob),
             ttl_s=self.service.store.cfg.ttl_s, codec=codec, gradient_codec=gcodec, block_size=DEFAULT_BLOCK,
             lora_codec=lcodec, cloud_optimizer=opt is not None,
+            client_files_sha256=files_digest(self.service.client_file_sha),  # signed: the tokenizer too
         )
         if request.seal_public_key:
             try:

@@ -39,6 +39,14 @@ def transcript_hash(session_id: str, client_public: bytes, server_public: bytes,
     return h.digest()
 
 
+def files_digest(digests: dict[str, str]) -> str:
+    """SHA-256 over the sorted (name, SHA-256) pairs of the client's files (OpenSessionResponse.client_files_sha256)."""
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(f"{name}\0{digests[name]}\n".encode())
+    return h.hexdigest()
+
+
 def sign(key: ec.EllipticCurvePrivateKey, transcript: bytes) -> bytes:
     """ECDSA P-256/SHA-256 signature of a transcript hash."""
     return key.sign(transcript, ec.ECDSA(hashes.SHA256()))

@@ -224,10 +224,15 @@ def config_json(config) -> str:
 
 
 def config_from_json(text: str):
+    """A transformers config from its JSON (which may come from the network: any failure is a ModelLoadError)."""
     from transformers import AutoConfig
 
-    d = json.loads(text)
-    return AutoConfig.for_model(d.pop("model_type"), **d)
+    try:
+        d = json.loads(text)
+        return AutoConfig.for_model(d.pop("model_type"), **d)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # deep nesting, 5000-digit ints
+        raise ModelLoadError(f"a model configuration that does not load ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:160]})") from None
 
 
 def n_params(state: dict[str, torch.Tensor]) -> int:

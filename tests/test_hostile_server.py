@@ -162,6 +162,8 @@ STAGE_CASES = [
     ("many-files", lambda cs: [*cs, *[chunk(f"f{i}.json", b"{}") for i in range(100)]], "never contain"),
     ("other-stages", _replace(STAGES, b"not the announced stages"), "do not match the hash the server announced"),
     ("no-tokenizer", lambda cs: [c for c in cs if c.name == STAGES], "no tokenizer"),
+    ("deep-json", _replace("tokenizer_config.json", b"[" * 100_000), "not JSON"),
+    ("huge-int-json", _replace("tokenizer_config.json", b'{"model_max_length": ' + b"9" * 5000 + b"}"), "not JSON"),
 ]
 
 
@@ -198,6 +200,10 @@ def test_endless_stream_is_cut_off_at_the_declared_size(cloud, box):
     ("client_stages_sha256", "../../../../escape", "not a SHA-256"),
     ("client_stages_bytes", 2**50, "announced client stages of"),
     ("client_stages_bytes", 0, "announced client stages of"),
+    ("model_config_json", "[" * 100_000, "model configuration"),
+    ("model_config_json", '{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}", "model configuration"),
+    ("model_config_json", "[1]", "model configuration"),
+    ("model_config_json", '{"model_type": "no-such-model"}', "model configuration"),
 ])
 def test_hostile_session_announcement_is_refused(cloud, box, field, value, error):
     cloud[1].on_open = lambda resp: setattr(resp, field, value)

@@ -1,0 +1,92 @@
+"""The files a split session downloads (stages and tokenizer) are the ones the signed handshake names.
+
+A TLS-terminating hop holds the server's TLS key, so it can rewrite the FetchClientStages stream;
+only the stages' hash used to be signed (OpenSession), so it could hand the client a tokenizer of
+its own (its choice of token ids for every text), and that tokenizer stayed in the cache for later
+direct runs. The handshake now signs a digest of every file's name and SHA-256.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from conftest import start_server
+from hostile import HostileProxy, chunk, whole_files
+from tandem.client.downloads import CACHE_MANIFEST
+from tandem.client.errors import ClientError
+from tandem.client.staged import connect_split
+from tandem.client.transport import Transport, TransportConfig
+from tandem.stages.lora import LoraConfig
+
+
+@pytest.fixture(scope="module")
+def cloud(tiny_models, tmp_path_factory):
+    server = start_server(tiny_models["llama"], tmp_path_factory.mktemp("signed-downloads"))
+    hop = HostileProxy(server)  # the server's TLS key and a client identity: a load balancer
+    yield server, hop
+    hop.close()
+    server.stop()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "client"
+
+
+def _swapped_vocab(data: bytes) -> bytes:
+    """The same tokenizer with the ids of 'a' and 'e' exchanged: it loads, and means other text."""
+    doc = json.loads(data)
+    vocab = doc["model"]["vocab"]
+    vocab["a"], vocab["e"] = vocab["e"], vocab["a"]
+    return json.dumps(doc).encode()
+
+
+def _swap_tokenizer(cs):
+    files = whole_files(cs)
+    files["tokenizer.json"] = _swapped_vocab(files["tokenizer.json"])
+    return [chunk(n, b) for n, b in files.items()]
+
+
+def _connect(addr: str, server, **kw):
+    t = Transport(TransportConfig(server=addr, ca=server.ca, identity=server.identity, retries=0, **kw))
+    try:
+        sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
+        sm.close()
+        return sm
+    finally:
+        t.close()
+
+
+def test_a_hop_cannot_substitute_the_tokenizer(cloud, cache):
+    server, hop = cloud
+    honest = _connect(server.addr, server).tokenizer.convert_tokens_to_ids("a")
+    for d in os.listdir(cache):  # download again, through the hop
+        os.rename(cache / d, cache.parent / f"away-{d}")
+    hop.rewrite = _swap_tokenizer
+    try:
+        with pytest.raises(ClientError, match="files the server's signed handshake names") as ei:
+            _connect(hop.addr, server)
+    finally:
+        hop.rewrite = None
+    assert "\n" not in str(ei.value)
+    assert os.listdir(cache) == [], "the substituted tokenizer was not cached"
+    assert _connect(hop.addr, server).tokenizer.convert_tokens_to_ids("a") == honest
+
+
+def test_a_cached_tokenizer_from_another_server_is_not_used(cloud, cache):
+    """A cache entry is keyed by the stages' hash; a tokenizer recorded beside them must be the signed one too."""
+    server, _ = cloud
+    sm = _connect(server.addr, server)
+    honest = sm.tokenizer.convert_tokens_to_ids("a")
+    d = cache / sm.stages_sha256
+    # What a hostile cloud serving the same (public) stages with its own tokenizer leaves behind: a consistent record.
+    swapped = _swapped_vocab((d / "tokenizer.json").read_bytes())
+    (d / "tokenizer.json").write_bytes(swapped)
+    record = json.loads((d / CACHE_MANIFEST).read_text())
+    record["tokenizer.json"] = __import__("hashlib").sha256(swapped).hexdigest()
+    (d / CACHE_MANIFEST).write_text(json.dumps(record))
+    again = _connect(server.addr, server)
+    assert again.tokenizer.convert_tokens_to_ids("a") == honest
+    assert (d / "tokenizer.json").read_bytes() != swapped, "downloaded again over the foreign entry"
