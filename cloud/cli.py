@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--generate-adapter-cache", type=int, default=16, help="Generate: adapters kept loaded in memory (least recently used dropped); default 16")
     s.add_argument("--workers", type=int, default=8, help="gRPC worker threads; every waiting request holds one, so a batch can gather at most this many sessions; default 8")
     s.add_argument("--max-downloads", type=int, default=4,
-                   help="client-stage downloads streamed at once (at most --workers minus 2, so health checks and "
+                   help="downloads (client stages, emulator) streamed at once (at most --workers minus 2, so health checks and "
                         "training calls always find a worker); more are refused as overloaded; default 4")
     s.add_argument("--download-timeout", type=float, default=600.0,
                    help="seconds after which a download still streaming is cancelled (a reader that stopped reading); default 600")

@@ -11,6 +11,7 @@ from tandem.protos import split_pb2
 from . import errors
 from .identity import Identities
 from .offsite import AdapterRejected, NameTaken, NoEmulator, OffsiteService, Registered, RegistryFull
+from .streams import StreamSlots
 
 _STATUS = {
     AdapterRejected: grpc.StatusCode.INVALID_ARGUMENT,
@@ -39,9 +40,10 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
     neither list it nor generate with it, unless it was pushed as public. Every call checks the caller's
     identity and charges its bytes, both ways, to the identity's byte quota."""
 
-    def __init__(self, service: OffsiteService, identities: Identities):
+    def __init__(self, service: OffsiteService, identities: Identities, streams: StreamSlots | None = None):
         self.service = service
         self.identities = identities
+        self.streams = streams or StreamSlots(4, 600.0)  # shared with FetchClientStages (cloud/server.py)
 
     def _who(self, request, context) -> str:
         who = self.identities.resolve(context)
@@ -52,8 +54,15 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
         try:
             who = self._who(request, context)
             files = list(self.service.package_files())
+            release = self.streams.take(context)  # an unread stream holds a worker: bounded and timed
         except errors.CloudError as e:
             _abort(context, e)
+        try:
+            yield from self._chunks(who, files, context)
+        finally:
+            release()
+
+    def _chunks(self, who: str, files, context):
         for name, blob, digest in files:
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
                 chunk = split_pb2.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
@@ -89,6 +98,7 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
         return resp
 
 
-def add_offsite(server: grpc.Server, service: OffsiteService, identities: Identities) -> None:
-    """Registers the Offsite-Tuning servicer on a grpc.Server."""
-    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service, identities), server)
+def add_offsite(server: grpc.Server, service: OffsiteService, identities: Identities,
+                streams: StreamSlots | None = None) -> None:
+    """Registers the Offsite-Tuning servicer on a grpc.Server (`streams`: the download slots it shares)."""
+    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service, identities, streams), server)

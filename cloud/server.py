@@ -45,7 +45,7 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
         require_sealing: Refuse sessions that do not seal their tensors.
         offsite: OffsiteService (emulator download, adapter push), or None.
         serving: GenerationService (Generate with registered adapters), or None.
-        max_downloads: Client-stage download streams at once (at most workers - 2); more are refused as overloaded.
+        max_downloads: Download streams (client stages and emulator) at once (at most workers - 2); more are refused as overloaded.
         download_deadline_s: A download still running after this long is cancelled (a reader that stopped reading).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
@@ -60,7 +60,7 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
                                    streams=streams)
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
-        add_offsite(server, offsite, identities)
+        add_offsite(server, offsite, identities, streams)
     if serving is not None:  # adapter serving (Generate): cloud/serving_servicer.py
         add_serving(server, serving, identities)
     health_servicer = health.HealthServicer()

@@ -332,3 +332,32 @@ def test_unread_downloads_do_not_freeze_the_server(wide_model, server_factory):
     assert sizes["client_stages.safetensors"] > 8 * 2**20
     for ch, _ in chans:
         ch.close()
+
+
+def test_unread_emulator_downloads_do_not_freeze_the_server(wide_model, server_factory, tmp_path):
+    """FetchEmulator streams take the same download slots: ten tenants' readers that never read leave health
+    checks and training calls answering (before, none was refused: each held a worker thread until its reader left)."""
+    from tandem.emulator.build import build_emulator
+    from tandem.emulator.distill import DistillConfig
+    from tandem.protos import offsite_pb2, offsite_pb2_grpc
+
+    pkg = str(tmp_path / "pkg")
+    build_emulator(wide_model, "2:2", pkg, None, DistillConfig(steps=0), keep=1)
+    server = server_factory(wide_model, "--emulator", pkg, "--download-timeout", "8")
+    chans = [_raw(server) for _ in range(10)]
+    ch0, stub0 = chans[0]
+    sid = _open(stub0).session_id
+    calls = [offsite_pb2_grpc.OffsiteTuningStub(ch).FetchEmulator(offsite_pb2.FetchEmulatorRequest(), timeout=120)
+             for ch, _ in chans]
+    deadline = time.monotonic() + 5
+    while sum(c.done() for c in calls) < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    refused = [c for c in calls if c.done()]
+    assert len(refused) == 6, f"{len(refused)} emulator downloads refused; the server runs 4 downloads at once"
+    assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 4 downloads" in c.details() for c in refused)
+    t1 = time.monotonic()
+    assert _health(ch0) == health_pb2.HealthCheckResponse.SERVING
+    out = stub0.Forward(_fwd(sid, torch.randn(1, 8, 256), train=False), timeout=30)
+    assert list(out.hidden.shape) == [1, 8, 256] and time.monotonic() - t1 < 20
+    for ch, _ in chans:
+        ch.close()
