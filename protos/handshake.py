@@ -57,13 +57,26 @@ def _issuer(cert: x509.Certificate, ca_pem: bytes) -> None:
         cas = x509.load_pem_x509_certificates(ca_pem)
     except ValueError:
         raise HandshakeError("the trusted CA file holds no PEM certificate") from None
-    for ca in cas:
+    for ca in filter(_is_ca, cas):  # a trusted file may hold leaves too (a "full chain"): their keys issue nothing
         try:
             cert.verify_directly_issued_by(ca)
             return
         except (ValueError, TypeError, InvalidSignature):
             continue
     raise HandshakeError("the sealing certificate is not signed by the CA this client trusts")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    """A certificate that may issue others: BasicConstraints CA, and keyCertSign when it states its key usage."""
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return False
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        return cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _purpose(cert: x509.Certificate) -> None:

@@ -111,8 +111,9 @@ class KeySwap:
     lists (message, field, shape) of every tensor it managed to open.
     """
 
-    def __init__(self, hop: Hop, resign: bool = False):
-        self.hop, self.resign = hop, resign
+    def __init__(self, hop: Hop, resign: bool = False, sealing=None):
+        """`sealing`: (private key, certificate DER) to sign with instead of the TLS key (implies resign)."""
+        self.hop, self.resign, self.sealing = hop, resign or sealing is not None, sealing
         self.plaintexts: list[tuple[str, str, list[int]]] = []
         self.step = 0
         hop.on_request.update(OpenSession=self._open_request, Forward=self._relay_request,
@@ -142,7 +143,9 @@ class KeySwap:
         client_pub = self.client_request.seal_public_key
         th = transcript_hash(sid, client_pub, resp.seal_public_key, self.client_request, resp)
         self.to_client = Sealer(down_priv, client_pub, sid, "server", th)
-        if self.resign:
+        if self.sealing is not None:
+            resp.seal_certificate, resp.seal_signature = self.sealing[1], sign(self.sealing[0], th)
+        elif self.resign:
             tls_key = serialization.load_pem_private_key(self.hop.tls_key, None)
             resp.seal_certificate = x509.load_pem_x509_certificate(self.hop.tls_cert).public_bytes(serialization.Encoding.DER)
             resp.seal_signature = sign(tls_key, th)
