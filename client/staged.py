@@ -366,10 +366,10 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
     if cloud_optimizer is not None:
         req.cloud_optimizer.CopyFrom(pb.AdamW(**cloud_optimizer))
     info = t.call("OpenSession", req, one_time=True)
-    if cloud_optimizer is not None and not info.cloud_optimizer:
-        raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
     try:
-        sealer, sealing = _sealer(t, priv, req, info) if t.cfg.seal else (None, "off")
+        sealer, sealing = _sealer(t, priv, req, info) if t.cfg.seal else (None, "off")  # first: then trust the reply
+        if cloud_optimizer is not None and not info.cloud_optimizer:
+            raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
     except ClientError:
         _close_quietly(t, info.session_id)  # the server opened it: do not let it count against our quota until its TTL
         raise

@@ -179,6 +179,17 @@ def test_rewritten_session_parameters_are_refused(hop, side, rewrite):
     t.close()
 
 
+def test_the_reply_is_checked_before_it_is_acted_on(hop):
+    """A hop that says the server refused the cloud optimizer gets a refused handshake, and the session is closed."""
+    hop.on_response["OpenSession"] = _set(cloud_optimizer=False)
+    t = Transport(hop.tcfg(retries=0))
+    adamw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    with pytest.raises(ClientError, match="handshake signature does not verify"):
+        open_session(t, LORA, cloud_optimizer=adamw)
+    t.close()
+    assert [name for name, _ in hop.seen] == ["OpenSession", "CloseSession"]
+
+
 def _halve(t: pb.Tensor, tail: int) -> None:
     """(B, T, ...) -> (2B, T/2, ...): same bytes, other meaning."""
     b, n = t.shape[0], t.shape[1]
