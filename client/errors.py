@@ -58,4 +58,18 @@ def explain(e: grpc.RpcError, addr: str) -> ServerError:
         pass
     hint = _REASON_HINTS.get(reason) or _HINTS.get(code, "the call failed").format(addr=addr)
     name = code.name if code is not None else "UNKNOWN"
-    return ServerError(f"{hint} [{name}: {detail}]", code, reason)
+    return ServerError(f"{hint} [{name}: {printable(detail)}]", code, _printable_reason(reason))
+
+
+MAX_DETAILS = 1024  # characters of a status's details the client shows (the server clips its own to the same)
+
+
+def printable(text, limit: int = MAX_DETAILS) -> str:
+    """Text from the network as one line of printable characters, clipped (no escape sequences reach a terminal)."""
+    text = "".join(c if c.isprintable() else " " for c in str(text or ""))
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _printable_reason(reason) -> str:
+    return printable(reason, 64)

@@ -40,6 +40,7 @@ class Hop:
         self.upstream = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(ca, key, cert), options=CHANNEL_OPTIONS)
         self.on_request: dict = {}
         self.on_response: dict = {}
+        self.fail: dict = {}  # method -> (status code, details, tandem-reason): the hop answers with that error
         self.seen: list[tuple[str, object]] = []  # (method, request as the hop received it), parsed
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=CHANNEL_OPTIONS)
@@ -84,6 +85,10 @@ class _Forwarder(grpc.GenericRpcHandler):
             with hop.lock:
                 hop.seen.append((method, req_cls.FromString(raw)))
             raw = hop.rewrite(hop.on_request, method, raw, req_cls)
+            if method in hop.fail:
+                code, details, reason = hop.fail[method]
+                context.set_trailing_metadata((("tandem-reason", reason),))
+                context.abort(code, details)
             try:
                 out = hop.upstream.unary_unary(full)(raw, timeout=120)
             except grpc.RpcError as e:

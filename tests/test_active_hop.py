@@ -190,6 +190,22 @@ def test_the_reply_is_checked_before_it_is_acted_on(hop):
     assert [name for name, _ in hop.seen] == ["OpenSession", "CloseSession"]
 
 
+def test_error_details_from_the_path_are_one_bounded_printable_line(hop):
+    """Status details come from whoever answers (a hop, a hostile cloud): the client shows them clipped, one line,
+    without terminal control sequences that could forge output or rewrite the terminal."""
+    import grpc
+
+    forged = "fine\nclient tune: finished, adapter saved\x1b[2J\x1b]0;owned\x07" + "A" * 6000
+    hop.fail["OpenSession"] = (grpc.StatusCode.INVALID_ARGUMENT, forged, "invalid")
+    t = Transport(hop.tcfg(retries=0))
+    with pytest.raises(ServerError) as ei:
+        open_session(t, LORA)
+    t.close()
+    msg = str(ei.value)
+    assert "\n" not in msg and "\x1b" not in msg and "\x07" not in msg and len(msg) < 1500, msg[:300]
+    assert "fine client tune: finished" in msg
+
+
 def _halve(t: pb.Tensor, tail: int) -> None:
     """(B, T, ...) -> (2B, T/2, ...): same bytes, other meaning."""
     b, n = t.shape[0], t.shape[1]
