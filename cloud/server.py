@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tandem.protos import serde
 from tandem.protos import split_pb2_grpc as pb_grpc
 
+from .errors import Unauthenticated
 from .identity import Identities, QuotaConfig
 from .metrics import Metrics
 from .offsite_servicer import add_offsite
@@ -63,14 +64,17 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
         add_offsite(server, offsite, identities, streams)
     if serving is not None:  # adapter serving (Generate): cloud/serving_servicer.py
         add_serving(server, serving, identities)
-    health_servicer = health.HealthServicer()
+    health_servicer = _CheckedHealth(identities)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if tls_dir is None:
-        port = server.add_insecure_port(listen)
-    else:
-        port = server.add_secure_port(listen, server_credentials(tls_dir, mutual))
+    try:  # older gRPC returns port 0 when it cannot bind, newer raises RuntimeError
+        if tls_dir is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, server_credentials(tls_dir, mutual))
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}: the address is in use or invalid; choose another --listen")
+        raise OSError(f"--listen {listen}: cannot bind it (in use or not an address of this machine); choose another --listen")
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("tandem.v1.SplitTuning", health_pb2.HealthCheckResponse.SERVING)
@@ -81,6 +85,29 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
             _not_serving(health_servicer)
     server._tandem_health = health_servicer  # noqa: SLF001 - kept for graceful shutdown
     return server, port
+
+
+class _CheckedHealth(health.HealthServicer):
+    """The standard health service behind the identity check of every other RPC: a revoked certificate is refused."""
+
+    def __init__(self, identities: Identities):
+        super().__init__()
+        self._identities = identities
+
+    def _check(self, context) -> None:
+        try:
+            self._identities.resolve(context)
+        except Unauthenticated as e:
+            context.set_trailing_metadata((("tandem-reason", e.reason),))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    def Check(self, request, context):
+        self._check(context)
+        return super().Check(request, context)
+
+    def Watch(self, request, context, send_response_callback=None):
+        self._check(context)
+        return super().Watch(request, context, send_response_callback)
 
 
 def _not_serving(health_servicer) -> None:

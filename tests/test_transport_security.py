@@ -271,6 +271,18 @@ def test_revocation_is_by_certificate_and_a_name_can_be_issued_again(tiny_models
     assert not _refused_as_revoked(server, os.path.join(d, "clients", "bob.pem"))
     # Names differing only in letter case are one name.
     assert issue_bundle(d, "carol") and _cloud("certs", "issue", "Carol", "--dir", d).returncode == 2
+    # The health service checks the certificate like every other service (the live one still gets answers).
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for bundle, refused in ((bob1, True), (os.path.join(d, "clients", "bob.pem"), False)):
+        ch, _ = _stub(server, bundle)
+        try:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=30).status
+            assert not refused and status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError as e:
+            assert refused and e.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in e.details(), e.details()
+        finally:
+            ch.close()
 
 
 def test_name_entries_of_older_revocation_files_still_refuse_old_certificates(tiny_models, server_factory, tmp_path):
