@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -271,12 +272,8 @@ def read_verified(directory: str, required: dict[str, str] | None = None) -> dic
     for name, want in digests.items():
         if not (isinstance(name, str) and SAFE_NAME.fullmatch(name) and isinstance(want, str)):
             return None
-        try:
-            with open(os.path.join(directory, name), "rb") as f:
-                files[name] = f.read()
-        except OSError:
-            return None
-        if hashlib.sha256(files[name]).hexdigest() != want:
+        files[name] = _read_regular(os.path.join(directory, name))
+        if files[name] is None or hashlib.sha256(files[name]).hexdigest() != want:
             return None
     return files
 
@@ -286,6 +283,23 @@ def _named_by_handshake(digests: dict[str, str], want_files: str) -> bool:
     from tandem.protos.handshake import files_digest
 
     return not want_files or files_digest(digests) == want_files
+
+
+def _read_regular(path: str) -> bytes | None:
+    """A cached file's bytes; None unless it is a regular file (no link followed, no FIFO or device) of sane size."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DOWNLOAD_BYTES:
+            return None
+        try:
+            return f.read(st.st_size + 1)  # a file still growing fails its hash
+        except OSError:
+            return None
 
 
 def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES,

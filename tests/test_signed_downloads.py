@@ -90,3 +90,26 @@ def test_a_cached_tokenizer_from_another_server_is_not_used(cloud, cache):
     again = _connect(server.addr, server)
     assert again.tokenizer.convert_tokens_to_ids("a") == honest
     assert (d / "tokenizer.json").read_bytes() != swapped, "downloaded again over the foreign entry"
+
+
+def test_a_planted_fifo_in_the_cache_is_not_read(cloud, cache):
+    """A cache entry whose listed file is a FIFO (planted by whoever can write the cache; a link to /dev/zero is
+    refused the same way: only regular files, never followed links) is downloaded again, not waited on forever."""
+    import threading
+
+    server, _ = cloud
+    sm = _connect(server.addr, server)
+    d = cache / sm.stages_sha256
+    os.remove(d / "tokenizer_config.json")
+    os.mkfifo(d / "tokenizer_config.json")
+    done = []
+    th = threading.Thread(target=lambda: done.append(_connect(server.addr, server)), daemon=True)
+    th.start()
+    th.join(30)
+    hung = th.is_alive()
+    if hung:  # unblock the reader stuck on the FIFO before failing
+        with open(d / "tokenizer_config.json", "wb"):
+            pass
+        th.join(30)
+    assert not hung, "the client waited on a planted FIFO"
+    assert done and (d / "tokenizer_config.json").is_file()
