@@ -127,6 +127,18 @@ def test_only_a_ca_in_the_trusted_file_vouches_for_sealing(hop, tmp_path):
     assert mitm.plaintexts == []
 
 
+def test_a_replayed_signed_reply_is_refused(hop):
+    """The server signs the client's fresh key: its genuine, signed reply to an earlier OpenSession opens nothing."""
+    t = Transport(hop.tcfg(retries=0))
+    first = open_session(t, LORA)
+    old = pb.OpenSessionResponse()
+    old.CopyFrom(first.info)
+    hop.on_response["OpenSession"] = lambda resp: old
+    with pytest.raises(ClientError, match="handshake signature does not verify"):
+        open_session(t, LORA)
+    t.close()
+
+
 def _strip(resp):
     resp.ClearField("seal_signature")
     resp.ClearField("seal_certificate")
