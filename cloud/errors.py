@@ -11,6 +11,16 @@ def clip(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+MAX_DETAILS = 1024  # characters of a status's details: they travel in a header (clients drop one over 16 KiB)
+
+
+def details(e: Exception) -> str:
+    """An error's message as a status's details: one line of at most MAX_DETAILS characters (an ellipsis marks a cut).
+    Messages may quote the request; unbounded, a huge name comes back as a header the client refuses."""
+    text = " ".join(str(e)[: 4 * MAX_DETAILS].split())
+    return text if len(text) <= MAX_DETAILS else text[: MAX_DETAILS - 1] + "…"
+
+
 class CloudError(Exception):
     """Base class; `reason` travels to the client as trailing metadata (tandem-reason)."""
 

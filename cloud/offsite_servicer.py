@@ -27,7 +27,7 @@ _STATUS = {
 
 def _abort(context: grpc.ServicerContext, e: errors.CloudError) -> None:
     context.set_trailing_metadata((("tandem-reason", e.reason),))
-    context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+    context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), errors.details(e))
 
 
 def _reg(r: Registered) -> pb.RegisteredAdapter:

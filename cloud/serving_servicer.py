@@ -39,7 +39,7 @@ class AdapterServingServicer(pb_grpc.AdapterServingServicer):
             gen = future.result()
         except errors.CloudError as e:
             context.set_trailing_metadata((("tandem-reason", e.reason),))
-            context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), str(e))
+            context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), errors.details(e))
         except MemoryError:
             context.set_trailing_metadata((("tandem-reason", "too-large"),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this batch; "
