@@ -14,12 +14,16 @@ from tandem.protos import serde
 from tandem.protos import split_pb2_grpc as pb_grpc
 
 from .errors import ClientError, explain
+from .tls_failure import CLOSED, TlsSetup, failure_kind
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CA = os.path.join(os.path.expanduser("~"), ".tandem", "tls", "ca.pem")
 # `cloud serve` issues this identity on first use, for a data owner on the same machine.
 DEFAULT_IDENTITY = os.path.join(os.path.expanduser("~"), ".tandem", "tls", "clients", "local.pem")
+# A closed TLS handshake is tried once more after this long (gRPC's first reconnect backoff is 1 s +- 20 %, and a
+# call before it ends gets the cached error): a connection cut by chance gets a second chance, a refusal is told.
+HANDSHAKE_RETRY_S = 1.5
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 CHANNEL_OPTIONS = [
@@ -167,8 +171,8 @@ class Recorder:
 
 
 def _credentials(cfg: TransportConfig):
-    """TLS credentials and the trusted CA's PEM: the CA to trust and, when an identity bundle exists, the client certificate."""
-    key = cert = ca = None
+    """TLS credentials and the certificates in use: the CA to trust and, when an identity bundle exists, the client certificate."""
+    key = cert = ca = identity = None
     if cfg.identity and (os.path.exists(cfg.identity) or cfg.identity != DEFAULT_IDENTITY):
         if not os.path.exists(cfg.identity):
             raise ClientError(f"no identity bundle at {cfg.identity}: ask the operator for one (`cloud certs issue NAME`)")
@@ -178,6 +182,7 @@ def _credentials(cfg: TransportConfig):
             key, cert, ca = read_bundle(cfg.identity)
         except ValueError as e:
             raise ClientError(str(e)) from None
+        identity = cfg.identity
     ca_path = cfg.ca or (None if ca else DEFAULT_CA)
     if ca_path:
         if not os.path.exists(ca_path):
@@ -187,7 +192,8 @@ def _credentials(cfg: TransportConfig):
             )
         with open(ca_path, "rb") as f:
             ca = f.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert), ca
+    setup = TlsSetup(cfg.server, identity, cert, ca_path or f"the CA in {identity}", ca)
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert), setup
 
 
 class Transport:
@@ -198,11 +204,13 @@ class Transport:
         self.recorder = recorder
         self.meter = meter or Meter(tls=not cfg.insecure)
         self.ca_pem: bytes | None = None  # the CA trusted for TLS; it also vouches for the server's sealing key
+        self.tls: TlsSetup | None = None  # the certificates in use, named when a handshake fails
         if cfg.insecure:
             log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
             self.channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
         else:
-            creds, self.ca_pem = _credentials(cfg)
+            creds, self.tls = _credentials(cfg)
+            self.ca_pem = self.tls.ca_pem
             self.channel = grpc.secure_channel(cfg.server, creds, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.SplitTuningStub(self.channel)
 
@@ -218,6 +226,7 @@ class Transport:
         """
         fn = getattr(self.stub, method)
         attempt = 0
+        handshake_retried = not retry or self.cfg.retries == 0
         plain = request
         while True:
             if sealer is not None:
@@ -231,6 +240,14 @@ class Transport:
                 resp = fn(request, timeout=self.cfg.timeout_s)
             except grpc.RpcError as e:
                 self.meter.step_rpc_s += time.perf_counter() - t0
+                kind = failure_kind(e) if self.tls is not None else None
+                if kind == CLOSED and not handshake_retried and not self.tls.identity_problem():
+                    handshake_retried = True
+                    log.warning("%s: the server closed the TLS handshake; trying once more in %.1f s", method, HANDSHAKE_RETRY_S)
+                    time.sleep(HANDSHAKE_RETRY_S)
+                    continue
+                if kind is not None:  # a certificate problem: retrying cannot help
+                    raise self.tls.error(kind) from None
                 if retry and _transient(e) and attempt < self.cfg.retries:
                     delay = min(30.0, self.cfg.backoff_s * 2**attempt) * (0.5 + random.random())
                     log.warning("%s: %s; retrying in %.1f s (%d/%d)", method, e.code().name, delay, attempt + 1, self.cfg.retries)
@@ -260,4 +277,5 @@ class Transport:
                 sent = 0
                 yield msg
         except grpc.RpcError as e:
-            raise explain(e, self.cfg.server) from None
+            kind = failure_kind(e) if self.tls is not None else None
+            raise (self.tls.error(kind) if kind else explain(e, self.cfg.server)) from None

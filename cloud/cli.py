@@ -33,6 +33,32 @@ def _listen_problem(listen: str) -> str:
     return ""
 
 
+def _is_loopback(host: str) -> bool:
+    """Every address `host` names is a loopback one (an unresolvable name counts as not)."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def _exposure_problem(args) -> str:
+    """Why these flags would expose the server carelessly ('' when they do not)."""
+    host = args.listen.rpartition(":")[0]
+    if args.insecure and not args.insecure_public and not _is_loopback(host):
+        return (f"--insecure with --listen {args.listen} would serve PLAINTEXT on a non-loopback address: activations, "
+                "gradients and adapters would cross the network in clear; listen on 127.0.0.1, drop --insecure, or "
+                "add --insecure-public if this network is trusted")
+    if args.metrics_port:
+        problem = _listen_problem(f"{args.metrics_listen}:{args.metrics_port}")
+        if problem:
+            return f"--metrics-listen {args.metrics_listen} --metrics-port {args.metrics_port}: {problem}; choose another --metrics-port"
+    return ""
+
+
 def _serve(args) -> int:
     import torch
 
@@ -54,6 +80,10 @@ def _serve(args) -> int:
     problem = _listen_problem(args.listen)  # before the model loads: a taken port is one line, not a traceback
     if problem:
         print(f"cloud serve: --listen {args.listen}: {problem}; choose another --listen", file=sys.stderr)
+        return 2
+    problem = _exposure_problem(args)
+    if problem:
+        print(f"cloud serve: {problem}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +112,10 @@ def _serve(args) -> int:
             service = BackboneService(loaded, layout, store, limits, batching=batching)
         metrics = Metrics()
         if args.metrics_port:
-            metrics.serve(args.metrics_port, args.listen.rsplit(":", 1)[0])
+            metrics.serve(args.metrics_port, args.metrics_listen.strip("[]"))
+            if not _is_loopback(args.metrics_listen):
+                log.warning("--metrics-listen %s: metrics are served over plain HTTP without authentication to every "
+                            "host that can reach %s:%d", args.metrics_listen, args.metrics_listen, args.metrics_port)
         if tls_dir is not None and args.no_client_auth:
             log.warning("--no-client-auth: any client that trusts the CA may connect; sessions are not tied to identities")
         offsite = OffsiteService(loaded.model, loaded.model_id, layout, args.adapter_registry, args.emulator,
@@ -164,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to listen on (port 0 picks a free one); default 127.0.0.1:50051")
     s.add_argument("--client-blocks", default="2:2", metavar="K:M", help="blocks the client runs below (K) and above (M) the cloud; default 2:2")
     s.add_argument("--tls-dir", default=DEFAULT_TLS_DIR, help=f"directory with ca.pem/server.pem/server.key, created on first use; default {DEFAULT_TLS_DIR}")
-    s.add_argument("--insecure", action="store_true", help="serve plaintext gRPC (no TLS); only for trusted networks, prints a warning")
+    s.add_argument("--insecure", action="store_true",
+                   help="serve plaintext gRPC (no TLS); only for trusted networks, prints a warning; refused on a "
+                        "non-loopback --listen unless --insecure-public is given too")
+    s.add_argument("--insecure-public", action="store_true",
+                   help="with --insecure: allow plaintext on a non-loopback --listen (e.g. 0.0.0.0), where anyone on "
+                        "the network can read activations, gradients and adapters")
     s.add_argument("--max-sessions", type=int, default=64, help="open sessions at once; default 64")
     s.add_argument("--memory-cap-mb", type=float, default=8192, help="cap on memory held for sessions, all together, in MiB: forward state kept for backward (checked "
                         "from the request's shape before it runs) and remote LoRAs with their cloud-optimizer state; default 8192")
@@ -182,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--cloud-optimizer`); such a session keeps its remote LoRA and both AdamW moments here (3x the "
                         "LoRA: 4.8 MB for SmolLM2 at r=8 on q,v) until it closes, counted in --memory-cap-mb")
     s.add_argument("--require-sealing", action="store_true", help="refuse sessions whose tensors are not sealed (X25519 + AES-256-GCM on top of TLS)")
-    s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://HOST:PORT/metrics (0 = off)")
+    s.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics at http://METRICS_LISTEN:PORT/metrics (0 = off)")
+    s.add_argument("--metrics-listen", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics server binds (plain HTTP, no authentication; whatever --listen is); default 127.0.0.1")
     s.add_argument("--emulator", default=None, metavar="PKG", help="Offsite-Tuning: hand out this emulator package (`cloud emulator build`) to `client fetch-emulator`; default: none")
     s.add_argument("--adapter-registry", default=DEFAULT_REGISTRY, metavar="DIR", help=f"where adapters uploaded with `client push` are registered; default {DEFAULT_REGISTRY}")
     s.add_argument("--registry-quota-mb", type=float, default=1024,

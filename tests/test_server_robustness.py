@@ -394,8 +394,9 @@ def test_tls_is_required_and_verified(guarded, tmp_path):
     with pytest.raises(ServerError) as ei:
         t.call("GetInfo", pb.GetInfoRequest())
     msg = str(ei.value)
-    assert ei.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "is not reachable" in msg and "TLS settings (--ca / --insecure)" in msg, msg
+    assert ei.value.code == grpc.StatusCode.UNAVAILABLE and ei.value.reason == "tls-handshake"
+    assert "the server's certificate is not issued by the trusted CA" in msg and "--ca" in msg, msg
+    assert str(tmp_path / "other" / "ca.pem") in msg, msg
     t.close()
 
     # No CA file at all.
