@@ -12,8 +12,10 @@ fuzz    --fuzz-n malformed messages spread over every RPC the server offers (Spl
         session ids, huge strings, and malformed requests inside sessions the fuzzer opened itself. Meanwhile
         a legitimate client trains (sealed, its own identity). Reported: crashes and hangs (0), UNKNOWN
         statuses (0), the status-code histogram, the largest |legitimate loss - undisturbed loss| (the
-        undisturbed reference runs first, on the same server), and the server's RSS at start, at its peak
-        and after the fuzzer's sessions expired (--session-ttl).
+        undisturbed reference runs first, on the same server), and the server's RSS at start (after the
+        reference run and one legitimate Generate), at its peak and after the fuzzer's sessions expired
+        (--session-ttl). The fuzzer runs in two rounds of N/2 with the TTL waited out after each: RSS that
+        grows again in the second round would be a leak (rss_stable), RSS above the start is rss_back.
 vanish  --vanish-clients clients each open a session, send a training Forward and vanish mid-step (the channel
         dropped while the Forward is in flight, dropped after it, or the client process SIGKILLed), in
         --vanish-waves waves; RSS at start, after each wave and after the TTL.
@@ -91,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the server's --max-tokens-per-step (the oversized batch is within it); default 8192")
     p.add_argument("--malloc-arena-max", type=int, default=0,
                    help="run the server with MALLOC_ARENA_MAX=N (glibc's per-thread malloc arenas); default 0: glibc's "
-                        "own limit (8 per core). Fuzzing with large payloads leaves the RSS above its start with the "
-                        "default, not with 1 or 2 (memory stranded in per-thread arenas, not held by the server)")
+                        "own limit (8 per core). After fuzzing with large payloads the RSS stays above its start with "
+                        "nothing held; fewer arenas strand less of it")
     p.add_argument("--_vanisher", nargs=4, help=argparse.SUPPRESS)  # internal: one vanishing client process
     a = p.parse_args(argv)
     full = {"hidden": 64, "session_ttl": 6.0, "scenario_timeout": 1800.0, "fuzz_n": 10000, "legit_steps": 20,
@@ -567,7 +569,8 @@ def vanish_one(env, a, how: str, rng: random.Random) -> str:
             fn(body, timeout=60)
         return "ok"
     except Exception as e:  # noqa: BLE001  (a refused open is a result to report)
-        return f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))()}"[:200]
+        detail = e.details() if hasattr(e, "details") else str(e)
+        return f"{type(e).__name__}: {detail}"[:200]
     finally:
         ch.close()  # gone: no Backward, no CloseSession
 
@@ -603,10 +606,12 @@ def run_vanish(env, a) -> dict:
                                        "x".join(map(str, a.vanish_tokens))], stdout=subprocess.PIPE,
                                       stderr=subprocess.DEVNULL, text=True) for _ in range(a.vanish_procs)]
             threads, results = [], []
+
+            def vanish(how: str, r: random.Random, out: list = results) -> None:
+                out.append(f"{how}:{vanish_one(env, a, how, r)}")
+
             for i in range(a.vanish_clients - a.vanish_procs):
-                how = "cancel" if i % 2 else "after"
-                th = threading.Thread(target=lambda h=how, r=random.Random(rng.random()):
-                                      results.append(f"{h}:{vanish_one(env, a, h, r)}"))
+                th = threading.Thread(target=vanish, args=("cancel" if i % 2 else "after", random.Random(rng.random())))
                 threads.append(th)
                 th.start()
             for p in procs:  # SIGKILL each process once its Forward is on the wire (or after 60 s)

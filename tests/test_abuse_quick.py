@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_abuse_quick_fuzz_vanish_crowd(tmp_path):
     out = tmp_path / "abuse.json"
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "abuse.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert out.exists(), r.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"fuzz", "vanish", "crowd"}, r.stderr[-3000:]

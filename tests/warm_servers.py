@@ -56,7 +56,10 @@ class WarmServers:
         self.pids.append(pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = open(log_path).read() if os.path.exists(log_path) else ""
+            text = ""
+            if os.path.exists(log_path):
+                with open(log_path) as f:
+                    text = f.read()
             m = re.search(r"on (127\.0\.0\.1:\d+)", text)
             if m:
                 return pid, m.group(1)
