@@ -85,6 +85,9 @@ def _serve(args) -> int:
     if problem:
         print(f"cloud serve: {problem}", file=sys.stderr)
         return 2
+    from .allocator import configure as configure_allocator
+
+    configure_allocator()  # before the worker threads exist: memory freed by ended sessions goes back to the OS
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.insecure:

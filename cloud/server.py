@@ -14,6 +14,7 @@ from tandem.protos import split_pb2_grpc as pb_grpc
 
 from .errors import Unauthenticated
 from .identity import Identities, QuotaConfig
+from .malformed import MalformedRequests
 from .metrics import Metrics
 from .offsite_servicer import add_offsite
 from .serving_servicer import add_serving
@@ -49,7 +50,8 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
         max_downloads: Download streams (client stages and emulator) at once (at most workers - 2); more are refused as overloaded.
         download_deadline_s: A download still running after this long is cancelled (a reader that stopped reading).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
+                         interceptors=[MalformedRequests()])
     mutual = mutual and tls_dir is not None
     identities = Identities(tls_dir, mutual, quotas)
     sealing = load_sealing(tls_dir) if tls_dir is not None else None  # signs sealing handshakes (protos/handshake.py)

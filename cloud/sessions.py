@@ -1,7 +1,6 @@
 """Per-session state in the cloud: a bounded, expiring store of what backward needs."""
 from __future__ import annotations
 
-import ctypes
 import secrets
 import threading
 import time
@@ -12,26 +11,8 @@ import torch
 
 from tandem.stages.lora import LoraConfig, SlotSpec
 
+from .allocator import return_freed_memory
 from .errors import NotOwner, Overloaded, SessionNotFound, StateEvicted, StepNotPending, TooLarge
-
-
-def _libc_trim():
-    """glibc's malloc_trim, or None (other C libraries return freed memory themselves or offer no such call)."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_TRIM = _libc_trim()
-
-
-def return_freed_memory() -> None:
-    """Hands memory freed by closed sessions back to the OS. glibc keeps freed heap pages of tensors under its
-    (dynamic, up to 32 MiB) mmap threshold for reuse, so without this the RSS stays at its peak after sessions
-    end (bench/abuse.py vanish: +67% after every session expired, with no session or forward state held)."""
-    if _TRIM is not None:
-        _TRIM(0)
 
 
 @dataclass

@@ -299,3 +299,27 @@ def test_generate_replies_count_against_the_byte_quota(tiny_models, server_facto
         with pytest.raises(grpc.RpcError) as ei:
             opb_grpc.OffsiteTuningStub(ch).ListAdapters(opb.ListAdaptersRequest(), timeout=30)
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "over its quota" in ei.value.details()
+
+
+def test_an_undecodable_body_is_an_invalid_argument_on_every_rpc(emulator_pkg, tiny_models, server_factory, tmp_path):
+    """Bytes that are not the RPC's message get INVALID_ARGUMENT with a reason and one log line, never a traceback."""
+    server = server_factory(tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg"))
+    paths = [(f"/{svc.full_name}/{m.name}", m.server_streaming)
+             for mod in (pb, opb, spb) for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods]
+    paths += [("/grpc.health.v1.Health/Check", False), ("/grpc.health.v1.Health/Watch", True)]
+    assert len(paths) >= 14, paths
+    garbage = b"\xff\xff\xff\xff\x0f\x0a\x80"  # a varint that never ends: no message type parses it
+    lines = len(server.log().splitlines())
+    with _channel(server) as ch:
+        for path, streaming in paths:
+            call = (ch.unary_stream if streaming else ch.unary_unary)(path)  # bytes in, bytes out
+            with pytest.raises(grpc.RpcError) as ei:
+                out = call(garbage, timeout=30)
+                if streaming:
+                    list(out)
+            e = ei.value
+            reasons = [v for k, v in (e.trailing_metadata() or ()) if k == "tandem-reason"]
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and reasons == ["invalid"], (path, e.code(), e.details())
+            assert "not a valid" in e.details(), (path, e.details())
+    log = server.log()
+    assert "Traceback" not in log and len(log.splitlines()) - lines <= len(paths), log[-3000:]
