@@ -244,19 +244,17 @@ class OffsiteService:
         final = os.path.join(self.registry, reg.name)
         tmp = os.path.join(self.registry, f".push-{reg.name}")  # outside the name space: no adapter is called that
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        os.makedirs(self.registry, mode=0o700, exist_ok=True)  # adapters are the data owners' work: private to the server
+        os.mkdir(tmp, 0o700)
         for n, b in blobs.items():
-            with open(os.path.join(tmp, n), "wb") as f:
-                f.write(b)
-        with open(os.path.join(tmp, "registration.json"), "w") as f:
-            json.dump(asdict(reg), f, indent=2)
+            _write_private(os.path.join(tmp, n), b)
+        _write_private(os.path.join(tmp, "registration.json"), json.dumps(asdict(reg), indent=2).encode())
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
     def _write_registration(self, reg: Registered) -> None:
         path = os.path.join(self.registry, reg.name, "registration.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(asdict(reg), f, indent=2)
+        _write_private(path + ".tmp", json.dumps(asdict(reg), indent=2).encode())
         os.replace(path + ".tmp", path)
 
     # Validation -------------------------------------------------------------------------------
@@ -352,3 +350,10 @@ class OffsiteService:
     def _finite(key: str, t: torch.Tensor) -> None:
         if t.is_floating_point() and not all_finite(t):
             raise AdapterRejected(f"{key!r} contains NaN or Inf; the tuning run diverged")
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Writes a file only the server's user can read (0600, whatever the umask)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)

@@ -323,3 +323,20 @@ def test_an_undecodable_body_is_an_invalid_argument_on_every_rpc(emulator_pkg, t
             assert "not a valid" in e.details(), (path, e.details())
     log = server.log()
     assert "Traceback" not in log and len(log.splitlines()) - lines <= len(paths), log[-3000:]
+
+
+def test_registered_adapters_are_private_to_the_server(adapter, tiny_models, server_factory, tmp_path):
+    """A data owner's pushed adapter is the server user's alone (0700 folders, 0600 files), whatever the umask."""
+    import stat
+
+    registry = tmp_path / "registry"
+    old = os.umask(0o022)
+    try:
+        server = server_factory(tiny_models["llama"], "--adapter-registry", str(registry))
+    finally:
+        os.umask(old)
+    _push(server, adapter, "mine")
+    modes = {p: stat.S_IMODE(os.stat(p).st_mode) for p in [registry, *registry.rglob("*")]}
+    assert len(modes) >= 4, modes  # the registry, the adapter's folder, its files and registration.json
+    for p, m in modes.items():
+        assert m == (0o700 if p.is_dir() else 0o600), (p, oct(m))
