@@ -123,8 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_model(out_dir: str, hidden: int) -> str:
     """A random 6-block Llama of width `hidden` with the tests' small tokenizer (tests/tiny.py)."""
     import torch
-    from tiny import make_tokenizer
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tiny import make_tokenizer
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
@@ -203,6 +204,7 @@ def held(env) -> dict:
 def raw_channel(env, identity: str):
     """A mutual-TLS channel as `identity` that sends bytes as they are (no client-library checks)."""
     import grpc
+
     from tandem.protos.bundle import read_bundle
 
     key, cert, ca = read_bundle(os.path.join(env["tls"], "clients", identity + ".pem"))
@@ -688,9 +690,10 @@ def main(argv=None) -> int:
     if a._vanisher:
         vanisher_process(*a._vanisher)
         return 0
-    from conftest import free_port, start_server
     from tandem.client.sample import write_sample
     from tandem.cloud.tls import issue_bundle
+
+    from conftest import free_port, start_server
 
     work = os.path.join(os.path.dirname(os.path.abspath(a.out)), "abuse")
     os.makedirs(work, exist_ok=True)

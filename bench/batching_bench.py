@@ -31,12 +31,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from conftest import start_server  # noqa: E402
-
 from tandem.client.staged import RemoteMiddle, connect_split, open_session  # noqa: E402
 from tandem.client.trainer import ADAMW  # noqa: E402
 from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig, slot_shapes  # noqa: E402
+
+from conftest import start_server  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LORA = LoraConfig(rank=8, alpha=16)

@@ -40,12 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Computes, prints and plots the comparison."""
     args = parse_args(argv)
-    from tandem.stages.loading import load_tokenizer
-
     from tandem.client.data import pack, read_examples
     from tandem.emulator.package import load_package
     from tandem.stages.arch import parts_of
-    from tandem.stages.loading import client_state, default_model_dir, load_model, pack_state, tokenizer_files
+    from tandem.stages.loading import (
+        client_state,
+        default_model_dir,
+        load_model,
+        load_tokenizer,
+        pack_state,
+        tokenizer_files,
+    )
     from tandem.stages.modules import StageLayout
 
     model_dir = args.model or default_model_dir()

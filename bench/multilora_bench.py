@@ -112,7 +112,7 @@ def main() -> None:
             ids_dev = ids.to(dev)
             cases, tile = make_cases(x, a, b, 2.0, ids_dev, args.variants)
             best = measure(cases, args.reps, clock)
-            plan_s = min(timed(lambda: plan_segments(ids_dev, n), clock) for _ in range(args.reps))
+            plan_s = min(timed(lambda: plan_segments(ids_dev, n), clock) for _ in range(args.reps))  # noqa: B023 - used at once
             rows.append({"adapters": n, "rows": ids.numel(), "in": args.in_features, "out": out_f, "rank": args.rank,
                          "tile": tile, "plan_ms": 1e3 * plan_s, "ms": {k: [1e3 * v for v in t] for k, t in best.items()}})
             print(f"  measured {n} adapters, out={out_f}", flush=True)

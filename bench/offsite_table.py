@@ -9,6 +9,10 @@ import random
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,7 +114,7 @@ def arithmetic(n: int, seed: int) -> list[tuple[str, str]]:
     return out
 
 
-def write_data(args, tok) -> tuple[str, str, list, "torch.Tensor"]:
+def write_data(args, tok) -> tuple[str, str, list, torch.Tensor]:
     """Writes the public and private data directories; returns them, the QA test set and held-out text ids."""
     import torch
 
@@ -219,7 +223,6 @@ def main(argv=None) -> int:
     """Runs the protocol and writes the JSON and a table."""
     args = parse_args(argv)
     import torch
-    from tandem.stages.loading import load_tokenizer
 
     from tandem.client.offsite import build_offsite, load_adapter
     from tandem.client.staged import build_local
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
     from tandem.emulator.build import build_emulator
     from tandem.emulator.distill import DistillConfig
     from tandem.emulator.package import load_package
-    from tandem.stages.loading import default_model_dir
+    from tandem.stages.loading import default_model_dir, load_tokenizer
     from tandem.stages.lora import LoraConfig
 
     torch.set_num_threads(args.threads)

@@ -77,16 +77,15 @@ def start_gradients(sm, data, batches: int) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import offsite_table as ot
     import torch
     import torch.nn.functional as F
-    from tandem.stages.loading import load_tokenizer
 
-    import offsite_table as ot
     from tandem.client.data import load_split
     from tandem.client.offsite import build_offsite, load_adapter
     from tandem.client.staged import build_local
     from tandem.emulator.package import load_package
-    from tandem.stages.loading import default_model_dir
+    from tandem.stages.loading import default_model_dir, load_tokenizer
     from tandem.stages.lora import LoraConfig
 
     torch.set_num_threads(args.threads)

@@ -104,8 +104,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
-    from tandem.client.sample import write_sample
     from tqdm.auto import tqdm
+
+    from tandem.client.sample import write_sample
 
     torch.set_num_threads(args.threads)
     os.makedirs(args.work, exist_ok=True)

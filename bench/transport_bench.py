@@ -20,14 +20,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from conftest import BIN, start_server  # noqa: E402
-
 from tandem.client.data import load_split  # noqa: E402
 from tandem.client.sample import write_sample  # noqa: E402
 from tandem.client.staged import connect_split  # noqa: E402
 from tandem.client.trainer import evaluate  # noqa: E402
 from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig  # noqa: E402
+
+from conftest import BIN, start_server  # noqa: E402
 
 
 def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = "float32") -> dict:

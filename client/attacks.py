@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from tandem.stages.arch import Parts
 from tandem.stages.loading import client_parts
 from tandem.stages.lora import Binding, bind, inject_slots

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.loading import cache_root, client_state, config_from_json, config_json, load_model, unpack_state
@@ -347,6 +348,7 @@ def audit_run(run_dir: str, cfg: dict | None = None, data=None, tokens: int = 25
 def _tuned_state(state: dict, adapter_dir: str, layout: StageLayout, config) -> dict:
     """The shipped weights with the run's fully tuned client blocks (if any) put in place."""
     from safetensors.torch import load_file
+
     from tandem.stages.arch import arch_for
 
     path = os.path.join(adapter_dir, "client_blocks.safetensors")

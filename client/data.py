@@ -7,7 +7,6 @@ import os
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
@@ -23,7 +22,7 @@ ROW_SUFFIXES = (".jsonl",)  # one JSON object a line: {"text"} or {"prompt", "co
 _KINDS = "/".join(TEXT_SUFFIXES + ROW_SUFFIXES)
 PIECE_CHARS = 4096  # the most characters one tokenizer call sees: memory and time stay linear in the text
 READ_CHARS = 1 << 20  # characters read from a file at a time
-Text = Union[str, Iterable[str]]  # a string, or a stream of pieces of one
+Text = str | Iterable[str]  # a string, or a stream of pieces of one
 
 
 @dataclass

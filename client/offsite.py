@@ -17,8 +17,8 @@ from tandem.protos import offsite_pb2 as opb
 from tandem.protos import offsite_pb2_grpc as opb_grpc
 from tandem.stages.adapter_files import ADAPTER_CONFIG, CLIENT_BLOCKS, adapter_digest, read_adapter_dir, sha256
 from tandem.stages.arch import arch_for
-from tandem.stages.lora import LoraConfig, LoRAAdapter, block_of, inject_slots, load_peft_tensors
 from tandem.stages.loading import client_parts
+from tandem.stages.lora import LoRAAdapter, LoraConfig, block_of, inject_slots, load_peft_tensors
 from tandem.stages.modules import BottomStage, TopStage
 
 from .data import load_split

@@ -85,7 +85,7 @@ def make_private(path: str) -> None:
     if os.path.isfile(path):
         os.chmod(path, PRIVATE_FILE)
         return
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chmod(root, PRIVATE_DIR)
         for f in files:
             p = os.path.join(root, f)

@@ -14,13 +14,13 @@ from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
 from tandem.stages.errors import StageError
-from tandem.stages.lora import LoraConfig, LoRAAdapter, SlotSpec, bind, flatten, inject_slots
 from tandem.stages.loading import (
     client_parts,
     config_from_json,
     load_model,
     unpack_state,
 )
+from tandem.stages.lora import LoRAAdapter, LoraConfig, SlotSpec, bind, flatten, inject_slots
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
 
 from .downloads import _write_atomic, fetch_client_files, load_tokenizer  # noqa: F401 (importable here)
@@ -393,7 +393,7 @@ def _warn_unauthenticated(server: str) -> None:
 def _sealer(t: Transport, priv, req, info):
     """The client's Sealer and its worth; with a trusted CA, a missing or bad handshake signature is fatal."""
     from tandem.protos.handshake import HandshakeError, transcript_hash, verify
-    from tandem.protos.sealing import SealError, Sealer
+    from tandem.protos.sealing import Sealer, SealError
 
     if not info.seal_public_key:
         raise ClientError("the server did not agree to seal tensors; it is too old, or pass --no-seal")

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
+
 from tandem.stages.lora import Binding, MultiBinding, Segment, bind
 
 from .errors import Overloaded, StateEvicted

@@ -71,8 +71,8 @@ def _serve(args) -> int:
     from .metrics import Metrics
     from .offsite import OffsiteService
     from .server import build_server, serve_forever
-    from .serving import GenerationService, ServingConfig
     from .service import BackboneService, ServiceLimits
+    from .serving import GenerationService, ServingConfig
     from .sessions import StoreConfig
     from .tls import ensure_server_tls
 

@@ -18,8 +18,15 @@ from torch import nn
 from tandem.emulator.errors import PackageError
 from tandem.emulator.package import EmulatorPackage, load_package
 from tandem.kernels.checks import all_finite
-from tandem.stages.adapter_files import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, CLIENT_BLOCKS, REQUIRED
-from tandem.stages.adapter_files import adapter_digest, sha256
+from tandem.stages.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    CLIENT_BLOCKS,
+    REQUIRED,
+    adapter_digest,
+    sha256,
+)
 from tandem.stages.errors import LayoutError
 from tandem.stages.lora import LoRASlot, block_of
 from tandem.stages.modules import StageLayout

@@ -5,8 +5,7 @@ import grpc
 
 from tandem.protos import offsite_pb2 as pb
 from tandem.protos import offsite_pb2_grpc as pb_grpc
-from tandem.protos import serde
-from tandem.protos import split_pb2
+from tandem.protos import serde, split_pb2
 
 from . import errors
 from .identity import Identities

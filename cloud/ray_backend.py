@@ -21,8 +21,8 @@ from tandem.stages.loading import LoadedModel, load_model
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
 
-from .errors import InvalidRequest, SessionNotFound
 from .batching import BatchingConfig
+from .errors import InvalidRequest, SessionNotFound
 from .optimizer import AdamWSpec
 from .service import BackboneService, ServiceLimits
 from .sessions import Session, StoreConfig

@@ -17,9 +17,9 @@ from .identity import Identities, QuotaConfig
 from .malformed import MalformedRequests
 from .metrics import Metrics
 from .offsite_servicer import add_offsite
-from .serving_servicer import add_serving
 from .service import BackboneService
 from .servicer import SplitTuningServicer
+from .serving_servicer import add_serving
 from .streams import StreamSlots
 from .tls import load_sealing, server_credentials
 

@@ -9,14 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tandem.kernels.checks import all_finite
+from tandem.kernels.codecs import CODECS
 from tandem.stages.arch import num_blocks, parts_of
 from tandem.stages.errors import LayoutError
-from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots, slot_shapes, unflatten
 from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
+from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots, slot_shapes, unflatten
 from tandem.stages.modules import MiddleStage, StageLayout
-
-from tandem.kernels.codecs import CODECS
-from tandem.kernels.checks import all_finite
 
 from .batching import Batcher, BatchingConfig
 from .errors import InvalidRequest, LoraMissing, clip

@@ -14,7 +14,7 @@ from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.protos.handshake import files_digest, sign, transcript_hash
-from tandem.protos.sealing import SealError, Sealer, new_keypair
+from tandem.protos.sealing import Sealer, SealError, new_keypair
 from tandem.stages.errors import StageError
 from tandem.stages.lora import LoraConfig
 

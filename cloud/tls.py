@@ -41,7 +41,7 @@ def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", ":
         raise FileExistsError(f"{tls_dir} already holds a CA; replacing it breaks every identity bundle issued from it "
                               "(pass --force to replace it anyway, then re-issue every identity)")
     os.makedirs(tls_dir, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder().subject_name(_name("tandem local CA")).issuer_name(_name("tandem local CA"))
@@ -64,7 +64,7 @@ def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365,
         ca_key = serialization.load_pem_private_key(f.read(), None)
     with open(os.path.join(tls_dir, CA_CERT), "rb") as f:
         ca = x509.load_pem_x509_certificate(f.read())
-    now = not_before or dt.datetime.now(dt.timezone.utc)
+    now = not_before or dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     sans = []
     for h in hosts:
@@ -102,7 +102,7 @@ def issue_sealing(tls_dir: str, days: int = 365) -> tuple[str, str]:
         ca_key = serialization.load_pem_private_key(f.read(), None)
     with open(os.path.join(tls_dir, CA_CERT), "rb") as f:
         ca = x509.load_pem_x509_certificate(f.read())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder().subject_name(_name("tandem sealing")).issuer_name(ca.subject).public_key(key.public_key())

@@ -293,15 +293,15 @@ class Distiller:
             orig = [(m.weight.clone(), None if getattr(m, "bias", None) is None else m.bias.clone()) for m in mods]
 
             def set_factor(f: float) -> None:
-                for m, (w, b) in zip(mods, orig):
+                for m, (w, b) in zip(mods, orig):  # noqa: B023 - called only within this iteration
                     m.weight.copy_(w * f)
                     if b is not None:
                         m.bias.copy_(b * f)
 
             def err(f: float) -> float:
                 set_factor(f)
-                return sum(float(kd_loss(t["targets"][j], run_blocks(self.parts, [block], x, am), per_token=tok))
-                           for t, x, am in zip(teach, xs, ams))
+                return sum(float(kd_loss(t["targets"][j], run_blocks(self.parts, [block], x, am), per_token=tok))  # noqa: B023
+                           for t, x, am in zip(teach, xs, ams))  # noqa: B023 - called only within this iteration
 
             tried: dict[float, float] = {}
             for f in [2 ** (k / 2) for k in range(-4, 7)]:  # 1/4 .. 8

@@ -1,8 +1,8 @@
 """Batched multi-LoRA: a different LoRA per segment of rows in one pass (Punica's SGMV idea), forward and backward."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -99,7 +99,7 @@ def verify(cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, 
     except ValueError:
         raise HandshakeError("the sealing certificate is not a valid DER certificate") from None
     _issuer(cert, ca_pem)
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise HandshakeError(f"the sealing certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
                              f"to {cert.not_valid_after_utc:%Y-%m-%d})")

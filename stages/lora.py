@@ -25,7 +25,7 @@ from tandem.kernels.multilora import multilora_delta, plan_segments, segment_ids
 from .arch import Arch
 from .errors import LayoutError
 
-_BOUND: contextvars.ContextVar["Binding | None"] = contextvars.ContextVar("tandem_lora_binding", default=None)
+_BOUND: contextvars.ContextVar[Binding | None] = contextvars.ContextVar("tandem_lora_binding", default=None)
 
 
 @dataclass
@@ -200,7 +200,7 @@ class LoRASlot(nn.Module):
 
 
 @contextlib.contextmanager
-def bind(binding: "Binding | MultiBinding | None"):
+def bind(binding: Binding | MultiBinding | None):
     """Makes `binding` the adapter seen by every LoRASlot called in this thread."""
     token = _BOUND.set(binding)
     try:

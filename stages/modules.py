@@ -51,7 +51,7 @@ class StageLayout:
         return self.bottom_blocks + self.top_blocks
 
     @classmethod
-    def parse(cls, text: str, config) -> "StageLayout":
+    def parse(cls, text: str, config) -> StageLayout:
         """Parses 'K:M' for a model config."""
         try:
             k, m = (int(x) for x in text.split(":"))

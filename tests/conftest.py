@@ -151,6 +151,7 @@ def split_losses(tcfg, data_dir: str, seed: int, steps: int, seq_len: int = 24, 
     before each step (tests kill replicas there).
     """
     import torch
+
     from tandem.client.data import load_split
     from tandem.client.staged import connect_split
     from tandem.client.trainer import surviving_restarts

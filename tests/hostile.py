@@ -11,6 +11,7 @@ import threading
 from concurrent import futures
 
 import grpc
+
 from tandem.cloud.tls import server_credentials
 from tandem.protos import offsite_pb2, serving_pb2, split_pb2
 from tandem.protos.bundle import read_bundle

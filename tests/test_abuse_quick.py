@@ -55,6 +55,7 @@ def test_huge_names_get_a_bounded_refusal_from_every_service(tiny_models, server
     a header over gRPC's 16 KiB limit: the client got RESOURCE_EXHAUSTED 'Stream removed' without a reason instead
     of the refusal. Every service's refusal is one bounded line with its tandem-reason."""
     import grpc
+
     from tandem.protos import offsite_pb2 as opb
     from tandem.protos import offsite_pb2_grpc as opb_grpc
     from tandem.protos import serving_pb2 as spb

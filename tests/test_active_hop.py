@@ -12,8 +12,6 @@ import logging
 import pytest
 import torch
 
-from conftest import start_server
-from hop import Hop, KeySwap
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
 from tandem.client.staged import connect_split, open_session
@@ -21,6 +19,9 @@ from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport, TransportConfig
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
+
+from conftest import start_server
+from hop import Hop, KeySwap
 
 LORA = LoraConfig(rank=4, alpha=8)
 
@@ -102,7 +103,7 @@ def _sealing_cert_signed_by_the_tls_key(hop):
     tls_key = serialization.load_pem_private_key(hop.tls_key, None)
     tls_cert = x509.load_pem_x509_certificate(hop.tls_cert)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
             .issuer_name(tls_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tandem.client.staged import build_local, connect_split
-from tandem.client.transport import Transport, TransportConfig
+from tandem.client.transport import Transport
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 

@@ -9,9 +9,9 @@ import subprocess
 import grpc
 import pytest
 import torch
-from conftest import BIN, start_server
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
 from tandem.client.errors import ServerError
 from tandem.client.offsite import push_adapter
 from tandem.client.staged import build_local
@@ -25,6 +25,8 @@ from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.protos.bundle import read_bundle
 from tandem.stages.adapter_files import sha256
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
+
+from conftest import BIN, start_server
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 

@@ -10,10 +10,12 @@ import time
 
 import grpc
 import pytest
-from conftest import BIN
+
 from tandem.client.errors import ServerError
 from tandem.client.transport import Transport
 from tandem.protos import split_pb2 as pb
+
+from conftest import BIN
 
 FAST_S = 10.0  # the default --retries 8 used to spend about 90 s retrying a certificate that can never work
 

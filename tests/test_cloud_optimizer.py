@@ -11,13 +11,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import BIN, free_port, metric, start_server
 from safetensors.torch import load_file
+
 from tandem.client.data import load_split
 from tandem.client.errors import ServerError
 from tandem.client.staged import connect_split
 from tandem.client.trainer import TuneConfig, tune
 from tandem.stages.lora import LoraConfig
+
+from conftest import BIN, free_port, metric, start_server
 
 STEPS = 6
 
@@ -209,6 +211,7 @@ def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(tiny_mod
     ten SIGKILLed servers (some during the recovery from the previous one) give the undisturbed run's losses
     and adapter, in one process."""
     from tandem.client.transport import Transport, TransportConfig
+
     from warm_servers import WarmServers
 
     port = free_port()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tandem.client.staged import build_local, connect_split
-from tandem.client.transport import Transport, TransportConfig
+from tandem.client.transport import Transport
 from tandem.stages.lora import LoraConfig
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 
 from tandem.client.data import load_split
 from tandem.client.staged import build_local, connect_split
-from tandem.client.transport import Transport, TransportConfig
+from tandem.client.transport import Transport
 from tandem.stages.lora import LoraConfig
 
 from conftest import ARCHS

@@ -13,16 +13,13 @@ import pytest
 import torch
 
 from tandem.client.data import load_split
+from tandem.client.errors import ServerError
 from tandem.client.staged import connect_split
 from tandem.client.transport import Transport
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
 
 from conftest import BIN, free_port, metric, start_server
-
-
-
-
 
 
 def _tune(server, data, out, steps, seed=7, extra=()):
@@ -207,7 +204,7 @@ def test_stop_drains_in_flight_steps(tiny_models):
     stopped = server.stop(grace=30)  # what SIGTERM triggers
     time.sleep(0.2)
     t2 = Transport(TransportConfig(server=f"127.0.0.1:{port}", insecure=True, seal=False, retries=0))
-    with pytest.raises(Exception):
+    with pytest.raises(ServerError):
         t2.call("GetInfo", pb.GetInfoRequest())  # no new work is accepted
     release.set()
     th.join(30)

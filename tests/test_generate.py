@@ -20,7 +20,7 @@ from tandem.cloud.serving import AdapterNotFound, GenerationService, NotServable
 from tandem.stages.adapter_files import CLIENT_BLOCKS, read_adapter_dir, sha256
 from tandem.stages.arch import arch_for, parts_of
 from tandem.stages.loading import load_model
-from tandem.stages.lora import LoraConfig, LoRAAdapter, PeftMeta, inject_slots, save_peft
+from tandem.stages.lora import LoRAAdapter, LoraConfig, PeftMeta, inject_slots, save_peft
 from tandem.stages.modules import StageLayout
 
 from conftest import ARCHS
@@ -250,7 +250,7 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
     for t in threads:
         t.join(120)
     assert max(r["batch_sequences"] for r in results) > 3, "concurrent requests were decoded together"
-    for (name, prompts), got, want in zip(requests, results, alone):
+    for (name, _prompts), got, want in zip(requests, results, alone):
         assert [c["token_ids"] for c in got["completions"]] == [c["token_ids"] for c in want["completions"]], name
         assert [c["text"] for c in got["completions"]] == [c["text"] for c in want["completions"]]
     base = {r[1][0]: x["completions"][0]["token_ids"] for r, x in zip(requests, alone) if r[0] == ""}

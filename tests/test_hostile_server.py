@@ -7,8 +7,7 @@ import stat
 import time
 
 import pytest
-from conftest import start_server
-from hostile import HostileProxy, chunk, whole_files
+
 from tandem.client.downloads import (
     CACHE_MANIFEST,
     MAX_DOWNLOAD_BYTES,
@@ -22,6 +21,9 @@ from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import load_package
 from tandem.stages.lora import LoraConfig
+
+from conftest import start_server
+from hostile import HostileProxy, chunk, whole_files
 
 STAGES = "client_stages.safetensors"
 

@@ -11,7 +11,12 @@ import torch
 
 from tandem.kernels.lora import lora_delta
 from tandem.kernels.multilora import (
-    HAS_TRITON, multilora_delta, multilora_loop, plan_segments, segment_ids, stack_adapters,
+    HAS_TRITON,
+    multilora_delta,
+    multilora_loop,
+    plan_segments,
+    segment_ids,
+    stack_adapters,
 )
 
 IN, OUT, R = 24, 20, 4

@@ -11,18 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import tandem.emulator.distill as dmod
 from tandem.client.errors import ClientError, ServerError
 from tandem.client.offsite import eval_plugin, fetch_emulator, push_adapter
 from tandem.client.trainer import TuneConfig, tune
-import tandem.emulator.distill as dmod
 from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.errors import EmulatorError, PackageError, SelectionError
 from tandem.emulator.package import load_package
 from tandem.emulator.select import kept_blocks, uniform_keep
 from tandem.emulator.text import read_texts
-from tandem.stages.lora import LoraConfig
 from tandem.stages.loading import load_model
+from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
 
 from conftest import ARCHS
@@ -473,8 +473,8 @@ def test_jacobian_distillation_lowers_the_term(models8, sample_data, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_width_pruning_equals_the_block_with_its_other_neurons_silenced(arch, tmp_path):
-    from tandem.emulator.prune import mlp_layers, mlp_width_of, neuron_scores, prune_blocks
     from tandem.emulator.model import copy_blocks
+    from tandem.emulator.prune import mlp_layers, mlp_width_of, neuron_scores, prune_blocks
     from tandem.stages.arch import parts_of
     from tandem.stages.modules import run_blocks
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHS
+
 from tandem.client import attacks as atk
 from tandem.client.audit import AuditRecorder, read_cloud_view
 from tandem.client.data import load_split
@@ -22,6 +22,8 @@ from tandem.stages.arch import parts_of
 from tandem.stages.loading import client_state, load_model
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
+
+from conftest import ARCHS
 
 
 def _read(path) -> bytes:

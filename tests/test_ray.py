@@ -9,9 +9,8 @@ import time
 
 import pytest
 import torch
+
 from conftest import BIN, free_port, split_losses, terminate
-
-
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from conftest import BIN, Server, split_losses, start_server, terminate
 
 SEED, STEPS, SEQ_LEN, BATCH = 3, 4, 128, 4  # activations of 4 x 128 x 32 float32 = 64 KiB per hop

@@ -11,13 +11,15 @@ import json
 import os
 
 import pytest
-from conftest import start_server
-from hostile import HostileProxy, chunk, whole_files
+
 from tandem.client.downloads import CACHE_MANIFEST
 from tandem.client.errors import ClientError
 from tandem.client.staged import connect_split
 from tandem.client.transport import Transport, TransportConfig
 from tandem.stages.lora import LoraConfig
+
+from conftest import start_server
+from hostile import HostileProxy, chunk, whole_files
 
 
 @pytest.fixture(scope="module")

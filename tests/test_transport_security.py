@@ -52,7 +52,7 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
     ch.close()
     # An expired certificate (valid yesterday only) is refused too.
     old = issue_bundle(server.tls_dir, "expired", days=1,
-                       not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
+                       not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
     ch, stub = _stub(server, old)
     assert _code(stub.GetInfo, pb.GetInfoRequest())[0] == grpc.StatusCode.UNAVAILABLE
     ch.close()
@@ -197,7 +197,7 @@ def test_sealing_certificate_has_its_own_purpose_and_is_checked(tmp_path):
     with pytest.raises(HandshakeError, match="does not verify"):
         verify(der, sign(key, th), b"u" * 32, ca)
     with pytest.raises(HandshakeError, match="validity"):
-        verify(der, sign(key, th), th, ca, now=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=400))
+        verify(der, sign(key, th), th, ca, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=400))
     # The TLS server certificate and key (what a load balancer holds) cannot vouch for sealing keys.
     with open(os.path.join(d, "server.key"), "rb") as f:
         tls_key = serialization.load_pem_private_key(f.read(), None)
