@@ -297,7 +297,8 @@ def audit_run(run_dir: str, cfg: dict | None = None, data=None, tokens: int = 25
     if data is None:
         from .data import load_split
 
-        data = load_split(cfg["data"], tokenizer, cfg["seq_len"], cfg["batch_size"], cfg["seed"], cfg["val_fraction"])
+        data = load_split(cfg["data"], tokenizer, cfg["seq_len"], cfg["batch_size"], cfg["seed"], cfg["val_fraction"],
+                          cfg.get("val_max_sequences", 2**62))  # absent: a run from before the cap
     defense = CutNoise(ctx["defense"]["noise_multiplier"], ctx["defense"]["clip_norm"],
                        ctx["defense"]["first_clip_norm"]) if ctx["defense"] else None
     rows = _sample(fwd, data, tokens)

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import flags
+from .data import MAX_VAL_SEQUENCES
 from .errors import ClientError
 from .offsite_cli import add_offsite_parsers
 from .transport import DEFAULT_CA, DEFAULT_IDENTITY
@@ -32,6 +33,7 @@ def _tune(args) -> int:
         cfg = TuneConfig(data=args.data, out=args.out, mode=args.mode, model=args.model, client_blocks=args.client_blocks,
                          steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          lora=_lora(args), seed=args.seed, val_fraction=args.val_fraction,
+                         val_max_sequences=args.val_max_sequences,
                          checkpoint_every=args.checkpoint_every, tune_client_blocks=args.tune_client_blocks, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress,
                          noise_multiplier=args.noise_multiplier, clip_norm=args.clip_norm, audit=args.audit, audit_tokens=args.audit_tokens,
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-targets", default="", help="comma-separated module names to adapt; default: peft's default for the architecture (q_proj,v_proj / c_attn)")
     t.add_argument("--seed", type=flags.nonneg_int, default=0, help="seed for the split, batch order, LoRA init and dropout; default 0")
     t.add_argument("--val-fraction", type=flags.open_fraction, default=0.1, help="share of sequences held out for validation; default 0.1")
+    t.add_argument("--val-max-sequences", type=flags.positive_int, default=MAX_VAL_SEQUENCES,
+                   help=f"at most this many validation sequences (the rest of the share trains), so a large corpus "
+                        f"evaluates in minutes; default {MAX_VAL_SEQUENCES}")
     t.add_argument("--checkpoint-every", type=flags.positive_int, default=10, help="steps between checkpoints; default 10")
     t.add_argument("--tune-client-blocks", action="store_true",
                    help="also train the client's K+M blocks in full (Offsite-Tuning's adapter layers); saved as adapter/client_blocks.safetensors")

@@ -209,15 +209,22 @@ class DataSplit:
             yield self.val.batch(torch.arange(i, min(i + self.batch_size, len(self.val))))
 
 
-def load_split(data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, val_fraction: float) -> DataSplit:
-    """Reads, packs and splits the data owner's text; the split depends only on the seed and the data."""
+MAX_VAL_SEQUENCES = 512  # held out at most: a large corpus would otherwise spend hours in every evaluation
+
+
+def load_split(data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, val_fraction: float,
+               val_max: int = MAX_VAL_SEQUENCES) -> DataSplit:
+    """Reads, packs and splits the data owner's text; the split depends only on the seed and the data.
+
+    The validation set is `val_fraction` of the sequences, at most `val_max` of them; the rest train.
+    """
     if batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {batch_size}")
     packed = pack(read_examples(data_dir), tokenizer, seq_len)
     n = len(packed)
     if n < 2:
         raise DataError(f"--data yields only {n} sequence of {seq_len} tokens; add text or lower --seq-len")
-    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    n_val = min(n - 1, val_max, max(1, round(n * val_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
     return DataSplit(packed.__class__(**packed.batch(train_idx)), packed.__class__(**packed.batch(val_idx)), batch_size, seed)

@@ -21,7 +21,7 @@ from tandem.stages.loading import client_parts
 from tandem.stages.lora import LoRAAdapter, LoraConfig, block_of, inject_slots, load_peft_tensors
 from tandem.stages.modules import BottomStage, TopStage
 
-from .data import load_split
+from .data import MAX_VAL_SEQUENCES, load_split
 from .downloads import MAX_DOWNLOAD_BYTES, emulator_files, receive
 from .errors import ClientError
 from .staged import LocalMiddle, StagedModel, _check_tokenizer, _gen, _order, _split_names, connect_split
@@ -175,7 +175,7 @@ def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public
 
 
 def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str, seq_len: int = 128, batch_size: int = 4,
-                seed: int = 0, val_fraction: float = 0.1, name: str = "") -> dict:
+                seed: int = 0, val_fraction: float = 0.1, name: str = "", val_max: int = MAX_VAL_SEQUENCES) -> dict:
     """Measures the adapter plugged into the full model, through the split path, on the validation split.
 
     The text stays here: the cloud sees only the activations of the split path, as in `client tune`. The
@@ -212,7 +212,7 @@ def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str
             sm.close()
             sm = connect_split(t, lora, seed, remote_lora=True)
         try:
-            data = load_split(data_dir, sm.tokenizer, seq_len, batch_size, seed, val_fraction)
+            data = load_split(data_dir, sm.tokenizer, seq_len, batch_size, seed, val_fraction, val_max)
             zero_shot = evaluate(sm, data, seed)
             loaded = load_adapter(sm, adapter_dir)
             plugged = evaluate(sm, data, seed)
@@ -224,7 +224,8 @@ def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str
     report = {"mode": "plug-in eval", "model_id": sm.model_id, "server": tcfg.server, "adapter": adapter_dir,
               "adapter_sha256": digest, "registered_as": registered, "loaded": loaded,
               "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
-              "settings": {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "val_fraction": val_fraction},
+              "settings": {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "val_fraction": val_fraction,
+                           "val_max_sequences": val_max},
               "validation": {"zero_shot": zero_shot, "plugged_in": plugged, "sequences": len(data.val),
                              "ppl_change": plugged["ppl"] / zero_shot["ppl"] - 1.0 if not math.isnan(zero_shot["ppl"]) else None},
               "bytes": {"per_kind": tot["per_kind"], "one_time": tot["one_time"], "framing_estimate_bytes": tot["framing_estimate_bytes"]},

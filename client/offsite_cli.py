@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from . import flags
+from .data import MAX_VAL_SEQUENCES
 from .transport import DEFAULT_IDENTITY
 
 
@@ -54,7 +55,8 @@ def _eval(args) -> int:
     data_files(args.data, warn=True)  # before any network call
     check_writable(args.out)
     r = eval_plugin(_tcfg(args, seal=not args.no_seal), args.adapter, args.data, args.out, seq_len=args.seq_len,
-                    batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, name=args.name)
+                    batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction, name=args.name,
+                    val_max=args.val_max_sequences)
     v = r["validation"]
     print(f"validation ({v['sequences']} sequences): zero-shot ppl {v['zero_shot']['ppl']:.3f} -> plugged-in ppl "
           f"{v['plugged_in']['ppl']:.3f}; report: {args.out}/eval.json")
@@ -108,6 +110,8 @@ def add_offsite_parsers(sub) -> None:
     e.add_argument("--batch-size", type=flags.positive_int, default=4, help="sequences per evaluation batch; default 4")
     e.add_argument("--seed", type=flags.nonneg_int, default=0, help="seed of the train/validation split (as in tune); default 0")
     e.add_argument("--val-fraction", type=flags.open_fraction, default=0.1, help="validation share (as in tune); default 0.1")
+    e.add_argument("--val-max-sequences", type=flags.positive_int, default=MAX_VAL_SEQUENCES,
+                   help=f"the validation set's cap (as in tune); default {MAX_VAL_SEQUENCES}")
     e.add_argument("--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies)")
     _transport_flags(e)
     e.set_defaults(func=_eval)

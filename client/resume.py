@@ -21,6 +21,7 @@ def settings(cfg, tcfg, data_fingerprint: str) -> dict:
         "--batch-size": cfg.batch_size,
         "--seq-len": cfg.seq_len,
         "--val-fraction": cfg.val_fraction,
+        "--val-max-sequences": cfg.val_max_sequences,
         "--seed": cfg.seed,
         "--lora-rank": cfg.lora.rank,
         "--lora-alpha": cfg.lora.alpha,

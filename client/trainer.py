@@ -19,7 +19,7 @@ from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
 from . import audit as privacy
 from . import resume, rundir
 from .audit import AuditRecorder
-from .data import fingerprint, load_split
+from .data import MAX_VAL_SEQUENCES, fingerprint, load_split
 from .errors import CheckpointError
 from .staged import SessionLost, StagedModel, build_local, connect_split
 from .transport import Meter, Transport, TransportConfig
@@ -59,6 +59,7 @@ class TuneConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     seed: int = 0
     val_fraction: float = 0.1
+    val_max_sequences: int = MAX_VAL_SEQUENCES  # the validation set's cap (the rest of the held-out share trains)
     checkpoint_every: int = 10
     tune_client_blocks: bool = False  # also train the client's K+M blocks in full
     noise_multiplier: float = 0.0  # Gaussian noise at the bottom cut, sigma = noise_multiplier * clip_norm
@@ -86,6 +87,8 @@ class TuneConfig:
                              f"{self.batch_size}, {self.checkpoint_every}, {self.seq_len}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_max_sequences < 1:
+            raise ValueError(f"val_max_sequences must be >= 1, got {self.val_max_sequences}")
         if self.noise_multiplier < 0 or self.clip_norm < 0:
             raise ValueError(f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}")
         if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
@@ -201,7 +204,8 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     try:
         stages = resume.stages(sm, cfg.lora)
         resume.check(ckpt.get("stages") if ckpt else None, stages, cfg.out)
-        data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction)
+        data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction,
+                          cfg.val_max_sequences)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
         privacy.attach(sm, cfg, total_steps, transport.recorder if transport is not None else None)
         remote = {id(p) for p in sm.middle.params} if cfg.cloud_optimizer else set()  # the cloud updates these

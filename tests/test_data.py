@@ -124,3 +124,21 @@ def test_which_files_are_read(tok, tmp_path, caplog):
     assert "ignoring 3 file(s)" in caplog.text and "f.pdf, g.docx, sub" in caplog.text
     completions = ["".join(c) for _, c in read_examples(str(tmp_path))]
     assert completions == ["alpha", "beta", "gamma", "# delta", "eps"]  # the whitespace-only file adds nothing
+
+
+
+def test_validation_set_is_capped_and_the_rest_trains(tok, tmp_path):
+    """A large corpus holds out at most val_max sequences (evaluation stays minutes long); nothing is lost from training."""
+    from tandem.client.data import MAX_VAL_SEQUENCES
+
+    (tmp_path / "big.txt").write_text(" ".join(f"w{i % 97}" for i in range(60_000)))
+    full = load_split(str(tmp_path), tok, 16, 4, seed=0, val_fraction=0.1, val_max=10**9)
+    n = len(full.train) + len(full.val)
+    assert len(full.val) == round(n * 0.1) > 40, len(full.val)  # the share alone
+    capped = load_split(str(tmp_path), tok, 16, 4, seed=0, val_fraction=0.1, val_max=40)
+    assert len(capped.val) == 40 and len(capped.train) + len(capped.val) == n
+    assert sum(1 for _ in capped.val_batches()) == 10  # 40 sequences in batches of 4
+    again = load_split(str(tmp_path), tok, 16, 4, seed=0, val_fraction=0.1, val_max=40)
+    assert torch.equal(again.val.batch(torch.arange(40))["input_ids"], capped.val.batch(torch.arange(40))["input_ids"])
+    default = load_split(str(tmp_path), tok, 16, 4, seed=0, val_fraction=0.5)
+    assert len(default.val) == min(MAX_VAL_SEQUENCES, round(n * 0.5)) == MAX_VAL_SEQUENCES
