@@ -7,7 +7,8 @@ import shutil
 from .errors import ClientError
 
 # What `client tune` writes into a run directory; --overwrite removes these and nothing else.
-ARTIFACTS = ("checkpoint.pt", "checkpoint.pt.tmp", "report.json", "report.json.tmp", "report.png", "adapter", "cloud_view")
+ARTIFACTS = ("checkpoint.pt", "checkpoint.pt.tmp", "report.json", "report.json.tmp", "report.png", "adapter", "cloud_view",
+             "privacy_context.json")
 FINISHED = ("report.json", "adapter")
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -80,8 +81,17 @@ def make_private_dir(path: str) -> None:
         os.chmod(path, PRIVATE_DIR)
 
 
+def make_run_private(out: str) -> None:
+    """Restricts `out` and what tandem wrote in it; files --overwrite kept (a project's scripts) keep their modes."""
+    make_private_dir(out)
+    for name in ARTIFACTS:
+        make_private(os.path.join(out, name))
+
+
 def make_private(path: str) -> None:
-    """Restricts a file (0600) or a directory tree (0700 dirs, 0600 files) to this user."""
+    """Restricts a file (0600) or a directory tree (0700 dirs, 0600 files) to this user; links are not followed."""
+    if os.path.islink(path) or not os.path.exists(path):
+        return
     if os.path.isfile(path):
         os.chmod(path, PRIVATE_FILE)
         return

@@ -317,7 +317,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
             write_json(os.path.join(cfg.out, "report.json"), report)
             report["privacy"] = privacy.audit_run(cfg.out, _cfg_dict(cfg), data, tokens=cfg.audit_tokens, progress=cfg.progress)
         write_json(os.path.join(cfg.out, "report.json"), report)
-        rundir.make_private(cfg.out)  # adapter, report, recorded traffic (the CLI's umask already did; library calls too)
+        rundir.make_run_private(cfg.out)  # adapter, report, recorded traffic (the CLI's umask already did; library calls too)
         return report
     finally:
         sm.close()

@@ -73,3 +73,22 @@ def test_unfinished_and_foreign_dirs_are_refused(tiny_models, sample_data, tmp_p
     client(*local_tune(tiny_models["gpt2"], sample_data, str(foreign), "--overwrite"), check_rc=0)
     assert (foreign / "thesis.tex").read_text() == "years of work"
     assert (foreign / "report.json").exists()
+
+
+def test_overwrite_leaves_kept_files_modes_alone(tiny_models, sample_data, tmp_path):
+    """--out in a project folder with --overwrite: tandem's files become private, the owner's keep their modes."""
+    project = tmp_path / "project"
+    (project / "bin").mkdir(parents=True)
+    script = project / "bin" / "train.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    (project / "bin").chmod(0o755)
+    shared = project / "notes.txt"
+    shared.write_text("for the team")
+    shared.chmod(0o644)
+    client(*local_tune(tiny_models["gpt2"], sample_data, str(project), "--overwrite"), check_rc=0)
+    assert oct(script.stat().st_mode & 0o777) == oct(0o755)  # still executable
+    assert oct((project / "bin").stat().st_mode & 0o777) == oct(0o755)
+    assert oct(shared.stat().st_mode & 0o777) == oct(0o644)
+    assert (project / "report.json").stat().st_mode & 0o077 == 0  # the run's own files are private
+    assert (project / "adapter" / "adapter_model.safetensors").stat().st_mode & 0o077 == 0
