@@ -91,7 +91,8 @@ class BackboneService:
         self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
         self.config_json = config_json(loaded.config)
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
-        self._state_fit = self._calibrate()
+        # Padding makes the attention keep a (batch, seq, seq) mask per block: a second fit for padded passes.
+        self._state_fit = {pad: self._calibrate(pad) for pad in (False, True)}
         self.batcher = (Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs), sessions=lambda: len(self.store))
                         if batching else None)
         log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
@@ -159,19 +160,21 @@ class BackboneService:
                 raise InvalidRequest("attention_mask: a row has no real token")
 
     # Admission -------------------------------------------------------------------------------
-    def _saved_bytes(self, b: int, t: int) -> int:
+    def _saved_bytes(self, b: int, t: int, pad: bool) -> int:
         """Bytes autograd keeps for one training forward of (b, t) tokens through the middle, without adapters."""
         h = torch.zeros(b, t, self.hidden_size, requires_grad=True)
+        mask = torch.ones(b, t, dtype=torch.long)
+        mask[:, 0] = 0 if pad else 1
         saved = _SavedBytes(self._param_ptrs)
         with torch.enable_grad(), bind(None), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            self.middle(h, torch.ones(b, t, dtype=torch.long))
+            self.middle(h, mask)
         return saved.total
 
-    def _calibrate(self) -> tuple[float, float, float]:
+    def _calibrate(self, pad: bool) -> tuple[float, float, float]:
         """Fits the middle's forward state as k + b*(a*t + c*t^2) bytes from three tiny passes (c: attention
         maps, when the attention implementation keeps them), so a request's state is known before it runs."""
         t1, t2 = min(32, self.max_positions), min(64, self.max_positions)
-        f11, f12, f22 = self._saved_bytes(1, t1), self._saved_bytes(1, t2), self._saved_bytes(2, t2)
+        f11, f12, f22 = (self._saved_bytes(b, t, pad) for b, t in ((1, t1), (1, t2), (2, t2)))
         row2 = f22 - f12  # one row of t2 tokens
         k = max(0.0, f12 - row2)
         row1 = f11 - k
@@ -179,9 +182,10 @@ class BackboneService:
         a = max(0.0, row1 / t1 - c * t1, row2 / t2 - c * t2)
         return k, a, c
 
-    def state_estimate(self, s: Session, b: int, t: int) -> int:
-        """The forward state a training forward of (b, t) tokens in session s will keep, in bytes (see _calibrate)."""
-        k, a, c = self._state_fit
+    def state_estimate(self, s: Session, b: int, t: int, padded: bool = True) -> int:
+        """The forward state a training forward of (b, t) tokens in session s will keep, in bytes (see _calibrate);
+        `padded`: some row has padding (or the pass is shared, where rows are padded to a common length)."""
+        k, a, c = self._state_fit[padded]
         per_token = 2 * self.hidden_size * 4  # the input and output kept with the graph
         for sl in s.slots:  # the LoRA path: A x (rank), and with dropout its mask and dropped-out input
             per_token += 4 * 2 * s.lora_cfg.rank + (8 * sl.in_features if s.lora_cfg.dropout > 0 else 0)
@@ -217,11 +221,13 @@ class BackboneService:
         s = self.store.get(sid, owner)
         self._check_activations(h, mask, "hidden")
         with s.lock:
+            batched = self.batcher is not None and (len(self.store) > 1 or self.batcher.busy)
             if train:  # refuse, or make room, before the compute: memory is spent as the forward runs
-                self.store.admit(s, step, self.state_estimate(s, h.shape[0], h.shape[1]))
+                padded = batched or not bool(mask.all())
+                self.store.admit(s, step, self.state_estimate(s, h.shape[0], h.shape[1], padded))
             lora = self._lora_for(s, lora_version, lora_flat)
             gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
-            if self.batcher is not None and (len(self.store) > 1 or self.batcher.busy):
+            if batched:
                 return self._forward_batched(s, step, h, mask, lora, gen, train)
             t0 = time.perf_counter()
             binding = Binding(

@@ -177,6 +177,23 @@ def test_a_forward_over_the_memory_cap_is_refused_before_it_runs(tiny_models, se
     ch.close()
 
 
+def test_a_padded_forward_is_estimated_with_its_mask(tiny_models, server_factory):
+    """One padded token makes the attention keep a (batch, seq, seq) mask per block: the estimate must include it."""
+    server = server_factory(tiny_models["llama"], "--memory-cap-mb", "72")
+    ch, stub = _raw(server)
+    sid = _open(stub).session_id
+    h = torch.randn(64, 256, HIDDEN)  # unpadded: ~57 MB of state, admitted and kept
+    stub.Forward(_fwd(sid, h), timeout=120)
+    padded = _fwd(sid, h, step=1)
+    mask = torch.ones(64, 256, dtype=torch.uint8)
+    mask[:, :100] = 0  # left padding: ~89 MB of state if it ran
+    padded.attention_mask.CopyFrom(serde.to_proto(mask))
+    code, reason, details = _code_reason(stub.Forward, padded)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "too-large", details
+    assert "estimated" in details, f"refused only after the compute ran: {details}"
+    ch.close()
+
+
 def test_lora_rank_and_cloud_optimizer_state_count_against_the_cap(tiny_models, server_factory):
     server = server_factory(tiny_models["llama"], "--memory-cap-mb", "16", "--max-lora-rank", "4096")
     ch, stub = _raw(server)
