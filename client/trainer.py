@@ -20,7 +20,7 @@ from . import audit as privacy
 from . import resume, rundir
 from .audit import AuditRecorder
 from .data import MAX_VAL_SEQUENCES, fingerprint, load_split
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 from .staged import SessionLost, StagedModel, build_local, connect_split
 from .transport import Meter, Transport, TransportConfig
 
@@ -132,6 +132,13 @@ def evaluate(sm: StagedModel, data, seed: int) -> dict:
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
 
 
+def _check_positions(config, seq_len: int) -> None:
+    """--seq-len within the model's positions (the cloud refuses longer; GPT-2's position table would raise)."""
+    n = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+    if n and seq_len > n:
+        raise DataError(f"--seq-len {seq_len} is over the model's {n} positions; use --seq-len {n} or less")
+
+
 def _ckpt_path(out: str) -> str:
     return os.path.join(out, "checkpoint.pt")
 
@@ -204,6 +211,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
     try:
         stages = resume.stages(sm, cfg.lora)
         resume.check(ckpt.get("stages") if ckpt else None, stages, cfg.out)
+        _check_positions(sm.config, cfg.seq_len)
         data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction,
                           cfg.val_max_sequences)
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))

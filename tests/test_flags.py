@@ -150,3 +150,13 @@ def test_cloud_serve_on_a_port_in_use_is_one_line(tiny_models):
         line = _one_line_exit([os.path.join(BIN, "cloud"), "serve", "--model", tiny_models["gpt2"], "--insecure",
                                "--listen", f"127.0.0.1:{port}"])
     assert "--listen" in line and "in use" in line
+
+
+def test_seq_len_over_the_models_positions_is_one_line(tiny_models, sample_data, tmp_path):
+    """--seq-len passes its own check (>= 2) but the model has 256 positions: one line, not an IndexError."""
+    cmd = [os.path.join(BIN, "client"), "tune", "--mode", "local", "--model", tiny_models["gpt2"], "--data", sample_data,
+           "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--seq-len", "300", "--no-progress"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--seq-len 300" in last and "256 positions" in last, last
