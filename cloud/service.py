@@ -222,30 +222,41 @@ class BackboneService:
         self._check_activations(h, mask, "hidden")
         with s.lock:
             batched = self.batcher is not None and (len(self.store) > 1 or self.batcher.busy)
-            if train:  # refuse, or make room, before the compute: memory is spent as the forward runs
-                padded = batched or not bool(mask.all())
-                self.store.admit(s, step, self.state_estimate(s, h.shape[0], h.shape[1], padded))
-            lora = self._lora_for(s, lora_version, lora_flat)
-            gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
-            if batched:
-                return self._forward_batched(s, step, h, mask, lora, gen, train)
-            t0 = time.perf_counter()
-            binding = Binding(
-                {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
-                s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen,
-            )
-            am = mask.to(torch.long)
-            if train:
-                h_in = h.requires_grad_(True)
-                saved = _SavedBytes(self._param_ptrs)
-                with torch.enable_grad(), bind(binding), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                    out = self.middle(h_in, am)
-                self.store.put(s, step, Pending(h_in, out, lora, saved.total + h.nbytes + out.nbytes))
-            else:
-                with torch.no_grad(), bind(binding):
-                    out = self.middle(h, am)
-            s.last_used = time.monotonic()  # a long compute must not count as idle time
-            return out.detach(), time.perf_counter() - t0
+            if not train:
+                return self._forward_in(s, step, h, mask, lora_version, lora_flat, dropout_seed, False, batched)
+            # Refuse, or make room, before the compute: memory is spent as the forward runs. The reservation
+            # holds until the real state is stored, or is given back if the forward fails.
+            self.store.admit(s, step, self.state_estimate(s, h.shape[0], h.shape[1], batched or not bool(mask.all())))
+            try:
+                return self._forward_in(s, step, h, mask, lora_version, lora_flat, dropout_seed, True, batched)
+            finally:
+                self.store.unreserve(s, step)
+
+    def _forward_in(self, s: Session, step: int, h: torch.Tensor, mask: torch.Tensor, lora_version: int,
+                    lora_flat: torch.Tensor | None, dropout_seed: int, train: bool,
+                    batched: bool) -> tuple[torch.Tensor, float]:
+        """The forward itself, once admitted (the session's lock is held)."""
+        lora = self._lora_for(s, lora_version, lora_flat)
+        gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
+        if batched:
+            return self._forward_batched(s, step, h, mask, lora, gen, train)
+        t0 = time.perf_counter()
+        binding = Binding(
+            {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
+            s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen,
+        )
+        am = mask.to(torch.long)
+        if train:
+            h_in = h.requires_grad_(True)
+            saved = _SavedBytes(self._param_ptrs)
+            with torch.enable_grad(), bind(binding), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = self.middle(h_in, am)
+            self.store.put(s, step, Pending(h_in, out, lora, saved.total + h.nbytes + out.nbytes))
+        else:
+            with torch.no_grad(), bind(binding):
+                out = self.middle(h, am)
+        s.last_used = time.monotonic()  # a long compute must not count as idle time
+        return out.detach(), time.perf_counter() - t0
 
     def backward(self, owner: str, sid: str, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Back-propagates through the stored graph. Returns (grad input, flat LoRA grads, compute seconds)."""

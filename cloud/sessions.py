@@ -87,6 +87,9 @@ class SessionStore:
         self._lru: OrderedDict[tuple[str, int], int] = OrderedDict()  # (session, step) -> bytes
         self._used = 0
         self._resident = 0  # sessions' resident bytes, together
+        # Estimated state of admitted training forwards still computing, (session, step) -> bytes: concurrent
+        # forwards must not each be admitted against the same free memory.
+        self._in_flight: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
 
     @property
@@ -117,7 +120,7 @@ class SessionStore:
             if quota and sum(1 for x in self._sessions.values() if x.owner == owner) >= quota:
                 raise Overloaded(f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later")
             self._evict(resident)
-            if self._used + self._resident + resident > cap:
+            if self._used + self._resident + self._reserved() + resident > cap:
                 raise Overloaded(f"the server's memory cap ({cap / 2**20:.2f} MiB) is held by other sessions' adapters; "
                                  "retry later or use a smaller --rank")
             sid = sid or secrets.token_urlsafe(16)
@@ -176,18 +179,33 @@ class SessionStore:
                         f"{cap / 2**20:.2f} MiB{held}; use a smaller --batch-size or --seq-len")
 
     def admit(self, s: Session, step: int, nbytes: int) -> None:
-        """Before a training forward runs: refuses one whose estimated state (`nbytes`) can never fit, and
-        evicts least recently used state (and this session's older steps) so that it will."""
-        if nbytes > self.cfg.memory_bytes - self._resident:
+        """Before a training forward runs: refuses one whose estimated state (`nbytes`) can never fit, evicts
+        least recently used state (and this session's older steps) so that it will, and reserves it until `put`
+        stores the real state or `unreserve` gives it back. Forwards still computing hold their reservations:
+        when they leave no room, this one is refused as overloaded (retryable)."""
+        cap = self.cfg.memory_bytes
+        if nbytes > cap - self._resident:
             raise self._too_large(nbytes, "an estimated ")
         with self._lock:
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
+            self._in_flight.pop((s.id, step), None)  # a retry of this very step replaces its reservation
             self._evict(nbytes)
+            if self._used + self._resident + self._reserved() + nbytes > cap:
+                raise Overloaded(f"forwards in flight hold the server's memory cap ({cap / 2**20:.2f} MiB); retry")
+            self._in_flight[(s.id, step)] = nbytes
+
+    def unreserve(self, s: Session, step: int) -> None:
+        """Gives back what `admit` reserved for a forward that stored nothing (it failed); no-op after `put`."""
+        with self._lock:
+            self._in_flight.pop((s.id, step), None)
+
+    def _reserved(self) -> int:
+        return sum(self._in_flight.values())
 
     def _evict(self, nbytes: int) -> None:
         """Drops least recently used forward state until `nbytes` more fit under the cap (or none is left). Holds the lock."""
-        while self._used + self._resident + nbytes > self.cfg.memory_bytes and self._lru:
+        while self._used + self._resident + self._reserved() + nbytes > self.cfg.memory_bytes and self._lru:
             (sid, old_step), _ = next(iter(self._lru.items()))
             victim = self._sessions.get(sid)
             if victim is None:
@@ -202,6 +220,7 @@ class SessionStore:
             raise self._too_large(p.nbytes, "")
         p.taken = False
         with self._lock:
+            self._in_flight.pop((s.id, step), None)  # the estimate gives way to the real state
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
             self._evict(p.nbytes)

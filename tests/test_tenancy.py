@@ -378,3 +378,32 @@ def test_unread_emulator_downloads_do_not_freeze_the_server(wide_model, server_f
     assert list(out.hidden.shape) == [1, 8, 256] and time.monotonic() - t1 < 20
     for ch, _ in chans:
         ch.close()
+
+
+def test_forwards_in_flight_reserve_their_estimate():
+    """Concurrent training forwards are admitted against memory the others have not yet claimed: each admitted
+    forward holds its estimate until its state is stored (or it fails), so N workers cannot each take the cap."""
+    from tandem.cloud.errors import Overloaded, TooLarge
+    from tandem.cloud.sessions import Pending, SessionStore, StoreConfig
+    from tandem.stages.lora import LoraConfig
+
+    mib = 2**20
+    store = SessionStore(StoreConfig(memory_bytes=100 * mib, max_sessions_per_identity=0))
+    a, b, c = (store.open(name, LoraConfig(rank=4), [], False, "float32") for name in "abc")
+    store.admit(a, 0, 60 * mib)  # a computes...
+    with pytest.raises(Overloaded, match="in flight"):
+        store.admit(b, 0, 60 * mib)  # ...so b may not count on the same 60 MiB
+    store.admit(c, 0, 30 * mib)  # what is left still admits
+    with pytest.raises(TooLarge):
+        store.admit(b, 0, 101 * mib)  # never fits: too large, not a retry
+    store.unreserve(c, 0)  # c failed: its reservation is given back
+    store.put(a, 0, Pending(None, torch.zeros(1), [], 50 * mib))  # a stored its real state, replacing the estimate
+    assert store.used_bytes == 50 * mib
+    store.admit(b, 0, 45 * mib)  # 50 held + 45 reserved fit
+    store.admit(c, 1, 10 * mib)  # 50 + 45 + 10 > 100: a's stored state (least recently used) is evicted for it
+    assert 0 in a.evicted and store.used_bytes == 0
+    with pytest.raises(Overloaded, match="in flight"):
+        store.admit(a, 1, 50 * mib)  # 45 + 10 reserved by forwards still running, nothing left to evict
+    store.put(b, 0, Pending(None, torch.zeros(1), [], 45 * mib))
+    store.unreserve(c, 1)
+    store.admit(a, 1, 50 * mib)  # b's real state + a's estimate fit once c gave its reservation back
