@@ -122,22 +122,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The server and its memory -------------------------------------------------------------------------------------------
 def make_model(out_dir: str, hidden: int) -> str:
     """A random 6-block Llama of width `hidden` with the tests' small tokenizer (tests/tiny.py)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tiny import make_tokenizer
+    import tiny
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    tok = make_tokenizer(out_dir)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-                      vocab_size=len(tok) + 4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out_dir)
-    return out_dir
+    return tiny.make_model("llama", out_dir, hidden=hidden, positions=512)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:

@@ -12,9 +12,12 @@ from concurrent import futures
 
 import grpc
 
+from tandem.client.staged import connect_split
+from tandem.client.transport import Transport, TransportConfig
 from tandem.cloud.tls import server_credentials
 from tandem.protos import offsite_pb2, serving_pb2, split_pb2
 from tandem.protos.bundle import read_bundle
+from tandem.stages.lora import LoraConfig
 
 FILE_STREAMS = ("/tandem.v1.SplitTuning/FetchClientStages", "/tandem.v1.OffsiteTuning/FetchEmulator")
 OPEN_SESSION = "/tandem.v1.SplitTuning/OpenSession"
@@ -116,3 +119,14 @@ class _Forward(grpc.GenericRpcHandler):
                 return
             self.p.count()
             yield c.SerializeToString()
+
+
+def connect_via(addr: str, server, **kw):
+    """A split model built through `addr` (the server itself or a proxy in front of it), its session closed."""
+    t = Transport(TransportConfig(server=addr, ca=server.ca, identity=server.identity, retries=0, **kw))
+    try:
+        sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
+        sm.close()
+        return sm
+    finally:
+        t.close()

@@ -15,15 +15,13 @@ from tandem.client.downloads import (
 )
 from tandem.client.errors import ClientError
 from tandem.client.offsite import fetch_emulator
-from tandem.client.staged import connect_split
-from tandem.client.transport import Transport, TransportConfig
+from tandem.client.transport import TransportConfig
 from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import load_package
-from tandem.stages.lora import LoraConfig
 
 from conftest import start_server
-from hostile import HostileProxy, chunk, whole_files
+from hostile import HostileProxy, chunk, connect_via, whole_files
 
 STAGES = "client_stages.safetensors"
 
@@ -56,18 +54,14 @@ def tcfg(cloud, **kw) -> TransportConfig:
     return TransportConfig(server=proxy.addr, ca=server.ca, identity=server.identity, retries=0, **kw)
 
 
+
 def files_under(root) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
 def connect(cloud, **kw):
-    t = Transport(tcfg(cloud, **kw))
-    try:
-        sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
-        sm.close()
-        return sm
-    finally:
-        t.close()
+    server, proxy, _ = cloud
+    return connect_via(proxy.addr, server, **kw)
 
 
 def _replace(name: str, data: bytes):

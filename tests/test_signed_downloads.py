@@ -14,12 +14,9 @@ import pytest
 
 from tandem.client.downloads import CACHE_MANIFEST
 from tandem.client.errors import ClientError
-from tandem.client.staged import connect_split
-from tandem.client.transport import Transport, TransportConfig
-from tandem.stages.lora import LoraConfig
 
 from conftest import start_server
-from hostile import HostileProxy, chunk, whole_files
+from hostile import HostileProxy, chunk, connect_via, whole_files
 
 
 @pytest.fixture(scope="module")
@@ -51,36 +48,28 @@ def _swap_tokenizer(cs):
     return [chunk(n, b) for n, b in files.items()]
 
 
-def _connect(addr: str, server, **kw):
-    t = Transport(TransportConfig(server=addr, ca=server.ca, identity=server.identity, retries=0, **kw))
-    try:
-        sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
-        sm.close()
-        return sm
-    finally:
-        t.close()
 
 
 def test_a_hop_cannot_substitute_the_tokenizer(cloud, cache):
     server, hop = cloud
-    honest = _connect(server.addr, server).tokenizer.convert_tokens_to_ids("a")
+    honest = connect_via(server.addr, server).tokenizer.convert_tokens_to_ids("a")
     for d in os.listdir(cache):  # download again, through the hop
         os.rename(cache / d, cache.parent / f"away-{d}")
     hop.rewrite = _swap_tokenizer
     try:
         with pytest.raises(ClientError, match="files the server's signed handshake names") as ei:
-            _connect(hop.addr, server)
+            connect_via(hop.addr, server)
     finally:
         hop.rewrite = None
     assert "\n" not in str(ei.value)
     assert os.listdir(cache) == [], "the substituted tokenizer was not cached"
-    assert _connect(hop.addr, server).tokenizer.convert_tokens_to_ids("a") == honest
+    assert connect_via(hop.addr, server).tokenizer.convert_tokens_to_ids("a") == honest
 
 
 def test_a_cached_tokenizer_from_another_server_is_not_used(cloud, cache):
     """A cache entry is keyed by the stages' hash; a tokenizer recorded beside them must be the signed one too."""
     server, _ = cloud
-    sm = _connect(server.addr, server)
+    sm = connect_via(server.addr, server)
     honest = sm.tokenizer.convert_tokens_to_ids("a")
     d = cache / sm.stages_sha256
     # What a hostile cloud serving the same (public) stages with its own tokenizer leaves behind: a consistent record.
@@ -89,7 +78,7 @@ def test_a_cached_tokenizer_from_another_server_is_not_used(cloud, cache):
     record = json.loads((d / CACHE_MANIFEST).read_text())
     record["tokenizer.json"] = __import__("hashlib").sha256(swapped).hexdigest()
     (d / CACHE_MANIFEST).write_text(json.dumps(record))
-    again = _connect(server.addr, server)
+    again = connect_via(server.addr, server)
     assert again.tokenizer.convert_tokens_to_ids("a") == honest
     assert (d / "tokenizer.json").read_bytes() != swapped, "downloaded again over the foreign entry"
 
@@ -100,12 +89,12 @@ def test_a_planted_fifo_in_the_cache_is_not_read(cloud, cache):
     import threading
 
     server, _ = cloud
-    sm = _connect(server.addr, server)
+    sm = connect_via(server.addr, server)
     d = cache / sm.stages_sha256
     os.remove(d / "tokenizer_config.json")
     os.mkfifo(d / "tokenizer_config.json")
     done = []
-    th = threading.Thread(target=lambda: done.append(_connect(server.addr, server)), daemon=True)
+    th = threading.Thread(target=lambda: done.append(connect_via(server.addr, server)), daemon=True)
     th.start()
     th.join(30)
     hung = th.is_alive()

@@ -87,12 +87,17 @@ def test_an_oversized_legal_forward_runs_alone_while_others_train(tiny_models, s
 
 
 # 2. Dropped forward state is really freed ----------------------------------------------------------------
-def _rss_mb(pid: int) -> float:
+def _status_mb(pid: int, key: str) -> float:
+    """A size line of /proc/PID/status in MiB: VmRSS (resident now) or VmHWM (its peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {key}")
+
+
+def _rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmRSS")
 
 
 def test_forward_state_without_backward_is_freed(tiny_models, server_factory, monkeypatch):
@@ -145,11 +150,7 @@ def test_forward_state_without_backward_is_freed(tiny_models, server_factory, mo
 
 # 3. Admission before compute; adapters inside the memory cap; per-identity session quota ------------------
 def _peak_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
+    return _status_mb(pid, "VmHWM")
 
 
 def _code_reason(call, req):
@@ -301,19 +302,9 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """A Llama of hidden size 256: its client stages (~17 MB) cannot sit in a stalled reader's flow-control window."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny import make_model
 
-    from tiny import make_tokenizer
-
-    out = str(tmp_path_factory.mktemp("wide"))
-    tok = make_tokenizer(out)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                      vocab_size=len(tok) + 4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
-    return out
+    return make_model("llama", str(tmp_path_factory.mktemp("wide")), hidden=256)
 
 
 def test_unread_downloads_do_not_freeze_the_server(wide_model, server_factory):

@@ -26,8 +26,8 @@ def make_tokenizer(out_dir: str, vocab_size: int = 300):
     return tok
 
 
-def make_model(arch: str, out_dir: str, layers: int = 6, seed: int = 0) -> str:
-    """Writes a tiny random causal LM of `arch` (llama, qwen2, gpt2) plus tokenizer to out_dir."""
+def make_model(arch: str, out_dir: str, layers: int = 6, seed: int = 0, hidden: int = 32, positions: int = 256) -> str:
+    """Writes a tiny random causal LM of `arch` (llama, qwen2, gpt2) plus tokenizer to out_dir (MLP width 2 x hidden)."""
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     os.makedirs(out_dir, exist_ok=True)
@@ -35,13 +35,13 @@ def make_model(arch: str, out_dir: str, layers: int = 6, seed: int = 0) -> str:
     vocab = len(tok) + 4
     common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True, **common)
     elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
+        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=False, **common)
     elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
+        cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions, **common)
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
