@@ -58,6 +58,8 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     if tls_dir is not None and sealing is None:
         log.warning("no sealing certificate in %s: TLS clients will refuse to seal (`cloud serve` issues one)", tls_dir)
     # Downloads may hold at most all workers but two: health checks and training calls always find one free.
+    if max_downloads < 1:
+        raise ValueError(f"--max-downloads must be >= 1, got {max_downloads}")
     streams = StreamSlots(max(1, min(max_downloads, workers - 2)), download_deadline_s)
     servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing, sealing=sealing,
                                    streams=streams)

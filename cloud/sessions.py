@@ -38,6 +38,8 @@ class StoreConfig:
             raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
         if self.ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+        if self.max_sessions_per_identity < 0:  # a negative quota would refuse every session
+            raise ValueError(f"--quota-sessions must be >= 0 (0 = no per-identity limit), got {self.max_sessions_per_identity}")
 
 
 @dataclass

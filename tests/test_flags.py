@@ -160,3 +160,13 @@ def test_seq_len_over_the_models_positions_is_one_line(tiny_models, sample_data,
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "--seq-len 300" in last and "256 positions" in last, last
+
+
+@pytest.mark.parametrize("flag, value", [("--quota-sessions", "-2"), ("--max-downloads", "-1")])
+def test_cloud_serve_refuses_negative_limits(tiny_models, flag, value):
+    """A negative session quota would refuse every session, and a negative download limit was silently raised to 1."""
+    r = subprocess.run([os.path.join(BIN, "cloud"), "serve", "--model", tiny_models["gpt2"], "--insecure",
+                        "--listen", "127.0.0.1:0", flag, value], capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last.startswith("cloud serve: ") and flag in last and value in last, last
