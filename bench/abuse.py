@@ -24,6 +24,7 @@ crowd   --crowd-clients clients train concurrently next to one whose batch (--bi
 
 Writes bench/out/abuse.json (or --out) and prints a table. Exits 1 when a pass/fail field failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 FUZZ_IDENTITY, VANISH_IDENTITY = "fuzzer", "vanisher"
 INT64 = (-(2**63), 2**63 - 1)
 SPLIT, OFFSITE, SERVING = "tandem.v1.SplitTuning", "tandem.v1.OffsiteTuning", "tandem.v1.AdapterServing"
-RPCS = [(SPLIT, m) for m in ("GetInfo", "OpenSession", "FetchClientStages", "Forward", "Backward", "CloseSession",
-                             "GetRemoteState", "PutRemoteState")] + \
-       [(OFFSITE, m) for m in ("FetchEmulator", "PushAdapter", "ListAdapters")] + [(SERVING, "Generate")]
+RPCS = (
+    [
+        (SPLIT, m)
+        for m in (
+            "GetInfo",
+            "OpenSession",
+            "FetchClientStages",
+            "Forward",
+            "Backward",
+            "CloseSession",
+            "GetRemoteState",
+            "PutRemoteState",
+        )
+    ]
+    + [(OFFSITE, m) for m in ("FetchEmulator", "PushAdapter", "ListAdapters")]
+    + [(SERVING, "Generate")]
+)
 STREAMING = {"FetchClientStages", "FetchEmulator"}
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 RSS_MARGIN = 0.10  # RSS after the TTL must be within this fraction of the start
@@ -59,48 +74,121 @@ RSS_MARGIN = 0.10  # RSS after the TTL must be within this fraction of the start
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="small counts for CI (under a minute on 2 cores): overrides the size flags below unless given")
-    p.add_argument("--scenarios", default="fuzz,vanish,crowd", help="comma-separated subset of fuzz,vanish,crowd; default all")
-    p.add_argument("--out", default=os.path.join(HERE, "out", "abuse.json"), help="JSON results file; default bench/out/abuse.json")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small counts for CI (under a minute on 2 cores): overrides the size flags below unless given",
+    )
+    p.add_argument(
+        "--scenarios", default="fuzz,vanish,crowd", help="comma-separated subset of fuzz,vanish,crowd; default all"
+    )
+    p.add_argument(
+        "--out", default=os.path.join(HERE, "out", "abuse.json"), help="JSON results file; default bench/out/abuse.json"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the fuzzer and of the legitimate clients; default 0")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size of the random model (6 Llama blocks); default 64, quick 32")
-    p.add_argument("--session-ttl", type=float, default=None, help="the server's --session-ttl in seconds; default 6, quick 2")
-    p.add_argument("--scenario-timeout", type=float, default=None,
-                   help="seconds a scenario may run before it is stopped and failed; default 1800, quick 60")
-    p.add_argument("--fuzz-n", type=int, default=None, help="malformed messages the fuzzer sends; default 10000, quick 300")
+    p.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="hidden size of the random model (6 Llama blocks); default 64, quick 32",
+    )
+    p.add_argument(
+        "--session-ttl", type=float, default=None, help="the server's --session-ttl in seconds; default 6, quick 2"
+    )
+    p.add_argument(
+        "--scenario-timeout",
+        type=float,
+        default=None,
+        help="seconds a scenario may run before it is stopped and failed; default 1800, quick 60",
+    )
+    p.add_argument(
+        "--fuzz-n", type=int, default=None, help="malformed messages the fuzzer sends; default 10000, quick 300"
+    )
     p.add_argument("--fuzz-workers", type=int, default=4, help="fuzzer threads sending at once; default 4")
-    p.add_argument("--fuzz-rpcs", default="",
-                   help="comma-separated RPC names to fuzz (e.g. Forward,Generate); default every RPC the server offers")
-    p.add_argument("--fuzz-max-bytes", type=int, default=1 << 20,
-                   help="largest random string/bytes/tensor payload in one fuzz message; default 1 MiB")
-    p.add_argument("--legit-steps", type=int, default=None,
-                   help="steps of one legitimate run (repeated while the fuzzer runs); default 20, quick 4")
+    p.add_argument(
+        "--fuzz-rpcs",
+        default="",
+        help="comma-separated RPC names to fuzz (e.g. Forward,Generate); default every RPC the server offers",
+    )
+    p.add_argument(
+        "--fuzz-max-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest random string/bytes/tensor payload in one fuzz message; default 1 MiB",
+    )
+    p.add_argument(
+        "--legit-steps",
+        type=int,
+        default=None,
+        help="steps of one legitimate run (repeated while the fuzzer runs); default 20, quick 4",
+    )
     p.add_argument("--vanish-clients", type=int, default=None, help="clients per vanish wave; default 64, quick 8")
     p.add_argument("--vanish-waves", type=int, default=2, help="vanish waves; default 2")
-    p.add_argument("--vanish-procs", type=int, default=None,
-                   help="of each wave's clients, how many are separate processes SIGKILLed mid-Forward (the rest are "
-                        "threads that drop their channel); default 8, quick 1")
-    p.add_argument("--vanish-tokens", type=int, nargs=2, default=(16, 256), metavar=("BATCH", "SEQ"),
-                   help="shape of a vanishing client's training Forward; default 16 256")
-    p.add_argument("--crowd-clients", type=int, default=None, help="concurrent normal clients in the crowd; default 16, quick 3")
+    p.add_argument(
+        "--vanish-procs",
+        type=int,
+        default=None,
+        help="of each wave's clients, how many are separate processes SIGKILLed mid-Forward (the rest are "
+        "threads that drop their channel); default 8, quick 1",
+    )
+    p.add_argument(
+        "--vanish-tokens",
+        type=int,
+        nargs=2,
+        default=(16, 256),
+        metavar=("BATCH", "SEQ"),
+        help="shape of a vanishing client's training Forward; default 16 256",
+    )
+    p.add_argument(
+        "--crowd-clients", type=int, default=None, help="concurrent normal clients in the crowd; default 16, quick 3"
+    )
     p.add_argument("--crowd-steps", type=int, default=None, help="steps of each crowd client; default 8, quick 2")
     p.add_argument("--big-batch", type=int, default=16, help="the oversized client's batch; default 16")
     p.add_argument("--big-seq", type=int, default=128, help="the oversized client's sequence length; default 128")
-    p.add_argument("--batch-max-tokens", type=int, default=1024,
-                   help="the server's --batch-max-tokens (the oversized batch is above it); default 1024")
-    p.add_argument("--max-tokens-per-step", type=int, default=8192,
-                   help="the server's --max-tokens-per-step (the oversized batch is within it); default 8192")
-    p.add_argument("--malloc-arena-max", type=int, default=0,
-                   help="run the server with MALLOC_ARENA_MAX=N (glibc's per-thread malloc arenas); default 0: glibc's "
-                        "own limit (8 per core). After fuzzing with large payloads the RSS stays above its start with "
-                        "nothing held; fewer arenas strand less of it")
+    p.add_argument(
+        "--batch-max-tokens",
+        type=int,
+        default=1024,
+        help="the server's --batch-max-tokens (the oversized batch is above it); default 1024",
+    )
+    p.add_argument(
+        "--max-tokens-per-step",
+        type=int,
+        default=8192,
+        help="the server's --max-tokens-per-step (the oversized batch is within it); default 8192",
+    )
+    p.add_argument(
+        "--malloc-arena-max",
+        type=int,
+        default=0,
+        help="run the server with MALLOC_ARENA_MAX=N (glibc's per-thread malloc arenas); default 0: glibc's "
+        "own limit (8 per core). After fuzzing with large payloads the RSS stays above its start with "
+        "nothing held; fewer arenas strand less of it",
+    )
     p.add_argument("--_vanisher", nargs=4, help=argparse.SUPPRESS)  # internal: one vanishing client process
     a = p.parse_args(argv)
-    full = {"hidden": 64, "session_ttl": 6.0, "scenario_timeout": 1800.0, "fuzz_n": 10000, "legit_steps": 20,
-            "vanish_clients": 64, "vanish_procs": 8, "crowd_clients": 16, "crowd_steps": 8}
-    quick = {"hidden": 32, "session_ttl": 2.0, "scenario_timeout": 60.0, "fuzz_n": 300, "legit_steps": 4,
-             "vanish_clients": 8, "vanish_procs": 1, "crowd_clients": 3, "crowd_steps": 2}
+    full = {
+        "hidden": 64,
+        "session_ttl": 6.0,
+        "scenario_timeout": 1800.0,
+        "fuzz_n": 10000,
+        "legit_steps": 20,
+        "vanish_clients": 64,
+        "vanish_procs": 8,
+        "crowd_clients": 16,
+        "crowd_steps": 8,
+    }
+    quick = {
+        "hidden": 32,
+        "session_ttl": 2.0,
+        "scenario_timeout": 60.0,
+        "fuzz_n": 300,
+        "legit_steps": 4,
+        "vanish_clients": 8,
+        "vanish_procs": 1,
+        "crowd_clients": 3,
+        "crowd_steps": 2,
+    }
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -186,8 +274,10 @@ def held(env) -> dict:
     """What the server says it holds (its Prometheus metrics): open sessions and forward state bytes."""
     from conftest import metric
 
-    return {"sessions": metric(env["mport"], "tandem_sessions"),
-            "forward_state_bytes": metric(env["mport"], "tandem_forward_state_bytes")}
+    return {
+        "sessions": metric(env["mport"], "tandem_sessions"),
+        "forward_state_bytes": metric(env["mport"], "tandem_forward_state_bytes"),
+    }
 
 
 def raw_channel(env, identity: str):
@@ -252,14 +342,19 @@ class Fuzzer:
         if kind == 1:
             return "x" * r.randrange(self.max_bytes + 1)  # huge
         if kind == 2:
-            return "".join(chr(r.randrange(1, 0x2FFFF)) for _ in range(r.randrange(64))).encode("utf-8", "replace").decode(
-                "utf-8", "replace")
+            return (
+                "".join(chr(r.randrange(1, 0x2FFFF)) for _ in range(r.randrange(64)))
+                .encode("utf-8", "replace")
+                .decode("utf-8", "replace")
+            )
         if kind == 3:
             return "../../etc/passwd\x00" + "A" * r.randrange(300)
         if kind == 4 and self.sessions:
             return r.choice(self.sessions)
         if kind == 5:
-            return r.choice(["q_proj", "v_proj", "c_attn", "model.layers.2.self_attn.q_proj", "llama", "float32", "int4"])
+            return r.choice(
+                ["q_proj", "v_proj", "c_attn", "model.layers.2.self_attn.q_proj", "llama", "float32", "int4"]
+            )
         return r.randbytes(r.randrange(48)).hex()
 
     def int64(self) -> int:
@@ -274,8 +369,21 @@ class Fuzzer:
 
     def real(self) -> float:
         r = self.rng
-        return r.choice([0.0, -1.0, 1e-3, 1e38, -1e38, 3.4e39, float("nan"), float("inf"), -float("inf"), 5e-324,
-                         r.uniform(-10, 10)])
+        return r.choice(
+            [
+                0.0,
+                -1.0,
+                1e-3,
+                1e38,
+                -1e38,
+                3.4e39,
+                float("nan"),
+                float("inf"),
+                -float("inf"),
+                5e-324,
+                r.uniform(-10, 10),
+            ]
+        )
 
     def floats(self, n: int, bad: bool) -> bytes:
         """n float32 values (a random block repeated); `bad`: a tenth of them NaN, infinite or huge."""
@@ -306,8 +414,13 @@ class Fuzzer:
 
     def tensor(self):
         r, pb = self.rng, self.pb
-        t = pb.Tensor(shape=self.shape(), dtype=r.choice([0, 1, 2, 3, 4, 5, 6, 99, -5]),
-                      codec=r.choice([0, 1, 2, 3, 4, 7, -1]), block_size=self.int32(), sealed=r.random() < 0.2)
+        t = pb.Tensor(
+            shape=self.shape(),
+            dtype=r.choice([0, 1, 2, 3, 4, 5, 6, 99, -5]),
+            codec=r.choice([0, 1, 2, 3, 4, 7, -1]),
+            block_size=self.int32(),
+            sealed=r.random() < 0.2,
+        )
         n = math.prod(t.shape) if all(0 <= d <= self.max_bytes for d in t.shape) else -1
         n = n if 0 < n <= self.max_bytes // 4 else r.randrange(1024)  # the declared size when it is affordable
         t.data = self.floats(n, bad=r.random() < 0.5) if r.random() < 0.7 else self.blob()
@@ -339,17 +452,28 @@ class Fuzzer:
 
     def _OpenSession(self):
         r, pb = self.rng, self.pb
-        req = pb.OpenSessionRequest(model_id=r.choice(["", self.text()]), remote_lora=r.random() < 0.7,
-                                    codec=r.choice(["float32", "int4", "int8", "", self.text()]),
-                                    gradient_codec=r.choice(["", "float16", self.text()]),
-                                    lora_codec=r.choice(["", "float32", "bfloat16", self.text()]),
-                                    seal_public_key=r.choice([b"", r.randbytes(32), self.blob()]))
-        req.lora.CopyFrom(pb.LoraSpec(rank=r.choice([0, -3, 1, 4, 257, 2**31 - 1, self.int32()]), alpha=self.real(),
-                                      dropout=self.real(),
-                                      target_modules=[self.text() for _ in range(r.choice([0, 1, 2, 17, 200]))]))
+        req = pb.OpenSessionRequest(
+            model_id=r.choice(["", self.text()]),
+            remote_lora=r.random() < 0.7,
+            codec=r.choice(["float32", "int4", "int8", "", self.text()]),
+            gradient_codec=r.choice(["", "float16", self.text()]),
+            lora_codec=r.choice(["", "float32", "bfloat16", self.text()]),
+            seal_public_key=r.choice([b"", r.randbytes(32), self.blob()]),
+        )
+        req.lora.CopyFrom(
+            pb.LoraSpec(
+                rank=r.choice([0, -3, 1, 4, 257, 2**31 - 1, self.int32()]),
+                alpha=self.real(),
+                dropout=self.real(),
+                target_modules=[self.text() for _ in range(r.choice([0, 1, 2, 17, 200]))],
+            )
+        )
         if r.random() < 0.4:
-            req.cloud_optimizer.CopyFrom(pb.AdamW(lr=self.real(), beta1=self.real(), beta2=self.real(), eps=self.real(),
-                                                  weight_decay=self.real()))
+            req.cloud_optimizer.CopyFrom(
+                pb.AdamW(
+                    lr=self.real(), beta1=self.real(), beta2=self.real(), eps=self.real(), weight_decay=self.real()
+                )
+            )
         return req
 
     def _FetchClientStages(self):
@@ -357,9 +481,15 @@ class Fuzzer:
 
     def _Forward(self):
         r, pb = self.rng, self.pb
-        req = pb.ForwardRequest(session_id=self.sid(), step=self.int64(), lora_version=self.int64(),
-                                dropout_seed=self.uint64(), train=r.random() < 0.6, hidden=self.tensor(),
-                                attention_mask=self.tensor())
+        req = pb.ForwardRequest(
+            session_id=self.sid(),
+            step=self.int64(),
+            lora_version=self.int64(),
+            dropout_seed=self.uint64(),
+            train=r.random() < 0.6,
+            hidden=self.tensor(),
+            attention_mask=self.tensor(),
+        )
         if r.random() < 0.5:
             req.lora.CopyFrom(self.tensor())
         return req
@@ -375,17 +505,29 @@ class Fuzzer:
         return self.pb.GetRemoteStateRequest(session_id=self.sid(), step=self.int64())
 
     def _PutRemoteState(self):
-        return self.pb.RemoteState(session_id=self.sid(), step=self.int64(), lora=self.tensor(), exp_avg=self.tensor(),
-                                   exp_avg_sq=self.tensor(), optimizer_steps=self.int64(), lora_version=self.int64())
+        return self.pb.RemoteState(
+            session_id=self.sid(),
+            step=self.int64(),
+            lora=self.tensor(),
+            exp_avg=self.tensor(),
+            exp_avg_sq=self.tensor(),
+            optimizer_steps=self.int64(),
+            lora_version=self.int64(),
+        )
 
     def _FetchEmulator(self):
         return self.opb.FetchEmulatorRequest()
 
     def _PushAdapter(self):
         r = self.rng
-        files = [self.opb.AdapterFile(name=r.choice(["adapter_config.json", "adapter_model.safetensors", self.text()]),
-                                      data=r.choice([self.blob(), b"{}", b'{"peft_type": "LORA", "r": -1}']),
-                                      sha256=r.choice(["", self.text(), "0" * 64])) for _ in range(r.choice([0, 1, 2, 3, 50]))]
+        files = [
+            self.opb.AdapterFile(
+                name=r.choice(["adapter_config.json", "adapter_model.safetensors", self.text()]),
+                data=r.choice([self.blob(), b"{}", b'{"peft_type": "LORA", "r": -1}']),
+                sha256=r.choice(["", self.text(), "0" * 64]),
+            )
+            for _ in range(r.choice([0, 1, 2, 3, 50]))
+        ]
         return self.opb.PushAdapterRequest(name=r.choice(["", self.text()]), files=files, public=r.random() < 0.5)
 
     def _ListAdapters(self):
@@ -394,9 +536,13 @@ class Fuzzer:
     def _Generate(self):
         r = self.rng
         prompts = [r.choice(["", "the quick brown fox", self.text()]) for _ in range(r.choice([0, 1, 2, 33, 1000]))]
-        return self.spb.GenerateRequest(adapter=r.choice(["", self.text()]), prompts=prompts,
-                                        max_new_tokens=r.choice([0, -1, 1, 2**31 - 1, self.int32()]),
-                                        temperature=self.real(), seed=self.uint64())
+        return self.spb.GenerateRequest(
+            adapter=r.choice(["", self.text()]),
+            prompts=prompts,
+            max_new_tokens=r.choice([0, -1, 1, 2**31 - 1, self.int32()]),
+            temperature=self.real(),
+            seed=self.uint64(),
+        )
 
 
 def open_fuzz_sessions(ch, n: int, rng: random.Random) -> list[str]:
@@ -405,7 +551,9 @@ def open_fuzz_sessions(ch, n: int, rng: random.Random) -> list[str]:
 
     sids = []
     for i in range(n):
-        req = pb.OpenSessionRequest(lora=pb.LoraSpec(rank=4, alpha=8), remote_lora=True, codec=["float32", "int8"][i % 2])
+        req = pb.OpenSessionRequest(
+            lora=pb.LoraSpec(rank=4, alpha=8), remote_lora=True, codec=["float32", "int8"][i % 2]
+        )
         if i % 2:
             req.cloud_optimizer.CopyFrom(pb.AdamW(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8))
         resp = pb.OpenSessionResponse.FromString(call_ok(ch, SPLIT, "OpenSession", req.SerializeToString()))
@@ -423,8 +571,12 @@ def warm_up_generate(env) -> None:
 
     ch = raw_channel(env, FUZZ_IDENTITY)
     try:
-        call_ok(ch, SERVING, "Generate", spb.GenerateRequest(prompts=["the quick brown fox"] * 4,
-                                                             max_new_tokens=8).SerializeToString())
+        call_ok(
+            ch,
+            SERVING,
+            "Generate",
+            spb.GenerateRequest(prompts=["the quick brown fox"] * 4, max_new_tokens=8).SerializeToString(),
+        )
     finally:
         ch.close()
 
@@ -488,7 +640,9 @@ def run_fuzz(env, a) -> dict:
         rss_rounds = []
         for rnd in range(2):
             n_round = a.fuzz_n // 2 + (a.fuzz_n % 2 if rnd else 0)
-            per = [n_round // a.fuzz_workers + (1 if i < n_round % a.fuzz_workers else 0) for i in range(a.fuzz_workers)]
+            per = [
+                n_round // a.fuzz_workers + (1 if i < n_round % a.fuzz_workers else 0) for i in range(a.fuzz_workers)
+            ]
             ws = [threading.Thread(target=worker, args=(100 * rnd + i, n)) for i, n in enumerate(per)]
             for w in ws:
                 w.start()
@@ -505,21 +659,37 @@ def run_fuzz(env, a) -> dict:
     internal = {k: v for k, v in examples.items() if k.split(" ")[1] in ("INTERNAL", "UNKNOWN")}
     undecodable = sum(v for (m, c), v in per_rpc.items() if c == "INTERNAL") - reasons.get("internal", 0)
     res = {
-        "n": sent[0], "wall_s": time.monotonic() - t0, "server_alive": alive, "crashes": 0 if alive else 1,
-        "hangs": len(hangs), "hang_examples": hangs[:5], "unknown": codes.get("UNKNOWN", 0),
+        "n": sent[0],
+        "wall_s": time.monotonic() - t0,
+        "server_alive": alive,
+        "crashes": 0 if alive else 1,
+        "hangs": len(hangs),
+        "hang_examples": hangs[:5],
+        "unknown": codes.get("UNKNOWN", 0),
         "internal_bugs": reasons.get("internal", 0),  # INTERNAL with tandem-reason 'internal': a server bug caught
         "internal_undecodable": undecodable,  # INTERNAL from gRPC itself: a body that is not the request message
         "held_after": held(env) if alive else None,
-        "status_histogram": dict(codes.most_common()), "reason_histogram": dict(reasons.most_common()),
+        "status_histogram": dict(codes.most_common()),
+        "reason_histogram": dict(reasons.most_common()),
         "per_rpc": {f"{m} {c}": v for (m, c), v in sorted(per_rpc.items())},
-        "internal_examples": internal, "examples": examples,
-        "legit_runs": legit_runs[0], "legit_errors": legit_err, "reference_losses": ref,
+        "internal_examples": internal,
+        "examples": examples,
+        "legit_runs": legit_runs[0],
+        "legit_errors": legit_err,
+        "reference_losses": ref,
         "max_loss_diff": max(diffs) if diffs else float("nan"),
-        "rss_mib": {"start": rss_start, "peak": peak.peak, "after_round_1": rss_rounds[0] if rss_rounds else None,
-                    "after": rss_after, "hwm": rss_mib(pid, "VmHWM") if alive else None},
+        "rss_mib": {
+            "start": rss_start,
+            "peak": peak.peak,
+            "after_round_1": rss_rounds[0] if rss_rounds else None,
+            "after": rss_after,
+            "hwm": rss_mib(pid, "VmHWM") if alive else None,
+        },
     }
     res["pass"] = {
-        "no_crash": alive, "no_hang": not hangs, "no_unknown": res["unknown"] == 0,
+        "no_crash": alive,
+        "no_hang": not hangs,
+        "no_unknown": res["unknown"] == 0,
         "legit_identical": bool(diffs) and not legit_err and res["max_loss_diff"] <= 1e-6,
         "rss_back": alive and rss_after <= rss_start * (1 + RSS_MARGIN),
         "rss_stable": alive and len(rss_rounds) == 2 and rss_rounds[1] <= rss_rounds[0] * (1 + RSS_MARGIN),
@@ -535,8 +705,9 @@ def vanish_request(session: str, hidden: int, batch: int, seq: int, lora_n: int)
     h = pb.Tensor(shape=[batch, seq, hidden], dtype=pb.FLOAT32, data=struct.pack("<f", 0.5) * (batch * seq * hidden))
     mask = pb.Tensor(shape=[batch, seq], dtype=pb.UINT8, data=b"\x01" * (batch * seq))
     lora = pb.Tensor(shape=[lora_n], dtype=pb.FLOAT32, data=struct.pack("<f", 0.01) * lora_n)
-    return pb.ForwardRequest(session_id=session, step=0, hidden=h, attention_mask=mask, lora=lora, lora_version=1,
-                             dropout_seed=1, train=True).SerializeToString()
+    return pb.ForwardRequest(
+        session_id=session, step=0, hidden=h, attention_mask=mask, lora=lora, lora_version=1, dropout_seed=1, train=True
+    ).SerializeToString()
 
 
 def vanish_one(env, a, how: str, rng: random.Random) -> str:
@@ -575,11 +746,20 @@ def vanisher_process(addr: str, tls: str, hidden: str, tokens: str) -> None:
     from tandem.protos import split_pb2 as pb
 
     ch = raw_channel(env, VANISH_IDENTITY)
-    info = pb.OpenSessionResponse.FromString(call_ok(ch, SPLIT, "OpenSession", pb.OpenSessionRequest(
-        lora=pb.LoraSpec(rank=8, alpha=16), remote_lora=True, codec="float32").SerializeToString()))
+    info = pb.OpenSessionResponse.FromString(
+        call_ok(
+            ch,
+            SPLIT,
+            "OpenSession",
+            pb.OpenSessionRequest(
+                lora=pb.LoraSpec(rank=8, alpha=16), remote_lora=True, codec="float32"
+            ).SerializeToString(),
+        )
+    )
     n = sum(8 * (s.in_features + s.out_features) for s in info.middle_slots)
     fut = ch.unary_unary(f"/{SPLIT}/Forward", request_serializer=None, response_deserializer=None).future(
-        vanish_request(info.session_id, a.hidden, *a.vanish_tokens, n), timeout=60)
+        vanish_request(info.session_id, a.hidden, *a.vanish_tokens, n), timeout=60
+    )
     print("sent", flush=True)
     fut.exception()  # whatever comes back, the process waits to be killed
     time.sleep(600)
@@ -593,9 +773,23 @@ def run_vanish(env, a) -> dict:
     with RssPeak(pid) as peak:
         for wave in range(a.vanish_waves):
             rng = random.Random(a.seed + wave)
-            procs = [subprocess.Popen([sys.executable, __file__, "--_vanisher", server.addr, env["tls"], str(a.hidden),
-                                       "x".join(map(str, a.vanish_tokens))], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True) for _ in range(a.vanish_procs)]
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--_vanisher",
+                        server.addr,
+                        env["tls"],
+                        str(a.hidden),
+                        "x".join(map(str, a.vanish_tokens)),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+                for _ in range(a.vanish_procs)
+            ]
             threads, results = [], []
 
             def vanish(how: str, r: random.Random, out: list = results) -> None:
@@ -623,9 +817,15 @@ def run_vanish(env, a) -> dict:
         rss["peak"] = peak.peak
     alive = server.proc.poll() is None
     rss["after"] = wait_expired(env, a.session_ttl) if alive else float("nan")
-    res = {"n": a.vanish_clients * a.vanish_waves, "killed_processes": killed, "outcomes": dict(outcomes),
-           "held_after": held(env) if alive else None,
-           "wall_s": time.monotonic() - t0, "server_alive": alive, "rss_mib": rss}
+    res = {
+        "n": a.vanish_clients * a.vanish_waves,
+        "killed_processes": killed,
+        "outcomes": dict(outcomes),
+        "held_after": held(env) if alive else None,
+        "wall_s": time.monotonic() - t0,
+        "server_alive": alive,
+        "rss_mib": rss,
+    }
     res["pass"] = {"no_crash": alive, "rss_back": alive and rss["after"] <= rss["start"] * (1 + RSS_MARGIN)}
     return res
 
@@ -640,7 +840,9 @@ def run_crowd(env, a) -> dict:
     def one(c):
         t = time.monotonic()
         try:
-            c["losses"] = legit_losses(server.tcfg(), env["data"], c["seed"], a.crowd_steps, seq_len=c["seq"], batch=c["batch"])
+            c["losses"] = legit_losses(
+                server.tcfg(), env["data"], c["seed"], a.crowd_steps, seq_len=c["seq"], batch=c["batch"]
+            )
             c["finished"] = all(math.isfinite(x) for x in c["losses"]) and len(c["losses"]) == a.crowd_steps
         except Exception as e:  # noqa: BLE001  (reported per client)
             c["error"], c["finished"] = f"{type(e).__name__}: {e}"[:300], False
@@ -654,9 +856,15 @@ def run_crowd(env, a) -> dict:
         for th in ths:
             th.join(a.scenario_timeout)
     alive = server.proc.poll() is None
-    res = {"n": len(clients), "clients": clients, "finished": sum(c["finished"] for c in clients),
-           "big_tokens": a.big_batch * a.big_seq, "wall_s": time.monotonic() - t0, "server_alive": alive,
-           "rss_mib": {"start": rss_start, "peak": peak.peak, "after": rss_mib(pid) if alive else float("nan")}}
+    res = {
+        "n": len(clients),
+        "clients": clients,
+        "finished": sum(c["finished"] for c in clients),
+        "big_tokens": a.big_batch * a.big_seq,
+        "wall_s": time.monotonic() - t0,
+        "server_alive": alive,
+        "rss_mib": {"start": rss_start, "peak": peak.peak, "after": rss_mib(pid) if alive else float("nan")},
+    }
     res["pass"] = {"no_crash": alive, "all_finished": res["finished"] == len(clients)}
     return res
 
@@ -666,10 +874,18 @@ def table(results: dict) -> str:
     rows = [("scenario", "N", "RSS start/peak/after MiB", "UNKNOWN", "loss diff", "finished", "wall s", "pass")]
     for name, r in results.items():
         m = r.get("rss_mib", {})
-        rows.append((name, str(r["n"]), f"{m.get('start', 0):.0f}/{m.get('peak', 0):.0f}/{m.get('after', 0):.0f}",
-                     str(r.get("unknown", "-")), f"{r['max_loss_diff']:.1e}" if "max_loss_diff" in r else "-",
-                     f"{r['finished']}/{r['n']}" if "finished" in r else "-", f"{r['wall_s']:.0f}",
-                     "yes" if all(r["pass"].values()) else "NO: " + ",".join(k for k, v in r["pass"].items() if not v)))
+        rows.append(
+            (
+                name,
+                str(r["n"]),
+                f"{m.get('start', 0):.0f}/{m.get('peak', 0):.0f}/{m.get('after', 0):.0f}",
+                str(r.get("unknown", "-")),
+                f"{r['max_loss_diff']:.1e}" if "max_loss_diff" in r else "-",
+                f"{r['finished']}/{r['n']}" if "finished" in r else "-",
+                f"{r['wall_s']:.0f}",
+                "yes" if all(r["pass"].values()) else "NO: " + ",".join(k for k, v in r["pass"].items() if not v),
+            )
+        )
     w = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
 
@@ -695,10 +911,26 @@ def main(argv=None) -> int:
     mport = free_port()
     if a.malloc_arena_max:
         os.environ["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)  # inherited by the server process
-    server = start_server(model, run_dir, "--metrics-port", str(mport), "--session-ttl", str(a.session_ttl), "--quota-sessions", "0",
-                          "--max-sessions", "512", "--batch-max-tokens", str(a.batch_max_tokens),
-                          "--max-tokens-per-step", str(a.max_tokens_per_step),
-                          "--adapter-registry", str(run_dir / "registry"), "--generate-max-new-tokens", "16")
+    server = start_server(
+        model,
+        run_dir,
+        "--metrics-port",
+        str(mport),
+        "--session-ttl",
+        str(a.session_ttl),
+        "--quota-sessions",
+        "0",
+        "--max-sessions",
+        "512",
+        "--batch-max-tokens",
+        str(a.batch_max_tokens),
+        "--max-tokens-per-step",
+        str(a.max_tokens_per_step),
+        "--adapter-registry",
+        str(run_dir / "registry"),
+        "--generate-max-new-tokens",
+        "16",
+    )
     env = {"server": server, "tls": server.tls_dir, "data": data, "mport": mport}
     for name in (FUZZ_IDENTITY, VANISH_IDENTITY):
         issue_bundle(server.tls_dir, name)
@@ -712,9 +944,13 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     log = server.log()
-    out = {"args": {k: v for k, v in vars(a).items() if not k.startswith("_")}, "results": results,
-           "server_log_tracebacks": log.count("Traceback"), "server_exit": server.proc.returncode,
-           "passed": all(all(r["pass"].values()) for r in results.values())}
+    out = {
+        "args": {k: v for k, v in vars(a).items() if not k.startswith("_")},
+        "results": results,
+        "server_log_tracebacks": log.count("Traceback"),
+        "server_exit": server.proc.returncode,
+        "passed": all(all(r["pass"].values()) for r in results.values()),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(out, f, indent=2, default=str)

@@ -15,6 +15,7 @@ runs real split-tuning clients (threads of this process) instead; on a 2-core ma
 compute then shares the cores with the server's.
 Writes bench/out/batching_bench.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,19 +51,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1, help="sequences per client step (a laptop's batch); default 1")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence; default 128")
     p.add_argument("--steps", type=int, default=8, help="timed steps per client (after the --warmup steps); default 8")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed steps per client before the timed ones; default 2 (new sessions that first met in "
-                        "different passes fall into step within one step, see the README)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per client before the timed ones; default 2 (new sessions that first met in "
+        "different passes fall into step within one step, see the README)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server; default 2")
     p.add_argument("--end-to-end", action="store_true", help="real split-tuning clients instead of replay clients")
-    p.add_argument("--cloud-optimizer", action="store_true",
-                   help="sessions with `client tune --cloud-optimizer`: the cloud updates the remote LoRA, so neither it nor "
-                        "its gradients travel each step (default: the client's own optimizer, the LoRA up and its "
-                        "gradients down every step)")
-    p.add_argument("--reps", type=int, default=3,
-                   help="alternating repetitions per client count; the table shows medians; default 3")
-    p.add_argument("--compute-reps", type=int, default=3,
-                   help="repetitions of the in-process compute-gain measurement (0 skips it); default 3")
+    p.add_argument(
+        "--cloud-optimizer",
+        action="store_true",
+        help="sessions with `client tune --cloud-optimizer`: the cloud updates the remote LoRA, so neither it nor "
+        "its gradients travel each step (default: the client's own optimizer, the LoRA up and its "
+        "gradients down every step)",
+    )
+    p.add_argument(
+        "--reps",
+        type=int,
+        default=3,
+        help="alternating repetitions per client count; the table shows medians; default 3",
+    )
+    p.add_argument(
+        "--compute-reps",
+        type=int,
+        default=3,
+        help="repetitions of the in-process compute-gain measurement (0 skips it); default 3",
+    )
     p.add_argument("--work", default=os.path.join(HERE, "out", "batching_bench"), help="scratch directory")
     p.add_argument("--json", default=os.path.join(HERE, "out", "batching_bench.json"), help="where to write results")
     return p.parse_args(argv)
@@ -76,7 +92,9 @@ class ReplayClient:
         self.cloud = args.cloud_optimizer
         first = open_session(self.t, LORA, cloud_optimizer=ADAMW if self.cloud else None)
         info = first.info
-        self.hidden = json.loads(info.model_config_json).get("hidden_size") or json.loads(info.model_config_json)["n_embd"]
+        self.hidden = (
+            json.loads(info.model_config_json).get("hidden_size") or json.loads(info.model_config_json)["n_embd"]
+        )
         gen = torch.Generator().manual_seed(seed)
         shapes = slot_shapes(list(info.middle_slots), LORA.rank)
         self.params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.01) for s in shapes]
@@ -184,7 +202,9 @@ def run(server, n: int, args, counters=None) -> dict:
 
         ctx = mp.get_context("spawn")
         barrier, results = ctx.Barrier(n + 1), ctx.Queue()
-        procs = [ctx.Process(target=_replay_process, args=(server.tcfg(), args, seed, barrier, results)) for seed in range(n)]
+        procs = [
+            ctx.Process(target=_replay_process, args=(server.tcfg(), args, seed, barrier, results)) for seed in range(n)
+        ]
         for pr in procs:
             pr.start()
         before = _start(barrier, counters)
@@ -198,8 +218,14 @@ def run(server, n: int, args, counters=None) -> dict:
     if errors:
         raise RuntimeError(errors[0])
     wall = max(walls)
-    out = {"clients": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-           "step_s_per_client": sum(walls) / n / args.steps, "total_s": time.perf_counter() - t0}
+    out = {
+        "clients": n,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "step_s_per_client": sum(walls) / n / args.steps,
+        "total_s": time.perf_counter() - t0,
+    }
     if before is not None and after is not None:
         passes = after[0] - before[0]
         out["mean_requests_per_pass"] = (after[1] - before[1]) / passes if passes else None
@@ -222,8 +248,11 @@ def _batch_counters(port: int) -> tuple[float, float, float]:
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("tandem_batched_")}
-    return (vals.get("tandem_batched_passes", 0.0), vals.get("tandem_batched_requests", 0.0),
-            vals.get("tandem_batched_compute_seconds", 0.0))
+    return (
+        vals.get("tandem_batched_passes", 0.0),
+        vals.get("tandem_batched_requests", 0.0),
+        vals.get("tandem_batched_compute_seconds", 0.0),
+    )
 
 
 def _forward_backward(mid, h: torch.Tensor, mask: torch.Tensor) -> None:
@@ -296,9 +325,13 @@ def main(argv=None) -> int:
                 for name in ("unbatched", "batched"):
                     r = run(servers[name], n, args, (lambda: _batch_counters(mport)) if name == "batched" else None)
                     row[name]["reps"].append(r)
-                    busy = f", worker busy {r['worker_busy_share']:.0%}" if r.get("worker_busy_share") is not None else ""
-                    print(f"  {n} clients, {name}: {r['tokens_per_s']:.0f} tokens/s ({r['step_s_per_client']:.2f} s/step/client{busy})",
-                          flush=True)
+                    busy = (
+                        f", worker busy {r['worker_busy_share']:.0%}" if r.get("worker_busy_share") is not None else ""
+                    )
+                    print(
+                        f"  {n} clients, {name}: {r['tokens_per_s']:.0f} tokens/s ({r['step_s_per_client']:.2f} s/step/client{busy})",
+                        flush=True,
+                    )
             for name in ("unbatched", "batched"):
                 reps = row[name]["reps"]
                 row[name]["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in reps)
@@ -306,34 +339,51 @@ def main(argv=None) -> int:
                     rpp = [r["mean_requests_per_pass"] for r in reps if r.get("mean_requests_per_pass")]
                     row[name]["mean_requests_per_pass"] = statistics.median(rpp) if rpp else None
             row["ratio"] = row["batched"]["tokens_per_s"] / row["unbatched"]["tokens_per_s"]
-            row["ratio_per_rep"] = [b["tokens_per_s"] / u["tokens_per_s"]
-                                    for u, b in zip(row["unbatched"]["reps"], row["batched"]["reps"])]
-            print(f"  {n} clients: {row['batched'].get('mean_requests_per_pass') or 0:.2f} requests per batched pass, "
-                  f"ratio of medians {row['ratio']:.2f}", flush=True)
+            row["ratio_per_rep"] = [
+                b["tokens_per_s"] / u["tokens_per_s"] for u, b in zip(row["unbatched"]["reps"], row["batched"]["reps"])
+            ]
+            print(
+                f"  {n} clients: {row['batched'].get('mean_requests_per_pass') or 0:.2f} requests per batched pass, "
+                f"ratio of medians {row['ratio']:.2f}",
+                flush=True,
+            )
             rows.append(row)
     finally:
         for s in servers.values():
             s.stop()
-    res = {"settings": vars(args), "rows": rows, "compute_gain": ceil,
-           "what": "end-to-end split tuning (clients share this machine's cores)" if args.end_to_end
-           else "cloud throughput: replay clients send real-sized requests without their own compute"}
+    res = {
+        "settings": vars(args),
+        "rows": rows,
+        "compute_gain": ceil,
+        "what": "end-to-end split tuning (clients share this machine's cores)"
+        if args.end_to_end
+        else "cloud throughput: replay clients send real-sized requests without their own compute",
+    }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(res, f, indent=2)
     opt = "the cloud's optimizer (--cloud-optimizer)" if args.cloud_optimizer else "the client's own optimizer"
-    print(f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps, median of {args.reps}; "
-          f"remote LoRA updated by {opt}")
+    print(
+        f"\n{res['what']}; {args.batch}x{args.seq} tokens per client step, {args.steps} steps, median of {args.reps}; "
+        f"remote LoRA updated by {opt}"
+    )
     limit = {c["clients"]: c["ratio"] for c in ceil}
-    print(f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}"
-          f"{'compute gain':>14}")
+    print(
+        f"{'clients':>8}{'unbatched tok/s':>18}{'batched tok/s':>16}{'batched/unbatched':>20}{'requests/pass':>15}"
+        f"{'compute gain':>14}"
+    )
     for r in rows:
         c = limit.get(r["clients"])
-        print(f"{r['clients']:>8}{r['unbatched']['tokens_per_s']:>18.0f}{r['batched']['tokens_per_s']:>16.0f}"
-              f"{r['ratio']:>20.2f}{r['batched'].get('mean_requests_per_pass') or 0:>15.2f}"
-              f"{(f'{c:.2f}x' if c else '-'):>14}")
+        print(
+            f"{r['clients']:>8}{r['unbatched']['tokens_per_s']:>18.0f}{r['batched']['tokens_per_s']:>16.0f}"
+            f"{r['ratio']:>20.2f}{r['batched'].get('mean_requests_per_pass') or 0:>15.2f}"
+            f"{(f'{c:.2f}x' if c else '-'):>14}"
+        )
     if ceil:
-        print("compute gain: the middle's forward+backward on all clients' rows in one pass vs one pass each, in this "
-              "process, without RPC or concurrency")
+        print(
+            "compute gain: the middle's forward+backward on all clients' rows in one pass vs one pass each, in this "
+            "process, without RPC or concurrency"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Batched multi-LoRA kernel vs per-adapter loops at 1, 4, 16 and 64 adapters, forward and forward+backward."""
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def measure(cases, reps, clock):
     best = {name: [float("inf"), float("inf")] for name in cases}
     names = list(cases)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate: no case always runs first
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:  # rotate: no case always runs first
             fwd, fwdbwd = cases[name]
             with torch.no_grad():
                 best[name][0] = min(best[name][0], timed(fwd, clock))
@@ -87,9 +88,13 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--reps", type=int, default=7, help="repetitions; the minimum is reported")
     p.add_argument("--threads", type=int, default=1, help="torch threads; with 1 the clock is this thread's CPU time")
-    p.add_argument("--shuffle", action="store_true", help="interleave the adapters' rows instead of contiguous segments")
+    p.add_argument(
+        "--shuffle", action="store_true", help="interleave the adapters' rows instead of contiguous segments"
+    )
     p.add_argument("--skew", action="store_true", help="uneven segments: lengths drawn from 1..2x rows-per-adapter")
-    p.add_argument("--variants", action="store_true", help="also time the other CPU strategies (fixed tiles, per-row gather)")
+    p.add_argument(
+        "--variants", action="store_true", help="also time the other CPU strategies (fixed tiles, per-row gather)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -113,28 +118,48 @@ def main() -> None:
             cases, tile = make_cases(x, a, b, 2.0, ids_dev, args.variants)
             best = measure(cases, args.reps, clock)
             plan_s = min(timed(lambda: plan_segments(ids_dev, n), clock) for _ in range(args.reps))  # noqa: B023 - used at once
-            rows.append({"adapters": n, "rows": ids.numel(), "in": args.in_features, "out": out_f, "rank": args.rank,
-                         "tile": tile, "plan_ms": 1e3 * plan_s, "ms": {k: [1e3 * v for v in t] for k, t in best.items()}})
+            rows.append(
+                {
+                    "adapters": n,
+                    "rows": ids.numel(),
+                    "in": args.in_features,
+                    "out": out_f,
+                    "rank": args.rank,
+                    "tile": tile,
+                    "plan_ms": 1e3 * plan_s,
+                    "ms": {k: [1e3 * v for v in t] for k, t in best.items()},
+                }
+            )
             print(f"  measured {n} adapters, out={out_f}", flush=True)
 
     others = [k for k in rows[0]["ms"] if k != "kernel"]
-    print(f"\nmulti-LoRA delta on {args.device}, {args.threads} thread(s), r={args.rank}, in={args.in_features}, "
-          f"{'skewed segments' if args.skew else f'{args.rows_per_adapter} rows per adapter'}, "
-          f"{'shuffled rows' if args.shuffle else 'contiguous segments'}; "
-          f"min of {args.reps} runs, {'CPU' if clock is time.thread_time else 'wall'} ms; "
-          "(Nx) = the kernel's speed-up over that implementation")
+    print(
+        f"\nmulti-LoRA delta on {args.device}, {args.threads} thread(s), r={args.rank}, in={args.in_features}, "
+        f"{'skewed segments' if args.skew else f'{args.rows_per_adapter} rows per adapter'}, "
+        f"{'shuffled rows' if args.shuffle else 'contiguous segments'}; "
+        f"min of {args.reps} runs, {'CPU' if clock is time.thread_time else 'wall'} ms; "
+        "(Nx) = the kernel's speed-up over that implementation"
+    )
     for i, phase in enumerate(("forward", "forward+backward (grads for x, A, B)")):
         print(f"\n{phase}")
-        head = f"{'adapters':>8} {'out':>4} {'rows':>5} {'kernel':>8} " + " ".join(f"{k:>{max(len(k), 8) + 8}}" for k in others)
+        head = f"{'adapters':>8} {'out':>4} {'rows':>5} {'kernel':>8} " + " ".join(
+            f"{k:>{max(len(k), 8) + 8}}" for k in others
+        )
         print(head)
         print("-" * len(head))
         for r in rows:
             kern = r["ms"]["kernel"][i]
-            cells = " ".join(f"{r['ms'][k][i]:{max(len(k), 8) + 1}.2f} ({r['ms'][k][i] / kern:4.1f}x)" if k in r["ms"]
-                             else f"{'-':>{max(len(k), 8) + 8}}" for k in others)
+            cells = " ".join(
+                f"{r['ms'][k][i]:{max(len(k), 8) + 1}.2f} ({r['ms'][k][i] / kern:4.1f}x)"
+                if k in r["ms"]
+                else f"{'-':>{max(len(k), 8) + 8}}"
+                for k in others
+            )
             print(f"{r['adapters']:>8} {r['out']:>4} {r['rows']:>5} {kern:8.2f} {cells}")
-    print("\nplan_segments (once per batch, shared by every LoRA layer; not in the kernel's times above): "
-          + ", ".join(f"{r['adapters']} adapters {r['plan_ms']:.2f} ms" for r in rows if r["out"] == rows[0]["out"]))
+    print(
+        "\nplan_segments (once per batch, shared by every LoRA layer; not in the kernel's times above): "
+        + ", ".join(f"{r['adapters']} adapters {r['plan_ms']:.2f} ms" for r in rows if r["out"] == rows[0]["out"])
+    )
     os.makedirs(OUT_DIR, exist_ok=True)
     mode = "".join(f"_{k}" for k in ("skew", "shuffle", "variants") if getattr(args, k))
     path = os.path.join(OUT_DIR, f"multilora_bench{mode}.json")

@@ -1,4 +1,5 @@
 """Benchmark: the Offsite-Tuning paper's table on SmolLM2 (zero-shot, emulator, OT emulator, OT plug-in, full tuning)."""
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,19 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Public text for distillation: the docstrings of the standard library's modules, classes and functions
 # (real prose, written by people; about 416k SmolLM2 tokens). pydoc_data, the data owner's text, is excluded.
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "idlelib",
-             "turtledemo", "ensurepip", "pydoc_data"}
+SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "idlelib",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,45 +41,92 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--client-blocks", default="2:2", help="adapter blocks K:M; default 2:2 (the paper's)")
-    p.add_argument("--keep-blocks", type=lambda v: [int(x) for x in v.split(",")], default=None, metavar="I,J,...",
-                   help="keep exactly these middle blocks instead of --drop-ratio's uniform choice (e.g. "
-                        "2,5,8,11,13,16,19,21,24,27: the uniform 10 with SmolLM2's sink-making block 11 for 10)")
-    p.add_argument("--mlp-width", type=int, default=None,
-                   help="width-prune the emulator blocks to this many MLP neurons (cloud emulator build --mlp-width); default: full width")
-    p.add_argument("--select", choices=("uniform", "greedy"), default="uniform",
-                   help="how --drop-ratio's blocks are chosen (cloud emulator build --select); default uniform (the paper's)")
-    p.add_argument("--drop-ratio", type=float, default=0.62,
-                   help="share of middle blocks the emulator drops; default 0.62 (keeps 10 of 26: package <= 60%% of the model)")
+    p.add_argument(
+        "--keep-blocks",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        metavar="I,J,...",
+        help="keep exactly these middle blocks instead of --drop-ratio's uniform choice (e.g. "
+        "2,5,8,11,13,16,19,21,24,27: the uniform 10 with SmolLM2's sink-making block 11 for 10)",
+    )
+    p.add_argument(
+        "--mlp-width",
+        type=int,
+        default=None,
+        help="width-prune the emulator blocks to this many MLP neurons (cloud emulator build --mlp-width); default: full width",
+    )
+    p.add_argument(
+        "--select",
+        choices=("uniform", "greedy"),
+        default="uniform",
+        help="how --drop-ratio's blocks are chosen (cloud emulator build --select); default uniform (the paper's)",
+    )
+    p.add_argument(
+        "--drop-ratio",
+        type=float,
+        default=0.62,
+        help="share of middle blocks the emulator drops; default 0.62 (keeps 10 of 26: package <= 60%% of the model)",
+    )
     p.add_argument("--kd-steps", type=int, default=400, help="distillation steps; default 400 (about 8 min on 2 cores)")
     p.add_argument("--kd-lr", type=float, default=1e-3, help="distillation learning rate; default 1e-3")
     p.add_argument("--lm-weight", type=float, default=0.0, help="LM-loss weight during distillation; default 0")
-    p.add_argument("--kl-weight", type=float, default=1.0,
-                   help="weight of KL(teacher || emulator) of next-token distributions through the top blocks; default 1")
-    p.add_argument("--layer-weight", type=float, default=0.0, help="per-layer matching weight during distillation; default 0")
-    p.add_argument("--jacobian-weight", type=float, default=0.0,
-                   help="weight of the finite-difference Jacobian match during distillation (cloud emulator build "
-                        "--jacobian-weight); default 0")
-    p.add_argument("--jacobian-eps", type=float, default=0.05, help="its input moves, relative to each token's RMS; default 0.05")
-    p.add_argument("--kd-norm", choices=("global", "token"), default="token",
-                   help="KD normalisation: one teacher RMS per batch (global) or per token (token); default token")
-    p.add_argument("--init", choices=("copy", "rescale"), default="copy",
-                   help="emulator init: kept blocks as they are, or residual updates rescaled to fit the teacher; default copy "
-                        "(rescale starts lower but ended worse after 60 KD steps)")
-    p.add_argument("--package", default=None,
-                   help="reuse this emulator package (from an earlier run) instead of distilling one; the KD settings "
-                        "above are then ignored, and the package's manifest says how it was made")
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=1.0,
+        help="weight of KL(teacher || emulator) of next-token distributions through the top blocks; default 1",
+    )
+    p.add_argument(
+        "--layer-weight", type=float, default=0.0, help="per-layer matching weight during distillation; default 0"
+    )
+    p.add_argument(
+        "--jacobian-weight",
+        type=float,
+        default=0.0,
+        help="weight of the finite-difference Jacobian match during distillation (cloud emulator build "
+        "--jacobian-weight); default 0",
+    )
+    p.add_argument(
+        "--jacobian-eps", type=float, default=0.05, help="its input moves, relative to each token's RMS; default 0.05"
+    )
+    p.add_argument(
+        "--kd-norm",
+        choices=("global", "token"),
+        default="token",
+        help="KD normalisation: one teacher RMS per batch (global) or per token (token); default token",
+    )
+    p.add_argument(
+        "--init",
+        choices=("copy", "rescale"),
+        default="copy",
+        help="emulator init: kept blocks as they are, or residual updates rescaled to fit the teacher; default copy "
+        "(rescale starts lower but ended worse after 60 KD steps)",
+    )
+    p.add_argument(
+        "--package",
+        default=None,
+        help="reuse this emulator package (from an earlier run) instead of distilling one; the KD settings "
+        "above are then ignored, and the package's manifest says how it was made",
+    )
     p.add_argument("--tune-steps", type=int, default=40, help="tuning steps of each tuned setting; default 40")
     p.add_argument("--lr", type=float, default=1e-3, help="tuning learning rate; default 1e-3")
     p.add_argument("--lora-rank", type=int, default=8, help="LoRA rank on the adapter blocks; default 8")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="modules adapted in the adapter blocks; default: every linear layer")
+    p.add_argument(
+        "--lora-targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="modules adapted in the adapter blocks; default: every linear layer",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step; default 4")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence; default 64")
     p.add_argument("--eval-seqs", type=int, default=24, help="held-out real-text sequences for perplexity; default 24")
     p.add_argument("--qa-train", type=int, default=300, help="generated arithmetic questions to tune on; default 300")
     p.add_argument("--qa-test", type=int, default=60, help="held-out arithmetic questions for accuracy; default 60")
-    p.add_argument("--cost-reps", type=int, default=10,
-                   help="training steps per model, alternating, for the side-by-side step-time ratio; default 10")
+    p.add_argument(
+        "--cost-reps",
+        type=int,
+        default=10,
+        help="training steps per model, alternating, for the side-by-side step-time ratio; default 10",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
     p.add_argument("--seed", type=int, default=0, help="seed; default 0")
     p.add_argument("--work", default=os.path.join(HERE, "out", "offsite_table"), help="scratch directory")
@@ -91,7 +150,11 @@ def public_text(min_len: int = 40) -> list[str]:
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            docs = [d for d in (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds)) if d and len(d) >= min_len]
+            docs = [
+                d
+                for d in (ast.get_docstring(n) for n in ast.walk(tree) if isinstance(n, kinds))
+                if d and len(d) >= min_len
+            ]
             if docs:
                 out.append("\n\n".join(docs))
     return out
@@ -237,26 +300,63 @@ def main(argv=None) -> int:
     os.makedirs(args.work, exist_ok=True)
     tok = load_tokenizer(args.model or default_model_dir())
     pub, priv, qa_test, eval_ids = write_data(args, tok)
-    lora = LoraConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets.split(",")))
+    lora = LoraConfig(
+        rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets.split(","))
+    )
     pkg = args.package or os.path.join(args.work, "pkg")
     t0 = time.perf_counter()
-    manifest = load_package(pkg).manifest if args.package else build_emulator(args.model, args.client_blocks, pkg, pub,
-                              DistillConfig(steps=args.kd_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.kd_lr, max_val_batches=4,
-                                            warmup=max(1, args.kd_steps // 10), lm_weight=args.lm_weight,
-                                            kl_weight=args.kl_weight, layer_weight=args.layer_weight,
-                                            jacobian_weight=args.jacobian_weight, jacobian_eps=args.jacobian_eps,
-                                            kd_norm=args.kd_norm, init=args.init,
-                                            val_every=max(1, args.kd_steps // 3), progress=True),
-                              drop_ratio=None if args.keep_blocks else args.drop_ratio, keep_blocks=args.keep_blocks,
-                              select=args.select, mlp_width=args.mlp_width)
+    manifest = (
+        load_package(pkg).manifest
+        if args.package
+        else build_emulator(
+            args.model,
+            args.client_blocks,
+            pkg,
+            pub,
+            DistillConfig(
+                steps=args.kd_steps,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                lr=args.kd_lr,
+                max_val_batches=4,
+                warmup=max(1, args.kd_steps // 10),
+                lm_weight=args.lm_weight,
+                kl_weight=args.kl_weight,
+                layer_weight=args.layer_weight,
+                jacobian_weight=args.jacobian_weight,
+                jacobian_eps=args.jacobian_eps,
+                kd_norm=args.kd_norm,
+                init=args.init,
+                val_every=max(1, args.kd_steps // 3),
+                progress=True,
+            ),
+            drop_ratio=None if args.keep_blocks else args.drop_ratio,
+            keep_blocks=args.keep_blocks,
+            select=args.select,
+            mlp_width=args.mlp_width,
+        )
+    )
     kd_s = time.perf_counter() - t0
     runs = {}
     for name, mode in (("offsite", "offsite"), ("full", "local")):
         out = os.path.join(args.work, name)
-        cfg = TuneConfig(data=priv, out=out, mode=mode, model=args.model, client_blocks=args.client_blocks,
-                         emulator=pkg if mode == "offsite" else None, middle_lora=False, steps=args.tune_steps,
-                         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, lora=lora, seed=args.seed,
-                         checkpoint_every=10**6, progress=True)
+        cfg = TuneConfig(
+            data=priv,
+            out=out,
+            mode=mode,
+            model=args.model,
+            client_blocks=args.client_blocks,
+            emulator=pkg if mode == "offsite" else None,
+            middle_lora=False,
+            steps=args.tune_steps,
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            lr=args.lr,
+            lora=lora,
+            seed=args.seed,
+            checkpoint_every=10**6,
+            progress=True,
+        )
         runs[name] = tune(cfg)
     full = build_local(args.model, args.client_blocks, lora, args.seed, middle_lora=False)
     emu = build_offsite(pkg, lora, args.seed)
@@ -266,9 +366,15 @@ def main(argv=None) -> int:
         rows[key] = {"ppl": perplexity(sm, eval_ids, args.batch_size), "acc": accuracy(sm, qa_test, tok)}
         print(key, rows[key], flush=True)
 
-    costs = step_costs({"offsite": emu, "full": full}, {"input_ids": eval_ids[: args.batch_size],
-                                                         "attention_mask": torch.ones_like(eval_ids[: args.batch_size]),
-                                                         "labels": eval_ids[: args.batch_size]}, args.cost_reps)
+    costs = step_costs(
+        {"offsite": emu, "full": full},
+        {
+            "input_ids": eval_ids[: args.batch_size],
+            "attention_mask": torch.ones_like(eval_ids[: args.batch_size]),
+            "labels": eval_ids[: args.batch_size],
+        },
+        args.cost_reps,
+    )
     print("per-step client compute", costs, flush=True)
     measure("full_zero_shot", full)
     measure("emulator_zero_shot", emu)
@@ -288,9 +394,11 @@ def main(argv=None) -> int:
         "model_id": manifest["model_id"],
         "kept_middle_blocks": manifest["kept_middle_blocks"],
         "selection": manifest.get("selection", {"method": "uniform"}),
-        "distillation": {k: manifest["distillation"].get(k) for k in ("val_kd_before", "val_kd_after", "val", "rescale_factors",
-                                                                        "teacher_cache_s", "config")}
-                        | {"wall_s": None if args.package else kd_s, "package": pkg},
+        "distillation": {
+            k: manifest["distillation"].get(k)
+            for k in ("val_kd_before", "val_kd_after", "val", "rescale_factors", "teacher_cache_s", "config")
+        }
+        | {"wall_s": None if args.package else kd_s, "package": pkg},
         "table": rows,
         "aims": {
             "emulator_zero_shot_ppl_worse_by": rows["emulator_zero_shot"]["ppl"] / rows["full_zero_shot"]["ppl"] - 1,

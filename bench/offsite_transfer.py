@@ -10,6 +10,7 @@ used, and measures on the same held-out text:
     HF_HUB_OFFLINE=1 .venv/bin/python bench/offsite_transfer.py --work bench/out/offsite_table \\
         --package bench/out/offsite_table/pkg
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,13 @@ ADAPTER = "adapter_model.safetensors"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", required=True, help="an offsite_table.py --work directory (with offsite/, full/ and private/)")
+    p.add_argument(
+        "--work", required=True, help="an offsite_table.py --work directory (with offsite/, full/ and private/)"
+    )
     p.add_argument("--package", default=None, help="the emulator package that run used; default WORK/pkg")
-    p.add_argument("--grad-batches", type=int, default=4, help="private batches the start-of-tuning gradients sum over; default 4")
+    p.add_argument(
+        "--grad-batches", type=int, default=4, help="private batches the start-of-tuning gradients sum over; default 4"
+    )
     p.add_argument("--seed", type=int, default=0, help="the table's seed (its data split and eval text); default 0")
     p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
     p.add_argument("--json", default=None, help="where to write the results; default WORK/transfer.json")
@@ -106,12 +111,16 @@ def main(argv=None) -> int:
         return ot.perplexity(full, eval_ids, 4)
 
     zs = ppl(None)
-    swaps = {"offsite adapter": lambda b: "o", "full-tuning adapter": lambda b: "f",
-             "offsite top + full-tuning bottom": lambda b: "f" if b in bottom else "o",
-             "offsite bottom + full-tuning top": lambda b: "o" if b in bottom else "f",
-             "offsite top only": lambda b: "o" if b in top else "-", "full-tuning top only": lambda b: "f" if b in top else "-",
-             "offsite bottom only": lambda b: "o" if b in bottom else "-",
-             "full-tuning bottom only": lambda b: "f" if b in bottom else "-"}
+    swaps = {
+        "offsite adapter": lambda b: "o",
+        "full-tuning adapter": lambda b: "f",
+        "offsite top + full-tuning bottom": lambda b: "f" if b in bottom else "o",
+        "offsite bottom + full-tuning top": lambda b: "o" if b in bottom else "f",
+        "offsite top only": lambda b: "o" if b in top else "-",
+        "full-tuning top only": lambda b: "f" if b in top else "-",
+        "offsite bottom only": lambda b: "o" if b in bottom else "-",
+        "full-tuning bottom only": lambda b: "f" if b in bottom else "-",
+    }
     rows = {}
     for i, (name, pick) in enumerate(swaps.items()):
         rows[name] = {"ppl": ppl(mixed_adapter(args.work, os.path.join(args.work, "transfer", f"mix{i}"), pick))}
@@ -129,8 +138,11 @@ def main(argv=None) -> int:
         keys = [k for k in g_full if k in g_emu and _block(k) in blocks]
         a = torch.cat([g_full[k].flatten() for k in keys])
         b = torch.cat([g_emu[k].flatten() for k in keys])
-        align[part] = {"cosine": float(F.cosine_similarity(a, b, 0)), "norm_ratio": float(b.norm() / a.norm()),
-                       "tensors": len(keys)}
+        align[part] = {
+            "cosine": float(F.cosine_similarity(a, b, 0)),
+            "norm_ratio": float(b.norm() / a.norm()),
+            "tensors": len(keys),
+        }
     res = {"work": args.work, "package": pkg, "zero_shot_ppl": zs, "swaps": rows, "start_gradient_alignment": align}
     path = args.json or os.path.join(args.work, "transfer.json")
     with open(path, "w") as f:
@@ -139,7 +151,9 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"{name:<36}{r['ppl']:>8.2f}{r['share_of_full_tuning_gain']:>14.1%}")
     for part, a in align.items():
-        print(f"start-of-tuning gradient, {part} blocks: cosine {a['cosine']:.3f}, emulator/full norm {a['norm_ratio']:.2f}")
+        print(
+            f"start-of-tuning gradient, {part} blocks: cosine {a['cosine']:.3f}, emulator/full norm {a['norm_ratio']:.2f}"
+        )
     return 0
 
 

@@ -4,6 +4,7 @@ Run: .venv/bin/python bench/transport_bench.py [--steps 8] [--batch 2 --seq 64] 
 Prints tables and writes bench/out/transport.json. Everything runs side by side in one run, so
 compare ratios; absolute times depend on this 2-core machine and whatever else it is doing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,7 +46,11 @@ def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = 
         loss.backward()
         opt.step()
         rec = t.meter.take_step()
-        rec.update(wall_s=time.perf_counter() - t0, loss=float(loss.detach()), tokens=int(data.batch_at(step)["attention_mask"].sum()))
+        rec.update(
+            wall_s=time.perf_counter() - t0,
+            loss=float(loss.detach()),
+            tokens=int(data.batch_at(step)["attention_mask"].sum()),
+        )
         recs.append(rec)
     val = evaluate(sm, data, 0)
     sm.close()
@@ -53,10 +58,12 @@ def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = 
     tokens = sum(r["tokens"] for r in recs)
     wall = sum(r["wall_s"] for r in recs[1:]) or 1e-9
     return {
-        "codec": codec if lora_codec == "float32" else f"{codec}+lora {lora_codec}", "sealed": seal,
+        "codec": codec if lora_codec == "float32" else f"{codec}+lora {lora_codec}",
+        "sealed": seal,
         "bytes_per_token_sent": sum(r["bytes_sent"] for r in recs) / tokens,
         "bytes_per_token_received": sum(r["bytes_received"] for r in recs) / tokens,
-        "final_train_loss": recs[-1]["loss"], "val_loss": val["loss"],
+        "final_train_loss": recs[-1]["loss"],
+        "val_loss": val["loss"],
         "step_s": wall / max(1, len(recs) - 1),
         "sealing_share": sum(r["sealing_s"] for r in recs[1:]) / wall,
     }
@@ -65,11 +72,32 @@ def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = 
 def run_concurrent(server, data_dir, n: int, args, tmp: str) -> dict:
     """n client processes tuning at once; returns aggregate steps/s (wall clock of the slowest)."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", data_dir,
-                               "--out", os.path.join(tmp, f"c{n}-{i}"), "--steps", str(args.conc_steps),
-                               "--batch-size", str(args.batch), "--seq-len", str(args.seq), "--no-progress",
-                               "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                os.path.join(BIN, "client"),
+                "tune",
+                *server.cli_args(),
+                "--data",
+                data_dir,
+                "--out",
+                os.path.join(tmp, f"c{n}-{i}"),
+                "--steps",
+                str(args.conc_steps),
+                "--batch-size",
+                str(args.batch),
+                "--seq-len",
+                str(args.seq),
+                "--no-progress",
+                "--threads",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode:
@@ -79,9 +107,14 @@ def run_concurrent(server, data_dir, n: int, args, tmp: str) -> dict:
     for i in range(n):
         with open(os.path.join(tmp, f"c{n}-{i}", "report.json")) as f:
             steps += json.load(f)["steps"]
-    train_s = max(sum(s["wall_s"] for s in steps[i * args.conc_steps:(i + 1) * args.conc_steps]) for i in range(n))
-    return {"clients": n, "steps": n * args.conc_steps, "wall_s": wall, "train_s": train_s,
-            "aggregate_steps_per_s": n * args.conc_steps / train_s}
+    train_s = max(sum(s["wall_s"] for s in steps[i * args.conc_steps : (i + 1) * args.conc_steps]) for i in range(n))
+    return {
+        "clients": n,
+        "steps": n * args.conc_steps,
+        "wall_s": wall,
+        "train_s": train_s,
+        "aggregate_steps_per_s": n * args.conc_steps / train_s,
+    }
 
 
 def main() -> None:
@@ -113,18 +146,40 @@ def main() -> None:
     con = Console()
     base = out["codecs"][0]
     t = Table(title=f"codecs on SmolLM2 ({args.steps} steps of {args.batch}x{args.seq}, sealed)")
-    for col in ("codec", "B/token up", "B/token down", "x float32", "final loss", "val loss", "val vs f32", "sealing share"):
+    for col in (
+        "codec",
+        "B/token up",
+        "B/token down",
+        "x float32",
+        "final loss",
+        "val loss",
+        "val vs f32",
+        "sealing share",
+    ):
         t.add_column(col, justify="right")
     for r in out["codecs"]:
-        ratio = (r["bytes_per_token_sent"] + r["bytes_per_token_received"]) / (base["bytes_per_token_sent"] + base["bytes_per_token_received"])
-        t.add_row(r["codec"], f"{r['bytes_per_token_sent']:,.0f}", f"{r['bytes_per_token_received']:,.0f}", f"{ratio:.3f}",
-                  f"{r['final_train_loss']:.4f}", f"{r['val_loss']:.4f}", f"{r['val_loss'] / base['val_loss'] - 1:+.2%}",
-                  f"{r['sealing_share']:.2%}")
+        ratio = (r["bytes_per_token_sent"] + r["bytes_per_token_received"]) / (
+            base["bytes_per_token_sent"] + base["bytes_per_token_received"]
+        )
+        t.add_row(
+            r["codec"],
+            f"{r['bytes_per_token_sent']:,.0f}",
+            f"{r['bytes_per_token_received']:,.0f}",
+            f"{ratio:.3f}",
+            f"{r['final_train_loss']:.4f}",
+            f"{r['val_loss']:.4f}",
+            f"{r['val_loss'] / base['val_loss'] - 1:+.2%}",
+            f"{r['sealing_share']:.2%}",
+        )
     con.print(t)
     u = out["unsealed_float32"]
-    con.print(f"float32 step time sealed {base['step_s']:.3f} s vs unsealed {u['step_s']:.3f} s "
-              f"(ratio {base['step_s'] / u['step_s']:.3f}); sealing share of the sealed step {base['sealing_share']:.2%}")
-    c = Table(title=f"concurrent clients ({args.conc_steps} steps each, {args.batch}x{args.seq}, one server, 2 cores in all)")
+    con.print(
+        f"float32 step time sealed {base['step_s']:.3f} s vs unsealed {u['step_s']:.3f} s "
+        f"(ratio {base['step_s'] / u['step_s']:.3f}); sealing share of the sealed step {base['sealing_share']:.2%}"
+    )
+    c = Table(
+        title=f"concurrent clients ({args.conc_steps} steps each, {args.batch}x{args.seq}, one server, 2 cores in all)"
+    )
     for col in ("clients", "aggregate steps/s", "x one client"):
         c.add_column(col, justify="right")
     one = out["concurrency"][0]["aggregate_steps_per_s"] if out["concurrency"] else 1

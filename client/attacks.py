@@ -1,4 +1,5 @@
 """Attacks a curious cloud can run on what it receives, with the weights it shipped: the audit's arsenal."""
+
 from __future__ import annotations
 
 import functools
@@ -17,10 +18,42 @@ from tandem.stages.modules import StageLayout, run_blocks
 # Public text for the learned inverter: the docstrings of these standard-library modules (any
 # Python installation has them; none of it is the data owner's).
 PUBLIC_MODULES = (
-    "argparse", "bisect", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses", "datetime",
-    "decimal", "difflib", "email", "enum", "functools", "heapq", "inspect", "itertools", "json", "logging", "os",
-    "pathlib", "queue", "random", "re", "shutil", "socket", "statistics", "string", "subprocess", "tarfile",
-    "tempfile", "textwrap", "threading", "typing", "unittest", "zipfile",
+    "argparse",
+    "bisect",
+    "calendar",
+    "collections",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "functools",
+    "heapq",
+    "inspect",
+    "itertools",
+    "json",
+    "logging",
+    "os",
+    "pathlib",
+    "queue",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "zipfile",
 )
 
 
@@ -41,7 +74,9 @@ def public_text() -> str:
 def public_ids(tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
     """(N, seq_len) token ids of public text, at most n_tokens in all."""
     text = public_text()
-    ids = tokenizer(text[: 16 * n_tokens], add_special_tokens=False)["input_ids"]  # a prefix is plenty: >= 1 token per 16 chars
+    ids = tokenizer(text[: 16 * n_tokens], add_special_tokens=False)[
+        "input_ids"
+    ]  # a prefix is plenty: >= 1 token per 16 chars
     n = max(1, min(len(ids), n_tokens) // seq_len)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
@@ -69,8 +104,11 @@ class KnownStages:
             acfg, tensors = adapter
             targets = tuple(acfg["target_modules"])
             specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
-            pairs = {s.name: (tensors[f"{s.name}.lora_A.weight"], tensors[f"{s.name}.lora_B.weight"])
-                     for s in specs if f"{s.name}.lora_A.weight" in tensors}
+            pairs = {
+                s.name: (tensors[f"{s.name}.lora_A.weight"], tensors[f"{s.name}.lora_B.weight"])
+                for s in specs
+                if f"{s.name}.lora_A.weight" in tensors
+            }
             binding = Binding(pairs, float(acfg["lora_alpha"]) / float(acfg["r"]))
         return cls(parts, layout, binding)
 
@@ -170,8 +208,9 @@ class RidgeInverter:
             return _cos(pred, self.embedding)
 
 
-def search_attack(known: KnownStages, h: torch.Tensor, cands: torch.Tensor, defense=None, iters: int = 12,
-                  chunk_tokens: int = 512) -> torch.Tensor:
+def search_attack(
+    known: KnownStages, h: torch.Tensor, cands: torch.Tensor, defense=None, iters: int = 12, chunk_tokens: int = 512
+) -> torch.Tensor:
     """Attack c: the candidate tokens whose bottom-stage output matches the received states.
 
     Exploits causality: position t's state depends only on tokens <= t. Each iteration scores every

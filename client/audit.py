@@ -1,4 +1,5 @@
 """The privacy audit: attacks on exactly what the cloud received in a run, and the report's privacy section."""
+
 from __future__ import annotations
 
 import glob
@@ -24,9 +25,13 @@ log = logging.getLogger(__name__)
 
 CONTEXT_FILE = "privacy_context.json"  # what the audit needs besides cloud_view/: the model, the cut, the defense
 VIEW_DIR = "cloud_view"
-MIDDLE_OUT = "MiddleOutput"  # the middle's outputs the cloud computed for recorded steps (the client cannot recompute them)
-OFFSITE_NOTE = ("Offsite-Tuning sends no activations at all: the cloud ships a compressed emulator and the data owner "
-                "tunes offline (tandem's emulator/ path; nothing of the text leaves the machine).")
+MIDDLE_OUT = (
+    "MiddleOutput"  # the middle's outputs the cloud computed for recorded steps (the client cannot recompute them)
+)
+OFFSITE_NOTE = (
+    "Offsite-Tuning sends no activations at all: the cloud ships a compressed emulator and the data owner "
+    "tunes offline (tandem's emulator/ path; nothing of the text leaves the machine)."
+)
 
 
 def plan_steps(total: int, n: int = 8) -> set[int]:
@@ -95,9 +100,17 @@ class PrivacyTap:
         self.current = (step, train)
         kind = "Forward" if train else "EvalForward"
         if self.record_requests and self.recorder is not None and self.recorder.wants(kind, step):
-            self.recorder.write(kind, pb.ForwardRequest(session_id="local", step=step, hidden=serde.to_proto(out),
-                                                        attention_mask=serde.to_proto(am.to(torch.uint8)),
-                                                        dropout_seed=seed, train=train))
+            self.recorder.write(
+                kind,
+                pb.ForwardRequest(
+                    session_id="local",
+                    step=step,
+                    hidden=serde.to_proto(out),
+                    attention_mask=serde.to_proto(am.to(torch.uint8)),
+                    dropout_seed=seed,
+                    train=train,
+                ),
+            )
         return out
 
     def _middle_output(self, module, args):
@@ -107,8 +120,11 @@ class PrivacyTap:
         with open(os.path.join(self.recorder.dir, f"{MIDDLE_OUT}-{step:06d}.bin"), "wb") as f:
             f.write(serde.to_proto(h_mid).SerializeToString())
         if self.record_requests and h_mid.requires_grad:
-            h_mid.register_hook(lambda g: self.recorder.write(
-                "Backward", pb.BackwardRequest(session_id="local", step=step, grad_output=serde.to_proto(g))))
+            h_mid.register_hook(
+                lambda g: self.recorder.write(
+                    "Backward", pb.BackwardRequest(session_id="local", step=step, grad_output=serde.to_proto(g))
+                )
+            )
         self.current = None
 
 
@@ -134,10 +150,15 @@ def attach(sm, cfg, total_steps: int, recorder: AuditRecorder | None) -> Privacy
         recorder.sealer_of = lambda: getattr(getattr(sm.middle, "session", None), "sealer", None)
     tap = PrivacyTap(sm, recorder if audit_on else None, defense, record_requests=sm.mode != "split")
     sm.cut_transform = tap
-    ctx = {"mode": sm.mode, "model_config_json": config_json(sm.config),
-           "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
-           "stages_sha256": getattr(sm, "stages_sha256", ""), "model": cfg.model,
-           "defense": defense.describe() if defense else None, "audit": audit_on}
+    ctx = {
+        "mode": sm.mode,
+        "model_config_json": config_json(sm.config),
+        "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
+        "stages_sha256": getattr(sm, "stages_sha256", ""),
+        "model": cfg.model,
+        "defense": defense.describe() if defense else None,
+        "audit": audit_on,
+    }
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, CONTEXT_FILE), "w") as f:
         json.dump(ctx, f, indent=2)
@@ -158,7 +179,9 @@ class Received:
 
 def _tensor(msg, name: str) -> torch.Tensor:
     if getattr(msg, "sealed", False):
-        raise ClientError(f"{name} was recorded sealed; the audit reads what the cloud decrypts: run the audit without --seal")
+        raise ClientError(
+            f"{name} was recorded sealed; the audit reads what the cloud decrypts: run the audit without --seal"
+        )
     codec = getattr(msg, "codec", 0)
     if codec and hasattr(serde, "decode"):
         return serde.decode(msg, name, {v: k for k, v in serde.CODEC_ENUM.items()}[codec])
@@ -175,14 +198,26 @@ def read_cloud_view(run_dir: str) -> list[Received]:
         try:
             if kind == "Backward":
                 msg = pb.BackwardRequest.FromString(raw)
-                out.append(Received(kind, msg.step, int(num), _tensor(msg.grad_output, "grad_output").float(), None, path))
+                out.append(
+                    Received(kind, msg.step, int(num), _tensor(msg.grad_output, "grad_output").float(), None, path)
+                )
             elif kind in ("Forward", "EvalForward"):
                 msg = pb.ForwardRequest.FromString(raw)
-                out.append(Received(kind, msg.step, int(num), _tensor(msg.hidden, "hidden").float(),
-                                    _tensor(msg.attention_mask, "attention_mask").long(), path))
+                out.append(
+                    Received(
+                        kind,
+                        msg.step,
+                        int(num),
+                        _tensor(msg.hidden, "hidden").float(),
+                        _tensor(msg.attention_mask, "attention_mask").long(),
+                        path,
+                    )
+                )
         except Exception as e:  # noqa: BLE001 - any decode failure means the recording is unusable
-            raise ClientError(f"{path} is not a {kind} request the cloud could have received ({e}); "
-                              "the audit attacks only intact recordings: rerun `client tune`") from None
+            raise ClientError(
+                f"{path} is not a {kind} request the cloud could have received ({e}); "
+                "the audit attacks only intact recordings: rerun `client tune`"
+            ) from None
     return out
 
 
@@ -198,8 +233,10 @@ def _known_state(ctx: dict, config, layout: StageLayout):
         # The cache came from the network: read it only through the hash record its download wrote.
         files = downloads.read_verified(where, {downloads.STAGES_FILE: sha}) if sha else None
         if files is None:
-            raise ClientError(f"the client stages this run downloaded are not in the cache, or fail their hash check "
-                              f"({where}); rerun `client tune`")
+            raise ClientError(
+                f"the client stages this run downloaded are not in the cache, or fail their hash check "
+                f"({where}); rerun `client tune`"
+            )
         return unpack_state(files[downloads.STAGES_FILE]), downloads.load_tokenizer(files)
     from tandem.stages.arch import parts_of
     from tandem.stages.loading import default_model_dir
@@ -213,7 +250,12 @@ def _score(tokenizer, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     hit = sum(int((g == t).sum()) for g, t in rows)
     n = sum(len(t) for _, t in rows)
     rl = [atk.rouge_l(tokenizer.decode(t).split(), tokenizer.decode(g).split()) for g, t in rows]
-    return {"token_recovery": hit / max(n, 1), "rouge_l": sum(rl) / max(len(rl), 1), "tokens": n, "sequences": len(rows)}
+    return {
+        "token_recovery": hit / max(n, 1),
+        "rouge_l": sum(rl) / max(len(rl), 1),
+        "tokens": n,
+        "sequences": len(rows),
+    }
 
 
 ATTACKS = {
@@ -260,8 +302,17 @@ def inventory(view: list[Received], run_dir: str) -> dict:
     return inv
 
 
-def audit_run(run_dir: str, cfg: dict | None = None, data=None, tokens: int = 256, search_tokens: int = 128,
-              candidates: int = 8, public_tokens: int = 4096, progress: bool = False, tuned: bool = True) -> dict:
+def audit_run(
+    run_dir: str,
+    cfg: dict | None = None,
+    data=None,
+    tokens: int = 256,
+    search_tokens: int = 128,
+    candidates: int = 8,
+    public_tokens: int = 4096,
+    progress: bool = False,
+    tuned: bool = True,
+) -> dict:
     """Attacks what the cloud received in a run (RUN_DIR/cloud_view) and returns the privacy section.
 
     Args:
@@ -289,28 +340,43 @@ def audit_run(run_dir: str, cfg: dict | None = None, data=None, tokens: int = 25
     view = read_cloud_view(run_dir)
     fwd = [r for r in view if r.kind == "Forward"]
     if not fwd:
-        raise ClientError(f"{run_dir}/{VIEW_DIR} holds no recorded Forward request: nothing to audit "
-                          "(was the run made with --audit no?)")
+        raise ClientError(
+            f"{run_dir}/{VIEW_DIR} holds no recorded Forward request: nothing to audit "
+            "(was the run made with --audit no?)"
+        )
     config = config_from_json(ctx["model_config_json"])
     layout = StageLayout(**ctx["layout"])
     state, tokenizer = _known_state(ctx, config, layout)
     if data is None:
         from .data import load_split
 
-        data = load_split(cfg["data"], tokenizer, cfg["seq_len"], cfg["batch_size"], cfg["seed"], cfg["val_fraction"],
-                          cfg.get("val_max_sequences", 2**62))  # absent: a run from before the cap
-    defense = CutNoise(ctx["defense"]["noise_multiplier"], ctx["defense"]["clip_norm"],
-                       ctx["defense"]["first_clip_norm"]) if ctx["defense"] else None
+        data = load_split(
+            cfg["data"],
+            tokenizer,
+            cfg["seq_len"],
+            cfg["batch_size"],
+            cfg["seed"],
+            cfg["val_fraction"],
+            cfg.get("val_max_sequences", 2**62),
+        )  # absent: a run from before the cap
+    defense = (
+        CutNoise(ctx["defense"]["noise_multiplier"], ctx["defense"]["clip_norm"], ctx["defense"]["first_clip_norm"])
+        if ctx["defense"]
+        else None
+    )
     rows = _sample(fwd, data, tokens)
     known = atk.KnownStages.build(config, layout, state)
     public = atk.public_ids(tokenizer, public_tokens, 64)
     adapter_dir = os.path.join(run_dir, "adapter")
     variants = {"known": known}
     if tuned and os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        variants["tuned"] = atk.KnownStages.build(config, layout, _tuned_state(state, adapter_dir, layout, config),
-                                                  load_peft_tensors(adapter_dir))
+        variants["tuned"] = atk.KnownStages.build(
+            config, layout, _tuned_state(state, adapter_dir, layout, config), load_peft_tensors(adapter_dir)
+        )
     bar = tqdm(total=len(rows) * len(variants), desc="privacy audit", unit="seq", disable=not progress)
-    results = {k: attack_rows(v, rows, tokenizer, defense, public, search_tokens, candidates, bar) for k, v in variants.items()}
+    results = {
+        k: attack_rows(v, rows, tokenizer, defense, public, search_tokens, candidates, bar) for k, v in variants.items()
+    }
     bar.close()
     labels = _label_attack(view, run_dir, known, data)
     strongest = max(results["known"].items(), key=lambda kv: kv[1]["token_recovery"])
@@ -322,11 +388,21 @@ def audit_run(run_dir: str, cfg: dict | None = None, data=None, tokens: int = 25
         "measured": True,
         "cut_after_block": layout.bottom,
         "client_blocks": f"{layout.bottom}:{layout.top}",
-        "sample": {"kind": "Forward (training) requests as recorded from the transport", "steps": steps,
-                   "sequences": len(rows), "tokens": sum(len(t) for _, t in rows), "search_tokens": min(search_tokens, sum(len(t) for _, t in rows)),
-                   "search_candidates": candidates, "public_tokens": int(public.numel())},
+        "sample": {
+            "kind": "Forward (training) requests as recorded from the transport",
+            "steps": steps,
+            "sequences": len(rows),
+            "tokens": sum(len(t) for _, t in rows),
+            "search_tokens": min(search_tokens, sum(len(t) for _, t in rows)),
+            "search_candidates": candidates,
+            "public_tokens": int(public.numel()),
+        },
         "attacks": results,
-        "strongest": {"attack": strongest[0], "token_recovery": strongest[1]["token_recovery"], "rouge_l": strongest[1]["rouge_l"]},
+        "strongest": {
+            "attack": strongest[0],
+            "token_recovery": strongest[1]["token_recovery"],
+            "rouge_l": strongest[1]["rouge_l"],
+        },
         "labels": labels,
         "received": inventory(view, run_dir),
         "defenses": {
@@ -369,10 +445,16 @@ def _sample(fwd: list[Received], data, tokens: int) -> list[tuple[torch.Tensor, 
     for r in sorted(fwd, key=lambda r: r.step):
         batch = data.batch_at(r.step)
         if not torch.equal(batch["attention_mask"].long(), r.mask):
-            raise ClientError(f"{r.path}: the recorded mask does not match step {r.step} of the run's data; "
-                              "the audit needs the run's --data, --seq-len, --batch-size and --seed unchanged")
-        per_step.append([(r.hidden[b, : int(r.mask[b].sum())], batch["input_ids"][b, : int(r.mask[b].sum())])
-                         for b in range(r.hidden.shape[0])])
+            raise ClientError(
+                f"{r.path}: the recorded mask does not match step {r.step} of the run's data; "
+                "the audit needs the run's --data, --seq-len, --batch-size and --seed unchanged"
+            )
+        per_step.append(
+            [
+                (r.hidden[b, : int(r.mask[b].sum())], batch["input_ids"][b, : int(r.mask[b].sum())])
+                for b in range(r.hidden.shape[0])
+            ]
+        )
     rows, n, i = [], 0, 0
     while n < tokens and any(per_step):
         group = per_step[i % len(per_step)]
@@ -405,12 +487,18 @@ def _label_attack(view: list[Received], run_dir: str, known, data) -> dict:
         n += int(keep.sum())
         steps.append(r.step)
     return {
-        "gradient_attack": {"label_recovery": hits / n if n else None, "labels": n, "steps": steps,
-                            "how": "push -dL/dh' through the shipped top blocks, norm and head (finite-difference JVP); argmax logit"},
+        "gradient_attack": {
+            "label_recovery": hits / n if n else None,
+            "labels": n,
+            "steps": steps,
+            "how": "push -dL/dh' through the shipped top blocks, norm and head (finite-difference JVP); argmax logit",
+        },
         "on_the_wire": "no label or token id: the cloud receives float32 states and gradients and a uint8 padding mask (see 'received')",
-        "note": ("Labels and the loss stay on the client, but the gradient at the top cut is J^T (softmax - onehot(label)) / n: "
-                 "with the top-stage weights it shipped, the cloud reads labels (= the next tokens) from it. Forward noise "
-                 "does not protect this path; the data owner's LoRA on the top blocks makes the cloud's Jacobian stale."),
+        "note": (
+            "Labels and the loss stay on the client, but the gradient at the top cut is J^T (softmax - onehot(label)) / n: "
+            "with the top-stage weights it shipped, the cloud reads labels (= the next tokens) from it. Forward noise "
+            "does not protect this path; the data owner's LoRA on the top blocks makes the cloud's Jacobian stale."
+        ),
     }
 
 
@@ -418,9 +506,11 @@ def _staleness(results: dict) -> dict:
     if "tuned" not in results:
         return {"note": "no adapter in the run directory"}
     k, t = results["known"], results["tuned"]
-    return {"recovery_with_known_weights": {a: k[a]["token_recovery"] for a in k},
-            "recovery_with_tuned_weights": {a: t[a]["token_recovery"] for a in t},
-            "note": "the cloud only knows the shipped weights; the data owner's LoRA on the bottom blocks makes them stale"}
+    return {
+        "recovery_with_known_weights": {a: k[a]["token_recovery"] for a in k},
+        "recovery_with_tuned_weights": {a: t[a]["token_recovery"] for a in t},
+        "note": "the cloud only knows the shipped weights; the data owner's LoRA on the bottom blocks makes them stale",
+    }
 
 
 def one_line(section: dict) -> str:
@@ -428,12 +518,21 @@ def one_line(section: dict) -> str:
     s, lab = section["strongest"], section["labels"]["gradient_attack"]
     noise = section["defenses"]["cut_noise"]
     eps = noise.get("epsilon_per_release")
-    line = (f"A curious operator recovers {s['token_recovery']:.0%} of the tokens it received (ROUGE-L {s['rouge_l']:.2f}, "
-            f"attack '{s['attack']}', {section['sample']['tokens']} tokens after client block {section['cut_after_block']})")
+    line = (
+        f"A curious operator recovers {s['token_recovery']:.0%} of the tokens it received (ROUGE-L {s['rouge_l']:.2f}, "
+        f"attack '{s['attack']}', {section['sample']['tokens']} tokens after client block {section['cut_after_block']})"
+    )
     if lab["label_recovery"] is not None:
         line += f" and {lab['label_recovery']:.0%} of the labels from the top-cut gradients"
-    line += "; cut noise: " + (f"multiplier {noise['noise_multiplier']}, epsilon {eps:.3g} per vector per release (delta {noise['delta']:g})"
-                               if eps else "none") + "."
+    line += (
+        "; cut noise: "
+        + (
+            f"multiplier {noise['noise_multiplier']}, epsilon {eps:.3g} per vector per release (delta {noise['delta']:g})"
+            if eps
+            else "none"
+        )
+        + "."
+    )
     return line
 
 

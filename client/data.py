@@ -1,4 +1,5 @@
 """The data owner's text: reading .txt/.jsonl, packing into sequences, a held-out split, seeded batches."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,11 @@ class Packed:
         return self.input_ids.shape[0]
 
     def batch(self, idx: torch.Tensor) -> dict:
-        return {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx], "labels": self.labels[idx]}
+        return {
+            "input_ids": self.input_ids[idx],
+            "attention_mask": self.attention_mask[idx],
+            "labels": self.labels[idx],
+        }
 
     @property
     def n_label_tokens(self) -> int:
@@ -181,8 +186,11 @@ def pack(examples: Iterable[tuple[Text, Text]], tokenizer, seq_len: int) -> Pack
     mask = torch.zeros(n * seq_len, dtype=torch.long)
     mask[:n_tok] = 1
     as_t = lambda a: torch.frombuffer(a, dtype=torch.long).clone().view(n, seq_len)  # noqa: E731
-    return Packed(as_t(ids) if n else torch.zeros(0, seq_len, dtype=torch.long), mask.view(n, seq_len),
-                  as_t(labels) if n else torch.zeros(0, seq_len, dtype=torch.long))
+    return Packed(
+        as_t(ids) if n else torch.zeros(0, seq_len, dtype=torch.long),
+        mask.view(n, seq_len),
+        as_t(labels) if n else torch.zeros(0, seq_len, dtype=torch.long),
+    )
 
 
 @dataclass
@@ -212,8 +220,15 @@ class DataSplit:
 MAX_VAL_SEQUENCES = 512  # held out at most: a large corpus would otherwise spend hours in every evaluation
 
 
-def load_split(data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: int, val_fraction: float,
-               val_max: int = MAX_VAL_SEQUENCES) -> DataSplit:
+def load_split(
+    data_dir: str,
+    tokenizer,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    val_fraction: float,
+    val_max: int = MAX_VAL_SEQUENCES,
+) -> DataSplit:
     """Reads, packs and splits the data owner's text; the split depends only on the seed and the data.
 
     The validation set is `val_fraction` of the sequences, at most `val_max` of them; the rest train.
@@ -227,4 +242,6 @@ def load_split(data_dir: str, tokenizer, seq_len: int, batch_size: int, seed: in
     n_val = min(n - 1, val_max, max(1, round(n * val_fraction)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
-    return DataSplit(packed.__class__(**packed.batch(train_idx)), packed.__class__(**packed.batch(val_idx)), batch_size, seed)
+    return DataSplit(
+        packed.__class__(**packed.batch(train_idx)), packed.__class__(**packed.batch(val_idx)), batch_size, seed
+    )

@@ -1,4 +1,5 @@
 """Defenses at the bottom cut: per-token clipping plus Gaussian noise, and the (epsilon, delta) it implies."""
+
 from __future__ import annotations
 
 import math
@@ -60,8 +61,11 @@ class CutNoise:
         return out
 
     def describe(self) -> dict:
-        return {"noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm,
-                "first_clip_norm": self.first_clip_norm or self.clip_norm}
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "clip_norm": self.clip_norm,
+            "first_clip_norm": self.first_clip_norm or self.clip_norm,
+        }
 
 
 def _phi(x: float) -> float:
@@ -107,8 +111,12 @@ def dp_statement(noise: CutNoise | None, seq_len: int, passes: int, delta: float
         delta: The delta of every figure.
     """
     if noise is None or noise.noise_multiplier <= 0:
-        return {"epsilon_per_release": None, "epsilon_per_token_run": None, "delta": delta,
-                "assumptions": "no noise at the cut: no differential-privacy guarantee"}
+        return {
+            "epsilon_per_release": None,
+            "epsilon_per_token_run": None,
+            "delta": delta,
+            "assumptions": "no noise at the cut: no differential-privacy guarantee",
+        }
     ratio = noise.noise_multiplier / 2.0  # sensitivity 2C: a clipped vector can move anywhere in its ball
     return {
         "epsilon_per_release": gaussian_epsilon(ratio, delta),

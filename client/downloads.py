@@ -4,6 +4,7 @@ Everything in a FileChunk stream is the server's claim: names, offsets, sizes an
 byte lands on disk, and files land only in a private staging directory that is renamed into place once every file
 has arrived whole and verified. A failed download leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,8 +59,10 @@ class Allowed:
 def stage_files(announced_bytes: int) -> Allowed:
     """FetchClientStages: the stages at the size OpenSession announced, and the tokenizer files."""
     if not 0 < announced_bytes <= MAX_DOWNLOAD_BYTES:
-        raise ClientError(f"the server announced client stages of {announced_bytes} bytes; expected 1.."
-                          f"{MAX_DOWNLOAD_BYTES} (is it a tandem server?)")
+        raise ClientError(
+            f"the server announced client stages of {announced_bytes} bytes; expected 1.."
+            f"{MAX_DOWNLOAD_BYTES} (is it a tandem server?)"
+        )
     sizes = {STAGES_FILE: announced_bytes, **{n: TOKENIZER_ALLOWANCE for n in TOKENIZER_NAMES}}
     return Allowed("the client stages", sizes, announced_bytes + TOKENIZER_ALLOWANCE)
 
@@ -75,19 +78,29 @@ def emulator_files(max_bytes: int = MAX_DOWNLOAD_BYTES) -> Allowed:
     )
 
     big = min(max_bytes, MAX_DOWNLOAD_BYTES)
-    sizes = {CLIENT_FILE: big, EMULATOR_FILE: big, SINK_FILE: SMALL_FILE_BYTES, CONFIG_FILE: SMALL_FILE_BYTES,
-             MANIFEST: SMALL_FILE_BYTES, **{n: TOKENIZER_ALLOWANCE for n in TOKENIZER_NAMES}}
+    sizes = {
+        CLIENT_FILE: big,
+        EMULATOR_FILE: big,
+        SINK_FILE: SMALL_FILE_BYTES,
+        CONFIG_FILE: SMALL_FILE_BYTES,
+        MANIFEST: SMALL_FILE_BYTES,
+        **{n: TOKENIZER_ALLOWANCE for n in TOKENIZER_NAMES},
+    }
     return Allowed("the emulator package", sizes, big)
 
 
 def check_name(name: str, allowed: Allowed) -> None:
     """A file name the server sent: a plain allow-listed name, never a path, never one of ours."""
     if len(name) > MAX_NAME or not SAFE_NAME.fullmatch(name):
-        raise ClientError(f"the server sent a file named {name[:MAX_NAME]!r} in {allowed.what}; refusing it "
-                          "(a file name must be a plain name, not a path)")
+        raise ClientError(
+            f"the server sent a file named {name[:MAX_NAME]!r} in {allowed.what}; refusing it "
+            "(a file name must be a plain name, not a path)"
+        )
     if name not in allowed.sizes:
-        raise ClientError(f"the server sent a file named {name!r}, which {allowed.what} never contain; refusing it "
-                          f"(expected some of {sorted(allowed.sizes)})")
+        raise ClientError(
+            f"the server sent a file named {name!r}, which {allowed.what} never contain; refusing it "
+            f"(expected some of {sorted(allowed.sizes)})"
+        )
 
 
 def _read_by_transformers(name: str) -> bool:
@@ -107,8 +120,9 @@ def check_no_remote_code(name: str, data: bytes) -> None:
         raise ClientError(f"the server's {name} is not a JSON object; refusing it")
     for key, value in doc.items():
         if key in ("auto_map", "trust_remote_code"):
-            raise ClientError(f"the server's {name} has {key!r}, which would make transformers run the server's code; "
-                              "refusing it")
+            raise ClientError(
+                f"the server's {name} has {key!r}, which would make transformers run the server's code; refusing it"
+            )
         if key.endswith(("_file", "_files")) and value is not None and value not in TOKENIZER_NAMES:
             raise ClientError(f"the server's {name} names a file {key}={str(value)[:80]!r}; refusing it")
 
@@ -128,8 +142,10 @@ class _Receiver:
         if self.f is None:
             self._begin(c)
         elif c.name != self.name:
-            raise ClientError(f"the server began {c.name[:MAX_NAME]!r} before finishing {self.name} ({self.got} of "
-                              f"{self.size} bytes); refusing the download")
+            raise ClientError(
+                f"the server began {c.name[:MAX_NAME]!r} before finishing {self.name} ({self.got} of "
+                f"{self.size} bytes); refusing the download"
+            )
         elif c.sha256 and c.sha256 != self.want:
             raise ClientError(f"the server changed the SHA-256 of {c.name} mid-file; refusing the download")
         elif c.total_bytes != self.size:
@@ -152,16 +168,21 @@ class _Receiver:
             what = f"more of {c.name} than it declared" if c.offset else f"{c.name} twice"
             raise ClientError(f"the server sent {what}; refusing the download")
         if len(self.digests) >= MAX_FILES:
-            raise ClientError(f"the server sent more than {MAX_FILES} files in {self.allowed.what}; refusing the download")
+            raise ClientError(
+                f"the server sent more than {MAX_FILES} files in {self.allowed.what}; refusing the download"
+            )
         if not SHA256_HEX.fullmatch(c.sha256):
-            raise ClientError(f"the server sent {c.name} without a valid SHA-256 (got {c.sha256[:70]!r}); "
-                              "refusing the download")
+            raise ClientError(
+                f"the server sent {c.name} without a valid SHA-256 (got {c.sha256[:70]!r}); refusing the download"
+            )
         cap = self.allowed.sizes[c.name]
         if not 0 <= c.total_bytes <= cap:
             raise ClientError(f"the server declared {c.name} as {c.total_bytes} bytes; at most {cap} are allowed")
         if self.declared + c.total_bytes > self.budget:
-            raise ClientError(f"{self.allowed.what} would exceed {self.budget} bytes (the limit, or the free disk space "
-                              f"less {DISK_RESERVE_BYTES >> 20} MiB) with {c.name}'s {c.total_bytes}; refusing the download")
+            raise ClientError(
+                f"{self.allowed.what} would exceed {self.budget} bytes (the limit, or the free disk space "
+                f"less {DISK_RESERVE_BYTES >> 20} MiB) with {c.name}'s {c.total_bytes}; refusing the download"
+            )
         self.declared += c.total_bytes
         self.name, self.want, self.size, self.got = c.name, c.sha256, c.total_bytes, 0
         self.hash = hashlib.sha256()
@@ -302,8 +323,9 @@ def _read_regular(path: str) -> bytes | None:
             return None
 
 
-def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES,
-                       want_files: str = "") -> dict[str, bytes]:
+def fetch_client_files(
+    t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES, want_files: str = ""
+) -> dict[str, bytes]:
     """Downloads the client's stages and tokenizer, or takes them from the cache (keyed by the stages' SHA-256).
 
     want_sha, want_bytes and want_files are what OpenSession announced (signed when sealing is authenticated):
@@ -314,7 +336,9 @@ def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes:
         raise ClientError(f"the server announced the client stages' SHA-256 as {want_sha[:70]!r}; not a SHA-256")
     cache = os.path.join(cache_root(), "client", want_sha)
     files = read_verified(cache, {STAGES_FILE: want_sha})
-    if files is not None and _named_by_handshake({n: hashlib.sha256(b).hexdigest() for n, b in files.items()}, want_files):
+    if files is not None and _named_by_handshake(
+        {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}, want_files
+    ):
         return files
     allowed = stage_files(want_bytes)
 
@@ -324,8 +348,10 @@ def fetch_client_files(t: Transport, session_id: str, want_sha: str, want_bytes:
         if not {"tokenizer.json", "vocab.json"} & set(digests):
             raise ClientError("the server sent no tokenizer (tokenizer.json or vocab.json) with the client stages")
         if not _named_by_handshake(digests, want_files):
-            raise ClientError("the downloaded tokenizer or stages are not the files the server's signed handshake names "
-                              "(a proxy on the path may have substituted them); refusing them")
+            raise ClientError(
+                "the downloaded tokenizer or stages are not the files the server's signed handshake names "
+                "(a proxy on the path may have substituted them); refusing them"
+            )
 
     stream = t.stream("FetchClientStages", pb.FetchClientStagesRequest(session_id=session_id), kind="FetchClientStages")
     receive(stream, cache, allowed, matches)

@@ -1,4 +1,5 @@
 """Client-side errors, and sentences a person can act on for each gRPC status."""
+
 from __future__ import annotations
 
 import grpc

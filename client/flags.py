@@ -1,4 +1,5 @@
 """Command-line values checked as they are parsed: a bad flag is one line on stderr, before any work or network call."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def _number(kind, text: str):
     try:
         v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
     if kind is float and not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v

@@ -1,4 +1,5 @@
 """Offsite-Tuning on the data owner's side: tune against an emulator, fetch it, push the adapter, evaluate the plug-in."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,18 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
     names = _split_names(specs, layout)
     k = layout.bottom
     middle = LocalMiddle(EmulatorStage(parts, pkg.emulator_blocks(config), sink=pkg.sink()), adapter, [])
-    return StagedModel(BottomStage(parts, list(range(k))), middle, TopStage(parts, list(range(k, k + layout.top))),
-                       adapter, names, layout, pkg.manifest["model_id"], config, tokenizer, "offsite")
+    return StagedModel(
+        BottomStage(parts, list(range(k))),
+        middle,
+        TopStage(parts, list(range(k, k + layout.top))),
+        adapter,
+        names,
+        layout,
+        pkg.manifest["model_id"],
+        config,
+        tokenizer,
+        "offsite",
+    )
 
 
 def adapter_lora_config(adapter_dir: str) -> LoraConfig:
@@ -63,9 +74,15 @@ def adapter_lora_config(adapter_dir: str) -> LoraConfig:
         with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ClientError(f"--adapter: cannot read {ADAPTER_CONFIG} in {adapter_dir!r} ({e}); pass a run's adapter/ directory") from None
-    lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0,
-                      target_modules=tuple(cfg.get("target_modules") or ()))
+        raise ClientError(
+            f"--adapter: cannot read {ADAPTER_CONFIG} in {adapter_dir!r} ({e}); pass a run's adapter/ directory"
+        ) from None
+    lora = LoraConfig(
+        rank=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=0.0,
+        target_modules=tuple(cfg.get("target_modules") or ()),
+    )
     return lora
 
 
@@ -81,8 +98,10 @@ def load_adapter(sm: StagedModel, adapter_dir: str) -> dict:
         for key, t in tensors.items():
             name, ab = key.rsplit(".lora_", 1)
             if name not in index:
-                raise ClientError(f"the adapter has LoRA on {name!r}, which this model has no slot for; "
-                                  "tune and evaluate with the same --lora-targets and layout")
+                raise ClientError(
+                    f"the adapter has LoRA on {name!r}, which this model has no slot for; "
+                    "tune and evaluate with the same --lora-targets and layout"
+                )
             p = (sm.adapter.a if ab.startswith("A") else sm.adapter.b)[index[name]]
             if p.shape != t.shape:
                 raise ClientError(f"the adapter's {key} is {list(t.shape)}, the model needs {list(p.shape)}")
@@ -130,22 +149,37 @@ def fetch_emulator(tcfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOA
         try:
             pkg = load_package(staging)  # every file against the manifest's SHA-256
             listed = set(pkg.manifest["files"]) | {MANIFEST}
-            seen.update(model_id=str(pkg.manifest["model_id"]), kept=[int(i) for i in pkg.manifest["kept_middle_blocks"]])
+            seen.update(
+                model_id=str(pkg.manifest["model_id"]), kept=[int(i) for i in pkg.manifest["kept_middle_blocks"]]
+            )
         except (PackageError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ClientError(f"the downloaded package does not verify: {e}") from None
         if listed != set(digests):
-            raise ClientError(f"the server sent files {sorted(set(digests) - listed)} its manifest does not list; "
-                              "refusing the package")
+            raise ClientError(
+                f"the server sent files {sorted(set(digests) - listed)} its manifest does not list; "
+                "refusing the package"
+            )
 
     try:
-        digests = receive(t.stream("FetchEmulator", opb.FetchEmulatorRequest(), kind="FetchEmulator"), out,
-                          emulator_files(max_bytes), verify)
+        digests = receive(
+            t.stream("FetchEmulator", opb.FetchEmulatorRequest(), kind="FetchEmulator"),
+            out,
+            emulator_files(max_bytes),
+            verify,
+        )
     finally:
         t.close()
     tot = t.meter.totals()["one_time"].get("FetchEmulator", {})
-    return {"package": out, "files": len(digests), "bytes_sent": tot.get("sent", 0), "bytes_received": tot.get("received", 0),
-            "framing_estimate_bytes": t.meter.framing, "wall_s": time.perf_counter() - t0,
-            "model_id": seen["model_id"], "kept_middle_blocks": seen["kept"]}
+    return {
+        "package": out,
+        "files": len(digests),
+        "bytes_sent": tot.get("sent", 0),
+        "bytes_received": tot.get("received", 0),
+        "framing_estimate_bytes": t.meter.framing,
+        "wall_s": time.perf_counter() - t0,
+        "model_id": seen["model_id"],
+        "kept_middle_blocks": seen["kept"],
+    }
 
 
 def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public: bool = False) -> dict:
@@ -158,8 +192,11 @@ def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public
         blobs = read_adapter_dir(adapter_dir)
     except FileNotFoundError as e:
         raise ClientError(f"--adapter: {e}") from None
-    req = opb.PushAdapterRequest(name=name, files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
-                                 public=public)
+    req = opb.PushAdapterRequest(
+        name=name,
+        files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
+        public=public,
+    )
     t = OffsiteTransport(tcfg)
     try:
         resp = t.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
@@ -169,13 +206,32 @@ def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public
     if a.sha256 != adapter_digest(blobs):
         raise ClientError("the cloud registered a different digest than this adapter's; push again")
     tot = t.meter.totals()["one_time"]["PushAdapter"]
-    return {"name": a.name, "sha256": a.sha256, "params": a.params, "blocks": list(a.blocks), "model_id": a.model_id,
-            "owner": a.owner, "public": a.public, "already_registered": resp.already_registered,
-            "bytes_sent": tot["sent"], "bytes_received": tot["received"]}
+    return {
+        "name": a.name,
+        "sha256": a.sha256,
+        "params": a.params,
+        "blocks": list(a.blocks),
+        "model_id": a.model_id,
+        "owner": a.owner,
+        "public": a.public,
+        "already_registered": resp.already_registered,
+        "bytes_sent": tot["sent"],
+        "bytes_received": tot["received"],
+    }
 
 
-def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str, seq_len: int = 128, batch_size: int = 4,
-                seed: int = 0, val_fraction: float = 0.1, name: str = "", val_max: int = MAX_VAL_SEQUENCES) -> dict:
+def eval_plugin(
+    tcfg: TransportConfig,
+    adapter_dir: str,
+    data_dir: str,
+    out: str,
+    seq_len: int = 128,
+    batch_size: int = 4,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    name: str = "",
+    val_max: int = MAX_VAL_SEQUENCES,
+) -> dict:
     """Measures the adapter plugged into the full model, through the split path, on the validation split.
 
     The text stays here: the cloud sees only the activations of the split path, as in `client tune`. The
@@ -194,12 +250,16 @@ def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str
     if name:
         ot = OffsiteTransport(tcfg, meter)
         try:
-            listed = {a.name: a for a in ot.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters", one_time=True).adapters}
+            listed = {
+                a.name: a
+                for a in ot.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters", one_time=True).adapters
+            }
         finally:
             ot.close()
         if name not in listed:
-            raise ClientError(f"no adapter {name!r} is registered on the server for your identity; "
-                              f"`client push --name {name}` first")
+            raise ClientError(
+                f"no adapter {name!r} is registered on the server for your identity; `client push --name {name}` first"
+            )
         if listed[name].sha256 != digest:
             raise ClientError(f"the adapter registered as {name!r} is not the one in {adapter_dir!r} (digest differs)")
         registered = name
@@ -221,16 +281,36 @@ def eval_plugin(tcfg: TransportConfig, adapter_dir: str, data_dir: str, out: str
     finally:
         t.close()
     tot = meter.totals()
-    report = {"mode": "plug-in eval", "model_id": sm.model_id, "server": tcfg.server, "adapter": adapter_dir,
-              "adapter_sha256": digest, "registered_as": registered, "loaded": loaded,
-              "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
-              "settings": {"seq_len": seq_len, "batch_size": batch_size, "seed": seed, "val_fraction": val_fraction,
-                           "val_max_sequences": val_max},
-              "validation": {"zero_shot": zero_shot, "plugged_in": plugged, "sequences": len(data.val),
-                             "ppl_change": plugged["ppl"] / zero_shot["ppl"] - 1.0 if not math.isnan(zero_shot["ppl"]) else None},
-              "bytes": {"per_kind": tot["per_kind"], "one_time": tot["one_time"], "framing_estimate_bytes": tot["framing_estimate_bytes"]},
-              "wall_s": time.perf_counter() - t0,
-              "privacy": "the validation text stayed on this machine; the cloud saw the split path's activations only"}
+    report = {
+        "mode": "plug-in eval",
+        "model_id": sm.model_id,
+        "server": tcfg.server,
+        "adapter": adapter_dir,
+        "adapter_sha256": digest,
+        "registered_as": registered,
+        "loaded": loaded,
+        "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
+        "settings": {
+            "seq_len": seq_len,
+            "batch_size": batch_size,
+            "seed": seed,
+            "val_fraction": val_fraction,
+            "val_max_sequences": val_max,
+        },
+        "validation": {
+            "zero_shot": zero_shot,
+            "plugged_in": plugged,
+            "sequences": len(data.val),
+            "ppl_change": plugged["ppl"] / zero_shot["ppl"] - 1.0 if not math.isnan(zero_shot["ppl"]) else None,
+        },
+        "bytes": {
+            "per_kind": tot["per_kind"],
+            "one_time": tot["one_time"],
+            "framing_estimate_bytes": tot["framing_estimate_bytes"],
+        },
+        "wall_s": time.perf_counter() - t0,
+        "privacy": "the validation text stayed on this machine; the cloud saw the split path's activations only",
+    }
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, "eval.json"), report)
     return report

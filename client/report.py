@@ -1,4 +1,5 @@
 """Reading a run's report.json: a table for people, a PNG plot."""
+
 from __future__ import annotations
 
 import json
@@ -28,15 +29,21 @@ def render(report: dict, console=None) -> None:
     t = report["totals"]
     steps = report["steps"]
     n = max(len(steps), 1)
-    head = Table(title=f"tandem {report['mode']} run: {report['model_id']}  "
-                       f"(client blocks {report['layout']['bottom']}:{report['layout']['top']} of {report['layout']['num_layers']})")
+    head = Table(
+        title=f"tandem {report['mode']} run: {report['model_id']}  "
+        f"(client blocks {report['layout']['bottom']}:{report['layout']['top']} of {report['layout']['num_layers']})"
+    )
     head.add_column("what")
     head.add_column("sent", justify="right")
     head.add_column("received", justify="right")
-    head.add_row("one-time (session, stages, tokenizer)", _mb(t["one_time_bytes_sent"]), _mb(t["one_time_bytes_received"]))
+    head.add_row(
+        "one-time (session, stages, tokenizer)", _mb(t["one_time_bytes_sent"]), _mb(t["one_time_bytes_received"])
+    )
     head.add_row(f"training ({t['steps']} steps)", _mb(t["train_bytes_sent"]), _mb(t["train_bytes_received"]))
     head.add_row("per step", _mb(t["train_bytes_sent"] / n), _mb(t["train_bytes_received"] / n))
-    head.add_row("per token", f"{report['per_token']['bytes_sent']:,.0f} B", f"{report['per_token']['bytes_received']:,.0f} B")
+    head.add_row(
+        "per token", f"{report['per_token']['bytes_sent']:,.0f} B", f"{report['per_token']['bytes_received']:,.0f} B"
+    )
     for kind, v in sorted(t["per_kind"].items()):
         head.add_row(f"  {kind} x{v['calls']}", _mb(v["sent"]), _mb(v["received"]))
     head.add_row("total (all kinds)", _mb(t["bytes_sent"]), _mb(t["bytes_received"]))
@@ -47,7 +54,9 @@ def render(report: dict, console=None) -> None:
     times = Table(title=f"time ({t['wall_s']:.1f} s wall in all)")
     for col in ("client compute", "cloud compute", "serialization", "network wait"):
         times.add_column(col, justify="right")
-    times.add_row(*(f"{tm[k]:.2f} s" for k in ("client_compute_s", "cloud_compute_s", "serialization_s", "network_wait_s")))
+    times.add_row(
+        *(f"{tm[k]:.2f} s" for k in ("client_compute_s", "cloud_compute_s", "serialization_s", "network_wait_s"))
+    )
     console.print(times)
 
     v = report["validation"]
@@ -77,7 +86,12 @@ def plot(report: dict, path: str) -> str:
     a.set(xlabel="step", ylabel="training loss", title="loss")
     a.legend()
     b.bar(x, [s["bytes_sent"] / 2**20 for s in steps], label="sent")
-    b.bar(x, [s["bytes_received"] / 2**20 for s in steps], bottom=[s["bytes_sent"] / 2**20 for s in steps], label="received")
+    b.bar(
+        x,
+        [s["bytes_received"] / 2**20 for s in steps],
+        bottom=[s["bytes_sent"] / 2**20 for s in steps],
+        label="received",
+    )
     b.set(xlabel="step", ylabel="MiB", title=f"bytes per step ({report['mode']})")
     b.legend()
     fig.suptitle(f"tandem: {report['model_id']}")

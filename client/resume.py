@@ -1,4 +1,5 @@
 """What a checkpoint must share with the run that resumes it: every setting that changes the result."""
+
 from __future__ import annotations
 
 from tandem.stages.arch import arch_for
@@ -67,5 +68,7 @@ def check(saved: dict | None, now: dict, out: str) -> None:
         return
     diffs = [f"{k} {_show(saved[k])} (now {_show(now[k])})" for k in now if k in saved and saved[k] != now[k]]
     if diffs:
-        raise CheckpointError(f"--resume: the checkpoint in {out} was made with {'; '.join(diffs)}; resume with the "
-                              "same settings, or start afresh with --overwrite")
+        raise CheckpointError(
+            f"--resume: the checkpoint in {out} was made with {'; '.join(diffs)}; resume with the "
+            "same settings, or start afresh with --overwrite"
+        )

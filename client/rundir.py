@@ -1,4 +1,5 @@
 """The run directory (--out): never overwriting another run's work, and keeping what it holds private."""
+
 from __future__ import annotations
 
 import os
@@ -7,8 +8,16 @@ import shutil
 from .errors import ClientError
 
 # What `client tune` writes into a run directory; --overwrite removes these and nothing else.
-ARTIFACTS = ("checkpoint.pt", "checkpoint.pt.tmp", "report.json", "report.json.tmp", "report.png", "adapter", "cloud_view",
-             "privacy_context.json")
+ARTIFACTS = (
+    "checkpoint.pt",
+    "checkpoint.pt.tmp",
+    "report.json",
+    "report.json.tmp",
+    "report.png",
+    "adapter",
+    "cloud_view",
+    "privacy_context.json",
+)
 FINISHED = ("report.json", "adapter")
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -41,7 +50,9 @@ def check_creatable(path: str, flag: str) -> None:
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ClientError(f"{flag} {path}: cannot write there ({parent} is not a writable directory); pick another place")
+        raise ClientError(
+            f"{flag} {path}: cannot write there ({parent} is not a writable directory); pick another place"
+        )
 
 
 def prepare(out: str, resume: bool, overwrite: bool) -> None:
@@ -58,15 +69,21 @@ def prepare(out: str, resume: bool, overwrite: bool) -> None:
     foreign = sorted(present - set(ARTIFACTS))
     if not overwrite:
         if present & set(FINISHED):
-            raise ClientError(f"--out {out} holds a finished run (report.json, adapter/); pass --overwrite to replace it, "
-                              "or choose another --out")
+            raise ClientError(
+                f"--out {out} holds a finished run (report.json, adapter/); pass --overwrite to replace it, "
+                "or choose another --out"
+            )
         if "checkpoint.pt" in present:
-            raise ClientError(f"--out {out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+            raise ClientError(
+                f"--out {out} holds an unfinished run (checkpoint.pt); pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out"
+            )
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise ClientError(f"--out {out} holds files that are not a tandem run ({shown}); choose another --out, "
-                              "or pass --overwrite (those files are kept)")
+            raise ClientError(
+                f"--out {out} holds files that are not a tandem run ({shown}); choose another --out, "
+                "or pass --overwrite (those files are kept)"
+            )
     for name in present & set(ARTIFACTS):  # an old run's results must not mix with this one's
         path = os.path.join(out, name)
         if os.path.isdir(path) and not os.path.islink(path):

@@ -1,4 +1,5 @@
 """Text generation with a registered adapter on the cloud (`client generate`)."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,14 @@ class ServingTransport(Transport):
         self.stub = spb_grpc.AdapterServingStub(self.channel)
 
 
-def generate(tcfg: TransportConfig, prompts: list[str], adapter: str = "", max_new_tokens: int = 0,
-             temperature: float = 0.0, seed: int = 0) -> dict:
+def generate(
+    tcfg: TransportConfig,
+    prompts: list[str],
+    adapter: str = "",
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Asks the cloud to continue each prompt with adapter `adapter` applied ('' for the base model).
 
     Returns:
@@ -37,14 +44,27 @@ def generate(tcfg: TransportConfig, prompts: list[str], adapter: str = "", max_n
         raise ClientError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     if not 0 <= seed < 2**64:
         raise ClientError(f"--seed must be in [0, 2**64), got {seed}")
-    req = spb.GenerateRequest(adapter=adapter, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    req = spb.GenerateRequest(
+        adapter=adapter, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+    )
     t = ServingTransport(tcfg)
     try:
         resp = t.call("Generate", req, kind="Generate", one_time=True, retry=True)
     finally:
         t.close()
     tot = t.meter.totals()["one_time"]["Generate"]
-    return {"adapter": resp.adapter, "batch_sequences": resp.batch_sequences,
-            "completions": [{"text": c.text, "token_ids": list(c.token_ids), "prompt_tokens": c.prompt_tokens,
-                             "finish_reason": c.finish_reason} for c in resp.completions],
-            "bytes_sent": tot["sent"], "bytes_received": tot["received"]}
+    return {
+        "adapter": resp.adapter,
+        "batch_sequences": resp.batch_sequences,
+        "completions": [
+            {
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "prompt_tokens": c.prompt_tokens,
+                "finish_reason": c.finish_reason,
+            }
+            for c in resp.completions
+        ],
+        "bytes_sent": tot["sent"],
+        "bytes_received": tot["received"],
+    }

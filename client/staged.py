@@ -1,4 +1,5 @@
 """The data owner's model: local bottom and top stages, a middle that runs remotely (or in-process), one adapter."""
+
 from __future__ import annotations
 
 import functools
@@ -128,7 +129,8 @@ class RemoteMiddle:
         if self.cloud_optimizer and not self.synced:
             raise CloudStateLost(
                 f"the cloud lost session {self.session.id[:8]}... and with it the remote LoRA it was optimizing since "
-                "the last checkpoint; go back to that checkpoint (`client tune --resume` does)")
+                "the last checkpoint; go back to that checkpoint (`client tune --resume` does)"
+            )
         log.warning("the cloud lost session %s...; opening a new one and redoing the step", self.session.id[:8])
         self.session = self.opener()
         self.sent_version = None
@@ -164,13 +166,21 @@ class RemoteMiddle:
         version = self._version()
         m = self.t.meter
         t0 = time.perf_counter()
-        req = pb.ForwardRequest(session_id=self.session.id, step=step, hidden=serde.encode(h, self.session.codec),
-                                attention_mask=serde.to_proto(am.to(torch.uint8)), lora_version=version,
-                                dropout_seed=seed, train=train)
+        req = pb.ForwardRequest(
+            session_id=self.session.id,
+            step=step,
+            hidden=serde.encode(h, self.session.codec),
+            attention_mask=serde.to_proto(am.to(torch.uint8)),
+            lora_version=version,
+            dropout_seed=seed,
+            train=train,
+        )
         if self.params and (force_lora or self.sent_version != version):
             if not self.synced:  # cloud optimizer: only the cloud has the current LoRA
-                raise CloudStateLost(f"the cloud no longer holds remote-LoRA version {version} of session "
-                                     f"{self.session.id[:8]}...; go back to the last checkpoint (`client tune --resume`)")
+                raise CloudStateLost(
+                    f"the cloud no longer holds remote-LoRA version {version} of session "
+                    f"{self.session.id[:8]}...; go back to the last checkpoint (`client tune --resume`)"
+                )
             req.lora.CopyFrom(serde.encode(flatten(self.params), self.session.lora_codec))
         m.step_serde_s += time.perf_counter() - t0
         try:
@@ -189,8 +199,9 @@ class RemoteMiddle:
     def backward_rpc(self, step: int, grad_out, h, am, seed: int):
         m = self.t.meter
         t0 = time.perf_counter()
-        req = pb.BackwardRequest(session_id=self.session.id, step=step,
-                                 grad_output=serde.encode(grad_out, self.session.gradient_codec))
+        req = pb.BackwardRequest(
+            session_id=self.session.id, step=step, grad_output=serde.encode(grad_out, self.session.gradient_codec)
+        )
         m.step_serde_s += time.perf_counter() - t0
         try:
             resp = self._call("Backward", req, step, "Backward")
@@ -205,7 +216,9 @@ class RemoteMiddle:
         gin = serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape))
         if self.cloud_optimizer:  # the cloud applied the update; the client's copy is now behind
             if resp.HasField("lora_grad"):
-                raise ClientError("the server returned LoRA gradients in a cloud optimizer session; it did not apply them")
+                raise ClientError(
+                    "the server returned LoRA gradients in a cloud optimizer session; it did not apply them"
+                )
             self.cloud_version += 1
             self.sent_version = self.cloud_version
             self.synced = False
@@ -213,7 +226,9 @@ class RemoteMiddle:
             return gin, [None] * len(self.params)
         flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec)
         if flat.numel() != sum(p.numel() for p in self.params):
-            raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}")
+            raise ClientError(
+                f"the cloud returned {flat.numel()} LoRA gradients, expected {sum(p.numel() for p in self.params)}"
+            )
         grads, at = [], 0
         for p in self.params:
             grads.append(flat[at : at + p.numel()].view_as(p))
@@ -223,7 +238,9 @@ class RemoteMiddle:
 
     def fetch_state(self, step: int) -> dict:
         """Cloud optimizer: copies the cloud's remote LoRA into `params`; returns AdamW's state (for a checkpoint)."""
-        resp = self._call("GetRemoteState", pb.GetRemoteStateRequest(session_id=self.session.id, step=step), step, "GetRemoteState")
+        resp = self._call(
+            "GetRemoteState", pb.GetRemoteStateRequest(session_id=self.session.id, step=step), step, "GetRemoteState"
+        )
         n = sum(p.numel() for p in self.params)
         lora = serde.from_proto(resp.lora, "lora", torch.float32)
         moments = [serde.from_proto(getattr(resp, f), f, torch.float32) for f in ("exp_avg", "exp_avg_sq")]
@@ -235,15 +252,25 @@ class RemoteMiddle:
                 p.copy_(lora[at : at + p.numel()].view_as(p))
                 at += p.numel()
         self.cloud_version, self.sent_version, self.synced = resp.lora_version, resp.lora_version, True
-        self.last_state = {"exp_avg": moments[0], "exp_avg_sq": moments[1], "steps": resp.optimizer_steps,
-                           "version": resp.lora_version}
+        self.last_state = {
+            "exp_avg": moments[0],
+            "exp_avg_sq": moments[1],
+            "steps": resp.optimizer_steps,
+            "version": resp.lora_version,
+        }
         return self.last_state
 
     def put_state(self, state: dict, step: int) -> None:
         """Cloud optimizer: gives the cloud `params` and a saved AdamW state (resuming a checkpoint)."""
-        req = pb.RemoteState(session_id=self.session.id, step=step, lora=serde.to_proto(flatten(self.params)),
-                             exp_avg=serde.to_proto(state["exp_avg"]), exp_avg_sq=serde.to_proto(state["exp_avg_sq"]),
-                             optimizer_steps=int(state["steps"]), lora_version=int(state["version"]))
+        req = pb.RemoteState(
+            session_id=self.session.id,
+            step=step,
+            lora=serde.to_proto(flatten(self.params)),
+            exp_avg=serde.to_proto(state["exp_avg"]),
+            exp_avg_sq=serde.to_proto(state["exp_avg_sq"]),
+            optimizer_steps=int(state["steps"]),
+            lora_version=int(state["version"]),
+        )
         self._call("PutRemoteState", req, step, "PutRemoteState")
         self.cloud_version, self.sent_version, self.synced = int(state["version"]), int(state["version"]), True
         self.last_state = state
@@ -297,13 +324,16 @@ class StagedModel:
         logits = self.logits(batch["input_ids"], batch["attention_mask"], step, seed, train)
         labels = batch["labels"][:, 1:]  # (B, T-1)
         n = int((labels != IGNORE).sum())
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum") / max(n, 1)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ) / max(n, 1)
         return loss, n
 
     def client_blocks(self) -> list[tuple[int, nn.Module]]:
         """(full-model block index, block) for every block that runs on the client."""
-        return list(zip(self.layout.bottom_blocks, self.bottom.blocks)) + list(zip(self.layout.top_blocks, self.top.blocks))
+        return list(zip(self.layout.bottom_blocks, self.bottom.blocks)) + list(
+            zip(self.layout.top_blocks, self.top.blocks)
+        )
 
     def unfreeze_client_blocks(self) -> list[nn.Parameter]:
         """Makes the client's blocks fully trainable (Offsite-Tuning's adapter layers); returns their parameters."""
@@ -348,8 +378,9 @@ def _check_tokenizer(tokenizer, config) -> None:
         )
 
 
-def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "",
-                 cloud_optimizer: dict | None = None) -> Session:
+def open_session(
+    t: Transport, lora: LoraConfig, remote_lora: bool = True, model_id: str = "", cloud_optimizer: dict | None = None
+) -> Session:
     """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange.
 
     cloud_optimizer: AdamW settings (lr, beta1, beta2, eps, weight_decay) for the cloud to apply the
@@ -359,10 +390,16 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
 
     priv, pub = new_keypair() if t.cfg.seal else (None, b"")
     req = pb.OpenSessionRequest(
-        model_id=model_id, lora=pb.LoraSpec(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                            target_modules=list(lora.target_modules)),
-        remote_lora=remote_lora, codec=t.cfg.codec, gradient_codec=t.cfg.gradient_codec or t.cfg.codec,
-        lora_codec=t.cfg.lora_codec, seal_public_key=pub)
+        model_id=model_id,
+        lora=pb.LoraSpec(
+            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=list(lora.target_modules)
+        ),
+        remote_lora=remote_lora,
+        codec=t.cfg.codec,
+        gradient_codec=t.cfg.gradient_codec or t.cfg.codec,
+        lora_codec=t.cfg.lora_codec,
+        seal_public_key=pub,
+    )
     if cloud_optimizer is not None:
         req.cloud_optimizer.CopyFrom(pb.AdamW(**cloud_optimizer))
     info = t.call("OpenSession", req, one_time=True)
@@ -373,8 +410,15 @@ def open_session(t: Transport, lora: LoraConfig, remote_lora: bool = True, model
     except ClientError:
         _close_quietly(t, info.session_id)  # the server opened it: do not let it count against our quota until its TTL
         raise
-    return Session(info.session_id, info.codec or "float32", info.gradient_codec or info.codec or "float32", sealer, info,
-                   info.lora_codec or "float32", sealing)
+    return Session(
+        info.session_id,
+        info.codec or "float32",
+        info.gradient_codec or info.codec or "float32",
+        sealer,
+        info,
+        info.lora_codec or "float32",
+        sealing,
+    )
 
 
 def _close_quietly(t: Transport, session_id: str) -> None:
@@ -386,8 +430,11 @@ def _close_quietly(t: Transport, session_id: str) -> None:
 
 @functools.cache
 def _warn_unauthenticated(server: str) -> None:
-    log.warning("sealing with %s is UNAUTHENTICATED (no CA to check its sealing certificate, e.g. --insecure): it "
-                "stops passive observers, not a proxy that rewrites the session", server)
+    log.warning(
+        "sealing with %s is UNAUTHENTICATED (no CA to check its sealing certificate, e.g. --insecure): it "
+        "stops passive observers, not a proxy that rewrites the session",
+        server,
+    )
 
 
 def _sealer(t: Transport, priv, req, info):
@@ -405,8 +452,10 @@ def _sealer(t: Transport, priv, req, info):
         try:
             verify(info.seal_certificate, info.seal_signature, transcript, t.ca_pem)
         except HandshakeError as e:
-            raise ClientError(f"sealing handshake refused: {e}; a proxy on the path may be rewriting the session "
-                              "(or the server predates authenticated sealing)") from None
+            raise ClientError(
+                f"sealing handshake refused: {e}; a proxy on the path may be rewriting the session "
+                "(or the server predates authenticated sealing)"
+            ) from None
         sealing = "authenticated"
     try:
         return Sealer(priv, info.seal_public_key, info.session_id, "client", transcript), sealing
@@ -414,8 +463,14 @@ def _sealer(t: Transport, priv, req, info):
         raise ClientError(f"sealing handshake refused: {e}") from None
 
 
-def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool = True, model_id: str = "",
-                  cloud_optimizer: dict | None = None) -> StagedModel:
+def connect_split(
+    t: Transport,
+    lora: LoraConfig,
+    seed: int,
+    remote_lora: bool = True,
+    model_id: str = "",
+    cloud_optimizer: dict | None = None,
+) -> StagedModel:
     """Opens a session, fetches the client's stages and builds the split model (see open_session)."""
     first = open_session(t, lora, remote_lora, model_id, cloud_optimizer)
     info = first.info
@@ -426,8 +481,9 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
         raise ClientError(f"the server's model configuration is not usable: {e}") from None
     layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
     try:
-        files = fetch_client_files(t, info.session_id, info.client_stages_sha256, info.client_stages_bytes,
-                                   info.client_files_sha256)
+        files = fetch_client_files(
+            t, info.session_id, info.client_stages_sha256, info.client_stages_bytes, info.client_files_sha256
+        )
     except ClientError:
         _close_quietly(t, info.session_id)  # a refused download must not hold one of the identity's sessions
         raise
@@ -450,18 +506,34 @@ def connect_split(t: Transport, lora: LoraConfig, seed: int, remote_lora: bool =
         if pending:
             return pending.pop()
         s = open_session(t, lora, remote_lora, model_id, cloud_optimizer)
-        same = (s.info.client_stages_sha256 == info.client_stages_sha256
-                and [x.name for x in s.info.middle_slots] == [x.name for x in info.middle_slots])
+        same = s.info.client_stages_sha256 == info.client_stages_sha256 and [x.name for x in s.info.middle_slots] == [
+            x.name for x in info.middle_slots
+        ]
         if not same:
-            raise ClientError("the server came back with a different model or layout; this run cannot continue against it")
+            raise ClientError(
+                "the server came back with a different model or layout; this run cannot continue against it"
+            )
         return s
 
     middle = RemoteMiddle(t, opener, adapter.params_for(names[1]), cloud_optimizer=cloud_optimizer is not None)
-    return StagedModel(bottom, middle, top, adapter, names, layout, info.model_id, config, tokenizer, "split",
-                       stages_sha256=info.client_stages_sha256)
+    return StagedModel(
+        bottom,
+        middle,
+        top,
+        adapter,
+        names,
+        layout,
+        info.model_id,
+        config,
+        tokenizer,
+        "split",
+        stages_sha256=info.client_stages_sha256,
+    )
 
 
-def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True) -> StagedModel:
+def build_local(
+    model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True
+) -> StagedModel:
     """The whole model in this process with the same stages and adapter (for exactness checks).
 
     With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
@@ -480,5 +552,15 @@ def build_local(model_path: str | None, client_blocks: str, lora: LoraConfig, se
     tokenizer = load_tokenizer_dir(model_path or default_model_dir())  # the loader of every mode (split's ids)
     _check_tokenizer(tokenizer, loaded.config)
     middle = LocalMiddle(MiddleStage(parts, layout.middle_blocks), adapter, names[1])
-    return StagedModel(BottomStage(parts, layout.bottom_blocks), middle, TopStage(parts, layout.top_blocks), adapter,
-                       names, layout, loaded.model_id, loaded.config, tokenizer, "local")
+    return StagedModel(
+        BottomStage(parts, layout.bottom_blocks),
+        middle,
+        TopStage(parts, layout.top_blocks),
+        adapter,
+        names,
+        layout,
+        loaded.model_id,
+        loaded.config,
+        tokenizer,
+        "local",
+    )

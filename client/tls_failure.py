@@ -8,6 +8,7 @@ Retrying cannot fix a certificate, so the transport stops at once on these. gRPC
     server closing the socket ("Socket closed"); the local identity bundle is examined for the cause (expired, or
     another CA's).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -39,7 +40,9 @@ def failure_kind(e: grpc.RpcError) -> str | None:
     last = detail.lower()
     if "hostname verification" in last:
         return "hostname"
-    if "alert" in last:  # the server sent a TLS alert (TLS 1.2: "tlsv1 alert unknown ca", "sslv3 alert certificate expired")
+    if (
+        "alert" in last
+    ):  # the server sent a TLS alert (TLS 1.2: "tlsv1 alert unknown ca", "sslv3 alert certificate expired")
         return REFUSED
     if "handshake failed" in last or "certificate_verify_failed" in last or "tlsv1 alert" in last:
         if "wrong_version_number" in last:
@@ -82,8 +85,11 @@ def read_certificate(cert_pem: bytes, ca_pem: bytes | None) -> Certificate | Non
     except ValueError:
         return None
     cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return Certificate(cn=printable(cn[0].value, 64) if cn else "?", not_after=cert.not_valid_after_utc,
-                       issuers_ok=any(_issued_by(cert, ca) for ca in cas))
+    return Certificate(
+        cn=printable(cn[0].value, 64) if cn else "?",
+        not_after=cert.not_valid_after_utc,
+        issuers_ok=any(_issued_by(cert, ca) for ca in cas),
+    )
 
 
 def _issued_by(cert, ca) -> bool:
@@ -115,11 +121,15 @@ class TlsSetup:
         if self.identity is None or cert is None:
             return ""
         if cert.expired:
-            return (f"identity bundle {self.identity} (CN {cert.cn!r}) expired on {cert.until()}: ask the operator for "
-                    f"a new one (`cloud certs issue {cert.cn} --force`)")
+            return (
+                f"identity bundle {self.identity} (CN {cert.cn!r}) expired on {cert.until()}: ask the operator for "
+                f"a new one (`cloud certs issue {cert.cn} --force`)"
+            )
         if not cert.issuers_ok:
-            return (f"identity bundle {self.identity} ({cert.describe()}) is not issued by the CA this server trusts "
-                    f"({self.ca_file}, which issued the server's certificate): use the bundle this server's operator issued you")
+            return (
+                f"identity bundle {self.identity} ({cert.describe()}) is not issued by the CA this server trusts "
+                f"({self.ca_file}, which issued the server's certificate): use the bundle this server's operator issued you"
+            )
         return ""
 
     def error(self, kind: str) -> ServerError:
@@ -127,31 +137,41 @@ class TlsSetup:
         host = self.server.rsplit(":", 1)[0]
         mine = self._mine()
         if kind == "plaintext":
-            text = (f"the server at {self.server} does not speak TLS (a `cloud serve --insecure`?): "
-                    "use the TLS address, or --insecure only on a network you trust")
+            text = (
+                f"the server at {self.server} does not speak TLS (a `cloud serve --insecure`?): "
+                "use the TLS address, or --insecure only on a network you trust"
+            )
         elif kind == "hostname":
-            text = (f"the server's certificate does not name {host!r}: connect by a name it was issued for, or ask the "
-                    f"operator for a certificate naming {host} (`cloud certs init --host {host}`); {mine}")
+            text = (
+                f"the server's certificate does not name {host!r}: connect by a name it was issued for, or ask the "
+                f"operator for a certificate naming {host} (`cloud certs init --host {host}`); {mine}"
+            )
         elif kind == "server-expired":
             text = f"the server's TLS certificate has expired: ask the operator of {self.server} to renew it; {mine}"
         elif kind == "server-ca":
-            text = (f"the server's certificate is not issued by the trusted CA: pass --ca with this server's "
-                    f"ca.pem, or --identity with a bundle its operator issued; {mine}")
+            text = (
+                f"the server's certificate is not issued by the trusted CA: pass --ca with this server's "
+                f"ca.pem, or --identity with a bundle its operator issued; {mine}"
+            )
         else:
             text = self._refused()
         return ServerError(f"TLS handshake with {self.server} failed: {text}", grpc.StatusCode.UNAVAILABLE, REASON)
 
     def _refused(self) -> str:
         if self.identity is None:
-            return ("the server closed the connection: it requires a client certificate; pass --identity with the "
-                    f"bundle its operator issued you (`cloud certs issue NAME`); trusted CA: {self.ca_file}")
+            return (
+                "the server closed the connection: it requires a client certificate; pass --identity with the "
+                f"bundle its operator issued you (`cloud certs issue NAME`); trusted CA: {self.ca_file}"
+            )
         problem = self.identity_problem()
         if problem:
             return f"the server refused the client certificate: {problem}"
         cert = self.certificate()
         desc = cert.describe() if cert else "unreadable certificate"
-        return (f"the server refused identity bundle {self.identity} ({desc}): it is not issued by the CA this server "
-                f"trusts, or the server requires another; check --identity and --ca ({self.ca_file})")
+        return (
+            f"the server refused identity bundle {self.identity} ({desc}): it is not issued by the CA this server "
+            f"trusts, or the server requires another; check --identity and --ca ({self.ca_file})"
+        )
 
     def _mine(self) -> str:
         cert = self.certificate()

@@ -1,4 +1,5 @@
 """The tuning loop: seeded batches, the data owner's optimizer, evaluation, checkpoints and the report."""
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,10 @@ PRIVACY_NOTE = (
     "did not measure that exposure; treat your text as readable by the operator."
 )
 
-OFFSITE_NOTE = ("offsite mode: tuning ran against the emulator with no server; no byte left this machine. Only the "
-                "adapter leaves it, when you run `client push`.")
+OFFSITE_NOTE = (
+    "offsite mode: tuning ran against the emulator with no server; no byte left this machine. Only the "
+    "adapter leaves it, when you run `client push`."
+)
 
 
 @dataclass
@@ -83,14 +86,18 @@ class TuneConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
-            raise ValueError(f"batch_size and checkpoint_every must be >= 1 and seq_len >= 2, got "
-                             f"{self.batch_size}, {self.checkpoint_every}, {self.seq_len}")
+            raise ValueError(
+                f"batch_size and checkpoint_every must be >= 1 and seq_len >= 2, got "
+                f"{self.batch_size}, {self.checkpoint_every}, {self.seq_len}"
+            )
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.val_max_sequences < 1:
             raise ValueError(f"val_max_sequences must be >= 1, got {self.val_max_sequences}")
         if self.noise_multiplier < 0 or self.clip_norm < 0:
-            raise ValueError(f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}")
+            raise ValueError(
+                f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}"
+            )
         if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
             raise ValueError("--cloud-optimizer applies to --mode split with a remote LoRA (not with --no-middle-lora)")
         if self.resume and self.overwrite:
@@ -192,15 +199,24 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         try:
             ckpt = torch.load(_ckpt_path(cfg.out), weights_only=False)
         except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"--resume: cannot read {_ckpt_path(cfg.out)} ({e}); start fresh without --resume") from None
+            raise CheckpointError(
+                f"--resume: cannot read {_ckpt_path(cfg.out)} ({e}); start fresh without --resume"
+            ) from None
         resume.check(ckpt.get("settings"), settings, cfg.out)
 
     transport = None
     meter = Meter(tls=bool(tcfg and not tcfg.insecure))
     if cfg.mode == "split":
-        transport = Transport(tcfg or TransportConfig(), meter, recorder=AuditRecorder(cfg.out) if cfg.audit != "no" else None)
-        sm = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora,
-                           cloud_optimizer=ADAMW | {"lr": cfg.lr} if cfg.cloud_optimizer else None)
+        transport = Transport(
+            tcfg or TransportConfig(), meter, recorder=AuditRecorder(cfg.out) if cfg.audit != "no" else None
+        )
+        sm = connect_split(
+            transport,
+            cfg.lora,
+            cfg.seed,
+            remote_lora=cfg.middle_lora,
+            cloud_optimizer=ADAMW | {"lr": cfg.lr} if cfg.cloud_optimizer else None,
+        )
     elif cfg.mode == "offsite":  # no server at all: the emulator package stands in for the middle
         from .offsite import build_offsite
 
@@ -212,16 +228,22 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         stages = resume.stages(sm, cfg.lora)
         resume.check(ckpt.get("stages") if ckpt else None, stages, cfg.out)
         _check_positions(sm.config, cfg.seq_len)
-        data = load_split(cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction,
-                          cfg.val_max_sequences)
+        data = load_split(
+            cfg.data, sm.tokenizer, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.val_fraction, cfg.val_max_sequences
+        )
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
         privacy.attach(sm, cfg, total_steps, transport.recorder if transport is not None else None)
         remote = {id(p) for p in sm.middle.params} if cfg.cloud_optimizer else set()  # the cloud updates these
         trainable = [p for p in sm.adapter.parameters() if id(p) not in remote]
         n_adapter = len(trainable)
         trainable += sm.unfreeze_client_blocks() if cfg.tune_client_blocks else []
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"],
-                                weight_decay=ADAMW["weight_decay"])
+        opt = torch.optim.AdamW(
+            trainable,
+            lr=cfg.lr,
+            betas=(ADAMW["beta1"], ADAMW["beta2"]),
+            eps=ADAMW["eps"],
+            weight_decay=ADAMW["weight_decay"],
+        )
         steps: list[dict] = []
         start = 0
         if ckpt is not None:
@@ -240,10 +262,20 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         meter.take_step()  # evaluation traffic is accounted per kind, not per training step
         # Cloud optimizer: where the run goes back to when the cloud loses the remote LoRA's state (a copy of the
         # last checkpoint; the file may be unwritable).
-        last = copy.deepcopy({"adapter": sm.adapter.state_dict(), "optimizer": opt.state_dict(), "step": start,
-                              "steps": steps, "client_blocks": [p.detach() for p in trainable[n_adapter:]],
-                              "remote_optimizer": ckpt.get("remote_optimizer") if ckpt else None}) \
-            if cfg.cloud_optimizer else None
+        last = (
+            copy.deepcopy(
+                {
+                    "adapter": sm.adapter.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": start,
+                    "steps": steps,
+                    "client_blocks": [p.detach() for p in trainable[n_adapter:]],
+                    "remote_optimizer": ckpt.get("remote_optimizer") if ckpt else None,
+                }
+            )
+            if cfg.cloud_optimizer
+            else None
+        )
         lost = 0  # sessions lost since the last checkpoint (progress resets it)
         restart = False  # a rollback is pending: the new session must get the checkpoint's remote state
 
@@ -279,8 +311,11 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                     raise SessionLost(
                         f"{e}; the cloud lost {lost} sessions in a row before the run reached a new checkpoint, giving "
                         f"up at step {last['step']}. Rerun with --resume when the server is stable, or lower "
-                        "--checkpoint-every") from None
-                log.warning("%s; going back to step %d (the last checkpoint) and redoing the steps since", e, last["step"])
+                        "--checkpoint-every"
+                    ) from None
+                log.warning(
+                    "%s; going back to step %d (the last checkpoint) and redoing the steps since", e, last["step"]
+                )
                 sm.adapter.load_state_dict(last["adapter"])
                 with torch.no_grad():
                     for p, saved in zip(trainable[n_adapter:], last["client_blocks"]):
@@ -295,20 +330,39 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
                 bar.refresh()
                 continue
             rec = meter.take_step()
-            rec.update(step=step, loss=float(loss.detach()), tokens=int(batch["attention_mask"].sum()), label_tokens=n_tok, wall_s=wall,
-                       client_compute_s=wall - rec["rpc_s"] - rec["serialization_s"] - rec["sealing_s"],
-                       network_wait_s=max(0.0, rec["rpc_s"] - rec["cloud_compute_s"]))
+            rec.update(
+                step=step,
+                loss=float(loss.detach()),
+                tokens=int(batch["attention_mask"].sum()),
+                label_tokens=n_tok,
+                wall_s=wall,
+                client_compute_s=wall - rec["rpc_s"] - rec["serialization_s"] - rec["sealing_s"],
+                network_wait_s=max(0.0, rec["rpc_s"] - rec["cloud_compute_s"]),
+            )
             steps.append(rec)
             sent += rec["bytes_sent"]
             recv += rec["bytes_received"]
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens'] / wall:.0f}",
-                            sent=f"{sent / 2**20:.1f}MB", recv=f"{recv / 2**20:.1f}MB")
+            bar.set_postfix(
+                loss=f"{rec['loss']:.3f}",
+                tok_s=f"{rec['tokens'] / wall:.0f}",
+                sent=f"{sent / 2**20:.1f}MB",
+                recv=f"{recv / 2**20:.1f}MB",
+            )
             if checkpoint:
                 blocks = [p.detach().clone() for p in trainable[n_adapter:]]
-                payload = {"adapter": sm.adapter.state_dict(), "client_blocks": blocks, "optimizer": opt.state_dict(),
-                           "step": step + 1, "steps": steps, "val_before": val_before, "config": _cfg_dict(cfg),
-                           "remote_optimizer": remote_state, "settings": settings, "stages": stages}
+                payload = {
+                    "adapter": sm.adapter.state_dict(),
+                    "client_blocks": blocks,
+                    "optimizer": opt.state_dict(),
+                    "step": step + 1,
+                    "steps": steps,
+                    "val_before": val_before,
+                    "config": _cfg_dict(cfg),
+                    "remote_optimizer": remote_state,
+                    "settings": settings,
+                    "stages": stages,
+                }
                 if cfg.cloud_optimizer:
                     last, lost = copy.deepcopy(payload), 0  # progress: a new point to go back to
                 save_checkpoint(cfg.out, payload)
@@ -323,9 +377,13 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
         report = _report(cfg, sm, data, steps, meter, val_before, val_after, time.perf_counter() - t_start)
         if cfg.audit == "yes" or (cfg.audit == "auto" and sm.mode == "split"):
             write_json(os.path.join(cfg.out, "report.json"), report)
-            report["privacy"] = privacy.audit_run(cfg.out, _cfg_dict(cfg), data, tokens=cfg.audit_tokens, progress=cfg.progress)
+            report["privacy"] = privacy.audit_run(
+                cfg.out, _cfg_dict(cfg), data, tokens=cfg.audit_tokens, progress=cfg.progress
+            )
         write_json(os.path.join(cfg.out, "report.json"), report)
-        rundir.make_run_private(cfg.out)  # adapter, report, recorded traffic (the CLI's umask already did; library calls too)
+        rundir.make_run_private(
+            cfg.out
+        )  # adapter, report, recorded traffic (the CLI's umask already did; library calls too)
         return report
     finally:
         sm.close()
@@ -338,8 +396,13 @@ def _wire(sm: StagedModel) -> dict:
     if sess is None:
         return {"codec": None, "gradient_codec": None, "lora_codec": None, "sealed": False, "sealing": "off"}
     # "sealed" only says tensors were encrypted; "sealing" says against whom (authenticated: active hops too).
-    return {"codec": sess.codec, "gradient_codec": sess.gradient_codec, "lora_codec": sess.lora_codec,
-            "sealed": sess.sealer is not None, "sealing": sess.sealing}
+    return {
+        "codec": sess.codec,
+        "gradient_codec": sess.gradient_codec,
+        "lora_codec": sess.lora_codec,
+        "sealed": sess.sealer is not None,
+        "sealing": sess.sealing,
+    }
 
 
 def _cfg_dict(cfg: TuneConfig) -> dict:
@@ -363,10 +426,12 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
         "model_id": sm.model_id,
         "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
         "config": _cfg_dict(cfg),
-        "adapter": {"trainable_params": sum(p.numel() for p in sm.adapter.parameters())
-                    + (sum(v.numel() for v in sm.client_block_state().values()) if cfg.tune_client_blocks else 0),
-                    "client_blocks_tuned": cfg.tune_client_blocks,
-                    "remote_lora_params": sum(p.numel() for p in getattr(sm.middle, "params", []))},
+        "adapter": {
+            "trainable_params": sum(p.numel() for p in sm.adapter.parameters())
+            + (sum(v.numel() for v in sm.client_block_state().values()) if cfg.tune_client_blocks else 0),
+            "client_blocks_tuned": cfg.tune_client_blocks,
+            "remote_lora_params": sum(p.numel() for p in getattr(sm.middle, "params", [])),
+        },
         "steps": steps,
         "totals": {
             "bytes_sent": train_sent + one_time_sent + sum(v["sent"] for v in eval_kinds.values()),
@@ -395,10 +460,16 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
             "sealing_s": sum(s.get("sealing_s", 0.0) for s in steps),
             "network_wait_s": sum_("network_wait_s"),
             "encryption_note": "sealing_s is the AES-GCM sealing of tensors (client side); TLS runs inside "
-                               "gRPC's core and is included in network_wait_s",
+            "gRPC's core and is included in network_wait_s",
         },
         "validation": {"before": val_before, "after": val_after, "sequences": len(data.val)},
-        "privacy": {"cut_after_block": sm.layout.bottom, "measured": False,
-                    "note": PRIVACY_NOTE.format(k=sm.layout.bottom) if sm.mode == "split" else OFFSITE_NOTE if sm.mode == "offsite" else "local mode: nothing leaves this process"},
+        "privacy": {
+            "cut_after_block": sm.layout.bottom,
+            "measured": False,
+            "note": PRIVACY_NOTE.format(k=sm.layout.bottom)
+            if sm.mode == "split"
+            else OFFSITE_NOTE
+            if sm.mode == "offsite"
+            else "local mode: nothing leaves this process",
+        },
     }
-

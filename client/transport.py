@@ -1,4 +1,5 @@
 """The client's one door to the cloud: channel, TLS, stubs, retries and byte/time accounting."""
+
 from __future__ import annotations
 
 import logging
@@ -137,8 +138,14 @@ class Meter:
             self.step_received += received
 
     def take_step(self) -> dict:
-        out = dict(bytes_sent=self.step_sent, bytes_received=self.step_received, rpc_s=self.step_rpc_s,
-                   cloud_compute_s=self.step_cloud_s, serialization_s=self.step_serde_s, sealing_s=self.step_seal_s)
+        out = dict(
+            bytes_sent=self.step_sent,
+            bytes_received=self.step_received,
+            rpc_s=self.step_rpc_s,
+            cloud_compute_s=self.step_cloud_s,
+            serialization_s=self.step_serde_s,
+            sealing_s=self.step_seal_s,
+        )
         self.step_sent = self.step_received = 0
         self.step_rpc_s = self.step_cloud_s = self.step_serde_s = self.step_seal_s = 0.0
         return out
@@ -175,7 +182,9 @@ def _credentials(cfg: TransportConfig):
     key = cert = ca = identity = None
     if cfg.identity and (os.path.exists(cfg.identity) or cfg.identity != DEFAULT_IDENTITY):
         if not os.path.exists(cfg.identity):
-            raise ClientError(f"no identity bundle at {cfg.identity}: ask the operator for one (`cloud certs issue NAME`)")
+            raise ClientError(
+                f"no identity bundle at {cfg.identity}: ask the operator for one (`cloud certs issue NAME`)"
+            )
         from tandem.protos.bundle import read_bundle
 
         try:
@@ -206,7 +215,9 @@ class Transport:
         self.ca_pem: bytes | None = None  # the CA trusted for TLS; it also vouches for the server's sealing key
         self.tls: TlsSetup | None = None  # the certificates in use, named when a handshake fails
         if cfg.insecure:
-            log.warning("--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server)
+            log.warning(
+                "--insecure: talking PLAINTEXT gRPC to %s; anyone on the path can read your activations", cfg.server
+            )
             self.channel = grpc.insecure_channel(cfg.server, options=CHANNEL_OPTIONS)
         else:
             creds, self.tls = _credentials(cfg)
@@ -217,8 +228,16 @@ class Transport:
     def close(self) -> None:
         self.channel.close()
 
-    def call(self, method: str, request, kind: str | None = None, one_time: bool = False, retry: bool = True,
-             sealer=None, step: int = 0):
+    def call(
+        self,
+        method: str,
+        request,
+        kind: str | None = None,
+        one_time: bool = False,
+        retry: bool = True,
+        sealer=None,
+        step: int = 0,
+    ):
         """Unary call with retries on transient codes; raises ServerError with an actionable message.
 
         With a sealer, each attempt seals a fresh copy of the request (new counters, so a retry is
@@ -243,14 +262,23 @@ class Transport:
                 kind = failure_kind(e) if self.tls is not None else None
                 if kind == CLOSED and not handshake_retried and not self.tls.identity_problem():
                     handshake_retried = True
-                    log.warning("%s: the server closed the TLS handshake; trying once more in %.1f s", method, HANDSHAKE_RETRY_S)
+                    log.warning(
+                        "%s: the server closed the TLS handshake; trying once more in %.1f s", method, HANDSHAKE_RETRY_S
+                    )
                     time.sleep(HANDSHAKE_RETRY_S)
                     continue
                 if kind is not None:  # a certificate problem: retrying cannot help
                     raise self.tls.error(kind) from None
                 if retry and _transient(e) and attempt < self.cfg.retries:
                     delay = min(30.0, self.cfg.backoff_s * 2**attempt) * (0.5 + random.random())
-                    log.warning("%s: %s; retrying in %.1f s (%d/%d)", method, e.code().name, delay, attempt + 1, self.cfg.retries)
+                    log.warning(
+                        "%s: %s; retrying in %.1f s (%d/%d)",
+                        method,
+                        e.code().name,
+                        delay,
+                        attempt + 1,
+                        self.cfg.retries,
+                    )
                     time.sleep(delay)
                     attempt += 1
                     continue
@@ -264,7 +292,9 @@ class Transport:
                 try:
                     sealer.open(resp, step)
                 except ValueError as e:
-                    raise ClientError(f"the server's reply failed its seal check ({e}); the connection may be tampered with") from None
+                    raise ClientError(
+                        f"the server's reply failed its seal check ({e}); the connection may be tampered with"
+                    ) from None
                 self.meter.step_seal_s += time.perf_counter() - t0
             return resp
 

@@ -1,4 +1,5 @@
 """Checks an uploaded adapter_config.json: plain LoRA that this server serves exactly as peft would load it."""
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,25 @@ _INFO = {
     "lora_dropout": (int, float),
 }
 # Options peft understands that change what the adapter computes; only their "off" value is served.
-_OFF = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "layer_replication", "megatron_config",
-        "loftq_config", "use_qalora", "lora_bias", "target_parameters", "trainable_token_indices", "eva_config",
-        "corda_config", "exclude_modules", "runtime_config", "alora_invocation_tokens", "arrow_config")
+_OFF = (
+    "use_dora",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+    "layer_replication",
+    "megatron_config",
+    "loftq_config",
+    "use_qalora",
+    "lora_bias",
+    "target_parameters",
+    "trainable_token_indices",
+    "eva_config",
+    "corda_config",
+    "exclude_modules",
+    "runtime_config",
+    "alora_invocation_tokens",
+    "arrow_config",
+)
 
 
 class ConfigError(ValueError):
@@ -74,8 +91,10 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
         raise ConfigError(f"peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
     base = cfg.get("base_model_name_or_path")
     if base != model_id:
-        raise ConfigError(f"the adapter was tuned for {base!r}, this server serves {model_id!r}; "
-                          "tune against this model's emulator or server")
+        raise ConfigError(
+            f"the adapter was tuned for {base!r}, this server serves {model_id!r}; "
+            "tune against this model's emulator or server"
+        )
     rank = cfg.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise ConfigError(f"r must be an integer in 1..{MAX_RANK}, got {rank!r}")
@@ -84,8 +103,10 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
         raise ConfigError(f"target_modules must be a non-empty list of layer names, got {targets!r}")
     missing = sorted(set(targets) - leaves)
     if missing:
-        raise ConfigError(f"target_modules {missing} name layers the served model {model_id!r} does not have; was it "
-                          f"tuned for another architecture? (its blocks have {sorted(leaves)})")
+        raise ConfigError(
+            f"target_modules {missing} name layers the served model {model_id!r} does not have; was it "
+            f"tuned for another architecture? (its blocks have {sorted(leaves)})"
+        )
     alpha = cfg.get("lora_alpha", rank)
     if not _number(alpha) or not 0 < alpha <= MAX_ALPHA:
         raise ConfigError(f"lora_alpha must be a finite number in (0, {MAX_ALPHA:g}], got {alpha!r}")
@@ -102,25 +123,46 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
     for key in _OFF:
         if not _off(cfg.get(key)):
             raise ConfigError(f"{key} is not supported here (served adapters are plain LoRA); leave it unset")
-    if cfg.get("init_lora_weights", True) not in (True, False, "gaussian"):  # "pissa", "olora"... change the base weights
+    if cfg.get("init_lora_weights", True) not in (
+        True,
+        False,
+        "gaussian",
+    ):  # "pissa", "olora"... change the base weights
         raise ConfigError(f"init_lora_weights {cfg.get('init_lora_weights')!r} is not supported; use true")
     for key, value in cfg.items():
         if key in _INFO and not isinstance(value, _INFO[key]):
             raise ConfigError(f"{key} has the wrong type ({type(value).__name__})")
-    known = {"peft_type", "base_model_name_or_path", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "bias",
-             "target_modules", "layers_to_transform", "init_lora_weights", *_INFO, *_OFF}
+    known = {
+        "peft_type",
+        "base_model_name_or_path",
+        "r",
+        "lora_alpha",
+        "use_rslora",
+        "fan_in_fan_out",
+        "bias",
+        "target_modules",
+        "layers_to_transform",
+        "init_lora_weights",
+        *_INFO,
+        *_OFF,
+    }
     # Options this server does not know are accepted only when off: newer peft versions save every option they
     # have, at its default, and a default-off option cannot change what the adapter computes.
     unknown = sorted(k for k in set(cfg) - known if not _off(cfg[k]))
     if unknown:
-        raise ConfigError(f"unsupported options {unknown[:5]}; served adapters are plain LoRA (see `client tune`'s adapter/)")
+        raise ConfigError(
+            f"unsupported options {unknown[:5]}; served adapters are plain LoRA (see `client tune`'s adapter/)"
+        )
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
     if layers is not None:
-        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers
-                                                   for i in layers):
-            raise ConfigError(f"layers_to_transform must list blocks in 0..{num_layers - 1}, got {cfg.get('layers_to_transform')!r}")
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in layers
+        ):
+            raise ConfigError(
+                f"layers_to_transform must list blocks in 0..{num_layers - 1}, got {cfg.get('layers_to_transform')!r}"
+            )
         layers = frozenset(layers)
     return LoraSettings(rank, float(alpha), frozenset(targets), layers)
 

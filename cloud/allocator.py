@@ -6,6 +6,7 @@ the first large free, and keeps freed pages for reuse: the RSS of a server that 
 far above its start (bench/abuse.py measures it). A fixed mmap threshold hands every large buffer back
 to the OS when it is freed, and few arenas leave less memory stranded between them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -34,9 +35,14 @@ def configure() -> bool:
     """Sets the server's allocator to give memory back (glibc only; elsewhere a no-op). Call before threads start."""
     if _LIBC is None:
         return False
-    ok = all(_LIBC.mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-                                                   (_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD),
-                                                   (_M_ARENA_MAX, ARENA_MAX)))
+    ok = all(
+        _LIBC.mallopt(p, v) == 1
+        for p, v in (
+            (_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            (_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD),
+            (_M_ARENA_MAX, ARENA_MAX),
+        )
+    )
     if not ok:
         log.debug("mallopt refused a setting; the allocator keeps its defaults")
     return ok

@@ -11,6 +11,7 @@ separable across rows, so every session gets what it would have got alone, up to
 Batching with a serial worker is also continuous: everything that queued while a batch was
 computing forms the next batch, so clients need not be in lock-step for their requests to meet.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,10 +90,10 @@ class Batcher:
 
     def __init__(self, middle, cfg: BatchingConfig, saved_bytes=None, sessions=None):
         """Args:
-            middle: The MiddleStage (callable as middle(h, attention_mask)).
-            cfg: Batching limits.
-            saved_bytes: Factory of a saved-tensor counter (pack/unpack/total) for memory accounting.
-            sessions: Callable giving the number of open sessions (one open session never waits).
+        middle: The MiddleStage (callable as middle(h, attention_mask)).
+        cfg: Batching limits.
+        saved_bytes: Factory of a saved-tensor counter (pack/unpack/total) for memory accounting.
+        sessions: Callable giving the number of open sessions (one open session never waits).
         """
         self.sessions = sessions
         self._idle_since = time.monotonic()  # waits count from when the worker is free, not while it computes
@@ -252,8 +253,13 @@ class Batcher:
         t_pass = time.perf_counter()
         try:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("batched %s: %d requests, %d tokens, oldest waited %.0f ms", kind, len(batch),
-                          sum(j.tokens for j in batch), 1000 * (time.monotonic() - min(j.t0 for j in batch)))
+                log.debug(
+                    "batched %s: %d requests, %d tokens, oldest waited %.0f ms",
+                    kind,
+                    len(batch),
+                    sum(j.tokens for j in batch),
+                    1000 * (time.monotonic() - min(j.t0 for j in batch)),
+                )
             if kind == "forward" and batch[0].key[1]:
                 with self._cv:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
@@ -324,8 +330,11 @@ class Batcher:
         if train:
             h_in = h.detach().requires_grad_(True)
             saved = self.saved_bytes() if self.saved_bytes else None
-            hooks = (torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack) if saved
-                     else contextlib.nullcontext())
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
+                if saved
+                else contextlib.nullcontext()
+            )
             with torch.enable_grad(), bind(binding), hooks:
                 out = self.middle(h_in, am)
             loras = [[t for pair in seg.tensors.values() for t in pair] for seg in segments]  # wire order
@@ -347,8 +356,10 @@ class Batcher:
     def _backward(self, batch: list[_Job]) -> None:
         group: Group = batch[0].args[0]
         if group.out is None:
-            raise StateEvicted("the batched forward state of this step was already released; redo the step's "
-                               "forward (the client does this automatically)")
+            raise StateEvicted(
+                "the batched forward state of this step was already released; redo the step's "
+                "forward (the client does this automatically)"
+            )
         by_index = {j.args[1]: j for j in batch}
         grad = torch.zeros_like(group.out)
         for i, j in by_index.items():
@@ -376,6 +387,8 @@ class Batcher:
                 except Exception as e:  # noqa: BLE001 - this member's error; the others' results stand
                     j.future.set_exception(e)
                     continue
-            j.future.set_result((g_in[off : off + group.sizes[i]], out, dt * j.tokens / n_tok + time.perf_counter() - t1))
+            j.future.set_result(
+                (g_in[off : off + group.sizes[i]], out, dt * j.tokens / n_tok + time.perf_counter() - t1)
+            )
         if not retain:
             group.out = group.h_in = None  # free the graph even if a member's Pending lingers

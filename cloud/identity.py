@@ -1,4 +1,5 @@
 """Who is calling: client-certificate identities under mutual TLS, revocation, and per-identity quotas."""
+
 from __future__ import annotations
 
 import json
@@ -108,7 +109,9 @@ class Identities:
         auth = context.auth_context()
         pem = (auth.get("x509_pem_cert") or [None])[0]
         if pem is None:
-            raise Unauthenticated("this server requires a client certificate; pass --identity BUNDLE issued by the operator")
+            raise Unauthenticated(
+                "this server requires a client certificate; pass --identity BUNDLE issued by the operator"
+            )
         cached = self._serials.get(pem)
         if cached is None:
             cert = x509.load_pem_x509_certificate(pem)
@@ -118,8 +121,10 @@ class Identities:
         name, serial = cached
         serials, names = self._revocations()
         if serial in serials or (name in names and self._revoked_by_old_name_entry(name, serial)):
-            raise Unauthenticated(f"this certificate of identity {name!r} (serial {serial}) has been revoked; "
-                                  "ask the operator for a new one")
+            raise Unauthenticated(
+                f"this certificate of identity {name!r} (serial {serial}) has been revoked; "
+                "ask the operator for a new one"
+            )
         return name
 
     # Byte quota ---------------------------------------------------------------------------------
@@ -140,16 +145,20 @@ class Identities:
             return
         burst = BURST_S * rate
         if nbytes > burst:
-            raise OverQuota(f"this request is {nbytes / 2**20:.2f} MiB, more than identity {name!r} may send at once "
-                            f"({burst / 2**20:.2f} MiB: {BURST_S:.0f} s of its {rate / 2**20:.2f} MiB/s quota); "
-                            "use a smaller batch (--batch-size/--seq-len) or ask the operator to raise --quota-mbps")
+            raise OverQuota(
+                f"this request is {nbytes / 2**20:.2f} MiB, more than identity {name!r} may send at once "
+                f"({burst / 2**20:.2f} MiB: {BURST_S:.0f} s of its {rate / 2**20:.2f} MiB/s quota); "
+                "use a smaller batch (--batch-size/--seq-len) or ask the operator to raise --quota-mbps"
+            )
         now = time.monotonic()
         with self._lock:
             tokens = self._bucket(name, now)
             if nbytes > tokens:
                 self._buckets[name] = [tokens, now]
                 wait = (nbytes - tokens) / rate
-                raise Overloaded(f"identity {name!r} is over its quota of {rate / 2**20:.2f} MiB/s; retry in {wait:.1f} s")
+                raise Overloaded(
+                    f"identity {name!r} is over its quota of {rate / 2**20:.2f} MiB/s; retry in {wait:.1f} s"
+                )
             self._buckets[name] = [tokens - nbytes, now]
 
     def charge_reply(self, name: str, nbytes: int) -> None:

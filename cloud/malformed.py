@@ -4,6 +4,7 @@ Left to itself gRPC answers an undecodable body with INTERNAL and no `tandem-rea
 traceback for each one, so anyone can flood the log. This interceptor decodes every request of every
 service itself and turns a decode failure into an ordinary refusal, before any handler runs.
 """
+
 from __future__ import annotations
 
 import logging

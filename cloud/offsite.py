@@ -1,4 +1,5 @@
 """The cloud's Offsite-Tuning core: serves the emulator package, validates and registers uploaded adapters."""
+
 from __future__ import annotations
 
 import json
@@ -121,9 +122,16 @@ class OffsiteService:
         max_adapters: Adapters one identity may register; 0 = unlimited.
     """
 
-    def __init__(self, model: nn.Module, model_id: str, layout: StageLayout, registry: str = DEFAULT_REGISTRY,
-                 emulator: str | None = None, quota_bytes: int = DEFAULT_QUOTA_BYTES,
-                 max_adapters: int = DEFAULT_MAX_ADAPTERS):
+    def __init__(
+        self,
+        model: nn.Module,
+        model_id: str,
+        layout: StageLayout,
+        registry: str = DEFAULT_REGISTRY,
+        emulator: str | None = None,
+        quota_bytes: int = DEFAULT_QUOTA_BYTES,
+        max_adapters: int = DEFAULT_MAX_ADAPTERS,
+    ):
         if quota_bytes < 0 or max_adapters < 0:
             raise ValueError("registry quotas must be >= 0 (0 = unlimited)")
         self.quota_bytes, self.max_adapters = quota_bytes, max_adapters
@@ -135,15 +143,19 @@ class OffsiteService:
             except PackageError as e:
                 raise ValueError(f"--emulator: {e}") from None
             if self.package.manifest["model_id"] != model_id:
-                raise ValueError(f"--emulator was built from {self.package.manifest['model_id']!r}, this server serves "
-                                 f"{model_id!r}; build the package from the served model")
+                raise ValueError(
+                    f"--emulator was built from {self.package.manifest['model_id']!r}, this server serves "
+                    f"{model_id!r}; build the package from the served model"
+                )
         self.layout = self.package.layout if self.package else layout
         if self.layout.num_layers != layout.num_layers:
             raise ValueError(f"--emulator is for {self.layout.num_layers} blocks, the model has {layout.num_layers}")
         self.modules = _adaptable(model)
         self.leaves = {p.rsplit(".", 1)[-1] for p in self.modules if _in_block(p)}
         self.fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in model.modules())
-        self.state_shapes = {re.sub(r"\.base_layer\.", ".", k): (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        self.state_shapes = {
+            re.sub(r"\.base_layer\.", ".", k): (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()
+        }
         self.registry = registry
         self._lock = threading.Lock()
         self.adapters: dict[str, Registered] = {}
@@ -154,8 +166,10 @@ class OffsiteService:
     def package_files(self):
         """Yields (name, bytes, sha256) for every file of the package, manifest last."""
         if self.package is None:
-            raise NoEmulator("this server has no emulator package; ask the operator to start `cloud serve --emulator PKG` "
-                             "(built with `cloud emulator build`) or to hand the package over as files")
+            raise NoEmulator(
+                "this server has no emulator package; ask the operator to start `cloud serve --emulator PKG` "
+                "(built with `cloud emulator build`) or to hand the package over as files"
+            )
         for name in self.package.files():
             data = self.package.read(name)
             yield name, data, sha256(data)
@@ -171,11 +185,17 @@ class OffsiteService:
                     reg = Registered(**json.load(f))
                 if reg.model_id == self.model_id and reg.name == name:
                     self.adapters[reg.name] = reg
-                    self._sizes[name] = sum(os.path.getsize(os.path.join(self.registry, name, n)) for n in reg.files
-                                            if os.path.isfile(os.path.join(self.registry, name, n)))
+                    self._sizes[name] = sum(
+                        os.path.getsize(os.path.join(self.registry, name, n))
+                        for n in reg.files
+                        if os.path.isfile(os.path.join(self.registry, name, n))
+                    )
                     if not reg.owner:
-                        log.warning("adapter %s has no owner (registered before adapters had owners): every identity "
-                                    "can use it; push it again to scope it to its data owner", reg.name)
+                        log.warning(
+                            "adapter %s has no owner (registered before adapters had owners): every identity "
+                            "can use it; push it again to scope it to its data owner",
+                            reg.name,
+                        )
         if self.adapters:
             log.info("adapter registry %s: %d adapter(s) for %s", self.registry, len(self.adapters), self.model_id)
 
@@ -193,8 +213,9 @@ class OffsiteService:
             return None
         return reg, os.path.join(self.registry, reg.name)
 
-    def push(self, name: str, files: dict[str, tuple[bytes, str]], owner: str = "", public: bool = False
-             ) -> tuple[Registered, bool]:
+    def push(
+        self, name: str, files: dict[str, tuple[bytes, str]], owner: str = "", public: bool = False
+    ) -> tuple[Registered, bool]:
         """Validates an uploaded adapter and registers it; returns (registration, already registered).
 
         Args:
@@ -204,7 +225,9 @@ class OffsiteService:
             public: Let every identity list it and generate with it.
         """
         if name and not _NAME.fullmatch(name):
-            raise InvalidRequest(f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise InvalidRequest(
+                f"adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
         blobs = self._check_files(files)
         params, blocks = self.validate(blobs)
         digest = adapter_digest(blobs)
@@ -223,15 +246,24 @@ class OffsiteService:
                     self.adapters[name] = reg
                     log.info("adapter %s is now %s", name, "public" if public else "private to its owner")
                     return reg, True
-                raise NameTaken(f"you registered another adapter as {name!r} (digest {old.sha256[:12]}); push with another --name")
+                raise NameTaken(
+                    f"you registered another adapter as {name!r} (digest {old.sha256[:12]}); push with another --name"
+                )
             size = sum(len(b) for b in blobs.values())
             self._check_quota(owner, size)
             reg = Registered(name, digest, params, blocks, self.model_id, sorted(blobs), time.time(), owner, public)
             self._write(reg, blobs)
             self.adapters[name] = reg
             self._sizes[name] = size
-        log.info("registered adapter %s (%s, %d params, blocks %s) for %s%s", name, digest[:12], params, blocks,
-                 owner or "no identity", ", public" if public else "")
+        log.info(
+            "registered adapter %s (%s, %d params, blocks %s) for %s%s",
+            name,
+            digest[:12],
+            params,
+            blocks,
+            owner or "no identity",
+            ", public" if public else "",
+        )
         return reg, False
 
     def _check_quota(self, owner: str, size: int) -> None:
@@ -240,18 +272,24 @@ class OffsiteService:
         used = sum(self._sizes.get(n, 0) for n in mine)
         who = f"identity {owner!r}" if owner else "this caller"
         if self.max_adapters and len(mine) + 1 > self.max_adapters:
-            raise RegistryFull(f"{who} has {len(mine)} adapters registered, the most this server allows per identity "
-                               f"(--registry-max-adapters {self.max_adapters}); ask the operator to remove some or raise it")
+            raise RegistryFull(
+                f"{who} has {len(mine)} adapters registered, the most this server allows per identity "
+                f"(--registry-max-adapters {self.max_adapters}); ask the operator to remove some or raise it"
+            )
         if self.quota_bytes and used + size > self.quota_bytes:
-            raise RegistryFull(f"this adapter is {size / 2**20:.1f} MiB and {who}'s adapters already use "
-                               f"{used / 2**20:.1f} MiB of its {self.quota_bytes / 2**20:.0f} MiB registry quota "
-                               "(--registry-quota-mb); ask the operator to remove some or raise it")
+            raise RegistryFull(
+                f"this adapter is {size / 2**20:.1f} MiB and {who}'s adapters already use "
+                f"{used / 2**20:.1f} MiB of its {self.quota_bytes / 2**20:.0f} MiB registry quota "
+                "(--registry-quota-mb); ask the operator to remove some or raise it"
+            )
 
     def _write(self, reg: Registered, blobs: dict[str, bytes]) -> None:
         final = os.path.join(self.registry, reg.name)
         tmp = os.path.join(self.registry, f".push-{reg.name}")  # outside the name space: no adapter is called that
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(self.registry, mode=0o700, exist_ok=True)  # adapters are the data owners' work: private to the server
+        os.makedirs(
+            self.registry, mode=0o700, exist_ok=True
+        )  # adapters are the data owners' work: private to the server
         os.mkdir(tmp, 0o700)
         for n, b in blobs.items():
             _write_private(os.path.join(tmp, n), b)
@@ -269,14 +307,18 @@ class OffsiteService:
     def _check_files(files: dict[str, tuple[bytes, str]]) -> dict[str, bytes]:
         unknown = sorted(set(files) - set(ADAPTER_FILES))
         if unknown:
-            raise AdapterRejected(f"unexpected files {unknown}; an adapter is {list(ADAPTER_FILES)} (the last one optional)")
+            raise AdapterRejected(
+                f"unexpected files {unknown}; an adapter is {list(ADAPTER_FILES)} (the last one optional)"
+            )
         missing = [n for n in REQUIRED if n not in files]
         if missing:
             raise AdapterRejected(f"the adapter lacks {missing}; push the adapter/ directory of a `client tune` run")
         for n, (data, digest) in files.items():
             if sha256(data) != digest:
-                raise AdapterRejected(f"{n} arrived with SHA-256 {sha256(data)[:12]}, the client sent {digest[:12]}: "
-                                      "the upload is corrupt; push again")
+                raise AdapterRejected(
+                    f"{n} arrived with SHA-256 {sha256(data)[:12]}, the client sent {digest[:12]}: "
+                    "the upload is corrupt; push again"
+                )
         return {n: d for n, (d, _) in files.items()}
 
     def validate(self, blobs: dict[str, bytes]) -> tuple[int, list[int]]:
@@ -286,36 +328,50 @@ class OffsiteService:
             AdapterRejected: with a message naming the first problem found.
         """
         try:
-            lora = parse_config(blobs[ADAPTER_CONFIG], self.model_id, self.leaves, self.fan_in_fan_out, self.layout.num_layers)
+            lora = parse_config(
+                blobs[ADAPTER_CONFIG], self.model_id, self.leaves, self.fan_in_fan_out, self.layout.num_layers
+            )
         except ConfigError as e:
             raise AdapterRejected(f"{ADAPTER_CONFIG}: {e}") from None
         rank = lora.rank
         tensors = self._load(ADAPTER_WEIGHTS, blobs[ADAPTER_WEIGHTS])
         if not tensors:
-            raise AdapterRejected(f"{ADAPTER_WEIGHTS} holds no tensors; push the adapter/ directory of a `client tune` run")
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS} holds no tensors; push the adapter/ directory of a `client tune` run"
+            )
         params, blocks, halves = 0, set(), {}
         for key, t in tensors.items():
             m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
             if m is None:
-                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: unexpected tensor {key!r}; expected base_model.model.<module>.lora_A/B.weight")
+                raise AdapterRejected(
+                    f"{ADAPTER_WEIGHTS}: unexpected tensor {key!r}; expected base_model.model.<module>.lora_A/B.weight"
+                )
             path, ab = m.groups()
             if path not in self.modules:
-                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which the served model {self.model_id!r} "
-                                      "does not have; was it tuned for another architecture?")
+                raise AdapterRejected(
+                    f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which the served model {self.model_id!r} "
+                    "does not have; was it tuned for another architecture?"
+                )
             fin, fout = self.modules[path]
             want = (rank, fin) if ab == "A" else (fout, rank)
             if tuple(t.shape) != want:
-                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} has shape {list(t.shape)}, the served model needs "
-                                      f"{list(want)} (r={rank}); was it tuned for another model size?")
+                raise AdapterRejected(
+                    f"{ADAPTER_WEIGHTS}: {key!r} has shape {list(t.shape)}, the served model needs "
+                    f"{list(want)} (r={rank}); was it tuned for another model size?"
+                )
             try:
                 block = block_of(path)
             except LayoutError:
-                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which is outside the blocks; "
-                                      "tandem adapters put LoRA only on layers inside the blocks (not lm_head or embeddings)") from None
+                raise AdapterRejected(
+                    f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which is outside the blocks; "
+                    "tandem adapters put LoRA only on layers inside the blocks (not lm_head or embeddings)"
+                ) from None
             # peft would skip a tensor its config does not target; serving would apply it: refuse the mismatch.
             if path.rsplit(".", 1)[-1] not in lora.targets or (lora.layers is not None and block not in lora.layers):
-                raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which {ADAPTER_CONFIG} does not "
-                                      "target (target_modules / layers_to_transform); the two files do not belong together")
+                raise AdapterRejected(
+                    f"{ADAPTER_WEIGHTS}: {key!r} adapts {path!r}, which {ADAPTER_CONFIG} does not "
+                    "target (target_modules / layers_to_transform); the two files do not belong together"
+                )
             if not t.is_floating_point():
                 raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {key!r} is {t.dtype}; LoRA weights are floating point")
             halves.setdefault(path, set()).add(ab)
@@ -324,8 +380,10 @@ class OffsiteService:
             blocks.add(block)
         unpaired = sorted(p for p, h in halves.items() if h != {"A", "B"})
         if unpaired:
-            raise AdapterRejected(f"{ADAPTER_WEIGHTS}: {unpaired[0]!r} has only lora_{min(halves[unpaired[0]])}; "
-                                  "every adapted layer needs both lora_A and lora_B")
+            raise AdapterRejected(
+                f"{ADAPTER_WEIGHTS}: {unpaired[0]!r} has only lora_{min(halves[unpaired[0]])}; "
+                "every adapted layer needs both lora_A and lora_B"
+            )
         if CLIENT_BLOCKS in blobs:
             client = set(self.layout.client_blocks)
             for key, t in self._load(CLIENT_BLOCKS, blobs[CLIENT_BLOCKS]).items():
@@ -337,10 +395,14 @@ class OffsiteService:
                 except LayoutError:
                     b = -1  # embeddings, final norm, head: not a client block
                 if b not in client:
-                    raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} changes block {b}, but the layout "
-                                          f"{self.layout.bottom}:{self.layout.top} lets the data owner tune only blocks {sorted(client)}")
+                    raise AdapterRejected(
+                        f"{CLIENT_BLOCKS}: {key!r} changes block {b}, but the layout "
+                        f"{self.layout.bottom}:{self.layout.top} lets the data owner tune only blocks {sorted(client)}"
+                    )
                 if (tuple(t.shape), t.dtype) != want:
-                    raise AdapterRejected(f"{CLIENT_BLOCKS}: {key!r} is {t.dtype} {list(t.shape)}, the model has {want[1]} {list(want[0])}")
+                    raise AdapterRejected(
+                        f"{CLIENT_BLOCKS}: {key!r} is {t.dtype} {list(t.shape)}, the model has {want[1]} {list(want[0])}"
+                    )
                 self._finite(key, t)
                 params += t.numel()
                 blocks.add(b)

@@ -1,4 +1,5 @@
 """gRPC servicer of Offsite-Tuning: decodes requests, calls OffsiteService, maps errors to status codes."""
+
 from __future__ import annotations
 
 import grpc
@@ -30,8 +31,15 @@ def _abort(context: grpc.ServicerContext, e: errors.CloudError) -> None:
 
 
 def _reg(r: Registered) -> pb.RegisteredAdapter:
-    return pb.RegisteredAdapter(name=r.name, sha256=r.sha256, params=r.params, blocks=r.blocks, model_id=r.model_id,
-                                owner=r.owner, public=r.public)
+    return pb.RegisteredAdapter(
+        name=r.name,
+        sha256=r.sha256,
+        params=r.params,
+        blocks=r.blocks,
+        model_id=r.model_id,
+        owner=r.owner,
+        public=r.public,
+    )
 
 
 class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
@@ -64,8 +72,13 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
     def _chunks(self, who: str, files, context):
         for name, blob, digest in files:
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                chunk = split_pb2.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
-                                            total_bytes=len(blob), sha256=digest if off == 0 else "")
+                chunk = split_pb2.FileChunk(
+                    name=name,
+                    offset=off,
+                    data=blob[off : off + serde.CHUNK_BYTES],
+                    total_bytes=len(blob),
+                    sha256=digest if off == 0 else "",
+                )
                 try:
                     self.identities.pace(who, chunk.ByteSize(), context)
                 except errors.CloudError as e:
@@ -97,7 +110,8 @@ class OffsiteTuningServicer(pb_grpc.OffsiteTuningServicer):
         return resp
 
 
-def add_offsite(server: grpc.Server, service: OffsiteService, identities: Identities,
-                streams: StreamSlots | None = None) -> None:
+def add_offsite(
+    server: grpc.Server, service: OffsiteService, identities: Identities, streams: StreamSlots | None = None
+) -> None:
     """Registers the Offsite-Tuning servicer on a grpc.Server (`streams`: the download slots it shares)."""
     pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteTuningServicer(service, identities, streams), server)

@@ -8,6 +8,7 @@ the same parameters bit for bit. What changes is where the state lives: the clie
 (GetRemoteState) for its checkpoints and the exported adapter, and puts it back (PutRemoteState)
 to resume.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,9 +30,13 @@ class AdamWSpec:
     weight_decay: float = 0.0
 
     def __post_init__(self):
-        if not (self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0 and self.weight_decay >= 0):
-            raise InvalidRequest(f"cloud optimizer: invalid AdamW settings {self}; need lr > 0, betas in [0, 1), "
-                                 "eps > 0 and weight_decay >= 0")
+        if not (
+            self.lr > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1 and self.eps > 0 and self.weight_decay >= 0
+        ):
+            raise InvalidRequest(
+                f"cloud optimizer: invalid AdamW settings {self}; need lr > 0, betas in [0, 1), "
+                "eps > 0 and weight_decay >= 0"
+            )
 
 
 class RemoteOptimizer:
@@ -45,8 +50,9 @@ class RemoteOptimizer:
         self.spec = spec
         self.shapes = [t.shape for t in tensors]
         self.flat = nn.Parameter(torch.cat([t.detach().reshape(-1) for t in tensors]) if tensors else torch.zeros(0))
-        self.opt = torch.optim.AdamW([self.flat], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-                                     weight_decay=spec.weight_decay)
+        self.opt = torch.optim.AdamW(
+            [self.flat], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps, weight_decay=spec.weight_decay
+        )
 
     @property
     def steps(self) -> int:
@@ -75,8 +81,12 @@ class RemoteOptimizer:
         """Flat float32 vectors: lora, exp_avg, exp_avg_sq (the moments empty before the first step), and steps."""
         st = self.opt.state.get(self.flat)
         empty = torch.zeros(0)
-        return {"lora": self.flat.detach().clone(), "exp_avg": st["exp_avg"].clone() if st else empty,
-                "exp_avg_sq": st["exp_avg_sq"].clone() if st else empty, "steps": self.steps}
+        return {
+            "lora": self.flat.detach().clone(),
+            "exp_avg": st["exp_avg"].clone() if st else empty,
+            "exp_avg_sq": st["exp_avg_sq"].clone() if st else empty,
+            "steps": self.steps,
+        }
 
     def load(self, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, steps: int) -> None:
         """Restores AdamW's moments and step count (the parameters were set at construction)."""
@@ -86,8 +96,13 @@ class RemoteOptimizer:
         if steps == 0:
             return
         if exp_avg.numel() != n or exp_avg_sq.numel() != n:
-            raise InvalidRequest(f"cloud optimizer: moments of {exp_avg.numel()} and {exp_avg_sq.numel()} values for {n} parameters")
+            raise InvalidRequest(
+                f"cloud optimizer: moments of {exp_avg.numel()} and {exp_avg_sq.numel()} values for {n} parameters"
+            )
         if bool((exp_avg_sq < 0).any()):
             raise InvalidRequest("cloud optimizer: exp_avg_sq must be non-negative")
-        self.opt.state[self.flat] = {"step": torch.tensor(float(steps)), "exp_avg": exp_avg.reshape(-1).clone(),
-                                     "exp_avg_sq": exp_avg_sq.reshape(-1).clone()}
+        self.opt.state[self.flat] = {
+            "step": torch.tensor(float(steps)),
+            "exp_avg": exp_avg.reshape(-1).clone(),
+            "exp_avg_sq": exp_avg_sq.reshape(-1).clone(),
+        }

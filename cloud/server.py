@@ -1,4 +1,5 @@
 """The plain gRPC entry point: a grpc.server over BackboneService, with TLS, health and graceful stop."""
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,20 @@ SERVER_OPTIONS = [
 ]
 
 
-def build_server(service: BackboneService, listen: str, tls_dir: str | None, workers: int = 8, mutual: bool = True,
-                 quotas: QuotaConfig | None = None, require_sealing: bool = False,
-                 metrics: Metrics | None = None, offsite=None, serving=None, max_downloads: int = 4,
-                 download_deadline_s: float = 600.0) -> tuple[grpc.Server, int]:
+def build_server(
+    service: BackboneService,
+    listen: str,
+    tls_dir: str | None,
+    workers: int = 8,
+    mutual: bool = True,
+    quotas: QuotaConfig | None = None,
+    require_sealing: bool = False,
+    metrics: Metrics | None = None,
+    offsite=None,
+    serving=None,
+    max_downloads: int = 4,
+    download_deadline_s: float = 600.0,
+) -> tuple[grpc.Server, int]:
     """Creates and starts the server; returns it and the bound port.
 
     Args:
@@ -50,8 +61,9 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
         max_downloads: Download streams (client stages and emulator) at once (at most workers - 2); more are refused as overloaded.
         download_deadline_s: A download still running after this long is cancelled (a reader that stopped reading).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS,
-                         interceptors=[MalformedRequests()])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS, interceptors=[MalformedRequests()]
+    )
     mutual = mutual and tls_dir is not None
     identities = Identities(tls_dir, mutual, quotas)
     sealing = load_sealing(tls_dir) if tls_dir is not None else None  # signs sealing handshakes (protos/handshake.py)
@@ -61,8 +73,9 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     if max_downloads < 1:
         raise ValueError(f"--max-downloads must be >= 1, got {max_downloads}")
     streams = StreamSlots(max(1, min(max_downloads, workers - 2)), download_deadline_s)
-    servicer = SplitTuningServicer(service, identities, metrics or Metrics(), require_sealing, sealing=sealing,
-                                   streams=streams)
+    servicer = SplitTuningServicer(
+        service, identities, metrics or Metrics(), require_sealing, sealing=sealing, streams=streams
+    )
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
         add_offsite(server, offsite, identities, streams)
@@ -78,7 +91,9 @@ def build_server(service: BackboneService, listen: str, tls_dir: str | None, wor
     except RuntimeError:
         port = 0
     if port == 0:
-        raise OSError(f"--listen {listen}: cannot bind it (in use or not an address of this machine); choose another --listen")
+        raise OSError(
+            f"--listen {listen}: cannot bind it (in use or not an address of this machine); choose another --listen"
+        )
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("tandem.v1.SplitTuning", health_pb2.HealthCheckResponse.SERVING)

@@ -1,4 +1,5 @@
 """The cloud's pure-torch core: serves the frozen middle of one model to many sessions."""
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,9 @@ class ServiceLimits:
     """Per-request limits the service enforces."""
 
     max_tokens_per_step: int = 64 * 1024
-    cloud_optimizer: bool = True  # run the remote LoRA's optimizer for sessions that ask (`client tune --cloud-optimizer`)
+    cloud_optimizer: bool = (
+        True  # run the remote LoRA's optimizer for sessions that ask (`client tune --cloud-optimizer`)
+    )
     max_lora_rank: int = 256  # a session's LoRA rank; its remote LoRA's size grows with it
     max_lora_targets: int = 16  # target module names in one LoraSpec
 
@@ -58,13 +61,20 @@ class BackboneService:
     see each other's adapters and the frozen weights are shared.
     """
 
-    def __init__(self, loaded: LoadedModel, layout: StageLayout, store: StoreConfig | None = None,
-                 limits: ServiceLimits | None = None, blocks: list[int] | None = None, serve_client_files: bool = True,
-                 batching: BatchingConfig | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layout: StageLayout,
+        store: StoreConfig | None = None,
+        limits: ServiceLimits | None = None,
+        blocks: list[int] | None = None,
+        serve_client_files: bool = True,
+        batching: BatchingConfig | None = None,
+    ):
         """Args:
-            blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
-            serve_client_files: Pack the client's stages for download (the front door does; shards do not).
-            batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
+        blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
+        serve_client_files: Pack the client's stages for download (the front door does; shards do not).
+        batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
         """
         self.loaded = loaded
         self.layout = layout
@@ -93,37 +103,67 @@ class BackboneService:
         self._param_ptrs = {p.data_ptr() for p in loaded.model.parameters()}
         # Padding makes the attention keep a (batch, seq, seq) mask per block: a second fit for padded passes.
         self._state_fit = {pad: self._calibrate(pad) for pad in (False, True)}
-        self.batcher = (Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs), sessions=lambda: len(self.store))
-                        if batching else None)
-        log.info("serving %s: %d blocks, client %d:%d, %d middle slots", loaded.model_id,
-                 layout.num_layers, layout.bottom, layout.top, len(self.all_slots))
+        self.batcher = (
+            Batcher(self.middle, batching, lambda: _SavedBytes(self._param_ptrs), sessions=lambda: len(self.store))
+            if batching
+            else None
+        )
+        log.info(
+            "serving %s: %d blocks, client %d:%d, %d middle slots",
+            loaded.model_id,
+            layout.num_layers,
+            layout.bottom,
+            layout.top,
+            len(self.all_slots),
+        )
 
     # Sessions ------------------------------------------------------------------------------
-    def open_session(self, owner: str, model_id: str, lora: LoraConfig, remote_lora: bool, codec: str = "float32",
-                     gradient_codec: str = "float32", sid: str | None = None, optimizer: AdamWSpec | None = None) -> Session:
+    def open_session(
+        self,
+        owner: str,
+        model_id: str,
+        lora: LoraConfig,
+        remote_lora: bool,
+        codec: str = "float32",
+        gradient_codec: str = "float32",
+        sid: str | None = None,
+        optimizer: AdamWSpec | None = None,
+    ) -> Session:
         """Opens a session; with `optimizer`, the cloud applies the remote LoRA's AdamW updates itself."""
         if optimizer is not None and not self.limits.cloud_optimizer:
-            raise InvalidRequest("this server does not run optimizers for clients (cloud serve --no-cloud-optimizer); "
-                                 "tune without --cloud-optimizer: your client then updates the remote LoRA itself")
+            raise InvalidRequest(
+                "this server does not run optimizers for clients (cloud serve --no-cloud-optimizer); "
+                "tune without --cloud-optimizer: your client then updates the remote LoRA itself"
+            )
         if optimizer is not None and not remote_lora:
-            raise InvalidRequest("a cloud optimizer needs a remote LoRA (remote_lora=true): there is nothing else to optimize here")
+            raise InvalidRequest(
+                "a cloud optimizer needs a remote LoRA (remote_lora=true): there is nothing else to optimize here"
+            )
         if model_id and model_id != self.loaded.model_id:
             raise InvalidRequest(f"this server serves {self.loaded.model_id!r}, not {clip(model_id)}")
         for c in (codec, gradient_codec):
             if c not in CODECS:
                 raise InvalidRequest(f"codec {clip(c)} is not supported; choose one of {list(CODECS)}")
         if not math.isfinite(lora.alpha) or abs(lora.alpha) > MAX_ALPHA:
-            raise InvalidRequest(f"LoRA alpha must be a finite number of magnitude <= {MAX_ALPHA:g}, got {clip(lora.alpha)}")
+            raise InvalidRequest(
+                f"LoRA alpha must be a finite number of magnitude <= {MAX_ALPHA:g}, got {clip(lora.alpha)}"
+            )
         if lora.rank > self.limits.max_lora_rank:
-            raise InvalidRequest(f"LoRA rank {lora.rank} is over this server's limit of {self.limits.max_lora_rank} "
-                                 "(cloud serve --max-lora-rank); use a smaller --rank")
+            raise InvalidRequest(
+                f"LoRA rank {lora.rank} is over this server's limit of {self.limits.max_lora_rank} "
+                "(cloud serve --max-lora-rank); use a smaller --rank"
+            )
         if len(lora.target_modules) > self.limits.max_lora_targets:
-            raise InvalidRequest(f"{len(lora.target_modules)} target modules named, over this server's limit of "
-                                 f"{self.limits.max_lora_targets} (cloud serve --max-lora-targets)")
+            raise InvalidRequest(
+                f"{len(lora.target_modules)} target modules named, over this server's limit of "
+                f"{self.limits.max_lora_targets} (cloud serve --max-lora-targets)"
+            )
         targets = set(lora.target_modules or self.parts.arch.lora_targets)
         unknown = sorted(t for t in targets if t not in self.middle_leaves)
         if unknown:
-            raise InvalidRequest(f"target modules {clip(unknown)} do not exist in this model; available: {list(self.middle_leaves)}")
+            raise InvalidRequest(
+                f"target modules {clip(unknown)} do not exist in this model; available: {list(self.middle_leaves)}"
+            )
         slots = [s for s in self.all_slots if s.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
         # What the session keeps for its whole life: the remote LoRA, and with a cloud optimizer its two AdamW moments.
         resident = 4 * sum(lora.rank * (sl.in_features + sl.out_features) for sl in slots) * (3 if optimizer else 1)
@@ -144,7 +184,9 @@ class BackboneService:
         if b == 0 or t == 0:
             raise InvalidRequest(f"{name}: empty batch {list(h.shape)}")
         if b * t > self.limits.max_tokens_per_step:
-            raise InvalidRequest(f"{name}: {b * t} tokens in one step, over the server's limit of {self.limits.max_tokens_per_step}; use a smaller batch")
+            raise InvalidRequest(
+                f"{name}: {b * t} tokens in one step, over the server's limit of {self.limits.max_tokens_per_step}; use a smaller batch"
+            )
         if t > self.max_positions:
             raise InvalidRequest(f"{name}: sequence length {t} exceeds the model's {self.max_positions} positions")
         if h.dtype != torch.float32:
@@ -210,13 +252,27 @@ class BackboneService:
                 s.lora = [t.clone().requires_grad_(True) for t in tensors]
             s.lora_version = version
         elif not s.lora:
-            raise LoraMissing("the cloud holds no remote LoRA for this session yet; resend the adapter with this Forward")
+            raise LoraMissing(
+                "the cloud holds no remote LoRA for this session yet; resend the adapter with this Forward"
+            )
         elif version != s.lora_version:
-            raise LoraMissing(f"the cloud holds remote-LoRA version {s.lora_version}, not {version}; resend the adapter")
+            raise LoraMissing(
+                f"the cloud holds remote-LoRA version {s.lora_version}, not {version}; resend the adapter"
+            )
         return s.lora
 
-    def forward(self, owner: str, sid: str, step: int, h: torch.Tensor, mask: torch.Tensor, lora_version: int,
-                lora_flat: torch.Tensor | None, dropout_seed: int, train: bool) -> tuple[torch.Tensor, float]:
+    def forward(
+        self,
+        owner: str,
+        sid: str,
+        step: int,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        lora_version: int,
+        lora_flat: torch.Tensor | None,
+        dropout_seed: int,
+        train: bool,
+    ) -> tuple[torch.Tensor, float]:
         """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
         s = self.store.get(sid, owner)
         self._check_activations(h, mask, "hidden")
@@ -232,9 +288,18 @@ class BackboneService:
             finally:
                 self.store.unreserve(s, step)
 
-    def _forward_in(self, s: Session, step: int, h: torch.Tensor, mask: torch.Tensor, lora_version: int,
-                    lora_flat: torch.Tensor | None, dropout_seed: int, train: bool,
-                    batched: bool) -> tuple[torch.Tensor, float]:
+    def _forward_in(
+        self,
+        s: Session,
+        step: int,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        lora_version: int,
+        lora_flat: torch.Tensor | None,
+        dropout_seed: int,
+        train: bool,
+        batched: bool,
+    ) -> tuple[torch.Tensor, float]:
         """The forward itself, once admitted (the session's lock is held)."""
         lora = self._lora_for(s, lora_version, lora_flat)
         gen = torch.Generator().manual_seed(int(dropout_seed)) if s.lora_cfg.dropout > 0 else None
@@ -243,7 +308,9 @@ class BackboneService:
         t0 = time.perf_counter()
         binding = Binding(
             {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
-            s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen,
+            s.lora_cfg.scaling,
+            s.lora_cfg.dropout if train else 0.0,
+            gen,
         )
         am = mask.to(torch.long)
         if train:
@@ -258,7 +325,9 @@ class BackboneService:
         s.last_used = time.monotonic()  # a long compute must not count as idle time
         return out.detach(), time.perf_counter() - t0
 
-    def backward(self, owner: str, sid: str, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def backward(
+        self, owner: str, sid: str, step: int, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Back-propagates through the stored graph. Returns (grad input, flat LoRA grads, compute seconds)."""
         s = self.store.get(sid, owner)
         self._check_activations(grad_out, None, "grad_output")
@@ -294,18 +363,30 @@ class BackboneService:
         s = self.store.get(sid, owner)
         with s.lock:
             if s.opt_spec is None:
-                raise InvalidRequest("this session does not use a cloud optimizer; the client holds its remote LoRA itself")
+                raise InvalidRequest(
+                    "this session does not use a cloud optimizer; the client holds its remote LoRA itself"
+                )
             if s.optimizer is None:
                 raise LoraMissing("the cloud holds no remote LoRA for this session yet; send it with the first Forward")
             return {**s.optimizer.state(), "version": s.lora_version}
 
-    def put_remote_state(self, owner: str, sid: str, lora: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                         steps: int, version: int) -> None:
+    def put_remote_state(
+        self,
+        owner: str,
+        sid: str,
+        lora: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        steps: int,
+        version: int,
+    ) -> None:
         """Replaces a cloud optimizer session's remote LoRA and AdamW state (the client resumes a checkpoint)."""
         s = self.store.get(sid, owner)
         with s.lock:
             if s.opt_spec is None:
-                raise InvalidRequest("this session does not use a cloud optimizer; send the remote LoRA with Forward instead")
+                raise InvalidRequest(
+                    "this session does not use a cloud optimizer; send the remote LoRA with Forward instead"
+                )
             for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
                 if t.dtype != torch.float32 or t.dim() != 1 or not all_finite(t):
                     raise InvalidRequest(f"{name}: expected a finite flat float32 vector")
@@ -319,11 +400,15 @@ class BackboneService:
                 s.optimizer, s.lora, s.lora_version = before  # a rejected state changes nothing
                 raise
 
-
     def _forward_batched(self, s: Session, step: int, h, mask, lora, gen, train: bool):
         """forward() through the batcher: this session's rows share one pass with other sessions'."""
-        seg = Segment(h.shape[0], {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
-                      s.lora_cfg.scaling, s.lora_cfg.dropout if train else 0.0, gen)
+        seg = Segment(
+            h.shape[0],
+            {sl.name: (lora[2 * i], lora[2 * i + 1]) for i, sl in enumerate(s.slots)},
+            s.lora_cfg.scaling,
+            s.lora_cfg.dropout if train else 0.0,
+            gen,
+        )
         out, group, index, dt, nbytes = self.batcher.forward(h, mask, seg, train, member=s.id)
         if train:
             p = Pending(None, out, lora, nbytes, group=group, index=index, session=s)
@@ -365,6 +450,3 @@ class _SavedBytes:
     @staticmethod
     def unpack(t):
         return t
-
-
-

@@ -1,4 +1,5 @@
 """gRPC servicer: identity, unsealing and decoding, a call into BackboneService, encoding and sealing, status codes."""
+
 from __future__ import annotations
 
 import functools
@@ -84,8 +85,14 @@ def _guard(method):
                 self.metrics.batch_requests.set(batcher.batched_requests)
                 self.metrics.batch_compute.set(batcher.compute_s)
         # One line per refused request, never a traceback; malformed ones at INFO (an operator may want to see a fuzzer).
-        log.log(logging.INFO if reason in ("invalid", "seal") else logging.DEBUG, "%s refused: %s %s: %s", name,
-                code.name, reason, _bounded(msg, 160))
+        log.log(
+            logging.INFO if reason in ("invalid", "seal") else logging.DEBUG,
+            "%s refused: %s %s: %s",
+            name,
+            code.name,
+            reason,
+            _bounded(msg, 160),
+        )
         context.set_trailing_metadata((("tandem-reason", reason),))
         context.abort(code, _bounded(msg, MAX_DETAILS))
 
@@ -104,8 +111,15 @@ def _bounded(text: str, limit: int) -> str:
 class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     """Thin gRPC shell over a BackboneService."""
 
-    def __init__(self, service: BackboneService, identities: Identities | None = None, metrics: Metrics | None = None,
-                 require_sealing: bool = False, sealing=None, streams: StreamSlots | None = None):
+    def __init__(
+        self,
+        service: BackboneService,
+        identities: Identities | None = None,
+        metrics: Metrics | None = None,
+        require_sealing: bool = False,
+        sealing=None,
+        streams: StreamSlots | None = None,
+    ):
         """`sealing`: (ECDSA P-256 key, certificate DER) that signs sealing handshakes (cloud/tls.py load_sealing)."""
         self.service = service
         self.sealing = sealing
@@ -142,8 +156,11 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         self._who(request, context)
         svc = self.service
         return pb.GetInfoResponse(
-            model_id=svc.loaded.model_id, layout=self._layout(), model_config_json=svc.config_json,
-            max_message_bytes=serde.MAX_MESSAGE_BYTES, max_tokens_per_step=svc.limits.max_tokens_per_step,
+            model_id=svc.loaded.model_id,
+            layout=self._layout(),
+            model_config_json=svc.config_json,
+            max_message_bytes=serde.MAX_MESSAGE_BYTES,
+            max_tokens_per_step=svc.limits.max_tokens_per_step,
             codecs=list(CODECS),
         )
 
@@ -151,7 +168,9 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
     def OpenSession(self, request, context):
         owner = self._who(request, context)
         lr = request.lora
-        cfg = LoraConfig(rank=lr.rank or 8, alpha=lr.alpha or 16.0, dropout=lr.dropout, target_modules=tuple(lr.target_modules))
+        cfg = LoraConfig(
+            rank=lr.rank or 8, alpha=lr.alpha or 16.0, dropout=lr.dropout, target_modules=tuple(lr.target_modules)
+        )
         codec = request.codec or "float32"
         gcodec = request.gradient_codec or codec
         lcodec = request.lora_codec or "float32"
@@ -159,7 +178,9 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
             if c not in CODECS:
                 raise errors.InvalidRequest(f"codec {errors.clip(c)} is not supported; choose one of {list(CODECS)}")
         if self.require_sealing and not request.seal_public_key:
-            raise errors.SealFailure("this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)")
+            raise errors.SealFailure(
+                "this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)"
+            )
         opt = None
         if request.HasField("cloud_optimizer"):
             o = request.cloud_optimizer
@@ -167,12 +188,21 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         s = self.service.open_session(owner, request.model_id, cfg, request.remote_lora, codec, gcodec, optimizer=opt)
         s.lora_codec = lcodec
         resp = pb.OpenSessionResponse(
-            session_id=s.id, model_id=self.service.loaded.model_id, layout=self._layout(),
+            session_id=s.id,
+            model_id=self.service.loaded.model_id,
+            layout=self._layout(),
             model_config_json=self.service.config_json,
-            middle_slots=[pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in s.slots],
-            client_stages_sha256=self.service.client_sha, client_stages_bytes=len(self.service.client_blob),
-            ttl_s=self.service.store.cfg.ttl_s, codec=codec, gradient_codec=gcodec, block_size=DEFAULT_BLOCK,
-            lora_codec=lcodec, cloud_optimizer=opt is not None,
+            middle_slots=[
+                pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in s.slots
+            ],
+            client_stages_sha256=self.service.client_sha,
+            client_stages_bytes=len(self.service.client_blob),
+            ttl_s=self.service.store.cfg.ttl_s,
+            codec=codec,
+            gradient_codec=gcodec,
+            block_size=DEFAULT_BLOCK,
+            lora_codec=lcodec,
+            cloud_optimizer=opt is not None,
             client_files_sha256=files_digest(self.service.client_file_sha),  # signed: the tokenizer too
         )
         if request.seal_public_key:
@@ -211,8 +241,13 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         for name, blob in self.service.client_files.items():
             digest = self.service.client_file_sha[name]
             for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                chunk = pb.FileChunk(name=name, offset=off, data=blob[off : off + serde.CHUNK_BYTES],
-                                     total_bytes=len(blob), sha256=digest if off == 0 else "")
+                chunk = pb.FileChunk(
+                    name=name,
+                    offset=off,
+                    data=blob[off : off + serde.CHUNK_BYTES],
+                    total_bytes=len(blob),
+                    sha256=digest if off == 0 else "",
+                )
                 try:
                     self.identities.pace(who, chunk.ByteSize(), context)  # every streamed byte counts
                 except errors.CloudError as e:
@@ -228,8 +263,17 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         h = serde.decode(request.hidden, "hidden", s.codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.decode(request.lora, "lora", s.lora_codec) if request.HasField("lora") else None
-        out, dt = self.service.forward(owner, request.session_id, request.step, h, mask,
-                                       request.lora_version, lora, request.dropout_seed, request.train)
+        out, dt = self.service.forward(
+            owner,
+            request.session_id,
+            request.step,
+            h,
+            mask,
+            request.lora_version,
+            lora,
+            request.dropout_seed,
+            request.train,
+        )
         resp = pb.ForwardResponse(hidden=serde.encode(out, s.codec), compute_s=dt)
         if s.sealer is not None:
             s.sealer.seal(resp, request.step)
@@ -255,9 +299,15 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         owner = self._who(request, context)
         s = self.service.store.get(request.session_id, owner)
         st = self.service.remote_state(owner, request.session_id)
-        resp = pb.RemoteState(session_id=s.id, step=request.step, lora=serde.to_proto(st["lora"]),
-                              exp_avg=serde.to_proto(st["exp_avg"]), exp_avg_sq=serde.to_proto(st["exp_avg_sq"]),
-                              optimizer_steps=st["steps"], lora_version=st["version"])
+        resp = pb.RemoteState(
+            session_id=s.id,
+            step=request.step,
+            lora=serde.to_proto(st["lora"]),
+            exp_avg=serde.to_proto(st["exp_avg"]),
+            exp_avg_sq=serde.to_proto(st["exp_avg_sq"]),
+            optimizer_steps=st["steps"],
+            lora_version=st["version"],
+        )
         if s.sealer is not None:
             s.sealer.seal(resp, request.step)
         return resp
@@ -267,7 +317,10 @@ class SplitTuningServicer(pb_grpc.SplitTuningServicer):
         owner = self._who(request, context)
         s = self.service.store.get(request.session_id, owner)
         self._open(s, request)
-        flat = [serde.from_proto(getattr(request, f), f) if request.HasField(f) else None for f in ("lora", "exp_avg", "exp_avg_sq")]
+        flat = [
+            serde.from_proto(getattr(request, f), f) if request.HasField(f) else None
+            for f in ("lora", "exp_avg", "exp_avg_sq")
+        ]
         flat = [t if t is not None or i == 0 else torch.zeros(0) for i, t in enumerate(flat)]
         self.service.put_remote_state(owner, request.session_id, *flat, request.optimizer_steps, request.lora_version)
         return pb.PutRemoteStateResponse()

@@ -1,4 +1,5 @@
 """Serving tuned adapters: text generation over the one frozen model, requests for many adapters batched together."""
+
 from __future__ import annotations
 
 import logging
@@ -73,7 +74,9 @@ class ServingConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 1 <= self.default_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"default_new_tokens must be in [1, max_new_tokens={self.max_new_tokens}], got {self.default_new_tokens}")
+            raise ValueError(
+                f"default_new_tokens must be in [1, max_new_tokens={self.max_new_tokens}], got {self.default_new_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,11 @@ def wrap_all_blocks(model: nn.Module) -> set[str]:
     """
     parts = parts_of(model)
     for i, block in enumerate(parts.blocks):
-        leaves = {path.rsplit(".", 1)[-1] for path, m in block.named_modules()
-                  if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not path.endswith("base_layer")}
+        leaves = {
+            path.rsplit(".", 1)[-1]
+            for path, m in block.named_modules()
+            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not path.endswith("base_layer")
+        }
         if leaves:
             inject_slots(nn.ModuleList([block]), parts.arch, [i], tuple(sorted(leaves)))
     return {m.slot_name for m in model.modules() if isinstance(m, LoRASlot)}
@@ -157,30 +163,40 @@ def load_served(name: str, sha256: str, directory: str, slots: set[str]) -> Serv
             or adapts a layer outside the blocks.
     """
     if os.path.exists(os.path.join(directory, CLIENT_BLOCKS)):
-        raise NotServable(f"adapter {name!r} also retunes whole client blocks ({CLIENT_BLOCKS}); serving shares one frozen "
-                          "model, so only LoRA adapters can be served: tune without --tune-client-blocks and push again")
+        raise NotServable(
+            f"adapter {name!r} also retunes whole client blocks ({CLIENT_BLOCKS}); serving shares one frozen "
+            "model, so only LoRA adapters can be served: tune without --tune-client-blocks and push again"
+        )
     cfg, raw = load_peft_tensors(directory)
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise NotServable(f"adapter {name!r} uses DoRA or per-module ranks/alphas; serving supports plain LoRA with one r and alpha")
+        raise NotServable(
+            f"adapter {name!r} uses DoRA or per-module ranks/alphas; serving supports plain LoRA with one r and alpha"
+        )
     rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in raw.items():
         m = _KEY.fullmatch(key)
         if m is None or m.group(1) not in slots:
-            raise NotServable(f"adapter {name!r} adapts {key!r}, which is not a layer inside the model's blocks; "
-                              "serving applies LoRA to block layers only")
+            raise NotServable(
+                f"adapter {name!r} adapts {key!r}, which is not a layer inside the model's blocks; "
+                "serving applies LoRA to block layers only"
+            )
         pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
     tensors = {}
     for slot, ab in pairs.items():
         if set(ab) != {"A", "B"}:
-            raise NotServable(f"adapter {name!r} has lora_{next(iter(ab))} but not its pair for {slot!r}; push a complete adapter")
+            raise NotServable(
+                f"adapter {name!r} has lora_{next(iter(ab))} but not its pair for {slot!r}; push a complete adapter"
+            )
         tensors[slot] = (ab["A"], ab["B"])
     return ServedAdapter(name, sha256, tensors, scaling)
 
 
 @torch.no_grad()
-def decode(model: nn.Module, jobs: list[DecodeJob], pad_id: int, eos_ids: set[int], impl: str = "auto") -> list[list[tuple[list[int], str]]]:
+def decode(
+    model: nn.Module, jobs: list[DecodeJob], pad_id: int, eos_ids: set[int], impl: str = "auto"
+) -> list[list[tuple[list[int], str]]]:
     """Generates for all jobs in one batch; returns, per job and prompt, (new token ids, finish reason).
 
     The prompts are left-padded into one batch; jobs of one adapter sit next to each other and
@@ -209,8 +225,8 @@ def decode(model: nn.Module, jobs: list[DecodeJob], pad_id: int, eos_ids: set[in
     mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
     for r, (i, k) in enumerate(rows):
         p = jobs[i].prompts[k]
-        ids[r, t - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[r, t - len(p):] = 1
+        ids[r, t - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[r, t - len(p) :] = 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) position of each real token
     limit = [jobs[i].max_new_tokens for i, _ in rows]
     gens = {i: torch.Generator().manual_seed(j.seed) for i, j in enumerate(jobs) if j.temperature > 0}
@@ -241,8 +257,7 @@ def decode(model: nn.Module, jobs: list[DecodeJob], pad_id: int, eos_ids: set[in
             feed = torch.where(torch.tensor(done), torch.tensor(pad_id), nxt)  # (B,) finished rows idle on padding
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)  # (B, T + s)
             pos = pos[:, -1:] + 1  # (B, 1)
-            out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos,
-                        cache=out.cache, use_cache=True)
+            out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
     results: list[list[tuple[list[int], str]]] = [[] for _ in jobs]
     for r, (i, _) in enumerate(rows):
         results[i].append((out_ids[r], reason[r]))
@@ -263,7 +278,9 @@ class GenerationService:
         cfg: Batching and limits.
     """
 
-    def __init__(self, loaded: LoadedModel, offsite: OffsiteService, cfg: ServingConfig | None = None, impl: str = "auto"):
+    def __init__(
+        self, loaded: LoadedModel, offsite: OffsiteService, cfg: ServingConfig | None = None, impl: str = "auto"
+    ):
         from tandem.stages.loading import load_tokenizer
 
         self.cfg = cfg or ServingConfig()
@@ -288,8 +305,15 @@ class GenerationService:
         self._worker.start()
 
     # Requests --------------------------------------------------------------------------------
-    def submit(self, adapter: str, prompts: list[str], max_new_tokens: int = 0, temperature: float = 0.0,
-               seed: int = 0, who: str | None = None) -> Future:
+    def submit(
+        self,
+        adapter: str,
+        prompts: list[str],
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        seed: int = 0,
+        who: str | None = None,
+    ) -> Future:
         """Validates a request and queues it; the Future yields a Generation.
 
         Args:
@@ -306,8 +330,10 @@ class GenerationService:
         if not prompts:
             raise InvalidRequest("no prompts: send at least one")
         if len(prompts) > self.cfg.max_batch:
-            raise InvalidRequest(f"{len(prompts)} prompts in one request, over the server's limit of {self.cfg.max_batch}; "
-                                 "split them over several requests")
+            raise InvalidRequest(
+                f"{len(prompts)} prompts in one request, over the server's limit of {self.cfg.max_batch}; "
+                "split them over several requests"
+            )
         if max_new_tokens < 0:
             raise InvalidRequest(f"max_new_tokens must be >= 0 (0: the server's default), got {max_new_tokens}")
         if not (math.isfinite(temperature) and temperature >= 0):
@@ -319,8 +345,10 @@ class GenerationService:
             if not p:
                 raise InvalidRequest(f"prompt {k} is empty after tokenization; send some text")
             if len(p) + n_new > self.max_positions:
-                raise InvalidRequest(f"prompt {k} has {len(p)} tokens; with {n_new} new tokens that exceeds the model's "
-                                     f"{self.max_positions} positions: shorten it or ask for fewer tokens")
+                raise InvalidRequest(
+                    f"prompt {k} has {len(p)} tokens; with {n_new} new tokens that exceeds the model's "
+                    f"{self.max_positions} positions: shorten it or ask for fewer tokens"
+                )
         served = self.adapter(adapter, who) if adapter else None
         if self._queue.qsize() >= self.cfg.max_queued:
             raise Overloaded(f"{self._queue.qsize()} generate requests are waiting; retry in a moment")
@@ -328,8 +356,15 @@ class GenerationService:
         self._queue.put(pending)
         return pending.future
 
-    def generate(self, adapter: str, prompts: list[str], max_new_tokens: int = 0, temperature: float = 0.0,
-                 seed: int = 0, who: str | None = None) -> Generation:
+    def generate(
+        self,
+        adapter: str,
+        prompts: list[str],
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        seed: int = 0,
+        who: str | None = None,
+    ) -> Generation:
         """`submit` and wait for the result."""
         return self.submit(adapter, prompts, max_new_tokens, temperature, seed, who).result()
 
@@ -345,9 +380,11 @@ class GenerationService:
         if found is None:
             known = [r.name for r in self.offsite.list(who)]
             whose = "" if who is None else f" for identity {who!r}"
-            raise AdapterNotFound(f"no adapter {name!r} is registered{whose} on this server (yours and public ones: "
-                                  f"{known or 'none'}); upload it with `client push --adapter DIR --name NAME`, or leave "
-                                  "--adapter empty for the base model")
+            raise AdapterNotFound(
+                f"no adapter {name!r} is registered{whose} on this server (yours and public ones: "
+                f"{known or 'none'}); upload it with `client push --adapter DIR --name NAME`, or leave "
+                "--adapter empty for the base model"
+            )
         reg, directory = found
         with self._cache_lock:
             hit = self._cache.get(name)
@@ -411,10 +448,17 @@ class GenerationService:
                 p.future.set_exception(e)
             return
         n = sum(len(p.job.prompts) for p in batch)
-        log.debug("decoded %d sequence(s) of %d request(s), %d adapter(s), in %.3f s", n, len(batch),
-                  len({p.job.key for p in batch}), time.perf_counter() - t0)
+        log.debug(
+            "decoded %d sequence(s) of %d request(s), %d adapter(s), in %.3f s",
+            n,
+            len(batch),
+            len({p.job.key for p in batch}),
+            time.perf_counter() - t0,
+        )
         for p, res in zip(batch, results):
             with self._tok_lock:
-                done = [Completion(self.tokenizer.decode(toks, skip_special_tokens=True), toks, len(prompt), why)
-                        for (toks, why), prompt in zip(res, p.job.prompts)]
+                done = [
+                    Completion(self.tokenizer.decode(toks, skip_special_tokens=True), toks, len(prompt), why)
+                    for (toks, why), prompt in zip(res, p.job.prompts)
+                ]
             p.future.set_result(Generation(done, p.adapter_name, n))

@@ -1,4 +1,5 @@
 """gRPC servicer of adapter serving: identity, decoding the request, a call into GenerationService, status codes."""
+
 from __future__ import annotations
 
 import grpc
@@ -33,8 +34,14 @@ class AdapterServingServicer(pb_grpc.AdapterServingServicer):
         try:
             who = self.identities.resolve(context)
             self.identities.charge(who, request.ByteSize())
-            future = self.service.submit(request.adapter, list(request.prompts), request.max_new_tokens,
-                                         request.temperature, request.seed, who=who)
+            future = self.service.submit(
+                request.adapter,
+                list(request.prompts),
+                request.max_new_tokens,
+                request.temperature,
+                request.seed,
+                who=who,
+            )
             context.add_callback(future.cancel)  # a caller that hangs up before its batch starts is skipped
             gen = future.result()
         except errors.CloudError as e:
@@ -42,12 +49,20 @@ class AdapterServingServicer(pb_grpc.AdapterServingServicer):
             context.abort(_STATUS.get(type(e), grpc.StatusCode.INTERNAL), errors.details(e))
         except MemoryError:
             context.set_trailing_metadata((("tandem-reason", "too-large"),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this batch; "
-                                                              "retry with fewer prompts or fewer --max-new-tokens")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the server ran out of memory for this batch; retry with fewer prompts or fewer --max-new-tokens",
+            )
         resp = pb.GenerateResponse(
-            completions=[pb.Completion(text=c.text, token_ids=c.token_ids, prompt_tokens=c.prompt_tokens,
-                                       finish_reason=c.finish_reason) for c in gen.completions],
-            adapter=gen.adapter, batch_sequences=gen.batch_sequences)
+            completions=[
+                pb.Completion(
+                    text=c.text, token_ids=c.token_ids, prompt_tokens=c.prompt_tokens, finish_reason=c.finish_reason
+                )
+                for c in gen.completions
+            ],
+            adapter=gen.adapter,
+            batch_sequences=gen.batch_sequences,
+        )
         self.identities.charge_reply(who, resp.ByteSize())  # responses count against the byte quota too
         return resp
 

@@ -1,4 +1,5 @@
 """Per-session state in the cloud: a bounded, expiring store of what backward needs."""
+
 from __future__ import annotations
 
 import secrets
@@ -39,7 +40,9 @@ class StoreConfig:
         if self.ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
         if self.max_sessions_per_identity < 0:  # a negative quota would refuse every session
-            raise ValueError(f"--quota-sessions must be >= 0 (0 = no per-identity limit), got {self.max_sessions_per_identity}")
+            raise ValueError(
+                f"--quota-sessions must be >= 0 (0 = no per-identity limit), got {self.max_sessions_per_identity}"
+            )
 
 
 @dataclass
@@ -105,26 +108,39 @@ class SessionStore:
     def resident_bytes(self) -> int:
         return self._resident
 
-    def open(self, owner: str, lora_cfg: LoraConfig, slots: list[SlotSpec], remote_lora: bool, codec: str,
-             gradient_codec: str = "float32", sid: str | None = None, resident: int = 0) -> Session:
+    def open(
+        self,
+        owner: str,
+        lora_cfg: LoraConfig,
+        slots: list[SlotSpec],
+        remote_lora: bool,
+        codec: str,
+        gradient_codec: str = "float32",
+        sid: str | None = None,
+        resident: int = 0,
+    ) -> Session:
         """Opens a session that will hold `resident` bytes for its life (counted in the memory cap from now)."""
         self.expire()
         cap = self.cfg.memory_bytes
         if resident > cap:
-            raise TooLarge(f"this session's remote LoRA needs {resident / 2**20:.2f} MiB, over the server's cap of "
-                           f"{cap / 2**20:.2f} MiB; use a smaller --rank or fewer target modules")
+            raise TooLarge(
+                f"this session's remote LoRA needs {resident / 2**20:.2f} MiB, over the server's cap of "
+                f"{cap / 2**20:.2f} MiB; use a smaller --rank or fewer target modules"
+            )
         with self._lock:
             if len(self._sessions) >= self.cfg.max_sessions:
-                raise Overloaded(
-                    f"the server holds its maximum of {self.cfg.max_sessions} sessions; retry later"
-                )
+                raise Overloaded(f"the server holds its maximum of {self.cfg.max_sessions} sessions; retry later")
             quota = self.cfg.max_sessions_per_identity
             if quota and sum(1 for x in self._sessions.values() if x.owner == owner) >= quota:
-                raise Overloaded(f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later")
+                raise Overloaded(
+                    f"identity {owner!r} already holds its quota of {quota} sessions; close one or retry later"
+                )
             self._evict(resident)
             if self._used + self._resident + self._reserved() + resident > cap:
-                raise Overloaded(f"the server's memory cap ({cap / 2**20:.2f} MiB) is held by other sessions' adapters; "
-                                 "retry later or use a smaller --rank")
+                raise Overloaded(
+                    f"the server's memory cap ({cap / 2**20:.2f} MiB) is held by other sessions' adapters; "
+                    "retry later or use a smaller --rank"
+                )
             sid = sid or secrets.token_urlsafe(16)
             s = Session(sid, owner, lora_cfg, slots, remote_lora, codec, gradient_codec, resident=resident)
             self._sessions[sid] = s
@@ -177,8 +193,10 @@ class SessionStore:
     def _too_large(self, nbytes: int, what: str) -> TooLarge:
         cap, res = self.cfg.memory_bytes, self._resident
         held = f" ({res / 2**20:.2f} MiB of it held by sessions' adapters)" if res else ""
-        return TooLarge(f"one step needs {what}{nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
-                        f"{cap / 2**20:.2f} MiB{held}; use a smaller --batch-size or --seq-len")
+        return TooLarge(
+            f"one step needs {what}{nbytes / 2**20:.2f} MiB of forward state, over the server's cap of "
+            f"{cap / 2**20:.2f} MiB{held}; use a smaller --batch-size or --seq-len"
+        )
 
     def admit(self, s: Session, step: int, nbytes: int) -> None:
         """Before a training forward runs: refuses one whose estimated state (`nbytes`) can never fit, evicts

@@ -5,6 +5,7 @@ reads holds it for ever. Streams therefore take a slot (refused at once when non
 workers stay free for health checks and training calls), and a stream still running at its deadline is
 cancelled, which frees its worker.
 """
+
 from __future__ import annotations
 
 import threading
@@ -25,7 +26,9 @@ class StreamSlots:
     def take(self, context) -> Callable[[], None]:
         """Takes a slot for the stream of `context`; returns its release (idempotent). Raises Overloaded when none is free."""
         if not self._free.acquire(blocking=False):
-            raise Overloaded(f"the server is already serving its maximum of {self.limit} downloads; retry in a few seconds")
+            raise Overloaded(
+                f"the server is already serving its maximum of {self.limit} downloads; retry in a few seconds"
+            )
         timer = threading.Timer(self.deadline_s, context.cancel)  # cancelling wakes a worker blocked on a full window
         timer.daemon = True
         once = threading.Lock()

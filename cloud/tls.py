@@ -1,4 +1,5 @@
 """A local certificate authority and server certificates, made with the `cryptography` package."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -16,13 +17,19 @@ SEALING_CERT, SEALING_KEY = "sealing.pem", "sealing.key"  # the serving process'
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tandem"), x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tandem"), x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    )
 
 
 def _write_key(path: str, key) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
 
 
 def _write_cert(path: str, cert: x509.Certificate) -> None:
@@ -30,23 +37,30 @@ def _write_cert(path: str, cert: x509.Certificate) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 365,
-            force: bool = False) -> None:
+def init_ca(
+    tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"), days: int = 365, force: bool = False
+) -> None:
     """Creates a CA and a server certificate for `hosts` in tls_dir (keys are mode 0600).
 
     Raises:
         FileExistsError: tls_dir already holds a CA and not `force` (a new CA breaks every issued bundle).
     """
     if not force and any(os.path.exists(os.path.join(tls_dir, f)) for f in (CA_CERT, CA_KEY)):
-        raise FileExistsError(f"{tls_dir} already holds a CA; replacing it breaks every identity bundle issued from it "
-                              "(pass --force to replace it anyway, then re-issue every identity)")
+        raise FileExistsError(
+            f"{tls_dir} already holds a CA; replacing it breaks every identity bundle issued from it "
+            "(pass --force to replace it anyway, then re-issue every identity)"
+        )
     os.makedirs(tls_dir, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
-        x509.CertificateBuilder().subject_name(_name("tandem local CA")).issuer_name(_name("tandem local CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(_name("tandem local CA"))
+        .issuer_name(_name("tandem local CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
         .sign(ca_key, hashes.SHA256())
@@ -57,8 +71,14 @@ def init_ca(tls_dir: str, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", ":
     issue_sealing(tls_dir, days=days)
 
 
-def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365, server: bool = False,
-          not_before: dt.datetime | None = None) -> tuple[str, str]:
+def issue(
+    tls_dir: str,
+    name: str,
+    hosts: tuple[str, ...] = (),
+    days: int = 365,
+    server: bool = False,
+    not_before: dt.datetime | None = None,
+) -> tuple[str, str]:
     """Issues a certificate signed by the CA in tls_dir; returns (cert path, key path)."""
     with open(os.path.join(tls_dir, CA_KEY), "rb") as f:
         ca_key = serialization.load_pem_private_key(f.read(), None)
@@ -73,11 +93,18 @@ def issue(tls_dir: str, name: str, hosts: tuple[str, ...] = (), days: int = 365,
         except ValueError:
             sans.append(x509.DNSName(h))
     b = (
-        x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.subject).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
     )
     if sans:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -105,9 +132,13 @@ def issue_sealing(tls_dir: str, days: int = 365) -> tuple[str, str]:
     now = dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(_name("tandem sealing")).issuer_name(ca.subject).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(_name("tandem sealing"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
@@ -173,7 +204,9 @@ def check_identity_name(name: str) -> None:
     from .identity import NAME_RE
 
     if not NAME_RE.fullmatch(name or ""):
-        raise ValueError(f"identity name {name!r}: use 1-64 ASCII letters, digits, '-', '_' and '.', starting with a letter or digit")
+        raise ValueError(
+            f"identity name {name!r}: use 1-64 ASCII letters, digits, '-', '_' and '.', starting with a letter or digit"
+        )
     if name.lower() in RESERVED_NAMES or name.lower().startswith("tandem-"):
         raise ValueError(f"identity name {name!r} is reserved; choose another")
 
@@ -186,8 +219,9 @@ def issued_names(tls_dir: str) -> list[str]:
     return sorted(f[: -len(".cert.pem")] for f in os.listdir(clients) if f.endswith(".cert.pem"))
 
 
-def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.datetime | None = None,
-                 replace: bool = False) -> str:
+def issue_bundle(
+    tls_dir: str, name: str, days: int = 365, not_before: dt.datetime | None = None, replace: bool = False
+) -> str:
     """Issues a data owner's identity: one PEM file (key, certificate, CA) at tls_dir/clients/NAME.pem, mode 0600.
 
     Args:
@@ -201,7 +235,9 @@ def issue_bundle(tls_dir: str, name: str, days: int = 365, not_before: dt.dateti
     clients = os.path.join(tls_dir, "clients")
     same = [n for n in issued_names(tls_dir) if n.lower() == name.lower()]
     if same and not replace:
-        raise ValueError(f"identity {same[0]!r} was issued before; pass --force to revoke its certificate and issue a new one")
+        raise ValueError(
+            f"identity {same[0]!r} was issued before; pass --force to revoke its certificate and issue a new one"
+        )
     for old in same:
         revoke(tls_dir, old)
         if old != name:
@@ -241,4 +277,3 @@ def revoke(tls_dir: str, name: str) -> str:
         json.dump(d, f, indent=2)
     os.replace(tmp, revoked_path(tls_dir))
     return serial
-

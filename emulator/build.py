@@ -1,4 +1,5 @@
 """`cloud emulator build` in one call: select blocks, distill on public text, write the package."""
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,19 @@ from .text import read_texts
 log = logging.getLogger(__name__)
 
 
-def build_emulator(model: str | None, client_blocks: str, out: str, distill_data: str | None, cfg: DistillConfig,
-                   drop_ratio: float | None = None, keep: int | None = None, keep_blocks: list[int] | None = None,
-                   select: str = "uniform", select_seqs: int = 32, mlp_width: int | None = None) -> dict:
+def build_emulator(
+    model: str | None,
+    client_blocks: str,
+    out: str,
+    distill_data: str | None,
+    cfg: DistillConfig,
+    drop_ratio: float | None = None,
+    keep: int | None = None,
+    keep_blocks: list[int] | None = None,
+    select: str = "uniform",
+    select_seqs: int = 32,
+    mlp_width: int | None = None,
+) -> dict:
     """Builds an emulator package; returns its manifest.
 
     Args:
@@ -47,7 +58,9 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         raise SelectionError(f"--select must be uniform or greedy, got {select!r}")
     if select == "greedy":
         if keep_blocks is not None:
-            raise SelectionError("--select greedy chooses the blocks itself: give --drop-ratio or --keep, not --keep-blocks")
+            raise SelectionError(
+                "--select greedy chooses the blocks itself: give --drop-ratio or --keep, not --keep-blocks"
+            )
         if texts is None:
             raise SelectionError("--select greedy measures the loss on public text: give --distill-data DIR")
         if select_seqs < 1:
@@ -87,14 +100,23 @@ def build_emulator(model: str | None, client_blocks: str, out: str, distill_data
         from .text import pack_blocks
 
         sink = measure_sink(loaded, layout, pack_blocks(texts, load_tokenizer(loaded.path), cfg.seq_len))
-        log.info("first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s", sink[1]["rms_first"],
-                 sink[1]["rms_other"], sink[1]["spread"], "shipped as the emulator's sink" if sink[1]["used"] else "no sink")
+        log.info(
+            "first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s",
+            sink[1]["rms_first"],
+            sink[1]["rms_other"],
+            sink[1]["spread"],
+            "shipped as the emulator's sink" if sink[1]["used"] else "no sink",
+        )
         made = sink[1]["made_by_block"]
         if sink[1]["used"] and made is not None and made not in kept:
             near = min(kept[1:-1] or kept, key=lambda j: abs(j - made))
-            log.warning("block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
-                        "lets the emulator rebuild the sink: --keep-blocks %s", made, near,
-                        ",".join(str(j) for j in sorted({*kept, made} - {near})))
+            log.warning(
+                "block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
+                "lets the emulator rebuild the sink: --keep-blocks %s",
+                made,
+                near,
+                ",".join(str(j) for j in sorted({*kept, made} - {near})),
+            )
     manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen, pruning)
     for name in (CHECKPOINT, SELECTION_FILE):  # the package is complete; these only served resumption
         if os.path.exists(os.path.join(out, name)):
@@ -121,6 +143,10 @@ def _greedy(loaded, layout: StageLayout, texts: list[str], k: int, cfg: DistillC
     from tandem.stages.arch import parts_of
 
     ids = _sample(loaded, texts, cfg, seqs)  # (S, T)
-    key = {"model_id": loaded.model_id, "layout": [layout.num_layers, layout.bottom, layout.top], "keep": k,
-           "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+    key = {
+        "model_id": loaded.model_id,
+        "layout": [layout.num_layers, layout.bottom, layout.top],
+        "keep": k,
+        "ids_sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
+    }
     return selection(parts_of(loaded.model), layout, ids, k, out, key, progress=cfg.progress)

@@ -1,4 +1,5 @@
 """Knowledge distillation of the kept middle blocks so the emulator reproduces the full middle's output."""
+
 from __future__ import annotations
 
 import logging
@@ -97,8 +98,9 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         weights = (self.kd_weight, self.lm_weight, self.kl_weight, self.layer_weight, self.jacobian_weight)
         if self.lr <= 0 or min(weights) < 0 or sum(weights) == 0:
-            raise ValueError("lr must be > 0, kd_weight, lm_weight, kl_weight, layer_weight and jacobian_weight >= 0 "
-                             "and not all 0")
+            raise ValueError(
+                "lr must be > 0, kd_weight, lm_weight, kl_weight, layer_weight and jacobian_weight >= 0 and not all 0"
+            )
         if self.jacobian_eps <= 0:
             raise ValueError(f"jacobian_eps must be > 0, got {self.jacobian_eps}")
         if self.kd_norm not in ("global", "token"):
@@ -109,8 +111,9 @@ class DistillConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
-def kd_loss(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None,
-            per_token: bool = False) -> torch.Tensor:
+def kd_loss(
+    teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor | None = None, per_token: bool = False
+) -> torch.Tensor:
     """Offsite-Tuning's distillation loss: mean of ((t - s) / sqrt(mean(t^2)))^2 over valid tokens.
 
     With per_token=True every token is normalised by its own teacher RMS: mean over valid tokens of
@@ -140,8 +143,10 @@ def residual_outputs(block: nn.Module) -> list[nn.Module]:
         if m is not None and all(m is not o for o in out):
             out.append(getattr(m, "base_layer", m))
     if len(out) != 2:
-        raise EmulatorError(f"cannot find the residual output projections of a {type(block).__name__}; "
-                            "--init rescale supports Llama-family and GPT-2 blocks (use --init copy)")
+        raise EmulatorError(
+            f"cannot find the residual output projections of a {type(block).__name__}; "
+            "--init rescale supports Llama-family and GPT-2 blocks (use --init copy)"
+        )
     return out
 
 
@@ -220,12 +225,19 @@ class Distiller:
         states = self.student_states(teacher["h"], am, every)
         s = states[-1]
         tok = cfg.kd_norm == "token"
-        out = {"kd": kd_loss(teacher["targets"][-1], s, per_token=tok), "lm": torch.zeros(()), "kl": torch.zeros(()),
-               "layer": torch.zeros(()), "jac": torch.zeros(())}
+        out = {
+            "kd": kd_loss(teacher["targets"][-1], s, per_token=tok),
+            "lm": torch.zeros(()),
+            "kl": torch.zeros(()),
+            "layer": torch.zeros(()),
+            "jac": torch.zeros(()),
+        }
         if cfg.jacobian_weight > 0:
             out["jac"] = self.jacobian_loss(teacher["h"], teacher["targets"][-1], s, am, cfg, step)
         if every and len(states) > 1:
-            out["layer"] = torch.stack([kd_loss(t, x, per_token=tok) for t, x in zip(teacher["targets"][:-1], states[:-1])]).mean()
+            out["layer"] = torch.stack(
+                [kd_loss(t, x, per_token=tok) for t, x in zip(teacher["targets"][:-1], states[:-1])]
+            ).mean()
         if cfg.lm_weight > 0 or cfg.kl_weight > 0:
             logits = self.logits(s, am)  # (B, T, V)
             if cfg.lm_weight > 0:
@@ -235,12 +247,18 @@ class Distiller:
                     t_logp = F.log_softmax(self.logits(teacher["top"], am, through_top=False), -1).flatten(0, 1)
                 s_logp = F.log_softmax(logits, -1).flatten(0, 1)  # (B*T, V)
                 out["kl"] = F.kl_div(s_logp, t_logp, log_target=True, reduction="batchmean")
-        out["loss"] = (cfg.kd_weight * out["kd"] + cfg.lm_weight * out["lm"] + cfg.kl_weight * out["kl"]
-                       + cfg.layer_weight * out["layer"] + cfg.jacobian_weight * out["jac"])
+        out["loss"] = (
+            cfg.kd_weight * out["kd"]
+            + cfg.lm_weight * out["lm"]
+            + cfg.kl_weight * out["kl"]
+            + cfg.layer_weight * out["layer"]
+            + cfg.jacobian_weight * out["jac"]
+        )
         return out
 
-    def jacobian_loss(self, h: torch.Tensor, t: torch.Tensor, s: torch.Tensor, am: torch.Tensor, cfg: DistillConfig,
-                      step: int) -> torch.Tensor:
+    def jacobian_loss(
+        self, h: torch.Tensor, t: torch.Tensor, s: torch.Tensor, am: torch.Tensor, cfg: DistillConfig, step: int
+    ) -> torch.Tensor:
         """Finite-difference Jacobian match (DistillConfig.jacobian_weight) at the middle's input h (B, T, H),
         given the teacher's and the student's outputs t, s on h."""
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
@@ -300,8 +318,10 @@ class Distiller:
 
             def err(f: float) -> float:
                 set_factor(f)
-                return sum(float(kd_loss(t["targets"][j], run_blocks(self.parts, [block], x, am), per_token=tok))  # noqa: B023
-                           for t, x, am in zip(teach, xs, ams))  # noqa: B023 - called only within this iteration
+                return sum(
+                    float(kd_loss(t["targets"][j], run_blocks(self.parts, [block], x, am), per_token=tok))  # noqa: B023
+                    for t, x, am in zip(teach, xs, ams)  # noqa: B023 - called only within this iteration
+                )
 
             tried: dict[float, float] = {}
             for f in [2 ** (k / 2) for k in range(-4, 7)]:  # 1/4 .. 8
@@ -348,8 +368,15 @@ def _save(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: list[str], cfg: DistillConfig,
-            out_dir: str, student: nn.ModuleList | None = None) -> tuple[nn.ModuleList, dict]:
+def distill(
+    loaded: LoadedModel,
+    layout: StageLayout,
+    kept: list[int],
+    texts: list[str],
+    cfg: DistillConfig,
+    out_dir: str,
+    student: nn.ModuleList | None = None,
+) -> tuple[nn.ModuleList, dict]:
     """Distills the kept middle blocks into an emulator of the whole middle.
 
     Args:
@@ -378,9 +405,16 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
     student.train(False)  # deterministic: no dropout in the student either
     d = Distiller(parts, layout, kept, student)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    settings = {"kept": list(kept), "seed": cfg.seed, "seq_len": cfg.seq_len, "batch_size": cfg.batch_size,
-                "layout": [layout.num_layers, layout.bottom, layout.top], "init": cfg.init, "kd_norm": cfg.kd_norm,
-                "student_params": sum(p.numel() for p in student.parameters())}
+    settings = {
+        "kept": list(kept),
+        "seed": cfg.seed,
+        "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size,
+        "layout": [layout.num_layers, layout.bottom, layout.top],
+        "init": cfg.init,
+        "kd_norm": cfg.kd_norm,
+        "student_params": sum(p.numel() for p in student.parameters()),
+    }
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:
@@ -388,8 +422,10 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
             raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["settings"] != settings:
-            raise EmulatorError("--resume: the checkpoint was made with other blocks, seed, layout, init or batch "
-                                "shape; use the same settings or start fresh without --resume")
+            raise EmulatorError(
+                "--resume: the checkpoint was made with other blocks, seed, layout, init or batch "
+                "shape; use the same settings or start fresh without --resume"
+            )
     else:
         hist["val"].append({"step": 0, "init": "copy", **d.validate(val, cfg)})
         if cfg.init == "rescale":
@@ -428,15 +464,25 @@ def distill(loaded: LoadedModel, layout: StageLayout, kept: list[int], texts: li
         out["loss"].backward()
         opt.step()
         sched.step()
-        hist["steps"].append({"step": step, **{k: float(v.detach()) for k, v in out.items()},
-                              "wall_s": time.perf_counter() - t0})
+        hist["steps"].append(
+            {"step": step, **{k: float(v.detach()) for k, v in out.items()}, "wall_s": time.perf_counter() - t0}
+        )
         bar.update(1)
         bar.set_postfix(kd=f"{hist['steps'][-1]['kd']:.4f}", val_kd=f"{hist['val'][-1]['kd']:.4f}")
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             hist["val"].append({"step": step + 1, **d.validate(val, cfg)})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save(ckpt_path, {"student": student.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict(), "step": step + 1, "history": hist, "settings": settings})
+            _save(
+                ckpt_path,
+                {
+                    "student": student.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step + 1,
+                    "history": hist,
+                    "settings": settings,
+                },
+            )
     bar.close()
     student.requires_grad_(False)
     hist["val_kd_before"] = hist["val"][0]["kd"]

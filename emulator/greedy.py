@@ -6,6 +6,7 @@ the first and the last middle block stay, as in the uniform rule. (Layer-pruning
 ranks blocks by how little they change the hidden state; this measures the loss itself.) On SmolLM2 the
 uniform 10 of 26 give a public-text loss of 9.5 nats before distillation, the greedy 10 5.9 (full model 3.6).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ SELECTION_FILE = "selection.json"  # in the package directory while it is built:
 
 
 @torch.no_grad()
-def greedy_keep(parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, batch_size: int = 16,
-                progress: bool = False) -> tuple[list[int], list[dict]]:
+def greedy_keep(
+    parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, batch_size: int = 16, progress: bool = False
+) -> tuple[list[int], list[dict]]:
     """Full-model indices of the k middle blocks kept by greedy elimination, and the elimination history.
 
     Args:
@@ -46,7 +48,9 @@ def greedy_keep(parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, ba
 
     middle = layout.middle_blocks
     if not 2 <= k <= len(middle):
-        raise SelectionError(f"greedy selection keeps the first and last middle block: choose 2..{len(middle)} blocks, got {k}")
+        raise SelectionError(
+            f"greedy selection keeps the first and last middle block: choose 2..{len(middle)} blocks, got {k}"
+        )
     am = torch.ones_like(ids[:batch_size])
     batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     bottom = BottomStage(parts, layout.bottom_blocks)
@@ -83,8 +87,9 @@ def greedy_keep(parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, ba
     return cur, history
 
 
-def selection(parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, out_dir: str, key: dict,
-              progress: bool = False) -> dict:
+def selection(
+    parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, out_dir: str, key: dict, progress: bool = False
+) -> dict:
     """greedy_keep, saved to out_dir/selection.json; a build resumed with the same key reuses the saved choice.
 
     Returns:
@@ -98,8 +103,13 @@ def selection(parts: Parts, layout: StageLayout, ids: torch.Tensor, k: int, out_
             log.info("reusing the block selection in %s", path)
             return saved["selection"]
     kept, history = greedy_keep(parts, layout, ids, k, progress=progress)
-    out = {"method": "greedy", "kept": kept, "history": history, "sequences": int(ids.shape[0]),
-           "tokens": int(ids.numel())}
+    out = {
+        "method": "greedy",
+        "kept": kept,
+        "history": history,
+        "sequences": int(ids.shape[0]),
+        "tokens": int(ids.numel()),
+    }
     os.makedirs(out_dir, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

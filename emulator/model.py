@@ -1,4 +1,5 @@
 """The emulator as a stage: a short stack of distilled blocks standing in for the model's middle."""
+
 from __future__ import annotations
 
 import copy
@@ -68,7 +69,9 @@ def _blocks_config(config, kept: list[int], mlp_width: int | None = None):
     return cfg
 
 
-def build_blocks(config, kept: list[int], state: dict[str, torch.Tensor], mlp_width: int | None = None) -> nn.ModuleList:
+def build_blocks(
+    config, kept: list[int], state: dict[str, torch.Tensor], mlp_width: int | None = None
+) -> nn.ModuleList:
     """Rebuilds emulator blocks from their saved state (frozen, eval mode).
 
     Args:
@@ -82,13 +85,15 @@ def build_blocks(config, kept: list[int], state: dict[str, torch.Tensor], mlp_wi
     shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept, mlp_width), dtype=torch.float32)
     parts = parts_of(shell)
     prefix = parts.arch.block_prefix + "."
-    local = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if len(local) != len(state):
         raise PackageError("emulator weights have keys outside the blocks; the package is not a tandem emulator")
     missing, unexpected = parts.blocks.load_state_dict(local, strict=False)
     missing = [k for k in missing if not k.endswith(".attn.bias") and "masked_bias" not in k]
     if missing or unexpected:
-        raise PackageError(f"emulator weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise PackageError(
+            f"emulator weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     blocks = parts.blocks
     blocks.eval()
     blocks.requires_grad_(False)

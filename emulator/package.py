@@ -1,4 +1,5 @@
 """The emulator package: client stages, tokenizer, emulator blocks and a manifest with a SHA-256 per file."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,17 @@ CONFIG_FILE = "config.json"
 SINK_FILE = "sink.safetensors"
 
 
-def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emulator: nn.ModuleList, out_dir: str,
-                  distillation: dict | None = None, sink: tuple[torch.Tensor, dict] | None = None,
-                  selection: dict | None = None, pruning: dict | None = None) -> dict:
+def build_package(
+    loaded: LoadedModel,
+    layout: StageLayout,
+    kept: list[int],
+    emulator: nn.ModuleList,
+    out_dir: str,
+    distillation: dict | None = None,
+    sink: tuple[torch.Tensor, dict] | None = None,
+    selection: dict | None = None,
+    pruning: dict | None = None,
+) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
     The dropped middle blocks are never written: the emulator file holds only `emulator`'s own tensors.
@@ -47,11 +56,17 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
-        raise PackageError(f"kept blocks {kept} must be increasing middle blocks {layout.middle_blocks}, one per emulator block")
+        raise PackageError(
+            f"kept blocks {kept} must be increasing middle blocks {layout.middle_blocks}, one per emulator block"
+        )
     client = client_state(parts, layout)
     emu = blocks_state(parts.arch, emulator)
-    files = {CLIENT_FILE: pack_state(client), EMULATOR_FILE: pack_state(emu),
-             CONFIG_FILE: config_json(loaded.config).encode(), **tokenizer_files(loaded.path)}
+    files = {
+        CLIENT_FILE: pack_state(client),
+        EMULATOR_FILE: pack_state(emu),
+        CONFIG_FILE: config_json(loaded.config).encode(),
+        **tokenizer_files(loaded.path),
+    }
     if sink is not None and sink[1].get("used"):
         files[SINK_FILE] = pack_state({"first_token_output": sink[0]})
     model_params = sum(p.numel() for p in loaded.model.parameters())
@@ -64,9 +79,13 @@ def build_package(loaded: LoadedModel, layout: StageLayout, kept: list[int], emu
         "dropped_middle_blocks": [i for i in layout.middle_blocks if i not in kept],
         "selection": selection or {"method": "uniform"},
         "pruning": pruning or {"mlp_width": None},
-        "params": {"model": model_params, "client_stages": n_params(client), "emulator": n_params(emu),
-                   "package": n_params(client) + n_params(emu),
-                   "package_share_of_model": (n_params(client) + n_params(emu)) / model_params},
+        "params": {
+            "model": model_params,
+            "client_stages": n_params(client),
+            "emulator": n_params(emu),
+            "package": n_params(client) + n_params(emu),
+            "package_share_of_model": (n_params(client) + n_params(emu)) / model_params,
+        },
         "bytes": {"total": sum(len(b) for b in files.values())},
         "files": {name: {"sha256": sha256(blob), "bytes": len(blob)} for name, blob in sorted(files.items())},
         "distillation": distillation or {},
@@ -144,8 +163,10 @@ def load_package(path: str) -> EmulatorPackage:
     """
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
-        raise PackageError(f"{path!r} has no {MANIFEST}: build one with `cloud emulator build` or "
-                           "download one with `client fetch-emulator`")
+        raise PackageError(
+            f"{path!r} has no {MANIFEST}: build one with `cloud emulator build` or "
+            "download one with `client fetch-emulator`"
+        )
     try:
         with open(mpath) as f:
             manifest = json.load(f)
@@ -159,9 +180,13 @@ def load_package(path: str) -> EmulatorPackage:
             raise PackageError(f"package file {name!r} is missing from {path!r}; download or copy the package again")
         with open(fpath, "rb") as f:
             if sha256(f.read()) != meta["sha256"]:
-                raise PackageError(f"package file {name!r} does not match its SHA-256 in the manifest (corrupt or "
-                                   "altered); download or copy the package again")
+                raise PackageError(
+                    f"package file {name!r} does not match its SHA-256 in the manifest (corrupt or "
+                    "altered); download or copy the package again"
+                )
     pkg = EmulatorPackage(path, manifest)
     if pkg.layout.num_layers != num_blocks(pkg.config()):
-        raise PackageError(f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(pkg.config())}")
+        raise PackageError(
+            f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(pkg.config())}"
+        )
     return pkg

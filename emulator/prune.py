@@ -9,6 +9,7 @@ Each kept block keeps the `width` MLP neurons that carry the most of its output 
 score is the RMS of its activation (the input of the MLP's output projection) times the norm of its column
 of that projection, i.e. the RMS size of what it adds to the residual stream.
 """
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,9 @@ def mlp_layers(block: nn.Module) -> tuple[list[nn.Module], nn.Module]:
         return [mlp.gate_proj, mlp.up_proj], mlp.down_proj
     if all(isinstance(getattr(mlp, n, None), Conv1D) for n in ("c_fc", "c_proj")):
         return [mlp.c_fc], mlp.c_proj
-    raise SelectionError(f"cannot find the MLP of a {type(block).__name__}; --mlp-width supports Llama-family "
-                         "and GPT-2 blocks")
+    raise SelectionError(
+        f"cannot find the MLP of a {type(block).__name__}; --mlp-width supports Llama-family and GPT-2 blocks"
+    )
 
 
 def mlp_width_of(block: nn.Module) -> int:
@@ -49,8 +51,9 @@ def _out_columns(out: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def neuron_scores(parts: Parts, layout: StageLayout, kept: list[int], ids: torch.Tensor,
-                  batch_size: int = 4) -> dict[int, torch.Tensor]:
+def neuron_scores(
+    parts: Parts, layout: StageLayout, kept: list[int], ids: torch.Tensor, batch_size: int = 4
+) -> dict[int, torch.Tensor]:
     """Importance of every MLP neuron of the kept blocks, measured in the full model on ids (S, T).
 
     Returns:
@@ -59,15 +62,17 @@ def neuron_scores(parts: Parts, layout: StageLayout, kept: list[int], ids: torch
     sq = {i: torch.zeros(mlp_width_of(parts.blocks[i]), dtype=torch.float64) for i in kept}
     hooks = []
     for i in kept:
+
         def record(_mod, args, i=i):
             x = args[0].detach().to(torch.float64)  # (B, T, I)
             sq[i].add_(x.pow(2).sum(dim=(0, 1)))
+
         hooks.append(mlp_layers(parts.blocks[i])[1].register_forward_pre_hook(record))
     bottom = BottomStage(parts, layout.bottom_blocks)
     middle = [parts.blocks[i] for i in layout.middle_blocks]
     try:
         for s in range(0, len(ids), batch_size):
-            x = ids[s:s + batch_size]
+            x = ids[s : s + batch_size]
             am = torch.ones_like(x)
             run_blocks(parts, middle, bottom(x, am), am)
     finally:

@@ -1,4 +1,5 @@
 """Uniform layer drop: which middle blocks the emulator keeps (Offsite-Tuning's uniform_choose_layers)."""
+
 from __future__ import annotations
 
 from .errors import SelectionError
@@ -37,8 +38,9 @@ def keep_count(n: int, drop_ratio: float | None = None, keep: int | None = None)
     return max(1, min(n, round(n * (1.0 - drop_ratio))))
 
 
-def kept_blocks(middle: list[int], drop_ratio: float | None = None, keep: int | None = None,
-                blocks: list[int] | None = None) -> list[int]:
+def kept_blocks(
+    middle: list[int], drop_ratio: float | None = None, keep: int | None = None, blocks: list[int] | None = None
+) -> list[int]:
     """Full-model indices of the middle blocks the emulator keeps.
 
     Args:
@@ -54,8 +56,10 @@ def kept_blocks(middle: list[int], drop_ratio: float | None = None, keep: int | 
         out = sorted(set(blocks))
         bad = [b for b in out if b not in middle]
         if not out or bad or len(out) != len(blocks):
-            raise SelectionError(f"--keep-blocks {blocks}: give distinct middle blocks, from {middle[0]} to {middle[-1]}"
-                                 + (f" ({bad} are not middle blocks)" if bad else ""))
+            raise SelectionError(
+                f"--keep-blocks {blocks}: give distinct middle blocks, from {middle[0]} to {middle[-1]}"
+                + (f" ({bad} are not middle blocks)" if bad else "")
+            )
         return out
     k = keep_count(len(middle), drop_ratio, keep)
     return [middle[i] for i in uniform_keep(len(middle), k)]

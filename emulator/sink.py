@@ -13,6 +13,7 @@ plug-in's share of full tuning's gain from 66.8% to 71.9%.
 The vector is measured on the operator's public text, like the distillation. It reveals the full
 middle's output at one position, averaged, which is far less than the emulator itself reveals.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ MIN_RATIO = 5.0  # the first token's output RMS over the median of the others': 
 MAX_SPREAD = 0.1  # the first token's outputs' mean relative distance from their mean: above this it is not constant
 
 
-def measure_sink(loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor, batch_size: int = 8,
-                 max_blocks: int = 64) -> tuple[torch.Tensor, dict]:
+def measure_sink(
+    loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor, batch_size: int = 8, max_blocks: int = 64
+) -> tuple[torch.Tensor, dict]:
     """Runs the full model's bottom and middle on packed public text (N, T); returns (mean first-token output, stats).
 
     stats: rms_first, rms_other (median), ratio, spread, made_by_block (the middle block that grows the first
@@ -42,6 +44,7 @@ def measure_sink(loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor,
         def hook(_m, args, out):
             h_in, h = args[0], out[0] if isinstance(out, tuple) else out
             growth[j].append(float(h[:, 0].pow(2).mean(-1).sqrt().mean() / h_in[:, 0].pow(2).mean(-1).sqrt().mean()))
+
         return hook
 
     hooks = [parts.blocks[j].register_forward_hook(watch(j)) for j in layout.middle_blocks]
@@ -64,8 +67,15 @@ def measure_sink(loaded: LoadedModel, layout: StageLayout, blocks: torch.Tensor,
     rms_other = float(torch.cat(other).median())
     spread = float(((first - mean).norm(dim=-1) / mean.norm().clamp_min(1e-12)).mean())
     ratio = rms_first / max(rms_other, 1e-12)
-    stats = {"rms_first": rms_first, "rms_other": rms_other, "ratio": ratio, "spread": spread, "sequences": len(first),
-             "made_by_block": made_by, "used": ratio >= MIN_RATIO and spread <= MAX_SPREAD}
+    stats = {
+        "rms_first": rms_first,
+        "rms_other": rms_other,
+        "ratio": ratio,
+        "spread": spread,
+        "sequences": len(first),
+        "made_by_block": made_by,
+        "used": ratio >= MIN_RATIO and spread <= MAX_SPREAD,
+    }
     return mean.contiguous(), stats
 
 

@@ -1,4 +1,5 @@
 """The operator's public text for distillation: .txt/.jsonl files, tokenized and packed into blocks."""
+
 from __future__ import annotations
 
 import torch
@@ -14,6 +15,7 @@ def read_texts(data_dir: str) -> list[str]:
         return [p + c for p, c in read_records(data_dir, "--distill-data")]
     except TextFilesError as e:
         raise TextError(str(e)) from None
+
 
 def pack_blocks(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     """Tokenizes texts joined by EOS and cuts the stream into full blocks of seq_len: (N, seq_len) ids."""

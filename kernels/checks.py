@@ -1,4 +1,5 @@
 """Checks on received tensors that must stay cheap on a busy server."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Activation/gradient wire codecs as vectorised tensor ops: half precision and blockwise absmax int8/int4."""
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,9 @@ def encode(x: torch.Tensor, codec: str, block: int = DEFAULT_BLOCK) -> tuple[tor
     return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous(), scale.reshape(-1)
 
 
-def decode(values: torch.Tensor, scales: torch.Tensor | None, codec: str, shape: tuple, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+def decode(
+    values: torch.Tensor, scales: torch.Tensor | None, codec: str, shape: tuple, block: int = DEFAULT_BLOCK
+) -> torch.Tensor:
     """Inverse of encode; returns float32 of `shape`."""
     n = 1
     for d in shape:
@@ -61,11 +64,15 @@ def decode(values: torch.Tensor, scales: torch.Tensor | None, codec: str, shape:
         raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
     n_blocks = -(-n // block)
     if scales is None or scales.numel() != n_blocks or q.numel() < n_blocks * block:
-        raise ValueError(f"{codec}: {q.numel()} values and {0 if scales is None else scales.numel()} scales do not fit shape {list(shape)} in blocks of {block}")
+        raise ValueError(
+            f"{codec}: {q.numel()} values and {0 if scales is None else scales.numel()} scales do not fit shape {list(shape)} in blocks of {block}"
+        )
     x = q[: n_blocks * block].view(n_blocks, block) * scales.view(-1, 1)
     return x.reshape(-1)[:n].reshape(shape)
 
 
 def bytes_per_value(codec: str, block: int = DEFAULT_BLOCK) -> float:
     """Wire bytes per tensor element, scales included."""
-    return {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / block, "int4": 0.5 + 4.0 / block}[codec]
+    return {"float32": 4.0, "float16": 2.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / block, "int4": 0.5 + 4.0 / block}[
+        codec
+    ]

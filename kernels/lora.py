@@ -1,4 +1,5 @@
 """LoRA arithmetic as plain tensor ops, shared by every stage (client and cloud)."""
+
 from __future__ import annotations
 
 import torch

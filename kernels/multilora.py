@@ -1,4 +1,5 @@
 """Batched multi-LoRA: a different LoRA per segment of rows in one pass (Punica's SGMV idea), forward and backward."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -67,7 +68,9 @@ class SegmentPlan:
         return int(self.tile_adapter.numel())
 
 
-def segment_ids(seg_lens: Sequence[int] | torch.Tensor, seg_adapters: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+def segment_ids(
+    seg_lens: Sequence[int] | torch.Tensor, seg_adapters: Sequence[int] | torch.Tensor | None = None
+) -> torch.Tensor:
     """Per-row adapter index for contiguous segments: segment i has seg_lens[i] rows and uses adapter seg_adapters[i] (default i)."""
     lens = torch.as_tensor(seg_lens, dtype=torch.long)
     ads = torch.arange(lens.numel()) if seg_adapters is None else torch.as_tensor(seg_adapters, dtype=torch.long)
@@ -141,8 +144,21 @@ def plan_segments(ids: torch.Tensor, n_adapters: int, tile: int | None = None) -
     none_rows = (ids < 0).nonzero().squeeze(1)  # (N - M,)
     identity = pad_mask is None and m == n and bool(torch.equal(slot, torch.arange(n, device=dev)))
     one_tile_each = n_tiles == n_adapters and bool(torch.equal(tile_adapter, torch.arange(n_adapters, device=dev)))
-    return SegmentPlan(n, n_adapters, tile, order, tile_adapter, tile_start, tile_len, slot, src, pad_mask, none_rows,
-                       identity, one_tile_each)
+    return SegmentPlan(
+        n,
+        n_adapters,
+        tile,
+        order,
+        tile_adapter,
+        tile_start,
+        tile_len,
+        slot,
+        src,
+        pad_mask,
+        none_rows,
+        identity,
+        one_tile_each,
+    )
 
 
 # -- torch implementation: pad rows into (n_tiles, tile, ...) and batch the matmuls over tiles ---------------
@@ -221,9 +237,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _sgmv_kernel(
-        x_ptr, w_ptr, out_ptr, scale_ptr, order_ptr, tile_start_ptr, tile_len_ptr, tile_ad_ptr, K, N_OUT,
-        stride_xm, stride_xk, stride_wa, stride_wn, stride_wk, stride_om, stride_on,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        out_ptr,
+        scale_ptr,
+        order_ptr,
+        tile_start_ptr,
+        tile_len_ptr,
+        tile_ad_ptr,
+        K,
+        N_OUT,
+        stride_xm,
+        stride_xk,
+        stride_wa,
+        stride_wn,
+        stride_wk,
+        stride_om,
+        stride_on,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         """out[rows] = scale[a] * x[rows] @ w[a].T for one tile's rows (adapter a). Untested on a GPU (see above)."""
         rows, m_mask, ad = _tile_rows(order_ptr, tile_start_ptr, tile_len_ptr, tile_ad_ptr, BLOCK_M)
@@ -233,23 +267,50 @@ if HAS_TRITON:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_mask = k < K
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
-                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-            wt = tl.load(w_ptr + ad * stride_wa + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN)
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
+                mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )  # (BM, BK)
+            wt = tl.load(
+                w_ptr + ad * stride_wa + offs_n[None, :] * stride_wn + k[:, None] * stride_wk,
+                mask=k_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )  # (BK, BN)
             if IEEE:
                 acc += tl.dot(xt, wt, input_precision="ieee")
             else:
                 acc += tl.dot(xt, wt)
         acc = acc * tl.load(scale_ptr + ad)
-        tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
 
     @triton.jit
     def _sgmv_wgrad_kernel(
-        g_ptr, x_ptr, out_ptr, scale_ptr, order_ptr, tile_start_ptr, tile_len_ptr, tile_ad_ptr, P, Q,
-        stride_gm, stride_gp, stride_xm, stride_xq, stride_ot, stride_op, stride_oq,
-        BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, IEEE: tl.constexpr,
+        g_ptr,
+        x_ptr,
+        out_ptr,
+        scale_ptr,
+        order_ptr,
+        tile_start_ptr,
+        tile_len_ptr,
+        tile_ad_ptr,
+        P,
+        Q,
+        stride_gm,
+        stride_gp,
+        stride_xm,
+        stride_xq,
+        stride_ot,
+        stride_op,
+        stride_oq,
+        BLOCK_M: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         """out[t] = scale[a] * g[rows].T @ x[rows], tile t's share of a weight gradient. Untested on a GPU (see above)."""
         rows, m_mask, ad = _tile_rows(order_ptr, tile_start_ptr, tile_len_ptr, tile_ad_ptr, BLOCK_M)
@@ -257,17 +318,29 @@ if HAS_TRITON:
         offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         p_mask = offs_p < P
         q_mask = offs_q < Q
-        gt = tl.load(g_ptr + rows[:, None] * stride_gm + offs_p[None, :] * stride_gp,
-                     mask=m_mask[:, None] & p_mask[None, :], other=0.0)  # (BM, BP)
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_q[None, :] * stride_xq,
-                     mask=m_mask[:, None] & q_mask[None, :], other=0.0)  # (BM, BQ)
+        gt = tl.load(
+            g_ptr + rows[:, None] * stride_gm + offs_p[None, :] * stride_gp,
+            mask=m_mask[:, None] & p_mask[None, :],
+            other=0.0,
+        )  # (BM, BP)
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_q[None, :] * stride_xq,
+            mask=m_mask[:, None] & q_mask[None, :],
+            other=0.0,
+        )  # (BM, BQ)
         if IEEE:
             acc = tl.dot(tl.trans(gt), xt, input_precision="ieee")  # (BP, BQ)
         else:
             acc = tl.dot(tl.trans(gt), xt)
         acc = acc * tl.load(scale_ptr + ad)
-        tl.store(out_ptr + tl.program_id(0).to(tl.int64) * stride_ot + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
-                 acc, mask=p_mask[:, None] & q_mask[None, :])
+        tl.store(
+            out_ptr
+            + tl.program_id(0).to(tl.int64) * stride_ot
+            + offs_p[:, None] * stride_op
+            + offs_q[None, :] * stride_oq,
+            acc,
+            mask=p_mask[:, None] & q_mask[None, :],
+        )
 
 
 def _block(n: int, cap: int = 64) -> int:
@@ -286,8 +359,24 @@ def _sgmv(x, w, scale, plan, n_out):
     if plan.n_tiles:
         bn, bk = _block(n_out), _block(x.shape[1])
         _sgmv_kernel[(plan.n_tiles, triton.cdiv(n_out, bn))](
-            x, w, out, scale, plan.order, plan.tile_start, plan.tile_len, plan.tile_adapter, x.shape[1], n_out,
-            *x.stride(), *w.stride(), *out.stride(), BLOCK_M=plan.tile, BLOCK_N=bn, BLOCK_K=bk, IEEE=_ieee(x))
+            x,
+            w,
+            out,
+            scale,
+            plan.order,
+            plan.tile_start,
+            plan.tile_len,
+            plan.tile_adapter,
+            x.shape[1],
+            n_out,
+            *x.stride(),
+            *w.stride(),
+            *out.stride(),
+            BLOCK_M=plan.tile,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            IEEE=_ieee(x),
+        )
     return out
 
 
@@ -298,8 +387,24 @@ def _sgmv_wgrad(g, x, scale, plan, n_adapters):
     if plan.n_tiles:
         bp, bq = _block(p), _block(q)
         _sgmv_wgrad_kernel[(plan.n_tiles, triton.cdiv(p, bp), triton.cdiv(q, bq))](
-            g, x, part, scale, plan.order, plan.tile_start, plan.tile_len, plan.tile_adapter, p, q,
-            *g.stride(), *x.stride(), *part.stride(), BLOCK_M=plan.tile, BLOCK_P=bp, BLOCK_Q=bq, IEEE=_ieee(g))
+            g,
+            x,
+            part,
+            scale,
+            plan.order,
+            plan.tile_start,
+            plan.tile_len,
+            plan.tile_adapter,
+            p,
+            q,
+            *g.stride(),
+            *x.stride(),
+            *part.stride(),
+            BLOCK_M=plan.tile,
+            BLOCK_P=bp,
+            BLOCK_Q=bq,
+            IEEE=_ieee(g),
+        )
     grad = torch.zeros(n_adapters, p, q, dtype=torch.float32, device=g.device)
     return grad.index_add_(0, plan.tile_adapter, part).to(g.dtype)
 
@@ -350,21 +455,35 @@ class MultiLoRAFunction(torch.autograd.Function):
 
 def _check(x, a, b, scaling, ids_or_plan, impl):
     """Validates shapes, dtypes and ids; returns the scaling vector (n,) and the plan."""
-    if a.dim() != 3 or b.dim() != 3 or b.shape[0] != a.shape[0] or b.shape[2] != a.shape[1] or x.shape[-1] != a.shape[2]:
-        raise ValueError(f"expected x (..., in), A (n, r, in), B (n, out, r); got {list(x.shape)}, {list(a.shape)}, {list(b.shape)}")
+    if (
+        a.dim() != 3
+        or b.dim() != 3
+        or b.shape[0] != a.shape[0]
+        or b.shape[2] != a.shape[1]
+        or x.shape[-1] != a.shape[2]
+    ):
+        raise ValueError(
+            f"expected x (..., in), A (n, r, in), B (n, out, r); got {list(x.shape)}, {list(a.shape)}, {list(b.shape)}"
+        )
     if not (x.dtype == a.dtype == b.dtype) or not (x.device == a.device == b.device):
-        raise ValueError(f"x, A and B must share dtype and device; got {x.dtype}/{a.dtype}/{b.dtype} on {x.device}/{a.device}/{b.device}")
+        raise ValueError(
+            f"x, A and B must share dtype and device; got {x.dtype}/{a.dtype}/{b.dtype} on {x.device}/{a.device}/{b.device}"
+        )
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
     n = a.shape[0]
-    s_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # half types scale in float32, as a Python float would
+    s_dtype = (
+        torch.float64 if x.dtype == torch.float64 else torch.float32
+    )  # half types scale in float32, as a Python float would
     s = torch.as_tensor(scaling, dtype=s_dtype, device=x.device).reshape(-1)
     if s.numel() not in (1, n):
         raise ValueError(f"scaling has {s.numel()} values for {n} adapters")
     plan = ids_or_plan if isinstance(ids_or_plan, SegmentPlan) else plan_segments(ids_or_plan.to(x.device), n)
     if plan.n_adapters != n or plan.order.device != x.device or plan.n_rows != x.numel() // x.shape[-1]:
-        raise ValueError(f"ids (or plan) for {plan.n_rows} rows of {plan.n_adapters} adapters on {plan.order.device}; "
-                         f"x has {x.numel() // x.shape[-1]} rows, the weights {n} adapters, on {x.device}")
+        raise ValueError(
+            f"ids (or plan) for {plan.n_rows} rows of {plan.n_adapters} adapters on {plan.order.device}; "
+            f"x has {x.numel() // x.shape[-1]} rows, the weights {n} adapters, on {x.device}"
+        )
     return s.expand(n).contiguous(), plan
 
 

@@ -3,6 +3,7 @@
 The proto is compiled under the virtual path tandem/protos/, so the generated code imports
 `tandem.protos.split_pb2` absolutely. The stubs are committed; tests/protos checks for drift.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Identity bundles: one PEM file with a data owner's private key, certificate and the CA (made by `cloud certs issue`)."""
+
 from __future__ import annotations
 
 

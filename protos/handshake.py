@@ -8,6 +8,7 @@ digest of every other field of OpenSessionRequest and OpenSessionResponse. The c
 certificate against the CA it trusts for TLS and the signature against the transcript it computed
 itself; the transcript hash also salts the sealing keys (protos/sealing.py).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -86,11 +87,15 @@ def _purpose(cert: x509.Certificate) -> None:
     except x509.ExtensionNotFound:
         eku, ca = [], True
     if SEALING_EKU not in eku or ca:
-        raise HandshakeError("the certificate offered is not a sealing certificate (it lacks the tandem-sealing "
-                             "ExtendedKeyUsage; a TLS certificate cannot vouch for sealing keys)")
+        raise HandshakeError(
+            "the certificate offered is not a sealing certificate (it lacks the tandem-sealing "
+            "ExtendedKeyUsage; a TLS certificate cannot vouch for sealing keys)"
+        )
 
 
-def verify(cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, now: dt.datetime | None = None) -> x509.Certificate:
+def verify(
+    cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, now: dt.datetime | None = None
+) -> x509.Certificate:
     """Checks the sealing certificate (CA, validity, purpose, key type) and its signature over `transcript`."""
     if not cert_der or not signature:
         raise HandshakeError("the server sent no sealing certificate or no handshake signature")
@@ -101,8 +106,10 @@ def verify(cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, 
     _issuer(cert, ca_pem)
     now = now or dt.datetime.now(dt.UTC)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-        raise HandshakeError(f"the sealing certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
-                             f"to {cert.not_valid_after_utc:%Y-%m-%d})")
+        raise HandshakeError(
+            f"the sealing certificate is outside its validity ({cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d})"
+        )
     _purpose(cert)
     key = cert.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
@@ -110,6 +117,7 @@ def verify(cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, 
     try:
         key.verify(signature, transcript, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise HandshakeError("the handshake signature does not verify: the sealing keys or session parameters were "
-                             "changed on the way") from None
+        raise HandshakeError(
+            "the handshake signature does not verify: the sealing keys or session parameters were changed on the way"
+        ) from None
     return cert

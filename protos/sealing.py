@@ -8,6 +8,7 @@ The associated data binds session, step, direction, field name, a strictly incre
 direction (the GCM nonce) and a digest of everything else in the message (`header_digest`): a
 reshaped tensor, a flipped flag or a dropped tensor field fails closed like a tampered byte.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,12 @@ def _canon(msg, skip=frozenset()) -> list:
             continue
         if fd.message_type is _TENSOR:
             t = getattr(msg, fd.name)
-            out.append([fd.number, [list(t.shape), t.dtype, t.codec, t.block_size, bool(t.scales)]
-                        if msg.HasField(fd.name) else None])
+            out.append(
+                [
+                    fd.number,
+                    [list(t.shape), t.dtype, t.codec, t.block_size, bool(t.scales)] if msg.HasField(fd.name) else None,
+                ]
+            )
         elif fd.is_repeated:
             out.append([fd.number, [_value(fd, v) for v in getattr(msg, fd.name)]])
         elif fd.message_type is not None:
@@ -130,12 +135,17 @@ class Sealer:
             if value.sealed:
                 continue
             c = self._take()
-            value.data = self._send.encrypt(c.to_bytes(12, "big"), value.data, self._aad(step, self.send_dir, fd.name, c, header))
+            value.data = self._send.encrypt(
+                c.to_bytes(12, "big"), value.data, self._aad(step, self.send_dir, fd.name, c, header)
+            )
             value.counter = c
             if value.scales:
                 c2 = self._take()
-                value.scales = self._send.encrypt(c2.to_bytes(12, "big"), value.scales,
-                                                  self._aad(step, self.send_dir, fd.name + ".scales", c2, header))
+                value.scales = self._send.encrypt(
+                    c2.to_bytes(12, "big"),
+                    value.scales,
+                    self._aad(step, self.send_dir, fd.name + ".scales", c2, header),
+                )
                 value.scales_counter = c2
             value.sealed = True
 
@@ -151,13 +161,21 @@ class Sealer:
                     raise SealError("missing", f"{fd.name}: this session seals tensors, but this one is not sealed")
                 for counter, attr, aad_name in _parts(fd, value):
                     if counter <= self._last_seen:
-                        raise SealError("replay", f"{aad_name}: counter {counter} was already used (replayed or reordered message)")
+                        raise SealError(
+                            "replay", f"{aad_name}: counter {counter} was already used (replayed or reordered message)"
+                        )
                     try:
-                        plain = self._recv.decrypt(counter.to_bytes(12, "big"), getattr(value, attr),
-                                                   self._aad(step, self.recv_dir, aad_name, counter, header))
+                        plain = self._recv.decrypt(
+                            counter.to_bytes(12, "big"),
+                            getattr(value, attr),
+                            self._aad(step, self.recv_dir, aad_name, counter, header),
+                        )
                     except InvalidTag:
-                        raise SealError("tamper", f"{aad_name}: authentication failed (tampered or rewritten message, "
-                                                  "or sealed for another session/step)") from None
+                        raise SealError(
+                            "tamper",
+                            f"{aad_name}: authentication failed (tampered or rewritten message, "
+                            "or sealed for another session/step)",
+                        ) from None
                     setattr(value, attr, plain)
                     self._last_seen = counter
                 value.sealed = False
@@ -174,8 +192,11 @@ class Sealer:
             if not value.sealed:
                 continue
             for counter, attr, aad_name in _parts(fd, value):
-                plain = self._send.decrypt(counter.to_bytes(12, "big"), getattr(value, attr),
-                                           self._aad(step, self.send_dir, aad_name, counter, header))
+                plain = self._send.decrypt(
+                    counter.to_bytes(12, "big"),
+                    getattr(value, attr),
+                    self._aad(step, self.send_dir, aad_name, counter, header),
+                )
                 setattr(value, attr, plain)
             value.sealed = False
         return out

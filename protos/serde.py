@@ -1,4 +1,5 @@
 """Tensor <-> protobuf conversion: the one place that knows the wire layout of a tensor."""
+
 from __future__ import annotations
 
 import math
@@ -85,7 +86,9 @@ def from_proto(
             raise WireError(f"{name}: expected shape {want}, got {list(dims)}")
     itemsize = torch.empty((), dtype=got).element_size()
     if len(msg.data) != math.prod(dims) * itemsize:
-        raise WireError(f"{name}: shape {list(dims)} x {itemsize} B needs {math.prod(dims) * itemsize} bytes, got {len(msg.data)}")
+        raise WireError(
+            f"{name}: shape {list(dims)} x {itemsize} B needs {math.prod(dims) * itemsize} bytes, got {len(msg.data)}"
+        )
     view_t, np_t = _NUMPY_VIEW.get(got, (None, None))
     arr = np.frombuffer(msg.data, dtype=np_t if np_t is not None else torch.empty((), dtype=got).numpy().dtype)
     t = torch.from_numpy(arr.copy()).reshape(dims)

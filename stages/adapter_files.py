@@ -1,4 +1,5 @@
 """The files of a tuned adapter directory and the digest both sides compute over them."""
+
 from __future__ import annotations
 
 import hashlib

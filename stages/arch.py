@@ -1,4 +1,5 @@
 """Architecture adapters: where a causal LM keeps its embeddings, blocks, norm and head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,8 +58,7 @@ def arch_for(config) -> Arch:
     arch = _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
     if arch is None:
         raise UnsupportedModelError(
-            f"model_type {getattr(config, 'model_type', None)!r} is not supported; "
-            f"supported: {sorted(_BY_MODEL_TYPE)}"
+            f"model_type {getattr(config, 'model_type', None)!r} is not supported; supported: {sorted(_BY_MODEL_TYPE)}"
         )
     return arch
 

@@ -1,4 +1,5 @@
 """Loading causal LMs (a directory or the embedded default) and packing the client's stages."""
+
 from __future__ import annotations
 
 import copy
@@ -158,7 +159,9 @@ def build_client_model(config, layout: StageLayout, state: dict[str, torch.Tenso
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias") and "masked_bias" not in k]
     if missing or unexpected:
-        raise ModelLoadError(f"client stage weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ModelLoadError(
+            f"client stage weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if tied:
         model.tie_weights()
     model.eval()
@@ -214,7 +217,9 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer, PretrainedConfig
 
     try:
-        return AutoTokenizer.from_pretrained(path, config=PretrainedConfig(), trust_remote_code=False, local_files_only=True)
+        return AutoTokenizer.from_pretrained(
+            path, config=PretrainedConfig(), trust_remote_code=False, local_files_only=True
+        )
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(f"cannot load a tokenizer from {path!r}: {e}") from None
 
@@ -231,10 +236,10 @@ def config_from_json(text: str):
         d = json.loads(text)
         return AutoConfig.for_model(d.pop("model_type"), **d)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # deep nesting, 5000-digit ints
-        raise ModelLoadError(f"a model configuration that does not load ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())[:160]})") from None
+        raise ModelLoadError(
+            f"a model configuration that does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+        ) from None
 
 
 def n_params(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in state.values())
-

@@ -6,6 +6,7 @@ the cloud serves many sessions, each with its own adapter, and the client runs i
 the same way. Slot names are the module paths in the *full* model
 ("model.layers.7.self_attn.q_proj"), so they double as peft keys.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -170,8 +171,13 @@ class MultiBinding:
             raise ValueError(f"the batch has {x.shape[0]} sequences, the binding's segments {self.batch}")
         if any(s.dropout > 0 for s in self.segments):
             parts = torch.split(x, self.sizes, dim=0)
-            x = torch.cat([dropout_(p, s.dropout, s.generator) if s.dropout > 0 and name in s.tensors else p
-                           for p, s in zip(parts, self.segments)], dim=0)
+            x = torch.cat(
+                [
+                    dropout_(p, s.dropout, s.generator) if s.dropout > 0 and name in s.tensors else p
+                    for p, s in zip(parts, self.segments)
+                ],
+                dim=0,
+            )
         plan = self._plan(seg_ads, a.shape[0], x.shape[1] if x.dim() == 3 else 1)
         return multilora_delta(x, a, b, scal, plan, impl=self.impl)
 

@@ -1,4 +1,5 @@
 """The three stages of a split causal LM: client bottom, cloud middle, client top."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

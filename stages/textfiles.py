@@ -1,4 +1,5 @@
 """Reading a folder of .txt and .jsonl text: the one reader behind `client tune --data` and `cloud emulator build --distill-data`."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models of each architecture, sample data, and real `cloud serve` processes."""
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,9 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None, listen="127.0.0.1:0",
-                 prefix=()) -> Server:
+def start_server(
+    model_dir, tmp_path, *extra, insecure=False, timeout=120, tls_dir=None, listen="127.0.0.1:0", prefix=()
+) -> Server:
     """Starts `cloud serve` (through `prefix`, e.g. `ip netns exec NS`) and waits for its ready line."""
     tls_dir = None if insecure else (tls_dir or str(tmp_path / "tls"))
     log_path = str(tmp_path / f"server-{time.monotonic_ns()}.log")
@@ -144,7 +146,9 @@ def server_factory(tmp_path):
         s.stop()
 
 
-def split_losses(tcfg, data_dir: str, seed: int, steps: int, seq_len: int = 24, batch: int = 2, hook=None) -> list[float]:
+def split_losses(
+    tcfg, data_dir: str, seed: int, steps: int, seq_len: int = 24, batch: int = 2, hook=None
+) -> list[float]:
     """A short split run (LoRA r=4 on every slot, remote LoRA on the middle): the per-step training losses.
 
     Survives a lost session the way `client tune` does (reopen and redo the step); `hook(step)` runs

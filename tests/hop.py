@@ -6,6 +6,7 @@ forwards every SplitTuning RPC as raw bytes. Hooks may rewrite any request or re
 (`on_request[method]`, `on_response[method]`: parsed message in, message out) - the adversary of
 tests/test_active_hop.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,9 @@ class Hop:
         with open(os.path.join(server.tls_dir, "server.pem"), "rb") as f:
             self.tls_cert = f.read()
         key, cert, ca = read_bundle(server.identity)
-        self.upstream = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(ca, key, cert), options=CHANNEL_OPTIONS)
+        self.upstream = grpc.secure_channel(
+            server.addr, grpc.ssl_channel_credentials(ca, key, cert), options=CHANNEL_OPTIONS
+        )
         self.on_request: dict = {}
         self.on_response: dict = {}
         self.fail: dict = {}  # method -> (status code, details, tandem-reason): the hop answers with that error
@@ -121,10 +124,18 @@ class KeySwap:
         self.hop, self.resign, self.sealing = hop, resign or sealing is not None, sealing
         self.plaintexts: list[tuple[str, str, list[int]]] = []
         self.step = 0
-        hop.on_request.update(OpenSession=self._open_request, Forward=self._relay_request,
-                              Backward=self._relay_request, PutRemoteState=self._relay_request)
-        hop.on_response.update(OpenSession=self._open_response, Forward=self._relay_response,
-                               Backward=self._relay_response, GetRemoteState=self._relay_response)
+        hop.on_request.update(
+            OpenSession=self._open_request,
+            Forward=self._relay_request,
+            Backward=self._relay_request,
+            PutRemoteState=self._relay_request,
+        )
+        hop.on_response.update(
+            OpenSession=self._open_response,
+            Forward=self._relay_response,
+            Backward=self._relay_response,
+            GetRemoteState=self._relay_response,
+        )
 
     def _open_request(self, req):
         from tandem.protos.sealing import new_keypair
@@ -142,8 +153,13 @@ class KeySwap:
         from tandem.protos.sealing import Sealer, new_keypair
 
         sid, server_pub = resp.session_id, resp.seal_public_key
-        self.to_server = Sealer(self.up_priv, server_pub, sid, "client",
-                                transcript_hash(sid, self.server_request.seal_public_key, server_pub, self.server_request, resp))
+        self.to_server = Sealer(
+            self.up_priv,
+            server_pub,
+            sid,
+            "client",
+            transcript_hash(sid, self.server_request.seal_public_key, server_pub, self.server_request, resp),
+        )
         down_priv, resp.seal_public_key = new_keypair()
         client_pub = self.client_request.seal_public_key
         th = transcript_hash(sid, client_pub, resp.seal_public_key, self.client_request, resp)
@@ -152,13 +168,17 @@ class KeySwap:
             resp.seal_certificate, resp.seal_signature = self.sealing[1], sign(self.sealing[0], th)
         elif self.resign:
             tls_key = serialization.load_pem_private_key(self.hop.tls_key, None)
-            resp.seal_certificate = x509.load_pem_x509_certificate(self.hop.tls_cert).public_bytes(serialization.Encoding.DER)
+            resp.seal_certificate = x509.load_pem_x509_certificate(self.hop.tls_cert).public_bytes(
+                serialization.Encoding.DER
+            )
             resp.seal_signature = sign(tls_key, th)
         return resp
 
     def _read(self, msg, sealer, step: int) -> None:
         sealer.open(msg, step)
-        self.plaintexts += [(type(msg).__name__, fd.name, list(v.shape)) for fd, v in msg.ListFields() if isinstance(v, pb.Tensor)]
+        self.plaintexts += [
+            (type(msg).__name__, fd.name, list(v.shape)) for fd, v in msg.ListFields() if isinstance(v, pb.Tensor)
+        ]
 
     def _relay_request(self, msg):
         self.step = msg.step

@@ -4,6 +4,7 @@ It forwards every call byte for byte, except the FileChunk streams (FetchClientS
 OpenSession reply, which a test may rewrite. The client cannot tell it from the real server: same certificate,
 same CA, mutual TLS with the client's identity on both hops.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,13 @@ def _streaming_methods() -> set[str]:
 
 def chunk(name: str, data: bytes, offset: int = 0, total: int | None = None, sha: str | None = None):
     """A FileChunk; by default the whole file in one chunk with its true size and SHA-256."""
-    return split_pb2.FileChunk(name=name, offset=offset, data=data, total_bytes=len(data) if total is None else total,
-                               sha256=hashlib.sha256(data).hexdigest() if sha is None else sha)
+    return split_pb2.FileChunk(
+        name=name,
+        offset=offset,
+        data=data,
+        total_bytes=len(data) if total is None else total,
+        sha256=hashlib.sha256(data).hexdigest() if sha is None else sha,
+    )
 
 
 def whole_files(chunks) -> dict[str, bytes]:
@@ -63,8 +69,9 @@ class HostileProxy:
         creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self.upstream = grpc.secure_channel(server.addr, creds, options=[("grpc.max_receive_message_length", -1)])
         self.streams = _streaming_methods()
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(4), handlers=[_Forward(self)],
-                                options=[("grpc.max_send_message_length", -1)])
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(4), handlers=[_Forward(self)], options=[("grpc.max_send_message_length", -1)]
+        )
         port = self.grpc.add_secure_port("127.0.0.1:0", server_credentials(server.tls_dir))
         self.addr = f"127.0.0.1:{port}"
         self.grpc.start()

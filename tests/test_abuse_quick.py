@@ -1,5 +1,6 @@
 """bench/abuse.py --quick against a real `cloud serve` (mutual TLS, loopback): a fuzzer over every RPC next to a
 legitimate client, clients that vanish mid-step, and a crowd around an oversized batch."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_abuse_quick_fuzz_vanish_crowd(tmp_path):
     out = tmp_path / "abuse.json"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "abuse.py"), "--quick", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "abuse.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.exists(), r.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"fuzz", "vanish", "crowd"}, r.stderr[-3000:]
@@ -26,8 +32,20 @@ def test_abuse_quick_fuzz_vanish_crowd(tmp_path):
     assert fuzz["internal_undecodable"] == 0 and fuzz["status_histogram"].get("INTERNAL", 0) == 0  # cloud/malformed.py
     assert json.loads(out.read_text())["server_log_tracebacks"] == 0
     rpcs = {k.split(" ")[0] for k in fuzz["per_rpc"]}
-    assert rpcs == {"GetInfo", "OpenSession", "FetchClientStages", "Forward", "Backward", "CloseSession", "GetRemoteState",
-                    "PutRemoteState", "FetchEmulator", "PushAdapter", "ListAdapters", "Generate"}
+    assert rpcs == {
+        "GetInfo",
+        "OpenSession",
+        "FetchClientStages",
+        "Forward",
+        "Backward",
+        "CloseSession",
+        "GetRemoteState",
+        "PutRemoteState",
+        "FetchEmulator",
+        "PushAdapter",
+        "ListAdapters",
+        "Generate",
+    }
     assert {"INVALID_ARGUMENT", "NOT_FOUND"} <= set(fuzz["status_histogram"])  # refused, with a status that says why
     # The legitimate client trained through it all, with the undisturbed run's losses.
     assert fuzz["legit_runs"] >= 1 and not fuzz["legit_errors"] and fuzz["max_loss_diff"] <= 1e-6
@@ -70,8 +88,11 @@ def test_huge_names_get_a_bounded_refusal_from_every_service(tiny_models, server
     big = "x" * 300_000
     calls = [
         (opb_grpc.OffsiteTuningStub(ch).PushAdapter, opb.PushAdapterRequest(name=big), "INVALID_ARGUMENT"),
-        (opb_grpc.OffsiteTuningStub(ch).PushAdapter,
-         opb.PushAdapterRequest(name="a", files=[opb.AdapterFile(name=big, data=b"{}")]), "INVALID_ARGUMENT"),
+        (
+            opb_grpc.OffsiteTuningStub(ch).PushAdapter,
+            opb.PushAdapterRequest(name="a", files=[opb.AdapterFile(name=big, data=b"{}")]),
+            "INVALID_ARGUMENT",
+        ),
         (spb_grpc.AdapterServingStub(ch).Generate, spb.GenerateRequest(adapter=big, prompts=["hi"]), "NOT_FOUND"),
         (pb_grpc.SplitTuningStub(ch).OpenSession, pb.OpenSessionRequest(model_id=big), "INVALID_ARGUMENT"),
     ]

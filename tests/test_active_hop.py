@@ -5,6 +5,7 @@ through, training equals a direct run; every rewrite it tries - swapping the sea
 re-signing with the TLS key, stripping the signature, reshaping a tensor, flipping train,
 changing the dropout seed, dropping the sealed LoRA - is refused with a clear error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,18 @@ def hop(server):
 
 
 def _tune(tcfg, data, out):
-    cfg = TuneConfig(data=data, out=str(out), steps=2, batch_size=2, seq_len=24, lr=1e-2, seed=3, lora=LORA,
-                     audit="no", progress=False)
+    cfg = TuneConfig(
+        data=data,
+        out=str(out),
+        steps=2,
+        batch_size=2,
+        seq_len=24,
+        lr=1e-2,
+        seed=3,
+        lora=LORA,
+        audit="no",
+        progress=False,
+    )
     return tune(cfg, tcfg)
 
 
@@ -53,14 +64,21 @@ def test_passthrough_trains_exactly_like_a_direct_run(server, hop, sample_data, 
     assert via["wire"]["sealing"] == direct["wire"]["sealing"] == "authenticated"
     # What the hop saw: every tensor sealed (ciphertext + tag), never the activations themselves.
     fwd = [m for name, m in hop.seen if name == "Forward"]
-    assert fwd and all(m.hidden.sealed and m.attention_mask.sealed and len(m.hidden.data) == 4 * m.hidden.shape[0]
-                       * m.hidden.shape[1] * m.hidden.shape[2] + 16 for m in fwd)
+    assert fwd and all(
+        m.hidden.sealed
+        and m.attention_mask.sealed
+        and len(m.hidden.data) == 4 * m.hidden.shape[0] * m.hidden.shape[1] * m.hidden.shape[2] + 16
+        for m in fwd
+    )
 
 
-@pytest.mark.parametrize("resign, expected", [
-    (False, "handshake signature does not verify"),
-    (True, "not a sealing certificate"),
-])
+@pytest.mark.parametrize(
+    "resign, expected",
+    [
+        (False, "handshake signature does not verify"),
+        (True, "not a sealing certificate"),
+    ],
+)
 def test_key_swap_is_refused_and_the_hop_reads_nothing(hop, resign, expected):
     mitm = KeySwap(hop, resign=resign)
     t = Transport(hop.tcfg(retries=0))
@@ -104,12 +122,18 @@ def _sealing_cert_signed_by_the_tls_key(hop):
     tls_cert = x509.load_pem_x509_certificate(hop.tls_cert)
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
-            .issuer_name(tls_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
-            .sign(tls_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
+        .issuer_name(tls_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
+        .sign(tls_key, hashes.SHA256())
+    )
     return key, cert.public_bytes(serialization.Encoding.DER)
 
 
@@ -160,7 +184,10 @@ def _tls_cert_as_sealing_cert(hop):
 
 
 def test_stripped_or_replaced_sealing_certificate_is_refused(hop):
-    for rewrite, expected in ((_strip, "no sealing certificate"), (_tls_cert_as_sealing_cert(hop), "not a sealing certificate")):
+    for rewrite, expected in (
+        (_strip, "no sealing certificate"),
+        (_tls_cert_as_sealing_cert(hop), "not a sealing certificate"),
+    ):
         hop.on_response["OpenSession"] = rewrite
         t = Transport(hop.tcfg(retries=0))
         with pytest.raises(ClientError, match=expected):
@@ -177,12 +204,15 @@ def _set(**fields):
     return rewrite
 
 
-@pytest.mark.parametrize("side, rewrite", [
-    ("request", _set(codec="int4")),  # the server would compute on 4-bit activations the client never chose
-    ("request", _set(remote_lora=False)),
-    ("response", _set(client_stages_sha256="0" * 64)),  # the client would accept substituted client stages
-    ("response", _set(block_size=7)),
-])
+@pytest.mark.parametrize(
+    "side, rewrite",
+    [
+        ("request", _set(codec="int4")),  # the server would compute on 4-bit activations the client never chose
+        ("request", _set(remote_lora=False)),
+        ("response", _set(client_stages_sha256="0" * 64)),  # the client would accept substituted client stages
+        ("response", _set(block_size=7)),
+    ],
+)
 def test_rewritten_session_parameters_are_refused(hop, side, rewrite):
     """The handshake signature covers every OpenSession field, not only the keys."""
     (hop.on_request if side == "request" else hop.on_response)["OpenSession"] = rewrite
@@ -260,10 +290,15 @@ class _StaleLora:
         return msg
 
 
-@pytest.mark.parametrize("name, rewrite", [
-    ("reshape", lambda: _reshape), ("flip-train", lambda: _flip_train), ("dropout-seed", lambda: _reseed),
-    ("stale-lora", _StaleLora),
-])
+@pytest.mark.parametrize(
+    "name, rewrite",
+    [
+        ("reshape", lambda: _reshape),
+        ("flip-train", lambda: _flip_train),
+        ("dropout-seed", lambda: _reseed),
+        ("stale-lora", _StaleLora),
+    ],
+)
 def test_rewritten_forward_requests_fail_closed(server, hop, sample_data, name, rewrite):
     hook = hop.on_request["Forward"] = rewrite()
     t = Transport(hop.tcfg(retries=0))

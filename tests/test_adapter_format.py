@@ -1,4 +1,5 @@
 """The tuned adapter is a real peft LoRA: PeftModel.from_pretrained(full model) reproduces the client's logits."""
+
 from __future__ import annotations
 
 import json
@@ -64,7 +65,11 @@ def test_peft_reload_reproduces_logits(arch, tiny_models, tmp_path):
     out = str(tmp_path / "adapter")
     save_peft(sm.adapter, out, PeftMeta(sm.model_id, fan_in_fan_out=arch_for(sm.config).fan_in_fan_out))
     cfg = json.load(open(os.path.join(out, "adapter_config.json")))
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["target_modules"] == sorted(arch_for(sm.config).lora_targets)
+    assert (
+        cfg["peft_type"] == "LORA"
+        and cfg["r"] == 4
+        and cfg["target_modules"] == sorted(arch_for(sm.config).lora_targets)
+    )
     _check(sm, tiny_models[arch], out)
 
 

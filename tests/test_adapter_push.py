@@ -1,4 +1,5 @@
 """Adapter pushes from a hostile client: names, adapter_config.json, tensors, registry quotas, identities on every RPC."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,12 @@ def adapter(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
-    s = start_server(tiny_models["llama"], tmp_path_factory.mktemp("srv"), "--adapter-registry",
-                     str(tmp_path_factory.mktemp("srv") / "registry"))
+    s = start_server(
+        tiny_models["llama"],
+        tmp_path_factory.mktemp("srv"),
+        "--adapter-registry",
+        str(tmp_path_factory.mktemp("srv") / "registry"),
+    )
     yield s
     s.stop()
 
@@ -65,7 +70,9 @@ def _channel(server, bundle=None):
 def _push(server, files: dict[str, bytes], name: str, bundle=None):
     """A raw PushAdapter, as any client may send it (no client-side checks)."""
     with _channel(server, bundle) as ch:
-        req = opb.PushAdapterRequest(name=name, files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in files.items()])
+        req = opb.PushAdapterRequest(
+            name=name, files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in files.items()]
+        )
         return opb_grpc.OffsiteTuningStub(ch).PushAdapter(req, timeout=60)
 
 
@@ -79,7 +86,9 @@ def _refused(server, files, name, bundle=None) -> tuple[grpc.StatusCode, str, st
 
 def _names(server, bundle=None) -> set[str]:
     with _channel(server, bundle) as ch:
-        return {a.name for a in opb_grpc.OffsiteTuningStub(ch).ListAdapters(opb.ListAdaptersRequest(), timeout=30).adapters}
+        return {
+            a.name for a in opb_grpc.OffsiteTuningStub(ch).ListAdapters(opb.ListAdaptersRequest(), timeout=30).adapters
+        }
 
 
 def _with_config(adapter, **changes) -> dict[str, bytes]:
@@ -106,6 +115,7 @@ def _raw_alpha(adapter, text: bytes) -> dict[str, bytes]:
     out = re.sub(rb'"lora_alpha": [0-9.]+', b'"lora_alpha": ' + text, adapter[CONFIG])
     assert out != adapter[CONFIG]
     return {**adapter, CONFIG: out}
+
 
 _A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 _B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -134,11 +144,19 @@ BAD_CONFIGS = [
     ("target-unknown", lambda a: _with_config(a, target_modules=["q_proj", "nope"]), "['nope'] name layers"),
     ("target-not-listed", lambda a: _with_config(a, target_modules=["k_proj"]), "does not target"),
     ("layers-not-listed", lambda a: _with_config(a, layers_to_transform=[5]), "does not target"),
-    ("layers-out-of-range", lambda a: _with_config(a, layers_to_transform=[99]), "layers_to_transform must list blocks"),
+    (
+        "layers-out-of-range",
+        lambda a: _with_config(a, layers_to_transform=[99]),
+        "layers_to_transform must list blocks",
+    ),
     ("config-list", lambda a: {**a, CONFIG: b"[1, 2]"}, "must be a JSON object"),
     ("config-huge", lambda a: _with_config(a, task_type="x" * 100_000), "a LoRA config is at most"),
     ("config-deep", lambda a: {**a, CONFIG: b"[" * 30_000 + b"]" * 30_000}, "not valid JSON"),
-    ("int-weights", lambda a: _with_weights(a, lambda w: w.update({_A: torch.ones(4, 32, dtype=torch.int32)})), "floating point"),
+    (
+        "int-weights",
+        lambda a: _with_weights(a, lambda w: w.update({_A: torch.ones(4, 32, dtype=torch.int32)})),
+        "floating point",
+    ),
     ("half-pair", lambda a: _with_weights(a, lambda w: w.pop(_B)), "only lora_A"),
     ("no-tensors", lambda a: {**a, WEIGHTS: st_save({})}, "holds no tensors"),
 ]
@@ -159,8 +177,13 @@ def test_tandem_and_peft_written_configs_are_accepted(adapter, server, tmp_path)
     assert not _push(server, adapter, "tandem-made").already_registered
     # The same tensors with a config written by peft itself (every option it saves, at its defaults).
     cfg = json.loads(adapter[CONFIG])
-    PeftLoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"], task_type="CAUSAL_LM",
-                   base_model_name_or_path=cfg["base_model_name_or_path"]).save_pretrained(str(tmp_path))
+    PeftLoraConfig(
+        r=cfg["r"],
+        lora_alpha=cfg["lora_alpha"],
+        target_modules=cfg["target_modules"],
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=cfg["base_model_name_or_path"],
+    ).save_pretrained(str(tmp_path))
     peft_made = {**adapter, CONFIG: (tmp_path / CONFIG).read_bytes()}
     assert _push(server, peft_made, "peft-made").adapter.name == "peft-made"
     assert {"tandem-made", "peft-made"} <= _names(server)
@@ -188,8 +211,15 @@ def test_one_push_cannot_clobber_another_identitys_adapter(adapter, tiny_models,
 
 def test_registry_quota_per_identity(adapter, tiny_models, server_factory, tmp_path):
     size = len(adapter[CONFIG]) + len(adapter[WEIGHTS])
-    server = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry"),
-                            "--registry-quota-mb", str(2.5 * size / 2**20), "--registry-max-adapters", "3")
+    server = server_factory(
+        tiny_models["llama"],
+        "--adapter-registry",
+        str(tmp_path / "registry"),
+        "--registry-quota-mb",
+        str(2.5 * size / 2**20),
+        "--registry-max-adapters",
+        "3",
+    )
     variant = [_with_weights(adapter, lambda w, i=i: w.update({_B: w[_B] + i})) for i in range(4)]
     _push(server, variant[0], "one")
     _push(server, variant[1], "two")
@@ -210,19 +240,25 @@ def test_registry_quota_per_identity(adapter, tiny_models, server_factory, tmp_p
     bob = issue_bundle(server.tls_dir, "bob")
     _push(server, variant[2], "bob-1", bob)
     _push(server, variant[3], "bob-2", bob)
-    server2 = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry2"),
-                             "--registry-max-adapters", "2")
+    server2 = server_factory(
+        tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry2"), "--registry-max-adapters", "2"
+    )
     _push(server2, variant[0], "a")
     _push(server2, variant[1], "b")
     code, details, reason = _refused(server2, variant[2], "c")
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "registry-quota" and "--registry-max-adapters 2" in details
+    assert (
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and reason == "registry-quota"
+        and "--registry-max-adapters 2" in details
+    )
 
 
 def test_push_bytes_count_against_the_byte_quota(adapter, tiny_models, server_factory, tmp_path):
     size = len(adapter[CONFIG]) + len(adapter[WEIGHTS])
     rate = size / 8  # the burst (4 s) holds half an adapter
-    server = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry"),
-                            "--quota-mbps", str(rate / 2**20))
+    server = server_factory(
+        tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry"), "--quota-mbps", str(rate / 2**20)
+    )
     code, details, reason = _refused(server, adapter, "big")
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "over-quota-burst", details
     assert "--quota-mbps" in details and "MiB" in details
@@ -234,16 +270,25 @@ def emulator_pkg(tiny_models, sample_data, tmp_path_factory):
     from tandem.emulator.distill import DistillConfig
 
     out = str(tmp_path_factory.mktemp("pkg") / "llama")
-    build_emulator(tiny_models["llama"], "2:2", out, sample_data,
-                   DistillConfig(steps=1, batch_size=2, seq_len=16, warmup=0, val_every=1, progress=False), keep=1)
+    build_emulator(
+        tiny_models["llama"],
+        "2:2",
+        out,
+        sample_data,
+        DistillConfig(steps=1, batch_size=2, seq_len=16, warmup=0, val_every=1, progress=False),
+        keep=1,
+    )
     return out
 
 
 def _all_rpcs():
     """(stub class, method name, request) for every RPC the server offers (health aside), from the protos."""
     out = []
-    for mod, stub, svc in ((pb, pb_grpc.SplitTuningStub, "SplitTuning"), (opb, opb_grpc.OffsiteTuningStub, "OffsiteTuning"),
-                           (spb, spb_grpc.AdapterServingStub, "AdapterServing")):
+    for mod, stub, svc in (
+        (pb, pb_grpc.SplitTuningStub, "SplitTuning"),
+        (opb, opb_grpc.OffsiteTuningStub, "OffsiteTuning"),
+        (spb, spb_grpc.AdapterServingStub, "AdapterServing"),
+    ):
         for m in mod.DESCRIPTOR.services_by_name[svc].methods:
             req = getattr(mod, m.input_type.name, None) or getattr(pb, m.input_type.name)
             out.append((stub, m.name, req(), m.server_streaming))
@@ -251,15 +296,22 @@ def _all_rpcs():
 
 
 def test_a_revoked_certificate_is_refused_by_every_rpc(emulator_pkg, tiny_models, server_factory, tmp_path):
-    server = server_factory(tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg"))
+    server = server_factory(
+        tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg")
+    )
     alice = issue_bundle(server.tls_dir, "alice")
     with _channel(server, alice) as ch:  # before: the emulator downloads
         chunks = list(opb_grpc.OffsiteTuningStub(ch).FetchEmulator(opb.FetchEmulatorRequest(), timeout=60))
         assert chunks and chunks[-1].name == "manifest.json"
-    subprocess.run([os.path.join(BIN, "cloud"), "certs", "revoke", "alice", "--dir", server.tls_dir], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [os.path.join(BIN, "cloud"), "certs", "revoke", "alice", "--dir", server.tls_dir],
+        check=True,
+        capture_output=True,
+    )
     rpcs = _all_rpcs()
-    assert {"FetchEmulator", "PushAdapter", "ListAdapters", "Generate", "FetchClientStages", "Forward"} <= {r[1] for r in rpcs}
+    assert {"FetchEmulator", "PushAdapter", "ListAdapters", "Generate", "FetchClientStages", "Forward"} <= {
+        r[1] for r in rpcs
+    }
     with _channel(server, alice) as ch:
         for stub, method, req, streaming in rpcs:
             call = getattr(stub(ch), method)
@@ -280,8 +332,15 @@ def test_emulator_download_is_paced_by_the_byte_quota(emulator_pkg, tiny_models,
     # Pacing lets the last chunk overdraw the bucket, so the download lasts at least (size - burst - largest chunk) / rate:
     # 2 s at this rate (burst: 4 s worth).
     rate = (size - min(max(sizes), 2**20)) / 6
-    server = server_factory(tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg"),
-                            "--quota-mbps", str(rate / 2**20))
+    server = server_factory(
+        tiny_models["llama"],
+        "--emulator",
+        emulator_pkg,
+        "--adapter-registry",
+        str(tmp_path / "reg"),
+        "--quota-mbps",
+        str(rate / 2**20),
+    )
     with _channel(server) as ch:
         stub = opb_grpc.OffsiteTuningStub(ch)
         t0 = time.monotonic()
@@ -291,8 +350,9 @@ def test_emulator_download_is_paced_by_the_byte_quota(emulator_pkg, tiny_models,
 
 
 def test_generate_replies_count_against_the_byte_quota(tiny_models, server_factory, tmp_path):
-    server = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "reg"),
-                            "--quota-mbps", str(100 / 2**20))  # 100 B/s, burst 400 B
+    server = server_factory(
+        tiny_models["llama"], "--adapter-registry", str(tmp_path / "reg"), "--quota-mbps", str(100 / 2**20)
+    )  # 100 B/s, burst 400 B
     with _channel(server) as ch:
         req = spb.GenerateRequest(prompts=["a b c", "d e f", "g h", "i j"], max_new_tokens=100)
         assert req.ByteSize() < 400
@@ -305,9 +365,15 @@ def test_generate_replies_count_against_the_byte_quota(tiny_models, server_facto
 
 def test_an_undecodable_body_is_an_invalid_argument_on_every_rpc(emulator_pkg, tiny_models, server_factory, tmp_path):
     """Bytes that are not the RPC's message get INVALID_ARGUMENT with a reason and one log line, never a traceback."""
-    server = server_factory(tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg"))
-    paths = [(f"/{svc.full_name}/{m.name}", m.server_streaming)
-             for mod in (pb, opb, spb) for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods]
+    server = server_factory(
+        tiny_models["llama"], "--emulator", emulator_pkg, "--adapter-registry", str(tmp_path / "reg")
+    )
+    paths = [
+        (f"/{svc.full_name}/{m.name}", m.server_streaming)
+        for mod in (pb, opb, spb)
+        for svc in mod.DESCRIPTOR.services_by_name.values()
+        for m in svc.methods
+    ]
     paths += [("/grpc.health.v1.Health/Check", False), ("/grpc.health.v1.Health/Watch", True)]
     assert len(paths) >= 14, paths
     garbage = b"\xff\xff\xff\xff\x0f\x0a\x80"  # a varint that never ends: no message type parses it
@@ -321,7 +387,11 @@ def test_an_undecodable_body_is_an_invalid_argument_on_every_rpc(emulator_pkg, t
                     list(out)
             e = ei.value
             reasons = [v for k, v in (e.trailing_metadata() or ()) if k == "tandem-reason"]
-            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and reasons == ["invalid"], (path, e.code(), e.details())
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and reasons == ["invalid"], (
+                path,
+                e.code(),
+                e.details(),
+            )
             assert "not a valid" in e.details(), (path, e.details())
     log = server.log()
     assert "Traceback" not in log and len(log.splitlines()) - lines <= len(paths), log[-3000:]

@@ -1,4 +1,5 @@
 """Coordinated batching: concurrent sessions share one pass of the middle and get what they would alone."""
+
 from __future__ import annotations
 
 import threading
@@ -72,8 +73,12 @@ def _close(a, b):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batched_forward_and_backward_equal_unbatched(arch, tiny_models):
     plain, batched = _services(tiny_models[arch])
-    specs = [(2, 16, LoraConfig(rank=4, alpha=8)), (1, 16, LoraConfig(rank=8, alpha=8, dropout=0.1)),
-             (3, 16, LoraConfig(rank=2, alpha=4)), (2, 24, LoraConfig(rank=4, alpha=8))]  # the last: other length
+    specs = [
+        (2, 16, LoraConfig(rank=4, alpha=8)),
+        (1, 16, LoraConfig(rank=8, alpha=8, dropout=0.1)),
+        (3, 16, LoraConfig(rank=2, alpha=4)),
+        (2, 24, LoraConfig(rank=4, alpha=8)),
+    ]  # the last: other length
     cl = _clients((plain, batched), specs)
     want = []
     for i, (sids, flat, h, mask, g) in enumerate(cl):
@@ -81,8 +86,12 @@ def test_batched_forward_and_backward_equal_unbatched(arch, tiny_models):
         gin, glora, _ = plain.backward(OWNER, sids[0], 0, g)
         want.append((out, gin, glora))
 
-    fwd = _concurrently([lambda c=c, i=i: batched.forward(OWNER, c[0][1], 0, c[2], c[3], 0, c[1], 100 + i, True)
-                         for i, c in enumerate(cl)])
+    fwd = _concurrently(
+        [
+            lambda c=c, i=i: batched.forward(OWNER, c[0][1], 0, c[2], c[3], 0, c[1], 100 + i, True)
+            for i, c in enumerate(cl)
+        ]
+    )
     n_fwd = batched.batcher.batches
     assert n_fwd < len(cl), "concurrent forwards of one length must share a batch"
     bwd = _concurrently([lambda c=c: batched.backward(OWNER, c[0][1], 0, c[4]) for c in cl])
@@ -129,8 +138,10 @@ def test_late_member_keeps_the_graph_and_a_lone_session_is_bit_exact(tiny_models
     a, _ = plain.forward(OWNER, sids[0], 6, h, mask, 0, None, 0, True)
     b, _ = batched.forward(OWNER, sids[1], 6, h, mask, 0, None, 0, True)
     assert torch.equal(a, b)
-    assert all(torch.equal(x, y) for x, y in zip(plain.backward(OWNER, sids[0], 6, g)[:2],
-                                                 batched.backward(OWNER, sids[1], 6, g)[:2]))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(plain.backward(OWNER, sids[0], 6, g)[:2], batched.backward(OWNER, sids[1], 6, g)[:2])
+    )
     batched.stop()
 
 
@@ -174,8 +185,10 @@ def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tin
 
     def both(server):
         res = {}
-        ths = [threading.Thread(target=lambda s=seed: res.__setitem__(s, split_losses(server.tcfg(), sample_data, s, 4)))
-               for seed in (1, 2)]
+        ths = [
+            threading.Thread(target=lambda s=seed: res.__setitem__(s, split_losses(server.tcfg(), sample_data, s, 4)))
+            for seed in (1, 2)
+        ]
         for th in ths:
             th.start()
         for th in ths:
@@ -188,8 +201,15 @@ def test_concurrent_clients_through_a_batching_server_match_an_unbatched_one(tin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    batched = server_factory(tiny_models["qwen2"], "--batch-window-ms", "300", "--batch-backward-wait-ms", "5000",
-                             "--metrics-port", str(port))
+    batched = server_factory(
+        tiny_models["qwen2"],
+        "--batch-window-ms",
+        "300",
+        "--batch-backward-wait-ms",
+        "5000",
+        "--metrics-port",
+        str(port),
+    )
     got = both(batched)
     for seed in (1, 2):
         assert got[seed] == pytest.approx(ref[seed], rel=1e-5)
@@ -212,17 +232,34 @@ def test_cloud_optimizer_sessions_update_inside_the_batch(tiny_models):
         bs = batched.open_session(OWNER, "", lora, True, optimizer=AdamWSpec(lr=1e-2)).id
         shapes = slot_shapes(plain.store.get(ps, OWNER).slots, lora.rank)
         param = torch.nn.Parameter(flatten([torch.randn(sh, generator=gen) * 0.1 for sh in shapes]))
-        h, g = torch.randn(2, 16, plain.hidden_size, generator=gen), torch.randn(2, 16, plain.hidden_size, generator=gen)
-        sess.append((ps, bs, param, torch.optim.AdamW([param], lr=1e-2), h, torch.ones(2, 16, dtype=torch.uint8), g,
-                     param.detach().clone()))
+        h, g = (
+            torch.randn(2, 16, plain.hidden_size, generator=gen),
+            torch.randn(2, 16, plain.hidden_size, generator=gen),
+        )
+        sess.append(
+            (
+                ps,
+                bs,
+                param,
+                torch.optim.AdamW([param], lr=1e-2),
+                h,
+                torch.ones(2, 16, dtype=torch.uint8),
+                g,
+                param.detach().clone(),
+            )
+        )
     n_req = 0
     for step in range(3):
         for ps, _, param, opt, h, mask, g, _ in sess:  # the client's own optimizer
             plain.forward(OWNER, ps, step, h, mask, step, param.detach().clone(), 0, True)
             param.grad = plain.backward(OWNER, ps, step, g)[1]
             opt.step()
-        fwd = _concurrently([lambda c=c: batched.forward(OWNER, c[1], step, c[4], c[5], step, c[7] if step == 0 else None, 0, True)  # noqa: B023
-                             for c in sess])
+        fwd = _concurrently(
+            [
+                lambda c=c: batched.forward(OWNER, c[1], step, c[4], c[5], step, c[7] if step == 0 else None, 0, True)  # noqa: B023
+                for c in sess
+            ]
+        )
         bwd = _concurrently([lambda c=c: batched.backward(OWNER, c[1], step, c[6]) for c in sess])  # noqa: B023
         n_req += 2 * len(sess)
         assert all(out.shape == (2, 16, plain.hidden_size) for out, _ in fwd)

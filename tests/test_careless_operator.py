@@ -1,5 +1,6 @@
 """Careless setups: a wrong, expired or foreign certificate fails at once naming what to check, and `cloud serve`
 neither serves plaintext on a public address nor exposes its metrics by accident."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -54,8 +55,25 @@ def test_an_expired_identity_fails_at_once_naming_its_expiry(server, sample_data
 
     # Through the command line: exit 2 and one line on stderr, in seconds.
     t0 = time.monotonic()
-    r = subprocess.run([os.path.join(BIN, "client"), "tune", "--data", sample_data, "--out", str(tmp_path / "run"),
-                        "--steps", "1", "--server", server.addr, "--identity", old], capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        [
+            os.path.join(BIN, "client"),
+            "tune",
+            "--data",
+            sample_data,
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "1",
+            "--server",
+            server.addr,
+            "--identity",
+            old,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("client tune:")]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"expired on {expired_on}" in lines[0] and old in lines[0], lines
@@ -96,8 +114,13 @@ def test_a_server_certificate_for_another_name_fails_at_once(tiny_models, server
 
 
 def _cloud_serve(*args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(BIN, "cloud"), "serve", "--threads", "1", *args],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [os.path.join(BIN, "cloud"), "serve", "--threads", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _one_line(r: subprocess.CompletedProcess) -> str:
@@ -118,8 +141,18 @@ def test_a_taken_metrics_port_is_one_line(tiny_models):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        line = _one_line(_cloud_serve("--model", tiny_models["llama"], "--listen", "127.0.0.1:0", "--metrics-port", str(port),
-                                      "--tls-dir", os.devnull))  # refused before the TLS directory or the model is touched
+        line = _one_line(
+            _cloud_serve(
+                "--model",
+                tiny_models["llama"],
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-port",
+                str(port),
+                "--tls-dir",
+                os.devnull,
+            )
+        )  # refused before the TLS directory or the model is touched
     assert f"--metrics-port {port}" in line and "in use" in line, line
 
 
@@ -138,7 +171,7 @@ def _listening(port: int) -> set[str]:
             if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
                 raw = bytes.fromhex(addr)
                 # /proc prints each 32-bit word in host (little-endian) order
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
                 found.add(socket.inet_ntop(socket.AF_INET if width == 8 else socket.AF_INET6, words))
     return found
 
@@ -147,8 +180,20 @@ def test_public_plaintext_needs_its_flag_and_metrics_stay_on_loopback(tiny_model
     from conftest import free_port
 
     mport, port = free_port(), free_port()
-    cmd = [os.path.join(BIN, "cloud"), "serve", "--threads", "1", "--model", tiny_models["llama"], "--insecure",
-           "--insecure-public", "--listen", f"0.0.0.0:{port}", "--metrics-port", str(mport)]
+    cmd = [
+        os.path.join(BIN, "cloud"),
+        "serve",
+        "--threads",
+        "1",
+        "--model",
+        tiny_models["llama"],
+        "--insecure",
+        "--insecure-public",
+        "--listen",
+        f"0.0.0.0:{port}",
+        "--metrics-port",
+        str(mport),
+    ]
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     try:
@@ -189,22 +234,43 @@ class _Failed(grpc.RpcError):
 _LAST = "failed to connect to all addresses; last error: "
 
 
-@pytest.mark.parametrize(("details", "kind"), [
-    # as gRPC 1.85 words them (the tests above meet each for real, but the TLS 1.2 alert)
-    (_LAST + "UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", "closed"),
-    (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1a000064:"
-     "ECDSA routines:OPENSSL_internal:BAD_SIGNATURE: certificate signature failure: OK", "server-ca"),
-    (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:"
-     "SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: certificate has expired: OK", "server-expired"),
-    (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:"
-     "SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER", "plaintext"),
-    (_LAST + "UNKNOWN: ipv4:10.0.0.1:1: Custom verification check failed with error: UNAUTHENTICATED: Hostname "
-     "Verification Check failed.", "hostname"),
-    (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake failed: SSL_ERROR_SSL: error:10000418:SSL routines:"
-     "OPENSSL_internal:TLSV1_ALERT_UNKNOWN_CA", "refused"),
-    (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused", None),  # retried
-    ("Socket closed", None),  # a call cut after connecting: retried as before
-])
+@pytest.mark.parametrize(
+    ("details", "kind"),
+    [
+        # as gRPC 1.85 words them (the tests above meet each for real, but the TLS 1.2 alert)
+        (_LAST + "UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed", "closed"),
+        (
+            _LAST
+            + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1a000064:"
+            "ECDSA routines:OPENSSL_internal:BAD_SIGNATURE: certificate signature failure: OK",
+            "server-ca",
+        ),
+        (
+            _LAST
+            + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:"
+            "SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED: certificate has expired: OK",
+            "server-expired",
+        ),
+        (
+            _LAST
+            + "UNKNOWN: ipv4:127.0.0.1:1: Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:"
+            "SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER",
+            "plaintext",
+        ),
+        (
+            _LAST + "UNKNOWN: ipv4:10.0.0.1:1: Custom verification check failed with error: UNAUTHENTICATED: Hostname "
+            "Verification Check failed.",
+            "hostname",
+        ),
+        (
+            _LAST + "UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake failed: SSL_ERROR_SSL: error:10000418:SSL routines:"
+            "OPENSSL_internal:TLSV1_ALERT_UNKNOWN_CA",
+            "refused",
+        ),
+        (_LAST + "UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused", None),  # retried
+        ("Socket closed", None),  # a call cut after connecting: retried as before
+    ],
+)
 def test_handshake_failures_are_told_apart_from_outages(details, kind):
     from tandem.client.tls_failure import failure_kind
 

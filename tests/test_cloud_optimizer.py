@@ -1,5 +1,6 @@
 """--cloud-optimizer: the cloud applies the remote LoRA's AdamW updates. The run must equal the client's own optimizer
 bit for bit, carry no LoRA-sized traffic per step, resume exactly, and survive a cloud that loses its state."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,21 @@ STEPS = 6
 
 
 def _run(server, data, out, steps=STEPS, cloud=True, resume=False, checkpoint_every=3):
-    cfg = TuneConfig(data=data, out=str(out), steps=steps, batch_size=2, seq_len=24, lr=1e-2, seed=11,
-                     lora=LoraConfig(rank=4, alpha=8), checkpoint_every=checkpoint_every, audit="no", progress=False,
-                     cloud_optimizer=cloud, resume=resume)
+    cfg = TuneConfig(
+        data=data,
+        out=str(out),
+        steps=steps,
+        batch_size=2,
+        seq_len=24,
+        lr=1e-2,
+        seed=11,
+        lora=LoraConfig(rank=4, alpha=8),
+        checkpoint_every=checkpoint_every,
+        audit="no",
+        progress=False,
+        cloud_optimizer=cloud,
+        resume=resume,
+    )
     return tune(cfg, server.tcfg())
 
 
@@ -36,7 +49,9 @@ def _adapter(out) -> dict:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cloud_optimizer_equals_the_clients_and_resumes_exactly(arch, tiny_models, sample_data, server_factory, tmp_path):
+def test_cloud_optimizer_equals_the_clients_and_resumes_exactly(
+    arch, tiny_models, sample_data, server_factory, tmp_path
+):
     server = server_factory(tiny_models[arch])
     own = _run(server, sample_data, tmp_path / "own", cloud=False)
     cloud = _run(server, sample_data, tmp_path / "cloud")
@@ -79,8 +94,9 @@ def test_cloud_optimizer_state_rejects_bad_input_and_other_sessions(tiny_models,
 
     t = Transport(server.tcfg())
     lora = LoraConfig(rank=4, alpha=8)
-    sm = connect_split(t, lora, seed=1, cloud_optimizer={"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
-                                                         "weight_decay": 0.0})
+    sm = connect_split(
+        t, lora, seed=1, cloud_optimizer={"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    )
     data = load_split(sample_data, sm.tokenizer, 24, 2, 1, 0.1)
     with pytest.raises(ServerError, match="no remote LoRA"):
         sm.middle.fetch_state(0)  # nothing sent yet
@@ -117,10 +133,33 @@ def test_cloud_optimizer_state_rejects_bad_input_and_other_sessions(tiny_models,
 def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_data, tmp_path):
     """The cloud held the only copy of the remote LoRA's last updates; after a crash the client goes back to its
     last checkpoint, puts that state into a new session and redoes the steps: the same run."""
+
     def cmd(server, out):
-        return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", sample_data, "--out", out,
-                "--steps", "30", "--checkpoint-every", "3", "--batch-size", "2", "--seq-len", "32", "--no-progress",
-                "--seed", "7", "--threads", "1", "--cloud-optimizer", "--audit", "no"]
+        return [
+            os.path.join(BIN, "client"),
+            "tune",
+            *server.cli_args(),
+            "--data",
+            sample_data,
+            "--out",
+            out,
+            "--steps",
+            "30",
+            "--checkpoint-every",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--no-progress",
+            "--seed",
+            "7",
+            "--threads",
+            "1",
+            "--cloud-optimizer",
+            "--audit",
+            "no",
+        ]
 
     tls = str(tmp_path / "tls")
     ref = start_server(tiny_models["llama"], tmp_path, tls_dir=tls)
@@ -130,9 +169,15 @@ def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_d
     finally:
         ref.stop()
     port, mport = free_port(), free_port()
-    server = start_server(tiny_models["llama"], tmp_path, "--metrics-port", str(mport), tls_dir=tls, listen=f"127.0.0.1:{port}")
-    client = subprocess.Popen(["nice", "-n", "15", *cmd(server, str(tmp_path / "cut"))], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)  # low priority: the kill lands mid-run on a loaded machine too
+    server = start_server(
+        tiny_models["llama"], tmp_path, "--metrics-port", str(mport), tls_dir=tls, listen=f"127.0.0.1:{port}"
+    )
+    client = subprocess.Popen(
+        ["nice", "-n", "15", *cmd(server, str(tmp_path / "cut"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # low priority: the kill lands mid-run on a loaded machine too
     try:
         deadline = time.monotonic() + 120
         while metric(mport, "tandem_steps_total") < 5 and time.monotonic() < deadline:  # past the checkpoint at 3
@@ -156,8 +201,9 @@ def test_cloud_killed_mid_run_rolls_back_to_the_checkpoint(tiny_models, sample_d
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_lost_session_goes_back_to_the_checkpoint_in_process(tiny_models, sample_data, server_factory, tmp_path,
-                                                                monkeypatch, caplog):
+def test_a_lost_session_goes_back_to_the_checkpoint_in_process(
+    tiny_models, sample_data, server_factory, tmp_path, monkeypatch, caplog
+):
     """Deterministic: the session is closed under the client at step 4 (after the checkpoint at 3)."""
     from tandem.client.staged import RemoteMiddle
 
@@ -193,20 +239,23 @@ def test_an_operator_can_refuse_cloud_optimizer_sessions(tiny_models, sample_dat
 # server dies just before the call reaches it; "after": it handled the call and died before the reply arrived, so
 # the client's retry meets a new server (a Backward's update, a checkpoint's fetch or a recovery's put is lost).
 # The first 18 Forwards evaluate; the run is deterministic, so each crash lands on the same step every time.
-KILLS = [("Forward", 22, "before"),        # step 3, right after the checkpoint: a new session, the same state
-         ("Backward", 6, "after"),         # the cloud's update of step 5 lost: back to step 3
-         ("PutRemoteState", 2, "before"),  # the recovery itself loses its new session...
-         ("PutRemoteState", 3, "after"),   # ...twice: three lost sessions in a row, still no manual step
-         ("GetRemoteState", 4, "after"),   # the checkpoint at 12 lost with its fetch: back to 9
-         ("Backward", 16, "before"),       # step 9 again, before the cloud applied it: a new session suffices
-         ("Backward", 21, "after"),        # step 13: back to 12
-         ("Forward", 45, "after"),         # step 16: back to 15
-         ("GetRemoteState", 8, "before"),  # the checkpoint at 21 lost: back to 18
-         ("Forward", 65, "after")]         # the evaluation after tuning: a new session with the final state
+KILLS = [
+    ("Forward", 22, "before"),  # step 3, right after the checkpoint: a new session, the same state
+    ("Backward", 6, "after"),  # the cloud's update of step 5 lost: back to step 3
+    ("PutRemoteState", 2, "before"),  # the recovery itself loses its new session...
+    ("PutRemoteState", 3, "after"),  # ...twice: three lost sessions in a row, still no manual step
+    ("GetRemoteState", 4, "after"),  # the checkpoint at 12 lost with its fetch: back to 9
+    ("Backward", 16, "before"),  # step 9 again, before the cloud applied it: a new session suffices
+    ("Backward", 21, "after"),  # step 13: back to 12
+    ("Forward", 45, "after"),  # step 16: back to 15
+    ("GetRemoteState", 8, "before"),  # the checkpoint at 21 lost: back to 18
+    ("Forward", 65, "after"),
+]  # the evaluation after tuning: a new session with the final state
 
 
-def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(tiny_models, sample_data, tmp_path, monkeypatch,
-                                                                        caplog):
+def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(
+    tiny_models, sample_data, tmp_path, monkeypatch, caplog
+):
     """`client tune --cloud-optimizer` survives any number of lost sessions while it keeps reaching checkpoints:
     ten SIGKILLed servers (some during the recovery from the previous one) give the undisturbed run's losses
     and adapter, in one process."""
@@ -215,14 +264,27 @@ def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(tiny_mod
     from warm_servers import WarmServers
 
     port = free_port()
-    argv = ["--model", tiny_models["llama"], "--listen", f"127.0.0.1:{port}", "--threads", "1",
-            "--tls-dir", str(tmp_path / "tls"), "--adapter-registry", str(tmp_path / "registry")]
+    argv = [
+        "--model",
+        tiny_models["llama"],
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--threads",
+        "1",
+        "--tls-dir",
+        str(tmp_path / "tls"),
+        "--adapter-registry",
+        str(tmp_path / "registry"),
+    ]
     servers = WarmServers(tmp_path)  # a restart costs the tiny model's load, not the imports
     try:
         pid, addr = servers.start(argv)
         tls = tmp_path / "tls"
-        server = SimpleNamespace(tcfg=lambda: TransportConfig(server=addr, ca=str(tls / "ca.pem"), backoff_s=0.05,
-                                                              identity=str(tls / "clients" / "local.pem")))
+        server = SimpleNamespace(
+            tcfg=lambda: TransportConfig(
+                server=addr, ca=str(tls / "ca.pem"), backoff_s=0.05, identity=str(tls / "clients" / "local.pem")
+            )
+        )
         ref = _run(server, sample_data, tmp_path / "ref", steps=24)
 
         real, seen, fired = Transport.call, {}, []
@@ -258,8 +320,9 @@ def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(tiny_mod
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_cloud_that_loses_every_attempt_stops_the_run_with_one_clear_error(tiny_models, sample_data, server_factory,
-                                                                             tmp_path, monkeypatch):
+def test_a_cloud_that_loses_every_attempt_stops_the_run_with_one_clear_error(
+    tiny_models, sample_data, server_factory, tmp_path, monkeypatch
+):
     """Without progress the recovery is bounded: a session lost at the same step every time ends the run after
     MAX_LOST_WITHOUT_PROGRESS + 1 losses, naming the step and the way on, instead of redoing steps forever."""
     from tandem.client.staged import RemoteMiddle, SessionLost

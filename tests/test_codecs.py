@@ -1,4 +1,5 @@
 """Wire codecs: bounded reconstruction error and bytes; lossy codecs train through a real server."""
+
 from __future__ import annotations
 
 import pytest

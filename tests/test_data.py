@@ -1,4 +1,5 @@
 """Reading and packing the data owner's text; clear errors for bad data directories."""
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,12 @@ def test_one_huge_line_is_read_in_bounded_memory(tiny_models, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "one_line.txt").write_text(text, encoding="utf-8")
-    r = subprocess.run([sys.executable, "-c", MEASURE, tiny_models["llama"], str(data), str(data / "one_line.txt")],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", MEASURE, tiny_models["llama"], str(data), str(data / "one_line.txt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["longest"] <= m["cap"] and m["max_piece"] <= m["cap"]
@@ -112,8 +117,17 @@ def test_one_huge_line_is_read_in_bounded_memory(tiny_models, tmp_path):
 
 
 def test_which_files_are_read(tok, tmp_path, caplog):
-    for name, text in {"a.txt": "alpha", "b.TXT": "beta", "c.text": "gamma", "d.md": "# delta", "e.jsonl": '{"text": "eps"}\n',
-                       "f.pdf": "%PDF", "g.docx": "PK", ".hidden": "x", "h.txt": "  \n\t "}.items():
+    for name, text in {
+        "a.txt": "alpha",
+        "b.TXT": "beta",
+        "c.text": "gamma",
+        "d.md": "# delta",
+        "e.jsonl": '{"text": "eps"}\n',
+        "f.pdf": "%PDF",
+        "g.docx": "PK",
+        ".hidden": "x",
+        "h.txt": "  \n\t ",
+    }.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "sub").mkdir()
     from tandem.client.data import data_files
@@ -124,7 +138,6 @@ def test_which_files_are_read(tok, tmp_path, caplog):
     assert "ignoring 3 file(s)" in caplog.text and "f.pdf, g.docx, sub" in caplog.text
     completions = ["".join(c) for _, c in read_examples(str(tmp_path))]
     assert completions == ["alpha", "beta", "gamma", "# delta", "eps"]  # the whitespace-only file adds nothing
-
 
 
 def test_validation_set_is_capped_and_the_rest_trains(tok, tmp_path):

@@ -1,4 +1,5 @@
 """A few checks on the real default model, SmolLM2-135M-Instruct (30 blocks, hidden 576)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,10 +32,16 @@ def test_split_step_equals_local_on_smollm2(local_model, sample_data, server_fac
     split = connect_split(t, LoraConfig(rank=8, alpha=16), seed=0)
     assert split.layout.num_layers == 30 and len(split.names[1]) == 2 * 26  # q,v in each of 26 middle blocks
     tok = split.tokenizer
-    texts = ["Order 1001: a red lamp shipped from Paris, the capital of France.", "Q: What is the capital of Peru?\nA: Lima."]
+    texts = [
+        "Order 1001: a red lamp shipped from Paris, the capital of France.",
+        "Q: What is the capital of Peru?\nA: Lima.",
+    ]
     enc = tok(texts, padding=True, return_tensors="pt")
-    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-             "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
+    batch = {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100),
+    }
     # A real model knows this text: the loss is far below uniform (ln 49152 = 10.8).
     for m in (split, local_model):
         for p in m.adapter.b:

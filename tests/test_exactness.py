@@ -1,4 +1,5 @@
 """The strongest oracle: split mode (real TLS server process) equals local mode, loss and gradients."""
+
 from __future__ import annotations
 
 import pytest
@@ -67,12 +68,42 @@ def test_cli_split_and_local_reports_match(tiny_models, sample_data, server_fact
     from conftest import BIN
 
     server = server_factory(tiny_models["llama"])
-    common = ["--data", sample_data, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--seed", "1"]
+    common = [
+        "--data",
+        sample_data,
+        "--steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--seed",
+        "1",
+    ]
     split_out, local_out = str(tmp_path / "split"), str(tmp_path / "local")
-    subprocess.run([os.path.join(BIN, "client"), "tune", *server.cli_args(), "--out", split_out, *common],
-                   check=True, capture_output=True, text=True)
-    subprocess.run([os.path.join(BIN, "client"), "tune", "--mode", "local", "--model", tiny_models["llama"], "--out", local_out, *common],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--out", split_out, *common],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    subprocess.run(
+        [
+            os.path.join(BIN, "client"),
+            "tune",
+            "--mode",
+            "local",
+            "--model",
+            tiny_models["llama"],
+            "--out",
+            local_out,
+            *common,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     a = json.load(open(os.path.join(split_out, "report.json")))
     b = json.load(open(os.path.join(local_out, "report.json")))
     assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)
@@ -93,8 +124,16 @@ def test_full_client_block_tuning_split_equals_local(tiny_models, sample_data, s
     from tandem.client.trainer import CLIENT_BLOCKS_FILE, TuneConfig, tune
 
     server = server_factory(tiny_models["gpt2"])
-    common = dict(data=sample_data, steps=3, batch_size=2, seq_len=32, lr=1e-2, lora=LoraConfig(rank=2),
-                  tune_client_blocks=True, progress=False)
+    common = dict(
+        data=sample_data,
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        lr=1e-2,
+        lora=LoraConfig(rank=2),
+        tune_client_blocks=True,
+        progress=False,
+    )
     a = tune(TuneConfig(out=str(tmp_path / "s"), **common), server.tcfg())
     b = tune(TuneConfig(out=str(tmp_path / "l"), mode="local", model=tiny_models["gpt2"], **common))
     assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)

@@ -1,5 +1,6 @@
 """Property: over random small Llama, Qwen2 and GPT-2 configs, split mode (a real TLS server process) gives the
 losses and gradients of local mode, each mode packing the data with its own tokenizer."""
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,15 @@ from tiny import make_tokenizer
 def configs(draw):
     arch = draw(st.sampled_from(["llama", "qwen2", "gpt2"]))
     heads = draw(st.sampled_from([2, 4]))
-    cfg = {"arch": arch, "heads": heads, "head_dim": draw(st.sampled_from([8, 16])), "layers": draw(st.sampled_from([5, 6])),
-           "extra_vocab": draw(st.integers(0, 40)), "tied": draw(st.booleans()), "seed": draw(st.integers(0, 3))}
+    cfg = {
+        "arch": arch,
+        "heads": heads,
+        "head_dim": draw(st.sampled_from([8, 16])),
+        "layers": draw(st.sampled_from([5, 6])),
+        "extra_vocab": draw(st.integers(0, 40)),
+        "tied": draw(st.booleans()),
+        "seed": draw(st.integers(0, 3)),
+    }
     if arch != "gpt2":
         cfg["kv_heads"] = draw(st.sampled_from([k for k in (1, 2, 4) if heads % k == 0 and k <= heads]))
         cfg["rope_theta"] = draw(st.sampled_from([10_000.0, 500_000.0]))
@@ -33,24 +41,52 @@ def _write_model(c: dict, out: str) -> str:
     os.makedirs(out, exist_ok=True)
     tok = make_tokenizer(out)
     hidden = c["heads"] * c["head_dim"]
-    common = dict(vocab_size=len(tok) + c["extra_vocab"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, tie_word_embeddings=c["tied"])
+    common = dict(
+        vocab_size=len(tok) + c["extra_vocab"],
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=c["tied"],
+    )
     if c["arch"] == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=c["layers"], n_head=c["heads"], n_positions=128, **common)
     else:
-        kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
-                  num_key_value_heads=c["kv_heads"], max_position_embeddings=128, rope_theta=c["rope_theta"], **common)
+        kw = dict(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=c["layers"],
+            num_attention_heads=c["heads"],
+            num_key_value_heads=c["kv_heads"],
+            max_position_embeddings=128,
+            rope_theta=c["rope_theta"],
+            **common,
+        )
         cfg = LlamaConfig(attention_bias=c["attention_bias"], **kw) if c["arch"] == "llama" else Qwen2Config(**kw)
     torch.manual_seed(c["seed"])
     AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
     return out
 
 
-@settings(max_examples=int(os.environ.get("TANDEM_PROPERTY_EXAMPLES", "4")), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("TANDEM_PROPERTY_EXAMPLES", "4")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(c=configs())
-@example(c={"arch": "qwen2", "heads": 4, "head_dim": 8, "layers": 6, "extra_vocab": 4, "tied": False, "seed": 0,
-            "kv_heads": 2, "rope_theta": 10_000.0})  # the issue's case: a Qwen2 model whose tokenizer files are generic
+@example(
+    c={
+        "arch": "qwen2",
+        "heads": 4,
+        "head_dim": 8,
+        "layers": 6,
+        "extra_vocab": 4,
+        "tied": False,
+        "seed": 0,
+        "kv_heads": 2,
+        "rope_theta": 10_000.0,
+    }
+)  # the issue's case: a Qwen2 model whose tokenizer files are generic
 def test_split_loss_equals_local_loss(c, sample_data, tmp_path_factory):
     from tandem.client.data import load_split
     from tandem.client.staged import build_local, connect_split

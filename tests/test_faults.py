@@ -1,4 +1,5 @@
 """Faults: the cloud killed and restarted mid-run, 8 concurrent clients, fuzzing, SIGTERM drain, abandoned sessions."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,27 @@ from conftest import BIN, free_port, metric, start_server
 
 
 def _tune(server, data, out, steps, seed=7, extra=()):
-    return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", data, "--out", out, "--steps", str(steps),
-            "--batch-size", "2", "--seq-len", "32", "--no-progress", "--seed", str(seed), "--threads", "1", *extra]
+    return [
+        os.path.join(BIN, "client"),
+        "tune",
+        *server.cli_args(),
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-progress",
+        "--seed",
+        str(seed),
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_cloud_killed_mid_run_and_restarted_gives_identical_run(tiny_models, sample_data, tmp_path):
@@ -39,8 +59,9 @@ def test_cloud_killed_mid_run_and_restarted_gives_identical_run(tiny_models, sam
     port, mport = free_port(), free_port()
     args = ("--metrics-port", str(mport))
     server = start_server(tiny_models["llama"], tmp_path, *args, tls_dir=tls, listen=f"127.0.0.1:{port}")
-    client = subprocess.Popen(_tune(server, sample_data, str(tmp_path / "cut"), 10), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        _tune(server, sample_data, str(tmp_path / "cut"), 10), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 120
         while metric(mport, "tandem_steps_total") < 3 and time.monotonic() < deadline:
@@ -68,8 +89,15 @@ def test_cloud_killed_mid_run_and_restarted_gives_identical_run(tiny_models, sam
 
 def test_eight_concurrent_clients_train_to_completion(tiny_models, sample_data, server_factory, tmp_path):
     server = server_factory(tiny_models["gpt2"])
-    procs = [subprocess.Popen(_tune(server, sample_data, str(tmp_path / f"c{i}"), 3), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(8)]
+    procs = [
+        subprocess.Popen(
+            _tune(server, sample_data, str(tmp_path / f"c{i}"), 3),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(8)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -110,24 +138,42 @@ def test_fuzzed_messages_do_not_disturb_a_training_session(tiny_models, sample_d
     victim: dict = {}
     sent = {"n": 0, "codes": set()}
     dtypes = st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8, pb.UINT8, pb.INT64, 0, 17])
-    tensors = st.builds(lambda shape, dtype, data, codec, block: pb.Tensor(shape=shape, dtype=dtype, data=data, codec=codec, block_size=block),
-                        st.lists(st.integers(-2, 40), max_size=4), dtypes, st.binary(max_size=512),
-                        st.integers(0, 6), st.integers(-1, 300))
+    tensors = st.builds(
+        lambda shape, dtype, data, codec, block: pb.Tensor(
+            shape=shape, dtype=dtype, data=data, codec=codec, block_size=block
+        ),
+        st.lists(st.integers(-2, 40), max_size=4),
+        dtypes,
+        st.binary(max_size=512),
+        st.integers(0, 6),
+        st.integers(-1, 300),
+    )
 
     @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(kind=st.sampled_from(["fwd", "bwd", "close", "open"]), sid=st.sampled_from(["victim", "bogus", ""]),
-           step=st.integers(-3, 10**12), a=tensors, b=tensors, train_=st.booleans(), lv=st.integers(-5, 5))
+    @given(
+        kind=st.sampled_from(["fwd", "bwd", "close", "open"]),
+        sid=st.sampled_from(["victim", "bogus", ""]),
+        step=st.integers(-3, 10**12),
+        a=tensors,
+        b=tensors,
+        train_=st.booleans(),
+        lv=st.integers(-5, 5),
+    )
     def fuzz(kind, sid, step, a, b, train_, lv):
         sid = victim.get("id", "") if sid == "victim" else sid
         if kind == "fwd":
-            req = pb.ForwardRequest(session_id=sid, step=step, hidden=a, attention_mask=b, lora_version=lv, train=train_)
+            req = pb.ForwardRequest(
+                session_id=sid, step=step, hidden=a, attention_mask=b, lora_version=lv, train=train_
+            )
         elif kind == "bwd":
             req = pb.BackwardRequest(session_id=sid, step=step, grad_output=a)
         elif kind == "close":
             req = pb.CloseSessionRequest(session_id="bogus-" + sid)
         else:
-            req = pb.OpenSessionRequest(lora=pb.LoraSpec(rank=max(1, lv), target_modules=["q_proj"] if train_ else ["nope"]),
-                                        codec=["float32", "int9", "int8", ""][step % 4])
+            req = pb.OpenSessionRequest(
+                lora=pb.LoraSpec(rank=max(1, lv), target_modules=["q_proj"] if train_ else ["nope"]),
+                codec=["float32", "int9", "int8", ""][step % 4],
+            )
         method = {"fwd": "Forward", "bwd": "Backward", "close": "CloseSession", "open": "OpenSession"}[kind]
         try:
             resp = getattr(fuzz_t.stub, method)(req, timeout=30)
@@ -197,8 +243,11 @@ def test_stop_drains_in_flight_steps(tiny_models):
     sm = connect_split(t, LoraConfig(rank=2), seed=0)
     h = torch.randn(2, 8, 32)
     result = {}
-    th = threading.Thread(target=lambda: result.setdefault("out", sm.middle.forward_rpc(
-        h, torch.ones(2, 8, dtype=torch.long), 0, 0, train=False)))
+    th = threading.Thread(
+        target=lambda: result.setdefault(
+            "out", sm.middle.forward_rpc(h, torch.ones(2, 8, dtype=torch.long), 0, 0, train=False)
+        )
+    )
     th.start()
     assert entered.wait(30)
     stopped = server.stop(grace=30)  # what SIGTERM triggers
@@ -220,7 +269,9 @@ def test_abandoned_session_frees_memory_after_ttl(tiny_models, server_factory):
     t = Transport(server.tcfg())
     sm = connect_split(t, LoraConfig(rank=2), seed=0)
     h = torch.randn(2, 16, 32)
-    sm.middle.forward_rpc(h, torch.ones(2, 16, dtype=torch.long), 0, 0, train=True)  # state kept for a backward that never comes
+    sm.middle.forward_rpc(
+        h, torch.ones(2, 16, dtype=torch.long), 0, 0, train=True
+    )  # state kept for a backward that never comes
     t.call("GetInfo", pb.GetInfoRequest())
     assert metric(mport, "tandem_forward_state_bytes") > 0
     time.sleep(1.5)

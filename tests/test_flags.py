@@ -1,4 +1,5 @@
 """Careless input: every bad flag is a one-line error naming it, before any network call or download."""
+
 from __future__ import annotations
 
 import os
@@ -91,7 +92,9 @@ def test_data_dir_is_checked_before_the_session_opens(tmp_path, sentinel, capsys
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.pdf").write_bytes(b"%PDF")
-    line = _run(["tune", "--server", sentinel, "--insecure", "--data", str(empty), "--out", str(tmp_path / "o")], capsys)
+    line = _run(
+        ["tune", "--server", sentinel, "--insecure", "--data", str(empty), "--out", str(tmp_path / "o")], capsys
+    )
     assert "--data" in line and "no .txt/.text/.md/.jsonl files" in line
     assert not (tmp_path / "o").exists()  # nothing created for a run that cannot start
 
@@ -109,7 +112,7 @@ def test_other_subcommands_check_their_flags(sample_data, sentinel, a_file, tmp_
         "--seq-len": [*ev, "--seq-len", "1"],
         "--batch-size": [*ev, "--batch-size", "0"],
         "--data": ["eval", "--adapter", str(adapter), "--data", str(tmp_path / "nodata"), *net],
-        "--out": [*ev[:-len(net) - 2], "--out", os.path.join(a_file, "sub"), *net],
+        "--out": [*ev[: -len(net) - 2], "--out", os.path.join(a_file, "sub"), *net],
         "--timeout": ["generate", "--prompt", "hi", *net, "--timeout", "-1"],
         "--temperature": ["generate", "--prompt", "hi", *net, "--temperature", "-1"],
         "--max-new-tokens": ["generate", "--prompt", "hi", *net, "--max-new-tokens", "-1"],
@@ -147,15 +150,41 @@ def test_cloud_serve_on_a_port_in_use_is_one_line(tiny_models):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = _one_line_exit([os.path.join(BIN, "cloud"), "serve", "--model", tiny_models["gpt2"], "--insecure",
-                               "--listen", f"127.0.0.1:{port}"])
+        line = _one_line_exit(
+            [
+                os.path.join(BIN, "cloud"),
+                "serve",
+                "--model",
+                tiny_models["gpt2"],
+                "--insecure",
+                "--listen",
+                f"127.0.0.1:{port}",
+            ]
+        )
     assert "--listen" in line and "in use" in line
 
 
 def test_seq_len_over_the_models_positions_is_one_line(tiny_models, sample_data, tmp_path):
     """--seq-len passes its own check (>= 2) but the model has 256 positions: one line, not an IndexError."""
-    cmd = [os.path.join(BIN, "client"), "tune", "--mode", "local", "--model", tiny_models["gpt2"], "--data", sample_data,
-           "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--seq-len", "300", "--no-progress"]
+    cmd = [
+        os.path.join(BIN, "client"),
+        "tune",
+        "--mode",
+        "local",
+        "--model",
+        tiny_models["gpt2"],
+        "--data",
+        sample_data,
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "300",
+        "--no-progress",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
@@ -165,8 +194,22 @@ def test_seq_len_over_the_models_positions_is_one_line(tiny_models, sample_data,
 @pytest.mark.parametrize("flag, value", [("--quota-sessions", "-2"), ("--max-downloads", "-1")])
 def test_cloud_serve_refuses_negative_limits(tiny_models, flag, value):
     """A negative session quota would refuse every session, and a negative download limit was silently raised to 1."""
-    r = subprocess.run([os.path.join(BIN, "cloud"), "serve", "--model", tiny_models["gpt2"], "--insecure",
-                        "--listen", "127.0.0.1:0", flag, value], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            os.path.join(BIN, "cloud"),
+            "serve",
+            "--model",
+            tiny_models["gpt2"],
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last.startswith("cloud serve: ") and flag in last and value in last, last

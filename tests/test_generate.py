@@ -1,4 +1,5 @@
 """Serving tuned adapters: batched generation over one backbone equals generating alone, and a merged-weights reference."""
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ def make_adapter(model_dir: str, out: str, blocks: list[int], seed: int, rank: i
     """A peft LoRA adapter on `blocks` with random A and non-zero B, saved as `client tune` saves one."""
     loaded = load_model(model_dir)
     parts = parts_of(loaded.model)
-    specs = inject_slots(torch.nn.ModuleList(parts.blocks[i] for i in blocks), parts.arch, blocks, parts.arch.lora_targets)
+    specs = inject_slots(
+        torch.nn.ModuleList(parts.blocks[i] for i in blocks), parts.arch, blocks, parts.arch.lora_targets
+    )
     g = torch.Generator().manual_seed(seed)
     adapter = LoRAAdapter(specs, LoraConfig(rank=rank, alpha=2.0 * rank), generator=g)
     with torch.no_grad():
@@ -65,9 +68,15 @@ def merged_reference(model_dir: str, adapter_dir: str | None) -> torch.nn.Module
 
 def reference_tokens(model: torch.nn.Module, prompt_ids: list[int], new: int, eos: set[int]) -> list[int]:
     """Greedy tokens from Hugging Face's own generate, one prompt, no padding; EOS and what follows dropped."""
-    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                         max_new_tokens=new, do_sample=False, eos_token_id=sorted(eos), pad_token_id=min(eos))
-    toks = out[0, len(prompt_ids):].tolist()
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=new,
+        do_sample=False,
+        eos_token_id=sorted(eos),
+        pad_token_id=min(eos),
+    )
+    toks = out[0, len(prompt_ids) :].tolist()
     return toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))]
 
 
@@ -97,14 +106,22 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
         futures = [svc.submit(name, prompts, NEW) for name, prompts in jobs]  # 8 sequences: one full batch
         batched = [f.result(timeout=120) for f in futures]
         assert {g.batch_sequences for g in batched} == {8}, "one batch for all requests"
-        refs = {"": merged_reference(model_dir, None), "a": merged_reference(model_dir, a_dir), "b": merged_reference(model_dir, b_dir)}
+        refs = {
+            "": merged_reference(model_dir, None),
+            "a": merged_reference(model_dir, a_dir),
+            "b": merged_reference(model_dir, b_dir),
+        }
         for (name, prompts), gen in zip(jobs, batched):
             assert gen.adapter == name
             for prompt, c in zip(prompts, gen.completions):
                 want = reference_tokens(refs[name], svc.tokenizer(prompt)["input_ids"], NEW, svc.eos_ids)
                 assert c.token_ids == want, (name, prompt)
                 assert c.finish_reason == ("length" if len(want) == NEW else "eos")
-        by = {name: gen.completions[0].token_ids for (name, prompts), gen in zip(jobs, batched) if prompts[0] == PROMPTS[1]}
+        by = {
+            name: gen.completions[0].token_ids
+            for (name, prompts), gen in zip(jobs, batched)
+            if prompts[0] == PROMPTS[1]
+        }
         assert by["b"] != by[""], "the adapter changes the output"
         # Sampling draws from the request's own generator: the same text in a batch and alone.
         svc.cfg.max_batch = 4
@@ -116,7 +133,10 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
         assert sampled.batch_sequences == 4 and alone.batch_sequences == 3
         assert [c.token_ids for c in sampled.completions] == [c.token_ids for c in alone.completions]
 
-        with pytest.raises(AdapterNotFound, match=r"no adapter 'nope' is registered on this server \(yours and public ones: \['a', 'b'\]\).*client push"):
+        with pytest.raises(
+            AdapterNotFound,
+            match=r"no adapter 'nope' is registered on this server \(yours and public ones: \['a', 'b'\]\).*client push",
+        ):
             svc.submit("nope", PROMPTS, NEW)
         with pytest.raises(InvalidRequest, match="prompt 1 is empty"):
             svc.submit("", ["x", ""], NEW)
@@ -142,7 +162,10 @@ def test_an_ownerless_registration_is_shared_until_claimed(tiny_models, tmp_path
     offsite = OffsiteService(loaded.model, loaded.model_id, layout, registry)
     assert offsite.push("old", files)[0].owner == ""  # no identity: as registrations made before owners
     assert [r.name for r in offsite.list("bob")] == ["old"] and offsite.lookup("old", "bob") is not None
-    other = {n: (b, sha256(b)) for n, b in read_adapter_dir(make_adapter(model_dir, str(tmp_path / "b"), [0, 1, 4, 5], seed=2)).items()}
+    other = {
+        n: (b, sha256(b))
+        for n, b in read_adapter_dir(make_adapter(model_dir, str(tmp_path / "b"), [0, 1, 4, 5], seed=2)).items()
+    }
     with pytest.raises(NameTaken, match="the name 'old' is taken"):
         offsite.push("old", other, owner="bob")  # claiming needs the same files
     reg, again = offsite.push("old", files, owner="alice")
@@ -190,7 +213,9 @@ def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_fact
     def listed(tcfg):
         t = OffsiteTransport(tcfg)
         try:
-            return sorted(a.name for a in t.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters").adapters)
+            return sorted(
+                a.name for a in t.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters").adapters
+            )
         finally:
             t.close()
 
@@ -230,7 +255,9 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
     pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "off"), [0, 1, 4, 5], seed=1), "offsite")
     assert pushed["blocks"] == [0, 1, 4, 5]
     pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "split"), list(range(6)), seed=2), "split")
-    assert pushed["blocks"] == list(range(6)), "a split-mode adapter (LoRA on the middle blocks too) is published by push"
+    assert pushed["blocks"] == list(range(6)), (
+        "a split-mode adapter (LoRA on the middle blocks too) is published by push"
+    )
 
     requests = [(name, [p]) for name in ("", "offsite", "split") for p in PROMPTS[:2]] + [("split", PROMPTS)]
     alone = [generate(tcfg, prompts, name, NEW) for name, prompts in requests]  # one at a time
@@ -258,7 +285,9 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
         if name and len(prompts) == 1:
             assert x["completions"][0]["token_ids"] != base[prompts[0]], f"adapter {name!r} changes the output"
 
-    with pytest.raises(ServerError, match=r"no adapter of that name.*no adapter 'nope' is registered.*client push") as e:
+    with pytest.raises(
+        ServerError, match=r"no adapter of that name.*no adapter 'nope' is registered.*client push"
+    ) as e:
         generate(tcfg, PROMPTS, "nope", NEW)
     assert e.value.code == grpc.StatusCode.NOT_FOUND and e.value.reason == "no-adapter"
     with pytest.raises(ServerError, match="prompt 0 is empty") as e:
@@ -268,7 +297,9 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
         generate(server.tcfg(identity=None, retries=0, timeout_s=10), PROMPTS, "", NEW)
 
     capsys.readouterr()
-    rc = main(["generate", *server.cli_args(), "--adapter", "split", "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW)])
+    rc = main(
+        ["generate", *server.cli_args(), "--adapter", "split", "--prompt", PROMPTS[0], "--max-new-tokens", str(NEW)]
+    )
     assert rc == 0 and capsys.readouterr().out == alone[4]["completions"][0]["text"] + "\n"
     assert main(["generate", *server.cli_args(), "--adapter", "nope", "--prompt", "x"]) == 2
     assert "client push" in capsys.readouterr().err
@@ -278,5 +309,15 @@ def test_generate_help_lists_its_flags(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--server", "--adapter", "--prompt", "--max-new-tokens", "--temperature", "--seed", "--identity", "--ca", "--insecure"):
+    for flag in (
+        "--server",
+        "--adapter",
+        "--prompt",
+        "--max-new-tokens",
+        "--temperature",
+        "--seed",
+        "--identity",
+        "--ca",
+        "--insecure",
+    ):
         assert flag in out, flag

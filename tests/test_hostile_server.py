@@ -1,4 +1,5 @@
 """Downloads from a hostile cloud: names, sizes, hashes and endless streams never escape or exhaust the client."""
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,6 @@ def tcfg(cloud, **kw) -> TransportConfig:
     return TransportConfig(server=proxy.addr, ca=server.ca, identity=server.identity, retries=0, **kw)
 
 
-
 def files_under(root) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
@@ -69,12 +69,14 @@ def _replace(name: str, data: bytes):
         files = whole_files(cs)
         files[name] = data
         return [chunk(n, b) for n, b in files.items()]
+
     return rw
 
 
 def _add(name: str, data: bytes = b"print('owned')\n", first: bool = True):
     def rw(cs):
         return [chunk(name, data), *cs] if first else [*cs, chunk(name, data)]
+
     return rw
 
 
@@ -82,6 +84,7 @@ def _rename_first(name: str):
     def rw(cs):
         cs[0].name = name
         return cs
+
     return rw
 
 
@@ -90,6 +93,7 @@ def _set_first(**fields):
         for k, v in fields.items():
             setattr(cs[0], k, v)
         return cs
+
     return rw
 
 
@@ -119,12 +123,17 @@ def _split_in_two(cs, swap=False, empty_again=False):
 def _interleave(cs):
     c = cs[0]
     half = len(c.data) // 2
-    return [chunk(c.name, c.data[:half], total=c.total_bytes, sha=c.sha256), cs[1],
-            chunk(c.name, c.data[half:], offset=half, total=c.total_bytes, sha=""), *cs[2:]]
+    return [
+        chunk(c.name, c.data[:half], total=c.total_bytes, sha=c.sha256),
+        cs[1],
+        chunk(c.name, c.data[half:], offset=half, total=c.total_bytes, sha=""),
+        *cs[2:],
+    ]
 
 
-AUTO_MAP = json.dumps({"tokenizer_class": "TokenizersBackend",
-                       "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}).encode()
+AUTO_MAP = json.dumps(
+    {"tokenizer_class": "TokenizersBackend", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}
+).encode()
 
 # (id, rewrite of the FetchClientStages stream, the error the client must give)
 STAGE_CASES = [
@@ -141,8 +150,11 @@ STAGE_CASES = [
     ("python-file", _add("tokenization_evil.py"), "never contain"),
     ("renamed-stages", _rename_first("evil.py"), "never contain"),
     ("auto-map", _replace("tokenizer_config.json", AUTO_MAP), "auto_map.*run the server's code"),
-    ("file-pointer", _replace("tokenizer_config.json", json.dumps({"vocab_file": "/etc/passwd"}).encode()),
-     "names a file vocab_file"),
+    (
+        "file-pointer",
+        _replace("tokenizer_config.json", json.dumps({"vocab_file": "/etc/passwd"}).encode()),
+        "names a file vocab_file",
+    ),
     ("wrong-sha", _set_first(sha256="0" * 64), "SHA-256 mismatch"),
     ("missing-sha", _set_first(sha256=""), "without a valid SHA-256"),
     ("malformed-sha", _set_first(sha256="../" * 30), "without a valid SHA-256"),
@@ -192,15 +204,18 @@ def test_endless_stream_is_cut_off_at_the_declared_size(cloud, box):
     _assert_untouched(box)
 
 
-@pytest.mark.parametrize("field,value,error", [
-    ("client_stages_sha256", "../../../../escape", "not a SHA-256"),
-    ("client_stages_bytes", 2**50, "announced client stages of"),
-    ("client_stages_bytes", 0, "announced client stages of"),
-    ("model_config_json", "[" * 100_000, "model configuration"),
-    ("model_config_json", '{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}", "model configuration"),
-    ("model_config_json", "[1]", "model configuration"),
-    ("model_config_json", '{"model_type": "no-such-model"}', "model configuration"),
-])
+@pytest.mark.parametrize(
+    "field,value,error",
+    [
+        ("client_stages_sha256", "../../../../escape", "not a SHA-256"),
+        ("client_stages_bytes", 2**50, "announced client stages of"),
+        ("client_stages_bytes", 0, "announced client stages of"),
+        ("model_config_json", "[" * 100_000, "model configuration"),
+        ("model_config_json", '{"model_type": "llama", "hidden_size": ' + "9" * 5000 + "}", "model configuration"),
+        ("model_config_json", "[1]", "model configuration"),
+        ("model_config_json", '{"model_type": "no-such-model"}', "model configuration"),
+    ],
+)
 def test_hostile_session_announcement_is_refused(cloud, box, field, value, error):
     cloud[1].on_open = lambda resp: setattr(resp, field, value)
     with pytest.raises(ClientError, match=error):
@@ -262,6 +277,7 @@ def _emu_replace(name: str, fn):
         files = whole_files(cs)
         files[name] = fn(files[name])
         return [chunk(n, b) for n, b in files.items()]
+
     return rw
 
 

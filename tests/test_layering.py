@@ -1,4 +1,5 @@
 """Imports go one way (STYLE.md): client never imports cloud, cloud never imports client, and so on."""
+
 from __future__ import annotations
 
 import ast

@@ -1,4 +1,5 @@
 """Batched multi-LoRA kernel vs the per-adapter loop and lora_delta: forward, grads for x, A and B, Triton on a GPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,7 +30,10 @@ CASES = {
     "empty segments": (5, segment_ids([0, 9, 0, 30, 0])),
     "reused out of order": (3, segment_ids([7, 12, 3, 9], [2, 0, 2, 1])),
     "rows without adapter": (3, torch.tensor([-1, -1, 0, 0, 0, 2, -1, 2, 2, 2, 1, -1])),
-    "shuffled": (8, segment_ids([3, 11, 0, 6, 25, 1, 8, 2])[torch.randperm(56, generator=torch.Generator().manual_seed(1))]),
+    "shuffled": (
+        8,
+        segment_ids([3, 11, 0, 6, 25, 1, 8, 2])[torch.randperm(56, generator=torch.Generator().manual_seed(1))],
+    ),
 }
 
 
@@ -227,5 +231,11 @@ def test_triton_matches_loop_on_gpu():
 def test_triton_kernels_in_the_interpreter():
     """The Triton kernels' indexing and masks, run by Triton's CPU interpreter (not the compiler)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", _TRITON_CHECK.format(dev="cpu", last="(8, [20] * 8, 80, 40, 8)")], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _TRITON_CHECK.format(dev="cpu", last="(8, [20] * 8, 80, 40, 8)")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,5 @@
 """Offsite-Tuning: layer selection, distillation, the package, offline tuning, push and plug-in eval via a real server."""
+
 from __future__ import annotations
 
 import hashlib
@@ -73,7 +74,9 @@ def test_uniform_selection_keeps_first_and_last():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_distillation_lowers_kd_loss(arch, models8, sample_data, tmp_path):
-    m = build_emulator(models8[arch], "2:2", str(tmp_path / "pkg"), sample_data, DistillConfig(steps=10, **DISTILL), keep=2)
+    m = build_emulator(
+        models8[arch], "2:2", str(tmp_path / "pkg"), sample_data, DistillConfig(steps=10, **DISTILL), keep=2
+    )
     d = m["distillation"]
     assert m["kept_middle_blocks"] == [2, 5]
     assert d["val_kd_after"] < 0.7 * d["val_kd_before"], d["val"]
@@ -113,7 +116,11 @@ def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
     loaded = load_model(models8["llama"])
     state = loaded.model.state_dict()
     prefix = "model.layers."
-    dropped = {_digest(v) for k, v in state.items() if v.dim() == 2 and int(k[len(prefix):].split(".")[0] if k.startswith(prefix) else -1) in (3, 4)}
+    dropped = {
+        _digest(v)
+        for k, v in state.items()
+        if v.dim() == 2 and int(k[len(prefix) :].split(".")[0] if k.startswith(prefix) else -1) in (3, 4)
+    }
     shipped = {}
     for name in man["files"]:
         if name.endswith(".safetensors"):
@@ -122,7 +129,9 @@ def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
     # The check can see blocks: the (unchanged) client blocks are found by hash.
     client = {_digest(v) for k, v in state.items() if v.dim() == 2 and k.startswith("model.layers.0.")}
     assert client <= set(shipped.values())
-    assert man["params"]["package"] == man["params"]["client_stages"] + man["params"]["emulator"] < man["params"]["model"]
+    assert (
+        man["params"]["package"] == man["params"]["client_stages"] + man["params"]["emulator"] < man["params"]["model"]
+    )
     # Tampering is detected.
     bad = str(tmp_path / "bad")
     shutil.copytree(llama_pkg, bad)
@@ -134,8 +143,20 @@ def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
 
 
 def _offsite_run(pkg, data, out, steps=12, **kw):
-    cfg = TuneConfig(data=data, out=out, mode="offsite", emulator=pkg, steps=steps, batch_size=4, seq_len=32, lr=1e-2,
-                     lora=LoraConfig(rank=4, alpha=8), checkpoint_every=4, progress=False, **kw)
+    cfg = TuneConfig(
+        data=data,
+        out=out,
+        mode="offsite",
+        emulator=pkg,
+        steps=steps,
+        batch_size=4,
+        seq_len=32,
+        lr=1e-2,
+        lora=LoraConfig(rank=4, alpha=8),
+        checkpoint_every=4,
+        progress=False,
+        **kw,
+    )
     return tune(cfg)
 
 
@@ -191,8 +212,20 @@ def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sa
         push_adapter(tcfg, other, "bad")
     assert e.value.reason == "adapter-rejected"
     gpt2_run = str(tmp_path / "gpt2run")
-    tune(TuneConfig(data=sample_data, out=gpt2_run, mode="local", model=models8["gpt2"], steps=1, batch_size=2, seq_len=32,
-                    lora=LoraConfig(rank=4), middle_lora=False, progress=False))
+    tune(
+        TuneConfig(
+            data=sample_data,
+            out=gpt2_run,
+            mode="local",
+            model=models8["gpt2"],
+            steps=1,
+            batch_size=2,
+            seq_len=32,
+            lora=LoraConfig(rank=4),
+            middle_lora=False,
+            progress=False,
+        )
+    )
     cfgp = os.path.join(gpt2_run, "adapter", "adapter_config.json")
     cfg = json.load(open(cfgp))
     cfg["base_model_name_or_path"] = "llama"  # even under the right name, the modules do not exist
@@ -344,8 +377,12 @@ def test_a_measured_sink_travels_in_the_package_only_when_there_is_one(models8, 
 
     loaded = load_model(models8["llama"])
     layout = StageLayout.parse("2:2", loaded.config)
-    vec, stats = measure_sink(loaded, layout, pack_blocks(read_texts(sample_data), AutoTokenizer.from_pretrained(models8["llama"]), 16))
-    assert vec.shape == (loaded.config.hidden_size,) and {"ratio", "spread", "rms_first", "rms_other", "used"} <= set(stats)
+    vec, stats = measure_sink(
+        loaded, layout, pack_blocks(read_texts(sample_data), AutoTokenizer.from_pretrained(models8["llama"]), 16)
+    )
+    assert vec.shape == (loaded.config.hidden_size,) and {"ratio", "spread", "rms_first", "rms_other", "used"} <= set(
+        stats
+    )
     assert not stats["used"], "a tiny random model has no attention sink"
     blocks = copy_blocks(parts_of(loaded.model), [2, 5])
     for used in (False, True):
@@ -389,7 +426,9 @@ def test_greedy_selection_drops_the_block_that_costs_least(arch, tmp_path):
     ids = torch.randint(5, 200, (6, 16), generator=torch.Generator().manual_seed(0))
     kept, hist = greedy_keep(parts_of(loaded.model), layout, ids, 3, batch_size=4)
     assert len(kept) == 3 and kept[0] == 2 and kept[-1] == 7 and sorted(kept) == kept
-    assert [h["left"] for h in hist] == [5, 4, 3] and sorted(kept + [h["dropped"] for h in hist]) == layout.middle_blocks
+    assert [h["left"] for h in hist] == [5, 4, 3] and sorted(
+        kept + [h["dropped"] for h in hist]
+    ) == layout.middle_blocks
     # The first elimination, against the plain model's loss for every candidate (2 and 7 are never candidates).
     trials = {b: _loss_without(path, [b], ids) for b in range(3, 7)}
     assert hist[0]["dropped"] == min(trials, key=trials.get)
@@ -409,7 +448,9 @@ def test_greedy_build_records_and_reuses_its_selection(models8, sample_data, tmp
     assert not os.path.exists(os.path.join(out, gmod.SELECTION_FILE))
     m = build_emulator(models8["llama"], "2:2", out, sample_data, cfg, keep=3, select="greedy", select_seqs=4)
     assert m["selection"]["method"] == "greedy" and len(m["kept_middle_blocks"]) == 3
-    assert [h["dropped"] for h in m["selection"]["history"]] == [b for b in (2, 3, 4, 5) if b not in m["kept_middle_blocks"]]
+    assert [h["dropped"] for h in m["selection"]["history"]] == [
+        b for b in (2, 3, 4, 5) if b not in m["kept_middle_blocks"]
+    ]
     assert load_package(out).manifest["selection"] == m["selection"]
     assert build_emulator(models8["llama"], "2:2", out, sample_data, cfg, keep=2)["selection"] == {"method": "uniform"}
     # A build interrupted after the selection reuses it (same model, layout, count and text), and only then.
@@ -430,7 +471,9 @@ def test_greedy_build_records_and_reuses_its_selection(models8, sample_data, tmp
 def test_greedy_selection_errors_say_what_to_do(models8, sample_data, tmp_path):
     cfg = DistillConfig(steps=0, **DISTILL)
     with pytest.raises(SelectionError, match="not --keep-blocks"):
-        build_emulator(models8["llama"], "2:2", str(tmp_path / "a"), sample_data, cfg, keep_blocks=[2, 5], select="greedy")
+        build_emulator(
+            models8["llama"], "2:2", str(tmp_path / "a"), sample_data, cfg, keep_blocks=[2, 5], select="greedy"
+        )
     with pytest.raises(SelectionError, match="--distill-data"):
         build_emulator(models8["llama"], "2:2", str(tmp_path / "b"), None, cfg, keep=2, select="greedy")
     with pytest.raises(SelectionError, match="uniform or greedy"):
@@ -496,7 +539,9 @@ def test_width_pruning_equals_the_block_with_its_other_neurons_silenced(arch, tm
 
     blocks = copy_blocks(parts, kept)
     rec = prune_blocks(blocks, kept, scores, full // 4)
-    assert rec["mlp_width"] == full // 4 and rec["from_width"] == full and all(0 < s < 1 for s in rec["kept_score_share"])
+    assert (
+        rec["mlp_width"] == full // 4 and rec["from_width"] == full and all(0 < s < 1 for s in rec["kept_score_share"])
+    )
     assert all(mlp_width_of(b) == full // 4 for b in blocks)
     # Oracle: the full block with every neuron outside the kept ones zeroed at the output projection's input.
     keep = torch.topk(scores[3], full // 4).indices
@@ -525,8 +570,12 @@ def test_width_pruned_package_distills_ships_and_tunes(arch, models8, sample_dat
     from tandem.emulator.prune import mlp_width_of
 
     out = str(tmp_path / "pkg")
-    narrow = build_emulator(models8[arch], "2:2", out, sample_data, DistillConfig(steps=10, **DISTILL), keep=2, mlp_width=8)
-    wide = build_emulator(models8[arch], "2:2", str(tmp_path / "wide"), sample_data, DistillConfig(steps=0, **DISTILL), keep=2)
+    narrow = build_emulator(
+        models8[arch], "2:2", out, sample_data, DistillConfig(steps=10, **DISTILL), keep=2, mlp_width=8
+    )
+    wide = build_emulator(
+        models8[arch], "2:2", str(tmp_path / "wide"), sample_data, DistillConfig(steps=0, **DISTILL), keep=2
+    )
     assert narrow["pruning"]["mlp_width"] == 8 and wide["pruning"] == {"mlp_width": None}
     assert narrow["kept_middle_blocks"] == [2, 5]
     assert narrow["params"]["emulator"] < 0.6 * wide["params"]["emulator"]
@@ -537,4 +586,6 @@ def test_width_pruned_package_distills_ships_and_tunes(arch, models8, sample_dat
     r = _offsite_run(out, sample_data, str(tmp_path / "run"))
     assert r["validation"]["after"]["loss"] < r["validation"]["before"]["loss"]
     with pytest.raises(SelectionError, match="--distill-data"):
-        build_emulator(models8[arch], "2:2", str(tmp_path / "x"), None, DistillConfig(steps=0, **DISTILL), keep=4, mlp_width=8)
+        build_emulator(
+            models8[arch], "2:2", str(tmp_path / "x"), None, DistillConfig(steps=0, **DISTILL), keep=4, mlp_width=8
+        )

@@ -1,4 +1,5 @@
 """The privacy audit: the attacks are real, noise weakens them, labels never travel, the audit reads what was sent."""
+
 from __future__ import annotations
 
 import glob
@@ -36,7 +37,9 @@ def _known(model_dir: str, k: int):
 
     m = load_model(model_dir)
     layout = StageLayout(6, k, 1)
-    return atk.KnownStages.build(m.config, layout, client_state(parts_of(m.model), layout)), AutoTokenizer.from_pretrained(model_dir)
+    return atk.KnownStages.build(
+        m.config, layout, client_state(parts_of(m.model), layout)
+    ), AutoTokenizer.from_pretrained(model_dir)
 
 
 def _recovery(known, tok, ids, noise: float) -> dict:
@@ -50,10 +53,12 @@ def _recovery(known, tok, ids, noise: float) -> dict:
     flat, truth = h.reshape(-1, h.shape[-1]), ids.reshape(-1)
     top = inv.scores(flat).topk(8, -1).indices.view(*ids.shape, 8)
     search = torch.stack([atk.search_attack(known, h[b], top[b], defense) for b in range(len(ids))])
-    return {"logit_lens": float((atk.logit_lens(known, flat) == truth).float().mean()),
-            "nearest_embedding": float((atk.nearest_embedding(known, flat, inv.mean) == truth).float().mean()),
-            "learned_inverter": float((top[..., 0] == ids).float().mean()),
-            "search": float((search == ids).float().mean())}
+    return {
+        "logit_lens": float((atk.logit_lens(known, flat) == truth).float().mean()),
+        "nearest_embedding": float((atk.nearest_embedding(known, flat, inv.mean) == truth).float().mean()),
+        "learned_inverter": float((top[..., 0] == ids).float().mean()),
+        "search": float((search == ids).float().mean()),
+    }
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -161,7 +166,15 @@ def test_no_label_or_token_id_reaches_the_cloud(tiny_models, sample_data, server
 
 
 def _tune(tmp_path, name, sample_data, **kw):
-    common = {"data": sample_data, "steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "lora": LoraConfig(rank=2), "progress": False}
+    common = {
+        "data": sample_data,
+        "steps": 3,
+        "batch_size": 2,
+        "seq_len": 32,
+        "lr": 1e-2,
+        "lora": LoraConfig(rank=2),
+        "progress": False,
+    }
     return tune(TuneConfig(out=str(tmp_path / name), **{**common, **kw["cfg"]}), kw.get("tcfg"))
 
 
@@ -184,7 +197,9 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
 
     noisy = {"noise_multiplier": 1.0, "client_blocks": "1:1"}
     a = _tune(tmp_path, "split", sample_data, cfg=noisy, tcfg=server.tcfg())
-    b = _tune(tmp_path, "local", sample_data, cfg={**noisy, "mode": "local", "model": tiny_models["llama"], "audit": "yes"})
+    b = _tune(
+        tmp_path, "local", sample_data, cfg={**noisy, "mode": "local", "model": tiny_models["llama"], "audit": "yes"}
+    )
     assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)
     assert a["validation"]["after"]["loss"] == pytest.approx(b["validation"]["after"]["loss"], rel=1e-5)
     for r in (a, b):

@@ -1,4 +1,5 @@
 """The committed gRPC stubs match split.proto, and tensors survive the wire bit for bit."""
+
 from __future__ import annotations
 
 import os

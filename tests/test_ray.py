@@ -1,4 +1,5 @@
 """The cloud on a real local multi-process Ray cluster: replicas, pipeline shards, sticky sessions, a killed replica."""
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,23 @@ def ray_cluster(tmp_path):
     port = free_port()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-                    "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
-                   check=True, capture_output=True, env=env, timeout=120)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=4",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
     yield f"127.0.0.1:{port}"
     terminate(lambda: _cluster_pids(temp, port))  # not `ray stop`, which stops every Ray cluster on the machine
     shutil.rmtree(temp, ignore_errors=True)
@@ -47,7 +62,9 @@ def _cluster_pids(temp: str, port: int) -> list[int]:
                 parent[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, IndexError, ValueError):  # gone meanwhile, or not ours to read
             continue
-        if any(temp.encode() in a for a in args) or any(a.startswith(b"--address=") and a.endswith(b":%d" % port) for a in args):
+        if any(temp.encode() in a for a in args) or any(
+            a.startswith(b"--address=") and a.endswith(b":%d" % port) for a in args
+        ):
             mine.add(int(entry))
     grew = True
     while grew:
@@ -65,9 +82,23 @@ def _tune(server, data_dir, out, cloud_optimizer):
     from tandem.client.trainer import TuneConfig, tune
     from tandem.stages.lora import LoraConfig
 
-    return tune(TuneConfig(data=data_dir, out=str(out), steps=4, batch_size=2, seq_len=24, lr=1e-2, seed=3,
-                           lora=LoraConfig(rank=4, alpha=8), checkpoint_every=2, audit="no", progress=False,
-                           cloud_optimizer=cloud_optimizer), server.tcfg())
+    return tune(
+        TuneConfig(
+            data=data_dir,
+            out=str(out),
+            steps=4,
+            batch_size=2,
+            seq_len=24,
+            lr=1e-2,
+            seed=3,
+            lora=LoraConfig(rank=4, alpha=8),
+            checkpoint_every=2,
+            audit="no",
+            progress=False,
+            cloud_optimizer=cloud_optimizer,
+        ),
+        server.tcfg(),
+    )
 
 
 def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, server_factory, ray_cluster, tmp_path):
@@ -76,9 +107,14 @@ def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, s
     ref_tune = _tune(plain, sample_data, tmp_path / "plain", cloud_optimizer=False)
     plain.stop()
 
-    server = server_factory(tiny_models["llama"], "--ray", ray_cluster, "--replicas", "2", "--pipeline", "2", timeout=240)
+    server = server_factory(
+        tiny_models["llama"], "--ray", ray_cluster, "--replicas", "2", "--pipeline", "2", timeout=240
+    )
     results = {}
-    threads = [threading.Thread(target=lambda s=seed: results.__setitem__(s, _train(server, sample_data, s, 4))) for seed in (1, 2)]
+    threads = [
+        threading.Thread(target=lambda s=seed: results.__setitem__(s, _train(server, sample_data, s, 4)))
+        for seed in (1, 2)
+    ]
     for th in threads:
         th.start()
     for th in threads:
@@ -101,6 +137,7 @@ def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, s
 
     ray.init(address=ray_cluster, namespace="tandem", log_to_driver=False)
     try:
+
         def kill_at_2(step):
             if step == 2:
                 for r in (0, 1):

@@ -21,6 +21,7 @@ Teardown kills every process in the two namespaces (only this test's processes l
 `ray stop`, which would stop every Ray cluster on the machine) and deletes the namespaces, which
 also removes the veth pair.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -109,9 +110,28 @@ def netns_pair():
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
             _run("ip", "-n", ns, "link", "set", dev, "up")
-        shaped = shutil.which("tc") is not None and _run(
-            "tc", "-n", b, "qdisc", "add", "dev", veth_b, "root", "tbf", "rate", "200mbit", "burst", "256kb",
-            "latency", "50ms", check=False).returncode == 0
+        shaped = (
+            shutil.which("tc") is not None
+            and _run(
+                "tc",
+                "-n",
+                b,
+                "qdisc",
+                "add",
+                "dev",
+                veth_b,
+                "root",
+                "tbf",
+                "rate",
+                "200mbit",
+                "burst",
+                "256kb",
+                "latency",
+                "50ms",
+                check=False,
+            ).returncode
+            == 0
+        )
         yield NetnsPair(a, b, veth_a, veth_b, addr_a, addr_b, shaped)
     finally:
         for ns in made:
@@ -144,11 +164,35 @@ def ray_two_nodes(netns_pair):
     common = ["--num-cpus=1", "--object-store-memory=100000000", f"--temp-dir={temp}", "--disable-usage-stats"]
     gcs = f"{p.addr_a}:{GCS_PORT}"
     try:
-        _run(*_in(p.a, ray_bin, "start", "--head", f"--port={GCS_PORT}", f"--node-ip-address={p.addr_a}",
-                  "--include-dashboard=false", '--resources={"tandem_node_a": 1}', *common), env=env)
-        _run(*_in(p.b, ray_bin, "start", f"--address={gcs}", f"--node-ip-address={p.addr_b}",
-                  '--resources={"tandem_node_b": 1}', *common), env=env)
-        nodes = json.loads(_run(*_in(p.a, sys.executable, "-c", _NODES_PY, gcs), env=env).stdout.strip().splitlines()[-1])
+        _run(
+            *_in(
+                p.a,
+                ray_bin,
+                "start",
+                "--head",
+                f"--port={GCS_PORT}",
+                f"--node-ip-address={p.addr_a}",
+                "--include-dashboard=false",
+                '--resources={"tandem_node_a": 1}',
+                *common,
+            ),
+            env=env,
+        )
+        _run(
+            *_in(
+                p.b,
+                ray_bin,
+                "start",
+                f"--address={gcs}",
+                f"--node-ip-address={p.addr_b}",
+                '--resources={"tandem_node_b": 1}',
+                *common,
+            ),
+            env=env,
+        )
+        nodes = json.loads(
+            _run(*_in(p.a, sys.executable, "-c", _NODES_PY, gcs), env=env).stdout.strip().splitlines()[-1]
+        )
         assert sorted(n["ip"] for n in nodes) == sorted([p.addr_a, p.addr_b]), nodes
         yield p, gcs
     finally:
@@ -175,7 +219,11 @@ def _client_main(argv: list[str]) -> None:
 
     addr, ca, identity, data_dir = argv[:4]
     seed, steps, seq_len, batch = map(int, argv[4:])
-    print(json.dumps(_train(TransportConfig(server=addr, ca=ca, identity=identity), data_dir, seed, steps, seq_len, batch)))
+    print(
+        json.dumps(
+            _train(TransportConfig(server=addr, ca=ca, identity=identity), data_dir, seed, steps, seq_len, batch)
+        )
+    )
 
 
 _CLIENT_PY = f"import sys; sys.path.insert(0, {TESTS!r}); import test_ray_netns as t; t._client_main(sys.argv[1:])"
@@ -215,8 +263,17 @@ def test_pipeline_shards_on_two_netns_nodes(tiny_models, sample_data, server_fac
     ref = _train(plain.tcfg(), sample_data, SEED, STEPS, SEQ_LEN, BATCH)
     plain.stop()
 
-    server = _start_server_in(pair.a, model, tmp_path, "--ray", gcs, "--pipeline", "2",
-                              "--ray-shard-resources", '[{"tandem_node_a": 1}, {"tandem_node_b": 1}]')
+    server = _start_server_in(
+        pair.a,
+        model,
+        tmp_path,
+        "--ray",
+        gcs,
+        "--pipeline",
+        "2",
+        "--ray-shard-resources",
+        '[{"tandem_node_a": 1}, {"tandem_node_b": 1}]',
+    )
     try:
         # (c) the two shards run on different nodes: by Ray's actor table, and by the OS (one MiddleShard
         # process in each namespace, whose only non-loopback address is its node's IP).
@@ -227,8 +284,24 @@ def test_pipeline_shards_on_two_netns_nodes(tiny_models, sample_data, server_fac
         before = pair.counters()
         sent_before = pair.tbf_sent() if pair.shaped else 0
         t0 = time.monotonic()
-        r = _run(*_in(pair.a, sys.executable, "-c", _CLIENT_PY, server.addr, server.ca, server.identity, sample_data,
-                      str(SEED), str(STEPS), str(SEQ_LEN), str(BATCH)), timeout=300, check=False)
+        r = _run(
+            *_in(
+                pair.a,
+                sys.executable,
+                "-c",
+                _CLIENT_PY,
+                server.addr,
+                server.ca,
+                server.identity,
+                sample_data,
+                str(SEED),
+                str(STEPS),
+                str(SEQ_LEN),
+                str(BATCH),
+            ),
+            timeout=300,
+            check=False,
+        )
         assert r.returncode == 0, f"client failed:\n{r.stderr[-4000:]}\nserver log:\n{server.log()[-4000:]}"
         train_s = time.monotonic() - t0
         after = pair.counters()

@@ -1,4 +1,5 @@
 """Checkpoints: an interrupted split run resumes to the same losses and adapter; a failed write loses nothing."""
+
 from __future__ import annotations
 
 import errno
@@ -22,8 +23,26 @@ from conftest import BIN
 
 
 def _tune_cmd(server, data, out, steps):
-    return [os.path.join(BIN, "client"), "tune", *server.cli_args(), "--data", data, "--out", out,
-            "--steps", str(steps), "--batch-size", "2", "--seq-len", "32", "--checkpoint-every", "2", "--no-progress", "--seed", "5"]
+    return [
+        os.path.join(BIN, "client"),
+        "tune",
+        *server.cli_args(),
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--checkpoint-every",
+        "2",
+        "--no-progress",
+        "--seed",
+        "5",
+    ]
 
 
 def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factory, tmp_path):
@@ -41,9 +60,13 @@ def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factor
         cut = str(tmp_path / f"cut{attempt}")
         # SIGINT back to its default: a test run started as a background job inherits it ignored, and Python
         # then never raises KeyboardInterrupt (what made the run finish, with rc 0, on CI runs started with `&`).
-        proc = subprocess.Popen(["nice", "-n", "15", *_tune_cmd(server, sample_data, cut, steps)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            ["nice", "-n", "15", *_tune_cmd(server, sample_data, cut, steps)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         ckpt = os.path.join(cut, "checkpoint.pt")
         deadline = time.monotonic() + 120
         while not os.path.exists(ckpt) and time.monotonic() < deadline and proc.poll() is None:
@@ -53,7 +76,9 @@ def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factor
         if proc.returncode == 130:
             break
         errs.append(f"attempt {attempt}: rc {proc.returncode}: {err[-1500:]}")
-    assert proc.returncode == 130 and "--resume" in err, "the run must have been interrupted, not have finished: " + "\n".join(errs)
+    assert proc.returncode == 130 and "--resume" in err, (
+        "the run must have been interrupted, not have finished: " + "\n".join(errs)
+    )
     assert not os.path.exists(os.path.join(cut, "report.json"))
     done = torch.load(ckpt, weights_only=False)["step"]
     assert 2 <= done < steps
@@ -73,8 +98,17 @@ def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factor
 def test_disk_full_mid_checkpoint_keeps_previous(tiny_models, sample_data, tmp_path, monkeypatch):
     """A write failing with ENOSPC (simulated: we cannot fill this machine's disk) keeps the last good checkpoint."""
     out = str(tmp_path / "run")
-    cfg = dict(data=sample_data, out=out, mode="local", model=tiny_models["gpt2"], batch_size=2, seq_len=32,
-               checkpoint_every=2, lora=LoraConfig(rank=2), progress=False)
+    cfg = dict(
+        data=sample_data,
+        out=out,
+        mode="local",
+        model=tiny_models["gpt2"],
+        batch_size=2,
+        seq_len=32,
+        checkpoint_every=2,
+        lora=LoraConfig(rank=2),
+        progress=False,
+    )
     tune(TuneConfig(steps=2, **cfg), TransportConfig())
     real_save = torch.save
 
@@ -110,8 +144,18 @@ def test_resume_refuses_every_setting_that_changes_the_result(tiny_models, sampl
     import shutil
 
     out = str(tmp_path / "run")
-    base = dict(data=sample_data, out=out, mode="local", model=tiny_models["gpt2"], batch_size=2, seq_len=32,
-                checkpoint_every=2, lora=LoraConfig(rank=2, alpha=4.0), progress=False, steps=2)
+    base = dict(
+        data=sample_data,
+        out=out,
+        mode="local",
+        model=tiny_models["gpt2"],
+        batch_size=2,
+        seq_len=32,
+        checkpoint_every=2,
+        lora=LoraConfig(rank=2, alpha=4.0),
+        progress=False,
+        steps=2,
+    )
     tune(TuneConfig(**base))
     changed_data = str(tmp_path / "data2")
     shutil.copytree(sample_data, changed_data)
@@ -138,7 +182,9 @@ def test_resume_refuses_every_setting_that_changes_the_result(tiny_models, sampl
         with pytest.raises(CheckpointError, match=re.escape(flag)) as e:
             tune(TuneConfig(**{**base, "steps": 4, "resume": True, **change}))
         assert "--overwrite" in str(e.value)
-    assert "--lr 0.001 (now 0.005)" in _message(lambda: tune(TuneConfig(**{**base, "steps": 4, "resume": True, "lr": 5e-3})))
+    assert "--lr 0.001 (now 0.005)" in _message(
+        lambda: tune(TuneConfig(**{**base, "steps": 4, "resume": True, "lr": 5e-3}))
+    )
     # The same settings (more steps) still resume.
     report = tune(TuneConfig(**{**base, "steps": 4, "resume": True}))
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
@@ -150,17 +196,35 @@ def _message(fn) -> str:
     return str(e.value)
 
 
-def test_resume_cli_refuses_changed_split_settings_before_any_network_call(tiny_models, sample_data, server_factory, tmp_path):
+def test_resume_cli_refuses_changed_split_settings_before_any_network_call(
+    tiny_models, sample_data, server_factory, tmp_path
+):
     server = server_factory(tiny_models["llama"])
     out = str(tmp_path / "run")
-    r = subprocess.run(_tune_cmd(server, sample_data, out, 2) + ["--audit", "no", "--lora-rank", "2"], capture_output=True, text=True)
+    r = subprocess.run(
+        _tune_cmd(server, sample_data, out, 2) + ["--audit", "no", "--lora-rank", "2"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     server.stop()  # a refusal must come from the checkpoint, before the client tries the (now gone) server
-    resume = _tune_cmd(server, sample_data, out, 4) + ["--audit", "no", "--lora-rank", "2", "--resume", "--retries", "0"]
-    for flag, change in {"--lr": ["--lr", "5e-3"], "--lora-rank": ["--lora-rank", "4"], "--codec": ["--codec", "float16"],
-                         "--gradient-codec": ["--gradient-codec", "bfloat16"], "--lora-codec": ["--lora-codec", "int8"],
-                         "--cloud-optimizer": ["--cloud-optimizer"], "--mode": ["--mode", "local", "--model", tiny_models["llama"]],
-                         "--no-middle-lora": ["--no-middle-lora"]}.items():
+    resume = _tune_cmd(server, sample_data, out, 4) + [
+        "--audit",
+        "no",
+        "--lora-rank",
+        "2",
+        "--resume",
+        "--retries",
+        "0",
+    ]
+    for flag, change in {
+        "--lr": ["--lr", "5e-3"],
+        "--lora-rank": ["--lora-rank", "4"],
+        "--codec": ["--codec", "float16"],
+        "--gradient-codec": ["--gradient-codec", "bfloat16"],
+        "--lora-codec": ["--lora-codec", "int8"],
+        "--cloud-optimizer": ["--cloud-optimizer"],
+        "--mode": ["--mode", "local", "--model", tiny_models["llama"]],
+        "--no-middle-lora": ["--no-middle-lora"],
+    }.items():
         r = subprocess.run(resume + change, capture_output=True, text=True)
         line = _one_line(r.stderr)
         assert r.returncode == 2 and flag in line and "--resume" in line, (flag, line)

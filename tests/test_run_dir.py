@@ -1,4 +1,5 @@
 """The run directory: `client tune` never overwrites another run's work without --overwrite."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,29 @@ def client(*args, check_rc=None):
 
 
 def local_tune(model, data, out, *extra, steps=2):
-    return ["tune", "--mode", "local", "--model", model, "--data", data, "--out", out, "--steps", str(steps),
-            "--batch-size", "2", "--seq-len", "32", "--lora-rank", "2", "--no-progress", "--threads", "1", *extra]
+    return [
+        "tune",
+        "--mode",
+        "local",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--lora-rank",
+        "2",
+        "--no-progress",
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def _snapshot(out):

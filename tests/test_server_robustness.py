@@ -3,6 +3,7 @@
 Every test talks to a real server subprocess over gRPC; bad requests go through a raw stub so that
 the client library's own validation cannot hide what the server does with them.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,15 @@ def _raw(server, options=CHANNEL_OPTIONS):
 
 
 def _open(stub, remote_lora=True, **kw) -> pb.OpenSessionResponse:
-    return stub.OpenSession(pb.OpenSessionRequest(
-        lora=pb.LoraSpec(rank=LORA.rank, alpha=LORA.alpha, dropout=LORA.dropout), remote_lora=remote_lora,
-        codec="float32", **kw), timeout=30)
+    return stub.OpenSession(
+        pb.OpenSessionRequest(
+            lora=pb.LoraSpec(rank=LORA.rank, alpha=LORA.alpha, dropout=LORA.dropout),
+            remote_lora=remote_lora,
+            codec="float32",
+            **kw,
+        ),
+        timeout=30,
+    )
 
 
 def _lora_size(info: pb.OpenSessionResponse) -> int:
@@ -53,9 +60,15 @@ def _lora_size(info: pb.OpenSessionResponse) -> int:
 def _fwd(sid, h, mask=None, step=0, lora=None, lora_version=0, train=True) -> pb.ForwardRequest:
     if mask is None:
         mask = torch.ones(h.shape[:2] if isinstance(h, torch.Tensor) else (2, 8), dtype=torch.uint8)
-    req = pb.ForwardRequest(session_id=sid, step=step, lora_version=lora_version, dropout_seed=1, train=train,
-                            hidden=h if isinstance(h, pb.Tensor) else serde.to_proto(h),
-                            attention_mask=mask if isinstance(mask, pb.Tensor) else serde.to_proto(mask))
+    req = pb.ForwardRequest(
+        session_id=sid,
+        step=step,
+        lora_version=lora_version,
+        dropout_seed=1,
+        train=train,
+        hidden=h if isinstance(h, pb.Tensor) else serde.to_proto(h),
+        attention_mask=mask if isinstance(mask, pb.Tensor) else serde.to_proto(mask),
+    )
     if lora is not None:
         req.lora.CopyFrom(lora if isinstance(lora, pb.Tensor) else serde.to_proto(lora))
     return req
@@ -76,8 +89,6 @@ def _rejects(call, req, code, *needles, reason=None):
     if reason is not None:
         assert _reason(e) == reason, f"reason {_reason(e)!r}, expected {reason!r}"
     return e
-
-
 
 
 def _train(t: Transport, sample_data, seed: int, steps: int, before_step=None) -> list[float]:
@@ -123,62 +134,232 @@ def _bad_requests(stub, sid: str, n_lora: int):
     ok_lora = torch.zeros(n_lora)
     F, B = stub.Forward, stub.Backward
     return [
-        ("hidden size 31", F, _fwd(sid, torch.randn(2, 8, 31), lora=ok_lora), inv,
-         ["hidden: expected shape [batch, seq, 32], got [2, 8, 31]"], "invalid"),
-        ("hidden 2-d", F, _fwd(sid, torch.randn(8, HIDDEN), mask=torch.ones(8, 1, dtype=torch.uint8)), inv,
-         ["expected shape"], "invalid"),
-        ("hidden float16", F, _fwd(sid, h.half(), lora=ok_lora), inv, ["expected dtype torch.float32", "float16"], "invalid"),
-        ("hidden int64", F, _fwd(sid, h.long(), lora=ok_lora), inv, ["expected dtype torch.float32", "int64"], "invalid"),
-        ("hidden unknown dtype code", F, _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=99, data=bytes(2048))), inv,
-         ["unknown dtype code 99"], "invalid"),
-        ("hidden byte count", F, _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=pb.FLOAT32, data=bytes(100))), inv,
-         ["hidden: shape [2, 8, 32]", "needs 2048 bytes, got 100"], "invalid"),
-        ("hidden negative dim", F, _fwd(sid, pb.Tensor(shape=[-2, 8, HIDDEN], dtype=pb.FLOAT32)), inv,
-         ["negative dimension"], "invalid"),
-        ("hidden empty", F, _fwd(sid, torch.zeros(0, 8, HIDDEN), mask=torch.ones(0, 8, dtype=torch.uint8)), inv,
-         ["empty batch"], "invalid"),
+        (
+            "hidden size 31",
+            F,
+            _fwd(sid, torch.randn(2, 8, 31), lora=ok_lora),
+            inv,
+            ["hidden: expected shape [batch, seq, 32], got [2, 8, 31]"],
+            "invalid",
+        ),
+        (
+            "hidden 2-d",
+            F,
+            _fwd(sid, torch.randn(8, HIDDEN), mask=torch.ones(8, 1, dtype=torch.uint8)),
+            inv,
+            ["expected shape"],
+            "invalid",
+        ),
+        (
+            "hidden float16",
+            F,
+            _fwd(sid, h.half(), lora=ok_lora),
+            inv,
+            ["expected dtype torch.float32", "float16"],
+            "invalid",
+        ),
+        (
+            "hidden int64",
+            F,
+            _fwd(sid, h.long(), lora=ok_lora),
+            inv,
+            ["expected dtype torch.float32", "int64"],
+            "invalid",
+        ),
+        (
+            "hidden unknown dtype code",
+            F,
+            _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=99, data=bytes(2048))),
+            inv,
+            ["unknown dtype code 99"],
+            "invalid",
+        ),
+        (
+            "hidden byte count",
+            F,
+            _fwd(sid, pb.Tensor(shape=[2, 8, HIDDEN], dtype=pb.FLOAT32, data=bytes(100))),
+            inv,
+            ["hidden: shape [2, 8, 32]", "needs 2048 bytes, got 100"],
+            "invalid",
+        ),
+        (
+            "hidden negative dim",
+            F,
+            _fwd(sid, pb.Tensor(shape=[-2, 8, HIDDEN], dtype=pb.FLOAT32)),
+            inv,
+            ["negative dimension"],
+            "invalid",
+        ),
+        (
+            "hidden empty",
+            F,
+            _fwd(sid, torch.zeros(0, 8, HIDDEN), mask=torch.ones(0, 8, dtype=torch.uint8)),
+            inv,
+            ["empty batch"],
+            "invalid",
+        ),
         ("hidden NaN", F, _fwd(sid, nan, lora=ok_lora), inv, ["hidden: contains NaN or Inf"], "invalid"),
         ("hidden Inf", F, _fwd(sid, inf, lora=ok_lora), inv, ["hidden: contains NaN or Inf"], "invalid"),
-        ("mask shape", F, _fwd(sid, h, mask=torch.ones(2, 7, dtype=torch.uint8), lora=ok_lora), inv,
-         ["attention_mask: expected shape [2, 8], got [2, 7]"], "invalid"),
-        ("mask value 2", F, _fwd(sid, h, mask=torch.full((2, 8), 2, dtype=torch.uint8), lora=ok_lora), inv,
-         ["attention_mask: expected uint8 zeros and ones"], "invalid"),
-        ("mask int64", F, _fwd(sid, h, mask=torch.ones(2, 8, dtype=torch.long), lora=ok_lora), inv,
-         ["attention_mask: expected uint8 zeros and ones"], "invalid"),
-        ("mask empty row", F, _fwd(sid, h, mask=torch.tensor([[1] * 8, [0] * 8], dtype=torch.uint8), lora=ok_lora), inv,
-         ["a row has no real token"], "invalid"),
-        ("too many tokens", F, _fwd(sid, torch.randn(4, 32, HIDDEN), lora=ok_lora), inv,
-         ["128 tokens in one step", "limit of 64"], "invalid"),
-        ("lora garbage bytes", F, _fwd(sid, h, lora=pb.Tensor(shape=[n_lora], dtype=pb.FLOAT32, data=b"garbage!")), inv,
-         ["lora: shape", "got 8"], "invalid"),
-        ("lora all-NaN bytes", F, _fwd(sid, h, lora=pb.Tensor(shape=[n_lora], dtype=pb.FLOAT32, data=b"\xff" * 4 * n_lora)),
-         inv, ["lora: contains NaN or Inf"], "invalid"),
-        ("lora wrong length", F, _fwd(sid, h, lora=torch.zeros(n_lora - 1)), inv,
-         [f"adapter vector has {n_lora - 1} values, expected {n_lora}"], "invalid"),
-        ("lora int8", F, _fwd(sid, h, lora=torch.zeros(n_lora, dtype=torch.int8)), inv,
-         ["lora: expected dtype torch.float32, got torch.int8"], "invalid"),
-        ("lora 2-d", F, _fwd(sid, h, lora=torch.zeros(1, n_lora)), inv, ["lora: expected a flat float32 vector"], "invalid"),
-        ("lora version never sent", F, _fwd(sid, h, lora_version=7), grpc.StatusCode.FAILED_PRECONDITION,
-         ["resend the adapter"], "lora-missing"),
-        ("unknown session", F, _fwd("no-such-session", h, lora=ok_lora), grpc.StatusCode.NOT_FOUND,
-         ["does not exist", "open a new session"], "no-session"),
-        ("backward without forward", B, pb.BackwardRequest(session_id=sid, step=99, grad_output=serde.to_proto(h)),
-         grpc.StatusCode.FAILED_PRECONDITION, ["no forward of step 99 is pending"], "no-step"),
-        ("backward unknown session", B, pb.BackwardRequest(session_id="nope", step=0, grad_output=serde.to_proto(h)),
-         grpc.StatusCode.NOT_FOUND, ["does not exist"], "no-session"),
-        ("backward grad NaN", B, pb.BackwardRequest(session_id=sid, step=0, grad_output=serde.to_proto(nan)), inv,
-         ["grad_output: contains NaN or Inf"], "invalid"),
-        ("open: wrong model", stub.OpenSession, pb.OpenSessionRequest(model_id="gpt-17", codec="float32"), inv,
-         ["this server serves", "gpt-17"], "invalid"),
-        ("open: unknown codec", stub.OpenSession, pb.OpenSessionRequest(codec="int3"), inv,
-         ["codec 'int3' is not supported"], "invalid"),
-        ("open: unknown target", stub.OpenSession,
-         pb.OpenSessionRequest(lora=pb.LoraSpec(rank=4, target_modules=["nope_proj"]), remote_lora=True), inv,
-         ["['nope_proj'] do not exist in this model"], "invalid"),
-        ("fetch: unknown session", lambda r, timeout: list(stub.FetchClientStages(r, timeout=timeout)),
-         pb.FetchClientStagesRequest(session_id="nope"), grpc.StatusCode.NOT_FOUND, ["does not exist"], "no-session"),
-        ("close: unknown session", stub.CloseSession, pb.CloseSessionRequest(session_id="nope"),
-         grpc.StatusCode.NOT_FOUND, ["does not exist"], "no-session"),
+        (
+            "mask shape",
+            F,
+            _fwd(sid, h, mask=torch.ones(2, 7, dtype=torch.uint8), lora=ok_lora),
+            inv,
+            ["attention_mask: expected shape [2, 8], got [2, 7]"],
+            "invalid",
+        ),
+        (
+            "mask value 2",
+            F,
+            _fwd(sid, h, mask=torch.full((2, 8), 2, dtype=torch.uint8), lora=ok_lora),
+            inv,
+            ["attention_mask: expected uint8 zeros and ones"],
+            "invalid",
+        ),
+        (
+            "mask int64",
+            F,
+            _fwd(sid, h, mask=torch.ones(2, 8, dtype=torch.long), lora=ok_lora),
+            inv,
+            ["attention_mask: expected uint8 zeros and ones"],
+            "invalid",
+        ),
+        (
+            "mask empty row",
+            F,
+            _fwd(sid, h, mask=torch.tensor([[1] * 8, [0] * 8], dtype=torch.uint8), lora=ok_lora),
+            inv,
+            ["a row has no real token"],
+            "invalid",
+        ),
+        (
+            "too many tokens",
+            F,
+            _fwd(sid, torch.randn(4, 32, HIDDEN), lora=ok_lora),
+            inv,
+            ["128 tokens in one step", "limit of 64"],
+            "invalid",
+        ),
+        (
+            "lora garbage bytes",
+            F,
+            _fwd(sid, h, lora=pb.Tensor(shape=[n_lora], dtype=pb.FLOAT32, data=b"garbage!")),
+            inv,
+            ["lora: shape", "got 8"],
+            "invalid",
+        ),
+        (
+            "lora all-NaN bytes",
+            F,
+            _fwd(sid, h, lora=pb.Tensor(shape=[n_lora], dtype=pb.FLOAT32, data=b"\xff" * 4 * n_lora)),
+            inv,
+            ["lora: contains NaN or Inf"],
+            "invalid",
+        ),
+        (
+            "lora wrong length",
+            F,
+            _fwd(sid, h, lora=torch.zeros(n_lora - 1)),
+            inv,
+            [f"adapter vector has {n_lora - 1} values, expected {n_lora}"],
+            "invalid",
+        ),
+        (
+            "lora int8",
+            F,
+            _fwd(sid, h, lora=torch.zeros(n_lora, dtype=torch.int8)),
+            inv,
+            ["lora: expected dtype torch.float32, got torch.int8"],
+            "invalid",
+        ),
+        (
+            "lora 2-d",
+            F,
+            _fwd(sid, h, lora=torch.zeros(1, n_lora)),
+            inv,
+            ["lora: expected a flat float32 vector"],
+            "invalid",
+        ),
+        (
+            "lora version never sent",
+            F,
+            _fwd(sid, h, lora_version=7),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["resend the adapter"],
+            "lora-missing",
+        ),
+        (
+            "unknown session",
+            F,
+            _fwd("no-such-session", h, lora=ok_lora),
+            grpc.StatusCode.NOT_FOUND,
+            ["does not exist", "open a new session"],
+            "no-session",
+        ),
+        (
+            "backward without forward",
+            B,
+            pb.BackwardRequest(session_id=sid, step=99, grad_output=serde.to_proto(h)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            ["no forward of step 99 is pending"],
+            "no-step",
+        ),
+        (
+            "backward unknown session",
+            B,
+            pb.BackwardRequest(session_id="nope", step=0, grad_output=serde.to_proto(h)),
+            grpc.StatusCode.NOT_FOUND,
+            ["does not exist"],
+            "no-session",
+        ),
+        (
+            "backward grad NaN",
+            B,
+            pb.BackwardRequest(session_id=sid, step=0, grad_output=serde.to_proto(nan)),
+            inv,
+            ["grad_output: contains NaN or Inf"],
+            "invalid",
+        ),
+        (
+            "open: wrong model",
+            stub.OpenSession,
+            pb.OpenSessionRequest(model_id="gpt-17", codec="float32"),
+            inv,
+            ["this server serves", "gpt-17"],
+            "invalid",
+        ),
+        (
+            "open: unknown codec",
+            stub.OpenSession,
+            pb.OpenSessionRequest(codec="int3"),
+            inv,
+            ["codec 'int3' is not supported"],
+            "invalid",
+        ),
+        (
+            "open: unknown target",
+            stub.OpenSession,
+            pb.OpenSessionRequest(lora=pb.LoraSpec(rank=4, target_modules=["nope_proj"]), remote_lora=True),
+            inv,
+            ["['nope_proj'] do not exist in this model"],
+            "invalid",
+        ),
+        (
+            "fetch: unknown session",
+            lambda r, timeout: list(stub.FetchClientStages(r, timeout=timeout)),
+            pb.FetchClientStagesRequest(session_id="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            ["does not exist"],
+            "no-session",
+        ),
+        (
+            "close: unknown session",
+            stub.CloseSession,
+            pb.CloseSessionRequest(session_id="nope"),
+            grpc.StatusCode.NOT_FOUND,
+            ["does not exist"],
+            "no-session",
+        ),
     ]
 
 
@@ -190,7 +371,9 @@ def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data
 
     def session_a():
         try:
-            result["losses"] = _train(t, sample_data, seed=11, steps=steps, before_step=lambda _s: permits.get(timeout=120))
+            result["losses"] = _train(
+                t, sample_data, seed=11, steps=steps, before_step=lambda _s: permits.get(timeout=120)
+            )
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             result["error"] = e
 
@@ -214,7 +397,9 @@ def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data
         permits.put(-1)
 
     # A message over the server's receive limit (256 MiB): refused by gRPC itself, the server survives.
-    big_ch, big_stub = _raw(guarded, [("grpc.max_send_message_length", 2**30), ("grpc.max_receive_message_length", 2**30)])
+    big_ch, big_stub = _raw(
+        guarded, [("grpc.max_send_message_length", 2**30), ("grpc.max_receive_message_length", 2**30)]
+    )
     huge = _fwd(sid, pb.Tensor(shape=[1], dtype=pb.FLOAT32, data=bytes(serde.MAX_MESSAGE_BYTES + 1024)))
     assert huge.ByteSize() > serde.MAX_MESSAGE_BYTES
     _rejects(big_stub.Forward, huge, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max")
@@ -233,15 +418,27 @@ def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data
     h = torch.randn(2, 8, HIDDEN)
     out = stub.Forward(_fwd(sid, h, step=3, lora=torch.full((n_lora,), 0.01)), timeout=60)
     assert list(out.hidden.shape) == [2, 8, HIDDEN]
-    _rejects(stub.Backward, pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 9, HIDDEN))),
-             grpc.StatusCode.INVALID_ARGUMENT, "grad_output: expected shape [2, 8, 32], got [2, 9, 32]", reason="invalid")
-    back = stub.Backward(pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 8, HIDDEN))), timeout=60)
+    _rejects(
+        stub.Backward,
+        pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 9, HIDDEN))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grad_output: expected shape [2, 8, 32], got [2, 9, 32]",
+        reason="invalid",
+    )
+    back = stub.Backward(
+        pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 8, HIDDEN))), timeout=60
+    )
     assert list(back.grad_input.shape) == [2, 8, HIDDEN]
     assert list(back.lora_grad.shape) == [n_lora]
     assert torch.isfinite(serde.from_proto(back.lora_grad)).all()
     # The state is consumed: a second backward of the same step is a precondition failure.
-    _rejects(stub.Backward, pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 8, HIDDEN))),
-             grpc.StatusCode.FAILED_PRECONDITION, "no forward of step 3", reason="no-step")
+    _rejects(
+        stub.Backward,
+        pb.BackwardRequest(session_id=sid, step=3, grad_output=serde.to_proto(torch.ones(2, 8, HIDDEN))),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no forward of step 3",
+        reason="no-step",
+    )
     stub.CloseSession(pb.CloseSessionRequest(session_id=sid), timeout=30)
     _rejects(stub.Forward, _fwd(sid, h, lora=torch.zeros(n_lora)), grpc.StatusCode.NOT_FOUND, "does not exist")
     ch.close()
@@ -285,14 +482,31 @@ def test_memory_cap_evicts_and_client_recomputes(tiny_models, sample_data, serve
     g = serde.to_proto(torch.ones(BATCH, SEQ, HIDDEN))
     stub.Forward(_fwd(a.session_id, h, lora=torch.zeros(n)), timeout=60)
     stub.Forward(_fwd(b.session_id, h, lora=torch.zeros(n)), timeout=60)
-    _rejects(stub.Backward, pb.BackwardRequest(session_id=a.session_id, step=0, grad_output=g), grpc.StatusCode.ABORTED,
-             "evicted", "redo the step's forward", reason="evicted")
-    _rejects(stub.Backward, pb.BackwardRequest(session_id=a.session_id, step=0, grad_output=g),
-             grpc.StatusCode.FAILED_PRECONDITION, "no forward of step 0", reason="no-step")
+    _rejects(
+        stub.Backward,
+        pb.BackwardRequest(session_id=a.session_id, step=0, grad_output=g),
+        grpc.StatusCode.ABORTED,
+        "evicted",
+        "redo the step's forward",
+        reason="evicted",
+    )
+    _rejects(
+        stub.Backward,
+        pb.BackwardRequest(session_id=a.session_id, step=0, grad_output=g),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "no forward of step 0",
+        reason="no-step",
+    )
     stub.Backward(pb.BackwardRequest(session_id=b.session_id, step=0, grad_output=g), timeout=60)
     # One step bigger than the whole cap: RESOURCE_EXHAUSTED telling to shrink the batch.
-    _rejects(stub.Forward, _fwd(a.session_id, torch.randn(4, 2 * SEQ, HIDDEN), step=1), grpc.StatusCode.RESOURCE_EXHAUSTED,
-             "over the server's cap", "--batch-size", reason="too-large")
+    _rejects(
+        stub.Forward,
+        _fwd(a.session_id, torch.randn(4, 2 * SEQ, HIDDEN), step=1),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "over the server's cap",
+        "--batch-size",
+        reason="too-large",
+    )
     for s in (a, b):
         stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id), timeout=30)
     ch.close()
@@ -312,8 +526,10 @@ def test_memory_cap_evicts_and_client_recomputes(tiny_models, sample_data, serve
     steps, seeds = 3, (1, 2)
     caplog.set_level(logging.WARNING, logger="tandem.client.staged")
     models = [connect_split(t, LORA, seed=s) for s in seeds]
-    datas = [load_split(sample_data, m.tokenizer, seq_len=SEQ, batch_size=BATCH, seed=s, val_fraction=0.1)
-             for m, s in zip(models, seeds)]
+    datas = [
+        load_split(sample_data, m.tokenizer, seq_len=SEQ, batch_size=BATCH, seed=s, val_fraction=0.1)
+        for m, s in zip(models, seeds)
+    ]
     opts = [torch.optim.AdamW(m.adapter.parameters(), lr=5e-2) for m in models]
     interleaved = [[], []]
     for step in range(steps):
@@ -354,10 +570,20 @@ def test_idle_session_expires_after_ttl(tiny_models, server_factory):
     while time.monotonic() < t_end:
         stub.Forward(_fwd(busy.session_id, h, train=False), timeout=30)
         time.sleep(0.3)
-    _rejects(stub.Forward, _fwd(idle.session_id, h, train=False), grpc.StatusCode.NOT_FOUND,
-             "expired", "open a new session", reason="no-session")
-    _rejects(stub.Backward, pb.BackwardRequest(session_id=idle.session_id, step=0, grad_output=serde.to_proto(h)),
-             grpc.StatusCode.NOT_FOUND, "does not exist")
+    _rejects(
+        stub.Forward,
+        _fwd(idle.session_id, h, train=False),
+        grpc.StatusCode.NOT_FOUND,
+        "expired",
+        "open a new session",
+        reason="no-session",
+    )
+    _rejects(
+        stub.Backward,
+        pb.BackwardRequest(session_id=idle.session_id, step=0, grad_output=serde.to_proto(h)),
+        grpc.StatusCode.NOT_FOUND,
+        "does not exist",
+    )
     out = stub.Forward(_fwd(busy.session_id, h, train=False), timeout=30)
     assert list(out.hidden.shape) == [1, 4, HIDDEN]
     ch.close()

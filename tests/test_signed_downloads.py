@@ -5,6 +5,7 @@ only the stages' hash used to be signed (OpenSession), so it could hand the clie
 its own (its choice of token ids for every text), and that tokenizer stayed in the cache for later
 direct runs. The handshake now signs a digest of every file's name and SHA-256.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,6 @@ def _swap_tokenizer(cs):
     files = whole_files(cs)
     files["tokenizer.json"] = _swapped_vocab(files["tokenizer.json"])
     return [chunk(n, b) for n, b in files.items()]
-
-
 
 
 def test_a_hop_cannot_substitute_the_tokenizer(cloud, cache):

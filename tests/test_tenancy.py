@@ -3,6 +3,7 @@
 Every test talks to a real server subprocess over mutual TLS; hostile requests go through a raw stub so
 that the client library's own checks cannot hide what the server does with them.
 """
+
 from __future__ import annotations
 
 import signal
@@ -28,20 +29,32 @@ def _raw(server):
 
     key, cert, ca = read_bundle(server.identity)
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    ch = grpc.secure_channel(server.addr, creds, options=[("grpc.max_send_message_length", 2**28),
-                                                          ("grpc.max_receive_message_length", 2**28)])
+    ch = grpc.secure_channel(
+        server.addr,
+        creds,
+        options=[("grpc.max_send_message_length", 2**28), ("grpc.max_receive_message_length", 2**28)],
+    )
     return ch, pb_grpc.SplitTuningStub(ch)
 
 
 def _open(stub, remote_lora=False, rank=4, **kw) -> pb.OpenSessionResponse:
-    return stub.OpenSession(pb.OpenSessionRequest(lora=pb.LoraSpec(rank=rank, alpha=8), remote_lora=remote_lora,
-                                                  codec="float32", **kw), timeout=30)
+    return stub.OpenSession(
+        pb.OpenSessionRequest(lora=pb.LoraSpec(rank=rank, alpha=8), remote_lora=remote_lora, codec="float32", **kw),
+        timeout=30,
+    )
 
 
 def _fwd(sid, h, step=0, train=True, **kw) -> pb.ForwardRequest:
     mask = torch.ones(h.shape[:2], dtype=torch.uint8)
-    return pb.ForwardRequest(session_id=sid, step=step, dropout_seed=1, train=train, hidden=serde.to_proto(h),
-                             attention_mask=serde.to_proto(mask), **kw)
+    return pb.ForwardRequest(
+        session_id=sid,
+        step=step,
+        dropout_seed=1,
+        train=train,
+        hidden=serde.to_proto(h),
+        attention_mask=serde.to_proto(mask),
+        **kw,
+    )
 
 
 def _health(ch) -> int:
@@ -52,11 +65,13 @@ def _health(ch) -> int:
 def _in_threads(fns, timeout=300):
     res, ths = {}, []
     for i, fn in enumerate(fns):
+
         def run(i=i, fn=fn):
             try:
                 res[i] = fn()
             except BaseException as e:  # noqa: BLE001 - checked by the caller
                 res[i] = e
+
         ths.append(threading.Thread(target=run, daemon=True))
         ths[-1].start()
     return ths, res
@@ -71,8 +86,10 @@ def test_an_oversized_legal_forward_runs_alone_while_others_train(tiny_models, s
     h = torch.randn(136, 128, HIDDEN)  # 17,408 tokens: over --batch-max-tokens 16,384, under the 65,536 step limit
     out = stub.Forward(_fwd(big.session_id, h), timeout=120)
     assert list(out.hidden.shape) == [136, 128, HIDDEN]
-    back = stub.Backward(pb.BackwardRequest(session_id=big.session_id, step=0,
-                                            grad_output=serde.to_proto(torch.ones_like(h))), timeout=120)
+    back = stub.Backward(
+        pb.BackwardRequest(session_id=big.session_id, step=0, grad_output=serde.to_proto(torch.ones_like(h))),
+        timeout=120,
+    )
     assert list(back.grad_input.shape) == [136, 128, HIDDEN]
     for th in ths:
         th.join(300)
@@ -129,7 +146,9 @@ def test_forward_state_without_backward_is_freed(tiny_models, server_factory, mo
     a = _open(stub).session_id
     forwards([a], range(10))
     held = _rss_mb(pid) - base
-    assert held < 3 * graph, f"superseded graphs kept: {held:.0f} MB held after 10 forwards; one graph is {graph:.0f} MB"
+    assert held < 3 * graph, (
+        f"superseded graphs kept: {held:.0f} MB held after 10 forwards; one graph is {graph:.0f} MB"
+    )
     close(a)
     left = _rss_mb(pid) - base
     assert left < 2 * graph, f"CloseSession left {left:.0f} MB; one graph is {graph:.0f} MB"
@@ -198,8 +217,9 @@ def test_a_padded_forward_is_estimated_with_its_mask(tiny_models, server_factory
 def test_lora_rank_and_cloud_optimizer_state_count_against_the_cap(tiny_models, server_factory):
     server = server_factory(tiny_models["llama"], "--memory-cap-mb", "16", "--max-lora-rank", "4096")
     ch, stub = _raw(server)
-    code, reason, details = _code_reason(stub.OpenSession, pb.OpenSessionRequest(
-        lora=pb.LoraSpec(rank=30000, alpha=8), remote_lora=True))
+    code, reason, details = _code_reason(
+        stub.OpenSession, pb.OpenSessionRequest(lora=pb.LoraSpec(rank=30000, alpha=8), remote_lora=True)
+    )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "--max-lora-rank" in details and "30000" in details, details
     opt = pb.AdamW(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
     req = pb.OpenSessionRequest(lora=pb.LoraSpec(rank=2048, alpha=8), remote_lora=True, cloud_optimizer=opt)
@@ -238,14 +258,42 @@ def test_hostile_messages_get_bounded_reasoned_errors(tiny_models, server_factor
     h = torch.randn(2, 8, HIDDEN)
     lora = lambda **kw: pb.OpenSessionRequest(lora=pb.LoraSpec(**{"rank": 4, "alpha": 8, **kw}), remote_lora=True)  # noqa: E731
     cases = [
-        ("no LoRA sent yet, version -1", stub.Forward, _fwd(sid, h, lora_version=-1),
-         grpc.StatusCode.FAILED_PRECONDITION, "lora-missing", "no remote LoRA"),
-        ("zero-element shape with overflowing dims", stub.Forward,
-         pb.ForwardRequest(session_id=sid, hidden=pb.Tensor(shape=[2**62, 2**62, 0], dtype=pb.FLOAT32),
-                           attention_mask=serde.to_proto(torch.ones(2, 8, dtype=torch.uint8))),
-         inv, "invalid", "larger than any message"),
-        ("100 kB target module", stub.OpenSession, lora(target_modules=["q" * 100_000]), inv, "invalid", "do not exist"),
-        ("20 MB model id", stub.OpenSession, pb.OpenSessionRequest(model_id="m" * 20_000_000), inv, "invalid", "not 'mmm"),
+        (
+            "no LoRA sent yet, version -1",
+            stub.Forward,
+            _fwd(sid, h, lora_version=-1),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "lora-missing",
+            "no remote LoRA",
+        ),
+        (
+            "zero-element shape with overflowing dims",
+            stub.Forward,
+            pb.ForwardRequest(
+                session_id=sid,
+                hidden=pb.Tensor(shape=[2**62, 2**62, 0], dtype=pb.FLOAT32),
+                attention_mask=serde.to_proto(torch.ones(2, 8, dtype=torch.uint8)),
+            ),
+            inv,
+            "invalid",
+            "larger than any message",
+        ),
+        (
+            "100 kB target module",
+            stub.OpenSession,
+            lora(target_modules=["q" * 100_000]),
+            inv,
+            "invalid",
+            "do not exist",
+        ),
+        (
+            "20 MB model id",
+            stub.OpenSession,
+            pb.OpenSessionRequest(model_id="m" * 20_000_000),
+            inv,
+            "invalid",
+            "not 'mmm",
+        ),
         ("100 kB codec", stub.OpenSession, pb.OpenSessionRequest(codec="c" * 100_000), inv, "invalid", "not supported"),
         ("alpha NaN", stub.OpenSession, lora(alpha=float("nan")), inv, "invalid", "alpha"),
         ("alpha Inf", stub.OpenSession, lora(alpha=float("inf")), inv, "invalid", "alpha"),
@@ -254,7 +302,14 @@ def test_hostile_messages_get_bounded_reasoned_errors(tiny_models, server_factor
         ("dropout -0.5", stub.OpenSession, lora(dropout=-0.5), inv, "invalid", "dropout"),
         ("dropout NaN", stub.OpenSession, lora(dropout=float("nan")), inv, "invalid", "dropout"),
         ("rank -3", stub.OpenSession, lora(rank=-3), inv, "invalid", "rank"),
-        ("1000 targets", stub.OpenSession, lora(target_modules=["q_proj"] * 1000), inv, "invalid", "--max-lora-targets"),
+        (
+            "1000 targets",
+            stub.OpenSession,
+            lora(target_modules=["q_proj"] * 1000),
+            inv,
+            "invalid",
+            "--max-lora-targets",
+        ),
     ]
     lines = len(server.log().splitlines())
     for label, call, req, code, reason, needle in cases:
@@ -293,7 +348,9 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
     assert code == grpc.StatusCode.INTERNAL and reason == "internal", (code, details)
     assert "secret-looking" not in details
     mine = [r for r in caplog.records if r.name == "tandem.cloud.servicer"]
-    assert len(mine) == 1 and "KeyError" in mine[0].getMessage() and not mine[0].exc_info, [r.getMessage() for r in mine]
+    assert len(mine) == 1 and "KeyError" in mine[0].getMessage() and not mine[0].exc_info, [
+        r.getMessage() for r in mine
+    ]
     ch.close()
     server.stop(0)
 
@@ -355,14 +412,18 @@ def test_unread_emulator_downloads_do_not_freeze_the_server(wide_model, server_f
     chans = [_raw(server) for _ in range(10)]
     ch0, stub0 = chans[0]
     sid = _open(stub0).session_id
-    calls = [offsite_pb2_grpc.OffsiteTuningStub(ch).FetchEmulator(offsite_pb2.FetchEmulatorRequest(), timeout=120)
-             for ch, _ in chans]
+    calls = [
+        offsite_pb2_grpc.OffsiteTuningStub(ch).FetchEmulator(offsite_pb2.FetchEmulatorRequest(), timeout=120)
+        for ch, _ in chans
+    ]
     deadline = time.monotonic() + 5
     while sum(c.done() for c in calls) < 6 and time.monotonic() < deadline:
         time.sleep(0.1)
     refused = [c for c in calls if c.done()]
     assert len(refused) == 6, f"{len(refused)} emulator downloads refused; the server runs 4 downloads at once"
-    assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 4 downloads" in c.details() for c in refused)
+    assert all(
+        c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 4 downloads" in c.details() for c in refused
+    )
     t1 = time.monotonic()
     assert _health(ch0) == health_pb2.HealthCheckResponse.SERVING
     out = stub0.Forward(_fwd(sid, torch.randn(1, 8, 256), train=False), timeout=30)

@@ -1,5 +1,6 @@
 """One tokenizer loader for every mode: local, split (files shipped by the cloud), offsite and the cloud's own
 generation tokenize a text to the same ids, whatever class the tokenizer files name."""
+
 from __future__ import annotations
 
 import json

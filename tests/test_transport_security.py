@@ -1,4 +1,5 @@
 """Mutual TLS identities, revocation, session ownership, quotas, and sealed tensors against real servers."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -36,8 +37,13 @@ def _code(fn, *a, **k):
 
 
 def _fwd(session_id, step=0):
-    return pb.ForwardRequest(session_id=session_id, step=step, hidden=serde.to_proto(torch.randn(1, 4, 32)),
-                             attention_mask=serde.to_proto(torch.ones(1, 4, dtype=torch.uint8)), train=False)
+    return pb.ForwardRequest(
+        session_id=session_id,
+        step=step,
+        hidden=serde.to_proto(torch.randn(1, 4, 32)),
+        attention_mask=serde.to_proto(torch.ones(1, 4, dtype=torch.uint8)),
+        train=False,
+    )
 
 
 def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_path):
@@ -51,8 +57,7 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
     assert code == grpc.StatusCode.UNAVAILABLE
     ch.close()
     # An expired certificate (valid yesterday only) is refused too.
-    old = issue_bundle(server.tls_dir, "expired", days=1,
-                       not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    old = issue_bundle(server.tls_dir, "expired", days=1, not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
     ch, stub = _stub(server, old)
     assert _code(stub.GetInfo, pb.GetInfoRequest())[0] == grpc.StatusCode.UNAVAILABLE
     ch.close()
@@ -63,12 +68,19 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
     assert len(a.Forward(_fwd(sa.session_id), timeout=30).hidden.data) == 4 * 4 * 32
     # Bob cannot forward, backward, read (fetch) or close Alice's session.
     assert _code(b.Forward, _fwd(sa.session_id))[0] == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(b.Backward, pb.BackwardRequest(session_id=sa.session_id, step=0,
-                                                grad_output=serde.to_proto(torch.ones(1, 4, 32))))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        _code(
+            b.Backward,
+            pb.BackwardRequest(session_id=sa.session_id, step=0, grad_output=serde.to_proto(torch.ones(1, 4, 32))),
+        )[0]
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
     with pytest.raises(grpc.RpcError) as ei:
         list(b.FetchClientStages(pb.FetchClientStagesRequest(session_id=sa.session_id), timeout=30))
     assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(b.CloseSession, pb.CloseSessionRequest(session_id=sa.session_id))[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        _code(b.CloseSession, pb.CloseSessionRequest(session_id=sa.session_id))[0] == grpc.StatusCode.PERMISSION_DENIED
+    )
     assert a.Forward(_fwd(sa.session_id), timeout=30).hidden.data  # still Alice's, still alive
 
     # Revoking Bob takes effect on his next call, on the open connection, without a restart.
@@ -76,8 +88,12 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
 
     from conftest import BIN
 
-    out = subprocess.run([os.path.join(BIN, "cloud"), "certs", "revoke", "bob", "--dir", server.tls_dir],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [os.path.join(BIN, "cloud"), "certs", "revoke", "bob", "--dir", server.tls_dir],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "revoked identity 'bob'" in out
     code, details = _code(b.GetInfo, pb.GetInfoRequest())
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked" in details
@@ -112,8 +128,14 @@ def test_sealed_tensors_reject_tamper_and_replay(tiny_models, sample_data, serve
 
     # A well-formed sealed request works; the payload on the wire is ciphertext, not the tensor.
     h = torch.randn(1, 4, 32)
-    req = pb.ForwardRequest(session_id=sess.id, step=0, hidden=serde.to_proto(h),
-                            attention_mask=serde.to_proto(torch.ones(1, 4, dtype=torch.uint8)), lora_version=-5, train=False)
+    req = pb.ForwardRequest(
+        session_id=sess.id,
+        step=0,
+        hidden=serde.to_proto(h),
+        attention_mask=serde.to_proto(torch.ones(1, 4, dtype=torch.uint8)),
+        lora_version=-5,
+        train=False,
+    )
     req.lora.CopyFrom(serde.to_proto(torch.zeros(sum(p.numel() for p in sm.middle.params))))
     sealed = pb.ForwardRequest()
     sealed.CopyFrom(req)
@@ -259,7 +281,9 @@ def test_revocation_is_by_certificate_and_a_name_can_be_issued_again(tiny_models
     assert _refused_as_revoked(server, bob1)
     # Issuing a name again is explicit: without --force it is refused (its bundle would be overwritten).
     r = _cloud("certs", "issue", "bob", "--dir", d)
-    assert r.returncode == 2 and "issued before" in r.stderr and "--force" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert (
+        r.returncode == 2 and "issued before" in r.stderr and "--force" in r.stderr and len(r.stderr.splitlines()) == 1
+    )
     r = _cloud("certs", "issue", "bob", "--dir", d, "--force")
     assert r.returncode == 0, r.stderr
     bob2 = _copy(os.path.join(d, "clients", "bob.pem"), tmp_path, "bob2.pem")
@@ -332,8 +356,19 @@ def test_reserved_and_malformed_identity_names_are_refused(tmp_path):
     d = str(tmp_path / "tls")
     assert _cloud("certs", "init", "--dir", d).returncode == 0
     before = sorted(os.listdir(d))
-    for bad in ("anonymous", "Anonymous", "server", "CA", "tandem-server", "Tandem-Sealing", "bob\n", "b\u00f3b",
-                "../x", "x" * 65, ""):
+    for bad in (
+        "anonymous",
+        "Anonymous",
+        "server",
+        "CA",
+        "tandem-server",
+        "Tandem-Sealing",
+        "bob\n",
+        "b\u00f3b",
+        "../x",
+        "x" * 65,
+        "",
+    ):
         r = _cloud("certs", "issue", bad, "--dir", d)
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, (bad, r.stderr)
         assert "reserved" in r.stderr or "identity name" in r.stderr, r.stderr
@@ -356,8 +391,13 @@ def test_a_request_larger_than_the_quota_burst_is_refused_not_retried(tiny_model
     mport = free_port()
     server = server_factory(tiny_models["llama"], "--quota-mbps", "0.01", "--metrics-port", str(mport))  # burst 40 KiB
     t = Transport(server.tcfg(retries=3, backoff_s=0.05))
-    req = pb.ForwardRequest(session_id="x" * 32, step=0, hidden=serde.to_proto(torch.randn(1, 400, 32)),  # 50 KiB
-                            attention_mask=serde.to_proto(torch.ones(1, 400, dtype=torch.uint8)), train=False)
+    req = pb.ForwardRequest(
+        session_id="x" * 32,
+        step=0,
+        hidden=serde.to_proto(torch.randn(1, 400, 32)),  # 50 KiB
+        attention_mask=serde.to_proto(torch.ones(1, 400, dtype=torch.uint8)),
+        train=False,
+    )
     with pytest.raises(ServerError) as ei:
         t.call("Forward", req)
     e = ei.value

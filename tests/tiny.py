@@ -1,4 +1,5 @@
 """Tiny random models of each supported architecture, with their own small tokenizers, for tests."""
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,12 @@ def make_tokenizer(out_dir: str, vocab_size: int = 300):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(SAMPLE_TEXT, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<pad>",
-                                  bos_token="<|endoftext|>")
+    bpe.train_from_iterator(
+        SAMPLE_TEXT, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|endoftext|>", "<pad>"]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", pad_token="<pad>", bos_token="<|endoftext|>"
+    )
     tok.save_pretrained(out_dir)
     return tok
 
@@ -33,13 +37,31 @@ def make_model(arch: str, out_dir: str, layers: int = 6, seed: int = 0, hidden: 
     os.makedirs(out_dir, exist_ok=True)
     tok = make_tokenizer(out_dir)
     vocab = len(tok) + 4
-    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    common = dict(
+        vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=True, **common)
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=True,
+            **common,
+        )
     elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=positions, tie_word_embeddings=False, **common)
+        cfg = Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=positions,
+            tie_word_embeddings=False,
+            **common,
+        )
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions, **common)
     else:

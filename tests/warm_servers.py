@@ -5,6 +5,7 @@ forking it from an interpreter that already imported torch, transformers and grp
 load (well under a second for a tiny model) instead of the imports (about 4 s, 10 s on a loaded 2-core machine).
 The parent never creates a gRPC channel, server or torch thread pool, so forking it is safe.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ class WarmServers:
     def __init__(self, tmp_path):
         self.tmp = tmp_path
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-        self.proc = subprocess.Popen([sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.pids: list[int] = []
 
     def start(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str]:
