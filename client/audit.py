@@ -147,14 +147,14 @@ def attach(sm, cfg, total_steps: int, recorder: AuditRecorder | None) -> Privacy
         recorder = AuditRecorder(cfg.out)
     if recorder is not None:
         recorder.steps = plan_steps(total_steps)
-        recorder.sealer_of = lambda: getattr(getattr(sm.middle, "session", None), "sealer", None)
+        recorder.sealer_of = lambda: sm.session.sealer if sm.session is not None else None
     tap = PrivacyTap(sm, recorder if audit_on else None, defense, record_requests=sm.mode != "split")
     sm.cut_transform = tap
     ctx = {
         "mode": sm.mode,
         "model_config_json": config_json(sm.config),
         "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
-        "stages_sha256": getattr(sm, "stages_sha256", ""),
+        "stages_sha256": sm.stages_sha256,
         "model": cfg.model,
         "defense": defense.describe() if defense else None,
         "audit": audit_on,

@@ -45,6 +45,10 @@ def _gen(seed: int) -> torch.Generator:
 class LocalMiddle:
     """The middle blocks in this process (local mode: the model owner's verification run)."""
 
+    session = None  # nothing is sent: no session, no sealer
+    params: list = []  # no remote LoRA: the adapter's middle slots are trained here like any other
+    cloud_optimizer = False
+
     def __init__(self, stage: MiddleStage, adapter: LoRAAdapter, names: list[str]):
         self.stage, self.adapter, self.names = stage, adapter, names
 
@@ -352,6 +356,11 @@ class StagedModel:
             for k, v in block.state_dict().items():
                 out[f"{prefix}.{gid}.{k.replace('.base_layer.', '.')}"] = v.detach().contiguous()
         return out
+
+    @property
+    def session(self) -> Session | None:
+        """The live cloud session (split mode; None otherwise): its codecs and sealer, for recording and the report."""
+        return self.middle.session
 
     def close(self) -> None:
         if isinstance(self.middle, RemoteMiddle):

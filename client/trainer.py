@@ -392,7 +392,7 @@ def tune(cfg: TuneConfig, tcfg: TransportConfig | None = None) -> dict:
 
 
 def _wire(sm: StagedModel) -> dict:
-    sess = getattr(sm.middle, "session", None)
+    sess = sm.session
     if sess is None:
         return {"codec": None, "gradient_codec": None, "lora_codec": None, "sealed": False, "sealing": "off"}
     # "sealed" only says tensors were encrypted; "sealing" says against whom (authenticated: active hops too).
@@ -430,7 +430,7 @@ def _report(cfg, sm, data, steps, meter, val_before, val_after, wall) -> dict:
             "trainable_params": sum(p.numel() for p in sm.adapter.parameters())
             + (sum(v.numel() for v in sm.client_block_state().values()) if cfg.tune_client_blocks else 0),
             "client_blocks_tuned": cfg.tune_client_blocks,
-            "remote_lora_params": sum(p.numel() for p in getattr(sm.middle, "params", [])),
+            "remote_lora_params": sum(p.numel() for p in sm.middle.params),
         },
         "steps": steps,
         "totals": {
