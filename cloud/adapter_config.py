@@ -41,6 +41,21 @@ _OFF = (
     "alora_invocation_tokens",
     "arrow_config",
 )
+# Options this server knows: the ones it checks, the harmless ones and the ones served only when off.
+_KNOWN = {
+    "peft_type",
+    "base_model_name_or_path",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "fan_in_fan_out",
+    "bias",
+    "target_modules",
+    "layers_to_transform",
+    "init_lora_weights",
+    *_INFO,
+    *_OFF,
+}
 
 
 class ConfigError(ValueError):
@@ -79,14 +94,7 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
     Raises:
         ConfigError: naming the first field that is wrong, and what it should be.
     """
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"is {len(raw)} bytes; a LoRA config is at most {MAX_CONFIG_BYTES}")
-    try:
-        cfg = json.loads(raw, parse_constant=lambda c: _reject_constant(c))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"is not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"must be a JSON object, got {type(cfg).__name__}")
+    cfg = _read_json(raw)
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(f"peft_type {cfg.get('peft_type')!r}, expected 'LORA'")
     base = cfg.get("base_model_name_or_path")
@@ -95,6 +103,26 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
             f"the adapter was tuned for {base!r}, this server serves {model_id!r}; "
             "tune against this model's emulator or server"
         )
+    rank, targets, alpha = _check_lora(cfg, model_id, leaves)
+    _check_options(cfg, fan_in_fan_out)
+    return LoraSettings(rank, float(alpha), frozenset(targets), _check_layers(cfg, num_layers))
+
+
+def _read_json(raw: bytes) -> dict:
+    """The config as a JSON object, bounded in size and free of NaN / Infinity."""
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"is {len(raw)} bytes; a LoRA config is at most {MAX_CONFIG_BYTES}")
+    try:
+        cfg = json.loads(raw, parse_constant=lambda c: _reject_constant(c))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"must be a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _check_lora(cfg: dict, model_id: str, leaves: set[str]) -> tuple[int, list[str], int | float]:
+    """The adapter's (r, target_modules, lora_alpha), each checked against the served model."""
     rank = cfg.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_RANK:
         raise ConfigError(f"r must be an integer in 1..{MAX_RANK}, got {rank!r}")
@@ -110,6 +138,11 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
     alpha = cfg.get("lora_alpha", rank)
     if not _number(alpha) or not 0 < alpha <= MAX_ALPHA:
         raise ConfigError(f"lora_alpha must be a finite number in (0, {MAX_ALPHA:g}], got {alpha!r}")
+    return rank, targets, alpha
+
+
+def _check_options(cfg: dict, fan_in_fan_out: bool) -> None:
+    """Every other option: harmless, or off when it would change what the adapter computes."""
     dropout = cfg.get("lora_dropout", 0.0)
     if not _number(dropout) or not 0 <= dropout < 1:
         raise ConfigError(f"lora_dropout must be a number in [0, 1), got {dropout!r}")
@@ -123,48 +156,35 @@ def parse_config(raw: bytes, model_id: str, leaves: set[str], fan_in_fan_out: bo
     for key in _OFF:
         if not _off(cfg.get(key)):
             raise ConfigError(f"{key} is not supported here (served adapters are plain LoRA); leave it unset")
-    if cfg.get("init_lora_weights", True) not in (
-        True,
-        False,
-        "gaussian",
-    ):  # "pissa", "olora"... change the base weights
+    # "pissa", "olora"... change the base weights
+    if cfg.get("init_lora_weights", True) not in (True, False, "gaussian"):
         raise ConfigError(f"init_lora_weights {cfg.get('init_lora_weights')!r} is not supported; use true")
     for key, value in cfg.items():
         if key in _INFO and not isinstance(value, _INFO[key]):
             raise ConfigError(f"{key} has the wrong type ({type(value).__name__})")
-    known = {
-        "peft_type",
-        "base_model_name_or_path",
-        "r",
-        "lora_alpha",
-        "use_rslora",
-        "fan_in_fan_out",
-        "bias",
-        "target_modules",
-        "layers_to_transform",
-        "init_lora_weights",
-        *_INFO,
-        *_OFF,
-    }
     # Options this server does not know are accepted only when off: newer peft versions save every option they
     # have, at its default, and a default-off option cannot change what the adapter computes.
-    unknown = sorted(k for k in set(cfg) - known if not _off(cfg[k]))
+    unknown = sorted(k for k in set(cfg) - _KNOWN if not _off(cfg[k]))
     if unknown:
         raise ConfigError(
             f"unsupported options {unknown[:5]}; served adapters are plain LoRA (see `client tune`'s adapter/)"
         )
+
+
+def _check_layers(cfg: dict, num_layers: int) -> frozenset[int] | None:
+    """layers_to_transform as a set of blocks, or None for every block."""
     layers = cfg.get("layers_to_transform")
     if isinstance(layers, int) and not isinstance(layers, bool):
         layers = [layers]
-    if layers is not None:
-        if not isinstance(layers, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in layers
-        ):
-            raise ConfigError(
-                f"layers_to_transform must list blocks in 0..{num_layers - 1}, got {cfg.get('layers_to_transform')!r}"
-            )
-        layers = frozenset(layers)
-    return LoraSettings(rank, float(alpha), frozenset(targets), layers)
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_layers for i in layers
+    ):
+        raise ConfigError(
+            f"layers_to_transform must list blocks in 0..{num_layers - 1}, got {cfg.get('layers_to_transform')!r}"
+        )
+    return frozenset(layers)
 
 
 def _reject_constant(name: str):

@@ -1,4 +1,4 @@
-"""Domain errors of the cloud side; only the servicer maps them to gRPC status codes."""
+"""Domain errors of the cloud side; cloud/status.py alone maps them to gRPC status codes."""
 
 
 def clip(value, limit: int = 80) -> str:
@@ -9,16 +9,6 @@ def clip(value, limit: int = 80) -> str:
         value = [v[:limit] if isinstance(v, str) else v for v in value[:limit]]
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-MAX_DETAILS = 1024  # characters of a status's details: they travel in a header (clients drop one over 16 KiB)
-
-
-def details(e: Exception) -> str:
-    """An error's message as a status's details: one line of at most MAX_DETAILS characters (an ellipsis marks a cut).
-    Messages may quote the request; unbounded, a huge name comes back as a header the client refuses."""
-    text = " ".join(str(e)[: 4 * MAX_DETAILS].split())
-    return text if len(text) <= MAX_DETAILS else text[: MAX_DETAILS - 1] + "…"
 
 
 class CloudError(Exception):
@@ -91,3 +81,45 @@ class SealFailure(CloudError):
     """A sealed tensor was replayed, reordered, tampered with or not sealed."""
 
     reason = "seal"
+
+
+class AdapterRejected(CloudError):
+    """An uploaded adapter does not fit the served model (names, shapes, layout, hashes)."""
+
+    reason = "adapter-rejected"
+
+
+class NameTaken(CloudError):
+    """A different adapter is already registered under this name."""
+
+    reason = "name-taken"
+
+
+class RegistryFull(CloudError):
+    """The pushing identity's share of the registry (bytes or adapters) would be exceeded."""
+
+    reason = "registry-quota"
+
+
+class NoEmulator(CloudError):
+    """The server was started without --emulator, so it has no package to hand out."""
+
+    reason = "no-emulator"
+
+
+class AdapterNotFound(CloudError):
+    """No adapter of the requested name is registered."""
+
+    reason = "no-adapter"
+
+
+class NotServable(CloudError):
+    """The adapter is registered but cannot be applied over the shared frozen model."""
+
+    reason = "not-servable"
+
+
+class ServingClosed(CloudError):
+    """The server is shutting down; the request was not decoded."""
+
+    reason = "closed"

@@ -14,37 +14,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from tandem.stages.adapter_files import CLIENT_BLOCKS
-from tandem.stages.arch import parts_of
 from tandem.stages.loading import LoadedModel
-from tandem.stages.lora import LoRASlot, MultiBinding, Segment, bind, inject_slots, load_peft_tensors
+from tandem.stages.lora import load_peft_tensors
 
-from .errors import CloudError, InvalidRequest, Overloaded
-from .offsite import OffsiteService
+from .decode import DecodeJob, ServedAdapter, decode, wrap_all_blocks
+from .errors import AdapterNotFound, InvalidRequest, NotServable, Overloaded, ServingClosed
+from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
 _KEY = re.compile(r"(.+)\.lora_([AB])\.weight")  # keys as load_peft_tensors returns them
-
-
-class AdapterNotFound(CloudError):
-    """No adapter of the requested name is registered."""
-
-    reason = "no-adapter"
-
-
-class NotServable(CloudError):
-    """The adapter is registered but cannot be applied over the shared frozen model."""
-
-    reason = "not-servable"
-
-
-class ServingClosed(CloudError):
-    """The server is shutting down; the request was not decoded."""
-
-    reason = "closed"
 
 
 @dataclass
@@ -79,39 +60,6 @@ class ServingConfig:
             )
 
 
-@dataclass(frozen=True)
-class ServedAdapter:
-    """A registered adapter loaded for serving: LoRA (A (r, in), B (out, r)) by slot name, and alpha / r."""
-
-    name: str
-    sha256: str
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    scaling: float
-
-
-@dataclass
-class DecodeJob:
-    """One request's share of a batch.
-
-    Attributes:
-        adapter: The adapter of all its prompts, or None for the base model.
-        prompts: Token ids of each prompt (non-empty).
-        max_new_tokens: Tokens to generate per prompt at most.
-        temperature: 0 for greedy; else sampling from softmax(logits / temperature).
-        seed: Seed of the request's own sampling generator (its draws do not depend on the batch).
-    """
-
-    adapter: ServedAdapter | None
-    prompts: list[list[int]]
-    max_new_tokens: int
-    temperature: float = 0.0
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        return "" if self.adapter is None else self.adapter.sha256
-
-
 @dataclass
 class Completion:
     """One prompt's result."""
@@ -138,23 +86,6 @@ class _Pending:
     future: Future = field(default_factory=Future)
 
 
-def wrap_all_blocks(model: nn.Module) -> set[str]:
-    """Puts a LoRASlot on every Linear / GPT-2 Conv1D of every block (keeping slots already there); returns all slot names.
-
-    An unbound slot adds nothing, so the model computes exactly what it did before.
-    """
-    parts = parts_of(model)
-    for i, block in enumerate(parts.blocks):
-        leaves = {
-            path.rsplit(".", 1)[-1]
-            for path, m in block.named_modules()
-            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and not path.endswith("base_layer")
-        }
-        if leaves:
-            inject_slots(nn.ModuleList([block]), parts.arch, [i], tuple(sorted(leaves)))
-    return {m.slot_name for m in model.modules() if isinstance(m, LoRASlot)}
-
-
 def load_served(name: str, sha256: str, directory: str, slots: set[str]) -> ServedAdapter:
     """Reads a registered peft LoRA directory for serving.
 
@@ -175,117 +106,46 @@ def load_served(name: str, sha256: str, directory: str, slots: set[str]) -> Serv
     rank, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
     scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in raw.items():
-        m = _KEY.fullmatch(key)
-        if m is None or m.group(1) not in slots:
+    for key, tensor in raw.items():
+        match = _KEY.fullmatch(key)
+        if match is None or match.group(1) not in slots:
             raise NotServable(
                 f"adapter {name!r} adapts {key!r}, which is not a layer inside the model's blocks; "
                 "serving applies LoRA to block layers only"
             )
-        pairs.setdefault(m.group(1), {})[m.group(2)] = t.float()
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor.float()
     tensors = {}
-    for slot, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
+    for slot, halves in pairs.items():
+        if set(halves) != {"A", "B"}:
             raise NotServable(
-                f"adapter {name!r} has lora_{next(iter(ab))} but not its pair for {slot!r}; push a complete adapter"
+                f"adapter {name!r} has lora_{next(iter(halves))} but not its pair for {slot!r}; push a complete adapter"
             )
-        tensors[slot] = (ab["A"], ab["B"])
+        tensors[slot] = (halves["A"], halves["B"])
     return ServedAdapter(name, sha256, tensors, scaling)
 
 
-@torch.no_grad()
-def decode(
-    model: nn.Module, jobs: list[DecodeJob], pad_id: int, eos_ids: set[int], impl: str = "auto"
-) -> list[list[tuple[list[int], str]]]:
-    """Generates for all jobs in one batch; returns, per job and prompt, (new token ids, finish reason).
-
-    The prompts are left-padded into one batch; jobs of one adapter sit next to each other and
-    form one Segment of a MultiBinding, so every LoRA slot applies all adapters in one pass
-    (rows of base-model jobs get no delta). Positions count real tokens only, so a row computes
-    what it would alone, up to float rounding. Each job samples from its own generator in its
-    own row order, so sampling does not depend on the batch either.
-    """
-    order = sorted(range(len(jobs)), key=lambda i: jobs[i].key)  # stable: same adapter -> adjacent
-    segments: list[Segment] = []
-    rows: list[tuple[int, int]] = []  # (job, prompt) of each batch row
-    first_row: dict[int, int] = {}
-    prev = None
-    for i in order:
-        j = jobs[i]
-        if segments and j.key == prev:
-            segments[-1].size += len(j.prompts)
-        else:
-            tensors, scaling = ({}, 1.0) if j.adapter is None else (j.adapter.tensors, j.adapter.scaling)
-            segments.append(Segment(len(j.prompts), tensors, scaling))
-        prev = j.key
-        first_row[i] = len(rows)
-        rows += [(i, k) for k in range(len(j.prompts))]
-    b, t = len(rows), max(len(p) for j in jobs for p in j.prompts)
-    ids = torch.full((b, t), pad_id, dtype=torch.long)  # (B, T), left-padded
-    mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
-    for r, (i, k) in enumerate(rows):
-        p = jobs[i].prompts[k]
-        ids[r, t - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[r, t - len(p) :] = 1
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) position of each real token
-    limit = [jobs[i].max_new_tokens for i, _ in rows]
-    gens = {i: torch.Generator().manual_seed(j.seed) for i, j in enumerate(jobs) if j.temperature > 0}
-    out_ids: list[list[int]] = [[] for _ in rows]
-    reason = ["length"] * b
-    done = [False] * b
-    with bind(MultiBinding(segments, impl=impl)):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        for _ in range(max(limit)):
-            logits = out.logits[:, -1, :].float()  # (B, V)
-            nxt = logits.argmax(dim=-1)  # (B,)
-            for i, g in gens.items():
-                lo = first_row[i]
-                hi = lo + len(jobs[i].prompts)
-                if not all(done[lo:hi]):
-                    probs = torch.softmax(logits[lo:hi] / jobs[i].temperature, dim=-1)  # (n_i, V)
-                    nxt[lo:hi] = torch.multinomial(probs, 1, generator=g).squeeze(1)
-            for r, tok in enumerate(nxt.tolist()):
-                if done[r]:
-                    continue
-                if tok in eos_ids:
-                    done[r], reason[r] = True, "eos"
-                else:
-                    out_ids[r].append(tok)
-                    done[r] = len(out_ids[r]) >= limit[r]
-            if all(done):
-                break
-            feed = torch.where(torch.tensor(done), torch.tensor(pad_id), nxt)  # (B,) finished rows idle on padding
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)  # (B, T + s)
-            pos = pos[:, -1:] + 1  # (B, 1)
-            out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
-    results: list[list[tuple[list[int], str]]] = [[] for _ in jobs]
-    for r, (i, _) in enumerate(rows):
-        results[i].append((out_ids[r], reason[r]))
-    return results
-
-
-class GenerationService:
+class ServingService:
     """Generates text for requests that name a registered adapter; knows nothing of gRPC.
 
     Requests wait in a queue. A worker thread takes the first, collects more for up to
     `window_ms` (or until `max_batch` sequences), and decodes them all as one batch with
-    `decode`; a request never splits across batches. Construct it after BackboneService: it
+    `decode`; a request never splits across batches. Construct it after SplitService: it
     adds LoRA slots to the blocks the split service leaves bare (unbound slots change nothing).
 
     Args:
         loaded: The served model (its tokenizer is read from its directory).
-        offsite: The adapter registry (`client push`).
+        registry: The adapter registry (`client push`).
         cfg: Batching and limits.
     """
 
     def __init__(
-        self, loaded: LoadedModel, offsite: OffsiteService, cfg: ServingConfig | None = None, impl: str = "auto"
+        self, loaded: LoadedModel, registry: AdapterRegistry, cfg: ServingConfig | None = None, impl: str = "auto"
     ):
         from tandem.stages.loading import load_tokenizer
 
         self.cfg = cfg or ServingConfig()
         self.model = loaded.model
-        self.offsite = offsite
+        self.registry = registry
         self.impl = impl
         self.slots = wrap_all_blocks(self.model)
         self.tokenizer = load_tokenizer(loaded.path)  # the ids the data owner tuned on, in every mode
@@ -340,13 +200,13 @@ class GenerationService:
             raise InvalidRequest(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         n_new = min(max_new_tokens or self.cfg.default_new_tokens, self.cfg.max_new_tokens)
         with self._tok_lock:
-            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        for k, p in enumerate(ids):
-            if not p:
+            ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        for k, prompt_ids in enumerate(ids):
+            if not prompt_ids:
                 raise InvalidRequest(f"prompt {k} is empty after tokenization; send some text")
-            if len(p) + n_new > self.max_positions:
+            if len(prompt_ids) + n_new > self.max_positions:
                 raise InvalidRequest(
-                    f"prompt {k} has {len(p)} tokens; with {n_new} new tokens that exceeds the model's "
+                    f"prompt {k} has {len(prompt_ids)} tokens; with {n_new} new tokens that exceeds the model's "
                     f"{self.max_positions} positions: shorten it or ask for fewer tokens"
                 )
         served = self.adapter(adapter, who) if adapter else None
@@ -376,9 +236,9 @@ class GenerationService:
                 (the message does not tell which).
             NotServable: it cannot be served (see `load_served`).
         """
-        found = self.offsite.lookup(name, who)
+        found = self.registry.lookup(name, who)
         if found is None:
-            known = [r.name for r in self.offsite.list(who)]
+            known = [r.name for r in self.registry.list(who)]
             whose = "" if who is None else f" for identity {who!r}"
             raise AdapterNotFound(
                 f"no adapter {name!r} is registered{whose} on this server (yours and public ones: "
@@ -427,38 +287,41 @@ class GenerationService:
             if first is None:
                 break
             batch, carry = self._collect(first)
-            self._run([p for p in batch if p.future.set_running_or_notify_cancel()])  # callers that hung up are skipped
+            live = [pending for pending in batch if pending.future.set_running_or_notify_cancel()]
+            self._run(live)  # callers that hung up are skipped
         while True:  # closing: whatever still waits is refused
             try:
-                p = self._queue.get_nowait()
+                pending = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if p is not None and p.future.set_running_or_notify_cancel():
-                p.future.set_exception(ServingClosed("the server is shutting down; retry against a running server"))
+            if pending is not None and pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(
+                    ServingClosed("the server is shutting down; retry against a running server")
+                )
 
     def _run(self, batch: list[_Pending]) -> None:
         if not batch:
             return
-        t0 = time.perf_counter()
+        started = time.perf_counter()
         try:
-            results = decode(self.model, [p.job for p in batch], self.pad_id, self.eos_ids, self.impl)
+            results = decode(self.model, [pending.job for pending in batch], self.pad_id, self.eos_ids, self.impl)
         except Exception as e:  # noqa: BLE001 - the worker must survive; each caller gets the error
             log.exception("generate batch of %d request(s) failed", len(batch))
-            for p in batch:
-                p.future.set_exception(e)
+            for pending in batch:
+                pending.future.set_exception(e)
             return
-        n = sum(len(p.job.prompts) for p in batch)
+        sequences = sum(len(pending.job.prompts) for pending in batch)
         log.debug(
             "decoded %d sequence(s) of %d request(s), %d adapter(s), in %.3f s",
-            n,
+            sequences,
             len(batch),
-            len({p.job.key for p in batch}),
-            time.perf_counter() - t0,
+            len({pending.job.key for pending in batch}),
+            time.perf_counter() - started,
         )
-        for p, res in zip(batch, results):
+        for pending, res in zip(batch, results):
             with self._tok_lock:
                 done = [
                     Completion(self.tokenizer.decode(toks, skip_special_tokens=True), toks, len(prompt), why)
-                    for (toks, why), prompt in zip(res, p.job.prompts)
+                    for (toks, why), prompt in zip(res, pending.job.prompts)
                 ]
-            p.future.set_result(Generation(done, p.adapter_name, n))
+            pending.future.set_result(Generation(done, pending.adapter_name, sequences))

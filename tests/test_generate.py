@@ -14,17 +14,16 @@ from tandem.client.cli import build_parser, main
 from tandem.client.errors import ServerError
 from tandem.client.offsite import push_adapter
 from tandem.client.serving import generate
-from tandem.cloud.errors import InvalidRequest
-from tandem.cloud.offsite import OffsiteService
-from tandem.cloud.service import BackboneService
-from tandem.cloud.serving import AdapterNotFound, GenerationService, NotServable, ServingConfig
+from tandem.cloud.errors import AdapterNotFound, InvalidRequest, NotServable
+from tandem.cloud.registry import AdapterRegistry
+from tandem.cloud.serving import ServingConfig, ServingService
+from tandem.cloud.split import SplitService
 from tandem.stages.adapter_files import CLIENT_BLOCKS, read_adapter_dir, sha256
 from tandem.stages.arch import arch_for, parts_of
 from tandem.stages.loading import load_model
 from tandem.stages.lora import LoRAAdapter, LoraConfig, PeftMeta, inject_slots, save_peft
 from tandem.stages.modules import StageLayout
-
-from conftest import ARCHS
+from tandem.testing.models import ARCHS
 
 PROMPTS = ["the quick brown fox", "split learning keeps labels", "low rank adapters train"]
 NEW = 8
@@ -80,8 +79,8 @@ def reference_tokens(model: torch.nn.Module, prompt_ids: list[int], new: int, eo
     return toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))]
 
 
-def _push_local(offsite: OffsiteService, name: str, adapter_dir: str) -> None:
-    offsite.push(name, {n: (b, sha256(b)) for n, b in read_adapter_dir(adapter_dir).items()})
+def _push_local(registry: AdapterRegistry, name: str, adapter_dir: str) -> None:
+    registry.push(name, {n: (b, sha256(b)) for n, b in read_adapter_dir(adapter_dir).items()})
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -92,14 +91,14 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
     b_dir = make_adapter(model_dir, str(tmp_path / "b"), list(range(6)), seed=2)  # split: every block
     loaded = load_model(model_dir)
     layout = StageLayout.parse("2:2", loaded.config)
-    BackboneService(loaded, layout)  # puts its slots on the middle blocks first, as `cloud serve` does
+    SplitService(loaded, layout)  # puts its slots on the middle blocks first, as `cloud serve` does
     ids = torch.tensor([[5, 9, 17, 33, 2, 8]])
     before = loaded.model(ids).logits
-    offsite = OffsiteService(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
-    _push_local(offsite, "a", a_dir)
-    _push_local(offsite, "b", b_dir)
+    adapters = AdapterRegistry(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
+    _push_local(adapters, "a", a_dir)
+    _push_local(adapters, "b", b_dir)
     # A long window that never runs out: the batch closes as soon as it holds max_batch sequences.
-    svc = GenerationService(loaded, offsite, ServingConfig(window_ms=10_000, max_batch=8, adapter_cache=1))
+    svc = ServingService(loaded, adapters, ServingConfig(window_ms=10_000, max_batch=8, adapter_cache=1))
     try:
         assert torch.equal(loaded.model(ids).logits, before), "unbound slots must not change the model"
         jobs = [("a", PROMPTS[:2]), ("", PROMPTS[1:]), ("b", PROMPTS[:1]), ("a", PROMPTS[2:]), ("b", PROMPTS[1:])]
@@ -151,7 +150,7 @@ def test_batched_generation_matches_merged_reference_and_alone(arch, tiny_models
 def test_an_ownerless_registration_is_shared_until_claimed(tiny_models, tmp_path):
     """Registrations from before adapters had owners serve everyone; pushing the same files claims one, and a
     reloaded registry keeps the claim. Another owner's files under the name are refused."""
-    from tandem.cloud.offsite import NameTaken
+    from tandem.cloud.errors import NameTaken
 
     model_dir = tiny_models["llama"]
     loaded = load_model(model_dir)
@@ -159,18 +158,18 @@ def test_an_ownerless_registration_is_shared_until_claimed(tiny_models, tmp_path
     registry = str(tmp_path / "registry")
     a_dir = make_adapter(model_dir, str(tmp_path / "a"), [0, 1, 4, 5], seed=1)
     files = {n: (b, sha256(b)) for n, b in read_adapter_dir(a_dir).items()}
-    offsite = OffsiteService(loaded.model, loaded.model_id, layout, registry)
-    assert offsite.push("old", files)[0].owner == ""  # no identity: as registrations made before owners
-    assert [r.name for r in offsite.list("bob")] == ["old"] and offsite.lookup("old", "bob") is not None
+    adapters = AdapterRegistry(loaded.model, loaded.model_id, layout, registry)
+    assert adapters.push("old", files)[0].owner == ""  # no identity: as registrations made before owners
+    assert [r.name for r in adapters.list("bob")] == ["old"] and adapters.lookup("old", "bob") is not None
     other = {
         n: (b, sha256(b))
         for n, b in read_adapter_dir(make_adapter(model_dir, str(tmp_path / "b"), [0, 1, 4, 5], seed=2)).items()
     }
     with pytest.raises(NameTaken, match="the name 'old' is taken"):
-        offsite.push("old", other, owner="bob")  # claiming needs the same files
-    reg, again = offsite.push("old", files, owner="alice")
+        adapters.push("old", other, owner="bob")  # claiming needs the same files
+    reg, again = adapters.push("old", files, owner="alice")
     assert again and reg.owner == "alice" and not reg.public
-    reloaded = OffsiteService(loaded.model, loaded.model_id, layout, registry)
+    reloaded = AdapterRegistry(loaded.model, loaded.model_id, layout, registry)
     assert reloaded.list("bob") == [] and reloaded.lookup("old", "bob") is None
     assert reloaded.lookup("old", "alice")[0].owner == "alice" and [r.name for r in reloaded.list()] == ["old"]
 
@@ -182,9 +181,9 @@ def test_adapter_with_retuned_blocks_is_not_servable(tiny_models, tmp_path):
     key = "model.layers.0.mlp.down_proj.weight"
     save_file({key: loaded.model.state_dict()[key].clone()}, os.path.join(adapter, CLIENT_BLOCKS))
     layout = StageLayout.parse("2:2", loaded.config)
-    offsite = OffsiteService(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
-    _push_local(offsite, "full", adapter)
-    svc = GenerationService(loaded, offsite)
+    adapters = AdapterRegistry(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
+    _push_local(adapters, "full", adapter)
+    svc = ServingService(loaded, adapters)
     try:
         with pytest.raises(NotServable, match="retunes whole client blocks.*without --tune-client-blocks"):
             svc.submit("full", PROMPTS, NEW)
@@ -203,8 +202,8 @@ def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_fact
     model_dir = tiny_models["llama"]
     registry = str(tmp_path / "registry")
     server = server_factory(model_dir, "--adapter-registry", registry)
-    alice = server.tcfg()  # the 'local' identity
-    bob = server.tcfg(identity=issue_bundle(server.tls_dir, "bob"))
+    alice = server.transport_cfg()  # the 'local' identity
+    bob = server.transport_cfg(identity=issue_bundle(server.tls_dir, "bob"))
     adapter = make_adapter(model_dir, str(tmp_path / "a"), [0, 1, 4, 5], seed=1)
     r = push_adapter(alice, adapter, "alices")
     assert (r["owner"], r["public"], r["already_registered"]) == ("local", False, False)
@@ -238,9 +237,12 @@ def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_fact
     assert listed(bob) == ["alices", "bobs"]
     server.stop()
     server = server_factory(model_dir, "--adapter-registry", registry, tls_dir=server.tls_dir)
-    assert listed(server.tcfg(identity=bob.identity)) == ["alices", "bobs"]  # owners and the public flag persist
-    push_adapter(server.tcfg(), adapter, "alices")  # private again
-    assert listed(server.tcfg(identity=bob.identity)) == ["bobs"]
+    assert listed(server.transport_cfg(identity=bob.identity)) == [
+        "alices",
+        "bobs",
+    ]  # owners and the public flag persist
+    push_adapter(server.transport_cfg(), adapter, "alices")  # private again
+    assert listed(server.transport_cfg(identity=bob.identity)) == ["bobs"]
     capsys.readouterr()
     assert main(["push", *server.cli_args(), "--adapter", adapter, "--name", "alices", "--public"]) == 0
     assert "usable by every identity" in capsys.readouterr().out
@@ -251,7 +253,7 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
     on the server, and each result equals that request generated alone."""
     model_dir = tiny_models["llama"]
     server = server_factory(model_dir, "--adapter-registry", str(tmp_path / "registry"), "--generate-window-ms", "400")
-    tcfg = server.tcfg()
+    tcfg = server.transport_cfg()
     pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "off"), [0, 1, 4, 5], seed=1), "offsite")
     assert pushed["blocks"] == [0, 1, 4, 5]
     pushed = push_adapter(tcfg, make_adapter(model_dir, str(tmp_path / "split"), list(range(6)), seed=2), "split")
@@ -294,7 +296,7 @@ def test_serving_through_a_real_server(tiny_models, server_factory, tmp_path, ca
         generate(tcfg, [""], "", NEW)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(ServerError):  # mutual TLS: no identity, no generation
-        generate(server.tcfg(identity=None, retries=0, timeout_s=10), PROMPTS, "", NEW)
+        generate(server.transport_cfg(identity=None, retries=0, timeout_s=10), PROMPTS, "", NEW)
 
     capsys.readouterr()
     rc = main(
