@@ -7,14 +7,15 @@ import json
 import os
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tandem.testing.bench_cli import bench_parser, offline_hub, out_path
+
+offline_hub()
 ATTACKS = ("logit_lens", "nearest_embedding", "learned_inverter", "search")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
+    p = bench_parser(__file__, __doc__, model=True, threads=2, work="scratch directory (data, runs)", results=True)
     p.add_argument("--ks", default="1,2,4,8", help="client bottom blocks K to try, comma-separated; default 1,2,4,8")
     p.add_argument(
         "--noise", default="0,0.01,0.03", help="noise multipliers to try (0 = no defense); default 0,0.01,0.03"
@@ -29,21 +30,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--public-tokens", type=int, default=2048, help="public-text tokens the inverter is fitted on; default 2048"
     )
     p.add_argument("--resume", action="store_true", help="reuse the rows already in --json with the same K and noise")
-    p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
-    p.add_argument(
-        "--work", default=os.path.join(HERE, "out", "privacy_tradeoff"), help="scratch directory (data, runs)"
-    )
-    p.add_argument(
-        "--json", default=os.path.join(HERE, "out", "privacy_tradeoff.json"), help="where to write the results"
-    )
-    p.add_argument("--png", default=os.path.join(HERE, "out", "privacy_tradeoff.png"), help="where to write the chart")
+    p.add_argument("--png", default=out_path(__file__, "privacy_tradeoff.png"), help="where to write the chart")
     return p.parse_args(argv)
 
 
 def run_one(args, data: str, k: int, noise: float) -> dict:
     """Tunes in local mode (an exact stand-in for split mode at the same cut) and audits what the cloud would receive."""
-    from tandem.client.audit import audit_run
-    from tandem.client.trainer import TuneConfig, _cfg_dict, tune
+    from tandem.client.privacy.audit import audit_run
+    from tandem.client.trainer import TuneConfig, tune
     from tandem.stages.lora import LoraConfig
 
     out = os.path.join(args.work, f"k{k}-noise{noise:g}")
@@ -70,7 +64,7 @@ def run_one(args, data: str, k: int, noise: float) -> dict:
     tuned_s = time.perf_counter() - t0
     p = audit_run(
         out,
-        _cfg_dict(cfg),
+        cfg.to_dict(),
         tokens=args.tokens,
         search_tokens=args.search_tokens,
         public_tokens=args.public_tokens,

@@ -99,3 +99,44 @@ def plot(report: dict, path: str) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def one_line(section: dict) -> str:
+    """The report's one-line privacy summary."""
+    best, labels = section["strongest"], section["labels"]["gradient_attack"]
+    noise = section["defenses"]["cut_noise"]
+    eps = noise.get("epsilon_per_release")
+    line = (
+        f"A curious operator recovers {best['token_recovery']:.0%} of the tokens it received "
+        f"(ROUGE-L {best['rouge_l']:.2f}, attack '{best['attack']}', {section['sample']['tokens']} tokens "
+        f"after client block {section['cut_after_block']})"
+    )
+    if labels["label_recovery"] is not None:
+        line += f" and {labels['label_recovery']:.0%} of the labels from the top-cut gradients"
+    if eps:
+        noise_text = f"multiplier {noise['noise_multiplier']}, epsilon {eps:.3g} per vector per release (delta {noise['delta']:g})"
+    else:
+        noise_text = "none"
+    return line + "; cut noise: " + noise_text + "."
+
+
+def render_privacy(section: dict, console=None) -> None:
+    """Prints the privacy section as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if not section.get("measured"):
+        console.print(f"[bold]privacy:[/bold] {section.get('note', '')}")
+        return
+    table = Table(title=f"privacy audit: what the cloud could recover (cut after block {section['cut_after_block']})")
+    for col in ("attack", "weights", "token recovery", "ROUGE-L", "tokens"):
+        table.add_column(col, justify="left" if col in ("attack", "weights") else "right")
+    for variant, results in section["attacks"].items():
+        for name, r in results.items():
+            table.add_row(name, variant, f"{r['token_recovery']:.1%}", f"{r['rouge_l']:.3f}", str(r["tokens"]))
+    gradient = section["labels"]["gradient_attack"]
+    if gradient["label_recovery"] is not None:
+        table.add_row("gradient (labels)", "known", f"{gradient['label_recovery']:.1%}", "", str(gradient["labels"]))
+    console.print(table)
+    console.print(f"[bold]privacy:[/bold] {section['note']}")

@@ -9,12 +9,13 @@ import os
 import pytest
 import torch
 
-from tandem.client import attacks as atk
-from tandem.client.audit import AuditRecorder, read_cloud_view
 from tandem.client.data import load_split
-from tandem.client.defenses import CutNoise, gaussian_delta, gaussian_epsilon
 from tandem.client.errors import ClientError
-from tandem.client.staged import connect_split
+from tandem.client.privacy import attacks
+from tandem.client.privacy.cloud_view import read_cloud_view
+from tandem.client.privacy.defenses import CutNoise, gaussian_delta, gaussian_epsilon
+from tandem.client.privacy.record import AuditRecorder
+from tandem.client.assemble import connect_split
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport
 from tandem.protos import serde
@@ -23,8 +24,7 @@ from tandem.stages.arch import parts_of
 from tandem.stages.loading import client_state, load_model
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
-
-from conftest import ARCHS
+from tandem.testing.models import ARCHS
 
 
 def _read(path) -> bytes:
@@ -37,7 +37,7 @@ def _known(model_dir: str, k: int):
 
     m = load_model(model_dir)
     layout = StageLayout(6, k, 1)
-    return atk.KnownStages.build(
+    return attacks.KnownStages.build(
         m.config, layout, client_state(parts_of(m.model), layout)
     ), AutoTokenizer.from_pretrained(model_dir)
 
@@ -49,13 +49,13 @@ def _recovery(known, tok, ids, noise: float) -> dict:
     if noise:
         defense = CutNoise(noise, float(h[:, 1:].norm(dim=-1).median()), float(h[:, 0].norm(dim=-1).median()))
         h = defense(h, None, 0, 1, True)
-    inv = atk.RidgeInverter(known, atk.public_ids(tok, 2048, 64), defense)
+    inv = attacks.RidgeInverter(known, attacks.public_ids(tok, 2048, 64), defense)
     flat, truth = h.reshape(-1, h.shape[-1]), ids.reshape(-1)
     top = inv.scores(flat).topk(8, -1).indices.view(*ids.shape, 8)
-    search = torch.stack([atk.search_attack(known, h[b], top[b], defense) for b in range(len(ids))])
+    search = torch.stack([attacks.search_attack(known, h[b], top[b], defense) for b in range(len(ids))])
     return {
-        "logit_lens": float((atk.logit_lens(known, flat) == truth).float().mean()),
-        "nearest_embedding": float((atk.nearest_embedding(known, flat, inv.mean) == truth).float().mean()),
+        "logit_lens": float((attacks.logit_lens(known, flat) == truth).float().mean()),
+        "nearest_embedding": float((attacks.nearest_embedding(known, flat, inv.mean) == truth).float().mean()),
         "learned_inverter": float((top[..., 0] == ids).float().mean()),
         "search": float((search == ids).float().mean()),
     }
@@ -99,10 +99,10 @@ def test_masked_search_pass_equals_the_plain_forward(tiny_models):
 
 
 def test_rouge_l_and_epsilon():
-    assert atk.lcs("abcbdab", "bdcaba") == 4
-    assert atk.rouge_l(["a", "b", "c"], ["a", "b", "c"]) == 1.0
-    assert atk.rouge_l(["a", "b"], ["c"]) == 0.0
-    assert atk.rouge_l(list("abcd"), list("acd")) == pytest.approx(2 * 1.0 * 0.75 / 1.75)
+    assert attacks.lcs("abcbdab", "bdcaba") == 4
+    assert attacks.rouge_l(["a", "b", "c"], ["a", "b", "c"]) == 1.0
+    assert attacks.rouge_l(["a", "b"], ["c"]) == 0.0
+    assert attacks.rouge_l(list("abcd"), list("acd")) == pytest.approx(2 * 1.0 * 0.75 / 1.75)
     eps = gaussian_epsilon(2.0, 1e-5)
     assert gaussian_delta(eps, 2.0) == pytest.approx(1e-5, rel=1e-3)
     assert gaussian_epsilon(4.0) < eps < gaussian_epsilon(1.0)
@@ -123,7 +123,7 @@ def test_no_label_or_token_id_reaches_the_cloud(tiny_models, sample_data, server
     server = server_factory(tiny_models["llama"])
     rec = AuditRecorder(str(tmp_path), kinds=tuple(ALLOWED))
     rec.steps = set(range(100))
-    t = Transport(server.tcfg(), recorder=rec)
+    t = Transport(server.transport_cfg(), recorder=rec)
     sm = connect_split(t, LoraConfig(rank=2), seed=0)
     rec.sealer_of = lambda: sm.middle.session.sealer
     data = load_split(sample_data, sm.tokenizer, seq_len=24, batch_size=3, seed=0, val_fraction=0.1)
@@ -183,10 +183,10 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
 
     With --noise-multiplier, split and local mode give the same losses (seeded noise) and the audit states epsilon.
     """
-    from tandem.client.audit import audit_run
+    from tandem.client.privacy.audit import audit_run
 
     server = server_factory(tiny_models["llama"], "--client-blocks", "1:1")
-    report = _tune(tmp_path, "s", sample_data, cfg={}, tcfg=server.tcfg())
+    report = _tune(tmp_path, "s", sample_data, cfg={}, tcfg=server.transport_cfg())
     p = report["privacy"]
     assert p["measured"] and p["cut_after_block"] == 1 and p["sample"]["tokens"] > 0
     assert p["strongest"]["token_recovery"] >= 0.9, p["note"]
@@ -196,7 +196,7 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
     assert json.loads(_read(tmp_path / "s" / "report.json"))["privacy"]["measured"]
 
     noisy = {"noise_multiplier": 1.0, "client_blocks": "1:1"}
-    a = _tune(tmp_path, "split", sample_data, cfg=noisy, tcfg=server.tcfg())
+    a = _tune(tmp_path, "split", sample_data, cfg=noisy, tcfg=server.transport_cfg())
     b = _tune(
         tmp_path, "local", sample_data, cfg={**noisy, "mode": "local", "model": tiny_models["llama"], "audit": "yes"}
     )

@@ -1,0 +1,339 @@
+"""The privacy audit: the attacks run on exactly what the cloud received in a run, summed up as the privacy section."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from tandem.stages.loading import cache_root, client_state, config_from_json, load_model, unpack_state
+from tandem.stages.lora import load_peft_tensors
+from tandem.stages.modules import StageLayout
+
+from .. import report
+from ..errors import ClientError
+from . import attacks
+from .cloud_view import VIEW_DIR, Received, inventory, read_cloud_view, read_middle_output
+from .defenses import CutNoise, dp_statement
+from .record import CONTEXT_FILE
+
+ATTACKS = {
+    "logit_lens": "a1: final norm + LM head on the cut state (no training, no search)",
+    "nearest_embedding": "a2: nearest input embedding (cosine) after removing the public-text mean",
+    "learned_inverter": "b: ridge regression from cut states to input embeddings, fitted on public text through the known bottom stage, nearest token",
+    "search": "c: causal search over the inverter's top candidates for the tokens whose bottom-stage output is nearest the received state",
+}
+
+ASSUMPTIONS = (
+    "The attacker is the cloud operator: it knows the full model, hence the client-stage weights it shipped, "
+    "and the defense settings; it does not know the data owner's LoRA ('known' rows; 'tuned' rows show an "
+    "attacker who also had the final LoRA). It sees every request recorded in cloud_view/. Public text: "
+    "Python standard-library docstrings. The search only tries the inverter's top candidates."
+)
+
+
+def audit_run(
+    run_dir: str,
+    cfg: dict | None = None,
+    data=None,
+    tokens: int = 256,
+    search_tokens: int = 128,
+    candidates: int = 8,
+    public_tokens: int = 4096,
+    progress: bool = False,
+    tuned: bool = True,
+) -> dict:
+    """Attacks what the cloud received in a run (RUN_DIR/cloud_view) and returns the privacy section.
+
+    Args:
+        run_dir: The --out directory of a `client tune` run.
+        cfg: The run's TuneConfig as a dict (default: from RUN_DIR/report.json).
+        data: The run's DataSplit (default: re-read from the run's --data, which must be unchanged).
+        tokens: Received tokens attacked by the cheap attacks.
+        search_tokens: Of those, tokens attacked by the search.
+        candidates: Candidates per position for the search.
+        public_tokens: Public-text tokens the inverter is fitted on.
+        progress: Show a progress bar.
+        tuned: Also attack with the data owner's tuned weights (shows how stale the cloud's copy is).
+    """
+    context = read_context(run_dir)
+    cfg = cfg if cfg is not None else report.load(run_dir)["config"]
+    view = read_cloud_view(run_dir)
+    forwards = recorded_forwards(view, run_dir)
+    config, layout = config_from_json(context["model_config_json"]), StageLayout(**context["layout"])
+    state, tokenizer = known_state(context, layout)
+    data = data if data is not None else reload_data(cfg, tokenizer)
+    defense = defense_of(context)
+    rows = sample_rows(forwards, data, tokens)
+    known = attacks.KnownStages.build(config, layout, state)
+    public = attacks.public_ids(tokenizer, public_tokens, 64)
+    variants = {"known": known}
+    if tuned and (tuned_stages := tuned_attacker(run_dir, state, layout, config)) is not None:
+        variants["tuned"] = tuned_stages
+    results = attack_variants(variants, rows, tokenizer, defense, public, search_tokens, candidates, progress)
+    section = {
+        "measured": True,
+        "cut_after_block": layout.bottom,
+        "client_blocks": f"{layout.bottom}:{layout.top}",
+        "sample": sample_summary(forwards, rows, search_tokens, candidates, public),
+        "attacks": results,
+        "strongest": strongest(results["known"]),
+        "labels": label_attack(view, run_dir, known, data),
+        "received": inventory(view),
+        "defenses": defenses_section(layout, defense, dp_of_run(defense, cfg, data), results),
+        "assumptions": ASSUMPTIONS,
+    }
+    section["note"] = report.one_line(section)
+    return section
+
+
+def read_context(run_dir: str) -> dict:
+    """RUN_DIR/privacy_context.json, as `attach` wrote it."""
+    path = os.path.join(run_dir, CONTEXT_FILE)
+    if not os.path.exists(path):
+        raise ClientError(f"no {CONTEXT_FILE} in {run_dir}: audit a directory written by `client tune`")
+    with open(path) as f:
+        return json.load(f)
+
+
+def recorded_forwards(view: list[Received], run_dir: str) -> list[Received]:
+    """The recorded training Forward requests; an error when there are none."""
+    forwards = [r for r in view if r.kind == "Forward"]
+    if not forwards:
+        raise ClientError(
+            f"{run_dir}/{VIEW_DIR} holds no recorded Forward request: nothing to audit "
+            "(was the run made with --audit no?)"
+        )
+    return forwards
+
+
+def known_state(context: dict, layout: StageLayout):
+    """The shipped client-stage weights and the tokenizer, as the data owner has them."""
+    from tandem.stages.loading import load_tokenizer
+
+    if context["mode"] == "split":
+        from .. import downloads
+        from ..allowed_files import STAGES_FILE
+
+        sha = context["stages_sha256"] or ""
+        where = os.path.join(cache_root(), "client", sha)
+        # The cache came from the network: read it only through the hash record its download wrote.
+        files = downloads.read_verified(where, {STAGES_FILE: sha}) if sha else None
+        if files is None:
+            raise ClientError(
+                f"the client stages this run downloaded are not in the cache, or fail their hash check "
+                f"({where}); rerun `client tune`"
+            )
+        return unpack_state(files[STAGES_FILE]), downloads.load_tokenizer(files)
+    from tandem.stages.arch import parts_of
+    from tandem.stages.loading import default_model_dir
+
+    loaded = load_model(context["model"])
+    return client_state(parts_of(loaded.model), layout), load_tokenizer(context["model"] or default_model_dir())
+
+
+def reload_data(cfg: dict, tokenizer):
+    """The run's DataSplit, re-read from its --data with its settings."""
+    from ..data import load_split
+
+    return load_split(
+        cfg["data"],
+        tokenizer,
+        cfg["seq_len"],
+        cfg["batch_size"],
+        cfg["seed"],
+        cfg["val_fraction"],
+        cfg.get("val_max_sequences", 2**62),
+    )  # absent: a run from before the cap
+
+
+def defense_of(context: dict) -> CutNoise | None:
+    """The run's cut defense, as recorded in its context."""
+    settings = context["defense"]
+    if not settings:
+        return None
+    return CutNoise(settings["noise_multiplier"], settings["clip_norm"], settings["first_clip_norm"])
+
+
+def tuned_attacker(run_dir: str, state: dict, layout: StageLayout, config) -> attacks.KnownStages | None:
+    """An attacker who also holds the run's tuned adapter (and tuned client blocks); None without an adapter."""
+    adapter_dir = os.path.join(run_dir, "adapter")
+    if not os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors")):
+        return None
+    tuned_weights = tuned_state(state, adapter_dir, layout, config)
+    return attacks.KnownStages.build(config, layout, tuned_weights, load_peft_tensors(adapter_dir))
+
+
+def tuned_state(state: dict, adapter_dir: str, layout: StageLayout, config) -> dict:
+    """The shipped weights with the run's fully tuned client blocks (if any) put in place."""
+    from safetensors.torch import load_file
+
+    from tandem.stages.arch import arch_for
+
+    path = os.path.join(adapter_dir, "client_blocks.safetensors")
+    if not os.path.exists(path):
+        return state
+    prefix = arch_for(config).block_prefix
+    out = dict(state)
+    for k, v in load_file(path).items():
+        gid, rest = k[len(prefix) + 1 :].split(".", 1)
+        out[f"{prefix}.{layout.client_blocks.index(int(gid))}.{rest}"] = v
+    return out
+
+
+def sample_rows(forwards: list[Received], data, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows (received states, true ids) of the valid tokens, round robin over the recorded steps."""
+    per_step = []
+    for r in sorted(forwards, key=lambda r: r.step):
+        batch = data.batch_at(r.step)
+        if not torch.equal(batch["attention_mask"].long(), r.mask):
+            raise ClientError(
+                f"{r.path}: the recorded mask does not match step {r.step} of the run's data; "
+                "the audit needs the run's --data, --seq-len, --batch-size and --seed unchanged"
+            )
+        per_step.append(
+            [
+                (r.hidden[b, : int(r.mask[b].sum())], batch["input_ids"][b, : int(r.mask[b].sum())])
+                for b in range(r.hidden.shape[0])
+            ]
+        )
+    rows, n, i = [], 0, 0
+    while n < tokens and any(per_step):
+        group = per_step[i % len(per_step)]
+        if group:
+            h, t = group.pop(0)
+            take = min(len(t), tokens - n)
+            rows.append((h[:take], t[:take]))
+            n += take
+        i += 1
+    return rows
+
+
+def sample_summary(forwards: list[Received], rows, search_tokens: int, candidates: int, public: torch.Tensor) -> dict:
+    """What the attacks were run on: the recorded steps, the sampled tokens and the public text."""
+    tokens = sum(len(t) for _, t in rows)
+    return {
+        "kind": "Forward (training) requests as recorded from the transport",
+        "steps": sorted({r.step for r in forwards}),
+        "sequences": len(rows),
+        "tokens": tokens,
+        "search_tokens": min(search_tokens, tokens),
+        "search_candidates": candidates,
+        "public_tokens": int(public.numel()),
+    }
+
+
+def score(tokenizer, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Token recovery and word-level ROUGE-L F1 of (guess, truth) rows."""
+    hit = sum(int((g == t).sum()) for g, t in rows)
+    n = sum(len(t) for _, t in rows)
+    rouge = [attacks.rouge_l(tokenizer.decode(t).split(), tokenizer.decode(g).split()) for g, t in rows]
+    return {
+        "token_recovery": hit / max(n, 1),
+        "rouge_l": sum(rouge) / max(len(rouge), 1),
+        "tokens": n,
+        "sequences": len(rows),
+    }
+
+
+def attack_variants(variants, rows, tokenizer, defense, public, search_tokens, candidates, progress) -> dict:
+    """attack_rows with every variant of the attacker's weights, {variant: {attack: score}}."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(rows) * len(variants), desc="privacy audit", unit="seq", disable=not progress)
+    results = {
+        k: attack_rows(v, rows, tokenizer, defense, public, search_tokens, candidates, bar) for k, v in variants.items()
+    }
+    bar.close()
+    return results
+
+
+def attack_rows(known, rows, tokenizer, defense, public, search_tokens: int, candidates: int, bar=None) -> dict:
+    """Runs the four forward attacks on sample rows [(received states (T, H), true ids (T,))]."""
+    inverter = attacks.RidgeInverter(known, public, defense)
+    flat = torch.cat([h for h, _ in rows])
+    lens, near = attacks.logit_lens(known, flat), attacks.nearest_embedding(known, flat, inverter.mean)
+    top = inverter.scores(flat).topk(candidates, -1).indices  # (n, C)
+    guesses = {k: [] for k in ("logit_lens", "nearest_embedding", "learned_inverter", "search")}
+    at, budget = 0, search_tokens
+    for h, t in rows:
+        span = slice(at, at + len(t))
+        guesses["logit_lens"].append((lens[span], t))
+        guesses["nearest_embedding"].append((near[span], t))
+        guesses["learned_inverter"].append((top[span, 0], t))
+        if budget > 0:
+            guesses["search"].append((attacks.search_attack(known, h, top[span], defense), t))
+            budget -= len(t)
+        at += len(t)
+        if bar is not None:
+            bar.update(1)
+    return {k: {**score(tokenizer, v), "how": ATTACKS[k]} for k, v in guesses.items()}
+
+
+def strongest(results: dict) -> dict:
+    """The attack that recovered the most tokens."""
+    name, best = max(results.items(), key=lambda kv: kv[1]["token_recovery"])
+    return {"attack": name, "token_recovery": best["token_recovery"], "rouge_l": best["rouge_l"]}
+
+
+def label_attack(view: list[Received], run_dir: str, known, data) -> dict:
+    """The gradient attack on the top cut, on every recorded Backward with its middle output."""
+    hits = n = 0
+    steps = []
+    for r in view:
+        if r.kind != "Backward":
+            continue
+        h_mid = read_middle_output(run_dir, r.step)
+        if h_mid is None:
+            continue
+        batch = data.batch_at(r.step)
+        guess = attacks.gradient_attack(known, h_mid, r.hidden, batch["attention_mask"])[:, :-1]
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        hits += int((guess[keep] == labels[keep]).sum())
+        n += int(keep.sum())
+        steps.append(r.step)
+    return {
+        "gradient_attack": {
+            "label_recovery": hits / n if n else None,
+            "labels": n,
+            "steps": steps,
+            "how": "push -dL/dh' through the shipped top blocks, norm and head (finite-difference JVP); argmax logit",
+        },
+        "on_the_wire": "no label or token id: the cloud receives float32 states and gradients and a uint8 padding mask (see 'received')",
+        "note": (
+            "Labels and the loss stay on the client, but the gradient at the top cut is J^T (softmax - onehot(label)) / n: "
+            "with the top-stage weights it shipped, the cloud reads labels (= the next tokens) from it. Forward noise "
+            "does not protect this path; the data owner's LoRA on the top blocks makes the cloud's Jacobian stale."
+        ),
+    }
+
+
+def dp_of_run(defense: CutNoise | None, cfg: dict, data) -> dict:
+    """The (epsilon, delta) statement for the run: its passes over each sequence (training epochs; validation: 2)."""
+    total = cfg["steps"] or -(-int(cfg["epochs"] * data.batches_per_epoch) // 1)
+    passes = max(2, -(-total * cfg["batch_size"] // max(len(data.train), 1)))
+    return dp_statement(defense, int(cfg["seq_len"]), passes)
+
+
+def defenses_section(layout: StageLayout, defense: CutNoise | None, dp: dict, results: dict) -> dict:
+    """The defenses in place and what each did."""
+    return {
+        "client_blocks": {"K": layout.bottom, "set_by": "the operator (cloud serve --client-blocks)"},
+        "cut_noise": {**(defense.describe() if defense else {"noise_multiplier": 0.0}), **dp},
+        "private_lora": staleness(results),
+        "offsite_tuning": report.OFFSITE_NOTE,
+    }
+
+
+def staleness(results: dict) -> dict:
+    """Token recovery with the shipped weights against the tuned ones."""
+    if "tuned" not in results:
+        return {"note": "no adapter in the run directory"}
+    known, tuned = results["known"], results["tuned"]
+    return {
+        "recovery_with_known_weights": {a: known[a]["token_recovery"] for a in known},
+        "recovery_with_tuned_weights": {a: tuned[a]["token_recovery"] for a in tuned},
+        "note": "the cloud only knows the shipped weights; the data owner's LoRA on the bottom blocks makes them stale",
+    }
