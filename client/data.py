@@ -245,3 +245,10 @@ def load_split(
     return DataSplit(
         packed.__class__(**packed.batch(train_idx)), packed.__class__(**packed.batch(val_idx)), batch_size, seed
     )
+
+
+def check_positions(config, seq_len: int) -> None:
+    """--seq-len within the model's positions (the cloud refuses longer; GPT-2's position table would raise)."""
+    n = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 0)
+    if n and seq_len > n:
+        raise DataError(f"--seq-len {seq_len} is over the model's {n} positions; use --seq-len {n} or less")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 
@@ -118,3 +120,32 @@ def make_private(path: str) -> None:
             p = os.path.join(root, f)
             if not os.path.islink(p):
                 os.chmod(p, PRIVATE_FILE)
+
+
+def write_json(path: str, obj: dict) -> None:
+    """Writes `obj` as indented JSON atomically: a reader never sees a half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_atomic(path: str, data) -> None:
+    """Writes a mode-0600 file via PATH.tmp and a rename: no reader sees half of it, a failure keeps the old one.
+
+    `data`: the bytes, or fn(file) that writes them (e.g. `lambda f: torch.save(obj, f)`). On any error the
+    temporary file is removed and the error raised.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), PRIVATE_FILE)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

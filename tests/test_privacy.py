@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
+from tandem.client.assemble import connect_split
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError
 from tandem.client.privacy import attacks
 from tandem.client.privacy.cloud_view import read_cloud_view
 from tandem.client.privacy.defenses import CutNoise, gaussian_delta, gaussian_epsilon
 from tandem.client.privacy.record import AuditRecorder
-from tandem.client.assemble import connect_split
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport
 from tandem.protos import serde
