@@ -1,4 +1,4 @@
-"""Tiny random models of each supported architecture, with their own small tokenizers, for tests."""
+"""Tiny random models of each supported architecture (Llama, Qwen2, GPT-2), each with its own small tokenizer."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 
 import torch
 
+ARCHS = ("llama", "qwen2", "gpt2")
 SAMPLE_TEXT = [
     "the quick brown fox jumps over the lazy dog.",
     "split learning keeps labels on the client and runs the middle in the cloud.",

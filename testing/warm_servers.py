@@ -19,9 +19,12 @@ import time
 _ZYGOTE = r"""
 import json, os, signal, sys
 import grpc, torch, transformers  # noqa: F401  (the imports every server would repeat)
+import importlib, pkgutil
+import tandem.cloud, tandem.stages
 import tandem.cloud.cli as cli
-from tandem.cloud import batching, identity, metrics, offsite, server, service, serving, sessions, tls  # noqa: F401
-from tandem.stages import loading, modules  # noqa: F401
+for package in (tandem.cloud, tandem.stages):  # every module `cloud serve` may load (ray itself loads lazily)
+    for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+        importlib.import_module(info.name)
 
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps killed servers
 for line in sys.stdin:

@@ -13,16 +13,17 @@ import logging
 import pytest
 import torch
 
+from tandem.client.assemble import connect_split
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
-from tandem.client.staged import connect_split, open_session
+from tandem.client.session import open_session
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport, TransportConfig
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
-
-from conftest import start_server
-from hop import Hop, KeySwap
+from tandem.testing.keyswap import KeySwap
+from tandem.testing.proxies import Hop
+from tandem.testing.servers import start_server
 
 LORA = LoraConfig(rank=4, alpha=8)
 
@@ -58,8 +59,8 @@ def _tune(tcfg, data, out):
 
 
 def test_passthrough_trains_exactly_like_a_direct_run(server, hop, sample_data, tmp_path):
-    via = _tune(hop.tcfg(), sample_data, tmp_path / "via")
-    direct = _tune(server.tcfg(), sample_data, tmp_path / "direct")
+    via = _tune(hop.transport_cfg(), sample_data, tmp_path / "via")
+    direct = _tune(server.transport_cfg(), sample_data, tmp_path / "direct")
     assert [s["loss"] for s in via["steps"]] == [s["loss"] for s in direct["steps"]]
     assert via["wire"]["sealing"] == direct["wire"]["sealing"] == "authenticated"
     # What the hop saw: every tensor sealed (ciphertext + tag), never the activations themselves.
@@ -81,7 +82,7 @@ def test_passthrough_trains_exactly_like_a_direct_run(server, hop, sample_data, 
 )
 def test_key_swap_is_refused_and_the_hop_reads_nothing(hop, resign, expected):
     mitm = KeySwap(hop, resign=resign)
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     with pytest.raises(ClientError, match=expected) as ei:
         connect_split(t, LORA, seed=0)
     assert "sealing handshake refused" in str(ei.value) and "\n" not in str(ei.value)
@@ -95,7 +96,7 @@ def test_key_swap_is_refused_and_the_hop_reads_nothing(hop, resign, expected):
 def test_the_same_mitm_reads_everything_when_the_client_skips_the_check(hop, sample_data):
     """Control: the KeySwap adversary is real; only the signature check stops it (what 'unauthenticated' means)."""
     mitm = KeySwap(hop)
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     t.ca_pem = None  # a client without a CA to check the sealing certificate (as under --insecure)
     sm = connect_split(t, LORA, seed=0)
     assert sm.middle.session.sealing == "unauthenticated"
@@ -145,7 +146,7 @@ def test_only_a_ca_in_the_trusted_file_vouches_for_sealing(hop, tmp_path):
     chain = tmp_path / "fullchain.pem"
     chain.write_bytes(hop.tls_cert + ca)
     mitm = KeySwap(hop, sealing=_sealing_cert_signed_by_the_tls_key(hop))
-    t = Transport(hop.tcfg(ca=str(chain), retries=0))
+    t = Transport(hop.transport_cfg(ca=str(chain), retries=0))
     with pytest.raises(ClientError, match="not signed by the CA this client trusts"):
         connect_split(t, LORA, seed=0)
     t.close()
@@ -154,7 +155,7 @@ def test_only_a_ca_in_the_trusted_file_vouches_for_sealing(hop, tmp_path):
 
 def test_a_replayed_signed_reply_is_refused(hop):
     """The server signs the client's fresh key: its genuine, signed reply to an earlier OpenSession opens nothing."""
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     first = open_session(t, LORA)
     old = pb.OpenSessionResponse()
     old.CopyFrom(first.info)
@@ -189,7 +190,7 @@ def test_stripped_or_replaced_sealing_certificate_is_refused(hop):
         (_tls_cert_as_sealing_cert(hop), "not a sealing certificate"),
     ):
         hop.on_response["OpenSession"] = rewrite
-        t = Transport(hop.tcfg(retries=0))
+        t = Transport(hop.transport_cfg(retries=0))
         with pytest.raises(ClientError, match=expected):
             open_session(t, LORA)
         t.close()
@@ -216,7 +217,7 @@ def _set(**fields):
 def test_rewritten_session_parameters_are_refused(hop, side, rewrite):
     """The handshake signature covers every OpenSession field, not only the keys."""
     (hop.on_request if side == "request" else hop.on_response)["OpenSession"] = rewrite
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     with pytest.raises(ClientError, match="handshake signature does not verify"):
         open_session(t, LORA)
     t.close()
@@ -225,7 +226,7 @@ def test_rewritten_session_parameters_are_refused(hop, side, rewrite):
 def test_the_reply_is_checked_before_it_is_acted_on(hop):
     """A hop that says the server refused the cloud optimizer gets a refused handshake, and the session is closed."""
     hop.on_response["OpenSession"] = _set(cloud_optimizer=False)
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     adamw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
     with pytest.raises(ClientError, match="handshake signature does not verify"):
         open_session(t, LORA, cloud_optimizer=adamw)
@@ -240,7 +241,7 @@ def test_error_details_from_the_path_are_one_bounded_printable_line(hop):
 
     forged = "fine\nclient tune: finished, adapter saved\x1b[2J\x1b]0;owned\x07" + "A" * 6000
     hop.fail["OpenSession"] = (grpc.StatusCode.INVALID_ARGUMENT, forged, "invalid")
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     with pytest.raises(ServerError) as ei:
         open_session(t, LORA)
     t.close()
@@ -301,7 +302,7 @@ class _StaleLora:
 )
 def test_rewritten_forward_requests_fail_closed(server, hop, sample_data, name, rewrite):
     hook = hop.on_request["Forward"] = rewrite()
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     sm = connect_split(t, LORA, seed=0)
     data = load_split(sample_data, sm.tokenizer, 24, 2, 0, 0.1)
     opt = torch.optim.AdamW(sm.adapter.parameters(), lr=1e-2)
@@ -325,7 +326,7 @@ def _reshape_response(resp):
 
 def test_rewritten_response_fails_closed_at_the_client(hop, sample_data):
     hop.on_response["Forward"] = _reshape_response
-    t = Transport(hop.tcfg(retries=0))
+    t = Transport(hop.transport_cfg(retries=0))
     sm = connect_split(t, LORA, seed=0)
     data = load_split(sample_data, sm.tokenizer, 24, 2, 0, 0.1)
     with pytest.raises(ClientError, match="seal check.*authentication failed"):

@@ -8,12 +8,11 @@ import os
 import pytest
 import torch
 
-from tandem.client.staged import build_local, connect_split
+from tandem.client.assemble import build_local, connect_split
 from tandem.client.transport import Transport
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
-
-from conftest import ARCHS
+from tandem.testing.models import ARCHS
 
 
 def _train_a_bit(sm, steps=3):
@@ -76,7 +75,7 @@ def test_peft_reload_reproduces_logits(arch, tiny_models, tmp_path):
 def test_peft_reload_after_split_training(tiny_models, server_factory, tmp_path):
     """The adapter trained through a real server (remote LoRA included) loads in peft on the full model."""
     server = server_factory(tiny_models["qwen2"])
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
     _train_a_bit(sm)
     out = str(tmp_path / "adapter")

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from tandem.client.assemble import build_local
 from tandem.client.errors import ServerError
 from tandem.client.offsite import push_adapter
-from tandem.client.staged import build_local
 from tandem.cloud.tls import issue_bundle
 from tandem.protos import offsite_pb2 as opb
 from tandem.protos import offsite_pb2_grpc as opb_grpc
@@ -26,8 +26,7 @@ from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.protos.bundle import read_bundle
 from tandem.stages.adapter_files import sha256
 from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
-
-from conftest import BIN, start_server
+from tandem.testing.servers import BIN, start_server
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -234,7 +233,7 @@ def test_registry_quota_per_identity(adapter, tiny_models, server_factory, tmp_p
         cfg_dir.mkdir()
         for n, b in variant[2].items():
             (cfg_dir / n).write_bytes(b)
-        push_adapter(server.tcfg(backoff_s=5.0), str(cfg_dir), "three")
+        push_adapter(server.transport_cfg(backoff_s=5.0), str(cfg_dir), "three")
     assert ei.value.reason == "registry-quota" and "share of the adapter registry is full" in str(ei.value)
     # Another identity has its own share; the count limit holds too.
     bob = issue_bundle(server.tls_dir, "bob")

@@ -15,8 +15,7 @@ import pytest
 from tandem.client.errors import ServerError
 from tandem.client.transport import Transport
 from tandem.protos import split_pb2 as pb
-
-from conftest import BIN
+from tandem.testing.servers import BIN
 
 FAST_S = 10.0  # the default --retries 8 used to spend about 90 s retrying a certificate that can never work
 
@@ -48,7 +47,7 @@ def test_an_expired_identity_fails_at_once_naming_its_expiry(server, sample_data
 
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     old = issue_bundle(server.tls_dir, "old", days=1, not_before=past)
-    msg = _fails_fast(server.tcfg(identity=old))
+    msg = _fails_fast(server.transport_cfg(identity=old))
     expired_on = (past + dt.timedelta(days=1)).strftime("%Y-%m-%d")
     assert old in msg and "CN 'old'" in msg and f"expired on {expired_on}" in msg, msg
     assert "cloud certs issue old --force" in msg, msg
@@ -86,18 +85,18 @@ def test_a_bundle_from_another_ca_fails_at_once_naming_the_ca(server, tmp_path):
     other = str(tmp_path / "other")
     init_ca(other)  # same CA name ("tandem local CA"), another key: only the signature tells them apart
     eve = issue_bundle(other, "eve")
-    msg = _fails_fast(server.tcfg(identity=eve, ca=server.ca))
+    msg = _fails_fast(server.transport_cfg(identity=eve, ca=server.ca))
     assert "the server refused the client certificate" in msg, msg
     assert eve in msg and "CN 'eve'" in msg and "valid until" in msg, msg
     assert "not issued by the CA this server trusts" in msg and server.ca in msg, msg
 
     # The other way round: the server's certificate is not from the CA the client trusts.
-    msg = _fails_fast(server.tcfg(ca=os.path.join(other, "ca.pem")))
+    msg = _fails_fast(server.transport_cfg(ca=os.path.join(other, "ca.pem")))
     assert "the server's certificate is not issued by the trusted CA" in msg, msg
     assert os.path.join(other, "ca.pem") in msg and server.identity in msg and "CN 'local'" in msg, msg
 
     # No client certificate at all: one quick retry (a handshake cut by chance), then the reason.
-    msg = _fails_fast(server.tcfg(identity=None))
+    msg = _fails_fast(server.transport_cfg(identity=None))
     assert "requires a client certificate" in msg and "--identity" in msg and server.ca in msg, msg
     assert server.proc.poll() is None
 
@@ -108,7 +107,7 @@ def test_a_server_certificate_for_another_name_fails_at_once(tiny_models, server
     tls = str(tmp_path / "tls-elsewhere")
     init_ca(tls, hosts=("cloud.example.com",))  # the server's certificate names only that host
     server = server_factory(tiny_models["llama"], tls_dir=tls)
-    msg = _fails_fast(server.tcfg())
+    msg = _fails_fast(server.transport_cfg())
     host = server.addr.rsplit(":", 1)[0]
     assert f"does not name '{host}'" in msg and f"--host {host}" in msg and server.identity in msg, msg
 
@@ -177,7 +176,7 @@ def _listening(port: int) -> set[str]:
 
 
 def test_public_plaintext_needs_its_flag_and_metrics_stay_on_loopback(tiny_models, tmp_path):
-    from conftest import free_port
+    from tandem.testing.servers import free_port
 
     mport, port = free_port(), free_port()
     cmd = [

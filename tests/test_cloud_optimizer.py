@@ -14,13 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tandem.client.assemble import connect_split
 from tandem.client.data import load_split
 from tandem.client.errors import ServerError
-from tandem.client.staged import connect_split
 from tandem.client.trainer import TuneConfig, tune
 from tandem.stages.lora import LoraConfig
-
-from conftest import BIN, free_port, metric, start_server
+from tandem.testing.servers import BIN, free_port, metric, start_server
 
 STEPS = 6
 
@@ -41,7 +40,7 @@ def _run(server, data, out, steps=STEPS, cloud=True, resume=False, checkpoint_ev
         cloud_optimizer=cloud,
         resume=resume,
     )
-    return tune(cfg, server.tcfg())
+    return tune(cfg, server.transport_cfg())
 
 
 def _adapter(out) -> dict:
@@ -92,7 +91,7 @@ def test_cloud_optimizer_state_rejects_bad_input_and_other_sessions(tiny_models,
     server = server_factory(tiny_models["llama"])
     from tandem.client.transport import Transport
 
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     lora = LoraConfig(rank=4, alpha=8)
     sm = connect_split(
         t, lora, seed=1, cloud_optimizer={"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
@@ -205,7 +204,7 @@ def test_a_lost_session_goes_back_to_the_checkpoint_in_process(
     tiny_models, sample_data, server_factory, tmp_path, monkeypatch, caplog
 ):
     """Deterministic: the session is closed under the client at step 4 (after the checkpoint at 3)."""
-    from tandem.client.staged import RemoteMiddle
+    from tandem.client.remote import RemoteMiddle
 
     server = server_factory(tiny_models["llama"])
     ref = _run(server, sample_data, tmp_path / "ref")
@@ -260,8 +259,7 @@ def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(
     ten SIGKILLed servers (some during the recovery from the previous one) give the undisturbed run's losses
     and adapter, in one process."""
     from tandem.client.transport import Transport, TransportConfig
-
-    from warm_servers import WarmServers
+    from tandem.testing.warm_servers import WarmServers
 
     port = free_port()
     argv = [
@@ -325,8 +323,9 @@ def test_a_cloud_that_loses_every_attempt_stops_the_run_with_one_clear_error(
 ):
     """Without progress the recovery is bounded: a session lost at the same step every time ends the run after
     MAX_LOST_WITHOUT_PROGRESS + 1 losses, naming the step and the way on, instead of redoing steps forever."""
-    from tandem.client.staged import RemoteMiddle, SessionLost
-    from tandem.client.trainer import MAX_LOST_WITHOUT_PROGRESS
+    from tandem.client.checkpoint import MAX_LOST_WITHOUT_PROGRESS
+    from tandem.client.remote import RemoteMiddle
+    from tandem.client.session import SessionLost
 
     server = server_factory(tiny_models["llama"])
     real, closed = RemoteMiddle.backward_rpc, []

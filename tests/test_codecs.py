@@ -55,8 +55,8 @@ def test_decode_rejects_inconsistent_messages():
 
 @pytest.mark.parametrize("codec,lora_codec", [("bfloat16", "float32"), ("int8", "float32"), ("int8", "int8")])
 def test_lossy_codec_trains_close_to_float32(codec, lora_codec, tiny_models, sample_data, server_factory):
+    from tandem.client.assemble import connect_split
     from tandem.client.data import load_split
-    from tandem.client.staged import connect_split
     from tandem.client.transport import Transport
     from tandem.stages.lora import LoraConfig
 
@@ -64,7 +64,7 @@ def test_lossy_codec_trains_close_to_float32(codec, lora_codec, tiny_models, sam
     losses = {}
     sent = {}
     for c in ("float32", codec):
-        t = Transport(server.tcfg(codec=c, lora_codec=lora_codec if c == codec else "float32"))
+        t = Transport(server.transport_cfg(codec=c, lora_codec=lora_codec if c == codec else "float32"))
         sm = connect_split(t, LoraConfig(rank=4, alpha=8), seed=0)
         assert sm.middle.session.codec == c
         data = load_split(sample_data, sm.tokenizer, 32, 2, 0, 0.1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.client.staged import build_local, connect_split
+from tandem.client.assemble import build_local, connect_split
 from tandem.client.transport import Transport
 from tandem.stages.lora import LoraConfig
 
@@ -28,7 +28,7 @@ def test_default_model_is_smollm2(local_model):
 
 def test_split_step_equals_local_on_smollm2(local_model, sample_data, server_factory):
     server = server_factory(None, timeout=300)
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     split = connect_split(t, LoraConfig(rank=8, alpha=16), seed=0)
     assert split.layout.num_layers == 30 and len(split.names[1]) == 2 * 26  # q,v in each of 26 middle blocks
     tok = split.tokenizer

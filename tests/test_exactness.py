@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tandem.client.assemble import build_local, connect_split
 from tandem.client.data import load_split
-from tandem.client.staged import build_local, connect_split
 from tandem.client.transport import Transport
 from tandem.stages.lora import LoraConfig
-
-from conftest import ARCHS
+from tandem.testing.models import ARCHS
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -22,7 +21,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_split_equals_local(arch, dropout, tiny_models, sample_data, server_factory):
     server = server_factory(tiny_models[arch])
     lora = LoraConfig(rank=4, alpha=8, dropout=dropout)
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     split = connect_split(t, lora, seed=3)
     local = build_local(tiny_models[arch], "2:2", lora, seed=3)
     assert [s.name for s in split.adapter.specs] == [s.name for s in local.adapter.specs]
@@ -65,7 +64,7 @@ def test_cli_split_and_local_reports_match(tiny_models, sample_data, server_fact
     import os
     import subprocess
 
-    from conftest import BIN
+    from tandem.testing.servers import BIN
 
     server = server_factory(tiny_models["llama"])
     common = [
@@ -134,7 +133,7 @@ def test_full_client_block_tuning_split_equals_local(tiny_models, sample_data, s
         tune_client_blocks=True,
         progress=False,
     )
-    a = tune(TuneConfig(out=str(tmp_path / "s"), **common), server.tcfg())
+    a = tune(TuneConfig(out=str(tmp_path / "s"), **common), server.transport_cfg())
     b = tune(TuneConfig(out=str(tmp_path / "l"), mode="local", model=tiny_models["gpt2"], **common))
     assert [s["loss"] for s in a["steps"]] == pytest.approx([s["loss"] for s in b["steps"]], rel=1e-5)
     wa = load_file(os.path.join(tmp_path / "s", "adapter", CLIENT_BLOCKS_FILE))

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import start_server
-from tiny import make_tokenizer
+from tandem.testing.models import make_tokenizer
+from tandem.testing.servers import start_server
 
 
 @st.composite
@@ -88,15 +88,15 @@ def _write_model(c: dict, out: str) -> str:
     }
 )  # the case: a Qwen2 model whose tokenizer files are generic
 def test_split_loss_equals_local_loss(c, sample_data, tmp_path_factory):
+    from tandem.client.assemble import build_local, connect_split
     from tandem.client.data import load_split
-    from tandem.client.staged import build_local, connect_split
     from tandem.client.transport import Transport
     from tandem.stages.lora import LoraConfig
 
     root = tmp_path_factory.mktemp("prop")
     model = _write_model(c, str(root / "model"))
     server = start_server(model, root)
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     lora = LoraConfig(rank=2, alpha=4)
     split = connect_split(t, lora, seed=c["seed"])
     try:

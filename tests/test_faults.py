@@ -13,14 +13,13 @@ import grpc
 import pytest
 import torch
 
+from tandem.client.assemble import connect_split
 from tandem.client.data import load_split
 from tandem.client.errors import ServerError
-from tandem.client.staged import connect_split
 from tandem.client.transport import Transport
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
-
-from conftest import BIN, free_port, metric, start_server
+from tandem.testing.servers import BIN, free_port, metric, start_server
 
 
 def _tune(server, data, out, steps, seed=7, extra=()):
@@ -116,7 +115,7 @@ def test_fuzzed_messages_do_not_disturb_a_training_session(tiny_models, sample_d
     lora = LoraConfig(rank=2, alpha=4)
 
     def train(steps, hook=None):
-        t = Transport(server.tcfg())
+        t = Transport(server.transport_cfg())
         sm = connect_split(t, lora, seed=9)
         data = load_split(sample_data, sm.tokenizer, 24, 2, 9, 0.1)
         opt = torch.optim.AdamW(sm.adapter.parameters(), lr=1e-2)
@@ -134,7 +133,7 @@ def test_fuzzed_messages_do_not_disturb_a_training_session(tiny_models, sample_d
         return out
 
     reference = train(4)
-    fuzz_t = Transport(server.tcfg(retries=0, seal=False))
+    fuzz_t = Transport(server.transport_cfg(retries=0, seal=False))
     victim: dict = {}
     sent = {"n": 0, "codes": set()}
     dtypes = st.sampled_from([pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16, pb.INT8, pb.UINT8, pb.INT64, 0, 17])
@@ -209,7 +208,7 @@ def test_sigterm_stops_cleanly_and_health_reports(tiny_models, server_factory):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     server = server_factory(tiny_models["gpt2"])
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     health = health_pb2_grpc.HealthStub(t.channel)
     ok = health.Check(health_pb2.HealthCheckRequest(service="tandem.v1.SplitTuning"), timeout=10)
     assert ok.status == health_pb2.HealthCheckResponse.SERVING
@@ -223,12 +222,12 @@ def test_stop_drains_in_flight_steps(tiny_models):
     """Deterministic drain check in-process: a step in flight at shutdown completes; new calls are refused."""
     from tandem.client.transport import TransportConfig
     from tandem.cloud.server import build_server
-    from tandem.cloud.service import BackboneService
+    from tandem.cloud.split import SplitService
     from tandem.stages.loading import load_model
     from tandem.stages.modules import StageLayout
 
     loaded = load_model(tiny_models["gpt2"])
-    service = BackboneService(loaded, StageLayout(6, 2, 2))
+    service = SplitService(loaded, StageLayout(6, 2, 2))
     server, port = build_server(service, "127.0.0.1:0", None)
     entered, release = threading.Event(), threading.Event()
     real = service.forward
@@ -266,7 +265,7 @@ def test_stop_drains_in_flight_steps(tiny_models):
 def test_abandoned_session_frees_memory_after_ttl(tiny_models, server_factory):
     mport = free_port()
     server = server_factory(tiny_models["llama"], "--session-ttl", "1", "--metrics-port", str(mport))
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     sm = connect_split(t, LoraConfig(rank=2), seed=0)
     h = torch.randn(2, 16, 32)
     sm.middle.forward_rpc(
@@ -276,7 +275,7 @@ def test_abandoned_session_frees_memory_after_ttl(tiny_models, server_factory):
     assert metric(mport, "tandem_forward_state_bytes") > 0
     time.sleep(1.5)
     # Any later call (from anyone) expires idle sessions; the client's next call learns its session is gone.
-    t2 = Transport(server.tcfg())
+    t2 = Transport(server.transport_cfg())
     connect_split(t2, LoraConfig(rank=2), seed=0)
     assert metric(mport, "tandem_forward_state_bytes") == 0
     assert metric(mport, "tandem_sessions") == 1

@@ -9,8 +9,7 @@ import subprocess
 import pytest
 
 from tandem.client.cli import main
-
-from conftest import BIN
+from tandem.testing.servers import BIN
 
 
 @pytest.fixture

@@ -195,9 +195,10 @@ def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_fact
     """Under mutual TLS an adapter belongs to the identity that pushed it: another identity neither lists it, nor
     generates with it, nor takes its name, nor learns it exists; pushed again with --public, everyone may use it.
     The registry keeps the owner across a restart."""
-    from tandem.client.offsite import OffsiteTransport
+    from tandem.client.transport import Transport
     from tandem.cloud.tls import issue_bundle
-    from tandem.protos import offsite_pb2 as opb
+    from tandem.protos import offsite_pb2 as offsite_pb
+    from tandem.protos import offsite_pb2_grpc as offsite_pb_grpc
 
     model_dir = tiny_models["llama"]
     registry = str(tmp_path / "registry")
@@ -209,14 +210,13 @@ def test_an_adapter_serves_only_its_owner_unless_public(tiny_models, server_fact
     assert (r["owner"], r["public"], r["already_registered"]) == ("local", False, False)
     want = generate(alice, PROMPTS[:1], "alices", NEW)["completions"][0]["token_ids"]
 
-    def listed(tcfg):
-        t = OffsiteTransport(tcfg)
+    def listed(transport_cfg):
+        transport = Transport(transport_cfg, stub=offsite_pb_grpc.OffsiteTuningStub)
         try:
-            return sorted(
-                a.name for a in t.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters").adapters
-            )
+            resp = transport.call("ListAdapters", offsite_pb.ListAdaptersRequest(), kind="ListAdapters")
+            return sorted(a.name for a in resp.adapters)
         finally:
-            t.close()
+            transport.close()
 
     assert listed(alice) == ["alices"] and listed(bob) == []
     with pytest.raises(ServerError, match="no adapter 'alices' is registered for identity 'bob'") as e:

@@ -9,20 +9,17 @@ import time
 
 import pytest
 
-from tandem.client.downloads import (
-    CACHE_MANIFEST,
-    MAX_DOWNLOAD_BYTES,
-    TOKENIZER_ALLOWANCE,
-)
+from tandem.client.allowed_files import MAX_DOWNLOAD_BYTES, TOKENIZER_ALLOWANCE
+from tandem.client.downloads import CACHE_MANIFEST
 from tandem.client.errors import ClientError
 from tandem.client.offsite import fetch_emulator
 from tandem.client.transport import TransportConfig
 from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import load_package
-
-from conftest import start_server
-from hostile import HostileProxy, chunk, connect_via, whole_files
+from tandem.testing.proxies import HostileProxy, chunk, whole_files
+from tandem.testing.servers import start_server
+from tandem.testing.split_runs import connect_via
 
 STAGES = "client_stages.safetensors"
 

@@ -25,9 +25,7 @@ from tandem.emulator.text import read_texts
 from tandem.stages.loading import load_model
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
-
-from conftest import ARCHS
-from tiny import make_model
+from tandem.testing.models import ARCHS, make_model
 
 DISTILL = dict(batch_size=4, seq_len=32, lr=3e-3, warmup=2, val_every=5, progress=False)
 
@@ -186,7 +184,7 @@ def load_model_vocab(model_dir: str) -> int:
 def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sample_data, server_factory, tmp_path):
     registry = str(tmp_path / "registry")
     server = server_factory(models8["llama"], "--emulator", llama_pkg, "--adapter-registry", registry)
-    tcfg = server.tcfg()
+    tcfg = server.transport_cfg()
 
     got = fetch_emulator(tcfg, str(tmp_path / "fetched"))
     assert got["bytes_received"] >= sum(m["bytes"] for m in load_package(llama_pkg).manifest["files"].values())
@@ -262,7 +260,7 @@ def test_push_fetch_and_plugin_eval_through_a_real_server(models8, llama_pkg, sa
 def test_fetch_without_emulator_says_what_to_do(tiny_models, server_factory, tmp_path):
     server = server_factory(tiny_models["gpt2"], "--adapter-registry", str(tmp_path / "reg"))
     with pytest.raises(ServerError, match="cloud serve --emulator PKG"):
-        fetch_emulator(server.tcfg(), str(tmp_path / "x"))
+        fetch_emulator(server.transport_cfg(), str(tmp_path / "x"))
 
 
 def _distiller(path, keep=2):
@@ -368,7 +366,7 @@ def test_the_sink_replaces_each_rows_first_real_token_only():
 def test_a_measured_sink_travels_in_the_package_only_when_there_is_one(models8, sample_data, tmp_path):
     from transformers import AutoTokenizer
 
-    from tandem.client.offsite import build_offsite
+    from tandem.client.assemble import build_offsite
     from tandem.emulator.model import copy_blocks
     from tandem.emulator.package import build_package
     from tandem.emulator.sink import measure_sink

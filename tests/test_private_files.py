@@ -9,8 +9,7 @@ import subprocess
 
 from tandem.client.trainer import TuneConfig, tune
 from tandem.stages.lora import LoraConfig
-
-from conftest import BIN
+from tandem.testing.servers import BIN
 
 
 def _modes(root):

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import BIN, free_port, split_losses, terminate
+from tandem.testing.servers import BIN, free_port, terminate
+from tandem.testing.split_runs import split_losses
 
 
 @pytest.fixture
@@ -75,7 +76,7 @@ def _cluster_pids(temp: str, port: int) -> list[int]:
 
 
 def _train(server, data_dir, seed, steps, hook=None):
-    return split_losses(server.tcfg(), data_dir, seed, steps, hook=hook)
+    return split_losses(server.transport_cfg(), data_dir, seed, steps, hook=hook)
 
 
 def _tune(server, data_dir, out, cloud_optimizer):
@@ -97,7 +98,7 @@ def _tune(server, data_dir, out, cloud_optimizer):
             progress=False,
             cloud_optimizer=cloud_optimizer,
         ),
-        server.tcfg(),
+        server.transport_cfg(),
     )
 
 

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import BIN, Server, split_losses, start_server, terminate
+from tandem.testing.servers import BIN, Server, start_server, terminate
+from tandem.testing.split_runs import split_losses
 
 SEED, STEPS, SEQ_LEN, BATCH = 3, 4, 128, 4  # activations of 4 x 128 x 32 float32 = 64 KiB per hop
-HIDDEN = 32  # tests/tiny.py's hidden size
+HIDDEN = 32  # tandem.testing.models' default hidden size
 GCS_PORT = 6379  # inside namespace A: no clash with anything outside it
-TESTS = os.path.dirname(os.path.abspath(__file__))
 _count = itertools.count()
 
 
@@ -203,30 +203,14 @@ def ray_two_nodes(netns_pair):
 
 
 def _start_server_in(ns: str, model_dir: str, tmp_path, *extra, timeout=240) -> Server:
-    """conftest.start_server, but inside network namespace `ns` (listening on its loopback)."""
+    """start_server, but inside network namespace `ns` (listening on its loopback)."""
     return start_server(model_dir, tmp_path, *extra, timeout=timeout, prefix=_in(ns))
 
 
-def _train(tcfg, data_dir: str, seed: int, steps: int, seq_len: int, batch: int) -> list[float]:
+def _train(transport_cfg, data_dir: str, seed: int, steps: int, seq_len: int, batch: int) -> list[float]:
     """A short split run (remote LoRA on the middle), one torch thread: the per-step training losses."""
     torch.set_num_threads(1)
-    return split_losses(tcfg, data_dir, seed, steps, seq_len, batch)
-
-
-def _client_main(argv: list[str]) -> None:
-    """Entry point of the client subprocess inside namespace A; prints the losses as JSON."""
-    from tandem.client.transport import TransportConfig
-
-    addr, ca, identity, data_dir = argv[:4]
-    seed, steps, seq_len, batch = map(int, argv[4:])
-    print(
-        json.dumps(
-            _train(TransportConfig(server=addr, ca=ca, identity=identity), data_dir, seed, steps, seq_len, batch)
-        )
-    )
-
-
-_CLIENT_PY = f"import sys; sys.path.insert(0, {TESTS!r}); import test_ray_netns as t; t._client_main(sys.argv[1:])"
+    return split_losses(transport_cfg, data_dir, seed, steps, seq_len, batch)
 
 
 def _shard_processes(ns: str) -> list[int]:
@@ -260,7 +244,7 @@ def test_pipeline_shards_on_two_netns_nodes(tiny_models, sample_data, server_fac
     model = tiny_models["llama"]
 
     plain = server_factory(model)
-    ref = _train(plain.tcfg(), sample_data, SEED, STEPS, SEQ_LEN, BATCH)
+    ref = _train(plain.transport_cfg(), sample_data, SEED, STEPS, SEQ_LEN, BATCH)
     plain.stop()
 
     server = _start_server_in(
@@ -288,8 +272,8 @@ def test_pipeline_shards_on_two_netns_nodes(tiny_models, sample_data, server_fac
             *_in(
                 pair.a,
                 sys.executable,
-                "-c",
-                _CLIENT_PY,
+                "-m",
+                "tandem.testing.split_runs",
                 server.addr,
                 server.ca,
                 server.identity,

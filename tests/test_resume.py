@@ -18,8 +18,7 @@ from tandem.client.errors import CheckpointError
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import TransportConfig
 from tandem.stages.lora import LoraConfig
-
-from conftest import BIN
+from tandem.testing.servers import BIN
 
 
 def _tune_cmd(server, data, out, steps):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 
-from conftest import BIN
+from tandem.testing.servers import BIN
 
 
 def client(*args, check_rc=None):

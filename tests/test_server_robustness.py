@@ -15,16 +15,15 @@ import grpc
 import pytest
 import torch
 
+from tandem.client.assemble import connect_split
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
-from tandem.client.staged import connect_split
 from tandem.client.transport import CHANNEL_OPTIONS, Transport, TransportConfig
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.stages.lora import LoraConfig
-
-from conftest import free_port, start_server
+from tandem.testing.servers import free_port, start_server
 
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.1)
 BATCH, SEQ = 2, 24  # 48 tokens a step: under the guarded server's --max-tokens-per-step 64
@@ -365,7 +364,7 @@ def _bad_requests(stub, sid: str, n_lora: int):
 
 def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data):
     steps = 6
-    t = Transport(guarded.tcfg(retries=0))
+    t = Transport(guarded.transport_cfg(retries=0))
     permits: queue.Queue = queue.Queue()
     result: dict = {}
 
@@ -452,18 +451,18 @@ def test_bad_input_is_rejected_while_another_session_trains(guarded, sample_data
 # 2. Memory cap and eviction ------------------------------------------------------------------------
 def _step_bytes(model_dir: str) -> int:
     """Forward state one (BATCH, SEQ) training step leaves in the cloud, measured in-process."""
-    from tandem.cloud.service import BackboneService
+    from tandem.cloud.split import SplitService
     from tandem.stages.loading import load_model
     from tandem.stages.modules import StageLayout
 
     loaded = load_model(model_dir)
-    svc = BackboneService(loaded, StageLayout.parse("2:2", loaded.config))
+    svc = SplitService(loaded, StageLayout.parse("2:2", loaded.config))
     s = svc.open_session("me", "", LORA, True, "float32")
     n = sum(LORA.rank * (x.in_features + x.out_features) for x in s.slots)
     sizes = set()
     for step in range(2):
         am = torch.ones(BATCH, SEQ, dtype=torch.uint8)
-        svc.forward("me", s.id, step, torch.randn(BATCH, SEQ, HIDDEN), am, 0, torch.randn(n) * 0.1, step, True)
+        svc.forward(s, step, torch.randn(BATCH, SEQ, HIDDEN), am, 0, torch.randn(n) * 0.1, step, True)
         sizes.add(svc.store.used_bytes)
     assert len(sizes) == 1, sizes
     return sizes.pop()
@@ -512,7 +511,7 @@ def test_memory_cap_evicts_and_client_recomputes(tiny_models, sample_data, serve
     ch.close()
 
     # The same through the client library: the user sees an actionable ServerError.
-    t = Transport(server.tcfg(retries=1, backoff_s=0.01))
+    t = Transport(server.transport_cfg(retries=1, backoff_s=0.01))
     m = connect_split(t, LORA, seed=1)
     data = load_split(sample_data, m.tokenizer, seq_len=2 * SEQ, batch_size=4, seed=1, val_fraction=0.1)
     with pytest.raises(ServerError) as ei:
@@ -524,7 +523,7 @@ def test_memory_cap_evicts_and_client_recomputes(tiny_models, sample_data, serve
     # Two sessions interleaved: forward A, forward B (evicts A), backward A (evicted -> the client
     # recomputes A's forward, evicting B), backward B (evicted -> recomputed). Losses are unaffected.
     steps, seeds = 3, (1, 2)
-    caplog.set_level(logging.WARNING, logger="tandem.client.staged")
+    caplog.set_level(logging.WARNING, logger="tandem.client.remote")
     models = [connect_split(t, LORA, seed=s) for s in seeds]
     datas = [
         load_split(sample_data, m.tokenizer, seq_len=SEQ, batch_size=BATCH, seed=s, val_fraction=0.1)
@@ -589,7 +588,7 @@ def test_idle_session_expires_after_ttl(tiny_models, server_factory):
     ch.close()
 
     # Through the client library.
-    t = Transport(server.tcfg(retries=0))
+    t = Transport(server.transport_cfg(retries=0))
     sid = t.call("OpenSession", pb.OpenSessionRequest(codec="float32")).session_id
     time.sleep(2.2)
     with pytest.raises(ServerError) as ei:
@@ -632,7 +631,7 @@ def test_tls_is_required_and_verified(guarded, tmp_path):
     assert "missing.pem" in str(ei.value) and "--ca" in str(ei.value)
 
     # The right CA works.
-    t = Transport(guarded.tcfg(retries=0))
+    t = Transport(guarded.transport_cfg(retries=0))
     assert t.call("GetInfo", pb.GetInfoRequest()).max_tokens_per_step == 64
     t.close()
     _alive(guarded)

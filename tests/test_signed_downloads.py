@@ -15,9 +15,9 @@ import pytest
 
 from tandem.client.downloads import CACHE_MANIFEST
 from tandem.client.errors import ClientError
-
-from conftest import start_server
-from hostile import HostileProxy, chunk, connect_via, whole_files
+from tandem.testing.proxies import HostileProxy, chunk, whole_files
+from tandem.testing.servers import start_server
+from tandem.testing.split_runs import connect_via
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.protos import split_pb2_grpc as pb_grpc
-
-from conftest import free_port, metric, split_losses
+from tandem.testing.servers import free_port, metric
+from tandem.testing.split_runs import split_losses
 
 HIDDEN = 32  # tests/tiny.py
 
@@ -82,7 +82,7 @@ def test_an_oversized_legal_forward_runs_alone_while_others_train(tiny_models, s
     server = server_factory(tiny_models["llama"])
     ch, stub = _raw(server)
     big, _other = _open(stub), _open(stub)  # two sessions open: forwards go through the batching worker
-    ths, res = _in_threads([lambda s=s: split_losses(server.tcfg(), sample_data, s, 4) for s in (1, 2)])
+    ths, res = _in_threads([lambda s=s: split_losses(server.transport_cfg(), sample_data, s, 4) for s in (1, 2)])
     h = torch.randn(136, 128, HIDDEN)  # 17,408 tokens: over --batch-max-tokens 16,384, under the 65,536 step limit
     out = stub.Forward(_fwd(big.session_id, h), timeout=120)
     assert list(out.hidden.shape) == [136, 128, HIDDEN]
@@ -328,12 +328,12 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
 
     from tandem.client.transport import CHANNEL_OPTIONS
     from tandem.cloud.server import build_server
-    from tandem.cloud.service import BackboneService
+    from tandem.cloud.split import SplitService
     from tandem.stages.loading import load_model
     from tandem.stages.modules import StageLayout
 
     loaded = load_model(tiny_models["gpt2"])
-    service = BackboneService(loaded, StageLayout(6, 2, 2), serve_client_files=False)
+    service = SplitService(loaded, StageLayout(6, 2, 2), serve_client_files=False)
     server, port = build_server(service, "127.0.0.1:0", None)
     ch = grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS)
     stub = pb_grpc.SplitTuningStub(ch)
@@ -343,11 +343,11 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
         raise KeyError("secret-looking internals " * 100)
 
     service.forward = broken
-    caplog.set_level(logging.INFO, logger="tandem.cloud.servicer")
+    caplog.set_level(logging.INFO, logger="tandem.cloud.status")
     code, reason, details = _code_reason(stub.Forward, _fwd(sid, torch.randn(1, 4, HIDDEN)))
     assert code == grpc.StatusCode.INTERNAL and reason == "internal", (code, details)
     assert "secret-looking" not in details
-    mine = [r for r in caplog.records if r.name == "tandem.cloud.servicer"]
+    mine = [r for r in caplog.records if r.name == "tandem.cloud.status"]
     assert len(mine) == 1 and "KeyError" in mine[0].getMessage() and not mine[0].exc_info, [
         r.getMessage() for r in mine
     ]
@@ -359,7 +359,7 @@ def test_an_unexpected_failure_is_internal_with_a_reason_and_one_log_line(tiny_m
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     """A Llama of hidden size 256: its client stages (~17 MB) cannot sit in a stalled reader's flow-control window."""
-    from tiny import make_model
+    from tandem.testing.models import make_model
 
     return make_model("llama", str(tmp_path_factory.mktemp("wide")), hidden=256)
 

@@ -23,14 +23,8 @@ def _ids(tok, text=TEXT):
 
 def _split_side(model_dir):
     """The tokenizer as split mode gets it: the files the cloud ships (no config.json), loaded by the client."""
-    import tempfile
+    from tandem.client.downloads import load_tokenizer as from_downloaded_files
 
-    try:
-        from tandem.client.downloads import load_tokenizer as from_downloaded_files
-    except ImportError:  # the client before tandem.client.downloads
-        from tandem.client.staged import _tokenizer_from_files
-
-        return _tokenizer_from_files(tokenizer_files(model_dir), tempfile.mkdtemp())
     return from_downloaded_files(tokenizer_files(model_dir))
 
 
@@ -58,7 +52,7 @@ def test_the_issue_case_differs_under_autotokenizer(tiny_models):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen2-named"])
 def test_every_mode_loads_the_same_ids(kind, tiny_models, named_qwen2):
-    from tandem.client.staged import build_local
+    from tandem.client.assemble import build_local
     from tandem.stages.lora import LoraConfig
 
     d = named_qwen2 if kind == "qwen2-named" else tiny_models[kind]
@@ -75,8 +69,8 @@ def test_every_mode_loads_the_same_ids(kind, tiny_models, named_qwen2):
 def test_split_and_local_losses_agree_from_step_0_on_generic_qwen2(tiny_models, server_factory, tmp_path):
     """End to end against a real server: each mode packs the text with its own tokenizer (the issue: 1,667 vs
     1,669 tokens, up to 0.6% loss apart); the packed ids and the step-0 losses are the same."""
+    from tandem.client.assemble import build_local, connect_split
     from tandem.client.data import load_split
-    from tandem.client.staged import build_local, connect_split
     from tandem.client.transport import Transport
     from tandem.stages.lora import LoraConfig
 
@@ -84,7 +78,7 @@ def test_split_and_local_losses_agree_from_step_0_on_generic_qwen2(tiny_models, 
     data.mkdir()
     (data / "a.txt").write_text((TEXT + " ") * 40)
     server = server_factory(tiny_models["qwen2"])
-    t = Transport(server.tcfg())
+    t = Transport(server.transport_cfg())
     lora = LoraConfig(rank=2, alpha=4)
     split = connect_split(t, lora, seed=1)
     local = build_local(tiny_models["qwen2"], "2:2", lora, seed=1)

@@ -10,8 +10,9 @@ import grpc
 import pytest
 import torch
 
+from tandem.client.assemble import connect_split
 from tandem.client.errors import ServerError
-from tandem.client.staged import connect_split, open_session
+from tandem.client.session import open_session
 from tandem.client.transport import CHANNEL_OPTIONS, Transport
 from tandem.cloud.tls import issue_bundle
 from tandem.protos import serde
@@ -86,7 +87,7 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
     # Revoking Bob takes effect on his next call, on the open connection, without a restart.
     import subprocess
 
-    from conftest import BIN
+    from tandem.testing.servers import BIN
 
     out = subprocess.run(
         [os.path.join(BIN, "cloud"), "certs", "revoke", "bob", "--dir", server.tls_dir],
@@ -104,7 +105,7 @@ def test_identities_ownership_and_revocation(tiny_models, server_factory, tmp_pa
 
 def test_per_identity_session_quota(tiny_models, server_factory):
     server = server_factory(tiny_models["gpt2"], "--quota-sessions", "2")
-    t = Transport(server.tcfg(retries=0))
+    t = Transport(server.transport_cfg(retries=0))
     s1, _ = open_session(t, LORA), open_session(t, LORA)
     with pytest.raises(ServerError) as ei:
         open_session(t, LORA)
@@ -121,7 +122,7 @@ def test_sealed_tensors_reject_tamper_and_replay(tiny_models, sample_data, serve
         s.bind(("127.0.0.1", 0))
         mport = s.getsockname()[1]
     server = server_factory(tiny_models["qwen2"], "--metrics-port", str(mport))
-    t = Transport(server.tcfg(retries=0))
+    t = Transport(server.transport_cfg(retries=0))
     sm = connect_split(t, LORA, seed=0)
     sess = sm.middle.session
     assert sess.sealer is not None and sm.middle.session.codec == "float32" and sess.sealing == "authenticated"
@@ -185,12 +186,12 @@ def test_sealed_tensors_reject_tamper_and_replay(tiny_models, sample_data, serve
 
 def test_require_sealing_refuses_unsealed_sessions(tiny_models, server_factory):
     server = server_factory(tiny_models["gpt2"], "--require-sealing")
-    t = Transport(server.tcfg(retries=0, seal=False))
+    t = Transport(server.transport_cfg(retries=0, seal=False))
     with pytest.raises(ServerError) as ei:
         open_session(t, LORA)
     assert ei.value.code == grpc.StatusCode.INVALID_ARGUMENT and "requires sealed tensors" in str(ei.value)
     t.close()
-    t = Transport(server.tcfg(retries=0))
+    t = Transport(server.transport_cfg(retries=0))
     assert open_session(t, LORA).sealer is not None
     t.close()
 
@@ -244,7 +245,7 @@ def test_sealing_certificate_has_its_own_purpose_and_is_checked(tmp_path):
 def _cloud(*args):
     import subprocess
 
-    from conftest import BIN
+    from tandem.testing.servers import BIN
 
     return subprocess.run([os.path.join(BIN, "cloud"), *args], capture_output=True, text=True, check=False)
 
@@ -337,7 +338,7 @@ def test_certs_init_keeps_an_existing_ca(tiny_models, server_factory, tmp_path):
     assert r.returncode == 2 and "already holds a CA" in r.stderr and "--force" in r.stderr
     assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
     assert _read(server.ca) == ca
-    t = Transport(server.tcfg(retries=0))  # issued bundles still connect
+    t = Transport(server.transport_cfg(retries=0))  # issued bundles still connect
     assert t.call("GetInfo", pb.GetInfoRequest()).model_id
     t.close()
     # A lost server certificate is re-made under the same CA on the next start, so issued bundles keep working.
@@ -345,7 +346,7 @@ def test_certs_init_keeps_an_existing_ca(tiny_models, server_factory, tmp_path):
     os.remove(os.path.join(d, "server.pem"))
     again = server_factory(tiny_models["gpt2"], tls_dir=d)
     assert _read(again.ca) == ca
-    t = Transport(again.tcfg(retries=0))
+    t = Transport(again.transport_cfg(retries=0))
     assert t.call("GetInfo", pb.GetInfoRequest()).model_id
     t.close()
     r = _cloud("certs", "init", "--dir", d, "--force")
@@ -386,11 +387,11 @@ def _requests(port: int, method: str, code: str) -> float:
 
 
 def test_a_request_larger_than_the_quota_burst_is_refused_not_retried(tiny_models, server_factory):
-    from conftest import free_port
+    from tandem.testing.servers import free_port
 
     mport = free_port()
     server = server_factory(tiny_models["llama"], "--quota-mbps", "0.01", "--metrics-port", str(mport))  # burst 40 KiB
-    t = Transport(server.tcfg(retries=3, backoff_s=0.05))
+    t = Transport(server.transport_cfg(retries=3, backoff_s=0.05))
     req = pb.ForwardRequest(
         session_id="x" * 32,
         step=0,
@@ -410,7 +411,7 @@ def test_a_request_larger_than_the_quota_burst_is_refused_not_retried(tiny_model
 
 def test_responses_count_against_the_byte_quota(tiny_models, server_factory):
     server = server_factory(tiny_models["llama"], "--quota-mbps", str(100 / 2**20))  # 100 B/s, burst 400 B
-    t = Transport(server.tcfg(retries=0))
+    t = Transport(server.transport_cfg(retries=0))
     info = t.call("GetInfo", pb.GetInfoRequest())  # an empty request; a reply of the model's config
     assert info.ByteSize() > 1000
     with pytest.raises(ServerError) as ei:  # the reply put the identity in debt: its next call waits
