@@ -40,11 +40,9 @@ import threading
 import time
 from collections import Counter
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub, out_path
+
+offline_hub()
 
 FUZZ_IDENTITY, VANISH_IDENTITY = "fuzzer", "vanisher"
 INT64 = (-(2**63), 2**63 - 1)
@@ -73,7 +71,7 @@ RSS_MARGIN = 0.10  # RSS after the TTL must be within this fraction of the start
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__file__, __doc__)
     p.add_argument(
         "--quick",
         action="store_true",
@@ -83,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--scenarios", default="fuzz,vanish,crowd", help="comma-separated subset of fuzz,vanish,crowd; default all"
     )
     p.add_argument(
-        "--out", default=os.path.join(HERE, "out", "abuse.json"), help="JSON results file; default bench/out/abuse.json"
+        "--out", default=out_path(__file__, "abuse.json"), help="JSON results file; default bench/out/abuse.json"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the fuzzer and of the legitimate clients; default 0")
     p.add_argument(
@@ -209,12 +207,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # The server and its memory -------------------------------------------------------------------------------------------
 def make_model(out_dir: str, hidden: int) -> str:
-    """A random 6-block Llama of width `hidden` with the tests' small tokenizer (tests/tiny.py)."""
-    import tiny
+    """A random 6-block Llama of width `hidden` with the tests' small tokenizer (tandem.testing.models)."""
+    from tandem.testing import models
 
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
-    return tiny.make_model("llama", out_dir, hidden=hidden, positions=512)
+    return models.make_model("llama", out_dir, hidden=hidden, positions=512)
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -253,12 +251,12 @@ class RssPeak:
 
 def wait_expired(env, ttl: float) -> float:
     """Waits out the TTL, lets the server sweep (an OpenSession expires idle sessions first), returns RSS in MiB."""
-    from tandem.client.staged import open_session
+    from tandem.client.session import open_session
     from tandem.client.transport import Transport
     from tandem.stages.lora import LoraConfig
 
     time.sleep(ttl + 1.0)
-    t = Transport(env["server"].tcfg(seal=False))
+    t = Transport(env["server"].transport_cfg(seal=False))
     try:
         s = open_session(t, LoraConfig(rank=4, alpha=8))
         from tandem.protos import split_pb2 as pb
@@ -272,7 +270,7 @@ def wait_expired(env, ttl: float) -> float:
 
 def held(env) -> dict:
     """What the server says it holds (its Prometheus metrics): open sessions and forward state bytes."""
-    from conftest import metric
+    from tandem.testing.servers import metric
 
     return {
         "sessions": metric(env["mport"], "tandem_sessions"),
@@ -310,8 +308,8 @@ def call_raw(ch, service: str, method: str, body: bytes, timeout: float):
 
 # Legitimate training -------------------------------------------------------------------------------------------------
 def legit_losses(tcfg, data: str, seed: int, steps: int, seq_len: int = 24, batch: int = 2) -> list[float]:
-    """A real split run (sealed, remote LoRA; tests/conftest.py split_losses): the per-step losses."""
-    from conftest import split_losses
+    """A real split run (sealed, remote LoRA; tandem.testing.split_runs): the per-step losses."""
+    from tandem.testing.split_runs import split_losses
 
     return split_losses(tcfg, data, seed, steps, seq_len=seq_len, batch=batch)
 
@@ -587,7 +585,7 @@ def run_fuzz(env, a) -> dict:
     server = env["server"]
     pid = server.proc.pid
     t0 = time.monotonic()
-    ref = legit_losses(server.tcfg(), env["data"], a.seed, a.legit_steps)  # undisturbed, same server
+    ref = legit_losses(server.transport_cfg(), env["data"], a.seed, a.legit_steps)  # undisturbed, same server
     warm_up_generate(env)  # its first use initializes what every later Generate reuses: not the fuzzer's doing
     rss_start = wait_expired(env, a.session_ttl)
     codes, reasons, examples, per_rpc = Counter(), Counter(), {}, Counter()
@@ -597,7 +595,7 @@ def run_fuzz(env, a) -> dict:
     def legit():
         while not stop.is_set():
             try:
-                got = legit_losses(server.tcfg(), env["data"], a.seed, a.legit_steps)
+                got = legit_losses(server.transport_cfg(), env["data"], a.seed, a.legit_steps)
             except Exception as e:  # noqa: BLE001  (reported, not raised: the run must finish and say so)
                 legit_err.append(f"{type(e).__name__}: {e}"[:300])
                 return
@@ -841,7 +839,7 @@ def run_crowd(env, a) -> dict:
         t = time.monotonic()
         try:
             c["losses"] = legit_losses(
-                server.tcfg(), env["data"], c["seed"], a.crowd_steps, seq_len=c["seq"], batch=c["batch"]
+                server.transport_cfg(), env["data"], c["seed"], a.crowd_steps, seq_len=c["seq"], batch=c["batch"]
             )
             c["finished"] = all(math.isfinite(x) for x in c["losses"]) and len(c["losses"]) == a.crowd_steps
         except Exception as e:  # noqa: BLE001  (reported per client)
@@ -897,8 +895,7 @@ def main(argv=None) -> int:
         return 0
     from tandem.client.sample import write_sample
     from tandem.cloud.tls import issue_bundle
-
-    from conftest import free_port, start_server
+    from tandem.testing.servers import free_port, start_server
 
     work = os.path.join(os.path.dirname(os.path.abspath(a.out)), "abuse")
     os.makedirs(work, exist_ok=True)

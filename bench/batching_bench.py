@@ -28,25 +28,24 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub
 
-from tandem.client.staged import RemoteMiddle, connect_split, open_session  # noqa: E402
+offline_hub()
+
+from tandem.client.assemble import connect_split  # noqa: E402
+from tandem.client.remote import RemoteMiddle  # noqa: E402
+from tandem.client.session import open_session  # noqa: E402
 from tandem.client.trainer import ADAMW  # noqa: E402
 from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig, slot_shapes  # noqa: E402
+from tandem.testing.servers import start_server  # noqa: E402
 
-from conftest import start_server  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 LORA = LoraConfig(rank=8, alpha=16)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
+    p = bench_parser(__file__, __doc__, model=True, work="scratch directory", results=True)
     p.add_argument("--clients", default="1,2,4,8", help="concurrent client counts; default 1,2,4,8")
     p.add_argument("--batch", type=int, default=1, help="sequences per client step (a laptop's batch); default 1")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence; default 128")
@@ -79,8 +78,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=3,
         help="repetitions of the in-process compute-gain measurement (0 skips it); default 3",
     )
-    p.add_argument("--work", default=os.path.join(HERE, "out", "batching_bench"), help="scratch directory")
-    p.add_argument("--json", default=os.path.join(HERE, "out", "batching_bench.json"), help="where to write results")
     return p.parse_args(argv)
 
 
@@ -176,7 +173,7 @@ def run(server, n: int, args, counters=None) -> dict:
     """
     t0 = time.perf_counter()
     if args.end_to_end:
-        clients = [RealClient(server.tcfg(), args, seed) for seed in range(n)]
+        clients = [RealClient(server.transport_cfg(), args, seed) for seed in range(n)]
         barrier = threading.Barrier(n + 1)
         walls, errors = [0.0] * n, []
 
@@ -203,7 +200,8 @@ def run(server, n: int, args, counters=None) -> dict:
         ctx = mp.get_context("spawn")
         barrier, results = ctx.Barrier(n + 1), ctx.Queue()
         procs = [
-            ctx.Process(target=_replay_process, args=(server.tcfg(), args, seed, barrier, results)) for seed in range(n)
+            ctx.Process(target=_replay_process, args=(server.transport_cfg(), args, seed, barrier, results))
+            for seed in range(n)
         ]
         for pr in procs:
             pr.start()

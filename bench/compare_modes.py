@@ -8,19 +8,18 @@ import math
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub, out_path
+
+offline_hub()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = bench_parser(__file__, __doc__, model=True)
     p.add_argument("--data", required=True, help="the data owner's directory of .txt/.jsonl files")
-    p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument(
         "--emulator",
-        default=os.path.join(HERE, "out", "offsite_table", "pkg"),
+        default=out_path(__file__, os.path.join("offsite_table", "pkg")),
         help="emulator package (its size is the offsite one-time download); default: offsite_table's",
     )
     p.add_argument("--client-blocks", default="2:2", help="split layout K:M; default 2:2")
@@ -46,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rtt-ms", type=float, default=40.0, help="round-trip time, ms; default 40")
     p.add_argument(
         "--timings",
-        default=os.path.join(HERE, "out", "offsite_table.json"),
+        default=out_path(__file__, "offsite_table.json"),
         help="measured per-step compute (offsite_table.json: tune_step_wall_s_median of offsite and full); default its output",
     )
     p.add_argument(
@@ -56,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="how much faster the cloud computes than this machine; default 1",
     )
     p.add_argument(
-        "--out", default=os.path.join(HERE, "out", "compare_modes"), help="directory for compare.json and compare.png"
+        "--out", default=out_path(__file__, "compare_modes"), help="directory for compare.json and compare.png"
     )
     return p.parse_args(argv)
 

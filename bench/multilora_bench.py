@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -11,8 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.kernels.multilora import multilora_delta, multilora_loop, plan_segments, segment_ids
-
-OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+from tandem.testing.bench_cli import bench_parser, out_path
 
 
 def loop_presorted(x, a, b, scaling, ids):
@@ -80,7 +78,7 @@ def make_cases(x, a, b, scaling, ids, variants):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = bench_parser(__file__, __doc__)
     p.add_argument("--adapters", default="1,4,16,64", help="adapter counts, comma-separated")
     p.add_argument("--rows-per-adapter", type=int, default=128, help="tokens per adapter (one 128-token sequence each)")
     p.add_argument("--in-features", type=int, default=576, help="SmolLM2-135M hidden size")
@@ -160,9 +158,9 @@ def main() -> None:
         "\nplan_segments (once per batch, shared by every LoRA layer; not in the kernel's times above): "
         + ", ".join(f"{r['adapters']} adapters {r['plan_ms']:.2f} ms" for r in rows if r["out"] == rows[0]["out"])
     )
-    os.makedirs(OUT_DIR, exist_ok=True)
     mode = "".join(f"_{k}" for k in ("skew", "shuffle", "variants") if getattr(args, k))
-    path = os.path.join(OUT_DIR, f"multilora_bench{mode}.json")
+    path = out_path(__file__, f"multilora_bench{mode}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
     print(f"wrote {path}")

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub
+
+offline_hub()
 
 # Public text for distillation: the docstrings of the standard library's modules, classes and functions
 # (real prose, written by people; about 416k SmolLM2 tokens). pydoc_data, the data owner's text, is excluded.
@@ -38,8 +38,7 @@ SKIP_DIRS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
+    p = bench_parser(__file__, __doc__, model=True, threads=2, seed=0, work="scratch directory", results=True)
     p.add_argument("--client-blocks", default="2:2", help="adapter blocks K:M; default 2:2 (the paper's)")
     p.add_argument(
         "--keep-blocks",
@@ -127,10 +126,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=10,
         help="training steps per model, alternating, for the side-by-side step-time ratio; default 10",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
-    p.add_argument("--seed", type=int, default=0, help="seed; default 0")
-    p.add_argument("--work", default=os.path.join(HERE, "out", "offsite_table"), help="scratch directory")
-    p.add_argument("--json", default=os.path.join(HERE, "out", "offsite_table.json"), help="where to write the results")
     return p.parse_args(argv)
 
 
@@ -287,8 +282,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from tandem.client.offsite import build_offsite, load_adapter
-    from tandem.client.staged import build_local
+    from tandem.client.assemble import build_local, build_offsite
+    from tandem.client.offsite import load_adapter
     from tandem.client.trainer import TuneConfig, tune
     from tandem.emulator.build import build_emulator
     from tandem.emulator.distill import DistillConfig

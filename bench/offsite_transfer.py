@@ -19,16 +19,15 @@ import os
 import shutil
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub
+
+offline_hub()
 
 ADAPTER = "adapter_model.safetensors"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = bench_parser(__file__, __doc__, threads=2)
     p.add_argument(
         "--work", required=True, help="an offsite_table.py --work directory (with offsite/, full/ and private/)"
     )
@@ -37,7 +36,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--grad-batches", type=int, default=4, help="private batches the start-of-tuning gradients sum over; default 4"
     )
     p.add_argument("--seed", type=int, default=0, help="the table's seed (its data split and eval text); default 0")
-    p.add_argument("--threads", type=int, default=2, help="torch threads; default 2")
     p.add_argument("--json", default=None, help="where to write the results; default WORK/transfer.json")
     return p.parse_args(argv)
 
@@ -86,9 +84,9 @@ def main(argv=None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from tandem.client.assemble import build_local, build_offsite
     from tandem.client.data import load_split
-    from tandem.client.offsite import build_offsite, load_adapter
-    from tandem.client.staged import build_local
+    from tandem.client.offsite import load_adapter
     from tandem.emulator.package import load_package
     from tandem.stages.loading import default_model_dir, load_tokenizer
     from tandem.stages.lora import LoraConfig

@@ -12,15 +12,15 @@ import subprocess
 import sys
 import time
 
-BIN = os.path.dirname(sys.executable)
-HERE = os.path.dirname(os.path.abspath(__file__))
+from tandem.testing.bench_cli import bench_parser
+from tandem.testing.servers import BIN
+
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=None, help="HF causal-LM directory; default: the embedded SmolLM2-135M-Instruct")
+    p = bench_parser(__file__, __doc__, model=True, work="scratch directory (data, TLS, runs)", results=True)
     p.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds, each one split run then one local run; default 3"
     )
@@ -39,12 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of both modes; default 0")
     p.add_argument("--records", type=int, default=400, help="sample-data records to generate; default 400")
-    p.add_argument(
-        "--work", default=os.path.join(HERE, "out", "split_vs_local"), help="scratch directory (data, TLS, runs)"
-    )
-    p.add_argument(
-        "--json", default=os.path.join(HERE, "out", "split_vs_local.json"), help="where to write the results"
-    )
     return p.parse_args(argv)
 
 

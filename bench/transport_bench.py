@@ -7,33 +7,30 @@ compare ratios; absolute times depend on this 2-core machine and whatever else i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+from tandem.testing.bench_cli import bench_parser, offline_hub
 
+offline_hub()
+
+from tandem.client.assemble import connect_split  # noqa: E402
 from tandem.client.data import load_split  # noqa: E402
+from tandem.client.evaluation import evaluate  # noqa: E402
 from tandem.client.sample import write_sample  # noqa: E402
-from tandem.client.staged import connect_split  # noqa: E402
-from tandem.client.trainer import evaluate  # noqa: E402
 from tandem.client.transport import Transport  # noqa: E402
 from tandem.stages.lora import LoraConfig  # noqa: E402
-
-from conftest import BIN, start_server  # noqa: E402
+from tandem.testing.servers import BIN, start_server  # noqa: E402
 
 
 def run_codec(server, data_dir, codec: str, seal: bool, args, lora_codec: str = "float32") -> dict:
     """Tunes `args.steps` steps with one codec; returns bytes per token, losses and time shares."""
-    t = Transport(server.tcfg(codec=codec, seal=seal, lora_codec=lora_codec))
+    t = Transport(server.transport_cfg(codec=codec, seal=seal, lora_codec=lora_codec))
     sm = connect_split(t, LoraConfig(rank=8, alpha=16), seed=0)
     data = load_split(data_dir, sm.tokenizer, args.seq, args.batch, 0, 0.1)
     opt = torch.optim.AdamW(sm.adapter.parameters(), lr=2e-3)
@@ -118,7 +115,7 @@ def run_concurrent(server, data_dir, n: int, args, tmp: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bench_parser(__file__, __doc__)
     p.add_argument("--steps", type=int, default=6, help="tuning steps per codec")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
