@@ -10,121 +10,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import stat
 import tempfile
-import threading
 import uuid
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tandem.protos import split_pb2 as pb
-from tandem.stages.loading import TOKENIZER_FILES, cache_root
+from tandem.stages.loading import cache_root
 
+from .allowed_files import (
+    DISK_RESERVE_BYTES,
+    MAX_DOWNLOAD_BYTES,
+    MAX_FILES,
+    MAX_NAME,
+    SAFE_NAME,
+    SHA256_HEX,
+    SMALL_FILE_BYTES,
+    STAGES_FILE,
+    TOKENIZER_NAMES,
+    Allowed,
+    check_name,
+    check_no_remote_code,
+    read_by_transformers,
+    stage_files,
+)
 from .errors import ClientError
-from .transport import Transport
+from .rundir import write_atomic
 
-STAGES_FILE = "client_stages.safetensors"
-TOKENIZER_NAMES = (*TOKENIZER_FILES, "vocab.json", "merges.txt")
+if TYPE_CHECKING:
+    from .transport import Transport
+
 # Written by this client beside downloaded files: name -> SHA-256. Its leading dot keeps it out of SAFE_NAME,
 # so no server can send a file of that name.
 CACHE_MANIFEST = ".verified.json"
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
-MAX_NAME = 128
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-# Limits (bytes unless named otherwise). A server can only ask for less than these, never more.
-MAX_DOWNLOAD_BYTES = 64 * 2**30  # hard ceiling of one download, whatever the server announces
-TOKENIZER_ALLOWANCE = 64 * 2**20  # all tokenizer files together (SmolLM2's are 3.5 MiB)
-SMALL_FILE_BYTES = 4 * 2**20  # a config or manifest
-MAX_FILES = 16
-DISK_RESERVE_BYTES = 256 * 2**20  # free space a download must leave on the target's file system
-
-
-@dataclass(frozen=True)
-class Allowed:
-    """What one download may contain.
-
-    Attributes:
-        what: The download, for messages ("the client stages").
-        sizes: Allowed file name -> its largest size.
-        total: Largest size of all files together.
-    """
-
-    what: str
-    sizes: dict[str, int]
-    total: int
-
-
-def stage_files(announced_bytes: int) -> Allowed:
-    """FetchClientStages: the stages at the size OpenSession announced, and the tokenizer files."""
-    if not 0 < announced_bytes <= MAX_DOWNLOAD_BYTES:
-        raise ClientError(
-            f"the server announced client stages of {announced_bytes} bytes; expected 1.."
-            f"{MAX_DOWNLOAD_BYTES} (is it a tandem server?)"
-        )
-    sizes = {STAGES_FILE: announced_bytes, **{n: TOKENIZER_ALLOWANCE for n in TOKENIZER_NAMES}}
-    return Allowed("the client stages", sizes, announced_bytes + TOKENIZER_ALLOWANCE)
-
-
-def emulator_files(max_bytes: int = MAX_DOWNLOAD_BYTES) -> Allowed:
-    """FetchEmulator: the files emulator/package.py writes, and nothing else."""
-    from tandem.emulator.package import (
-        CLIENT_FILE,
-        CONFIG_FILE,
-        EMULATOR_FILE,
-        MANIFEST,
-        SINK_FILE,
-    )
-
-    big = min(max_bytes, MAX_DOWNLOAD_BYTES)
-    sizes = {
-        CLIENT_FILE: big,
-        EMULATOR_FILE: big,
-        SINK_FILE: SMALL_FILE_BYTES,
-        CONFIG_FILE: SMALL_FILE_BYTES,
-        MANIFEST: SMALL_FILE_BYTES,
-        **{n: TOKENIZER_ALLOWANCE for n in TOKENIZER_NAMES},
-    }
-    return Allowed("the emulator package", sizes, big)
-
-
-def check_name(name: str, allowed: Allowed) -> None:
-    """A file name the server sent: a plain allow-listed name, never a path, never one of ours."""
-    if len(name) > MAX_NAME or not SAFE_NAME.fullmatch(name):
-        raise ClientError(
-            f"the server sent a file named {name[:MAX_NAME]!r} in {allowed.what}; refusing it "
-            "(a file name must be a plain name, not a path)"
-        )
-    if name not in allowed.sizes:
-        raise ClientError(
-            f"the server sent a file named {name!r}, which {allowed.what} never contain; refusing it "
-            f"(expected some of {sorted(allowed.sizes)})"
-        )
-
-
-def _read_by_transformers(name: str) -> bool:
-    """A JSON file whose keys transformers acts on (tokenizer.json and vocab.json only hold a vocabulary)."""
-    return name.endswith(".json") and name not in ("tokenizer.json", "vocab.json")
-
-
-def check_no_remote_code(name: str, data: bytes) -> None:
-    """JSON files transformers reads must not point it at code (auto_map) or at other files on this machine."""
-    if not _read_by_transformers(name):
-        return
-    try:
-        doc = json.loads(data)
-    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, nested too deep, a 5000-digit integer
-        raise ClientError(f"the server's {name} is not JSON we accept ({e.__class__.__name__}); refusing it") from None
-    if not isinstance(doc, dict):
-        raise ClientError(f"the server's {name} is not a JSON object; refusing it")
-    for key, value in doc.items():
-        if key in ("auto_map", "trust_remote_code"):
-            raise ClientError(
-                f"the server's {name} has {key!r}, which would make transformers run the server's code; refusing it"
-            )
-        if key.endswith(("_file", "_files")) and value is not None and value not in TOKENIZER_NAMES:
-            raise ClientError(f"the server's {name} names a file {key}={str(value)[:80]!r}; refusing it")
 
 
 class _Receiver:
@@ -225,12 +144,12 @@ def receive(chunks, target: str, allowed: Allowed, check=None) -> dict[str, str]
             if hasattr(chunks, "close"):
                 chunks.close()  # stops the server's stream as soon as the client has had enough
         digests = rx.end()
-        for name in filter(_read_by_transformers, digests):
+        for name in filter(read_by_transformers, digests):
             with open(os.path.join(staging, name), "rb") as f:
                 check_no_remote_code(name, f.read())
         if check is not None:
             check(staging, digests)
-        _write_private(os.path.join(staging, CACHE_MANIFEST), json.dumps(digests, sort_keys=True).encode())
+        write_atomic(os.path.join(staging, CACHE_MANIFEST), json.dumps(digests, sort_keys=True).encode())
         _commit(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -324,7 +243,7 @@ def _read_regular(path: str) -> bytes | None:
 
 
 def fetch_client_files(
-    t: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES, want_files: str = ""
+    transport: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES, want_files: str = ""
 ) -> dict[str, bytes]:
     """Downloads the client's stages and tokenizer, or takes them from the cache (keyed by the stages' SHA-256).
 
@@ -353,8 +272,8 @@ def fetch_client_files(
                 "(a proxy on the path may have substituted them); refusing them"
             )
 
-    stream = t.stream("FetchClientStages", pb.FetchClientStagesRequest(session_id=session_id), kind="FetchClientStages")
-    receive(stream, cache, allowed, matches)
+    request = pb.FetchClientStagesRequest(session_id=session_id)
+    transport.download("FetchClientStages", request, cache, allowed, matches)
     files = read_verified(cache, {STAGES_FILE: want_sha})
     if files is None:
         raise ClientError(f"the downloaded client stages in {cache} changed on disk before they could be read; retry")
@@ -371,20 +290,8 @@ def load_tokenizer(files: dict[str, bytes]):
         check_no_remote_code(n, files[n])
     with tempfile.TemporaryDirectory(prefix="tandem-tokenizer-") as d:  # mode 0700
         for n in names:
-            _write_private(os.path.join(d, n), files[n])
+            write_atomic(os.path.join(d, n), files[n])
         try:
             return load_tokenizer_dir(d)  # remote code refused, nothing fetched
         except ModelLoadError as e:
             raise ClientError(f"the server's tokenizer files do not load: {str(e).splitlines()[0]}") from None
-
-
-def _write_private(path: str, data: bytes) -> None:
-    """Writes a mode-0600 file via a temporary name and a rename, so no reader ever sees half of it."""
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-_write_atomic = _write_private  # the name client/staged.py used

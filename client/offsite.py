@@ -12,60 +12,24 @@ import torch
 from safetensors.torch import load as st_load
 
 from tandem.emulator.errors import PackageError
-from tandem.emulator.model import EmulatorStage
 from tandem.emulator.package import MANIFEST, load_package
-from tandem.protos import offsite_pb2 as opb
-from tandem.protos import offsite_pb2_grpc as opb_grpc
+from tandem.protos import offsite_pb2 as offsite_pb
+from tandem.protos import offsite_pb2_grpc as offsite_pb_grpc
 from tandem.stages.adapter_files import ADAPTER_CONFIG, CLIENT_BLOCKS, adapter_digest, read_adapter_dir, sha256
 from tandem.stages.arch import arch_for
-from tandem.stages.loading import client_parts
-from tandem.stages.lora import LoRAAdapter, LoraConfig, block_of, inject_slots, load_peft_tensors
-from tandem.stages.modules import BottomStage, TopStage
+from tandem.stages.lora import LoraConfig, block_of, load_peft_tensors
 
+from .allowed_files import MAX_DOWNLOAD_BYTES, emulator_files
+from .assemble import connect_split
 from .data import MAX_VAL_SEQUENCES, load_split
-from .downloads import MAX_DOWNLOAD_BYTES, emulator_files, receive
 from .errors import ClientError
-from .staged import LocalMiddle, StagedModel, _check_tokenizer, _gen, _order, _split_names, connect_split
-from .transport import Meter, Transport, TransportConfig
+from .evaluation import evaluate
+from .meter import Meter
+from .model import StagedModel
+from .rundir import write_json
+from .transport import Transport, TransportConfig
 
 log = logging.getLogger(__name__)
-
-
-def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
-    """The data owner's model in offsite mode: client stages from the package, the emulator as the middle.
-
-    Only the client's blocks carry LoRA slots; the emulator blocks are frozen and never adapted, so the
-    adapter plugs into the full model unchanged. No server is contacted.
-    """
-    from tandem.stages.loading import load_tokenizer
-
-    try:
-        pkg = load_package(pkg_dir)
-    except PackageError as e:
-        raise ClientError(f"--emulator: {e}") from None
-    config = pkg.config()
-    layout = pkg.layout
-    parts = client_parts(config, layout, pkg.client_state())
-    tokenizer = load_tokenizer(pkg.path)  # the loader of every mode
-    _check_tokenizer(tokenizer, config)
-    targets = lora.target_modules or parts.arch.lora_targets
-    specs = _order(inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets))
-    adapter = LoRAAdapter(specs, lora, generator=_gen(seed))
-    names = _split_names(specs, layout)
-    k = layout.bottom
-    middle = LocalMiddle(EmulatorStage(parts, pkg.emulator_blocks(config), sink=pkg.sink()), adapter, [])
-    return StagedModel(
-        BottomStage(parts, list(range(k))),
-        middle,
-        TopStage(parts, list(range(k, k + layout.top))),
-        adapter,
-        names,
-        layout,
-        pkg.manifest["model_id"],
-        config,
-        tokenizer,
-        "offsite",
-    )
 
 
 def adapter_lora_config(adapter_dir: str) -> LoraConfig:
@@ -86,37 +50,37 @@ def adapter_lora_config(adapter_dir: str) -> LoraConfig:
     return lora
 
 
-def load_adapter(sm: StagedModel, adapter_dir: str) -> dict:
+def load_adapter(model: StagedModel, adapter_dir: str) -> dict:
     """Loads a tuned adapter into a StagedModel: its LoRA tensors and, if present, fully tuned client blocks.
 
     Raises:
         ClientError: the adapter names a slot or weight this model does not have, or a shape differs.
     """
     _, tensors = load_peft_tensors(adapter_dir)
-    index = {s.name: i for i, s in enumerate(sm.adapter.specs)}
+    index = {spec.name: i for i, spec in enumerate(model.adapter.specs)}
     with torch.no_grad():
-        for key, t in tensors.items():
+        for key, tensor in tensors.items():
             name, ab = key.rsplit(".lora_", 1)
             if name not in index:
                 raise ClientError(
                     f"the adapter has LoRA on {name!r}, which this model has no slot for; "
                     "tune and evaluate with the same --lora-targets and layout"
                 )
-            p = (sm.adapter.a if ab.startswith("A") else sm.adapter.b)[index[name]]
-            if p.shape != t.shape:
-                raise ClientError(f"the adapter's {key} is {list(t.shape)}, the model needs {list(p.shape)}")
-            p.copy_(t)
+            p = (model.adapter.a if ab.startswith("A") else model.adapter.b)[index[name]]
+            if p.shape != tensor.shape:
+                raise ClientError(f"the adapter's {key} is {list(tensor.shape)}, the model needs {list(p.shape)}")
+            p.copy_(tensor)
         n_blocks = 0
         path = os.path.join(adapter_dir, CLIENT_BLOCKS)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 state = st_load(f.read())
-            prefix = arch_for(sm.config).block_prefix
-            for gid, block in sm.client_blocks():
+            prefix = arch_for(model.config).block_prefix
+            for block_id, block in model.client_blocks():
                 own = block.state_dict()
                 sub = {}
                 for k in own:
-                    full = f"{prefix}.{gid}.{k.replace('.base_layer.', '.')}"
+                    full = f"{prefix}.{block_id}.{k.replace('.base_layer.', '.')}"
                     if full not in state:
                         raise ClientError(f"{CLIENT_BLOCKS} lacks {full}; it was not made for this layout")
                     sub[k] = state[full]
@@ -125,21 +89,13 @@ def load_adapter(sm: StagedModel, adapter_dir: str) -> dict:
     return {"lora_tensors": len(tensors), "client_blocks_loaded": n_blocks}
 
 
-class OffsiteTransport(Transport):
-    """The split transport (TLS, identity, retries, accounting) with the OffsiteTuning stub."""
-
-    def __init__(self, cfg: TransportConfig, meter: Meter | None = None):
-        super().__init__(cfg, meter)
-        self.stub = opb_grpc.OffsiteTuningStub(self.channel)
-
-
-def fetch_emulator(tcfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOAD_BYTES) -> dict:
+def fetch_emulator(transport_cfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOAD_BYTES) -> dict:
     """Downloads the server's emulator package into `out` and verifies it; returns a summary with bytes.
 
     Only the files a package holds are accepted, each against its SHA-256 and within `max_bytes` in all;
     `out` is replaced only when the whole package verifies (see tandem.client.downloads).
     """
-    t = OffsiteTransport(tcfg)
+    transport = Transport(transport_cfg, stub=offsite_pb_grpc.OffsiteTuningStub)
     t0 = time.perf_counter()
     seen: dict = {}
 
@@ -147,11 +103,9 @@ def fetch_emulator(tcfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOA
         if MANIFEST not in digests:
             raise ClientError("the server's package has no manifest; ask the operator to rebuild it")
         try:
-            pkg = load_package(staging)  # every file against the manifest's SHA-256
-            listed = set(pkg.manifest["files"]) | {MANIFEST}
-            seen.update(
-                model_id=str(pkg.manifest["model_id"]), kept=[int(i) for i in pkg.manifest["kept_middle_blocks"]]
-            )
+            manifest = load_package(staging).manifest  # every file against the manifest's SHA-256
+            listed = set(manifest["files"]) | {MANIFEST}
+            seen.update(model_id=str(manifest["model_id"]), kept=[int(i) for i in manifest["kept_middle_blocks"]])
         except (PackageError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise ClientError(f"the downloaded package does not verify: {e}") from None
         if listed != set(digests):
@@ -161,67 +115,100 @@ def fetch_emulator(tcfg: TransportConfig, out: str, max_bytes: int = MAX_DOWNLOA
             )
 
     try:
-        digests = receive(
-            t.stream("FetchEmulator", opb.FetchEmulatorRequest(), kind="FetchEmulator"),
-            out,
-            emulator_files(max_bytes),
-            verify,
-        )
+        request = offsite_pb.FetchEmulatorRequest()
+        digests = transport.download("FetchEmulator", request, out, emulator_files(max_bytes), verify)
     finally:
-        t.close()
-    tot = t.meter.totals()["one_time"].get("FetchEmulator", {})
+        transport.close()
+    totals = transport.meter.totals()["one_time"].get("FetchEmulator", {})
     return {
         "package": out,
         "files": len(digests),
-        "bytes_sent": tot.get("sent", 0),
-        "bytes_received": tot.get("received", 0),
-        "framing_estimate_bytes": t.meter.framing,
+        "bytes_sent": totals.get("sent", 0),
+        "bytes_received": totals.get("received", 0),
+        "framing_estimate_bytes": transport.meter.framing,
         "wall_s": time.perf_counter() - t0,
         "model_id": seen["model_id"],
         "kept_middle_blocks": seen["kept"],
     }
 
 
-def push_adapter(tcfg: TransportConfig, adapter_dir: str, name: str = "", public: bool = False) -> dict:
+def _read_adapter(adapter_dir: str) -> dict[str, bytes]:
+    """The adapter directory's files (name -> bytes); a one-line ClientError when it lacks one."""
+    try:
+        return read_adapter_dir(adapter_dir)
+    except FileNotFoundError as e:
+        raise ClientError(f"--adapter: {e}") from None
+
+
+def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "", public: bool = False) -> dict:
     """Uploads only the adapter files; the cloud validates them against its model and registers them.
 
     The adapter belongs to this client's identity: other identities can neither list it nor generate
     with it, unless `public`.
     """
-    try:
-        blobs = read_adapter_dir(adapter_dir)
-    except FileNotFoundError as e:
-        raise ClientError(f"--adapter: {e}") from None
-    req = opb.PushAdapterRequest(
+    blobs = _read_adapter(adapter_dir)
+    req = offsite_pb.PushAdapterRequest(
         name=name,
-        files=[opb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
+        files=[offsite_pb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
         public=public,
     )
-    t = OffsiteTransport(tcfg)
+    transport = Transport(transport_cfg, stub=offsite_pb_grpc.OffsiteTuningStub)
     try:
-        resp = t.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
+        resp = transport.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
     finally:
-        t.close()
-    a = resp.adapter
-    if a.sha256 != adapter_digest(blobs):
+        transport.close()
+    adapter = resp.adapter
+    if adapter.sha256 != adapter_digest(blobs):
         raise ClientError("the cloud registered a different digest than this adapter's; push again")
-    tot = t.meter.totals()["one_time"]["PushAdapter"]
+    totals = transport.meter.totals()["one_time"]["PushAdapter"]
     return {
-        "name": a.name,
-        "sha256": a.sha256,
-        "params": a.params,
-        "blocks": list(a.blocks),
-        "model_id": a.model_id,
-        "owner": a.owner,
-        "public": a.public,
+        "name": adapter.name,
+        "sha256": adapter.sha256,
+        "params": adapter.params,
+        "blocks": list(adapter.blocks),
+        "model_id": adapter.model_id,
+        "owner": adapter.owner,
+        "public": adapter.public,
         "already_registered": resp.already_registered,
-        "bytes_sent": tot["sent"],
-        "bytes_received": tot["received"],
+        "bytes_sent": totals["sent"],
+        "bytes_received": totals["received"],
     }
 
 
+def _check_registered(transport_cfg: TransportConfig, meter: Meter, name: str, adapter_dir: str, digest: str) -> None:
+    """Refuses an adapter `name` the server does not list for this identity, or lists with another digest."""
+    transport = Transport(transport_cfg, meter, stub=offsite_pb_grpc.OffsiteTuningStub)
+    try:
+        resp = transport.call("ListAdapters", offsite_pb.ListAdaptersRequest(), kind="ListAdapters", one_time=True)
+    finally:
+        transport.close()
+    listed = {adapter.name: adapter for adapter in resp.adapters}
+    if name not in listed:
+        raise ClientError(
+            f"no adapter {name!r} is registered on the server for your identity; `client push --name {name}` first"
+        )
+    if listed[name].sha256 != digest:
+        raise ClientError(f"the adapter registered as {name!r} is not the one in {adapter_dir!r} (digest differs)")
+
+
+def _connect_for(transport: Transport, lora: LoraConfig, seed: int, adapter_dir: str) -> StagedModel:
+    """The split model the adapter fits: with remote LoRA only when the adapter has slots in the middle."""
+    _, tensors = load_peft_tensors(adapter_dir)
+    model = connect_split(transport, lora, seed, remote_lora=False)
+    if any(block_of(k) not in model.layout.client_blocks for k in tensors):
+        model.close()
+        model = connect_split(transport, lora, seed, remote_lora=True)
+    return model
+
+
+def _validation(zero_shot: dict, plugged: dict, sequences: int) -> dict:
+    """The report's validation section: the model without and with the adapter, and the change in perplexity."""
+    change = plugged["ppl"] / zero_shot["ppl"] - 1.0 if not math.isnan(zero_shot["ppl"]) else None
+    return {"zero_shot": zero_shot, "plugged_in": plugged, "sequences": sequences, "ppl_change": change}
+
+
 def eval_plugin(
-    tcfg: TransportConfig,
+    transport_cfg: TransportConfig,
     adapter_dir: str,
     data_dir: str,
     out: str,
@@ -237,59 +224,34 @@ def eval_plugin(
     The text stays here: the cloud sees only the activations of the split path, as in `client tune`. The
     same split as `client tune` (same --seed, --seq-len, --val-fraction) is used. Writes OUT/eval.json.
     """
-    from .trainer import evaluate, write_json
-
     lora = adapter_lora_config(adapter_dir)
-    try:
-        blobs = read_adapter_dir(adapter_dir)
-    except FileNotFoundError as e:
-        raise ClientError(f"--adapter: {e}") from None
+    blobs = _read_adapter(adapter_dir)
     digest = adapter_digest(blobs)
-    meter = Meter(tls=not tcfg.insecure)
-    registered = None
+    meter = Meter(tls=not transport_cfg.insecure)
     if name:
-        ot = OffsiteTransport(tcfg, meter)
-        try:
-            listed = {
-                a.name: a
-                for a in ot.call("ListAdapters", opb.ListAdaptersRequest(), kind="ListAdapters", one_time=True).adapters
-            }
-        finally:
-            ot.close()
-        if name not in listed:
-            raise ClientError(
-                f"no adapter {name!r} is registered on the server for your identity; `client push --name {name}` first"
-            )
-        if listed[name].sha256 != digest:
-            raise ClientError(f"the adapter registered as {name!r} is not the one in {adapter_dir!r} (digest differs)")
-        registered = name
-    t = Transport(tcfg, meter)
+        _check_registered(transport_cfg, meter, name, adapter_dir, digest)
+    transport = Transport(transport_cfg, meter)
     t0 = time.perf_counter()
     try:
-        _, tensors = load_peft_tensors(adapter_dir)
-        sm = connect_split(t, lora, seed, remote_lora=False)
-        if any(block_of(k) not in sm.layout.client_blocks for k in tensors):
-            sm.close()
-            sm = connect_split(t, lora, seed, remote_lora=True)
+        model = _connect_for(transport, lora, seed, adapter_dir)
         try:
-            data = load_split(data_dir, sm.tokenizer, seq_len, batch_size, seed, val_fraction, val_max)
-            zero_shot = evaluate(sm, data, seed)
-            loaded = load_adapter(sm, adapter_dir)
-            plugged = evaluate(sm, data, seed)
+            data = load_split(data_dir, model.tokenizer, seq_len, batch_size, seed, val_fraction, val_max)
+            zero_shot = evaluate(model, data, seed)
+            loaded = load_adapter(model, adapter_dir)
+            plugged = evaluate(model, data, seed)
         finally:
-            sm.close()
+            model.close()
     finally:
-        t.close()
-    tot = meter.totals()
+        transport.close()
     report = {
         "mode": "plug-in eval",
-        "model_id": sm.model_id,
-        "server": tcfg.server,
+        "model_id": model.model_id,
+        "server": transport_cfg.server,
         "adapter": adapter_dir,
         "adapter_sha256": digest,
-        "registered_as": registered,
+        "registered_as": name or None,
         "loaded": loaded,
-        "layout": {"num_layers": sm.layout.num_layers, "bottom": sm.layout.bottom, "top": sm.layout.top},
+        "layout": {"num_layers": model.layout.num_layers, "bottom": model.layout.bottom, "top": model.layout.top},
         "settings": {
             "seq_len": seq_len,
             "batch_size": batch_size,
@@ -297,17 +259,8 @@ def eval_plugin(
             "val_fraction": val_fraction,
             "val_max_sequences": val_max,
         },
-        "validation": {
-            "zero_shot": zero_shot,
-            "plugged_in": plugged,
-            "sequences": len(data.val),
-            "ppl_change": plugged["ppl"] / zero_shot["ppl"] - 1.0 if not math.isnan(zero_shot["ppl"]) else None,
-        },
-        "bytes": {
-            "per_kind": tot["per_kind"],
-            "one_time": tot["one_time"],
-            "framing_estimate_bytes": tot["framing_estimate_bytes"],
-        },
+        "validation": _validation(zero_shot, plugged, len(data.val)),
+        "bytes": meter.totals(),  # per_kind, one_time, framing_estimate_bytes
         "wall_s": time.perf_counter() - t0,
         "privacy": "the validation text stayed on this machine; the cloud saw the split path's activations only",
     }

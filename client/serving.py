@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import math
 
-from tandem.protos import serving_pb2 as spb
-from tandem.protos import serving_pb2_grpc as spb_grpc
+from tandem.protos import serving_pb2 as serving_pb
+from tandem.protos import serving_pb2_grpc as serving_pb_grpc
 
 from .errors import ClientError
-from .transport import Meter, Transport, TransportConfig
-
-
-class ServingTransport(Transport):
-    """The client's transport (TLS, identity, retries, accounting) with the AdapterServing stub."""
-
-    def __init__(self, cfg: TransportConfig, meter: Meter | None = None):
-        super().__init__(cfg, meter)
-        self.stub = spb_grpc.AdapterServingStub(self.channel)
+from .transport import Transport, TransportConfig
 
 
 def generate(
-    tcfg: TransportConfig,
+    transport_cfg: TransportConfig,
     prompts: list[str],
     adapter: str = "",
     max_new_tokens: int = 0,
@@ -44,27 +36,27 @@ def generate(
         raise ClientError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
     if not 0 <= seed < 2**64:
         raise ClientError(f"--seed must be in [0, 2**64), got {seed}")
-    req = spb.GenerateRequest(
+    req = serving_pb.GenerateRequest(
         adapter=adapter, prompts=prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
     )
-    t = ServingTransport(tcfg)
+    transport = Transport(transport_cfg, stub=serving_pb_grpc.AdapterServingStub)
     try:
-        resp = t.call("Generate", req, kind="Generate", one_time=True, retry=True)
+        resp = transport.call("Generate", req, kind="Generate", one_time=True, retry=True)
     finally:
-        t.close()
-    tot = t.meter.totals()["one_time"]["Generate"]
+        transport.close()
+    totals = transport.meter.totals()["one_time"]["Generate"]
     return {
         "adapter": resp.adapter,
         "batch_sequences": resp.batch_sequences,
         "completions": [
             {
-                "text": c.text,
-                "token_ids": list(c.token_ids),
-                "prompt_tokens": c.prompt_tokens,
-                "finish_reason": c.finish_reason,
+                "text": completion.text,
+                "token_ids": list(completion.token_ids),
+                "prompt_tokens": completion.prompt_tokens,
+                "finish_reason": completion.finish_reason,
             }
-            for c in resp.completions
+            for completion in resp.completions
         ],
-        "bytes_sent": tot["sent"],
-        "bytes_received": tot["received"],
+        "bytes_sent": totals["sent"],
+        "bytes_received": totals["received"],
     }

@@ -1,0 +1,210 @@
+"""Assembling the data owner's StagedModel per mode: split (a cloud session), local (all here), offsite."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
+from tandem.stages.errors import StageError
+from tandem.stages.loading import client_parts, config_from_json, load_model, unpack_state
+from tandem.stages.lora import LoRAAdapter, LoraConfig, SlotSpec, inject_slots
+from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
+
+from .downloads import fetch_client_files, load_tokenizer
+from .errors import ClientError
+from .model import LocalMiddle, StagedModel, seeded_generator
+from .remote import RemoteMiddle
+from .session import Session, close_refused_session, open_session
+from .transport import Transport
+
+
+def order_slots(specs: list[SlotSpec]) -> list[SlotSpec]:
+    """The slots in block order; stable, so module order inside a block is kept."""
+    return sorted(specs, key=lambda s: s.block)
+
+
+def split_names(specs: list[SlotSpec], layout: StageLayout) -> tuple[list[str], list[str], list[str]]:
+    """The slots' names per stage: bottom, middle, top."""
+    bottom = [s.name for s in specs if s.block in layout.bottom_blocks]
+    middle = [s.name for s in specs if s.block in layout.middle_blocks]
+    top = [s.name for s in specs if s.block in layout.top_blocks]
+    return bottom, middle, top
+
+
+def check_tokenizer(tokenizer, config) -> None:
+    """Refuses a tokenizer with more tokens than the model's embedding has rows."""
+    vocab = int(config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise ClientError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: "
+            "tokenizer and model do not belong together"
+        )
+
+
+def _adapter(
+    specs: list[SlotSpec], layout: StageLayout, lora: LoraConfig, seed: int
+) -> tuple[LoRAAdapter, tuple[list[str], list[str], list[str]]]:
+    """The data owner's adapter over `specs` (seeded) and its slot names per stage."""
+    specs = order_slots(specs)
+    return LoRAAdapter(specs, lora, generator=seeded_generator(seed)), split_names(specs, layout)
+
+
+def _client_stages(parts: Parts, layout: StageLayout) -> tuple[BottomStage, TopStage]:
+    """Bottom and top stages over the client's parts (its blocks renumbered 0..bottom+top-1)."""
+    k = layout.bottom
+    return BottomStage(parts, list(range(k))), TopStage(parts, list(range(k, k + layout.top)))
+
+
+def _downloaded_parts(transport: Transport, info):
+    """The model the session announced: (config, layout, client parts, tokenizer), downloaded or cached.
+
+    A refused configuration or download closes the session: it must not hold one of the identity's sessions.
+    """
+    try:
+        config = config_from_json(info.model_config_json)
+    except StageError as e:
+        close_refused_session(transport, info.session_id)
+        raise ClientError(f"the server's model configuration is not usable: {e}") from None
+    layout = StageLayout(info.layout.num_layers, info.layout.bottom, info.layout.top)
+    try:
+        files = fetch_client_files(
+            transport, info.session_id, info.client_stages_sha256, info.client_stages_bytes, info.client_files_sha256
+        )
+    except ClientError:
+        close_refused_session(transport, info.session_id)
+        raise
+    parts = client_parts(config, layout, unpack_state(files["client_stages.safetensors"]))
+    tokenizer = load_tokenizer(files)
+    check_tokenizer(tokenizer, config)
+    return config, layout, parts, tokenizer
+
+
+def _opener(first: Session, open_one):
+    """The remote middle's session opener: `first` once, then new sessions that must serve the same model."""
+    pending, info = [first], first.info
+
+    def opener() -> Session:
+        if pending:
+            return pending.pop()
+        session = open_one()
+        same = session.info.client_stages_sha256 == info.client_stages_sha256 and [
+            slot.name for slot in session.info.middle_slots
+        ] == [slot.name for slot in info.middle_slots]
+        if not same:
+            raise ClientError(
+                "the server came back with a different model or layout; this run cannot continue against it"
+            )
+        return session
+
+    return opener
+
+
+def connect_split(
+    transport: Transport,
+    lora: LoraConfig,
+    seed: int,
+    remote_lora: bool = True,
+    model_id: str = "",
+    cloud_optimizer: dict | None = None,
+) -> StagedModel:
+    """Opens a session, fetches the client's stages and builds the split model (see open_session)."""
+
+    def open_one() -> Session:
+        return open_session(transport, lora, remote_lora, model_id, cloud_optimizer)
+
+    first = open_one()
+    info = first.info
+    config, layout, parts, tokenizer = _downloaded_parts(transport, info)
+    targets = lora.target_modules or arch_for(config).lora_targets
+    specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
+    specs += [SlotSpec(slot.name, slot.in_features, slot.out_features) for slot in info.middle_slots]
+    adapter, names = _adapter(specs, layout, lora, seed)
+    params = adapter.params_for(names[1])
+    middle = RemoteMiddle(transport, _opener(first, open_one), params, cloud_optimizer=cloud_optimizer is not None)
+    bottom, top = _client_stages(parts, layout)
+    return StagedModel(
+        bottom,
+        middle,
+        top,
+        adapter,
+        names,
+        layout,
+        info.model_id,
+        config,
+        tokenizer,
+        "split",
+        stages_sha256=info.client_stages_sha256,
+    )
+
+
+def build_local(
+    model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True
+) -> StagedModel:
+    """The whole model in this process with the same stages and adapter (for exactness checks).
+
+    With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
+    """
+    from tandem.stages.loading import default_model_dir
+    from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
+
+    loaded = load_model(model_path)
+    parts: Parts = parts_of(loaded.model)
+    layout = StageLayout.parse(client_blocks, loaded.config)
+    targets = lora.target_modules or parts.arch.lora_targets
+    ids = list(range(num_blocks(loaded.config))) if middle_lora else layout.client_blocks
+    adapter, names = _adapter(
+        inject_slots(nn.ModuleList(parts.blocks[i] for i in ids), parts.arch, ids, targets), layout, lora, seed
+    )
+    tokenizer = load_tokenizer_dir(model_path or default_model_dir())  # the loader of every mode (split's ids)
+    check_tokenizer(tokenizer, loaded.config)
+    middle = LocalMiddle(MiddleStage(parts, layout.middle_blocks), adapter, names[1])
+    return StagedModel(
+        BottomStage(parts, layout.bottom_blocks),
+        middle,
+        TopStage(parts, layout.top_blocks),
+        adapter,
+        names,
+        layout,
+        loaded.model_id,
+        loaded.config,
+        tokenizer,
+        "local",
+    )
+
+
+def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
+    """The data owner's model in offsite mode: client stages from the package, the emulator as the middle.
+
+    Only the client's blocks carry LoRA slots; the emulator blocks are frozen and never adapted, so the
+    adapter plugs into the full model unchanged. No server is contacted.
+    """
+    from tandem.emulator.errors import PackageError
+    from tandem.emulator.model import EmulatorStage
+    from tandem.emulator.package import load_package
+    from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
+
+    try:
+        package = load_package(pkg_dir)
+    except PackageError as e:
+        raise ClientError(f"--emulator: {e}") from None
+    config = package.config()
+    layout = package.layout
+    parts = client_parts(config, layout, package.client_state())
+    tokenizer = load_tokenizer_dir(package.path)  # the loader of every mode
+    check_tokenizer(tokenizer, config)
+    targets = lora.target_modules or parts.arch.lora_targets
+    adapter, names = _adapter(inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets), layout, lora, seed)
+    emulator = EmulatorStage(parts, package.emulator_blocks(config), sink=package.sink())
+    bottom, top = _client_stages(parts, layout)
+    return StagedModel(
+        bottom,
+        LocalMiddle(emulator, adapter, []),
+        top,
+        adapter,
+        names,
+        layout,
+        package.manifest["model_id"],
+        config,
+        tokenizer,
+        "offsite",
+    )
