@@ -20,14 +20,14 @@ from .transport import Transport
 
 def order_slots(specs: list[SlotSpec]) -> list[SlotSpec]:
     """The slots in block order; stable, so module order inside a block is kept."""
-    return sorted(specs, key=lambda s: s.block)
+    return sorted(specs, key=lambda spec: spec.block)
 
 
 def split_names(specs: list[SlotSpec], layout: StageLayout) -> tuple[list[str], list[str], list[str]]:
     """The slots' names per stage: bottom, middle, top."""
-    bottom = [s.name for s in specs if s.block in layout.bottom_blocks]
-    middle = [s.name for s in specs if s.block in layout.middle_blocks]
-    top = [s.name for s in specs if s.block in layout.top_blocks]
+    bottom = [spec.name for spec in specs if spec.block in layout.bottom_blocks]
+    middle = [spec.name for spec in specs if spec.block in layout.middle_blocks]
+    top = [spec.name for spec in specs if spec.block in layout.top_blocks]
     return bottom, middle, top
 
 

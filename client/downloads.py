@@ -57,56 +57,65 @@ class _Receiver:
         self.name = ""  # the file being received
         self.f = None
 
-    def chunk(self, c) -> None:
+    def add(self, chunk) -> None:
         if self.f is None:
-            self._begin(c)
-        elif c.name != self.name:
+            self._begin(chunk)
+        elif chunk.name != self.name:
             raise ClientError(
-                f"the server began {c.name[:MAX_NAME]!r} before finishing {self.name} ({self.got} of "
+                f"the server began {chunk.name[:MAX_NAME]!r} before finishing {self.name} ({self.got} of "
                 f"{self.size} bytes); refusing the download"
             )
-        elif c.sha256 and c.sha256 != self.want:
-            raise ClientError(f"the server changed the SHA-256 of {c.name} mid-file; refusing the download")
-        elif c.total_bytes != self.size:
-            raise ClientError(f"the server changed the size of {c.name} mid-file ({self.size} -> {c.total_bytes})")
-        elif not c.data:  # without progress, a stream of these would never end
-            raise ClientError(f"the server sent an empty chunk of {c.name} at offset {c.offset}; refusing the download")
-        if c.offset != self.got:
-            raise ClientError(f"{c.name} arrived out of order (offset {c.offset}, expected {self.got}); retry")
-        if self.got + len(c.data) > self.size:
-            raise ClientError(f"the server sent more of {c.name} than the {self.size} bytes it declared; refusing it")
-        self.f.write(c.data)
-        self.hash.update(c.data)
-        self.got += len(c.data)
+        elif chunk.sha256 and chunk.sha256 != self.want:
+            raise ClientError(f"the server changed the SHA-256 of {chunk.name} mid-file; refusing the download")
+        elif chunk.total_bytes != self.size:
+            raise ClientError(
+                f"the server changed the size of {chunk.name} mid-file ({self.size} -> {chunk.total_bytes})"
+            )
+        elif not chunk.data:  # without progress, a stream of these would never end
+            raise ClientError(
+                f"the server sent an empty chunk of {chunk.name} at offset {chunk.offset}; refusing the download"
+            )
+        if chunk.offset != self.got:
+            raise ClientError(f"{chunk.name} arrived out of order (offset {chunk.offset}, expected {self.got}); retry")
+        if self.got + len(chunk.data) > self.size:
+            raise ClientError(
+                f"the server sent more of {chunk.name} than the {self.size} bytes it declared; refusing it"
+            )
+        self.f.write(chunk.data)
+        self.hash.update(chunk.data)
+        self.got += len(chunk.data)
         if self.got == self.size:
             self._finish()
 
-    def _begin(self, c) -> None:
-        check_name(c.name, self.allowed)
-        if c.name in self.digests:
-            what = f"more of {c.name} than it declared" if c.offset else f"{c.name} twice"
+    def _begin(self, chunk) -> None:
+        check_name(chunk.name, self.allowed)
+        if chunk.name in self.digests:
+            what = f"more of {chunk.name} than it declared" if chunk.offset else f"{chunk.name} twice"
             raise ClientError(f"the server sent {what}; refusing the download")
         if len(self.digests) >= MAX_FILES:
             raise ClientError(
                 f"the server sent more than {MAX_FILES} files in {self.allowed.what}; refusing the download"
             )
-        if not SHA256_HEX.fullmatch(c.sha256):
+        if not SHA256_HEX.fullmatch(chunk.sha256):
             raise ClientError(
-                f"the server sent {c.name} without a valid SHA-256 (got {c.sha256[:70]!r}); refusing the download"
+                f"the server sent {chunk.name} without a valid SHA-256 (got {chunk.sha256[:70]!r}); "
+                "refusing the download"
             )
-        cap = self.allowed.sizes[c.name]
-        if not 0 <= c.total_bytes <= cap:
-            raise ClientError(f"the server declared {c.name} as {c.total_bytes} bytes; at most {cap} are allowed")
-        if self.declared + c.total_bytes > self.budget:
+        cap = self.allowed.sizes[chunk.name]
+        if not 0 <= chunk.total_bytes <= cap:
+            raise ClientError(
+                f"the server declared {chunk.name} as {chunk.total_bytes} bytes; at most {cap} are allowed"
+            )
+        if self.declared + chunk.total_bytes > self.budget:
             raise ClientError(
                 f"{self.allowed.what} would exceed {self.budget} bytes (the limit, or the free disk space "
-                f"less {DISK_RESERVE_BYTES >> 20} MiB) with {c.name}'s {c.total_bytes}; refusing the download"
+                f"less {DISK_RESERVE_BYTES >> 20} MiB) with {chunk.name}'s {chunk.total_bytes}; refusing the download"
             )
-        self.declared += c.total_bytes
-        self.name, self.want, self.size, self.got = c.name, c.sha256, c.total_bytes, 0
+        self.declared += chunk.total_bytes
+        self.name, self.want, self.size, self.got = chunk.name, chunk.sha256, chunk.total_bytes, 0
         self.hash = hashlib.sha256()
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        self.f = os.fdopen(os.open(os.path.join(self.staging, c.name), flags, 0o600), "wb")
+        self.f = os.fdopen(os.open(os.path.join(self.staging, chunk.name), flags, 0o600), "wb")
 
     def _finish(self) -> None:
         self.f.close()
@@ -134,16 +143,16 @@ def receive(chunks, target: str, allowed: Allowed, check=None) -> dict[str, str]
     parent = os.path.dirname(os.path.abspath(target))
     _makedirs_private(parent)
     staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)  # mode 0700
-    rx = _Receiver(staging, allowed, shutil.disk_usage(parent).free)
+    receiver = _Receiver(staging, allowed, shutil.disk_usage(parent).free)
     try:
         try:
-            for c in chunks:
-                rx.chunk(c)
+            for chunk in chunks:
+                receiver.add(chunk)
         finally:
-            rx.close()
+            receiver.close()
             if hasattr(chunks, "close"):
                 chunks.close()  # stops the server's stream as soon as the client has had enough
-        digests = rx.end()
+        digests = receiver.end()
         for name in filter(read_by_transformers, digests):
             with open(os.path.join(staging, name), "rb") as f:
                 check_no_remote_code(name, f.read())
@@ -233,11 +242,11 @@ def _read_regular(path: str) -> bytes | None:
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_DOWNLOAD_BYTES:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DOWNLOAD_BYTES:
             return None
         try:
-            return f.read(st.st_size + 1)  # a file still growing fails its hash
+            return f.read(info.st_size + 1)  # a file still growing fails its hash
         except OSError:
             return None
 

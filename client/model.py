@@ -1,4 +1,4 @@
-"""The data owner's model in stages (StagedModel): local bottom and top stages, a middle (remote or in-process), one adapter."""
+"""StagedModel: the data owner's bottom and top stages, a middle (remote or in-process), one adapter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Offsite-Tuning on the data owner's side: tune against an emulator, fetch it, push the adapter, evaluate the plug-in."""
+"""Offsite-Tuning on the data owner's side: fetch the emulator, push the adapter, evaluate it plugged in."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ class Recorder:
 
 
 def _credentials(cfg: TransportConfig):
-    """TLS credentials and the certificates in use: the CA to trust and, when an identity bundle exists, the client certificate."""
+    """TLS credentials and the certificates in use: the CA to trust and the client certificate (with a bundle)."""
     key = cert = ca = identity = None
     if cfg.identity and (os.path.exists(cfg.identity) or cfg.identity != DEFAULT_IDENTITY):
         if not os.path.exists(cfg.identity):
