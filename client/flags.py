@@ -1,9 +1,11 @@
-"""Command-line values checked as they are parsed: a bad flag is one line on stderr, before any work or network call."""
+"""The client's argparse set-up: one-line errors, values checked as they are parsed, and the flags commands share."""
 
 from __future__ import annotations
 
 import argparse
 import math
+
+from .transport import DEFAULT_IDENTITY
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,3 +61,69 @@ def block_split(text: str) -> str:
     if not sep or not k.isdigit() or not m.isdigit() or int(k) < 1:
         raise argparse.ArgumentTypeError(f"expected K:M with K >= 1 and M >= 0 (e.g. 2:2), got {text!r}")
     return text
+
+
+def add_server_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default="127.0.0.1:50051",
+        type=server_address,
+        help="HOST:PORT of `cloud serve`; default 127.0.0.1:50051",
+    )
+
+
+def add_insecure_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC, no TLS (only against a server started with --insecure); warns",
+    )
+
+
+def add_transport_flags(parser: argparse.ArgumentParser) -> None:
+    """The connection flags of every command that talks to the server (tune has its own, longer help texts)."""
+    add_server_flag(parser)
+    parser.add_argument(
+        "--identity",
+        default=DEFAULT_IDENTITY,
+        help=f"your identity bundle from the operator; default {DEFAULT_IDENTITY} when it exists",
+    )
+    parser.add_argument(
+        "--ca", default=None, help="CA certificate (PEM) that signed the server's certificate; default: the bundle's CA"
+    )
+    add_insecure_flag(parser)
+    parser.add_argument(
+        "--timeout", type=positive_float, default=300.0, help="deadline of one call, seconds; default 300"
+    )
+    parser.add_argument(
+        "--retries", type=nonneg_int, default=8, help="retries while the server is unreachable or busy; default 8"
+    )
+
+
+def transport_config(args: argparse.Namespace, **settings):
+    """The TransportConfig the connection flags describe; `settings` adds the command's own (seal, codecs)."""
+    from .transport import TransportConfig
+
+    return TransportConfig(
+        server=args.server,
+        insecure=args.insecure,
+        ca=args.ca,
+        identity=args.identity,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        **settings,
+    )
+
+
+def add_compute_flags(parser: argparse.ArgumentParser) -> None:
+    """--threads and --no-progress, the last flags of the commands that compute."""
+    parser.add_argument("--threads", type=nonneg_int, default=0, help="torch compute threads (0 = torch's default)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Sets torch's compute threads when --threads asks for a number."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
