@@ -362,7 +362,8 @@ def _schedule(cfg: DistillConfig):
     return f
 
 
-def _save(path: str, payload: dict) -> None:
+def save_checkpoint(path: str, payload: dict) -> None:
+    """Writes the distillation checkpoint atomically (a .tmp file, then a rename)."""
     tmp = path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -472,7 +473,7 @@ def distill(
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             hist["val"].append({"step": step + 1, **d.validate(val, cfg)})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _save(
+            save_checkpoint(
                 ckpt_path,
                 {
                     "student": student.state_dict(),

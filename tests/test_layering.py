@@ -32,6 +32,7 @@ ALLOWED = {
 PACKAGES = {name: name for name in (*PRODUCT, "testing")}  # tandem.<key> lives in folder <value>
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 350, 60
 SIZED = ("client", "cloud")
+FORMER_TEST_HELPERS = {"conftest", "tiny", "hop", "hostile", "warm_servers"}  # modules of tests/ before tandem.testing
 PARSER_BUILDER = re.compile(r"^(build_parser|add_\w+_parsers?|\w+_parser)$")
 
 
@@ -88,7 +89,7 @@ def imported_modules(root: Path, path: Path, tree: ast.AST):
 
 def arrow_violations(root: Path, folder: str) -> list[str]:
     """Imports of tandem packages outside ALLOWED[folder], of tests/ modules, and sys.path changes."""
-    test_modules = {p.stem for p in (root / "tests").glob("*.py")}
+    test_modules = {p.stem for p in (root / "tests").glob("*.py")} | FORMER_TEST_HELPERS
     allowed = ALLOWED[folder] | ({folder} if folder in PACKAGES else set())
     out = []
     for path in python_files(root, folder):
@@ -211,6 +212,7 @@ def plant(root: Path, files: dict[str, str]) -> Path:
         ("emulator", "from ..client import data\n"),
         ("client", "from tandem.testing.servers import BIN\n"),
         ("bench", "from conftest import start_server\n"),
+        ("bench", "import tiny\n"),
         ("bench", "import sys\nsys.path.insert(0, 'tests')\n"),
         ("tests", "from tests.conftest import start_server\n"),
     ],

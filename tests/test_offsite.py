@@ -90,17 +90,17 @@ def test_distillation_resumes_to_the_uninterrupted_result(models8, sample_data, 
         build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
     full = build_emulator(models8["gpt2"], "2:2", str(tmp_path / "full"), sample_data, cfg, keep=2)
 
-    real, saved = dmod._save, []
+    real, saved = dmod.save_checkpoint, []
 
     def save_then_stop(path, payload):  # an interruption right after the first checkpoint (step 2)
         real(path, payload)
         saved.append(payload["step"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dmod, "_save", save_then_stop)
+    monkeypatch.setattr(dmod, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         dmod.distill(load_model(models8["gpt2"]), StageLayout(8, 2, 2), [2, 5], read_texts(sample_data), cfg, out)
-    monkeypatch.setattr(dmod, "_save", real)
+    monkeypatch.setattr(dmod, "save_checkpoint", real)
     assert saved == [2]
     resumed = build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
     assert resumed["files"]["emulator.safetensors"]["sha256"] == full["files"]["emulator.safetensors"]["sha256"]
