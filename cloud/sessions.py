@@ -164,8 +164,8 @@ class SessionStore:
         s.last_used = time.monotonic()
         return s
 
-    def close(self, sid: str, owner: str) -> None:
-        s = self.get(sid, owner)
+    def close(self, s: Session) -> None:
+        """Closes a session the caller looked up with `get` (a session already gone stays gone)."""
         self._drop(s)
         return_freed_memory()
 

@@ -1,0 +1,272 @@
+"""The split-tuning service in process: the frozen middle of one model served to many sessions (pure torch)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from tandem.stages.arch import num_blocks, parts_of
+from tandem.stages.errors import LayoutError
+from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
+from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots
+from tandem.stages.modules import MiddleStage, StageLayout
+
+from . import remote_lora
+from .admission import StateModel
+from .batching import Batcher, BatchingConfig
+from .errors import InvalidRequest
+from .limits import RequestChecks, ServiceLimits
+from .optimizer import AdamWSpec
+from .sessions import Pending, Session, SessionStore, StoreConfig
+
+log = logging.getLogger(__name__)
+
+
+def linear_leaves(blocks: nn.ModuleList) -> tuple[str, ...]:
+    """The last names of every linear layer in `blocks` (the layers a LoRA can target)."""
+    names = set()
+    for block in blocks:
+        for path, module in block.named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                names.add(path.rsplit(".", 1)[-1])
+    return tuple(sorted(names))
+
+
+class SplitService:
+    """Runs the middle blocks for sessions; knows nothing of gRPC or Ray (a `Backbone`, cloud/backbone.py).
+
+    Every adaptable layer of the middle blocks is wrapped in a LoRASlot once, at start-up. A
+    session's remote LoRA is bound only for the duration of its own calls, so sessions never
+    see each other's adapters and the frozen weights are shared. The caller looks a session up
+    (with its owner) in `store` and hands it to the methods.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        layout: StageLayout,
+        store: StoreConfig | None = None,
+        limits: ServiceLimits | None = None,
+        blocks: list[int] | None = None,
+        serve_client_files: bool = True,
+        batching: BatchingConfig | None = None,
+    ):
+        """Args:
+        blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
+        serve_client_files: Pack the client's stages for download (the front door does; shards do not).
+        batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
+        """
+        self.loaded, self.layout = loaded, layout
+        self.limits = limits or ServiceLimits()
+        self.store = SessionStore(store or StoreConfig())
+        self.parts = parts_of(loaded.model)
+        if layout.num_layers != num_blocks(loaded.config):
+            raise LayoutError(f"layout is for {layout.num_layers} blocks, the model has {num_blocks(loaded.config)}")
+        mids = list(blocks) if blocks is not None else layout.middle_blocks
+        if not set(mids) <= set(layout.middle_blocks):
+            raise LayoutError(f"blocks {mids} are not all middle blocks of the layout")
+        mid_list = nn.ModuleList(self.parts.blocks[i] for i in mids)
+        self.middle_leaves = linear_leaves(mid_list)
+        self.all_slots = inject_slots(mid_list, self.parts.arch, mids, self.middle_leaves)
+        self.middle = MiddleStage(self.parts, mids)
+        self.hidden_size = int(self.parts.embed.weight.shape[1])
+        self.max_positions = int(getattr(loaded.config, "max_position_embeddings", 0) or loaded.config.n_positions)
+        self.checks = RequestChecks(
+            self.limits,
+            loaded.model_id,
+            self.hidden_size,
+            self.max_positions,
+            self.middle_leaves,
+            tuple(self.parts.arch.lora_targets),
+        )
+        self._pack_client_files(serve_client_files)
+        self.config_json = config_json(loaded.config)
+        self.state_model = StateModel(self.middle, loaded.model, self.hidden_size, self.max_positions)
+        self.batcher = (
+            Batcher(self.middle, batching, self.state_model.counter, sessions=lambda: len(self.store))
+            if batching
+            else None
+        )
+        log.info(
+            "serving %s: %d blocks, client %d:%d, %d middle slots",
+            loaded.model_id,
+            layout.num_layers,
+            layout.bottom,
+            layout.top,
+            len(self.all_slots),
+        )
+
+    def _pack_client_files(self, serve: bool) -> None:
+        """Packs the client's stages (and tokenizer) once; every session downloads the same bytes."""
+        self.client_blob, self.client_files = b"", {}
+        if serve:
+            self.client_blob = pack_state(client_state(self.parts, self.layout))
+            self.client_files = {"client_stages.safetensors": self.client_blob, **tokenizer_files(self.loaded.path)}
+        self.client_sha = sha256(self.client_blob)
+        self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
+
+    # Sessions ------------------------------------------------------------------------------
+    def open_session(
+        self,
+        owner: str,
+        model_id: str,
+        lora: LoraConfig,
+        remote_lora: bool,
+        codec: str = "float32",
+        gradient_codec: str = "float32",
+        sid: str | None = None,
+        optimizer: AdamWSpec | None = None,
+    ) -> Session:
+        """Opens a session; with `optimizer`, the cloud applies the remote LoRA's AdamW updates itself."""
+        targets = self.checks.session(model_id, lora, remote_lora, (codec, gradient_codec), optimizer)
+        slots = [x for x in self.all_slots if x.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
+        # What the session keeps for its whole life: the remote LoRA, and with a cloud optimizer its two AdamW moments.
+        resident = 4 * sum(lora.rank * (x.in_features + x.out_features) for x in slots) * (3 if optimizer else 1)
+        session = self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid, resident=resident)
+        session.opt_spec = optimizer
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self.store.close(session)
+        if self.batcher is not None:
+            self.batcher.forget(session.id)
+
+    # Compute ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        session: Session,
+        step: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        lora_version: int,
+        lora_flat: torch.Tensor | None,
+        dropout_seed: int,
+        train: bool,
+    ) -> tuple[torch.Tensor, float]:
+        """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
+        self.checks.activations(hidden, mask, "hidden")
+        args = (step, hidden, mask, lora_version, lora_flat, dropout_seed)
+        with session.lock:
+            batched = self.batcher is not None and (len(self.store) > 1 or self.batcher.busy)
+            if not train:
+                return self._forward_in(session, *args, False, batched)
+            # Refuse, or make room, before the compute: memory is spent as the forward runs. The reservation
+            # holds until the real state is stored, or is given back if the forward fails.
+            padded = batched or not bool(mask.all())
+            self.store.admit(session, step, self.state_model.estimate(session, *hidden.shape[:2], padded))
+            try:
+                return self._forward_in(session, *args, True, batched)
+            finally:
+                self.store.unreserve(session, step)
+
+    def _forward_in(
+        self,
+        session: Session,
+        step: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        lora_version: int,
+        lora_flat: torch.Tensor | None,
+        dropout_seed: int,
+        train: bool,
+        batched: bool,
+    ) -> tuple[torch.Tensor, float]:
+        """The forward itself, once admitted (the session's lock is held)."""
+        lora = remote_lora.lora_for(session, lora_version, lora_flat)
+        gen = torch.Generator().manual_seed(int(dropout_seed)) if session.lora_cfg.dropout > 0 else None
+        if batched:
+            return self._forward_batched(session, step, hidden, mask, lora, gen, train)
+        start = time.perf_counter()
+        binding = Binding(
+            {slot.name: (lora[2 * i], lora[2 * i + 1]) for i, slot in enumerate(session.slots)},
+            session.lora_cfg.scaling,
+            session.lora_cfg.dropout if train else 0.0,
+            gen,
+        )
+        attention_mask = mask.to(torch.long)
+        if train:
+            h_in = hidden.requires_grad_(True)
+            saved = self.state_model.counter()
+            with torch.enable_grad(), bind(binding), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = self.middle(h_in, attention_mask)
+            self.store.put(session, step, Pending(h_in, out, lora, saved.total + hidden.nbytes + out.nbytes))
+        else:
+            with torch.no_grad(), bind(binding):
+                out = self.middle(hidden, attention_mask)
+        session.last_used = time.monotonic()  # a long compute must not count as idle time
+        return out.detach(), time.perf_counter() - start
+
+    def _forward_batched(self, session: Session, step: int, hidden, mask, lora, gen, train: bool):
+        """forward() through the batcher: this session's rows share one pass with other sessions'."""
+        segment = Segment(
+            hidden.shape[0],
+            {slot.name: (lora[2 * i], lora[2 * i + 1]) for i, slot in enumerate(session.slots)},
+            session.lora_cfg.scaling,
+            session.lora_cfg.dropout if train else 0.0,
+            gen,
+        )
+        out, group, index, seconds, nbytes = self.batcher.forward(hidden, mask, segment, train, member=session.id)
+        if train:
+            pending = Pending(None, out, lora, nbytes, group=group, index=index, session=session)
+            try:
+                self.store.put(session, step, pending)
+            except BaseException:
+                group.done[index] = True  # the group must not wait for this member's backward
+                raise
+            group.stored(index, pending)
+        session.last_used = time.monotonic()
+        return out, seconds
+
+    def backward(self, session: Session, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Back-propagates through the stored graph. Returns (grad input, flat LoRA grads, compute seconds)."""
+        self.checks.activations(grad_out, None, "grad_output")
+        with session.lock:
+            pending = self.store.take(session, step)
+            if tuple(grad_out.shape) != tuple(pending.out.shape):
+                self.store.put(session, step, pending)  # keep it: the client may resend a correct gradient
+                raise InvalidRequest(
+                    f"grad_output: expected shape {list(pending.out.shape)}, got {list(grad_out.shape)}"
+                )
+            # A cloud optimizer makes the update the client would have made; nothing LoRA-sized goes back.
+            update = (lambda flat: remote_lora.cloud_step(session, flat)) if session.optimizer is not None else None
+            if pending.group is not None:
+                grad_in, flat, seconds = self.batcher.backward(pending.group, pending.index, grad_out, then=update)
+            else:
+                grad_in, flat, seconds = self._backward_alone(pending, grad_out, update)
+            session.last_used = time.monotonic()
+            return grad_in, flat, seconds
+
+    @staticmethod
+    def _backward_alone(pending: Pending, grad_out: torch.Tensor, update) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Backward through a graph of this session alone."""
+        start = time.perf_counter()
+        grads = torch.autograd.grad(pending.out, [pending.h_in, *pending.lora], grad_out, allow_unused=True)
+        lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], pending.lora)]
+        flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
+        flat = update(flat) if update is not None else flat
+        return grads[0], flat, time.perf_counter() - start
+
+    # Cloud optimizer state ---------------------------------------------------------------------
+    def remote_state(self, session: Session) -> dict:
+        """The remote LoRA and its AdamW state of a cloud optimizer session (flat tensors, steps, version)."""
+        return remote_lora.state_of(session)
+
+    def put_remote_state(
+        self,
+        session: Session,
+        lora: torch.Tensor | None,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        steps: int,
+        version: int,
+    ) -> None:
+        """Replaces a cloud optimizer session's remote LoRA and AdamW state (the client resumes a checkpoint)."""
+        remote_lora.restore(session, lora, exp_avg, exp_avg_sq, steps, version)
+
+    def stop(self) -> None:
+        """Stops the batching worker (if any)."""
+        if self.batcher is not None:
+            self.batcher.stop()

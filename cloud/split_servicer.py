@@ -1,0 +1,249 @@
+"""gRPC servicer of split tuning: unsealing and decoding, a call into a Backbone, encoding and sealing."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tandem.kernels.codecs import CODECS, DEFAULT_BLOCK
+from tandem.protos import serde
+from tandem.protos import split_pb2 as pb
+from tandem.protos import split_pb2_grpc as pb_grpc
+from tandem.protos.handshake import files_digest, sign, transcript_hash
+from tandem.protos.sealing import Sealer, SealError, new_keypair
+from tandem.stages.lora import LoraConfig
+
+from . import errors
+from .backbone import Backbone
+from .identity import Identities
+from .metrics import Metrics
+from .optimizer import AdamWSpec
+from .sessions import Session
+from .status import Guarded, guarded
+from .streams import StreamSlots
+
+log = logging.getLogger(__name__)
+
+
+class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
+    """Thin gRPC shell over a Backbone. Every call looks its session up once, with the caller's identity
+    (a session belongs to the identity that opened it), and hands the Session to the service."""
+
+    def __init__(
+        self,
+        service: Backbone,
+        identities: Identities | None = None,
+        metrics: Metrics | None = None,
+        require_sealing: bool = False,
+        sealing=None,
+        streams: StreamSlots | None = None,
+    ):
+        """`sealing`: (ECDSA P-256 key, certificate DER) that signs sealing handshakes (cloud/tls.py load_sealing)."""
+        self.service = service
+        self.sealing = sealing
+        self.identities = identities or Identities(None, mutual=False)
+        self.metrics = metrics or Metrics()
+        self.require_sealing = require_sealing
+        self.streams = streams or StreamSlots(4, 600.0)
+
+    def observe(self, method: str, request, code, seconds: float, reply) -> None:
+        """Records one unary call in the metrics, with the sessions and batching gauges."""
+        metrics, store = self.metrics, self.service.store
+        if reply is not None:
+            metrics.bytes_out.labels(method).inc(reply.ByteSize())
+        metrics.requests.labels(method, code.name).inc()
+        metrics.latency.labels(method).observe(seconds)
+        metrics.bytes_in.labels(method).inc(request.ByteSize())
+        metrics.sessions.set(len(store))
+        metrics.state_bytes.set(store.used_bytes)
+        batcher = self.service.batcher
+        if batcher is not None:
+            metrics.batch_passes.set(batcher.batches)
+            metrics.batch_requests.set(batcher.batched_requests)
+            metrics.batch_compute.set(batcher.compute_s)
+
+    def _session(self, request, who: str) -> Session:
+        """The request's session, if `who` opened it (NotOwner if another identity did, SessionNotFound if none)."""
+        return self.service.store.get(request.session_id, who)
+
+    def _layout(self) -> pb.StageLayout:
+        layout = self.service.layout
+        return pb.StageLayout(num_layers=layout.num_layers, bottom=layout.bottom, top=layout.top)
+
+    def _unseal(self, session: Session, request) -> None:
+        """Unseals a request in place (sealed sessions), counting failures in the metrics."""
+        if session.sealer is None:
+            if self.require_sealing:
+                raise errors.SealFailure("this server requires sealed tensors; open the session with a sealing key")
+            return
+        try:
+            session.sealer.open(request, request.step)
+        except SealError as e:
+            self.metrics.seal_failures.labels(e.kind).inc()
+            log.warning("session %s...: sealed payload rejected (%s)", session.id[:8], e.kind)
+            raise errors.SealFailure(str(e)) from None
+
+    @guarded
+    def GetInfo(self, request, context, who):
+        service = self.service
+        return pb.GetInfoResponse(
+            model_id=service.loaded.model_id,
+            layout=self._layout(),
+            model_config_json=service.config_json,
+            max_message_bytes=serde.MAX_MESSAGE_BYTES,
+            max_tokens_per_step=service.limits.max_tokens_per_step,
+            codecs=list(CODECS),
+        )
+
+    @guarded
+    def OpenSession(self, request, context, who):
+        spec = request.lora
+        lora = LoraConfig(
+            rank=spec.rank or 8,
+            alpha=spec.alpha or 16.0,
+            dropout=spec.dropout,
+            target_modules=tuple(spec.target_modules),
+        )
+        codec = request.codec or "float32"
+        gradient_codec = request.gradient_codec or codec
+        lora_codec = request.lora_codec or "float32"
+        for name in (codec, gradient_codec, lora_codec):
+            if name not in CODECS:
+                raise errors.InvalidRequest(f"codec {errors.clip(name)} is not supported; choose one of {list(CODECS)}")
+        if self.require_sealing and not request.seal_public_key:
+            raise errors.SealFailure(
+                "this server requires sealed tensors; the client must send a sealing key (do not pass --no-seal)"
+            )
+        optimizer = None
+        if request.HasField("cloud_optimizer"):
+            o = request.cloud_optimizer
+            optimizer = AdamWSpec(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay)
+        session = self.service.open_session(
+            who, request.model_id, lora, request.remote_lora, codec, gradient_codec, optimizer=optimizer
+        )
+        session.lora_codec = lora_codec
+        resp = self._opened(session)
+        if request.seal_public_key:
+            try:
+                session.sealer = self._handshake(session.id, request, resp)
+            except SealError as e:
+                self.service.store.close(session)
+                raise errors.InvalidRequest(str(e)) from None
+        return resp
+
+    def _opened(self, session: Session) -> pb.OpenSessionResponse:
+        """The OpenSession reply for a session just opened (before the sealing handshake)."""
+        service = self.service
+        return pb.OpenSessionResponse(
+            session_id=session.id,
+            model_id=service.loaded.model_id,
+            layout=self._layout(),
+            model_config_json=service.config_json,
+            middle_slots=[
+                pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in session.slots
+            ],
+            client_stages_sha256=service.client_sha,
+            client_stages_bytes=len(service.client_blob),
+            ttl_s=service.store.cfg.ttl_s,
+            codec=session.codec,
+            gradient_codec=session.gradient_codec,
+            block_size=DEFAULT_BLOCK,
+            lora_codec=session.lora_codec,
+            cloud_optimizer=session.opt_spec is not None,
+            client_files_sha256=files_digest(service.client_file_sha),  # signed: the tokenizer too
+        )
+
+    def _handshake(self, sid: str, request, resp) -> Sealer:
+        """Answers the client's sealing key with ours and signs the transcript (keys + every negotiated field)."""
+        private, public = new_keypair()
+        resp.seal_public_key = public
+        transcript = transcript_hash(sid, request.seal_public_key, public, request, resp)
+        if self.sealing is not None:
+            key, cert_der = self.sealing
+            resp.seal_certificate = cert_der
+            resp.seal_signature = sign(key, transcript)
+        return Sealer(private, request.seal_public_key, sid, "server", transcript)
+
+    @guarded
+    def FetchClientStages(self, request, context, who):
+        self._session(request, who)
+        release = self.streams.take(context)  # bounded and timed: unread streams must not hold every worker
+        try:
+            for name, blob in self.service.client_files.items():
+                digest = self.service.client_file_sha[name]
+                for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
+                    chunk = pb.FileChunk(
+                        name=name,
+                        offset=off,
+                        data=blob[off : off + serde.CHUNK_BYTES],
+                        total_bytes=len(blob),
+                        sha256=digest if off == 0 else "",
+                    )
+                    self.identities.pace(who, chunk.ByteSize(), context)  # every streamed byte counts
+                    yield chunk
+        finally:
+            release()
+
+    @guarded
+    def Forward(self, request, context, who):
+        session = self._session(request, who)
+        self._unseal(session, request)
+        hidden = serde.decode(request.hidden, "hidden", session.codec)
+        mask = serde.from_proto(request.attention_mask, "attention_mask")
+        lora = serde.decode(request.lora, "lora", session.lora_codec) if request.HasField("lora") else None
+        out, seconds = self.service.forward(
+            session, request.step, hidden, mask, request.lora_version, lora, request.dropout_seed, request.train
+        )
+        resp = pb.ForwardResponse(hidden=serde.encode(out, session.codec), compute_s=seconds)
+        if session.sealer is not None:
+            session.sealer.seal(resp, request.step)
+        return resp
+
+    @guarded
+    def Backward(self, request, context, who):
+        session = self._session(request, who)
+        self._unseal(session, request)
+        grad_out = serde.decode(request.grad_output, "grad_output", session.gradient_codec)
+        grad_in, lora_grad, seconds = self.service.backward(session, request.step, grad_out)
+        resp = pb.BackwardResponse(grad_input=serde.encode(grad_in, session.gradient_codec), compute_s=seconds)
+        if session.opt_spec is None:  # a cloud optimizer session gets no LoRA gradients: the cloud applied them
+            resp.lora_grad.CopyFrom(serde.encode(lora_grad, session.lora_codec))
+        if session.sealer is not None:
+            session.sealer.seal(resp, request.step)
+        self.metrics.steps.inc()
+        return resp
+
+    @guarded
+    def GetRemoteState(self, request, context, who):
+        session = self._session(request, who)
+        state = self.service.remote_state(session)
+        resp = pb.RemoteState(
+            session_id=session.id,
+            step=request.step,
+            lora=serde.to_proto(state["lora"]),
+            exp_avg=serde.to_proto(state["exp_avg"]),
+            exp_avg_sq=serde.to_proto(state["exp_avg_sq"]),
+            optimizer_steps=state["steps"],
+            lora_version=state["version"],
+        )
+        if session.sealer is not None:
+            session.sealer.seal(resp, request.step)
+        return resp
+
+    @guarded
+    def PutRemoteState(self, request, context, who):
+        session = self._session(request, who)
+        self._unseal(session, request)
+        flat = [
+            serde.from_proto(getattr(request, f), f) if request.HasField(f) else None
+            for f in ("lora", "exp_avg", "exp_avg_sq")
+        ]
+        flat = [t if t is not None or i == 0 else torch.zeros(0) for i, t in enumerate(flat)]
+        self.service.put_remote_state(session, *flat, request.optimizer_steps, request.lora_version)
+        return pb.PutRemoteStateResponse()
+
+    @guarded
+    def CloseSession(self, request, context, who):
+        self.service.close_session(self._session(request, who))
+        return pb.CloseSessionResponse()
