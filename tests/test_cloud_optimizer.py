@@ -279,7 +279,7 @@ def test_ten_cloud_crashes_in_one_run_end_identical_with_no_manual_step(
         pid, addr = servers.start(argv)
         tls = tmp_path / "tls"
         server = SimpleNamespace(
-            tcfg=lambda: TransportConfig(
+            transport_cfg=lambda: TransportConfig(
                 server=addr, ca=str(tls / "ca.pem"), backoff_s=0.05, identity=str(tls / "clients" / "local.pem")
             )
         )
