@@ -1,6 +1,6 @@
 """Sealing against an active hop that terminates TLS with the server's own certificate and key (a load balancer).
 
-The hop (tests/hop.py) is a real gRPC proxy between the client and a real `cloud serve`. Passing
+The hop (tandem.testing.proxies.Hop) is a real gRPC proxy between the client and a real `cloud serve`. Passing
 through, training equals a direct run; every rewrite it tries - swapping the sealing keys,
 re-signing with the TLS key, stripping the signature, reshaping a tensor, flipping train,
 changing the dropout seed, dropping the sealed LoRA - is refused with a clear error.

@@ -27,7 +27,7 @@ from tandem.testing.servers import free_port, start_server
 
 LORA = LoraConfig(rank=4, alpha=8, dropout=0.1)
 BATCH, SEQ = 2, 24  # 48 tokens a step: under the guarded server's --max-tokens-per-step 64
-HIDDEN = 32  # tests/tiny.py
+HIDDEN = 32  # tandem.testing.models: the tiny models' hidden size
 
 
 # Helpers -----------------------------------------------------------------------------------------

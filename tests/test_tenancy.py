@@ -21,7 +21,7 @@ from tandem.protos import split_pb2_grpc as pb_grpc
 from tandem.testing.servers import free_port, metric
 from tandem.testing.split_runs import split_losses
 
-HIDDEN = 32  # tests/tiny.py
+HIDDEN = 32  # tandem.testing.models: the tiny models' hidden size
 
 
 def _raw(server):
