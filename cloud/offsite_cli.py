@@ -6,47 +6,51 @@ import argparse
 import json
 import sys
 
+from . import flags
 
-def _build(args) -> int:
-    import torch
 
-    from tandem.emulator.build import build_emulator
+def distill_config(args: argparse.Namespace):
     from tandem.emulator.distill import DistillConfig
+
+    return DistillConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        kd_weight=args.kd_weight,
+        lm_weight=args.lm_weight,
+        kl_weight=args.kl_weight,
+        layer_weight=args.layer_weight,
+        jacobian_weight=args.jacobian_weight,
+        jacobian_eps=args.jacobian_eps,
+        init=args.init,
+        init_batches=args.init_batches,
+        kd_norm=args.kd_norm,
+        cache_teacher=not args.no_teacher_cache,
+        val_fraction=args.val_fraction,
+        val_every=args.val_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Builds the package and prints its summary as one JSON line; 2 (one line on stderr) when it cannot."""
+    from tandem.emulator.build import build_emulator
     from tandem.emulator.errors import EmulatorError
     from tandem.stages.errors import StageError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    flags.apply_threads(args)
     try:
-        cfg = DistillConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            lr=args.lr,
-            warmup=args.warmup,
-            kd_weight=args.kd_weight,
-            lm_weight=args.lm_weight,
-            kl_weight=args.kl_weight,
-            layer_weight=args.layer_weight,
-            jacobian_weight=args.jacobian_weight,
-            jacobian_eps=args.jacobian_eps,
-            init=args.init,
-            init_batches=args.init_batches,
-            kd_norm=args.kd_norm,
-            cache_teacher=not args.no_teacher_cache,
-            val_fraction=args.val_fraction,
-            val_every=args.val_every,
-            checkpoint_every=args.checkpoint_every,
-            seed=args.seed,
-            resume=args.resume,
-            progress=not args.no_progress,
-        )
-        m = build_emulator(
+        manifest = build_emulator(
             args.model,
             args.client_blocks,
             args.out,
             args.distill_data,
-            cfg,
+            distill_config(args),
             drop_ratio=args.drop_ratio,
             keep=args.keep,
             keep_blocks=args.keep_blocks,
@@ -63,45 +67,56 @@ def _build(args) -> int:
             file=sys.stderr,
         )
         return 130
-    d, p = m["distillation"], m["params"]
-    print(
-        json.dumps(
-            {
-                "package": args.out,
-                "kept_middle_blocks": m["kept_middle_blocks"],
-                "selection": m["selection"]["method"],
-                "mlp_width": m["pruning"]["mlp_width"],
-                "val_kd_before": d.get("val_kd_before"),
-                "val_kd_after": d.get("val_kd_after"),
-                "package_params": p["package"],
-                "package_share_of_model": round(p["package_share_of_model"], 4),
-            }
-        )
-    )
+    print(json.dumps(package_summary(args.out, manifest)))
     return 0
+
+
+def package_summary(out: str, manifest: dict) -> dict:
+    """What `emulator build` prints: the package, the blocks it kept, the distillation's effect, its size."""
+    distillation, params = manifest["distillation"], manifest["params"]
+    return {
+        "package": out,
+        "kept_middle_blocks": manifest["kept_middle_blocks"],
+        "selection": manifest["selection"]["method"],
+        "mlp_width": manifest["pruning"]["mlp_width"],
+        "val_kd_before": distillation.get("val_kd_before"),
+        "val_kd_after": distillation.get("val_kd_after"),
+        "package_params": params["package"],
+        "package_share_of_model": round(params["package_share_of_model"], 4),
+    }
 
 
 def add_emulator_parser(sub) -> None:
     """Adds `emulator build` to the `cloud` command line."""
-    e = sub.add_parser("emulator", help="Offsite-Tuning emulators")
-    esub = e.add_subparsers(dest="emulator_cmd", required=True)
-    b = esub.add_parser(
+    parser = sub.add_parser("emulator", help="Offsite-Tuning emulators")
+    emulator_sub = parser.add_subparsers(dest="emulator_cmd", required=True)
+    build = emulator_sub.add_parser(
         "build",
         help="drop middle blocks (uniformly or loss-guided), distill the rest on public text, write a package",
         description="Build an Offsite-Tuning emulator package: the client stages, the tokenizer and a "
         "distilled, lossy stand-in for the middle blocks (never the dropped blocks).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    b.add_argument(
+    _add_selection_flags(build)
+    _add_distillation_flags(build)
+    _add_loss_flags(build)
+    _add_start_flags(build)
+    _add_run_flags(build)
+    build.set_defaults(func=run_build)
+
+
+def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, its cut, and which middle blocks the emulator keeps."""
+    parser.add_argument(
         "--model", default=None, help="Hugging Face causal-LM directory (default: the embedded SmolLM2-135M-Instruct)"
     )
-    b.add_argument(
+    parser.add_argument(
         "--client-blocks",
         default="2:2",
         metavar="K:M",
         help="adapter blocks the data owner tunes, below (K) and above (M) the emulator",
     )
-    how = b.add_mutually_exclusive_group(required=True)
+    how = parser.add_mutually_exclusive_group(required=True)
     how.add_argument(
         "--drop-ratio", type=float, default=None, help="share of the middle blocks to drop (0.5 keeps about half)"
     )
@@ -116,7 +131,7 @@ def add_emulator_parser(sub) -> None:
         help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
         "makes the model's attention sink swapped in (SmolLM2: 11; see the README)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--select",
         choices=("uniform", "greedy"),
         default="uniform",
@@ -125,13 +140,13 @@ def add_emulator_parser(sub) -> None:
         "the public text least (first and last middle block kept; a closer emulator, but not a better "
         "plug-in on SmolLM2: see the README; about 10 min on 2 cores for SmolLM2 at --seq-len 64)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--select-seqs",
         type=int,
         default=32,
         help="public sequences (of --seq-len tokens) the greedy selection, and --mlp-width's neuron ranking, measure on",
     )
-    b.add_argument(
+    parser.add_argument(
         "--mlp-width",
         type=int,
         default=None,
@@ -140,25 +155,34 @@ def add_emulator_parser(sub) -> None:
         "residual stream on the public text, so the emulator can keep more blocks in the same "
         "parameter budget (default: full-width blocks)",
     )
-    b.add_argument(
+
+
+def _add_distillation_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--distill-data",
         default=None,
         metavar="DIR",
         help="public text for distillation: .txt files and .jsonl rows ({'text'} or {'prompt','completion'})",
     )
-    b.add_argument("--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)")
-    b.add_argument("--batch-size", type=int, default=4, help="text blocks per step")
-    b.add_argument("--seq-len", type=int, default=128, help="tokens per text block")
-    b.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
-    b.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
-    b.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss ((t-s)/rms(t))^2")
-    b.add_argument(
+    parser.add_argument(
+        "--steps", type=int, default=200, help="distillation steps (0: plain layer drop, no distillation)"
+    )
+    parser.add_argument("--batch-size", type=int, default=4, help="text blocks per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per text block")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW peak learning rate (warm-up, then cosine decay)")
+    parser.add_argument("--warmup", type=int, default=10, help="learning-rate warm-up steps")
+
+
+def _add_loss_flags(parser: argparse.ArgumentParser) -> None:
+    """The terms of the distillation loss and their weights."""
+    parser.add_argument("--kd-weight", type=float, default=1.0, help="weight of the KD loss ((t-s)/rms(t))^2")
+    parser.add_argument(
         "--lm-weight",
         type=float,
         default=0.0,
         help="weight of the next-token loss through the real top blocks (0: off)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--kd-norm",
         choices=("token", "global"),
         default="token",
@@ -166,19 +190,19 @@ def add_emulator_parser(sub) -> None:
         "'global' by one teacher RMS over the batch (the paper's), which on SmolLM2 lets the first "
         "token's huge hidden state carry ~96%% of the loss; default token",
     )
-    b.add_argument(
+    parser.add_argument(
         "--kl-weight",
         type=float,
         default=0.0,
         help="weight of KL(teacher || emulator) on next-token distributions through the real top blocks and head (0: off; costs ~1.7x per step)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--layer-weight",
         type=float,
         default=0.0,
         help="weight of matching every kept block to the teacher at its original depth (0: off)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--jacobian-weight",
         type=float,
         default=0.0,
@@ -186,32 +210,41 @@ def add_emulator_parser(sub) -> None:
         "along random per-token directions): the data owner's bottom adapter learns through the "
         "emulator's Jacobian (0: off; costs a teacher pass over the whole middle per step)",
     )
-    b.add_argument(
+    parser.add_argument(
         "--jacobian-eps", type=float, default=0.05, help="size of those input moves, relative to each token's RMS"
     )
-    b.add_argument(
+
+
+def _add_start_flags(parser: argparse.ArgumentParser) -> None:
+    """How the emulator starts and whether the teacher's outputs are kept."""
+    parser.add_argument(
         "--init",
         choices=("copy", "rescale"),
         default="copy",
         help="emulator start: the kept blocks as they are, or with each block's residual update rescaled by a factor "
         "fitted on public text (folded into the output projections); default copy",
     )
-    b.add_argument(
+    parser.add_argument(
         "--init-batches", type=int, default=2, help="public batches used to fit the --init rescale factors; default 2"
     )
-    b.add_argument(
+    parser.add_argument(
         "--no-teacher-cache",
         action="store_true",
         help="recompute the full middle's outputs every step instead of once (less memory, slower)",
     )
-    b.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out to validate the KD loss")
-    b.add_argument("--val-every", type=int, default=50, help="steps between validations")
-    b.add_argument(
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Validation, checkpoints, compute and the package directory."""
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of the text held out to validate the KD loss"
+    )
+    parser.add_argument("--val-every", type=int, default=50, help="steps between validations")
+    parser.add_argument(
         "--checkpoint-every", type=int, default=50, help="steps between checkpoints (OUT/distill_checkpoint.pt)"
     )
-    b.add_argument("--seed", type=int, default=0, help="seed of the text split and batch order")
-    b.add_argument("--resume", action="store_true", help="continue from OUT/distill_checkpoint.pt")
-    b.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    b.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
-    b.set_defaults(func=_build)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the text split and batch order")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/distill_checkpoint.pt")
+    flags.add_threads_flag(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--out", required=True, metavar="PKG", help="package directory to write")
