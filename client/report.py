@@ -145,7 +145,7 @@ def render(report: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    t = report["totals"]
+    totals = report["totals"]
     steps = report["steps"]
     n = max(len(steps), 1)
     head = Table(
@@ -156,35 +156,39 @@ def render(report: dict, console=None) -> None:
     head.add_column("sent", justify="right")
     head.add_column("received", justify="right")
     head.add_row(
-        "one-time (session, stages, tokenizer)", _mb(t["one_time_bytes_sent"]), _mb(t["one_time_bytes_received"])
+        "one-time (session, stages, tokenizer)",
+        _mb(totals["one_time_bytes_sent"]),
+        _mb(totals["one_time_bytes_received"]),
     )
-    head.add_row(f"training ({t['steps']} steps)", _mb(t["train_bytes_sent"]), _mb(t["train_bytes_received"]))
-    head.add_row("per step", _mb(t["train_bytes_sent"] / n), _mb(t["train_bytes_received"] / n))
+    head.add_row(
+        f"training ({totals['steps']} steps)", _mb(totals["train_bytes_sent"]), _mb(totals["train_bytes_received"])
+    )
+    head.add_row("per step", _mb(totals["train_bytes_sent"] / n), _mb(totals["train_bytes_received"] / n))
     head.add_row(
         "per token", f"{report['per_token']['bytes_sent']:,.0f} B", f"{report['per_token']['bytes_received']:,.0f} B"
     )
-    for kind, v in sorted(t["per_kind"].items()):
-        head.add_row(f"  {kind} x{v['calls']}", _mb(v["sent"]), _mb(v["received"]))
-    head.add_row("total (all kinds)", _mb(t["bytes_sent"]), _mb(t["bytes_received"]))
-    head.add_row("est. HTTP/2+TLS framing (both ways)", _mb(t["framing_estimate_bytes"]), "")
+    for kind, counts in sorted(totals["per_kind"].items()):
+        head.add_row(f"  {kind} x{counts['calls']}", _mb(counts["sent"]), _mb(counts["received"]))
+    head.add_row("total (all kinds)", _mb(totals["bytes_sent"]), _mb(totals["bytes_received"]))
+    head.add_row("est. HTTP/2+TLS framing (both ways)", _mb(totals["framing_estimate_bytes"]), "")
     console.print(head)
 
-    tm = report["time"]
-    times = Table(title=f"time ({t['wall_s']:.1f} s wall in all)")
+    seconds = report["time"]
+    times = Table(title=f"time ({totals['wall_s']:.1f} s wall in all)")
     for col in ("client compute", "cloud compute", "serialization", "network wait"):
         times.add_column(col, justify="right")
     times.add_row(
-        *(f"{tm[k]:.2f} s" for k in ("client_compute_s", "cloud_compute_s", "serialization_s", "network_wait_s"))
+        *(f"{seconds[k]:.2f} s" for k in ("client_compute_s", "cloud_compute_s", "serialization_s", "network_wait_s"))
     )
     console.print(times)
 
-    v = report["validation"]
+    validation = report["validation"]
     val = Table(title="validation (held-out split)")
     val.add_column("")
     val.add_column("loss", justify="right")
     val.add_column("perplexity", justify="right")
-    val.add_row("before", f"{v['before']['loss']:.4f}", f"{v['before']['ppl']:.2f}")
-    val.add_row("after", f"{v['after']['loss']:.4f}", f"{v['after']['ppl']:.2f}")
+    val.add_row("before", f"{validation['before']['loss']:.4f}", f"{validation['before']['ppl']:.2f}")
+    val.add_row("after", f"{validation['after']['loss']:.4f}", f"{validation['after']['ppl']:.2f}")
     console.print(val)
     console.print(f"[bold]privacy:[/bold] {report['privacy']['note']}")
 

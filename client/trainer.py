@@ -155,9 +155,8 @@ def tune(cfg: TuneConfig, transport_cfg: TransportConfig | None = None) -> dict:
         val_after = evaluate(model, data, cfg.seed + EVAL_AFTER_SEED)  # fresh cut noise: never the first pass's draws
         save_adapter(model, cfg)
         wall = time.perf_counter() - started
-        return write_report(
-            cfg, report.run_report(cfg, model, data, state.steps, meter, val_before, val_after, wall), data
-        )
+        run_report = report.run_report(cfg, model, data, state.steps, meter, val_before, val_after, wall)
+        return write_report(cfg, run_report, data)
     finally:
         model.close()
         if transport is not None:
