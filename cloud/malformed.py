@@ -11,6 +11,8 @@ import logging
 
 import grpc
 
+from .status import abort
+
 log = logging.getLogger(__name__)
 
 
@@ -36,8 +38,12 @@ def _safe(deserializer):
 
 def _refuse(method: str, context) -> None:
     log.info("%s: refused a request that is not a valid message", method)
-    context.set_trailing_metadata((("tandem-reason", "invalid"),))
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {method.rsplit('/', 1)[-1]} message")
+    abort(
+        context,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "invalid",
+        f"the request is not a valid {method.rsplit('/', 1)[-1]} message",
+    )
 
 
 def _guarded(behavior, method: str):

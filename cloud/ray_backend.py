@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from tandem.stages.loading import LoadedModel, load_model
+from tandem.stages.loading import LoadedModel
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
 
@@ -26,21 +26,12 @@ from .batching import BatchingConfig
 from .errors import InvalidRequest, SessionNotFound
 from .limits import ServiceLimits
 from .optimizer import AdamWSpec
+from .ray_shard import MiddleShard, shard_config, shard_ranges
 from .sessions import Session, StoreConfig
 from .split import SplitService
 
 log = logging.getLogger(__name__)
 NAMESPACE = "tandem"
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # shards load it by its default path (None) rather than the door's
-
-
-def shard_ranges(blocks: list[int], pipeline: int) -> list[list[int]]:
-    """Splits the middle blocks into `pipeline` contiguous, near-equal ranges."""
-    if not 1 <= pipeline <= len(blocks):
-        raise InvalidRequest(f"--pipeline must be between 1 and the {len(blocks)} middle blocks, got {pipeline}")
-    n, k = len(blocks), pipeline
-    cuts = [round(i * n / k) for i in range(k + 1)]
-    return [blocks[cuts[i] : cuts[i + 1]] for i in range(k)]
 
 
 def check_shard_resources(shard_resources: list[dict] | None, pipeline: int) -> None:
@@ -59,65 +50,6 @@ def check_shard_resources(shard_resources: list[dict] | None, pipeline: int) -> 
         )
 
 
-class MiddleShard:
-    """A Ray actor: one contiguous range of middle blocks of one replica (wrapped by ray.remote at start-up).
-
-    It keeps its own copy of each session (same id and owner as the front door's) and looks it up per call."""
-
-    def __init__(
-        self,
-        model_path: str | None,
-        layout: tuple[int, int, int],
-        blocks: list[int],
-        store: dict,
-        limits: dict,
-        threads: int = 0,
-        batching: dict | None = None,
-    ):
-        if threads:
-            torch.set_num_threads(threads)
-        self.service = SplitService(
-            load_model(model_path),
-            StageLayout(*layout),
-            StoreConfig(**store),
-            ServiceLimits(**limits),
-            blocks=blocks,
-            serve_client_files=False,
-            batching=BatchingConfig(**batching) if batching is not None else None,
-        )
-
-    def ready(self) -> int:
-        return len(self.service.all_slots)
-
-    def _session(self, owner: str, sid: str) -> Session:
-        return self.service.store.get(sid, owner)
-
-    def open(self, owner, model_id, lora: dict, remote_lora, codec, gradient_codec, sid, optimizer: dict | None = None):
-        spec = AdamWSpec(**optimizer) if optimizer else None
-        session = self.service.open_session(
-            owner, model_id, LoraConfig(**lora), remote_lora, codec, gradient_codec, sid=sid, optimizer=spec
-        )
-        return len(session.slots)
-
-    def remote_state(self, owner, sid) -> dict:
-        return self.service.remote_state(self._session(owner, sid))
-
-    def put_remote_state(self, owner, sid, *state) -> None:
-        self.service.put_remote_state(self._session(owner, sid), *state)
-
-    def forward(self, owner, sid, *args):
-        return self.service.forward(self._session(owner, sid), *args)
-
-    def backward(self, owner, sid, *args):
-        return self.service.backward(self._session(owner, sid), *args)
-
-    def close(self, owner, sid) -> None:
-        try:
-            self.service.close_session(self._session(owner, sid))
-        except SessionNotFound:
-            pass
-
-
 def connect(address: str, cpus: float):
     """Joins the Ray cluster at `address` ("local": starts one with `cpus` CPUs); returns the ray module."""
     import ray
@@ -128,18 +60,6 @@ def connect(address: str, cpus: float):
         else:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
     return ray
-
-
-def shard_config(loaded: LoadedModel, layout: StageLayout, store: StoreConfig, limits: ServiceLimits, batching):
-    """The arguments every shard actor starts with (after its blocks): plain values Ray can ship."""
-    return {
-        "model_path": loaded.path if loaded.model_id != DEFAULT_MODEL else None,
-        "layout": (layout.num_layers, layout.bottom, layout.top),
-        # The front door enforces the per-identity quota; a shard's lingering copies must not.
-        "store": dataclasses.asdict(dataclasses.replace(store, max_sessions_per_identity=0)),
-        "limits": dataclasses.asdict(limits),
-        "batching": None if batching is None else dataclasses.asdict(batching),
-    }
 
 
 class RaySplitService(SplitService):
@@ -188,7 +108,7 @@ class RaySplitService(SplitService):
             ]
             for r in range(replicas)
         ]
-        self.ray.get([a.ready.remote() for rep in self.replicas for a in rep])
+        self.ray.get([shard.ready.remote() for replica in self.replicas for shard in replica])
         self.route: dict[str, int] = {}
         self._rr = itertools.count()
         self._lock = threading.Lock()
@@ -199,8 +119,8 @@ class RaySplitService(SplitService):
         log.warning("replica of session %s... failed (%s); the client will reopen", session.id[:8], type(e).__name__)
         self.store.close(session)
         r = self.route.pop(session.id, None)
-        for a in self.replicas[r] if r is not None else []:
-            a.close.remote(session.owner, session.id)  # free what the surviving shards hold; fire and forget
+        for shard in self.replicas[r] if r is not None else []:
+            shard.close.remote(session.owner, session.id)  # free what the surviving shards hold; fire and forget
         return SessionNotFound(
             "the replica serving this session failed and was restarted; open a new session "
             "(the client does this automatically and redoes the step)"
@@ -228,14 +148,16 @@ class RaySplitService(SplitService):
             loads = [sum(1 for v in self.route.values() if v == r) for r in range(len(self.replicas))]
             r = min(range(len(self.replicas)), key=lambda i: (loads[i], (i - next(self._rr)) % len(self.replicas)))
             self.route[session.id] = r
-        lora_d = dataclasses.asdict(lora)
+        lora_fields = dataclasses.asdict(lora)
         deadline = time.monotonic() + 120.0
         while True:  # a replica that Ray is restarting answers again once it has reloaded the model
             try:
                 self.ray.get(
                     [
-                        a.open.remote(owner, model_id, lora_d, remote_lora, codec, gradient_codec, session.id, spec)
-                        for a in self.replicas[r]
+                        shard.open.remote(
+                            owner, model_id, lora_fields, remote_lora, codec, gradient_codec, session.id, spec
+                        )
+                        for shard in self.replicas[r]
                     ]
                 )
                 return session
@@ -302,7 +224,8 @@ class RaySplitService(SplitService):
         if session.opt_spec is None:
             raise InvalidRequest("this session does not use a cloud optimizer; the client holds its remote LoRA itself")
         try:
-            parts = self.ray.get([a.remote_state.remote(session.owner, session.id) for a in self._shards(session)])
+            shards = self._shards(session)
+            parts = self.ray.get([shard.remote_state.remote(session.owner, session.id) for shard in shards])
         except self.ray.exceptions.RayActorError as e:
             raise self._lost(session, e) from None
         joined = {name: torch.cat([p[name] for p in parts]) for name in ("lora", "exp_avg", "exp_avg_sq")}
@@ -334,8 +257,8 @@ class RaySplitService(SplitService):
         try:
             self.ray.get(
                 [
-                    a.put_remote_state.remote(owner, sid, lo, m, v, steps, version)
-                    for a, lo, m, v in zip(shards, split(lora), split(exp_avg), split(exp_avg_sq))
+                    shard.put_remote_state.remote(owner, sid, *state, steps, version)
+                    for shard, *state in zip(shards, split(lora), split(exp_avg), split(exp_avg_sq))
                 ]
             )
         except self.ray.exceptions.RayActorError as e:
@@ -346,5 +269,5 @@ class RaySplitService(SplitService):
         super().close_session(session)
         r = self.route.pop(session.id, None)
         if r is not None:
-            for a in self.replicas[r]:
-                a.close.remote(session.owner, session.id)
+            for shard in self.replicas[r]:
+                shard.close.remote(session.owner, session.id)

@@ -98,12 +98,12 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
 
     @guarded
     def OpenSession(self, request, context, who):
-        spec = request.lora
+        asked = request.lora
         lora = LoraConfig(
-            rank=spec.rank or 8,
-            alpha=spec.alpha or 16.0,
-            dropout=spec.dropout,
-            target_modules=tuple(spec.target_modules),
+            rank=asked.rank or 8,
+            alpha=asked.alpha or 16.0,
+            dropout=asked.dropout,
+            target_modules=tuple(asked.target_modules),
         )
         codec = request.codec or "float32"
         gradient_codec = request.gradient_codec or codec
@@ -117,8 +117,8 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
             )
         optimizer = None
         if request.HasField("cloud_optimizer"):
-            o = request.cloud_optimizer
-            optimizer = AdamWSpec(o.lr, o.beta1, o.beta2, o.eps, o.weight_decay)
+            adamw = request.cloud_optimizer
+            optimizer = AdamWSpec(adamw.lr, adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay)
         session = self.service.open_session(
             who, request.model_id, lora, request.remote_lora, codec, gradient_codec, optimizer=optimizer
         )
@@ -235,12 +235,14 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
     def PutRemoteState(self, request, context, who):
         session = self._session(request, who)
         self._unseal(session, request)
-        flat = [
-            serde.from_proto(getattr(request, f), f) if request.HasField(f) else None
-            for f in ("lora", "exp_avg", "exp_avg_sq")
-        ]
-        flat = [t if t is not None or i == 0 else torch.zeros(0) for i, t in enumerate(flat)]
-        self.service.put_remote_state(session, *flat, request.optimizer_steps, request.lora_version)
+        lora, exp_avg, exp_avg_sq = (
+            serde.from_proto(getattr(request, name), name) if request.HasField(name) else None
+            for name in ("lora", "exp_avg", "exp_avg_sq")
+        )
+        # A missing moment is an empty one (a state saved before the first step); a missing LoRA is refused.
+        exp_avg = exp_avg if exp_avg is not None else torch.zeros(0)
+        exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else torch.zeros(0)
+        self.service.put_remote_state(session, lora, exp_avg, exp_avg_sq, request.optimizer_steps, request.lora_version)
         return pb.PutRemoteStateResponse()
 
     @guarded
