@@ -3,10 +3,8 @@
 One worker thread owns the middle's compute. Request threads queue jobs and wait. Forward jobs with
 the same sequence length and mode (train or eval) are concatenated along the batch dimension and
 run once, with each session's remote LoRA applied to its own rows by the segmented multi-LoRA
-kernel (`MultiBinding`). A training forward keeps one autograd graph for the whole batch (a
-*group*); the backward jobs of a group's members are collected (waiting a bounded time for the
-late ones) and run as one backward with their output gradients concatenated. Gradients are
-separable across rows, so every session gets what it would have got alone, up to float rounding.
+kernel (`MultiBinding`); the backward jobs of a group's members are collected (waiting a bounded
+time for the late ones) and run as one backward (the passes themselves: cloud/batch_pass.py).
 
 Batching with a serial worker is also continuous: everything that queued while a batch was
 computing forms the next batch, so clients need not be in lock-step for their requests to meet.
@@ -14,19 +12,17 @@ computing forms the next batch, so clients need not be in lock-step for their re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-import weakref
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from tandem.stages.lora import Binding, MultiBinding, Segment, bind
+from tandem.stages.lora import Segment
 
-from .errors import Overloaded, StateEvicted
+from .batch_pass import Group, Job, backward_pass, forward_pass
+from .errors import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -52,39 +48,6 @@ class BatchingConfig:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
-@dataclass(eq=False)
-class Group:
-    """One batched training forward: the graph from the concatenated input to the concatenated output."""
-
-    h_in: torch.Tensor  # (B, T, H), requires grad
-    out: torch.Tensor  # (B, T, H)
-    sizes: list[int]  # sequences of each member, in batch order
-    loras: list[list[torch.Tensor]]  # each member's remote-LoRA tensors (leaves of the graph)
-    done: list[bool] = field(default_factory=list)
-    pending: list[object] = field(default_factory=list)  # weak refs to each member's Pending, to tell if it still waits
-
-    def __post_init__(self):
-        self.done = [False] * len(self.sizes)
-        self.pending = [None] * len(self.sizes)  # set by the service (stored()) once the member's state is stored
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-
-    def stored(self, index: int, pending) -> None:
-        """Records member `index`'s Pending. Weakly: a Pending holds its Group, and a strong link back would make
-        a cycle that keeps a dropped graph (tens of MB) alive until Python's cycle collector happens to run."""
-        self.pending[index] = weakref.ref(pending)
-
-
-@dataclass
-class _Job:
-    kind: str  # "forward" | "backward"
-    key: tuple  # batching key: forward (T, train); backward (id of group)
-    tokens: int
-    args: tuple
-    member: str = ""
-    future: Future = field(default_factory=Future)
-    t0: float = field(default_factory=time.monotonic)
-
-
 class Batcher:
     """The worker that runs batched forward and backward passes of a MiddleStage."""
 
@@ -101,7 +64,7 @@ class Batcher:
         self.middle = middle
         self.cfg = cfg
         self.saved_bytes = saved_bytes
-        self._jobs: list[_Job] = []
+        self._jobs: list[Job] = []
         # (key, session) -> sessions that ran a training forward of that key since the session's last one
         self._since: dict[tuple, set[str]] = {}
         self._cv = threading.Condition()
@@ -133,7 +96,7 @@ class Batcher:
         Returns:
             (output (b, T, H), Group or None, index in the group, compute seconds, forward-state bytes).
         """
-        job = _Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment), member=member)
+        job = Job("forward", (h.shape[1], train), h.shape[0] * h.shape[1], (h, mask, segment), member=member)
         return self._submit(job)
 
     def forget(self, member: str) -> None:
@@ -151,10 +114,10 @@ class Batcher:
         then: optional fn(flat lora grads) -> what to return instead, run by the worker right after the pass
         (a cloud optimizer's update: on the worker's cores, not competing with it from a request thread).
         """
-        job = _Job("backward", (group,), grad_out.shape[0] * grad_out.shape[1], (group, index, grad_out, then))
+        job = Job("backward", (group,), grad_out.shape[0] * grad_out.shape[1], (group, index, grad_out, then))
         return self._submit(job)
 
-    def _submit(self, job: _Job):
+    def _submit(self, job: Job):
         with self._cv:
             if self._stop or self._dead:
                 raise Overloaded("the server is shutting down or its compute worker stopped; retry on another server")
@@ -168,7 +131,7 @@ class Batcher:
             self._cv.notify_all()
 
     # Worker side ----------------------------------------------------------------------------
-    def _pick(self) -> list[_Job] | float:
+    def _pick(self) -> list[Job] | float:
         """Chooses the next batch, or returns how long to wait (s) before looking again. Holds the lock.
 
         Backwards go first: they free memory and unblock their clients, whose next forwards are what
@@ -182,7 +145,7 @@ class Batcher:
             group = first.args[0]
             batch = [j for j in self._jobs if j.kind == "backward" and j.key == first.key]
             deadline = max(first.t0, self._idle_since) + self.cfg.backward_wait_ms / 1000
-            if not self._group_complete(group, batch) and now < deadline and not self._stop:
+            if not group.complete({j.args[1] for j in batch}) and now < deadline and not self._stop:
                 return deadline - now
         else:
             first = self._jobs[0]
@@ -225,7 +188,7 @@ class Batcher:
         except BaseException as e:  # noqa: BLE001 - a bug in the worker itself: fail everyone, report unhealthy
             self._die(e)
 
-    def _next(self) -> list[_Job] | None:
+    def _next(self) -> list[Job] | None:
         """Waits for and takes the next batch (None: stopped and drained)."""
         with self._cv:
             while True:
@@ -247,7 +210,7 @@ class Batcher:
             self._running = True
             return batch
 
-    def _pass(self, batch: list[_Job]) -> None:
+    def _pass(self, batch: list[Job]) -> None:
         """Runs one batch; an error fails only this batch's requests."""
         kind = batch[0].kind
         t_pass = time.perf_counter()
@@ -264,9 +227,9 @@ class Batcher:
                 with self._cv:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
             if kind == "forward":
-                self._forward(batch)
+                forward_pass(self.middle, batch, self.saved_bytes)
             else:
-                self._backward(batch)
+                backward_pass(batch)
             self.batches += 1
             self.batched_requests += len(batch)
         except Exception as e:  # noqa: BLE001 - every waiting request of this batch gets the error; the worker lives on
@@ -295,100 +258,3 @@ class Batcher:
     def alive(self) -> bool:
         """Whether the worker thread still runs passes (false once it died or was stopped and drained)."""
         return self._thread.is_alive() and not self._dead
-
-    @staticmethod
-    def _waiting(group: Group, i: int) -> bool:
-        """Whether member i of the group still waits for its backward (its forward state is still stored)."""
-        if group.done[i]:
-            return False
-        ref = group.pending[i]
-        if ref is None:  # not stored yet (it will be)
-            return True
-        p = ref()
-        if p is None:  # dropped from the store and gone
-            return False
-        if p.taken:  # its backward is on its way here
-            return True
-        return any(q is p for q in list(p.session.pending.values()))
-
-    def _group_complete(self, group: Group, batch: list[_Job]) -> bool:
-        have = {j.args[1] for j in batch}
-        return all(i in have or not self._waiting(group, i) for i in range(len(group.sizes)))
-
-    def _forward(self, batch: list[_Job]) -> None:
-        train = batch[0].key[1]
-        h = torch.cat([j.args[0] for j in batch]) if len(batch) > 1 else batch[0].args[0]
-        mask = torch.cat([j.args[1] for j in batch]) if len(batch) > 1 else batch[0].args[1]
-        segments = [j.args[2] for j in batch]
-        if len(segments) == 1:  # alone: the plain path, bit for bit what an unbatched server computes
-            seg = segments[0]
-            binding = Binding(seg.tensors, seg.scaling, seg.dropout, seg.generator)
-        else:
-            binding = MultiBinding(segments)
-        am = mask.to(torch.long)
-        t0 = time.perf_counter()
-        if train:
-            h_in = h.detach().requires_grad_(True)
-            saved = self.saved_bytes() if self.saved_bytes else None
-            hooks = (
-                torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack)
-                if saved
-                else contextlib.nullcontext()
-            )
-            with torch.enable_grad(), bind(binding), hooks:
-                out = self.middle(h_in, am)
-            loras = [[t for pair in seg.tensors.values() for t in pair] for seg in segments]  # wire order
-            group = Group(h_in, out, [s.size for s in segments], loras)
-            total = (saved.total if saved else 0) + h.nbytes + out.nbytes
-        else:
-            with torch.no_grad(), bind(binding):
-                out = self.middle(h, am)
-            group, total = None, 0
-        dt = time.perf_counter() - t0
-        n_tok = sum(j.tokens for j in batch)
-        at = 0
-        for i, j in enumerate(batch):
-            n = j.args[0].shape[0]
-            share = j.tokens / n_tok
-            j.future.set_result((out[at : at + n].detach(), group, i, dt * share, int(total * share)))
-            at += n
-
-    def _backward(self, batch: list[_Job]) -> None:
-        group: Group = batch[0].args[0]
-        if group.out is None:
-            raise StateEvicted(
-                "the batched forward state of this step was already released; redo the step's "
-                "forward (the client does this automatically)"
-            )
-        by_index = {j.args[1]: j for j in batch}
-        grad = torch.zeros_like(group.out)
-        for i, j in by_index.items():
-            off = group.offsets[i]
-            grad[off : off + group.sizes[i]] = j.args[2]
-        for i in by_index:
-            group.done[i] = True
-        retain = any(self._waiting(group, i) for i in range(len(group.sizes)))
-        wanted = [t for i in by_index for t in group.loras[i]]
-        t0 = time.perf_counter()
-        grads = torch.autograd.grad(group.out, [group.h_in, *wanted], grad, retain_graph=retain, allow_unused=True)
-        dt = time.perf_counter() - t0
-        g_in, rest = grads[0], list(grads[1:])
-        n_tok = sum(j.tokens for j in batch)
-        for i, j in by_index.items():
-            k = len(group.loras[i])
-            mine, rest = rest[:k], rest[k:]
-            flat = [g if g is not None else torch.zeros_like(t) for g, t in zip(mine, group.loras[i])]
-            off = group.offsets[i]
-            out = torch.cat([g.reshape(-1) for g in flat]) if flat else torch.zeros(0)
-            then, t1 = j.args[3], time.perf_counter()
-            if then is not None:
-                try:
-                    out = then(out)
-                except Exception as e:  # noqa: BLE001 - this member's error; the others' results stand
-                    j.future.set_exception(e)
-                    continue
-            j.future.set_result(
-                (g_in[off : off + group.sizes[i]], out, dt * j.tokens / n_tok + time.perf_counter() - t1)
-            )
-        if not retain:
-            group.out = group.h_in = None  # free the graph even if a member's Pending lingers

@@ -53,7 +53,7 @@ class Pending:
     out: torch.Tensor
     lora: list[torch.Tensor]
     nbytes: int
-    group: object = None  # tandem.cloud.batching.Group when the forward ran in a batch; h_in is then None
+    group: object = None  # tandem.cloud.batch_pass.Group when the forward ran in a batch; h_in is then None
     index: int = 0  # this session's place in the group
     session: object = None  # the Session (the batcher checks whether this state still waits)
     taken: bool = False  # taken from the store by a backward request that has not reached the batcher yet
