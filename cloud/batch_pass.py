@@ -2,7 +2,9 @@
 
 A training forward keeps one autograd graph for the whole batch (a `Group`); its members' backwards run
 as one backward with their output gradients concatenated. Gradients are separable across rows, so every
-session gets what it would have got alone, up to float rounding.
+session gets what it would have got alone, up to float rounding. In recompute mode the group keeps the
+batch's input instead of its graph, and each backward pass reruns the whole batch's forward first (the
+same pass, bit for bit), so its transient graph is at most --batch-max-tokens tokens of one pass.
 """
 
 from __future__ import annotations
@@ -18,18 +20,20 @@ import torch
 from tandem.stages.lora import Binding, MultiBinding, bind
 
 from .errors import StateEvicted
+from .recompute import Replay
 
 
 @dataclass(eq=False)
 class Group:
     """One batched training forward: the graph from the concatenated input to the concatenated output."""
 
-    h_in: torch.Tensor  # (B, T, H), requires grad
-    out: torch.Tensor  # (B, T, H)
+    h_in: torch.Tensor | None  # (B, T, H), requires grad (keep mode)
+    out: torch.Tensor | None  # (B, T, H) (keep mode)
     sizes: list[int]  # sequences of each member, in batch order
     loras: list[list[torch.Tensor]]  # each member's remote-LoRA tensors (leaves of the graph)
     done: list[bool] = field(default_factory=list)
     pending: list[object] = field(default_factory=list)  # weak refs to each member's Pending, to tell if it still waits
+    replay: Replay | None = None  # recompute mode: what reruns the pass (h_in and out are then None)
 
     def __post_init__(self):
         self.done = [False] * len(self.sizes)
@@ -55,6 +59,11 @@ class Group:
             return True
         return any(q is pending for q in list(pending.session.pending.values()))
 
+    @property
+    def released(self) -> bool:
+        """Whether the group's state is gone (every member's backward ran, or none waits any more)."""
+        return self.out is None and self.replay is None
+
     def complete(self, members: set[int]) -> bool:
         """Whether every member that still waits is among `members` (the group's backward can run)."""
         return all(i in members or not self.waiting(i) for i in range(len(self.sizes)))
@@ -73,9 +82,10 @@ class Job:
     t0: float = field(default_factory=time.monotonic)
 
 
-def forward_pass(middle, batch: list[Job], saved_bytes=None) -> None:
+def forward_pass(middle, batch: list[Job], saved_bytes=None, recompute: bool = False) -> None:
     """Runs the batch's forwards as one pass of `middle`; each job's future gets
-    (its rows of the output, Group or None, its index, its share of the seconds and of the state bytes)."""
+    (its rows of the output, Group or None, its index, its share of the seconds and of the state bytes).
+    recompute: a training pass keeps only what reruns it (cloud/recompute.py), not its graph."""
     train = batch[0].key[1]
     h = torch.cat([j.args[0] for j in batch]) if len(batch) > 1 else batch[0].args[0]
     mask = torch.cat([j.args[1] for j in batch]) if len(batch) > 1 else batch[0].args[1]
@@ -87,7 +97,13 @@ def forward_pass(middle, batch: list[Job], saved_bytes=None) -> None:
         binding = MultiBinding(segments)
     attention_mask = mask.to(torch.long)
     start = time.perf_counter()
-    if train:
+    if train and recompute:
+        replay = Replay.of(h, mask, segments)
+        with torch.no_grad(), bind(binding):
+            out = middle(h, attention_mask)
+        group = Group(None, None, [s.size for s in segments], _loras(segments), replay=replay)
+        total = replay.nbytes()
+    elif train:
         h_in = h.detach().requires_grad_(True)
         saved = saved_bytes() if saved_bytes else None
         hooks = (
@@ -95,8 +111,7 @@ def forward_pass(middle, batch: list[Job], saved_bytes=None) -> None:
         )
         with torch.enable_grad(), bind(binding), hooks:
             out = middle(h_in, attention_mask)
-        loras = [[t for pair in seg.tensors.values() for t in pair] for seg in segments]  # wire order
-        group = Group(h_in, out, [s.size for s in segments], loras)
+        group = Group(h_in, out, [s.size for s in segments], _loras(segments))
         total = (saved.total if saved else 0) + h.nbytes + out.nbytes
     else:
         with torch.no_grad(), bind(binding):
@@ -108,21 +123,30 @@ def forward_pass(middle, batch: list[Job], saved_bytes=None) -> None:
     for i, j in enumerate(batch):
         n = j.args[0].shape[0]
         share = j.tokens / n_tok
-        j.future.set_result((out[at : at + n].detach(), group, i, seconds * share, int(total * share)))
+        nbytes = group.replay.nbytes(n) if group is not None and group.replay is not None else int(total * share)
+        j.future.set_result((out[at : at + n].detach(), group, i, seconds * share, nbytes))
         at += n
 
 
-def backward_pass(batch: list[Job]) -> None:
+def _loras(segments) -> list[list[torch.Tensor]]:
+    """Each segment's remote-LoRA tensors, in wire order."""
+    return [[t for pair in seg.tensors.values() for t in pair] for seg in segments]
+
+
+def backward_pass(batch: list[Job], middle=None) -> None:
     """Runs the backwards of one group's members as one; each job's future gets (its rows of the input
-    gradient, its flat LoRA gradients (or what its `then` made of them), its share of the seconds)."""
+    gradient, its flat LoRA gradients (or what its `then` made of them), its share of the seconds).
+    middle: reruns a recompute-mode group's forward."""
     group: Group = batch[0].args[0]
-    if group.out is None:
+    if group.released:
         raise StateEvicted(
             "the batched forward state of this step was already released; redo the step's "
             "forward (the client does this automatically)"
         )
     by_index = {j.args[1]: j for j in batch}
-    grad = torch.zeros_like(group.out)
+    start = time.perf_counter()
+    h_in, out = group.replay.rerun(middle) if group.replay is not None else (group.h_in, group.out)
+    grad = torch.zeros_like(out)
     for i, j in by_index.items():
         off = group.offsets[i]
         grad[off : off + group.sizes[i]] = j.args[2]
@@ -130,8 +154,9 @@ def backward_pass(batch: list[Job]) -> None:
         group.done[i] = True
     retain = any(group.waiting(i) for i in range(len(group.sizes)))
     wanted = [t for i in by_index for t in group.loras[i]]
-    start = time.perf_counter()
-    grads = torch.autograd.grad(group.out, [group.h_in, *wanted], grad, retain_graph=retain, allow_unused=True)
+    keep_graph = retain and group.replay is None  # a rerun graph is never kept: the next backward reruns it again
+    grads = torch.autograd.grad(out, [h_in, *wanted], grad, retain_graph=keep_graph, allow_unused=True)
+    h_in = out = None
     seconds = time.perf_counter() - start
     g_in, rest = grads[0], list(grads[1:])
     n_tok = sum(j.tokens for j in batch)
@@ -152,4 +177,4 @@ def backward_pass(batch: list[Job]) -> None:
             (g_in[off : off + group.sizes[i]], out, seconds * j.tokens / n_tok + time.perf_counter() - t1)
         )
     if not retain:
-        group.out = group.h_in = None  # free the graph even if a member's Pending lingers
+        group.out = group.h_in = group.replay = None  # free the state even if a member's Pending lingers

@@ -51,13 +51,15 @@ class BatchingConfig:
 class Batcher:
     """The worker that runs batched forward and backward passes of a MiddleStage."""
 
-    def __init__(self, middle, cfg: BatchingConfig, saved_bytes=None, sessions=None):
+    def __init__(self, middle, cfg: BatchingConfig, saved_bytes=None, sessions=None, recompute: bool = False):
         """Args:
         middle: The MiddleStage (callable as middle(h, attention_mask)).
         cfg: Batching limits.
         saved_bytes: Factory of a saved-tensor counter (pack/unpack/total) for memory accounting.
         sessions: Callable giving the number of open sessions (one open session never waits).
+        recompute: Training passes keep their input, not their graph; backward passes rerun them.
         """
+        self.recompute = recompute
         self.sessions = sessions
         self._idle_since = time.monotonic()  # waits count from when the worker is free, not while it computes
         self._running = False
@@ -227,9 +229,9 @@ class Batcher:
                 with self._cv:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
             if kind == "forward":
-                forward_pass(self.middle, batch, self.saved_bytes)
+                forward_pass(self.middle, batch, self.saved_bytes, self.recompute)
             else:
-                backward_pass(batch)
+                backward_pass(batch, self.middle)
             self.batches += 1
             self.batched_requests += len(batch)
         except Exception as e:  # noqa: BLE001 - every waiting request of this batch gets the error; the worker lives on

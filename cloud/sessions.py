@@ -47,16 +47,23 @@ class StoreConfig:
 
 @dataclass
 class Pending:
-    """What backward of one step needs: the autograd graph from input to output."""
+    """What backward of one step needs: the autograd graph from input to output (keep mode), or what reruns the
+    forward (recompute mode: `replay`; `h_in` and `out` are then None)."""
 
     h_in: torch.Tensor | None
-    out: torch.Tensor
+    out: torch.Tensor | None
     lora: list[torch.Tensor]
     nbytes: int
     group: object = None  # tandem.cloud.batch_pass.Group when the forward ran in a batch; h_in is then None
     index: int = 0  # this session's place in the group
     session: object = None  # the Session (the batcher checks whether this state still waits)
     taken: bool = False  # taken from the store by a backward request that has not reached the batcher yet
+    replay: object = None  # tandem.cloud.recompute.Replay of a forward run alone in recompute mode
+    out_shape: tuple[int, ...] = ()  # the forward's output shape (what a grad_output must have)
+
+    def __post_init__(self):
+        if not self.out_shape:
+            self.out_shape = tuple(self.out.shape) if self.out is not None else self.replay.shape
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -15,11 +16,12 @@ from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots
 from tandem.stages.modules import MiddleStage, StageLayout
 
 from . import remote_lora
-from .admission import StateModel
+from .admission import AdapterShape, StateModel, resolve_mode
 from .batching import Batcher, BatchingConfig
 from .errors import InvalidRequest
 from .limits import RequestChecks, ServiceLimits
 from .optimizer import AdamWSpec
+from .recompute import Replay, dropout_generator
 from .sessions import Pending, Session, SessionStore, StoreConfig
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,17 @@ class SplitService:
         blocks: list[int] | None = None,
         serve_client_files: bool = True,
         batching: BatchingConfig | None = None,
+        forward_state: str = "keep",
     ):
         """Args:
         blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
         serve_client_files: Pack the client's stages for download (the front door does; shards do not).
         batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
+        forward_state: What a training step keeps for its backward: keep (its graph), recompute (its input;
+            backward reruns the forward, cloud/recompute.py) or auto (recompute on an accelerator, keep on the CPU).
         """
         self.loaded, self.layout = loaded, layout
+        self.placement = loaded.placement  # where the frozen weights compute (stages/precision.py)
         self.limits = limits or ServiceLimits()
         self.store = SessionStore(store or StoreConfig())
         self.parts = parts_of(loaded.model)
@@ -85,18 +91,14 @@ class SplitService:
         self._pack_client_files(serve_client_files)
         self.config_json = config_json(loaded.config)
         self.state_model = StateModel(self.middle, loaded.model, self.hidden_size, self.max_positions)
-        self.batcher = (
-            Batcher(self.middle, batching, self.state_model.counter, sessions=lambda: len(self.store))
-            if batching
-            else None
-        )
+        self.forward_state = resolve_mode(forward_state, self.state_model.device)
+        self.replay_lock = threading.Lock()  # one rerun graph at a time outside the batcher (whose worker is serial)
+        recompute = self.forward_state == "recompute"
+        counter, sessions = self.state_model.counter, lambda: len(self.store)
+        self.batcher = Batcher(self.middle, batching, counter, sessions, recompute) if batching else None
         log.info(
-            "serving %s: %d blocks, client %d:%d, %d middle slots",
-            loaded.model_id,
-            layout.num_layers,
-            layout.bottom,
-            layout.top,
-            len(self.all_slots),
+            "serving %s: %d blocks, client %d:%d, %d middle slots, forward state: %s",
+            *(loaded.model_id, layout.num_layers, layout.bottom, layout.top, len(self.all_slots), self.forward_state),
         )
 
     def _pack_client_files(self, serve: bool) -> None:
@@ -148,6 +150,9 @@ class SplitService:
     ) -> tuple[torch.Tensor, float]:
         """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
         self.checks.activations(hidden, mask, "hidden")
+        # What arrives is float32 on the CPU (the codec's); the middle computes in its own device and dtype.
+        # What arrived (float32 on the CPU, whatever the codec) computes in the model's placement (dtype, device).
+        hidden, mask = hidden.to(self.placement.device, self.placement.dtype), mask.to(self.placement.device)
         args = (step, hidden, mask, lora_version, lora_flat, dropout_seed)
         with session.lock:
             batched = self.batcher is not None and (len(self.store) > 1 or self.batcher.busy)
@@ -156,7 +161,9 @@ class SplitService:
             # Refuse, or make room, before the compute: memory is spent as the forward runs. The reservation
             # holds until the real state is stored, or is given back if the forward fails.
             padded = batched or not bool(mask.all())
-            self.store.admit(session, step, self.state_model.estimate(session, *hidden.shape[:2], padded))
+            b, t = hidden.shape[:2]
+            estimate = self.state_model.estimate(self.forward_state, b, t, padded, AdapterShape.of(session))
+            self.store.admit(session, step, estimate)
             try:
                 return self._forward_in(session, *args, True, batched)
             finally:
@@ -176,18 +183,24 @@ class SplitService:
     ) -> tuple[torch.Tensor, float]:
         """The forward itself, once admitted (the session's lock is held)."""
         lora = remote_lora.lora_for(session, lora_version, lora_flat)
-        gen = torch.Generator().manual_seed(int(dropout_seed)) if session.lora_cfg.dropout > 0 else None
-        if batched:
-            return self._forward_batched(session, step, hidden, mask, lora, gen, train)
-        start = time.perf_counter()
-        binding = Binding(
+        segment = Segment(
+            hidden.shape[0],
             {slot.name: (lora[2 * i], lora[2 * i + 1]) for i, slot in enumerate(session.slots)},
             session.lora_cfg.scaling,
             session.lora_cfg.dropout if train else 0.0,
-            gen,
+            dropout_generator(dropout_seed, session.lora_cfg.dropout),
         )
+        if batched:
+            return self._forward_batched(session, step, hidden, mask, lora, segment, train)
+        start = time.perf_counter()
+        binding = Binding(segment.tensors, segment.scaling, segment.dropout, segment.generator)
         attention_mask = mask.to(torch.long)
-        if train:
+        if train and self.forward_state == "recompute":
+            replay = Replay.of(hidden, mask, [segment])
+            with torch.no_grad(), bind(binding):
+                out = self.middle(hidden, attention_mask)
+            self.store.put(session, step, Pending(None, None, lora, replay.nbytes(), replay=replay))
+        elif train:
             h_in = hidden.requires_grad_(True)
             saved = self.state_model.counter()
             with torch.enable_grad(), bind(binding), torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
@@ -199,18 +212,13 @@ class SplitService:
         session.last_used = time.monotonic()  # a long compute must not count as idle time
         return out.detach(), time.perf_counter() - start
 
-    def _forward_batched(self, session: Session, step: int, hidden, mask, lora, gen, train: bool):
+    def _forward_batched(self, session: Session, step: int, hidden, mask, lora, segment: Segment, train: bool):
         """forward() through the batcher: this session's rows share one pass with other sessions'."""
-        segment = Segment(
-            hidden.shape[0],
-            {slot.name: (lora[2 * i], lora[2 * i + 1]) for i, slot in enumerate(session.slots)},
-            session.lora_cfg.scaling,
-            session.lora_cfg.dropout if train else 0.0,
-            gen,
-        )
         out, group, index, seconds, nbytes = self.batcher.forward(hidden, mask, segment, train, member=session.id)
         if train:
-            pending = Pending(None, out, lora, nbytes, group=group, index=index, session=session)
+            kept = None if group.replay is not None else out  # recompute mode keeps no output
+            shape = tuple(out.shape)
+            pending = Pending(None, kept, lora, nbytes, group=group, index=index, session=session, out_shape=shape)
             try:
                 self.store.put(session, step, pending)
             except BaseException:
@@ -223,12 +231,13 @@ class SplitService:
     def backward(self, session: Session, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Back-propagates through the stored graph. Returns (grad input, flat LoRA grads, compute seconds)."""
         self.checks.activations(grad_out, None, "grad_output")
+        grad_out = grad_out.to(self.placement.device, self.placement.dtype)
         with session.lock:
             pending = self.store.take(session, step)
-            if tuple(grad_out.shape) != tuple(pending.out.shape):
+            if tuple(grad_out.shape) != pending.out_shape:
                 self.store.put(session, step, pending)  # keep it: the client may resend a correct gradient
                 raise InvalidRequest(
-                    f"grad_output: expected shape {list(pending.out.shape)}, got {list(grad_out.shape)}"
+                    f"grad_output: expected shape {list(pending.out_shape)}, got {list(grad_out.shape)}"
                 )
             # A cloud optimizer makes the update the client would have made; nothing LoRA-sized goes back.
             update = (lambda flat: remote_lora.cloud_step(session, flat)) if session.optimizer is not None else None
@@ -239,11 +248,18 @@ class SplitService:
             session.last_used = time.monotonic()
             return grad_in, flat, seconds
 
-    @staticmethod
-    def _backward_alone(pending: Pending, grad_out: torch.Tensor, update) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Backward through a graph of this session alone."""
+    def _backward_alone(
+        self, pending: Pending, grad_out: torch.Tensor, update
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Backward through a graph of this session alone (in recompute mode, its forward rerun first)."""
         start = time.perf_counter()
-        grads = torch.autograd.grad(pending.out, [pending.h_in, *pending.lora], grad_out, allow_unused=True)
+        if pending.replay is not None:
+            with self.replay_lock:  # one rerun graph alive at a time: recompute mode's memory stays bounded
+                h_in, out = pending.replay.rerun(self.middle)
+                grads = torch.autograd.grad(out, [h_in, *pending.lora], grad_out, allow_unused=True)
+                h_in = out = None
+        else:
+            grads = torch.autograd.grad(pending.out, [pending.h_in, *pending.lora], grad_out, allow_unused=True)
         lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], pending.lora)]
         flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
         flat = update(flat) if update is not None else flat
