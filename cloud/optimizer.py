@@ -56,8 +56,8 @@ class RemoteOptimizer:
 
     @property
     def steps(self) -> int:
-        st = self.opt.state.get(self.flat)
-        return int(st["step"]) if st else 0
+        adamw_state = self.opt.state.get(self.flat)
+        return int(adamw_state["step"]) if adamw_state else 0
 
     def step(self, flat_grad: torch.Tensor) -> list[torch.Tensor]:
         """Applies one update with the flat gradients; returns fresh leaf tensors for the next forward."""
@@ -79,12 +79,12 @@ class RemoteOptimizer:
 
     def state(self) -> dict:
         """Flat float32 vectors: lora, exp_avg, exp_avg_sq (the moments empty before the first step), and steps."""
-        st = self.opt.state.get(self.flat)
+        adamw_state = self.opt.state.get(self.flat)
         empty = torch.zeros(0)
         return {
             "lora": self.flat.detach().clone(),
-            "exp_avg": st["exp_avg"].clone() if st else empty,
-            "exp_avg_sq": st["exp_avg_sq"].clone() if st else empty,
+            "exp_avg": adamw_state["exp_avg"].clone() if adamw_state else empty,
+            "exp_avg_sq": adamw_state["exp_avg_sq"].clone() if adamw_state else empty,
             "steps": self.steps,
         }
 
