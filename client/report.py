@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from tandem.stages.traffic import step_bytes
+
 PRIVACY_NOTE = (
     "The cloud receives the hidden states after client block {k} and the gradients at the top cut. At shallow "
     "cuts these are invertible by an operator who knows the client-stage weights it shipped (the literature "
@@ -63,12 +65,13 @@ def wire(model) -> dict:
 
 
 def expected_bytes(model, batch_tokens: int) -> int:
-    """What a float32 training step must carry: activations 4x (fwd up/down, bwd up/down) + LoRA up and grads down."""
+    """What a training step must carry in the session's codecs, both ways (the formula `cloud plan` uses too)."""
     if model.mode != "split":
         return 0
-    hidden = int(model.config.hidden_size)
+    session = model.session
     lora = 0 if model.middle.cloud_optimizer else sum(p.numel() for p in model.middle.params)
-    return 4 * (4 * batch_tokens * hidden + 2 * lora) + batch_tokens  # float32 tensors + a 1-byte mask per token
+    hidden = int(model.config.hidden_size)
+    return step_bytes(batch_tokens, hidden, lora, session.codec, session.gradient_codec, session.lora_codec).total
 
 
 def privacy_note(model) -> str:

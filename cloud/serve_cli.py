@@ -111,7 +111,7 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-cap-mb",
         type=float,
-        default=8192,
+        default=flags.DEFAULT_MEMORY_CAP_MB,
         help="cap on memory held for sessions, all together, in MiB: forward state kept for backward (checked "
         "from the request's shape before it runs) and remote LoRAs with their cloud-optimizer state; default 8192",
     )
