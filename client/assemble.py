@@ -9,6 +9,7 @@ from tandem.stages.errors import StageError
 from tandem.stages.loading import client_parts, config_from_json, load_model, unpack_state
 from tandem.stages.lora import LoRAAdapter, LoraConfig, SlotSpec, inject_slots
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
+from tandem.stages.precision import resolve
 
 from .downloads import fetch_client_files, load_tokenizer
 from .errors import ClientError
@@ -42,11 +43,12 @@ def check_tokenizer(tokenizer, config) -> None:
 
 
 def _adapter(
-    specs: list[SlotSpec], layout: StageLayout, lora: LoraConfig, seed: int
+    specs: list[SlotSpec], layout: StageLayout, lora: LoraConfig, seed: int, device
 ) -> tuple[LoRAAdapter, tuple[list[str], list[str], list[str]]]:
-    """The data owner's adapter over `specs` (seeded) and its slot names per stage."""
+    """The data owner's adapter over `specs` (seeded on the CPU, then moved to `device`; float32 on every device:
+    the master weights) and its slot names per stage."""
     specs = order_slots(specs)
-    return LoRAAdapter(specs, lora, generator=seeded_generator(seed)), split_names(specs, layout)
+    return LoRAAdapter(specs, lora, generator=seeded_generator(seed)).to(device), split_names(specs, layout)
 
 
 def _client_stages(parts: Parts, layout: StageLayout) -> tuple[BottomStage, TopStage]:
@@ -55,8 +57,9 @@ def _client_stages(parts: Parts, layout: StageLayout) -> tuple[BottomStage, TopS
     return BottomStage(parts, list(range(k))), TopStage(parts, list(range(k, k + layout.top)))
 
 
-def _downloaded_parts(transport: Transport, info):
-    """The model the session announced: (config, layout, client parts, tokenizer), downloaded or cached.
+def _downloaded_parts(transport: Transport, info, device: str, dtype: str):
+    """The model the session announced: (config, layout, client parts, tokenizer, placement), downloaded or cached;
+    the parts compute in the placement, whose `auto` dtype reads the cloud's config (its compute dtype) on a GPU.
 
     A refused configuration or download closes the session: it must not hold one of the identity's sessions.
     """
@@ -73,10 +76,11 @@ def _downloaded_parts(transport: Transport, info):
     except ClientError:
         close_refused_session(transport, info.session_id)
         raise
-    parts = client_parts(config, layout, unpack_state(files["client_stages.safetensors"]))
+    placement = resolve(device, dtype, config)
+    parts = client_parts(config, layout, unpack_state(files["client_stages.safetensors"]), placement)
     tokenizer = load_tokenizer(files)
     check_tokenizer(tokenizer, config)
-    return config, layout, parts, tokenizer
+    return config, layout, parts, tokenizer, placement
 
 
 def _opener(first: Session, open_one):
@@ -106,19 +110,22 @@ def connect_split(
     remote_lora: bool = True,
     model_id: str = "",
     cloud_optimizer: dict | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> StagedModel:
-    """Opens a session, fetches the client's stages and builds the split model (see open_session)."""
+    """Opens a session, fetches the client's stages and builds the split model (see open_session); the client's
+    stages compute on `device` in `dtype` (stages/precision.py), whatever the cloud computes in."""
 
     def open_one() -> Session:
         return open_session(transport, lora, remote_lora, model_id, cloud_optimizer)
 
     first = open_one()
     info = first.info
-    config, layout, parts, tokenizer = _downloaded_parts(transport, info)
+    config, layout, parts, tokenizer, placement = _downloaded_parts(transport, info, device, dtype)
     targets = lora.target_modules or arch_for(config).lora_targets
     specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
     specs += [SlotSpec(slot.name, slot.in_features, slot.out_features) for slot in info.middle_slots]
-    adapter, names = _adapter(specs, layout, lora, seed)
+    adapter, names = _adapter(specs, layout, lora, seed, placement.device)
     params = adapter.params_for(names[1])
     middle = RemoteMiddle(transport, _opener(first, open_one), params, cloud_optimizer=cloud_optimizer is not None)
     bottom, top = _client_stages(parts, layout)
@@ -134,26 +141,36 @@ def connect_split(
         tokenizer,
         "split",
         stages_sha256=info.client_stages_sha256,
+        placement=placement,
     )
 
 
 def build_local(
-    model_path: str | None, client_blocks: str, lora: LoraConfig, seed: int, middle_lora: bool = True
+    model_path: str | None,
+    client_blocks: str,
+    lora: LoraConfig,
+    seed: int,
+    middle_lora: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> StagedModel:
-    """The whole model in this process with the same stages and adapter (for exactness checks).
-
-    With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
+    """The whole model in this process with the same stages and adapter (for exactness checks), on `device` in
+    `dtype`. With middle_lora=False only the client's blocks get LoRA slots (split mode's remote_lora=False).
     """
     from tandem.stages.loading import default_model_dir
     from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, device, dtype)
     parts: Parts = parts_of(loaded.model)
     layout = StageLayout.parse(client_blocks, loaded.config)
     targets = lora.target_modules or parts.arch.lora_targets
     ids = list(range(num_blocks(loaded.config))) if middle_lora else layout.client_blocks
     adapter, names = _adapter(
-        inject_slots(nn.ModuleList(parts.blocks[i] for i in ids), parts.arch, ids, targets), layout, lora, seed
+        inject_slots(nn.ModuleList(parts.blocks[i] for i in ids), parts.arch, ids, targets),
+        layout,
+        lora,
+        seed,
+        loaded.placement.device,
     )
     tokenizer = load_tokenizer_dir(model_path or default_model_dir())  # the loader of every mode (split's ids)
     check_tokenizer(tokenizer, loaded.config)
@@ -169,10 +186,11 @@ def build_local(
         loaded.config,
         tokenizer,
         "local",
+        placement=loaded.placement,
     )
 
 
-def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
+def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto", dtype: str = "auto") -> StagedModel:
     """The data owner's model in offsite mode: client stages from the package, the emulator as the middle.
 
     Only the client's blocks carry LoRA slots; the emulator blocks are frozen and never adapted, so the
@@ -189,12 +207,19 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
         raise ClientError(f"--emulator: {e}") from None
     config = package.config()
     layout = package.layout
-    parts = client_parts(config, layout, package.client_state())
+    placement = resolve(device, dtype, config)
+    parts = client_parts(config, layout, package.client_state(), placement)
     tokenizer = load_tokenizer_dir(package.path)  # the loader of every mode
     check_tokenizer(tokenizer, config)
     targets = lora.target_modules or parts.arch.lora_targets
-    adapter, names = _adapter(inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets), layout, lora, seed)
-    emulator = EmulatorStage(parts, package.emulator_blocks(config), sink=package.sink())
+    slots = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
+    adapter, names = _adapter(slots, layout, lora, seed, placement.device)
+    sink = package.sink()
+    emulator = EmulatorStage(
+        parts,
+        package.emulator_blocks(config).to(placement.device, placement.dtype),
+        sink=None if sink is None else sink.to(placement.device, placement.dtype),
+    )
     bottom, top = _client_stages(parts, layout)
     return StagedModel(
         bottom,
@@ -207,4 +232,5 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int) -> StagedModel:
         config,
         tokenizer,
         "offsite",
+        placement=placement,
     )

@@ -11,6 +11,7 @@ from torch import nn
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoRAAdapter, bind
 from tandem.stages.modules import BottomStage, StageLayout, TopStage
+from tandem.stages.precision import CPU_FLOAT32, Placement
 
 from .data import IGNORE
 
@@ -69,6 +70,9 @@ class StagedModel(nn.Module):
     `cut_transform` is THE hook for privacy code: fn(h, attention_mask, step, seed, train) -> h, applied to the
     bottom stage's output before it goes to the middle (e.g. clipping + noise as a defense, or recording what the
     cloud sees). It runs identically in every mode; None: h goes to the middle as it is.
+
+    `placement` is where the client's stages compute (device, dtype); batches move there, the adapter sits there in
+    float32, and the loss is taken in float32 from the logits.
     """
 
     def __init__(
@@ -85,8 +89,10 @@ class StagedModel(nn.Module):
         mode: str,
         cut_transform=None,
         stages_sha256: str = "",  # split mode: SHA-256 of the downloaded client stages (their cache key)
+        placement: Placement = CPU_FLOAT32,
     ):
         super().__init__()
+        self.placement = placement
         self.bottom, self.middle, self.top, self.adapter = bottom, middle, top, adapter
         self.names, self.layout, self.model_id, self.config = names, layout, model_id, config
         self.tokenizer, self.mode, self.stages_sha256 = tokenizer, mode, stages_sha256
@@ -96,6 +102,7 @@ class StagedModel(nn.Module):
         """Runs bottom -> middle -> top; returns (B, T, V) logits."""
         bottom_names, _, top_names = self.names
         dropout = self.adapter.cfg.dropout if train else 0.0
+        ids, mask = ids.to(self.placement.device), mask.to(self.placement.device)
 
         def binding(names, stage):
             slots = self.adapter.binding(names, seeded_generator(stage_seed(seed, step, stage)) if dropout else None)
@@ -117,11 +124,10 @@ class StagedModel(nn.Module):
     def loss(self, batch: dict, step: int, seed: int, train: bool) -> tuple[torch.Tensor, int]:
         """Mean next-token cross-entropy over labelled tokens; returns (loss, number of labelled tokens)."""
         logits = self.logits(batch["input_ids"], batch["attention_mask"], step, seed, train)
-        labels = batch["labels"][:, 1:]  # (B, T-1)
+        labels = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
         n = int((labels != IGNORE).sum())
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        ) / max(n, 1)
+        flat = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # (B*(T-1), V) float32 whatever the compute dtype
+        loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum") / max(n, 1)
         return loss, n
 
     def client_blocks(self) -> list[tuple[int, nn.Module]]:

@@ -35,6 +35,11 @@ class RemoteFunction(torch.autograd.Function):
         return (grad_in, None, None, None, None, *grad_lora)
 
 
+def arrived(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A decoded tensor (float32 on the CPU, whatever the codec) in `like`'s compute dtype and device."""
+    return t.to(device=like.device, dtype=like.dtype)
+
+
 def _unflatten(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
     """Views of one flat tensor shaped like each of `params`, in order."""
     out, at = [], 0
@@ -137,7 +142,7 @@ class RemoteMiddle(nn.Module):
         self.sent_version = version
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        out = serde.decode(resp.hidden, "hidden", self.session.codec, tuple(h.shape))
+        out = arrived(serde.decode(resp.hidden, "hidden", self.session.codec, tuple(h.shape)), h)
         meter.step_serde_s += time.perf_counter() - t0
         return out
 
@@ -158,7 +163,7 @@ class RemoteMiddle(nn.Module):
             resp = self._call("Backward", req, step, "Backward")
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        grad_in = serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape))
+        grad_in = arrived(serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape)), h)
         grads = self._lora_grads(resp)
         meter.step_serde_s += time.perf_counter() - t0
         return grad_in, grads
@@ -178,7 +183,7 @@ class RemoteMiddle(nn.Module):
         expected = sum(p.numel() for p in self.params)
         if flat.numel() != expected:
             raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {expected}")
-        return _unflatten(flat, self.params)
+        return _unflatten(flat.to(self.params[0].device) if self.params else flat, self.params)
 
     def fetch_state(self, step: int) -> dict:
         """Cloud optimizer: copies the cloud's remote LoRA into `params`; returns AdamW's state (for a checkpoint)."""

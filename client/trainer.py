@@ -64,6 +64,8 @@ class TuneConfig:
     emulator: str | None = None  # offsite mode: the emulator package directory
     middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
     cloud_optimizer: bool = False  # split: the cloud applies the remote LoRA's AdamW updates (no LoRA traffic per step)
+    device: str = "auto"  # where the client's stages compute (local mode: the whole model): auto, cpu, cuda[:N]
+    dtype: str = "auto"  # their compute dtype: auto (see stages/precision.py), float32, bfloat16, float16
     resume: bool = False
     overwrite: bool = False  # replace a finished or unfinished run in `out` (refused otherwise)
     progress: bool = True
@@ -165,14 +167,17 @@ def tune(cfg: TuneConfig, transport_cfg: TransportConfig | None = None) -> dict:
 
 def assemble_model(cfg: TuneConfig, transport_cfg: TransportConfig | None, meter: Meter):
     """(transport or None, model) for the run's mode: split opens a session, offsite and local contact no server."""
+    place = {"device": cfg.device, "dtype": cfg.dtype}
     if cfg.mode == "offsite":  # no server at all: the emulator package stands in for the middle
-        return None, build_offsite(cfg.emulator, cfg.lora, cfg.seed)
+        return None, build_offsite(cfg.emulator, cfg.lora, cfg.seed, **place)
     if cfg.mode == "local":
-        return None, build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed, middle_lora=cfg.middle_lora)
+        return None, build_local(cfg.model, cfg.client_blocks, cfg.lora, cfg.seed, cfg.middle_lora, **place)
     recorder = AuditRecorder(cfg.out) if cfg.audit != "no" else None
     transport = Transport(transport_cfg or TransportConfig(), meter, recorder=recorder)
     cloud_optimizer = ADAMW | {"lr": cfg.lr} if cfg.cloud_optimizer else None
-    model = connect_split(transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora, cloud_optimizer=cloud_optimizer)
+    model = connect_split(
+        transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora, cloud_optimizer=cloud_optimizer, **place
+    )
     return transport, model
 
 

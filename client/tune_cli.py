@@ -21,8 +21,14 @@ def lora_config(args: argparse.Namespace):
 
 
 def tune_config(args: argparse.Namespace):
-    """The TuneConfig of the flags; a combination of flags it refuses is a ClientError (one line)."""
+    """The TuneConfig of the flags; a combination of flags it refuses is a ClientError (one line), and so is a
+    --device or --dtype this machine cannot compute in (a PlacementError), before any network call."""
+    from tandem.stages.precision import check_dtype, resolve_device
+
     from .trainer import TuneConfig
+
+    check_dtype(args.dtype)
+    resolve_device(args.device)
 
     try:
         return TuneConfig(
@@ -52,6 +58,8 @@ def tune_config(args: argparse.Namespace):
             emulator=args.emulator,
             middle_lora=args.mode != "offsite" and not args.no_middle_lora,
             cloud_optimizer=args.cloud_optimizer,
+            device=args.device,
+            dtype=args.dtype,
         )
     except ValueError as e:  # combinations of flags (each flag alone was checked as it was parsed)
         raise ClientError(str(e)) from None
@@ -95,8 +103,28 @@ def add_tune_parser(sub) -> None:
     _add_validation_flags(parser)
     _add_checkpoint_flags(parser)
     _add_privacy_flags(parser)
+    _add_placement_flags(parser)
     flags.add_compute_flags(parser)
     parser.set_defaults(func=run_tune)
+
+
+def _add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the client's own stages compute (local mode: the whole model; offsite: the emulator too)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]",
+        help="where the client's stages compute: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
+        "cuda:N; default auto",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        metavar="auto|float32|bfloat16|float16",
+        help="compute dtype of the client's frozen weights: auto (the served model's dtype on a GPU, float32 on a "
+        "CPU), float32, bfloat16 or float16. The LoRA and the optimizer stay float32; the cloud's dtype is its own "
+        "(`cloud serve --dtype`) and the wire codec (--codec) is independent of both; default auto",
+    )
 
 
 def _add_mode_flags(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,26 @@ DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
 DEFAULT_MEMORY_CAP_MB = 8192
 
 
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype: where the frozen weights compute (checked before the model loads; stages/precision.py)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda[:N]",
+        help="where the frozen weights compute: auto (the first CUDA GPU when there is one, else the CPU), cpu, "
+        "cuda or cuda:N; with --ray, each shard asks Ray for a GPU when this is cuda; default auto",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        metavar="auto|float32|bfloat16|float16",
+        help="compute dtype of the frozen weights, which load directly in it: auto (the checkpoint's dtype on a "
+        "GPU, float32 on a CPU), float32, bfloat16 or float16. Remote LoRAs and cloud-optimizer state stay "
+        "float32; what crosses the wire follows each session's codec, not this. float32 is bit-exact with "
+        "local mode; bfloat16/float16 agree with local mode in the same dtype within rounding; default auto",
+    )
+
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch compute threads (0 = torch's default)")
 

@@ -94,7 +94,11 @@ class RaySplitService(SplitService):
         self.ray = connect(address, replicas * pipeline * actor_cpus)
         # Batching needs concurrent calls to meet inside an actor: a threaded actor (compute stays serial in its batcher).
         actor = self.ray.remote(
-            max_restarts=-1, max_task_retries=0, num_cpus=actor_cpus, max_concurrency=64 if batching else 1
+            max_restarts=-1,
+            max_task_retries=0,
+            num_cpus=actor_cpus,
+            num_gpus=1 if loaded.placement.device.type == "cuda" else 0,  # --device cuda: a GPU per shard
+            max_concurrency=64 if batching else 1,
         )(MiddleShard)
         config = shard_config(loaded, layout, store, limits, batching)
         self.replicas = [

@@ -29,6 +29,11 @@ def shard_ranges(blocks: list[int], pipeline: int) -> list[list[int]]:
     return [blocks[cuts[i] : cuts[i + 1]] for i in range(k)]
 
 
+def on_the_wire(t: torch.Tensor) -> torch.Tensor:
+    """A shard's output as the next shard and the front door take it: float32 on the CPU (an exact upcast)."""
+    return t.float().cpu()
+
+
 class MiddleShard:
     """A Ray actor: one contiguous range of middle blocks of one replica (wrapped by ray.remote at start-up).
 
@@ -43,11 +48,13 @@ class MiddleShard:
         limits: dict,
         threads: int = 0,
         batching: dict | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
     ):
         if threads:
             torch.set_num_threads(threads)
         self.service = SplitService(
-            load_model(model_path),
+            load_model(model_path, device, dtype),
             StageLayout(*layout),
             StoreConfig(**store),
             ServiceLimits(**limits),
@@ -76,10 +83,12 @@ class MiddleShard:
         self.service.put_remote_state(self._session(owner, sid), *state)
 
     def forward(self, owner, sid, *args):
-        return self.service.forward(self._session(owner, sid), *args)
+        out, seconds = self.service.forward(self._session(owner, sid), *args)
+        return on_the_wire(out), seconds
 
     def backward(self, owner, sid, *args):
-        return self.service.backward(self._session(owner, sid), *args)
+        grad_in, flat, seconds = self.service.backward(self._session(owner, sid), *args)
+        return on_the_wire(grad_in), flat.cpu(), seconds
 
     def close(self, owner, sid) -> None:
         try:
@@ -97,4 +106,7 @@ def shard_config(loaded: LoadedModel, layout: StageLayout, store: StoreConfig, l
         "store": dataclasses.asdict(dataclasses.replace(store, max_sessions_per_identity=0)),
         "limits": dataclasses.asdict(limits),
         "batching": None if batching is None else dataclasses.asdict(batching),
+        # Every shard computes in the door's resolved dtype; on CUDA, Ray gives each its own GPU (cuda inside it).
+        "device": "cuda" if loaded.placement.device.type == "cuda" else "cpu",
+        "dtype": loaded.placement.dtype_name,
     }

@@ -20,13 +20,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from . import serve_steps as steps
     from .server import serve_forever
 
-    problem = steps.exposure_problem(args)
+    problem = steps.exposure_problem(args) or steps.placement_problem(args)
     if problem:
         print(f"cloud serve: {problem}", file=sys.stderr)
         return 2
     tls_dir = steps.prepare_process(args)
     try:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, args.device, args.dtype)
         layout = StageLayout.parse(args.client_blocks, loaded.config)
         backbone = steps.build_backbone(args, loaded, layout)
         metrics = steps.start_metrics(args)
@@ -58,6 +58,7 @@ def add_serve_parser(sub) -> None:
         "last M blocks and the head themselves, and own every adapter.",
     )
     _add_listen_flags(parser)
+    flags.add_placement_flags(parser)
     _add_session_flags(parser)
     _add_identity_flags(parser)
     _add_metrics_flags(parser)
@@ -114,6 +115,16 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
         default=flags.DEFAULT_MEMORY_CAP_MB,
         help="cap on memory held for sessions, all together, in MiB: forward state kept for backward (checked "
         "from the request's shape before it runs) and remote LoRAs with their cloud-optimizer state; default 8192",
+    )
+    parser.add_argument(
+        "--forward-state",
+        choices=("keep", "recompute", "auto"),
+        default="auto",
+        help="what a training step keeps in the cloud between its Forward and its Backward: keep (the whole "
+        "autograd graph: fastest; 405 MiB for a 4x128 SmolLM2 step), recompute (only the middle's input, mask, "
+        "dropout seed and a reference to the LoRA it used, about 1%% of that; the Backward reruns the forward "
+        "first: about 1.3x the compute, results bit-exact with keep), or auto: recompute on a GPU device, keep "
+        "on the CPU; --memory-cap-mb counts the chosen mode's state; default auto",
     )
     parser.add_argument(
         "--session-ttl",

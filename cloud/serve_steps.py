@@ -62,6 +62,19 @@ def exposure_problem(args: argparse.Namespace) -> str:
     return ""
 
 
+def placement_problem(args: argparse.Namespace) -> str:
+    """Why --device / --dtype cannot compute here ('' when they can): a bad value, or CUDA on a machine without it.
+    Runs before the model loads."""
+    from tandem.stages.precision import PlacementError, check_dtype, resolve_device
+
+    try:
+        check_dtype(args.dtype)
+        resolve_device(args.device)
+    except PlacementError as e:
+        return str(e)
+    return ""
+
+
 def prepare_process(args: argparse.Namespace) -> str | None:
     """Allocator, torch threads and TLS material (created on first use); returns the TLS directory (None: plaintext)."""
     from .allocator import configure as configure_allocator
@@ -80,6 +93,8 @@ def prepare_process(args: argparse.Namespace) -> str | None:
 def build_backbone(args: argparse.Namespace, loaded, layout):
     """The split-tuning Backbone (cloud/backbone.py): in this process, or on a Ray cluster with --ray."""
     from .batching import BatchingConfig
+
+    log.info("computing in %s (frozen weights; LoRA and optimizer state in float32)", loaded.placement)
     from .limits import ServiceLimits
     from .sessions import StoreConfig
     from .split import SplitService
@@ -104,7 +119,7 @@ def build_backbone(args: argparse.Namespace, loaded, layout):
             backward_wait_ms=args.batch_backward_wait_ms,
         )
     if not args.ray:
-        return SplitService(loaded, layout, store, limits, batching=batching)
+        return SplitService(loaded, layout, store, limits, batching=batching, forward_state=args.forward_state)
     from .ray_backend import RaySplitService
 
     return RaySplitService(

@@ -106,9 +106,10 @@ _CODEC_NAME = {v: k for k, v in CODEC_ENUM.items()}
 
 
 def encode(t: torch.Tensor, codec: str = "float32", block: int = codecs.DEFAULT_BLOCK) -> pb.Tensor:
-    """Encodes a float32 tensor with a wire codec (float32 is exact and equals to_proto)."""
+    """Encodes a float tensor of any compute dtype or device with a wire codec (float32 is exact and equals
+    to_proto of the float32 tensor: a bfloat16 or float16 value travels as its exact float32 upcast)."""
     if codec == "float32":
-        return to_proto(t)
+        return to_proto(t.float())
     values, scales = codecs.encode(t.detach(), codec, block)
     msg = to_proto(values)
     del msg.shape[:]
@@ -116,7 +117,7 @@ def encode(t: torch.Tensor, codec: str = "float32", block: int = codecs.DEFAULT_
     msg.dtype = pb.FLOAT32
     msg.codec = CODEC_ENUM[codec]
     if scales is not None:
-        msg.scales = scales.numpy().tobytes()
+        msg.scales = scales.cpu().numpy().tobytes()
         msg.block_size = block
     return msg
 

@@ -20,6 +20,7 @@ from torch import nn
 from .arch import Parts, arch_for, parts_of
 from .errors import ModelLoadError
 from .modules import StageLayout
+from .precision import CPU_FLOAT32, Placement, resolve, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,23 @@ class LoadedModel:
     model: nn.Module
     model_id: str
     path: str
+    placement: Placement = CPU_FLOAT32  # where the weights sit and the dtype they compute in
 
     @property
     def config(self):
         return self.model.config
 
 
-def load_model(path: str | None) -> LoadedModel:
-    """Loads a Hugging Face causal-LM directory (float32, eval mode, frozen); None means the default."""
-    from transformers import AutoModelForCausalLM
+def load_model(path: str | None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Loads a Hugging Face causal-LM directory (eval mode, frozen); None means the default.
 
+    The weights load directly in the compute dtype (`dtype`: float32, bfloat16, float16, or auto: the checkpoint's
+    on a GPU, float32 on a CPU; see stages/precision.py), then move to `device`. A device this machine lacks is
+    refused before anything loads. The default model's one-time GGUF conversion runs in float32 on the CPU.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolve_device(device)  # no CUDA here: one line, before the (maybe long) load
     if path is None:
         path = default_model_dir()
         model_id = DEFAULT_MODEL_ID
@@ -101,19 +109,21 @@ def load_model(path: str | None) -> LoadedModel:
             raise ModelLoadError(f"--model {path!r} is not a directory; pass a Hugging Face causal-LM directory")
         model_id = os.path.basename(os.path.normpath(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        placement = resolve(device, dtype, AutoConfig.from_pretrained(path) if dtype == "auto" else None)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load a causal LM from {path!r}: {e}") from e
     arch_for(model.config)  # fail early on unsupported architectures
+    model.to(placement.device)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model, model_id, path)
+    return LoadedModel(model, model_id, path, placement)
 
 
 def client_state(parts: Parts, layout: StageLayout) -> dict[str, torch.Tensor]:
     """The weights the client receives: embeddings, bottom/top blocks (renumbered 0..K+M-1), norm, head.
 
-    Never contains a middle block.
+    Never contains a middle block. They are in the served model's dtype (the client casts them to its own).
     """
     arch = parts.arch
     prefix = arch.block_prefix
@@ -133,7 +143,7 @@ def client_state(parts: Parts, layout: StageLayout) -> dict[str, torch.Tensor]:
         for k, v in parts.blocks[global_i].state_dict().items():
             k = re.sub(r"\.base_layer\.", ".", k)  # strip LoRA slot wrappers
             out[f"{prefix}.{local_i}.{k}"] = v
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
 def shell_config(config, layout: StageLayout):
@@ -149,12 +159,14 @@ def shell_config(config, layout: StageLayout):
     return cfg
 
 
-def build_client_model(config, layout: StageLayout, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights."""
+def build_client_model(
+    config, layout: StageLayout, state: dict[str, torch.Tensor], placement: Placement = CPU_FLOAT32
+) -> nn.Module:
+    """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights, in `placement`."""
     from transformers import AutoModelForCausalLM
 
     cfg = shell_config(config, layout)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias") and "masked_bias" not in k]
@@ -164,14 +176,17 @@ def build_client_model(config, layout: StageLayout, state: dict[str, torch.Tenso
         )
     if tied:
         model.tie_weights()
+    model.to(placement.device)
     model.eval()
     model.requires_grad_(False)
     return model
 
 
-def client_parts(config, layout: StageLayout, state: dict[str, torch.Tensor]) -> Parts:
+def client_parts(
+    config, layout: StageLayout, state: dict[str, torch.Tensor], placement: Placement = CPU_FLOAT32
+) -> Parts:
     """Parts of the client model, with `blocks` indexed by *full-model* block number (None in the middle)."""
-    model = build_client_model(config, layout, state)
+    model = build_client_model(config, layout, state, placement)
     parts = parts_of(model)
     parts.config = model.config
     return parts

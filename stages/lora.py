@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tandem.kernels.lora import dropout_, lora_delta
+from tandem.kernels.lora import add_delta, dropout_, lora_delta
 from tandem.kernels.multilora import multilora_delta, plan_segments, segment_ids, stack_adapters
 
 from .arch import Arch
@@ -151,7 +151,8 @@ class MultiBinding:
                 # adapter index of each segment within the stack; -1 where the segment lacks this slot
                 index = {seg: k for k, seg in enumerate(present)}
                 seg_ads = [index.get(i, -1) for i in range(len(self.segments))]
-                self._stacked[name] = (a.to(like.dtype), b.to(like.dtype), scal, seg_ads)
+                dtype = torch.promote_types(like.dtype, a.dtype)  # kernels/lora.py's rule: float32 beside a half base
+                self._stacked[name] = (a.to(like.device, dtype), b.to(like.device, dtype), scal, seg_ads)
         return self._stacked[name]
 
     def _plan(self, seg_ads: list[int], n_adapters: int, t: int):
@@ -167,6 +168,7 @@ class MultiBinding:
         if stacked is None:
             return None
         a, b, scal, seg_ads = stacked
+        x = x.to(a.dtype)  # before the dropout, as lora_delta does
         if x.shape[0] != self.batch:
             raise ValueError(f"the batch has {x.shape[0]} sequences, the binding's segments {self.batch}")
         if any(s.dropout > 0 for s in self.segments):
@@ -198,11 +200,11 @@ class LoRASlot(nn.Module):
             return out
         if isinstance(binding, MultiBinding):
             d = binding.delta(self.slot_name, x)
-            return out if d is None else out + d
+            return out if d is None else add_delta(out, d)
         ab = binding.tensors.get(self.slot_name)
         if ab is None:
             return out
-        return out + lora_delta(x, ab[0], ab[1], binding.scaling, binding.dropout, binding.generator)
+        return add_delta(out, lora_delta(x, ab[0], ab[1], binding.scaling, binding.dropout, binding.generator))
 
 
 @contextlib.contextmanager
