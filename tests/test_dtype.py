@@ -63,8 +63,8 @@ def _run_pair(split, local, data, steps: int = 3):
     return loss_gap, grad_gap, losses_seen
 
 
-def _split_and_local(arch, dtype: str, tiny_models, server_factory, codec: str = "float32"):
-    server = server_factory(tiny_models[arch], "--dtype", dtype, "--device", "cpu")
+def _split_and_local(arch, dtype: str, tiny_models, server_factory, codec: str = "float32", *flags: str):
+    server = server_factory(tiny_models[arch], "--dtype", dtype, "--device", "cpu", *flags)
     assert f"computing in {dtype} on cpu" in server.log()
     lora = LoraConfig(rank=4, alpha=8, dropout=0.1)
     transport = Transport(server.transport_cfg(codec=codec))
@@ -106,6 +106,45 @@ def test_float16_split_matches_local(tiny_models, sample_data, server_factory):
     finally:
         split.close()
         transport.close()
+
+
+def test_bfloat16_recompute_mode_matches_local(tiny_models, sample_data, server_factory):
+    """Recompute mode (the cloud keeps the middle's input, in the compute dtype, and reruns the forward) in bfloat16."""
+    flags = ("--forward-state", "recompute")
+    transport, split, local = _split_and_local("qwen2", "bfloat16", tiny_models, server_factory, "float32", *flags)
+    try:
+        data = load_split(sample_data, split.tokenizer, seq_len=24, batch_size=3, seed=3, val_fraction=0.1)
+        loss_gap, grad_gap, _ = _run_pair(split, local, data)
+        print(f"bfloat16 qwen2 recompute: loss gap {loss_gap:.3g}, LoRA grad gap {grad_gap:.3g}")
+        assert loss_gap <= LOSS_REL and grad_gap <= GRAD_REL, (loss_gap, grad_gap)
+    finally:
+        split.close()
+        transport.close()
+
+
+def test_generate_on_a_bfloat16_server_is_the_models_own_greedy_decoding(tiny_models, server_factory):
+    """Adapter serving (batched decoding over the shared model) in bfloat16: the base model's tokens are those of
+    Hugging Face's generate on the same bfloat16 weights."""
+    from tandem.client.serving import generate
+    from tandem.stages.loading import load_model, load_tokenizer
+
+    model_dir = tiny_models["llama"]
+    server = server_factory(model_dir, "--dtype", "bfloat16", "--device", "cpu")
+    got = generate(server.transport_cfg(), ["the quick brown fox"], "", 6)["completions"][0]["token_ids"]
+    model = load_model(model_dir, "cpu", "bfloat16").model
+    prompt = load_tokenizer(model_dir)("the quick brown fox")["input_ids"]
+    eos = {model.generation_config.eos_token_id}
+    out = model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=sorted(eos),
+        pad_token_id=min(eos),
+    )
+    want = out[0, len(prompt) :].tolist()
+    want = want[: next((i for i, t in enumerate(want) if t in eos), len(want))]
+    assert got == want
 
 
 def test_the_wire_codec_is_independent_of_the_compute_dtype(tiny_models, sample_data, server_factory):
