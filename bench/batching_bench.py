@@ -60,6 +60,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each server; default 2")
     p.add_argument("--end-to-end", action="store_true", help="real split-tuning clients instead of replay clients")
     p.add_argument(
+        "--device",
+        default="cpu",
+        help="`cloud serve --device` of both servers, and where the compute-gain passes run (cpu, cuda, cuda:N); "
+        "default cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="`cloud serve --dtype` of both servers, and of the compute-gain passes; default float32",
+    )
+    p.add_argument(
         "--cloud-optimizer",
         action="store_true",
         help="sessions with `client tune --cloud-optimizer`: the cloud updates the remote LoRA, so neither it nor "
@@ -272,22 +283,26 @@ def compute_gain(args, counts: list[int]) -> list[dict]:
     from tandem.stages.modules import MiddleStage, StageLayout
 
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     mid = MiddleStage(parts_of(lm.model), StageLayout.parse("2:2", lm.config).middle_blocks)
     hidden = lm.config.hidden_size
+    param = next(lm.model.parameters())
+    sync = torch.cuda.synchronize if param.device.type == "cuda" else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     out = []
     for n in counts:
-        hs = [torch.randn(args.batch, args.seq, hidden, generator=gen) for _ in range(n)]
-        am = torch.ones(args.batch, args.seq, dtype=torch.long)
+        hs = [torch.randn(args.batch, args.seq, hidden, generator=gen).to(param) for _ in range(n)]
+        am = torch.ones(args.batch, args.seq, dtype=torch.long, device=param.device)
         runs = {"separate": [(h, am) for h in hs], "together": [(torch.cat(hs), am.repeat(n, 1))]}
         _forward_backward(mid, hs[0], am)  # warm-up
         times = {name: [] for name in runs}
         for _ in range(args.compute_reps):
             for name, inputs in runs.items():
+                sync()
                 t0 = time.perf_counter()
                 for h, mask in inputs:
                     _forward_backward(mid, h, mask)
+                sync()
                 times[name].append(time.perf_counter() - t0)
         sep, tog = min(times["separate"]), min(times["together"])
         out.append({"clients": n, "separate_s": sep, "together_s": tog, "ratio": sep / tog})
@@ -314,7 +329,8 @@ def main(argv=None) -> int:
     for name, extra in (("unbatched", ("--no-batching",)), ("batched", ("--metrics-port", str(mport)))):
         work = pathlib.Path(args.work) / name
         work.mkdir(parents=True, exist_ok=True)
-        servers[name] = start_server(args.model, work, *extra, "--threads", str(args.threads), timeout=300)
+        device = ("--device", args.device, "--dtype", args.dtype)
+        servers[name] = start_server(args.model, work, *extra, *device, "--threads", str(args.threads), timeout=300)
     rows = []
     try:
         for n in counts:

@@ -38,6 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="split mode without end-to-end sealing (TLS only); default: sealed, as `client tune`",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of both modes; default 0")
+    p.add_argument(
+        "--device",
+        default="",
+        help="`--device` of the server and of both clients (cpu, cuda, cuda:N); default: theirs (auto)",
+    )
+    p.add_argument("--dtype", default="", help="`--dtype` of the server and of both clients; default: theirs (auto)")
     p.add_argument("--records", type=int, default=400, help="sample-data records to generate; default 400")
     return p.parse_args(argv)
 
@@ -50,6 +56,11 @@ def vm_hwm_kib(pid: int) -> int:
     """
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE).group(1))
+
+
+def device_flags(args) -> list[str]:
+    """--device and --dtype for `cloud serve` and `client tune`, when the command line set them."""
+    return (["--device", args.device] if args.device else []) + (["--dtype", args.dtype] if args.dtype else [])
 
 
 def start_server(args, work: str) -> tuple[subprocess.Popen, str, str]:
@@ -75,6 +86,7 @@ def start_server(args, work: str) -> tuple[subprocess.Popen, str, str]:
         str(args.server_threads),
     ]
     cmd += ["--model", args.model] if args.model else []
+    cmd += device_flags(args)
     with open(os.path.join(work, "server.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=ENV)
     for line in proc.stdout:
@@ -131,6 +143,7 @@ def run_client(args, mode: str, out: str, addr: str, ca: str, data: str) -> dict
     ]
     cmd += ["--no-seal"] if args.no_seal else []
     cmd += ["--model", args.model] if args.model and mode == "local" else []
+    cmd += device_flags(args)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     with open(out + ".log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV)
