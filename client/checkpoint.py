@@ -103,6 +103,7 @@ def stages(model, lora) -> dict:
         "client stages (SHA-256)": model.stages_sha256 or None,
         "--lora-targets": ",".join(targets),
         "LoRA slots": len(model.adapter.specs),
+        "compute dtype (--dtype)": model.placement.dtype_name,  # resolved: auto may pick another on another machine
     }
 
 

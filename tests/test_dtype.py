@@ -308,3 +308,23 @@ def test_bfloat16_batched_sessions_match_each_alone(tiny_models):
         assert max(gaps) <= GRAD_REL, gaps
     alone.stop()
     batched.stop()
+
+
+def test_client_tune_local_in_bfloat16_and_a_resume_in_another_dtype_is_refused(tiny_models, sample_data, tmp_path):
+    """`client tune --mode local --dtype bfloat16` end to end (report, adapter in float32); resuming its checkpoint in
+    float32 would change the steps, so it is one line naming the dtype."""
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "run")
+    cmd = [os.path.join(BIN, "client"), "tune", "--mode", "local", "--model", tiny_models["gpt2"], "--data"]
+    cmd += [sample_data, "--out", out, "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--no-progress"]
+    cmd += ["--checkpoint-every", "1", "--device", "cpu"]
+    r = subprocess.run(cmd + ["--dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = load_file(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+    cmd[cmd.index("--steps") + 1] = "3"
+    r = subprocess.run(cmd + ["--dtype", "float32", "--resume"], capture_output=True, text=True, timeout=300)
+    last = r.stderr.strip().splitlines()[-1]  # after the model's loading progress
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert last.startswith("client tune: --resume") and "compute dtype (--dtype) bfloat16 (now float32)" in last, last
