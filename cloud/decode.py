@@ -111,7 +111,8 @@ def next_tokens(
         hi = lo + len(jobs[i].prompts)
         if not all(done[lo:hi]):
             probs = torch.softmax(logits[lo:hi] / jobs[i].temperature, dim=-1)  # (n_i, V)
-            nxt[lo:hi] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            # Drawn on the CPU (the job's generator lives there), so a GPU server samples what a CPU one does.
+            nxt[lo:hi] = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(nxt.device)
     return nxt
 
 
@@ -129,6 +130,8 @@ def decode(
     """
     segments, rows, first_row = batch_rows(jobs)
     ids, mask = left_pad([jobs[i].prompts[k] for i, k in rows], pad_id)  # (B, T) each
+    device = next(model.parameters()).device  # where the served model computes (--device)
+    ids, mask = ids.to(device), mask.to(device)
     n_rows = len(rows)
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T) position of each real token
     limit = [jobs[i].max_new_tokens for i, _ in rows]
@@ -151,8 +154,9 @@ def decode(
                     done[row] = len(out_ids[row]) >= limit[row]
             if all(done):
                 break
-            feed = torch.where(torch.tensor(done), torch.tensor(pad_id), nxt)  # (B,) finished rows idle on padding
-            mask = torch.cat([mask, torch.ones((n_rows, 1), dtype=torch.long)], dim=1)  # (B, T + s)
+            idle = torch.tensor(done, device=device)
+            feed = torch.where(idle, torch.tensor(pad_id, device=device), nxt)  # (B,) finished rows idle on padding
+            mask = torch.cat([mask, torch.ones((n_rows, 1), dtype=torch.long, device=device)], dim=1)  # (B, T + s)
             pos = pos[:, -1:] + 1  # (B, 1)
             out = model(input_ids=feed[:, None], attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
     results: list[list[tuple[list[int], str]]] = [[] for _ in jobs]
