@@ -328,3 +328,47 @@ def test_client_tune_local_in_bfloat16_and_a_resume_in_another_dtype_is_refused(
     last = r.stderr.strip().splitlines()[-1]  # after the model's loading progress
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert last.startswith("client tune: --resume") and "compute dtype (--dtype) bfloat16 (now float32)" in last, last
+
+
+def test_pipeline_shards_in_bfloat16_chain_exactly_like_one_service(tiny_models):
+    """Ray's shard actors (the plain class, without Ray): they load in the door's resolved dtype, pass float32 on
+    the CPU between them (an exact upcast of their bfloat16 output), and together equal one service."""
+    from tandem.cloud.limits import ServiceLimits
+    from tandem.cloud.ray_shard import MiddleShard, shard_config, shard_ranges
+    from tandem.cloud.sessions import StoreConfig
+    from tandem.cloud.split import SplitService
+    from tandem.stages.loading import load_model
+    from tandem.stages.lora import config_dict, flatten, slot_shapes
+    from tandem.stages.modules import StageLayout
+
+    loaded = load_model(tiny_models["llama"], "cpu", "bfloat16")
+    layout = StageLayout.parse("2:2", loaded.config)
+    config = shard_config(loaded, layout, StoreConfig(), ServiceLimits(), None)
+    assert config["dtype"] == "bfloat16" and config["device"] == "cpu"
+    shards = [MiddleShard(blocks=blocks, **config) for blocks in shard_ranges(layout.middle_blocks, 2)]
+    whole = SplitService(loaded, layout, serve_client_files=False)
+    lora = LoraConfig(rank=4, alpha=8)
+    session = whole.open_session("alice", "", lora, True)
+    for shard in shards:
+        shard.open("alice", "", config_dict(lora), True, "float32", "float32", session.id)
+    gen = torch.Generator().manual_seed(0)
+    lora_values = [torch.randn(shape, generator=gen) * 0.1 for shape in slot_shapes(session.slots, lora.rank)]
+    h = torch.randn(2, 12, whole.hidden_size, generator=gen)
+    mask = torch.ones(2, 12, dtype=torch.uint8)
+    grad = torch.randn(2, 12, whole.hidden_size, generator=gen)
+
+    out, _ = whole.forward(session, 0, h, mask, 1, flatten(lora_values), 0, True)
+    grad_in, lora_grad, _ = whole.backward(session, 0, grad)
+    chained, at = h, 0
+    for shard in shards:
+        n = len(shard.service.store.get(session.id, "alice").slots)
+        flat = flatten(lora_values[2 * at : 2 * (at + n)])
+        chained, _ = shard.forward("alice", session.id, 0, chained, mask, 1, flat, 0, True)
+        assert chained.dtype == torch.float32 and chained.device.type == "cpu"
+        at += n
+    back, grads = grad, []
+    for shard in reversed(shards):
+        back, flat, _ = shard.backward("alice", session.id, 0, back)
+        grads.insert(0, flat)
+    assert torch.equal(chained, out.float()) and torch.equal(back, grad_in.float())
+    assert torch.equal(torch.cat(grads), lora_grad)
