@@ -124,7 +124,7 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
         "autograd graph: fastest; 405 MiB for a 4x128 SmolLM2 step), recompute (only the middle's input, mask, "
         "dropout seed and a reference to the LoRA it used, about 1%% of that; the Backward reruns the forward "
         "first: about 1.3x the compute, results bit-exact with keep), or auto: recompute on a GPU device, keep "
-        "on the CPU; --memory-cap-mb counts the chosen mode's state; default auto",
+        "on the CPU; --memory-cap-mb counts the chosen mode's state (Ray shards always keep); default auto",
     )
     parser.add_argument(
         "--session-ttl",

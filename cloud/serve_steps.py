@@ -122,6 +122,8 @@ def build_backbone(args: argparse.Namespace, loaded, layout):
         return SplitService(loaded, layout, store, limits, batching=batching, forward_state=args.forward_state)
     from .ray_backend import RaySplitService
 
+    if args.forward_state == "recompute":
+        log.warning("--forward-state recompute is not wired to Ray shards yet: each shard keeps its steps' graphs")
     return RaySplitService(
         loaded,
         layout,
