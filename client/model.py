@@ -14,6 +14,7 @@ from tandem.stages.modules import BottomStage, StageLayout, TopStage
 from tandem.stages.precision import CPU_FLOAT32, Placement
 
 from .data import IGNORE
+from .errors import ClientError
 
 if TYPE_CHECKING:
     from .session import Session
@@ -137,7 +138,14 @@ class StagedModel(nn.Module):
         )
 
     def unfreeze_client_blocks(self) -> list[nn.Parameter]:
-        """Makes the client's blocks fully trainable (Offsite-Tuning's adapter layers); returns their parameters."""
+        """Makes the client's blocks fully trainable (Offsite-Tuning's adapter layers); returns their parameters.
+
+        Only in float32: these weights are trained themselves, with no float32 master copy beside a half dtype."""
+        if self.placement.dtype != torch.float32:
+            raise ClientError(
+                f"--tune-client-blocks trains the client's blocks in their compute dtype, and {self.placement.dtype_name} "
+                "has no float32 master copy to take AdamW's small updates; use --dtype float32 (LoRA alone trains in any)"
+            )
         params = []
         for _, block in self.client_blocks():
             for p in block.parameters():

@@ -372,3 +372,11 @@ def test_pipeline_shards_in_bfloat16_chain_exactly_like_one_service(tiny_models)
         grads.insert(0, flat)
     assert torch.equal(chained, out.float()) and torch.equal(back, grad_in.float())
     assert torch.equal(torch.cat(grads), lora_grad)
+
+
+def test_tuning_whole_client_blocks_in_a_half_dtype_is_refused(tiny_models, sample_data, tmp_path):
+    from tandem.client.errors import ClientError
+
+    model = build_local(tiny_models["gpt2"], "2:2", LoraConfig(rank=4, alpha=8), seed=0, device="cpu", dtype="bfloat16")
+    with pytest.raises(ClientError, match="--tune-client-blocks.*bfloat16.*--dtype float32"):
+        model.unfreeze_client_blocks()
