@@ -37,7 +37,7 @@ class CutNoise:
 
     def bounds(self, h: torch.Tensor) -> torch.Tensor:
         """Per-position clip norms for hidden states (B, T, H); returns (1, T, 1)."""
-        c = torch.full((1, h.shape[1], 1), float(self.clip_norm), dtype=h.dtype)
+        c = torch.full((1, h.shape[1], 1), float(self.clip_norm), dtype=h.dtype, device=h.device)
         if self.first_clip_norm:
             c[:, 0] = float(self.first_clip_norm)
         return c
@@ -57,7 +57,7 @@ class CutNoise:
     def __call__(self, h, attention_mask, step: int, seed: int, train: bool) -> torch.Tensor:
         out = self.clip(h)
         if self.noise_multiplier > 0:
-            out = out + self.noise(h.shape, seed).to(h.dtype)
+            out = out + self.noise(h.shape, seed).to(h.device, h.dtype)  # drawn on the CPU on every device
         return out
 
     def describe(self) -> dict:
