@@ -72,7 +72,7 @@ def _record(server, data_dir, seed, steps, ready=None, gate=None, cloud_optimize
         loss, _ = model.loss(data.batch_at(step), step, seed, train=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.close()
     transport.close()
     return losses, seen
@@ -135,10 +135,12 @@ def test_recompute_is_bit_exact_with_keep(arch, batching, tiny_models, sample_da
 
 
 def test_recompute_with_the_cloud_optimizer_is_bit_exact(tiny_models, sample_data, server_factory):
+    """The cloud applies AdamW after each rerun backward; `auto` (the default) keeps on the CPU."""
     runs = {}
-    for mode in ("keep", "recompute"):
+    for mode, resolved in (("auto", "keep"), ("recompute", "recompute")):
         server, _ = _serve(server_factory, tiny_models["qwen2"], mode)
-        runs[mode] = _record(server, sample_data, 3, 3, cloud_optimizer=ADAMW)
+        assert f"forward state: {resolved}" in server.log()
+        runs[resolved] = _record(server, sample_data, 3, 3, cloud_optimizer=ADAMW)
         server.stop()
     _assert_same(runs["recompute"], runs["keep"])
 
