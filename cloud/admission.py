@@ -15,9 +15,10 @@ from torch import nn
 from tandem.stages.lora import bind
 
 FORWARD_STATE_MODES = ("keep", "recompute")
-# Recompute mode, per pending step, beside the input and mask: the Pending and Replay records, the segment's
-# adapter dict (references to LoRA tensors the session holds anyway, counted as its resident bytes) and a seed.
-RECOMPUTE_OVERHEAD_BYTES = 2048
+# Recompute mode, per pending step, beside the input and mask: the Pending, Replay and Segment records and the
+# tensors' headers, the adapter dict (references to LoRA tensors the session holds anyway, counted as its resident
+# bytes) and a seed: a few hundred bytes of Python objects each, rounded up.
+RECOMPUTE_OVERHEAD_BYTES = 4096
 
 
 def resolve_mode(mode: str, device: torch.device | str) -> str:

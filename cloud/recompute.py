@@ -31,7 +31,7 @@ class Replay:
     Attributes:
         hidden: The middle's input (B, T, H), as the middle took it; never a graph leaf.
         mask: Its padding mask (B, T).
-        segments: Each member's rows and adapter, the LoRA tensors by reference; their generators are not used.
+        segments: Each member's rows and adapter, the LoRA tensors by reference, without generators (see seeds).
         seeds: Each segment's dropout generator as (device, seed), or None without dropout.
     """
 
@@ -46,7 +46,8 @@ class Replay:
         seeds = [
             (s.generator.device, s.generator.initial_seed()) if s.generator is not None else None for s in segments
         ]
-        return cls(hidden.detach(), mask, list(segments), seeds)
+        kept = [Segment(s.size, s.tensors, s.scaling, s.dropout, None) for s in segments]  # seeds, not generators
+        return cls(hidden.detach(), mask, kept, seeds)
 
     @property
     def shape(self) -> tuple[int, ...]:
