@@ -87,6 +87,7 @@ def serve(args, mode: str):
     """A `cloud serve` in `mode` with its metrics port."""
     port = free_port()
     flags = ["--forward-state", mode, "--no-batching", "--metrics-port", str(port), "--threads", str(args.threads)]
+    flags += ["--quota-sessions", "0"]  # all sessions are this bench's one identity
     folder = pathlib.Path(args.work) / mode
     folder.mkdir(parents=True, exist_ok=True)
     return start_server(args.model, folder, *flags, timeout=600), port
