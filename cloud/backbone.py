@@ -11,6 +11,7 @@ from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
 
 from .batching import Batcher
+from .client_stages import ClientFiles
 from .limits import ServiceLimits
 from .optimizer import AdamWSpec
 from .sessions import Session, SessionStore
@@ -29,10 +30,7 @@ class Backbone(Protocol):
     limits: ServiceLimits
     store: SessionStore  # the sessions, their owners and their forward state
     config_json: str  # the model's configuration, as the client rebuilds its stages from it
-    client_files: dict[str, bytes]  # what FetchClientStages streams, by name (empty on a shard)
-    client_file_sha: dict[str, str]  # their SHA-256, by name
-    client_blob: bytes  # the client's stages (one of client_files)
-    client_sha: str  # its SHA-256
+    client_files: ClientFiles  # what FetchClientStages streams (stages from a private file; none on a shard)
     batcher: Batcher | None  # the batching worker, when concurrent sessions share passes
 
     def open_session(

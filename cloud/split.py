@@ -11,13 +11,14 @@ from torch import nn
 
 from tandem.stages.arch import num_blocks, parts_of
 from tandem.stages.errors import LayoutError
-from tandem.stages.loading import LoadedModel, client_state, config_json, pack_state, sha256, tokenizer_files
+from tandem.stages.loading import LoadedModel, client_state, config_json, tokenizer_files
 from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots
 from tandem.stages.modules import MiddleStage, StageLayout
 
 from . import remote_lora
 from .admission import AdapterShape, StateModel, resolve_mode
 from .batching import Batcher, BatchingConfig
+from .client_stages import ClientFiles
 from .errors import InvalidRequest
 from .limits import RequestChecks, ServiceLimits
 from .optimizer import AdamWSpec
@@ -59,7 +60,7 @@ class SplitService:
     ):
         """Args:
         blocks: Serve only these middle blocks (a pipeline shard); default all of the layout's middle.
-        serve_client_files: Pack the client's stages for download (the front door does; shards do not).
+        serve_client_files: Serve the client's stages and tokenizer for download (the front door does; shards do not).
         batching: Batch concurrent sessions through one pass of the middle (None: each request runs alone).
         forward_state: What a training step keeps for its backward: keep (its graph), recompute (its input;
             backward reruns the forward, cloud/recompute.py) or auto (recompute on an accelerator, keep on the CPU).
@@ -88,7 +89,9 @@ class SplitService:
             self.middle_leaves,
             tuple(self.parts.arch.lora_targets),
         )
-        self._pack_client_files(serve_client_files)
+        # Packed once into a private file, not kept in memory (cloud/client_stages.py); every session gets the same bytes.
+        state = client_state(self.parts, self.layout) if serve_client_files else None
+        self.client_files = ClientFiles(state, tokenizer_files(loaded.path) if serve_client_files else {})
         self.config_json = config_json(loaded.config)
         self.state_model = StateModel(self.middle, loaded.model, self.hidden_size, self.max_positions)
         self.forward_state = resolve_mode(forward_state, self.state_model.device)
@@ -100,15 +103,6 @@ class SplitService:
             "serving %s: %d blocks, client %d:%d, %d middle slots, forward state: %s",
             *(loaded.model_id, layout.num_layers, layout.bottom, layout.top, len(self.all_slots), self.forward_state),
         )
-
-    def _pack_client_files(self, serve: bool) -> None:
-        """Packs the client's stages (and tokenizer) once; every session downloads the same bytes."""
-        self.client_blob, self.client_files = b"", {}
-        if serve:
-            self.client_blob = pack_state(client_state(self.parts, self.layout))
-            self.client_files = {"client_stages.safetensors": self.client_blob, **tokenizer_files(self.loaded.path)}
-        self.client_sha = sha256(self.client_blob)
-        self.client_file_sha = {name: sha256(blob) for name, blob in self.client_files.items()}
 
     # Sessions ------------------------------------------------------------------------------
     def open_session(
@@ -283,6 +277,7 @@ class SplitService:
         remote_lora.restore(session, lora, exp_avg, exp_avg_sq, steps, version)
 
     def stop(self) -> None:
-        """Stops the batching worker (if any)."""
+        """Stops the batching worker (if any) and closes the client stages file (its space is freed)."""
         if self.batcher is not None:
             self.batcher.stop()
+        self.client_files.close()

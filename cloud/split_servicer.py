@@ -143,15 +143,15 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
             middle_slots=[
                 pb.Slot(name=x.name, in_features=x.in_features, out_features=x.out_features) for x in session.slots
             ],
-            client_stages_sha256=service.client_sha,
-            client_stages_bytes=len(service.client_blob),
+            client_stages_sha256=service.client_files.stages_sha256,
+            client_stages_bytes=service.client_files.stages_bytes,
             ttl_s=service.store.cfg.ttl_s,
             codec=session.codec,
             gradient_codec=session.gradient_codec,
             block_size=DEFAULT_BLOCK,
             lora_codec=session.lora_codec,
             cloud_optimizer=session.opt_spec is not None,
-            client_files_sha256=files_digest(service.client_file_sha),  # signed: the tokenizer too
+            client_files_sha256=files_digest(service.client_files.sha256),  # signed: the tokenizer too
         )
 
     def _handshake(self, sid: str, request, resp) -> Sealer:
@@ -170,18 +170,10 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         self._session(request, who)
         release = self.streams.take(context)  # bounded and timed: unread streams must not hold every worker
         try:
-            for name, blob in self.service.client_files.items():
-                digest = self.service.client_file_sha[name]
-                for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                    chunk = pb.FileChunk(
-                        name=name,
-                        offset=off,
-                        data=blob[off : off + serde.CHUNK_BYTES],
-                        total_bytes=len(blob),
-                        sha256=digest if off == 0 else "",
-                    )
-                    self.identities.pace(who, chunk.ByteSize(), context)  # every streamed byte counts
-                    yield chunk
+            for piece in self.service.client_files.chunks(serde.CHUNK_BYTES):  # read from the file as the client reads
+                chunk = pb.FileChunk(**piece._asdict())
+                self.identities.pace(who, chunk.ByteSize(), context)  # every streamed byte counts
+                yield chunk
         finally:
             release()
 
