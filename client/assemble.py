@@ -11,6 +11,7 @@ from tandem.stages.lora import LoRAAdapter, LoraConfig, SlotSpec, inject_slots
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
 from tandem.stages.precision import resolve
 
+from .allowed_files import STAGES_FILE
 from .downloads import fetch_client_files, load_tokenizer
 from .errors import ClientError
 from .model import LocalMiddle, StagedModel, seeded_generator
@@ -77,7 +78,13 @@ def _downloaded_parts(transport: Transport, info, device: str, dtype: str):
         close_refused_session(transport, info.session_id)
         raise
     placement = resolve(device, dtype, config)
-    parts = client_parts(config, layout, unpack_state(files["client_stages.safetensors"]), placement)
+    stages = files.pop(STAGES_FILE)  # the parts' tensors view these verified bytes (or copies of them in `placement`)
+    try:
+        parts = client_parts(config, layout, unpack_state(stages), placement)
+    except StageError as e:
+        close_refused_session(transport, info.session_id)
+        raise ClientError(f"the server's client stages do not load: {e}") from None
+    del stages  # held only by the tensors viewing them, if any
     tokenizer = load_tokenizer(files)
     check_tokenizer(tokenizer, config)
     return config, layout, parts, tokenizer, placement

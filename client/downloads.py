@@ -202,11 +202,12 @@ def _commit(staging: str, target: str) -> None:
         os.remove(aside)
 
 
-def read_verified(directory: str, required: dict[str, str] | None = None) -> dict[str, bytes] | None:
+def read_verified(directory: str, required: dict[str, str] | None = None) -> dict[str, bytearray] | None:
     """The files a finished download left in `directory`, each checked against its recorded SHA-256.
 
-    Only names listed in CACHE_MANIFEST are read. None when the directory is absent, unfinished, altered,
-    or lacks a `required` file (name -> SHA-256): the caller downloads again.
+    Each file is read once and hashed in memory: the bytes returned are the bytes verified, whatever happens to
+    the files afterwards. Only names listed in CACHE_MANIFEST are read. None when the directory is absent,
+    unfinished, altered, or lacks a `required` file (name -> SHA-256): the caller downloads again.
     """
     try:
         with open(os.path.join(directory, CACHE_MANIFEST), "rb") as f:
@@ -234,27 +235,37 @@ def _named_by_handshake(digests: dict[str, str], want_files: str) -> bool:
     return not want_files or files_digest(digests) == want_files
 
 
-def _read_regular(path: str) -> bytes | None:
-    """A cached file's bytes; None unless it is a regular file (no link followed, no FIFO or device) of sane size."""
+def _read_regular(path: str) -> bytearray | None:
+    """A cached file's bytes, read once into private memory (what is hashed is what is used: a file changed or
+    swapped later is not seen); None unless a regular file (no link followed, no FIFO or device) of sane size.
+
+    A bytearray, so the stages' tensors can view it rather than copy it (stages/tensor_views.py)."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(fd, "rb", buffering=0) as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_DOWNLOAD_BYTES:
             return None
+        data, got = bytearray(info.st_size), 0
         try:
-            return f.read(info.st_size + 1)  # a file still growing fails its hash
+            with memoryview(data) as view:
+                while got < len(data) and (n := f.readinto(view[got:])):
+                    got += n
+            if got < len(data) or f.read(1):  # shrunk or still growing: it would fail its hash anyway
+                return None
         except OSError:
             return None
+        return data
 
 
 def fetch_client_files(
     transport: Transport, session_id: str, want_sha: str, want_bytes: int = MAX_DOWNLOAD_BYTES, want_files: str = ""
-) -> dict[str, bytes]:
-    """Downloads the client's stages and tokenizer, or takes them from the cache (keyed by the stages' SHA-256).
+) -> dict[str, bytearray]:
+    """Downloads the client's stages and tokenizer, or takes them from the cache (keyed by the stages' SHA-256);
+    each file as read_verified read it, the bytes it verified.
 
     want_sha, want_bytes and want_files are what OpenSession announced (signed when sealing is authenticated):
     the stages must hash to the first and fit the second, and every file (the tokenizer too) must be one the
@@ -289,7 +300,7 @@ def fetch_client_files(
     return files
 
 
-def load_tokenizer(files: dict[str, bytes]):
+def load_tokenizer(files: dict[str, bytes | bytearray]):
     """The tokenizer among downloaded files, loaded from a private directory that holds nothing else."""
     from tandem.stages.errors import ModelLoadError
     from tandem.stages.loading import load_tokenizer as load_tokenizer_dir

@@ -21,6 +21,7 @@ from .arch import Parts, arch_for, parts_of
 from .errors import ModelLoadError
 from .modules import StageLayout
 from .precision import CPU_FLOAT32, Placement, resolve, resolve_device
+from .tensor_views import tensor_views
 
 log = logging.getLogger(__name__)
 
@@ -162,20 +163,41 @@ def shell_config(config, layout: StageLayout):
 def build_client_model(
     config, layout: StageLayout, state: dict[str, torch.Tensor], placement: Placement = CPU_FLOAT32
 ) -> nn.Module:
-    """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights, in `placement`."""
+    """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights, in `placement`.
+
+    The shell is built without weights (its parameters on the meta device; its buffers, such as rotary
+    frequencies, computed as usual) and takes the tensors of `state` themselves (`assign`): no random
+    initialisation and no second copy. A tensor is cast or moved only where `placement` differs from it, as
+    load_state_dict's copy would, so the values are the same bit for bit.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     cfg = shell_config(config, layout)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
+    wanted = model.state_dict()
+    unexpected = [k for k in state if k not in wanted]
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied and not k.endswith(".attn.bias") and "masked_bias" not in k]
+    missing = [k for k in wanted if k not in state and k not in tied and not k.endswith(".attn.bias")]
+    missing = [k for k in missing if "masked_bias" not in k]
     if missing or unexpected:
         raise ModelLoadError(
             f"client stage weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    wrong = [
+        f"{k} {list(v.shape)} (needs {list(wanted[k].shape)})" for k, v in state.items() if v.shape != wanted[k].shape
+    ]
+    if wrong:
+        raise ModelLoadError(f"client stage weights do not fit the model: {', '.join(wrong[:3])}")
+    placed = {k: v.to(placement.device, wanted[k].dtype) for k, v in state.items()}
+    model.load_state_dict(placed, strict=False, assign=True)
+    del placed
     if tied:
         model.tie_weights()
+    empty = [n for n, v in [*model.named_parameters(), *model.named_buffers()] if v.is_meta]
+    if empty:
+        raise ModelLoadError(f"client stage weights do not fit the model: no weights for {empty[:5]}")
     model.to(placement.device)
     model.eval()
     model.requires_grad_(False)
@@ -197,8 +219,10 @@ def pack_state(state: dict[str, torch.Tensor]) -> bytes:
     return st_save(state)
 
 
-def unpack_state(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of pack_state."""
+def unpack_state(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """Inverse of pack_state. From a bytearray nothing is copied: the tensors are views of it (tensor_views.py)."""
+    if isinstance(data, bytearray):
+        return tensor_views(data)
     return st_load(data)
 
 
