@@ -8,7 +8,7 @@ gradients, a remote LoRA with dropout), without the client's own stages. Per ste
 forward-state metric between the Forward and the Backward (what waits for the Backward: keep mode's
 whole graph, recompute mode's input), and the cloud compute the replies report (forward + backward,
 the recompute included), median over --steps. The two servers' outputs, grad_input and LoRA gradients
-are compared bit for bit. Then, on the recompute server, its peak RSS (VmHWM) after one session's steps
+are compared bit for bit. Then, on a fresh recompute server, its peak RSS (VmHWM) after one session's steps
 and again after --sessions sessions ran their steps at once: what 16 concurrent sessions cost over one.
 Writes bench/out/forward_state.json.
 """
@@ -162,10 +162,13 @@ def main(argv=None) -> None:
         server, port = serve(args, mode)
         try:
             results[mode], returned[mode] = per_step(server, port, args)
-            if mode == "recompute":
-                results["rss"] = sessions_rss(server, args)
         finally:
             server.stop()
+    server, _ = serve(args, "recompute")  # a fresh one: its peak RSS so far is one session's, at --rss-batch
+    try:
+        results["rss"] = sessions_rss(server, args)
+    finally:
+        server.stop()
     keep, recompute = results["keep"], results["recompute"]
     results["state_ratio"] = recompute["state_bytes"] / keep["state_bytes"]
     results["compute_ratio"] = recompute["compute_s"] / keep["compute_s"]
