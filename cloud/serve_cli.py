@@ -121,9 +121,9 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
         choices=("keep", "recompute", "auto"),
         default="auto",
         help="what a training step keeps in the cloud between its Forward and its Backward: keep (the whole "
-        "autograd graph: fastest; 405 MiB for a 4x128 SmolLM2 step), recompute (only the middle's input, mask, "
-        "dropout seed and a reference to the LoRA it used, about 1%% of that; the Backward reruns the forward "
-        "first: about 1.3x the compute, results bit-exact with keep), or auto: recompute on a GPU device, keep "
+        "autograd graph: fastest; 449 MiB for a 4x128 SmolLM2 step), recompute (only the middle's input, mask, "
+        "dropout seed and a reference to the LoRA it used: 1.1 MiB there; the Backward reruns the forward "
+        "first: 1.4-1.7x the compute on a CPU, results bit-exact with keep), or auto: recompute on a GPU device, keep "
         "on the CPU; --memory-cap-mb counts the chosen mode's state (Ray shards always keep); default auto",
     )
     parser.add_argument(
