@@ -275,10 +275,11 @@ def fetch_client_files(
         raise ClientError(f"the server announced the client stages' SHA-256 as {want_sha[:70]!r}; not a SHA-256")
     cache = os.path.join(cache_root(), "client", want_sha)
     files = read_verified(cache, {STAGES_FILE: want_sha})
-    if files is not None and _named_by_handshake(
-        {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}, want_files
-    ):
-        return files
+    if files is not None:  # the stages hash to want_sha (verified): only the small files are hashed again
+        digests = {n: want_sha if n == STAGES_FILE else hashlib.sha256(b).hexdigest() for n, b in files.items()}
+        if _named_by_handshake(digests, want_files):
+            return files
+    files = None  # not held while downloading again
     allowed = stage_files(want_bytes)
 
     def matches(staging: str, digests: dict[str, str]) -> None:
