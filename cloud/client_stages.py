@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,21 @@ class Piece(NamedTuple):
 
 
 def write_private(state: dict[str, torch.Tensor], directory: str | None = None) -> int:
-    """Writes `state` as safetensors to a new file only this user can read; returns it open (read-only) and unlinked."""
+    """Writes `state` as safetensors to a new file only this user can read; returns it open (read-only) and unlinked.
+    OSError, in one line, when it cannot be written (the directory missing, read-only or full)."""
+    where = directory or tempfile.gettempdir()
+    need = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
+    try:
+        return _write_private(state, directory)
+    except (OSError, SafetensorError) as e:  # safetensors reports its own write failures (a full disk) as the latter
+        raise OSError(
+            f"cannot write the client stages ({need:,.0f} MiB) to a private file under {where}: {e}; "
+            "set TMPDIR to a writable directory with room for them"
+        ) from None
+
+
+def _write_private(state: dict[str, torch.Tensor], directory: str | None) -> int:
+    """write_private's work: a fresh 0700 directory, a 0600 file made before safetensors opens it, then both unlinked."""
     folder = tempfile.mkdtemp(prefix="tandem-stages-", dir=directory)  # 0700, a fresh name: no one else's file
     path = os.path.join(folder, STAGES)
     try:

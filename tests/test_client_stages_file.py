@@ -138,3 +138,8 @@ def test_a_shard_serves_nothing():
     assert files.sizes == {} and list(files.chunks(10)) == []
     assert files.stages_bytes == 0 and files.stages_sha256 == hashlib.sha256(b"").hexdigest()
     files.close()
+
+
+def test_an_unwritable_place_is_one_clear_error(tmp_path):
+    with pytest.raises(OSError, match=r"cannot write the client stages \(0 MiB\) to a private file under .*set TMPDIR"):
+        ClientFiles({"a": torch.ones(3)}, {}, directory=str(tmp_path / "missing"))
