@@ -165,17 +165,18 @@ def build_client_model(
 ) -> nn.Module:
     """Builds the client's partial model (embeddings, K+M blocks, norm, head) from shipped weights, in `placement`.
 
-    The shell is built without weights (its parameters on the meta device; its buffers, such as rotary
-    frequencies, computed as usual) and takes the tensors of `state` themselves (`assign`): no random
-    initialisation and no second copy. A tensor is cast or moved only where `placement` differs from it, as
+    The shell is built on the meta device (`torch.device("meta")`: per thread, unlike accelerate's
+    init_empty_weights, which patches nn.Module for the whole process) and takes the tensors of `state`
+    themselves (`assign`): no random initialisation and no second copy. Buffers computed at construction
+    (rotary frequencies) are then computed for real by their module's own constructor. A tensor is cast or moved only where `placement` differs from it, as
     load_state_dict's copy would, so the values are the same bit for bit.
     """
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     cfg = shell_config(config, layout)
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
+    _compute_buffers(model, placement.device)
     wanted = model.state_dict()
     unexpected = [k for k in state if k not in wanted]
     tied = {"lm_head.weight"} if getattr(cfg, "tie_word_embeddings", False) else set()
@@ -202,6 +203,24 @@ def build_client_model(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _compute_buffers(model: nn.Module, device) -> None:
+    """Gives every module whose buffers the meta shell left empty the buffers its constructor computes.
+
+    Only modules built from the config alone qualify (rotary embeddings); any other meta buffer is left for the
+    caller's check, which refuses the model.
+    """
+    for module in model.modules():
+        if not any(b.is_meta for b in module.buffers(recurse=False)) or not hasattr(module, "config"):
+            continue
+        try:
+            fresh = type(module)(module.config)
+        except TypeError:
+            continue
+        for name, buf in fresh.named_buffers(recurse=False):
+            persistent = name not in module._non_persistent_buffers_set  # noqa: SLF001 (torch's own bookkeeping)
+            module.register_buffer(name, buf.to(device), persistent=persistent)
 
 
 def client_parts(
