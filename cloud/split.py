@@ -144,7 +144,6 @@ class SplitService:
     ) -> tuple[torch.Tensor, float]:
         """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
         self.checks.activations(hidden, mask, "hidden")
-        # What arrives is float32 on the CPU (the codec's); the middle computes in its own device and dtype.
         # What arrived (float32 on the CPU, whatever the codec) computes in the model's placement (dtype, device).
         hidden, mask = hidden.to(self.placement.device, self.placement.dtype), mask.to(self.placement.device)
         args = (step, hidden, mask, lora_version, lora_flat, dropout_seed)
