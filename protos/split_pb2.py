@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/protos/split.proto\x12\ttandem.v1\"\xc4\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.tandem.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x1f\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x10.tandem.v1.Codec\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x0e\n\x06sealed\x18\x07 \x01(\x08\x12\x0f\n\x07\x63ounter\x18\x08 \x01(\x04\x12\x16\n\x0escales_counter\x18\t \x01(\x04\">\n\x0bStageLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x0e\n\x06\x62ottom\x18\x02 \x01(\x05\x12\x0b\n\x03top\x18\x03 \x01(\x05\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"?\n\x04Slot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\x03\x12\x14\n\x0cout_features\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xae\x01\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x06layout\x18\x02 \x01(\x0b\x32\x16.tandem.v1.StageLayout\x12\x19\n\x11model_config_json\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13max_tokens_per_step\x18\x05 \x01(\x03\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\"\xdd\x01\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12!\n\x04lora\x18\x02 \x01(\x0b\x32\x13.tandem.v1.LoraSpec\x12\x13\n\x0bremote_lora\x18\x03 \x01(\x08\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0egradient_codec\x18\x05 \x01(\t\x12\x17\n\x0fseal_public_key\x18\x06 \x01(\x0c\x12\x12\n\nlora_codec\x18\x07 \x01(\t\x12)\n\x0f\x63loud_optimizer\x18\x08 \x01(\x0b\x32\x10.tandem.v1.AdamW\"T\n\x05\x41\x64\x61mW\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\"\xbf\x03\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.v1.StageLayout\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12%\n\x0cmiddle_slots\x18\x05 \x03(\x0b\x32\x0f.tandem.v1.Slot\x12\x1c\n\x14\x63lient_stages_sha256\x18\x06 \x01(\t\x12\x1b\n\x13\x63lient_stages_bytes\x18\x07 \x01(\x03\x12\r\n\x05ttl_s\x18\x08 \x01(\x01\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x16\n\x0egradient_codec\x18\n \x01(\t\x12\x17\n\x0fseal_public_key\x18\x0b \x01(\x0c\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x12\n\nlora_codec\x18\r \x01(\t\x12\x17\n\x0f\x63loud_optimizer\x18\x0e \x01(\x08\x12\x18\n\x10seal_certificate\x18\x0f \x01(\x0c\x12\x16\n\x0eseal_signature\x18\x10 \x01(\x0c\x12\x1b\n\x13\x63lient_files_sha256\x18\x11 \x01(\t\".\n\x18\x46\x65tchClientStagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xdc\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x14\n\x0clora_version\x18\x05 \x01(\x03\x12\x1f\n\x04lora\x18\x06 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x14\n\x0c\x64ropout_seed\x18\x07 \x01(\x04\x12\r\n\x05train\x18\x08 \x01(\x08\"G\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"[\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12&\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\"r\n\x10\x42\x61\x63kwardResponse\x12%\n\ngrad_input\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12$\n\tlora_grad\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"9\n\x15GetRemoteStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xca\x01\n\x0bRemoteState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1f\n\x04lora\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\"\n\x07\x65xp_avg\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12%\n\nexp_avg_sq\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x17\n\x0foptimizer_steps\x18\x06 \x01(\x03\x12\x14\n\x0clora_version\x18\x07 \x01(\x03\"\x18\n\x16PutRemoteStateResponse*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT64\x10\x06*^\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\x0e\n\nCODEC_INT4\x10\x04\x32\xe0\x04\n\x0bSplitTuning\x12@\n\x07GetInfo\x12\x19.tandem.v1.GetInfoRequest\x1a\x1a.tandem.v1.GetInfoResponse\x12L\n\x0bOpenSession\x12\x1d.tandem.v1.OpenSessionRequest\x1a\x1e.tandem.v1.OpenSessionResponse\x12P\n\x11\x46\x65tchClientStages\x12#.tandem.v1.FetchClientStagesRequest\x1a\x14.tandem.v1.FileChunk0\x01\x12@\n\x07\x46orward\x12\x19.tandem.v1.ForwardRequest\x1a\x1a.tandem.v1.ForwardResponse\x12\x43\n\x08\x42\x61\x63kward\x12\x1a.tandem.v1.BackwardRequest\x1a\x1b.tandem.v1.BackwardResponse\x12O\n\x0c\x43loseSession\x12\x1e.tandem.v1.CloseSessionRequest\x1a\x1f.tandem.v1.CloseSessionResponse\x12J\n\x0eGetRemoteState\x12 .tandem.v1.GetRemoteStateRequest\x1a\x16.tandem.v1.RemoteState\x12K\n\x0ePutRemoteState\x12\x16.tandem.v1.RemoteState\x1a!.tandem.v1.PutRemoteStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tandem/protos/split.proto\x12\ttandem.v1\"\xc4\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1f\n\x05\x64type\x18\x02 \x01(\x0e\x32\x10.tandem.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x1f\n\x05\x63odec\x18\x04 \x01(\x0e\x32\x10.tandem.v1.Codec\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x0e\n\x06sealed\x18\x07 \x01(\x08\x12\x0f\n\x07\x63ounter\x18\x08 \x01(\x04\x12\x16\n\x0escales_counter\x18\t \x01(\x04\">\n\x0bStageLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\x05\x12\x0e\n\x06\x62ottom\x18\x02 \x01(\x05\x12\x0b\n\x03top\x18\x03 \x01(\x05\"P\n\x08LoraSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"?\n\x04Slot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bin_features\x18\x02 \x01(\x03\x12\x14\n\x0cout_features\x18\x03 \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xae\x01\n\x0fGetInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x06layout\x18\x02 \x01(\x0b\x32\x16.tandem.v1.StageLayout\x12\x19\n\x11model_config_json\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13max_tokens_per_step\x18\x05 \x01(\x03\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\"\xb3\x02\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12!\n\x04lora\x18\x02 \x01(\x0b\x32\x13.tandem.v1.LoraSpec\x12\x13\n\x0bremote_lora\x18\x03 \x01(\x08\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x16\n\x0egradient_codec\x18\x05 \x01(\t\x12\x17\n\x0fseal_public_key\x18\x06 \x01(\x0c\x12\x12\n\nlora_codec\x18\x07 \x01(\t\x12)\n\x0f\x63loud_optimizer\x18\x08 \x01(\x0b\x32\x10.tandem.v1.AdamW\x12\x13\n\x0blora_layers\x18\t \x03(\x05\x12\x16\n\x0e\x65rror_feedback\x18\n \x01(\x08\x12\x13\n\x0bkill_revive\x18\x0b \x01(\x08\x12\x12\n\ngeneration\x18\x0c \x01(\x08\"T\n\x05\x41\x64\x61mW\x12\n\n\x02lr\x18\x01 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x03 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x04 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x05 \x01(\x01\"\xaf\x04\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12&\n\x06layout\x18\x03 \x01(\x0b\x32\x16.tandem.v1.StageLayout\x12\x19\n\x11model_config_json\x18\x04 \x01(\t\x12%\n\x0cmiddle_slots\x18\x05 \x03(\x0b\x32\x0f.tandem.v1.Slot\x12\x1c\n\x14\x63lient_stages_sha256\x18\x06 \x01(\t\x12\x1b\n\x13\x63lient_stages_bytes\x18\x07 \x01(\x03\x12\r\n\x05ttl_s\x18\x08 \x01(\x01\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\x16\n\x0egradient_codec\x18\n \x01(\t\x12\x17\n\x0fseal_public_key\x18\x0b \x01(\x0c\x12\x12\n\nblock_size\x18\x0c \x01(\x05\x12\x12\n\nlora_codec\x18\r \x01(\t\x12\x17\n\x0f\x63loud_optimizer\x18\x0e \x01(\x08\x12\x18\n\x10seal_certificate\x18\x0f \x01(\x0c\x12\x16\n\x0eseal_signature\x18\x10 \x01(\x0c\x12\x1b\n\x13\x63lient_files_sha256\x18\x11 \x01(\t\x12\x13\n\x0blora_layers\x18\x12 \x03(\x05\x12\x16\n\x0e\x65rror_feedback\x18\x13 \x01(\x08\x12\x13\n\x0bkill_revive\x18\x14 \x01(\x08\x12\x12\n\ngeneration\x18\x15 \x01(\x08\x12\x18\n\x10max_cache_tokens\x18\x16 \x01(\x03\".\n\x18\x46\x65tchClientStagesRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\\\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\x85\x02\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12!\n\x06hidden\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12)\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x14\n\x0clora_version\x18\x05 \x01(\x03\x12\x1f\n\x04lora\x18\x06 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x14\n\x0c\x64ropout_seed\x18\x07 \x01(\x04\x12\r\n\x05train\x18\x08 \x01(\x08\x12\x12\n\nlive_slots\x18\t \x01(\x0c\x12\x13\n\x0bpast_length\x18\n \x01(\x03\"G\n\x0f\x46orwardResponse\x12!\n\x06hidden\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"[\n\x0f\x42\x61\x63kwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12&\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\"r\n\x10\x42\x61\x63kwardResponse\x12%\n\ngrad_input\x18\x01 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12$\n\tlora_grad\x18\x02 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x11\n\tcompute_s\x18\x03 \x01(\x01\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"9\n\x15GetRemoteStateRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xca\x01\n\x0bRemoteState\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x1f\n\x04lora\x18\x03 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\"\n\x07\x65xp_avg\x18\x04 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12%\n\nexp_avg_sq\x18\x05 \x01(\x0b\x32\x11.tandem.v1.Tensor\x12\x17\n\x0foptimizer_steps\x18\x06 \x01(\x03\x12\x14\n\x0clora_version\x18\x07 \x01(\x03\"\x18\n\x16PutRemoteStateResponse*f\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT64\x10\x06*^\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x11\n\rCODEC_FLOAT16\x10\x01\x12\x12\n\x0e\x43ODEC_BFLOAT16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\x0e\n\nCODEC_INT4\x10\x04\x32\xe0\x04\n\x0bSplitTuning\x12@\n\x07GetInfo\x12\x19.tandem.v1.GetInfoRequest\x1a\x1a.tandem.v1.GetInfoResponse\x12L\n\x0bOpenSession\x12\x1d.tandem.v1.OpenSessionRequest\x1a\x1e.tandem.v1.OpenSessionResponse\x12P\n\x11\x46\x65tchClientStages\x12#.tandem.v1.FetchClientStagesRequest\x1a\x14.tandem.v1.FileChunk0\x01\x12@\n\x07\x46orward\x12\x19.tandem.v1.ForwardRequest\x1a\x1a.tandem.v1.ForwardResponse\x12\x43\n\x08\x42\x61\x63kward\x12\x1a.tandem.v1.BackwardRequest\x1a\x1b.tandem.v1.BackwardResponse\x12O\n\x0c\x43loseSession\x12\x1e.tandem.v1.CloseSessionRequest\x1a\x1f.tandem.v1.CloseSessionResponse\x12J\n\x0eGetRemoteState\x12 .tandem.v1.GetRemoteStateRequest\x1a\x16.tandem.v1.RemoteState\x12K\n\x0ePutRemoteState\x12\x16.tandem.v1.RemoteState\x1a!.tandem.v1.PutRemoteStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.protos.split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2409
-  _globals['_DTYPE']._serialized_end=2511
-  _globals['_CODEC']._serialized_start=2513
-  _globals['_CODEC']._serialized_end=2607
+  _globals['_DTYPE']._serialized_start=2648
+  _globals['_DTYPE']._serialized_end=2750
+  _globals['_CODEC']._serialized_start=2752
+  _globals['_CODEC']._serialized_end=2846
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=237
   _globals['_STAGELAYOUT']._serialized_start=239
@@ -48,33 +48,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFORESPONSE']._serialized_start=469
   _globals['_GETINFORESPONSE']._serialized_end=643
   _globals['_OPENSESSIONREQUEST']._serialized_start=646
-  _globals['_OPENSESSIONREQUEST']._serialized_end=867
-  _globals['_ADAMW']._serialized_start=869
-  _globals['_ADAMW']._serialized_end=953
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=956
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1403
-  _globals['_FETCHCLIENTSTAGESREQUEST']._serialized_start=1405
-  _globals['_FETCHCLIENTSTAGESREQUEST']._serialized_end=1451
-  _globals['_FILECHUNK']._serialized_start=1453
-  _globals['_FILECHUNK']._serialized_end=1545
-  _globals['_FORWARDREQUEST']._serialized_start=1548
-  _globals['_FORWARDREQUEST']._serialized_end=1768
-  _globals['_FORWARDRESPONSE']._serialized_start=1770
-  _globals['_FORWARDRESPONSE']._serialized_end=1841
-  _globals['_BACKWARDREQUEST']._serialized_start=1843
-  _globals['_BACKWARDREQUEST']._serialized_end=1934
-  _globals['_BACKWARDRESPONSE']._serialized_start=1936
-  _globals['_BACKWARDRESPONSE']._serialized_end=2050
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2052
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2093
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2095
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2117
-  _globals['_GETREMOTESTATEREQUEST']._serialized_start=2119
-  _globals['_GETREMOTESTATEREQUEST']._serialized_end=2176
-  _globals['_REMOTESTATE']._serialized_start=2179
-  _globals['_REMOTESTATE']._serialized_end=2381
-  _globals['_PUTREMOTESTATERESPONSE']._serialized_start=2383
-  _globals['_PUTREMOTESTATERESPONSE']._serialized_end=2407
-  _globals['_SPLITTUNING']._serialized_start=2610
-  _globals['_SPLITTUNING']._serialized_end=3218
+  _globals['_OPENSESSIONREQUEST']._serialized_end=953
+  _globals['_ADAMW']._serialized_start=955
+  _globals['_ADAMW']._serialized_end=1039
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1042
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1601
+  _globals['_FETCHCLIENTSTAGESREQUEST']._serialized_start=1603
+  _globals['_FETCHCLIENTSTAGESREQUEST']._serialized_end=1649
+  _globals['_FILECHUNK']._serialized_start=1651
+  _globals['_FILECHUNK']._serialized_end=1743
+  _globals['_FORWARDREQUEST']._serialized_start=1746
+  _globals['_FORWARDREQUEST']._serialized_end=2007
+  _globals['_FORWARDRESPONSE']._serialized_start=2009
+  _globals['_FORWARDRESPONSE']._serialized_end=2080
+  _globals['_BACKWARDREQUEST']._serialized_start=2082
+  _globals['_BACKWARDREQUEST']._serialized_end=2173
+  _globals['_BACKWARDRESPONSE']._serialized_start=2175
+  _globals['_BACKWARDRESPONSE']._serialized_end=2289
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2291
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2332
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=2334
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=2356
+  _globals['_GETREMOTESTATEREQUEST']._serialized_start=2358
+  _globals['_GETREMOTESTATEREQUEST']._serialized_end=2415
+  _globals['_REMOTESTATE']._serialized_start=2418
+  _globals['_REMOTESTATE']._serialized_end=2620
+  _globals['_PUTREMOTESTATERESPONSE']._serialized_start=2622
+  _globals['_PUTREMOTESTATERESPONSE']._serialized_end=2646
+  _globals['_SPLITTUNING']._serialized_start=2849
+  _globals['_SPLITTUNING']._serialized_end=3457
 # @@protoc_insertion_point(module_scope)
