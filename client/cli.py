@@ -11,7 +11,7 @@ from . import flags
 from .errors import ClientError
 from .offsite_cli import add_offsite_parsers
 from .serving_cli import add_generate_parser
-from .tune_cli import add_tune_parser
+from .tune_flags import add_tune_parser
 
 
 def run_audit(args: argparse.Namespace) -> int:
