@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from tandem.stages.arch import Parts, arch_for, num_blocks, parts_of
-from tandem.stages.errors import StageError
+from tandem.stages.errors import LayoutError, StageError
 from tandem.stages.loading import client_parts, config_from_json, load_model, unpack_state
 from tandem.stages.lora import LoRAAdapter, LoraConfig, SlotSpec, inject_slots
+from tandem.stages.lora_layers import check_layers, format_layers, select_slots, selected
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
 from tandem.stages.precision import resolve
 
@@ -33,6 +34,30 @@ def split_names(specs: list[SlotSpec], layout: StageLayout) -> tuple[list[str], 
     return bottom, middle, top
 
 
+def chosen_slots(specs: list[SlotSpec], layout: StageLayout, layers: tuple[int, ...]) -> list[SlotSpec]:
+    """The slots of the --lora-layers blocks; refuses blocks out of the model or that carry no slot here."""
+    try:
+        check_layers(layers, layout.num_layers)
+    except LayoutError as e:
+        raise ClientError(f"--lora-layers: {e}") from None
+    bare = sorted(set(layers) - {spec.block for spec in specs})
+    if bare:
+        raise ClientError(
+            f"--lora-layers: blocks {format_layers(bare)} carry no LoRA slot in this run (the client runs blocks "
+            f"{format_layers(layout.client_blocks)}; the middle's carry LoRA only in split or local mode with a "
+            "middle LoRA); list only blocks that can carry LoRA"
+        )
+    return select_slots(specs, layers)
+
+
+def _selected_block(spec: SlotSpec, layers: tuple[int, ...]) -> bool:
+    """Whether a slot the server named lies in a --lora-layers block (a name without a block does not)."""
+    try:
+        return selected(layers, spec.block)
+    except LayoutError:
+        return False
+
+
 def check_tokenizer(tokenizer, config) -> None:
     """Refuses a tokenizer with more tokens than the model's embedding has rows."""
     vocab = int(config.vocab_size)
@@ -47,8 +72,8 @@ def _adapter(
     specs: list[SlotSpec], layout: StageLayout, lora: LoraConfig, seed: int, device
 ) -> tuple[LoRAAdapter, tuple[list[str], list[str], list[str]]]:
     """The data owner's adapter over `specs` (seeded on the CPU, then moved to `device`; float32 on every device:
-    the master weights) and its slot names per stage."""
-    specs = order_slots(specs)
+    the master weights) and its slot names per stage; with `lora.layers`, only those blocks' slots."""
+    specs = order_slots(chosen_slots(specs, layout, lora.layers))
     return LoRAAdapter(specs, lora, generator=seeded_generator(seed)).to(device), split_names(specs, layout)
 
 
@@ -58,7 +83,7 @@ def _client_stages(parts: Parts, layout: StageLayout) -> tuple[BottomStage, TopS
     return BottomStage(parts, list(range(k))), TopStage(parts, list(range(k, k + layout.top)))
 
 
-def _downloaded_parts(transport: Transport, info, device: str, dtype: str):
+def downloaded_parts(transport: Transport, info, device: str, dtype: str):
     """The model the session announced: (config, layout, client parts, tokenizer, placement), downloaded or cached;
     the parts compute in the placement, whose `auto` dtype reads the cloud's config (its compute dtype) on a GPU.
 
@@ -119,19 +144,24 @@ def connect_split(
     cloud_optimizer: dict | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    kill_revive: bool = False,
 ) -> StagedModel:
     """Opens a session, fetches the client's stages and builds the split model (see open_session); the client's
     stages compute on `device` in `dtype` (stages/precision.py), whatever the cloud computes in."""
 
     def open_one() -> Session:
-        return open_session(transport, lora, remote_lora, model_id, cloud_optimizer)
+        return open_session(transport, lora, remote_lora, model_id, cloud_optimizer, kill_revive=kill_revive)
 
     first = open_one()
     info = first.info
-    config, layout, parts, tokenizer, placement = _downloaded_parts(transport, info, device, dtype)
+    config, layout, parts, tokenizer, placement = downloaded_parts(transport, info, device, dtype)
     targets = lora.target_modules or arch_for(config).lora_targets
     specs = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
-    specs += [SlotSpec(slot.name, slot.in_features, slot.out_features) for slot in info.middle_slots]
+    remote = [SlotSpec(slot.name, slot.in_features, slot.out_features) for slot in info.middle_slots]
+    if not all(_selected_block(slot, lora.layers) for slot in remote):
+        close_refused_session(transport, info.session_id)
+        raise ClientError("the server made remote LoRA slots outside --lora-layers; this run cannot use it")
+    specs += remote
     adapter, names = _adapter(specs, layout, lora, seed, placement.device)
     params = adapter.params_for(names[1])
     middle = RemoteMiddle(transport, _opener(first, open_one), params, cloud_optimizer=cloud_optimizer is not None)

@@ -9,6 +9,7 @@ import os
 import torch
 
 from tandem.stages.arch import arch_for
+from tandem.stages.lora_layers import format_layers
 
 from . import rundir
 from .errors import CheckpointError
@@ -80,14 +81,17 @@ def settings(cfg, transport_cfg, data_fingerprint: str) -> dict:
         "--lora-rank": cfg.lora.rank,
         "--lora-alpha": cfg.lora.alpha,
         "--lora-dropout": cfg.lora.dropout,
+        "--lora-layers": format_layers(cfg.lora.layers),
         "--no-middle-lora": not cfg.middle_lora,
         "--cloud-optimizer": cfg.cloud_optimizer,
+        "--kill-revive": cfg.kill_revive.to_dict() if cfg.kill_revive is not None else None,
         "--tune-client-blocks": cfg.tune_client_blocks,
         "--noise-multiplier": cfg.noise_multiplier,
         "--clip-norm": cfg.clip_norm,
         "--codec": codec,
         "--gradient-codec": gradient_codec if split else None,
         "--lora-codec": (transport_cfg.lora_codec if transport_cfg else "float32") if split else None,
+        "--error-feedback": bool(transport_cfg and transport_cfg.error_feedback) if split else None,
         "--model": cfg.model if cfg.mode == "local" else None,
         "--client-blocks": cfg.client_blocks if cfg.mode == "local" else None,
         "--emulator": cfg.emulator,

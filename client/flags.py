@@ -63,6 +63,16 @@ def block_split(text: str) -> str:
     return text
 
 
+def lora_layers(text: str) -> tuple[int, ...]:
+    """Full-model block indices: "28,29", "26-29" or a mix ("0,26-29"); each block once."""
+    from tandem.stages.lora_layers import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_server_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",

@@ -110,13 +110,28 @@ class StagedModel(nn.Module):
             slots.dropout = dropout
             return slots
 
-        with bind(binding(bottom_names, 0)):
+        # Nothing below the top cut trains (a top-only adapter): the bottom runs without autograd, so no gradient
+        # crosses the bottom cut and the middle makes one round trip (RemoteMiddle.forward).
+        with (
+            torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_below_top()),
+            bind(binding(bottom_names, 0)),
+        ):
             h = self.bottom(ids, mask)  # (B, T, H)
-        if self.cut_transform is not None:
-            h = self.cut_transform(h, mask, step, stage_seed(seed, step, 3), train)
+            if self.cut_transform is not None:
+                h = self.cut_transform(h, mask, step, stage_seed(seed, step, 3), train)
         h = self.middle(h, mask, step, stage_seed(seed, step, 1), train)  # (B, T, H)
         with bind(binding(top_names, 2)):
             return self.top(h, mask)  # (B, T, V)
+
+    def trains_below_top(self) -> bool:
+        """Whether anything below the top cut is trainable: bottom or middle LoRA, the remote LoRA, the client's
+        bottom blocks (--tune-client-blocks) or a cut transform with parameters (a fixed-noise defense has none)."""
+        bottom_names, middle_names, _ = self.names
+        if bottom_names or middle_names or any(p.requires_grad for p in self.middle.params):
+            return True
+        cut = self.cut_transform
+        trainable = list(self.bottom.parameters()) + (list(cut.parameters()) if isinstance(cut, nn.Module) else [])
+        return any(p.requires_grad for p in trainable)
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor, step: int, seed: int, train: bool) -> torch.Tensor:
         """Runs bottom -> middle -> top; returns (B, T, V) logits."""

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load as st_load
@@ -46,8 +47,20 @@ def adapter_lora_config(adapter_dir: str) -> LoraConfig:
         alpha=float(cfg["lora_alpha"]),
         dropout=0.0,
         target_modules=tuple(cfg.get("target_modules") or ()),
+        layers=_layers_to_transform(cfg, adapter_dir),
     )
     return lora
+
+
+def _layers_to_transform(cfg: dict, adapter_dir: str) -> tuple[int, ...]:
+    """The adapter's layers_to_transform (peft: a list, one index, or null for every block) as --lora-layers."""
+    layers = cfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers or []
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ClientError(f"--adapter: layers_to_transform in {adapter_dir!r} is not a list of blocks: {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ClientError(f"--adapter: layers_to_transform in {adapter_dir!r} lists a block twice: {layers!r}")
+    return tuple(sorted(layers))
 
 
 def load_adapter(model: StagedModel, adapter_dir: str) -> dict:
@@ -194,8 +207,9 @@ def _check_registered(transport_cfg: TransportConfig, meter: Meter, name: str, a
 def _connect_for(transport: Transport, lora: LoraConfig, seed: int, adapter_dir: str) -> StagedModel:
     """The split model the adapter fits: with remote LoRA only when the adapter has slots in the middle."""
     _, tensors = load_peft_tensors(adapter_dir)
-    model = connect_split(transport, lora, seed, remote_lora=False)
-    if any(block_of(k) not in model.layout.client_blocks for k in tensors):
+    model = connect_split(transport, replace(lora, layers=()), seed, remote_lora=False)  # every client block
+    client = model.layout.client_blocks
+    if any(block_of(k) not in client for k in tensors) or any(block not in client for block in lora.layers):
         model.close()
         model = connect_split(transport, lora, seed, remote_lora=True)
     return model

@@ -8,11 +8,13 @@ import time
 import torch
 from torch import nn
 
+from tandem.kernels.feedback import Feedback, encoder_of
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import flatten
 
 from .errors import ClientError, ServerError
+from .kill_revive import LoraTraffic, live_slots, selected, slot_versions, wire_live
 from .session import CloudStateLost, Session, SessionLost
 from .transport import Transport
 
@@ -61,6 +63,7 @@ class RemoteMiddle(nn.Module):
         self.transport = transport
         self.opener = opener
         self.session: Session = opener()
+        self.feedback = Feedback()  # error feedback of our streams (used when the session agreed to it)
         self.params = params  # a plain list: the adapter owns these parameters
         self.sent_version: int | None = None
         # Cloud optimizer: the cloud updates the remote LoRA after every Backward; `params` hold its value
@@ -69,6 +72,11 @@ class RemoteMiddle(nn.Module):
         self.cloud_version = 0
         self.synced = True
         self.last_state: dict | None = None  # the last fetched (or put) AdamW state
+        # Kill-and-Revive: each slot's version when the cloud last got it, and the live slots of the last training
+        # Forward (their gradients, and only theirs, come down).
+        self.sent_slots: list[int] | None = None
+        self.step_live: list[bool] | None = None
+        self.traffic = LoraTraffic()
 
     @property
     def session_id(self) -> str:
@@ -83,7 +91,8 @@ class RemoteMiddle(nn.Module):
             )
         log.warning("the cloud lost session %s...; opening a new one and redoing the step", self.session.id[:8])
         self.session = self.opener()
-        self.sent_version = None
+        self.feedback.reset()  # error feedback restarts with every session, on both sides: a restart is a reopen
+        self.sent_version = self.sent_slots = None
         if self.cloud_optimizer and self.last_state is not None:  # the moments, as last fetched: exactly the cloud's
             self.put_state(self.last_state, 0)
 
@@ -100,9 +109,16 @@ class RemoteMiddle(nn.Module):
         return sum(p._version for p in self.params)  # noqa: SLF001
 
     def forward(self, h, mask, step: int, seed: int, train: bool):
-        if train and torch.is_grad_enabled():
+        if not (train and torch.is_grad_enabled()):
+            return self.forward_rpc(h, mask, step, seed, train=False)
+        if h.requires_grad or any(p.requires_grad for p in self.params):
             return RemoteFunction.apply(h, mask, self, step, seed, *self.params)
-        return self.forward_rpc(h, mask, step, seed, train=False)
+        # Nothing below the top cut trains: one round trip, and the cloud keeps no state for a Backward.
+        return self.forward_rpc(h, mask, step, seed, train=False, kind="Forward")
+
+    def _feedback(self, stream: str, codec: str, step: int):
+        """The error-feedback encoder of one of our streams at `step`; None without it (or in evaluation: step < 0)."""
+        return encoder_of(self.feedback if self.session.error_feedback else None, stream, codec, step)
 
     def _call(self, method: str, req, step: int, kind: str):
         try:
@@ -112,45 +128,71 @@ class RemoteMiddle(nn.Module):
                 raise SessionLost(str(e)) from None
             raise
 
-    def forward_rpc(self, h, mask, step: int, seed: int, train: bool, force_lora: bool = False) -> torch.Tensor:
+    def forward_rpc(
+        self, h, mask, step: int, seed: int, train: bool, force_lora: bool = False, kind: str = ""
+    ) -> torch.Tensor:
+        """One Forward; `kind` is the meter's name for it (default: Forward in training, EvalForward otherwise)."""
         version = self._version()
         meter = self.transport.meter
         t0 = time.perf_counter()
         req = pb.ForwardRequest(
             session_id=self.session.id,
             step=step,
-            hidden=serde.encode(h, self.session.codec),
+            hidden=serde.encode(h, self.session.codec, encoder=self._feedback("hidden", self.session.codec, step)),
             attention_mask=serde.to_proto(mask.to(torch.uint8)),
             lora_version=version,
             dropout_seed=seed,
             train=train,
         )
-        if self.params and (force_lora or self.sent_version != version):
-            if not self.synced:  # cloud optimizer: only the cloud has the current LoRA
-                raise CloudStateLost(
-                    f"the cloud no longer holds remote-LoRA version {version} of session "
-                    f"{self.session.id[:8]}...; go back to the last checkpoint (`client tune --resume`)"
-                )
-            req.lora.CopyFrom(serde.encode(flatten(self.params), self.session.lora_codec))
+        live = self._attach_lora(req, version, force_lora)
         meter.step_serde_s += time.perf_counter() - t0
         try:
-            resp = self._call("Forward", req, step, "Forward" if train else "EvalForward")
+            resp = self._call("Forward", req, step, kind or ("Forward" if train else "EvalForward"))
         except ServerError as e:
             if e.reason == "lora-missing" and not force_lora:
-                return self.forward_rpc(h, mask, step, seed, train, force_lora=True)
+                return self.forward_rpc(h, mask, step, seed, train, force_lora=True, kind=kind)
             raise
         self.sent_version = version
+        if req.HasField("lora") and live is not None:
+            now = slot_versions(self.params)
+            self.sent_slots = [v if on else old for on, v, old in zip(live, now, self.sent_slots or now)]
+        if train:
+            self.step_live = live
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
         out = arrived(serde.decode(resp.hidden, "hidden", self.session.codec, tuple(h.shape)), h)
         meter.step_serde_s += time.perf_counter() - t0
         return out
 
+    def _attach_lora(self, req, version: int, force: bool) -> list[bool] | None:
+        """Puts the remote LoRA in `req` when the cloud lacks this version; returns the live slots it names
+        (None: not a Kill-and-Revive session, every slot)."""
+        live = live_slots(self.params) if self.session.kill_revive else None
+        if self.params and (force or self.sent_version != version):
+            if not self.synced:  # cloud optimizer: only the cloud has the current LoRA
+                raise CloudStateLost(
+                    f"the cloud no longer holds remote-LoRA version {version} of session "
+                    f"{self.session.id[:8]}...; go back to the last checkpoint (`client tune --resume`)"
+                )
+            live = wire_live(self.params, self.sent_slots, force) if live is not None else None
+            sent = selected(self.params, live)
+            req.lora.CopyFrom(serde.encode(flatten(sent), self.session.lora_codec))
+            self.traffic.count("sent", req.lora.ByteSize(), sent, self.params)
+        if live is not None:
+            req.live_slots = bytes(live)
+        return live
+
     def backward_rpc(self, step: int, grad_out, h, mask, seed: int):
         meter = self.transport.meter
         t0 = time.perf_counter()
         req = pb.BackwardRequest(
-            session_id=self.session.id, step=step, grad_output=serde.encode(grad_out, self.session.gradient_codec)
+            session_id=self.session.id,
+            step=step,
+            grad_output=serde.encode(
+                grad_out,
+                self.session.gradient_codec,
+                encoder=self._feedback("grad_output", self.session.gradient_codec, step),
+            ),
         )
         meter.step_serde_s += time.perf_counter() - t0
         try:
@@ -180,10 +222,16 @@ class RemoteMiddle(nn.Module):
             self.synced = False
             return [None] * len(self.params)
         flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec)
-        expected = sum(p.numel() for p in self.params)
+        live = self.step_live
+        wanted = selected(self.params, live)
+        expected = sum(p.numel() for p in wanted)
         if flat.numel() != expected:
             raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {expected}")
-        return _unflatten(flat.to(self.params[0].device) if self.params else flat, self.params)
+        self.traffic.count("received", resp.lora_grad.ByteSize(), wanted, self.params)
+        grads = iter(_unflatten(flat.to(self.params[0].device) if self.params else flat, wanted))
+        out = [next(grads) if live is None or live[i // 2] else None for i in range(len(self.params))]
+        # A slot killed (named live only to resend it) gets no gradient: it does not change.
+        return [g if p.requires_grad else None for g, p in zip(out, self.params)]
 
     def fetch_state(self, step: int) -> dict:
         """Cloud optimizer: copies the cloud's remote LoRA into `params`; returns AdamW's state (for a checkpoint)."""

@@ -71,7 +71,8 @@ def expected_bytes(model, batch_tokens: int) -> int:
     session = model.session
     lora = 0 if model.middle.cloud_optimizer else sum(p.numel() for p in model.middle.params)
     hidden = int(model.config.hidden_size)
-    return step_bytes(batch_tokens, hidden, lora, session.codec, session.gradient_codec, session.lora_codec).total
+    codecs = (session.codec, session.gradient_codec, session.lora_codec)
+    return step_bytes(batch_tokens, hidden, lora, *codecs, backward=model.trains_below_top()).total
 
 
 def privacy_note(model) -> str:

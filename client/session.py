@@ -42,6 +42,8 @@ class Session:
     info: object
     lora_codec: str = "float32"
     sealing: str = "off"
+    kill_revive: bool = False  # Forward names the live remote slots (client/kill_revive.py)
+    error_feedback: bool = False  # both sides carry their int8/int4 streams' error (tandem.kernels.feedback)
 
 
 def open_session(
@@ -50,11 +52,14 @@ def open_session(
     remote_lora: bool = True,
     model_id: str = "",
     cloud_optimizer: dict | None = None,
+    generation: bool = False,
+    kill_revive: bool = False,
 ) -> Session:
     """OpenSession with the transport's codecs and, unless disabled, a sealing key exchange.
 
     cloud_optimizer: AdamW settings (lr, beta1, beta2, eps, weight_decay) for the cloud to apply the
     remote LoRA's updates itself; None keeps the optimizer here.
+    generation: a private-generation session (the cloud keeps the middle's KV cache; no Backward).
     """
     from tandem.protos.sealing import new_keypair
 
@@ -70,15 +75,18 @@ def open_session(
         gradient_codec=cfg.gradient_codec or cfg.codec,
         lora_codec=cfg.lora_codec,
         seal_public_key=public_key,
+        lora_layers=list(lora.layers),
     )
+    req.generation = generation
+    req.error_feedback = cfg.error_feedback  # each side carries its int8/int4 streams' quantization error
+    req.kill_revive = kill_revive  # Forward names the live remote slots; the cloud keeps the killed ones' values
     if cloud_optimizer is not None:
         req.cloud_optimizer.CopyFrom(pb.AdamW(**cloud_optimizer))
     info = transport.call("OpenSession", req, one_time=True)
     try:
         # The seal first: only then is the rest of the reply trusted.
         sealer, sealing = _sealer(transport, private_key, req, info) if cfg.seal else (None, "off")
-        if cloud_optimizer is not None and not info.cloud_optimizer:
-            raise ClientError("the server does not support --cloud-optimizer (it is too old); run without it")
+        refuse_unechoed(req, info)
     except ClientError:
         close_refused_session(transport, info.session_id)
         raise
@@ -90,7 +98,25 @@ def open_session(
         info,
         info.lora_codec or "float32",
         sealing,
+        kill_revive=info.kill_revive,
+        error_feedback=info.error_feedback,
     )
+
+
+def refuse_unechoed(req, info) -> None:
+    """Refuses a reply that does not echo an option the request asked for: an old server ignores fields it does
+    not know, and the run would silently do something else."""
+    missing = {
+        "--cloud-optimizer": req.HasField("cloud_optimizer") and not info.cloud_optimizer,
+        "private generation": req.generation and not info.generation,
+        "--error-feedback": req.error_feedback and not info.error_feedback,
+        "--kill-revive": req.kill_revive and not info.kill_revive,
+        "--lora-layers": list(info.lora_layers) != list(req.lora_layers),
+    }
+    for option, absent in missing.items():
+        if absent:
+            hint = "use `client push`" if option == "private generation" else "run without it"
+            raise ClientError(f"the server does not support {option} (it is too old); {hint}")
 
 
 def close_refused_session(transport: Transport, session_id: str) -> None:

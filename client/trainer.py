@@ -19,6 +19,7 @@ from .assemble import build_local, build_offsite, connect_split
 from .checkpoint import Rollback, surviving_restarts
 from .data import check_positions, fingerprint, load_split
 from .evaluation import evaluate
+from .kill_revive import KillRevive
 from .meter import Meter
 from .model import StagedModel
 from .privacy import record as privacy_record
@@ -88,6 +89,8 @@ def tune(cfg: TuneConfig, transport_cfg: TransportConfig | None = None) -> dict:
         save_adapter(model, cfg)
         wall = time.perf_counter() - started
         run_report = report.run_report(cfg, model, data, state.steps, meter, val_before, val_after, wall)
+        if state.kill_revive is not None:
+            run_report["kill_revive"] = state.kill_revive.summary(state.steps)
         return write_report(cfg, run_report, data)
     finally:
         model.close()
@@ -106,7 +109,13 @@ def assemble_model(cfg: TuneConfig, transport_cfg: TransportConfig | None, meter
     transport = Transport(transport_cfg or TransportConfig(), meter, recorder=recorder)
     cloud_optimizer = ADAMW | {"lr": cfg.lr} if cfg.cloud_optimizer else None
     model = connect_split(
-        transport, cfg.lora, cfg.seed, remote_lora=cfg.middle_lora, cloud_optimizer=cloud_optimizer, **place
+        transport,
+        cfg.lora,
+        cfg.seed,
+        remote_lora=cfg.middle_lora,
+        cloud_optimizer=cloud_optimizer,
+        kill_revive=cfg.kill_revive is not None,
+        **place,
     )
     return transport, model
 
@@ -140,6 +149,7 @@ class TrainState:
         adapter = [p for p in model.adapter.parameters() if id(p) not in remote]
         self.client_blocks = model.unfreeze_client_blocks() if cfg.tune_client_blocks else []
         self.optimizer = make_optimizer(adapter + self.client_blocks, cfg.lr)
+        self.kill_revive = KillRevive.for_middle(model, cfg.kill_revive) if cfg.kill_revive is not None else None
         self.step = 0
         self.steps: list[dict] = []
 
@@ -149,13 +159,24 @@ class TrainState:
         if rollback is not None:  # here, inside the caller's try: the cloud may go away again while it restarts
             rollback.restart_if_pending(self.model)
         loss, label_tokens = surviving_restarts(self.model, lambda: self._forward_backward(batch))
+        lora_fields = self._lora_fields()
+        if self.kill_revive is not None:  # before the step: a module killed now does not change
+            self.kill_revive.after_backward(self.step)
         self.optimizer.step()
         wall = time.perf_counter() - started
         # Cloud optimizer: the remote LoRA and its state come down for the checkpoint (this step's traffic).
         remote_state = self.model.middle.fetch_state(self.step) if at_checkpoint and self.cloud_optimizer else None
-        self.steps.append(step_record(self.meter.take_step(), self.step, loss, batch, label_tokens, wall))
+        self.steps.append(step_record(self.meter.take_step(), self.step, loss, batch, label_tokens, wall) | lora_fields)
         self.step += 1
         return remote_state
+
+    def _lora_fields(self) -> dict:
+        """The step record's remote-LoRA figures: its bytes each way (split mode) and the live modules."""
+        traffic = getattr(self.model.middle, "traffic", None)
+        fields = traffic.take() if traffic is not None and self.model.middle.params else {}
+        if self.kill_revive is not None:
+            fields["live_modules"] = self.kill_revive.live_count
+        return fields
 
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, int]:
         self.optimizer.zero_grad(set_to_none=True)
@@ -169,6 +190,7 @@ class TrainState:
             "adapter": self.model.adapter.state_dict(),
             "client_blocks": [p.detach().clone() for p in self.client_blocks],
             "optimizer": self.optimizer.state_dict(),
+            "kill_revive": self.kill_revive.state_dict() if self.kill_revive is not None else None,
             "step": self.step,
             "steps": self.steps,
         }
@@ -180,6 +202,8 @@ class TrainState:
                 for p, value in zip(self.client_blocks, saved["client_blocks"]):
                     p.copy_(value)
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.kill_revive is not None:
+            self.kill_revive.load_state_dict(saved["kill_revive"])
         self.steps, self.step = saved["steps"], saved["step"]
 
     def resume(self, saved: dict) -> dict:

@@ -15,7 +15,24 @@ def lora_config(args: argparse.Namespace):
     from tandem.stages.lora import LoraConfig
 
     targets = tuple(name for name in (args.lora_targets or "").split(",") if name)
-    return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, target_modules=targets)
+    return LoraConfig(
+        rank=args.lora_rank,
+        alpha=args.lora_alpha,
+        dropout=args.lora_dropout,
+        target_modules=targets,
+        layers=args.lora_layers,
+    )
+
+
+def kill_revive_config(args: argparse.Namespace):
+    """--kill-revive's settings, or None when it is off."""
+    from .kill_revive import KillReviveConfig
+
+    if not args.kill_revive:
+        return None
+    return KillReviveConfig(
+        threshold=args.kill_threshold, warmup=args.kill_warmup, probe=args.kill_probe, revive_after=args.revive_after
+    )
 
 
 def tune_config(args: argparse.Namespace):
@@ -56,6 +73,7 @@ def tune_config(args: argparse.Namespace):
             emulator=args.emulator,
             middle_lora=args.mode != "offsite" and not args.no_middle_lora,
             cloud_optimizer=args.cloud_optimizer,
+            kill_revive=kill_revive_config(args),
             device=args.device,
             dtype=args.dtype,
         )
@@ -70,13 +88,17 @@ def run_tune(args: argparse.Namespace) -> int:
 
     flags.apply_threads(args)
     config = tune_config(args)
-    transport_config = flags.transport_config(
-        args,
-        seal=not args.no_seal,
-        codec=args.codec,
-        gradient_codec=args.gradient_codec,
-        lora_codec=args.lora_codec,
-    )
+    try:
+        transport_config = flags.transport_config(
+            args,
+            seal=not args.no_seal,
+            codec=args.codec,
+            gradient_codec=args.gradient_codec,
+            lora_codec=args.lora_codec,
+            error_feedback=args.error_feedback,
+        )
+    except ValueError as e:  # combinations of the codec flags
+        raise ClientError(str(e)) from None
     report = tune(config, transport_config)
     rep.render(report)
     if report["privacy"].get("measured"):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from tandem.stages.lora import LoraConfig
 
 from .data import MAX_VAL_SEQUENCES
+from .kill_revive import KillReviveConfig
 
 MODES = ("split", "local", "offsite")
 
@@ -38,6 +39,7 @@ class TuneConfig:
     emulator: str | None = None  # offsite mode: the emulator package directory
     middle_lora: bool = True  # split/local: LoRA on the middle blocks too (offsite: never)
     cloud_optimizer: bool = False  # split: the cloud applies the remote LoRA's AdamW updates (no LoRA traffic per step)
+    kill_revive: KillReviveConfig | None = None  # DLoRA's Kill-and-Revive of the middle's LoRA modules (None: off)
     device: str = "auto"  # where the client's stages compute (local mode: the whole model): auto, cpu, cuda[:N]
     dtype: str = "auto"  # their compute dtype: auto (see stages/precision.py), float32, bfloat16, float16
     resume: bool = False
@@ -68,6 +70,11 @@ class TuneConfig:
             )
         if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
             raise ValueError("--cloud-optimizer applies to --mode split with a remote LoRA (not with --no-middle-lora)")
+        if self.kill_revive is not None and (self.mode == "offsite" or not self.middle_lora or self.cloud_optimizer):
+            raise ValueError(
+                "--kill-revive needs a middle LoRA trained here (not --mode offsite, --no-middle-lora "
+                "or --cloud-optimizer)"
+            )
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
         if self.audit not in ("auto", "yes", "no", "record"):
@@ -77,4 +84,5 @@ class TuneConfig:
         """The config as JSON-ready dicts (the report's and the checkpoint's "config")."""
         d = asdict(self)
         d["lora"]["target_modules"] = list(self.lora.target_modules)
+        d["lora"]["layers"] = list(self.lora.layers)  # --lora-layers; [] = every block
         return d

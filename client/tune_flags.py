@@ -22,6 +22,7 @@ def add_tune_parser(sub) -> None:
     _add_connection_flags(parser)
     _add_local_mode_flags(parser)
     _add_optimization_flags(parser)
+    _add_kill_revive_flags(parser)
     _add_validation_flags(parser)
     _add_checkpoint_flags(parser)
     _add_privacy_flags(parser)
@@ -121,6 +122,14 @@ def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
         help="wire codec of the remote-LoRA weights and their gradients; float32 (default) keeps the cloud's copy exact",
     )
     parser.add_argument(
+        "--error-feedback",
+        action="store_true",
+        help="int8/int4 codecs: each sender (this client, and the cloud) carries a stream's quantization error into "
+        "that stream's next training step (activations and gradients at both cuts), so the error does not "
+        "accumulate over steps; state per session, restarted with each session. Evaluation forwards use the plain "
+        "codec. Refused with float codecs (nothing to carry); the remote LoRA (--lora-codec) gets none; default off",
+    )
+    parser.add_argument(
         "--no-seal", action="store_true", help="do not seal tensors end to end (TLS still applies); default: sealed"
     )
     parser.add_argument(
@@ -175,6 +184,53 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
         "--lora-targets",
         default="",
         help="comma-separated module names to adapt; default: peft's default for the architecture (q_proj,v_proj / c_attn)",
+    )
+    parser.add_argument(
+        "--lora-layers",
+        type=flags.lora_layers,
+        default=(),
+        metavar="BLOCKS",
+        help="the blocks that carry LoRA, as full-model indices (peft's layers_to_transform): e.g. 28,29 or 26-29; "
+        "default: every block (offsite: every client block). With only top blocks listed nothing below the top "
+        "cut trains, and a split step makes one round trip: no gradient crosses the network",
+    )
+
+
+def _add_kill_revive_flags(parser: argparse.ArgumentParser) -> None:
+    from .kill_revive import KillReviveConfig
+
+    default = KillReviveConfig()
+    parser.add_argument(
+        "--kill-revive",
+        action="store_true",
+        help="DLoRA's Kill-and-Revive (split and local mode, not with --cloud-optimizer): a middle LoRA module whose "
+        "updates have become insignificant is frozen (its weights stop going up, its gradients stop coming down) "
+        "and comes back on a schedule or when it matters again. Off by default",
+    )
+    parser.add_argument(
+        "--kill-threshold",
+        type=flags.positive_float,
+        default=default.threshold,
+        help="--kill-revive: kill a module whose significance (mean |moving average of its gradient|) is below "
+        f"this times the mean over all modules; default {default.threshold}",
+    )
+    parser.add_argument(
+        "--kill-warmup",
+        type=flags.positive_int,
+        default=default.warmup,
+        help=f"--kill-revive: steps before the first kill; default {default.warmup}",
+    )
+    parser.add_argument(
+        "--kill-probe",
+        type=flags.positive_int,
+        default=default.probe,
+        help=f"--kill-revive: steps a revived module stays live before it may be killed again; default {default.probe}",
+    )
+    parser.add_argument(
+        "--revive-after",
+        type=flags.positive_int,
+        default=default.revive_after,
+        help=f"--kill-revive: steps a killed module stays killed at most; default {default.revive_after}",
     )
 
 

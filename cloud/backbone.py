@@ -32,6 +32,7 @@ class Backbone(Protocol):
     config_json: str  # the model's configuration, as the client rebuilds its stages from it
     client_files: ClientFiles  # what FetchClientStages streams (stages from a private file; none on a shard)
     batcher: Batcher | None  # the batching worker, when concurrent sessions share passes
+    kill_revive: bool  # forward() takes Kill-and-Revive's live slots (cloud/remote_lora.py)
 
     def open_session(
         self,
@@ -61,9 +62,10 @@ class Backbone(Protocol):
         lora_flat: torch.Tensor | None,
         dropout_seed: int,
         train: bool,
+        live: list[bool] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """Runs the middle on (batch, seq, hidden) states; in train mode keeps the graph for backward.
-        Returns (output, compute seconds)."""
+        Returns (output, compute seconds). live: Kill-and-Revive's live slots (only when `kill_revive`)."""
         ...
 
     def backward(self, session: Session, step: int, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -153,7 +153,9 @@ def backward_pass(batch: list[Job], middle=None) -> None:
     for i in by_index:
         group.done[i] = True
     retain = any(group.waiting(i) for i in range(len(group.sizes)))
-    wanted = [t for i in by_index for t in group.loras[i]]
+    # Kill-and-Revive: a killed slot's tensors are detached (no gradient is computed, none goes back).
+    trained = {i: [t for t in group.loras[i] if t.requires_grad] for i in by_index}
+    wanted = [t for i in by_index for t in trained[i]]
     keep_graph = retain and group.replay is None  # a rerun graph is never kept: the next backward reruns it again
     grads = torch.autograd.grad(out, [h_in, *wanted], grad, retain_graph=keep_graph, allow_unused=True)
     h_in = out = None
@@ -161,9 +163,9 @@ def backward_pass(batch: list[Job], middle=None) -> None:
     g_in, rest = grads[0], list(grads[1:])
     n_tok = sum(j.tokens for j in batch)
     for i, j in by_index.items():
-        k = len(group.loras[i])
+        k = len(trained[i])
         mine, rest = rest[:k], rest[k:]
-        flat = [g if g is not None else torch.zeros_like(t) for g, t in zip(mine, group.loras[i])]
+        flat = [g if g is not None else torch.zeros_like(t) for g, t in zip(mine, trained[i])]
         off = group.offsets[i]
         out = torch.cat([g.reshape(-1) for g in flat]) if flat else torch.zeros(0)
         then, t1 = j.args[3], time.perf_counter()

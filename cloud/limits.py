@@ -9,7 +9,9 @@ import torch
 
 from tandem.kernels.checks import all_finite
 from tandem.kernels.codecs import CODECS
+from tandem.stages.errors import LayoutError
 from tandem.stages.lora import LoraConfig
+from tandem.stages.lora_layers import check_layers
 
 from .errors import InvalidRequest, clip
 from .optimizer import AdamWSpec
@@ -43,6 +45,7 @@ class RequestChecks:
         max_positions: The model's positions: the longest sequence.
         middle_leaves: Names of the middle's adaptable layers (LoRA targets that exist).
         default_targets: The architecture's LoRA targets when a session names none.
+        num_layers: Blocks of the served model (what lora_layers may name).
     """
 
     limits: ServiceLimits
@@ -51,6 +54,7 @@ class RequestChecks:
     max_positions: int
     middle_leaves: tuple[str, ...]
     default_targets: tuple[str, ...]
+    num_layers: int = 0
 
     def session(
         self,
@@ -100,6 +104,12 @@ class RequestChecks:
                 f"{len(lora.target_modules)} target modules named, over this server's limit of "
                 f"{self.limits.max_lora_targets} (cloud serve --max-lora-targets)"
             )
+        try:
+            check_layers(lora.layers, self.num_layers)
+        except LayoutError as e:
+            raise InvalidRequest(
+                f"{clip(str(e))}; list each block that carries LoRA once (empty: every block)"
+            ) from None
 
     def activations(self, h: torch.Tensor, mask: torch.Tensor | None, name: str) -> None:
         """Checks hidden states (or their gradient) of shape (batch, seq, hidden) and the attention mask."""

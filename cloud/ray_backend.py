@@ -68,6 +68,8 @@ class RaySplitService(SplitService):
     The front door keeps the sessions (owners, TTLs, sealing) in its own store; each replica's shards
     keep a copy of each session it serves, under the same id and owner."""
 
+    kill_revive = False  # the shards take whole adapters: no live slots (cloud/remote_lora.py)
+
     def __init__(
         self,
         loaded: LoadedModel,

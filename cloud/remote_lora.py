@@ -13,12 +13,32 @@ from .optimizer import RemoteOptimizer
 from .sessions import Session
 
 
-def lora_for(session: Session, version: int, flat: torch.Tensor | None) -> list[torch.Tensor]:
+def parse_live(session: Session, raw: bytes) -> list[bool] | None:
+    """A Forward's live_slots (untrusted): one byte, 0 or 1, per remote slot; None when empty (every slot live)."""
+    if not raw:
+        return None
+    if not session.kill_revive:
+        raise InvalidRequest("live_slots: this session did not open with kill_revive")
+    if len(raw) != len(session.slots):
+        raise InvalidRequest(f"live_slots: expected {len(session.slots)} bytes (one per remote slot), got {len(raw)}")
+    if any(b > 1 for b in raw):
+        raise InvalidRequest("live_slots: each byte must be 0 (killed) or 1 (live)")
+    return [b == 1 for b in raw]
+
+
+def lora_for(
+    session: Session, version: int, flat: torch.Tensor | None, live: list[bool] | None = None
+) -> list[torch.Tensor]:
     """The remote LoRA tensors a forward runs with: `flat` when the client sent it (stored as `version`), else the
-    held ones, which must be that version. The session's lock is held."""
+    held ones, which must be that version. The session's lock is held.
+
+    Kill-and-Revive (`live`, one flag per slot): `flat` holds only the live slots' A,B, the killed slots keep the
+    values held, and the killed slots' tensors come back detached (no gradient is computed for them)."""
     if not session.remote_lora:
         return []
-    if flat is not None:
+    if flat is not None and live is not None and not all(live):
+        _take_live(session, version, flat, live)
+    elif flat is not None:
         _take(session, version, flat)
     elif not session.lora:
         raise LoraMissing("the cloud holds no remote LoRA for this session yet; resend the adapter with this Forward")
@@ -26,7 +46,27 @@ def lora_for(session: Session, version: int, flat: torch.Tensor | None) -> list[
         raise LoraMissing(
             f"the cloud holds remote-LoRA version {session.lora_version}, not {version}; resend the adapter"
         )
-    return session.lora
+    if live is None:
+        return session.lora
+    return [t if live[i // 2] else t.detach() for i, t in enumerate(session.lora)]
+
+
+def _take_live(session: Session, version: int, flat: torch.Tensor, live: list[bool]) -> None:
+    """Stores the live slots' A,B (a flat float32 vector) over the held remote LoRA."""
+    if not session.lora:
+        raise LoraMissing("the cloud holds no remote LoRA for this session yet; resend every slot with this Forward")
+    if flat.dtype != torch.float32 or flat.dim() != 1:
+        raise InvalidRequest(f"lora: expected a flat float32 vector, got {flat.dtype} {list(flat.shape)}")
+    if not all_finite(flat):
+        raise InvalidRequest("lora: contains NaN or Inf")
+    specs = [slot for slot, on in zip(session.slots, live) if on]
+    try:
+        tensors = iter(unflatten(flat, slot_shapes(specs, session.lora_cfg.rank)))
+    except LayoutError as e:
+        raise InvalidRequest(f"lora: {e} (for the {len(specs)} live slots)") from None
+    held = session.lora
+    session.lora = [next(tensors).clone().requires_grad_(True) if live[i // 2] else t for i, t in enumerate(held)]
+    session.lora_version = version
 
 
 def _take(session: Session, version: int, flat: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ class StoreConfig:
     memory_bytes: int = 8 * 1024**3
     ttl_s: float = 600.0
     max_sessions_per_identity: int = 8  # 0: no per-identity limit
+    max_cache_tokens: int = 4096  # generation sessions: cached positions (batch x length) each, counted in the cap
 
     def __post_init__(self):
         if self.max_sessions < 1:
@@ -39,6 +40,8 @@ class StoreConfig:
             raise ValueError(f"memory_bytes must be >= 1, got {self.memory_bytes}")
         if self.ttl_s <= 0:
             raise ValueError(f"ttl_s must be > 0, got {self.ttl_s}")
+        if self.max_cache_tokens < 1:
+            raise ValueError(f"--max-cache-tokens must be >= 1, got {self.max_cache_tokens}")
         if self.max_sessions_per_identity < 0:  # a negative quota would refuse every session
             raise ValueError(
                 f"--quota-sessions must be >= 0 (0 = no per-identity limit), got {self.max_sessions_per_identity}"
@@ -80,6 +83,10 @@ class Session:
     lora_codec: str = "float32"
     sealer: object = None  # tandem.protos.sealing.Sealer when the client asked for sealing
     opt_spec: object = None  # tandem.cloud.optimizer.AdamWSpec: the cloud applies the remote LoRA's updates
+    kill_revive: bool = False  # Forward may name the live remote slots (cloud/remote_lora.py parse_live)
+    generation: object = None  # tandem.cloud.generation.GenerationState of a generation session (its KV cache)
+    feedback: object = None  # tandem.kernels.feedback.Feedback: error feedback of this session's sender streams
+    feedback_held: int = 0  # bytes of it counted in `resident`
     optimizer: object = None  # its RemoteOptimizer, made when the first LoRA arrives
     last_used: float = field(default_factory=time.monotonic)
     lora_version: int = -1
@@ -154,6 +161,23 @@ class SessionStore:
             self._resident += resident
             return s
 
+    def hold(self, s: Session, nbytes: int) -> None:
+        """Counts `nbytes` more as held by `s` for its life (a generation session's KV cache), under the cap."""
+        cap = self.cfg.memory_bytes
+        if s.resident + nbytes > cap:
+            raise TooLarge(
+                f"this session would hold {(s.resident + nbytes) / 2**20:.2f} MiB, over the server's cap of "
+                f"{cap / 2**20:.2f} MiB; ask the operator for a smaller --max-cache-tokens"
+            )
+        with self._lock:
+            self._evict(nbytes)
+            if self._used + self._resident + self._reserved() + nbytes > cap:
+                raise Overloaded(
+                    f"the server's memory cap ({cap / 2**20:.2f} MiB) is held by other sessions; retry later"
+                )
+            s.resident += nbytes
+            self._resident += nbytes
+
     def get(self, sid: str, owner: str) -> Session:
         """Returns the caller's session; NotOwner when another identity opened it."""
         with self._lock:
@@ -184,6 +208,8 @@ class SessionStore:
                 self._release(s, step)
             s.lora = []
             s.optimizer = None
+            s.generation = None  # the KV cache dies with the session
+            s.feedback = None  # so do the error-feedback residuals
 
     def expire(self) -> int:
         """Closes sessions idle longer than the TTL; returns how many."""

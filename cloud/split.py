@@ -13,6 +13,7 @@ from tandem.stages.arch import num_blocks, parts_of
 from tandem.stages.errors import LayoutError
 from tandem.stages.loading import LoadedModel, client_state, config_json, tokenizer_files
 from tandem.stages.lora import Binding, LoraConfig, Segment, bind, inject_slots
+from tandem.stages.lora_layers import select_slots
 from tandem.stages.modules import MiddleStage, StageLayout
 
 from . import remote_lora
@@ -46,6 +47,8 @@ class SplitService:
     see each other's adapters and the frozen weights are shared. The caller looks a session up
     (with its owner) in `store` and hands it to the methods.
     """
+
+    kill_revive = True  # forward() takes Kill-and-Revive's live slots
 
     def __init__(
         self,
@@ -88,6 +91,7 @@ class SplitService:
             self.max_positions,
             self.middle_leaves,
             tuple(self.parts.arch.lora_targets),
+            layout.num_layers,
         )
         # Packed once into a private file, not kept in memory (cloud/client_stages.py); every session gets the same bytes.
         state = client_state(self.parts, self.layout) if serve_client_files else None
@@ -118,7 +122,11 @@ class SplitService:
     ) -> Session:
         """Opens a session; with `optimizer`, the cloud applies the remote LoRA's AdamW updates itself."""
         targets = self.checks.session(model_id, lora, remote_lora, (codec, gradient_codec), optimizer)
-        slots = [x for x in self.all_slots if x.name.rsplit(".", 1)[-1] in targets] if remote_lora else []
+        slots = [x for x in select_slots(self.all_slots, lora.layers) if x.name.rsplit(".", 1)[-1] in targets]
+        slots = slots if remote_lora else []
+        remote_lora = bool(slots)  # --lora-layers may list no middle block: then there is no remote LoRA
+        if optimizer is not None and not slots:
+            raise InvalidRequest("a cloud optimizer needs a remote LoRA, and lora_layers lists no middle block")
         # What the session keeps for its whole life: the remote LoRA, and with a cloud optimizer its two AdamW moments.
         resident = 4 * sum(lora.rank * (x.in_features + x.out_features) for x in slots) * (3 if optimizer else 1)
         session = self.store.open(owner, lora, slots, remote_lora, codec, gradient_codec, sid=sid, resident=resident)
@@ -141,8 +149,10 @@ class SplitService:
         lora_flat: torch.Tensor | None,
         dropout_seed: int,
         train: bool,
+        live: list[bool] | None = None,
     ) -> tuple[torch.Tensor, float]:
-        """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds)."""
+        """Runs the middle; in train mode keeps the graph for backward. Returns (output, compute seconds).
+        live: Kill-and-Revive's live slots (remote_lora.lora_for); None: every slot."""
         self.checks.activations(hidden, mask, "hidden")
         # What arrived (float32 on the CPU, whatever the codec) computes in the model's placement (dtype, device).
         hidden, mask = hidden.to(self.placement.device, self.placement.dtype), mask.to(self.placement.device)
@@ -150,7 +160,7 @@ class SplitService:
         with session.lock:
             batched = self.batcher is not None and (len(self.store) > 1 or self.batcher.busy)
             if not train:
-                return self._forward_in(session, *args, False, batched)
+                return self._forward_in(session, *args, False, batched, live)
             # Refuse, or make room, before the compute: memory is spent as the forward runs. The reservation
             # holds until the real state is stored, or is given back if the forward fails.
             padded = batched or not bool(mask.all())
@@ -158,7 +168,7 @@ class SplitService:
             estimate = self.state_model.estimate(self.forward_state, b, t, padded, AdapterShape.of(session))
             self.store.admit(session, step, estimate)
             try:
-                return self._forward_in(session, *args, True, batched)
+                return self._forward_in(session, *args, True, batched, live)
             finally:
                 self.store.unreserve(session, step)
 
@@ -173,9 +183,10 @@ class SplitService:
         dropout_seed: int,
         train: bool,
         batched: bool,
+        live: list[bool] | None = None,
     ) -> tuple[torch.Tensor, float]:
         """The forward itself, once admitted (the session's lock is held)."""
-        lora = remote_lora.lora_for(session, lora_version, lora_flat)
+        lora = remote_lora.lora_for(session, lora_version, lora_flat, live)
         segment = Segment(
             hidden.shape[0],
             {slot.name: (lora[2 * i], lora[2 * i + 1]) for i, slot in enumerate(session.slots)},
@@ -246,14 +257,15 @@ class SplitService:
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Backward through a graph of this session alone (in recompute mode, its forward rerun first)."""
         start = time.perf_counter()
+        trained = [t for t in pending.lora if t.requires_grad]  # Kill-and-Revive: killed slots' are detached
         if pending.replay is not None:
             with self.replay_lock:  # one rerun graph alive at a time: recompute mode's memory stays bounded
                 h_in, out = pending.replay.rerun(self.middle)
-                grads = torch.autograd.grad(out, [h_in, *pending.lora], grad_out, allow_unused=True)
+                grads = torch.autograd.grad(out, [h_in, *trained], grad_out, allow_unused=True)
                 h_in = out = None
         else:
-            grads = torch.autograd.grad(pending.out, [pending.h_in, *pending.lora], grad_out, allow_unused=True)
-        lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], pending.lora)]
+            grads = torch.autograd.grad(pending.out, [pending.h_in, *trained], grad_out, allow_unused=True)
+        lora_grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads[1:], trained)]
         flat = torch.cat([g.reshape(-1) for g in lora_grads]) if lora_grads else torch.zeros(0)
         flat = update(flat) if update is not None else flat
         return grads[0], flat, time.perf_counter() - start

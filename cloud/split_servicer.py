@@ -14,7 +14,7 @@ from tandem.protos.handshake import files_digest, sign, transcript_hash
 from tandem.protos.sealing import Sealer, SealError, new_keypair
 from tandem.stages.lora import LoraConfig
 
-from . import errors
+from . import error_feedback, errors, generation, remote_lora
 from .backbone import Backbone
 from .identity import Identities
 from .metrics import Metrics
@@ -104,6 +104,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
             alpha=asked.alpha or 16.0,
             dropout=asked.dropout,
             target_modules=tuple(asked.target_modules),
+            layers=tuple(request.lora_layers),  # untrusted: checked against the model at open_session
         )
         codec = request.codec or "float32"
         gradient_codec = request.gradient_codec or codec
@@ -119,11 +120,22 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         if request.HasField("cloud_optimizer"):
             adamw = request.cloud_optimizer
             optimizer = AdamWSpec(adamw.lr, adamw.beta1, adamw.beta2, adamw.eps, adamw.weight_decay)
+        if request.kill_revive and (optimizer is not None or request.generation):
+            raise errors.InvalidRequest("kill_revive is for tuning sessions whose optimizer runs on the client")
         session = self.service.open_session(
             who, request.model_id, lora, request.remote_lora, codec, gradient_codec, optimizer=optimizer
         )
         session.lora_codec = lora_codec
+        session.kill_revive = request.kill_revive and self.service.kill_revive  # echoed: Forward may name live slots
+        if request.error_feedback and not request.generation:
+            error_feedback.begin(session)
+        if request.generation:
+            generation.begin(self.service, session)  # refused: the session is closed
         resp = self._opened(session)
+        resp.kill_revive = session.kill_revive
+        resp.error_feedback = session.feedback is not None  # echoed (and signed): we carry our streams' error
+        if session.generation is not None:  # echoed (and signed): the client knows the server keeps a cache
+            resp.generation, resp.max_cache_tokens = True, session.generation.max_tokens
         if request.seal_public_key:
             try:
                 session.sealer = self._handshake(session.id, request, resp)
@@ -151,6 +163,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
             block_size=DEFAULT_BLOCK,
             lora_codec=session.lora_codec,
             cloud_optimizer=session.opt_spec is not None,
+            lora_layers=list(session.lora_cfg.layers),  # as agreed; echoed, so a client knows the server honours it
             client_files_sha256=files_digest(service.client_files.sha256),  # signed: the tokenizer too
         )
 
@@ -184,10 +197,20 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         hidden = serde.decode(request.hidden, "hidden", session.codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.decode(request.lora, "lora", session.lora_codec) if request.HasField("lora") else None
-        out, seconds = self.service.forward(
-            session, request.step, hidden, mask, request.lora_version, lora, request.dropout_seed, request.train
-        )
-        resp = pb.ForwardResponse(hidden=serde.encode(out, session.codec), compute_s=seconds)
+        live = remote_lora.parse_live(session, request.live_slots)  # Kill-and-Revive; refused in other sessions
+        if session.generation is not None:
+            args = (request.past_length, hidden, mask, request.lora_version, lora, request.train)
+            out, seconds = generation.forward(self.service, session, *args)
+        elif request.past_length:
+            raise errors.InvalidRequest("past_length is for generation sessions; this session was opened for tuning")
+        else:
+            out, seconds = self.service.forward(
+                session,
+                *(request.step, hidden, mask, request.lora_version, lora, request.dropout_seed, request.train),
+                **({"live": live} if live is not None else {}),
+            )
+        encoder = error_feedback.encoder(self.service.store, session, "hidden", session.codec, request.step)
+        resp = pb.ForwardResponse(hidden=serde.encode(out, session.codec, encoder=encoder), compute_s=seconds)
         if session.sealer is not None:
             session.sealer.seal(resp, request.step)
         return resp
@@ -195,10 +218,13 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
     @guarded
     def Backward(self, request, context, who):
         session = self._session(request, who)
+        generation.refuse_backward(session)
         self._unseal(session, request)
         grad_out = serde.decode(request.grad_output, "grad_output", session.gradient_codec)
         grad_in, lora_grad, seconds = self.service.backward(session, request.step, grad_out)
-        resp = pb.BackwardResponse(grad_input=serde.encode(grad_in, session.gradient_codec), compute_s=seconds)
+        codec = session.gradient_codec
+        encoder = error_feedback.encoder(self.service.store, session, "grad_input", codec, request.step)
+        resp = pb.BackwardResponse(grad_input=serde.encode(grad_in, codec, encoder=encoder), compute_s=seconds)
         if session.opt_spec is None:  # a cloud optimizer session gets no LoRA gradients: the cloud applied them
             resp.lora_grad.CopyFrom(serde.encode(lora_grad, session.lora_codec))
         if session.sealer is not None:

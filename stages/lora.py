@@ -38,12 +38,15 @@ class LoraConfig:
         alpha: Scaling numerator; the delta is (alpha / r) * B A x.
         dropout: Dropout on the LoRA input (drawn from per-step seeded generators).
         target_modules: Module names to adapt; empty means peft's default for the architecture.
+        layers: Full-model indices of the blocks that carry LoRA (peft's layers_to_transform; see
+            stages/lora_layers.py); empty means every block.
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
+    layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.rank < 1:
@@ -51,6 +54,7 @@ class LoraConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         self.target_modules = tuple(self.target_modules)
+        self.layers = tuple(int(i) for i in self.layers)
 
     @property
     def scaling(self) -> float:
@@ -333,7 +337,7 @@ def save_peft(adapter: LoRAAdapter, out_dir: str, meta: PeftMeta) -> None:
         "lora_alpha": adapter.cfg.alpha,
         "lora_dropout": adapter.cfg.dropout,
         "target_modules": targets,
-        "layers_to_transform": None,  # the caller sets it (via meta.extra) when not every block is adapted
+        "layers_to_transform": list(adapter.cfg.layers) or None,  # None: every block
         "fan_in_fan_out": meta.fan_in_fan_out,
         "bias": "none",
         "inference_mode": True,
@@ -363,4 +367,5 @@ def config_dict(cfg: LoraConfig) -> dict:
     """LoraConfig as a JSON-able dict."""
     d = asdict(cfg)
     d["target_modules"] = list(cfg.target_modules)
+    d["layers"] = list(cfg.layers)
     return d

@@ -33,15 +33,18 @@ def step_bytes(
     codec: str = "float32",
     gradient_codec: str = "",
     lora_codec: str = "float32",
+    backward: bool = True,
 ) -> StepBytes:
     """What a training step of `batch_tokens` tokens must carry (tensor payloads; message framing excluded).
 
     Args:
         lora_params: Elements of the remote LoRA that cross each way (0 with a cloud optimizer or none).
         gradient_codec: Codec of the gradients at the cuts; empty means `codec`.
+        backward: Whether the step crosses back (False: nothing below the top cut trains, a top-only adapter;
+            one round trip, no gradient at either cut, and no remote LoRA either way).
     """
     values = batch_tokens * hidden_size  # one (B, T, H) tensor
     hidden = math.ceil(values * bytes_per_value(codec))
-    grads = math.ceil(values * bytes_per_value(gradient_codec or codec))
-    lora = math.ceil(lora_params * bytes_per_value(lora_codec))
+    grads = math.ceil(values * bytes_per_value(gradient_codec or codec)) if backward else 0
+    lora = math.ceil(lora_params * bytes_per_value(lora_codec)) if backward else 0
     return StepBytes(up=hidden + grads + lora + batch_tokens, down=hidden + grads + lora)
