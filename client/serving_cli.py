@@ -12,14 +12,14 @@ def run_generate(args: argparse.Namespace) -> int:
     """Prints each completion (blank-line separated), or the whole result as JSON with --json."""
     from .serving import generate
 
-    result = generate(
-        flags.transport_config(args),
-        args.prompt,
-        args.adapter,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-    )
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    if args.private:
+        return run_private(args, settings)
+    if args.out or args.no_seal:
+        from .errors import ClientError
+
+        raise ClientError("--out and --no-seal are options of --private generation; add --private")
+    result = generate(flags.transport_config(args), args.prompt, args.adapter, **settings)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -27,6 +27,28 @@ def run_generate(args: argparse.Namespace) -> int:
         if i:
             print()
         print(completion["text"])
+    return 0
+
+
+def run_private(args: argparse.Namespace, settings: dict) -> int:
+    """`client generate --private`: the adapter stays here (client/private_generation.py)."""
+    from .errors import ClientError
+    from .private_generation import generate_private
+
+    if not args.adapter:
+        raise ClientError("--private needs --adapter RUN_DIR/adapter (the adapter/ directory of a `client tune` run)")
+    transport_cfg = flags.transport_config(args, seal=not args.no_seal)
+    result = generate_private(transport_cfg, args.prompt, args.adapter, out=args.out, **settings)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for completion in result["completions"]:
+        print(completion["text"], end="\n\n")
+    print(
+        f"{sum(len(c['token_ids']) for c in result['completions'])} tokens in {result['seconds']:.2f} s: "
+        f"{result['tokens_per_s']:.1f} tokens/s, {result['bytes_per_token']:,.0f} bytes/token over the network "
+        f"({result['forwards']} Forwards)"
+    )
     return 0
 
 
@@ -44,7 +66,25 @@ def add_generate_parser(sub) -> None:
         default="",
         metavar="NAME",
         help="registered adapter name (`client push --name`): yours, or one another identity pushed with --public; "
-        "default: none, the base model",
+        "default: none, the base model. With --private: the adapter/ directory of a `client tune` run",
+    )
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="split-mode generation: your adapter stays here (its bottom and top LoRA never leave this process; the "
+        "middle's LoRA goes up once, sealed, and the cloud drops it at close); the cloud keeps the middle's KV cache "
+        "and each new token crosses once each way. Prints tokens/s and bytes per token",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="with --private: record what the cloud received (the bottom stage's outputs) in DIR for `client audit DIR`",
+    )
+    parser.add_argument(
+        "--no-seal",
+        action="store_true",
+        help="with --private: send tensors under TLS only, unsealed (default: sealed with the session's keys)",
     )
     parser.add_argument(
         "--prompt",

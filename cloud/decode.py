@@ -9,6 +9,7 @@ from torch import nn
 
 from tandem.stages.arch import parts_of
 from tandem.stages.lora import LoRASlot, MultiBinding, Segment, bind, inject_slots
+from tandem.stages.sampling import draw, left_pad
 
 
 @dataclass(frozen=True)
@@ -85,17 +86,6 @@ def batch_rows(jobs: list[DecodeJob]) -> tuple[list[Segment], list[tuple[int, in
     return segments, rows, first_row
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompts left-padded into one batch: (token ids (B, T), attention mask (B, T))."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 def next_tokens(
     logits: torch.Tensor,
     jobs: list[DecodeJob],
@@ -110,9 +100,7 @@ def next_tokens(
         lo = first_row[i]
         hi = lo + len(jobs[i].prompts)
         if not all(done[lo:hi]):
-            probs = torch.softmax(logits[lo:hi] / jobs[i].temperature, dim=-1)  # (n_i, V)
-            # Drawn on the CPU (the job's generator lives there), so a GPU server samples what a CPU one does.
-            nxt[lo:hi] = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(nxt.device)
+            nxt[lo:hi] = draw(logits[lo:hi], jobs[i].temperature, generator)  # (n_i,) as private generation draws
     return nxt
 
 

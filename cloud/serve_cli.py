@@ -133,6 +133,13 @@ def _add_session_flags(parser: argparse.ArgumentParser) -> None:
         help="seconds of inactivity after which a session is closed and freed; default 600",
     )
     parser.add_argument(
+        "--max-cache-tokens",
+        type=int,
+        default=4096,
+        help="private generation (client generate --private): most cached positions (batch x length) of one session's "
+        "KV cache; its worst case counts in --memory-cap-mb for the session's life; default 4096",
+    )
+    parser.add_argument(
         "--max-tokens-per-step",
         type=int,
         default=64 * 1024,

@@ -104,6 +104,7 @@ def build_backbone(args: argparse.Namespace, loaded, layout):
         memory_bytes=int(args.memory_cap_mb * 2**20),
         ttl_s=args.session_ttl,
         max_sessions_per_identity=args.quota_sessions,
+        max_cache_tokens=args.max_cache_tokens,
     )
     limits = ServiceLimits(
         max_tokens_per_step=args.max_tokens_per_step,

@@ -58,6 +58,10 @@ def audit_run(
         tuned: Also attack with the data owner's tuned weights (shows how stale the cloud's copy is).
     """
     context = read_context(run_dir)
+    if context.get("generation"):  # a private-generation session's recording (privacy/generation_view.py)
+        from .generation_view import audit_generation
+
+        return audit_generation(run_dir, tokens, search_tokens, candidates, public_tokens, progress)
     cfg = cfg if cfg is not None else report.load(run_dir)["config"]
     view = read_cloud_view(run_dir)
     forwards = recorded_forwards(view, run_dir)

@@ -1,0 +1,192 @@
+"""Private generation (`client generate --private`): the adapter's own LoRA stays with the data owner, the cloud keeps
+the middle's KV cache, and the tokens equal local generation with the adapter merged into the whole model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tandem.client.cli import main
+from tandem.client.errors import ClientError, ServerError
+from tandem.client.private_generation import generate_private
+from tandem.client.session import open_session
+from tandem.client.transport import Transport
+from tandem.cloud.decode import DecodeJob, decode
+from tandem.cloud.tls import issue_bundle
+from tandem.protos import serde
+from tandem.protos import split_pb2 as pb
+from tandem.stages.arch import arch_for, parts_of
+from tandem.stages.loading import load_model, load_tokenizer
+from tandem.stages.lora import LoRAAdapter, LoraConfig, PeftMeta, inject_slots, load_peft_tensors, save_peft
+from tandem.testing.models import ARCHS
+from tandem.testing.proxies import Hop
+
+PROMPTS = ["the quick brown fox", "split learning keeps labels", "low"]
+NEW = 6
+HIDDEN = 32  # tandem.testing.models: the tiny models' hidden size
+
+
+def make_adapter(model_dir: str, out: str, seed: int, rank: int = 4) -> str:
+    """A peft adapter on every block (bottom, middle and top) with random A and non-zero B, as `client tune` saves one."""
+    loaded = load_model(model_dir)
+    parts = parts_of(loaded.model)
+    blocks = list(range(len(parts.blocks)))
+    specs = inject_slots(torch.nn.ModuleList(parts.blocks), parts.arch, blocks, parts.arch.lora_targets)
+    g = torch.Generator().manual_seed(seed)
+    adapter = LoRAAdapter(specs, LoraConfig(rank=rank, alpha=2.0 * rank), generator=g)
+    with torch.no_grad():
+        for b in adapter.b:
+            b.copy_(torch.randn(b.shape, generator=g) * 0.5)
+    save_peft(adapter, out, PeftMeta(loaded.model_id, fan_in_fan_out=arch_for(loaded.config).fan_in_fan_out))
+    return out
+
+
+def merged_generation(model_dir: str, adapter_dir: str | None, temperature: float = 0.0, seed: int = 0):
+    """Local generation with the adapter merged into the whole Hugging Face model (W + alpha / r B A), decoded as
+    the server path decodes (cloud/decode.py: the same padding, positions and sampling)."""
+    loaded = load_model(model_dir)
+    model = loaded.model
+    if adapter_dir is not None:
+        cfg, tensors = load_peft_tensors(adapter_dir)
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for key, a in tensors.items():
+                if key.endswith(".lora_A.weight"):
+                    path = key.removesuffix(".lora_A.weight")
+                    delta = cfg["lora_alpha"] / cfg["r"] * (tensors[f"{path}.lora_B.weight"] @ a)  # (out, in)
+                    layer = modules[path]
+                    layer.weight += delta.T if type(layer).__name__ == "Conv1D" else delta
+    tokenizer = load_tokenizer(model_dir)
+    eos = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    eos |= {int(loaded.config.eos_token_id)} if isinstance(loaded.config.eos_token_id, int) else set()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    job = DecodeJob(None, ids, NEW, temperature, seed)
+    return [toks for toks, _ in decode(model, [job], pad, eos)[0]]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_models, tmp_path_factory):
+    from tandem.testing.servers import start_server
+
+    started = {
+        arch: start_server(tiny_models[arch], tmp_path_factory.mktemp(f"pg-{arch}"), "--max-cache-tokens", "256")
+        for arch in ARCHS
+    }
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_private_generation_equals_the_merged_model(arch, servers, tiny_models, tmp_path):
+    """Greedy and seeded sampling, three prompts of different lengths in one batch: token for token."""
+    model_dir = tiny_models[arch]
+    adapter = make_adapter(model_dir, str(tmp_path / "adapter"), seed=3)
+    server = servers[arch]
+    greedy = generate_private(server.transport_cfg(), PROMPTS, adapter, NEW)
+    assert [c["token_ids"] for c in greedy["completions"]] == merged_generation(model_dir, adapter)
+    assert [c["token_ids"] for c in greedy["completions"]] != merged_generation(model_dir, None), "adapter matters"
+    sampled = generate_private(server.transport_cfg(), PROMPTS, adapter, NEW, temperature=1.5, seed=11)
+    assert [c["token_ids"] for c in sampled["completions"]] == merged_generation(model_dir, adapter, 1.5, 11)
+    # Prefill in one Forward, then one per new token (none after the last); bytes counted per token.
+    assert greedy["forwards"] == NEW and greedy["batch_sequences"] == len(PROMPTS)
+    assert greedy["bytes_per_token"] > 0 and greedy["tokens_per_s"] > 0
+
+
+def test_the_cloud_never_receives_the_clients_own_lora(servers, tiny_models, tmp_path):
+    """Every message through a recording hop (unsealed, so the bytes are plain): no bottom or top LoRA tensor's
+    bytes appear anywhere; the middle's appear in exactly one request."""
+    server = servers["llama"]
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "adapter"), seed=5)
+    hop = Hop(server)
+    try:
+        generate_private(hop.transport_cfg(seal=False), PROMPTS, adapter, NEW)
+    finally:
+        hop.close()
+    sent = [request.SerializeToString() for _, request in hop.seen]
+    assert sum(1 for name, _ in hop.seen if name == "Forward") == NEW
+    _, tensors = load_peft_tensors(adapter)
+    middle = [f"model.layers.{i}." for i in (2, 3)]  # `cloud serve`'s default cut 2:2 of six blocks
+    for key, tensor in tensors.items():
+        needle = tensor.float().numpy().tobytes()
+        hits = sum(message.count(needle) for message in sent)
+        assert hits == (1 if any(key.startswith(m) for m in middle) else 0), key
+
+
+def _stub_session(server, **kw):
+    transport = Transport(server.transport_cfg(seal=False, **kw))
+    return transport, open_session(transport, LoraConfig(rank=4, alpha=8), remote_lora=False, generation=True)
+
+
+def _forward(transport, session, batch: int, new: int, past: int, step: int = 0, train: bool = False):
+    req = pb.ForwardRequest(
+        session_id=session.id,
+        step=step,
+        hidden=serde.to_proto(torch.randn(batch, new, HIDDEN)),
+        attention_mask=serde.to_proto(torch.ones(batch, past + new, dtype=torch.uint8)),
+        past_length=past,
+        train=train,
+    )
+    return transport.call("Forward", req, retry=False)
+
+
+def test_generation_session_refusals(servers):
+    """past_length mismatch, cache cap, batch change, Backward, train=true: one clear error each; the cache goes on."""
+    server = servers["llama"]
+    transport, session = _stub_session(server)
+    assert session.info.generation and session.info.max_cache_tokens == 256
+    try:
+        _forward(transport, session, 2, 5, 0)
+        with pytest.raises(ServerError, match=r"past_length 3 does not match the 5 positions .* send past_length=5"):
+            _forward(transport, session, 2, 1, 3)
+        with pytest.raises(ServerError, match=r"batch size changed from 2 to 3"):
+            _forward(transport, session, 3, 1, 5)
+        with pytest.raises(ServerError, match=r"2 x 130 positions, over the server's cap of 256 per session"):
+            _forward(transport, session, 2, 125, 5)
+        with pytest.raises(ServerError, match=r"train=true in a generation session"):
+            _forward(transport, session, 2, 1, 5, train=True)
+        backward = pb.BackwardRequest(
+            session_id=session.id, step=0, grad_output=serde.to_proto(torch.ones(2, 1, HIDDEN))
+        )
+        with pytest.raises(ServerError, match=r"this is a generation session: .* runs no Backward"):
+            transport.call("Backward", backward, retry=False)
+        out = _forward(transport, session, 2, 1, 5)  # refusals left the cache as it was
+        assert list(out.hidden.shape) == [2, 1, HIDDEN]
+        bob = Transport(server.transport_cfg(seal=False, identity=issue_bundle(server.tls_dir, "bob-pg")))
+        with pytest.raises(ServerError, match="belongs to another identity"):
+            _forward(bob, session, 2, 1, 6)
+        bob.close()
+        _forward(transport, session, 1, 4, 0)  # past_length 0 starts over, with any batch
+    finally:
+        transport.call("CloseSession", pb.CloseSessionRequest(session_id=session.id), retry=False)
+        transport.close()
+    with pytest.raises(ServerError, match="past_length is for generation sessions"):
+        tuning = Transport(server.transport_cfg(seal=False))
+        plain = open_session(tuning, LoraConfig(rank=4, alpha=8), remote_lora=False)
+        _forward(tuning, plain, 1, 2, 2)
+
+
+def test_client_refuses_what_does_not_fit_the_cap(servers, tiny_models, tmp_path):
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "adapter"), seed=1)
+    with pytest.raises(ClientError, match=r"over the server's cap of 256 per session; use fewer prompts"):
+        generate_private(servers["llama"].transport_cfg(), PROMPTS, adapter, 100)
+
+
+def test_cli_records_what_the_cloud_received_and_audits_it(servers, tiny_models, tmp_path, capsys):
+    server = servers["qwen2"]
+    adapter = make_adapter(tiny_models["qwen2"], str(tmp_path / "adapter"), seed=2)
+    out = str(tmp_path / "gen")
+    args = ["generate", "--private", "--adapter", adapter, "--max-new-tokens", "4", "--out", out, *server.cli_args()]
+    assert main([*args, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]) == 0
+    printed = capsys.readouterr().out
+    assert "tokens/s" in printed and "bytes/token" in printed
+    assert len([f for f in os.listdir(os.path.join(out, "cloud_view")) if f.startswith("Forward-")]) == 4
+    assert main(["audit", out, "--tokens", "32", "--search-tokens", "8", "--no-progress"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        privacy = json.load(f)["privacy"]
+    assert privacy["measured"] and privacy["sample"]["tokens"] > 8
+    assert set(privacy["attacks"]) == {"known", "tuned"}
