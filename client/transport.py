@@ -62,12 +62,17 @@ class TransportConfig:
     codec: str = "float32"
     gradient_codec: str = ""  # empty: same as codec
     lora_codec: str = "float32"  # remote-LoRA weights up and their gradients down
+    error_feedback: bool = False  # carry each int8/int4 stream's quantization error into its next step
 
     def __post_init__(self):
         if ":" not in self.server:
             raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
+        if self.error_feedback and not {self.codec, self.gradient_codec} & {"int8", "int4"}:
+            raise ValueError(
+                "--error-feedback needs --codec or --gradient-codec int8 or int4 (float codecs have no error to carry)"
+            )
 
 
 class Recorder:
