@@ -202,3 +202,16 @@ class LoraTraffic:
         }
         self.sent = self.received = self.sent_all = self.received_all = 0
         return out
+
+
+def one_line(section: dict) -> str:
+    """The report's Kill-and-Revive line: live modules, and the remote-LoRA bytes sent, received and saved."""
+    mean = section["mean_live_modules"]
+    live = f"{mean:.1f} of {section['modules']} modules live on average" if mean is not None else "no steps"
+    moved = section["remote_lora_bytes_sent"] + section["remote_lora_bytes_received"]
+    saved = section["remote_lora_bytes_saved"]
+    share = saved / (moved + saved) if moved + saved else 0.0
+    return (
+        f"[bold]kill-and-revive:[/bold] {live} ({section['kills']} kills, {section['revivals']} revivals); "
+        f"remote LoRA {moved / 1e6:.2f} MB moved, {saved / 1e6:.2f} MB saved ({share:.0%})"
+    )

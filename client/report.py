@@ -194,6 +194,10 @@ def render(report: dict, console=None) -> None:
     val.add_row("before", f"{validation['before']['loss']:.4f}", f"{validation['before']['ppl']:.2f}")
     val.add_row("after", f"{validation['after']['loss']:.4f}", f"{validation['after']['ppl']:.2f}")
     console.print(val)
+    if report.get("kill_revive"):
+        from .kill_revive import one_line as kill_revive_line
+
+        console.print(kill_revive_line(report["kill_revive"]))
     console.print(f"[bold]privacy:[/bold] {report['privacy']['note']}")
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rich.console import Console
 
 from tandem.client.assemble import connect_split
+from tandem.client.cli import build_parser
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
 from tandem.client.kill_revive import KillReviveConfig
+from tandem.client.report import render
 from tandem.client.session import open_session
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport
+from tandem.client.tune_cli import tune_config
 from tandem.protos import serde
 from tandem.stages.lora import LoraConfig, flatten
 from tandem.testing.proxies import Hop
@@ -74,6 +78,9 @@ def test_killed_modules_do_not_travel(tiny_models, sample_data, server_factory, 
     assert uploads >= STEPS - 1  # the LoRA changes every step (the first went up with the evaluation before it)
     saved = sum(s["remote_lora_bytes_saved"] for s in run["steps"])
     assert saved > 0 and run["kill_revive"]["remote_lora_bytes_saved"] == saved
+    console = Console(record=True, width=200)
+    render(run, console)
+    assert "modules live on average" in console.export_text()
 
 
 def test_the_client_refuses_a_server_that_does_not_echo_kill_revive(tiny_models, server_factory):
@@ -182,3 +189,12 @@ def test_the_client_refuses_what_it_cannot_do(sample_data):
         _cfg(sample_data, "x", middle_lora=False)
     with pytest.raises(ValueError, match="kill-threshold"):
         KillReviveConfig(threshold=0)
+
+
+def test_the_flags_make_the_schedule(sample_data):
+    parser = build_parser()
+    args = parser.parse_args(["tune", "--data", sample_data, "--kill-revive", "--kill-threshold", "0.5"])
+    assert tune_config(args).kill_revive == KillReviveConfig(threshold=0.5)
+    assert tune_config(parser.parse_args(["tune", "--data", sample_data])).kill_revive is None
+    with pytest.raises(ClientError, match="--kill-revive"):
+        tune_config(parser.parse_args(["tune", "--data", sample_data, "--kill-revive", "--cloud-optimizer"]))
