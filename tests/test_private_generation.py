@@ -190,3 +190,43 @@ def test_cli_records_what_the_cloud_received_and_audits_it(servers, tiny_models,
         privacy = json.load(f)["privacy"]
     assert privacy["measured"] and privacy["sample"]["tokens"] > 8
     assert set(privacy["attacks"]) == {"known", "tuned"}
+
+
+def test_an_old_server_that_does_not_echo_generation_is_refused(servers, tiny_models, tmp_path):
+    """A server that ignores OpenSessionRequest.generation (simulated by a hop clearing the echo) keeps no cache."""
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "adapter"), seed=4)
+    hop = Hop(servers["llama"])
+
+    def old(resp):
+        resp.generation, resp.max_cache_tokens = False, 0
+        return resp
+
+    hop.on_response["OpenSession"] = old
+    try:
+        with pytest.raises(ClientError, match="does not support private generation"):
+            generate_private(hop.transport_cfg(seal=False), PROMPTS, adapter, NEW)
+    finally:
+        hop.close()
+    assert [name for name, _ in hop.seen] == ["OpenSession", "CloseSession"], "refused before anything is sent"
+
+
+def test_the_cache_counts_in_the_memory_cap_and_dies_with_the_session(tiny_models, server_factory):
+    """Each generation session holds its cache's worst case (--max-cache-tokens) under --memory-cap-mb from its
+    open: a tenant cannot grow caches past the cap, and closing a session gives its share back."""
+    from transformers import AutoConfig
+
+    from tandem.cloud.generation import kv_bytes_per_token
+
+    config = AutoConfig.from_pretrained(tiny_models["llama"])
+    per_session = 256 * kv_bytes_per_token(config, 2, 4)  # two middle blocks (cut 2:2 of six), float32
+    cap_mb = 1.5 * per_session / 2**20
+    server = server_factory(tiny_models["llama"], "--max-cache-tokens", "256", "--memory-cap-mb", f"{cap_mb:.6f}")
+    transport, first = _stub_session(server, retries=0)  # a full cap is retryable: told at once here
+    try:
+        with pytest.raises(ServerError, match=r"memory cap .* is held by other sessions"):
+            open_session(transport, LoraConfig(rank=4, alpha=8), remote_lora=False, generation=True)
+        transport.call("CloseSession", pb.CloseSessionRequest(session_id=first.id), retry=False)
+        second = open_session(transport, LoraConfig(rank=4, alpha=8), remote_lora=False, generation=True)
+        assert list(_forward(transport, second, 2, 128, 0).hidden.shape) == [2, 128, HIDDEN]
+    finally:
+        transport.close()
