@@ -12,7 +12,7 @@ import torch
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.kv_cache import embed_cached, new_cache, run_cached
-from tandem.stages.lora import Binding, bind, flatten, inject_slots
+from tandem.stages.lora import Binding, bind, block_of, flatten, inject_slots
 from tandem.stages.modules import StageLayout
 from tandem.stages.sampling import draw, left_pad
 
@@ -136,7 +136,10 @@ def middle_lora(adapter: OwnAdapter, slots) -> torch.Tensor:
 
 def connect(transport: Transport, adapter: OwnAdapter, device: str = "auto", dtype: str = "auto") -> PrivateRun:
     """Opens a generation session, downloads the client's stages and binds the adapter's own LoRA to them."""
-    session = open_session(transport, adapter.lora, remote_lora=True, generation=True)
+    layout = transport.call("GetInfo", pb.GetInfoRequest(), one_time=True).layout
+    middle_blocks = range(layout.bottom, layout.num_layers - layout.top)
+    remote = any(block_of(name) in middle_blocks for name in adapter.tensors)  # e.g. offsite adapters: none
+    session = open_session(transport, adapter.lora, remote_lora=remote, generation=True)
     info = session.info
     config, layout, parts, tokenizer, placement = downloaded_parts(transport, info, device, dtype)
     try:

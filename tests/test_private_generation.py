@@ -29,12 +29,14 @@ NEW = 6
 HIDDEN = 32  # tandem.testing.models: the tiny models' hidden size
 
 
-def make_adapter(model_dir: str, out: str, seed: int, rank: int = 4) -> str:
-    """A peft adapter on every block (bottom, middle and top) with random A and non-zero B, as `client tune` saves one."""
+def make_adapter(model_dir: str, out: str, seed: int, rank: int = 4, blocks: list[int] | None = None) -> str:
+    """A peft adapter on `blocks` (default every block: bottom, middle and top) with random A and non-zero B, as
+    `client tune` saves one."""
     loaded = load_model(model_dir)
     parts = parts_of(loaded.model)
-    blocks = list(range(len(parts.blocks)))
-    specs = inject_slots(torch.nn.ModuleList(parts.blocks), parts.arch, blocks, parts.arch.lora_targets)
+    blocks = blocks if blocks is not None else list(range(len(parts.blocks)))
+    chosen = torch.nn.ModuleList(parts.blocks[i] for i in blocks)
+    specs = inject_slots(chosen, parts.arch, blocks, parts.arch.lora_targets)
     g = torch.Generator().manual_seed(seed)
     adapter = LoRAAdapter(specs, LoraConfig(rank=rank, alpha=2.0 * rank), generator=g)
     with torch.no_grad():
@@ -207,7 +209,7 @@ def test_an_old_server_that_does_not_echo_generation_is_refused(servers, tiny_mo
             generate_private(hop.transport_cfg(seal=False), PROMPTS, adapter, NEW)
     finally:
         hop.close()
-    assert [name for name, _ in hop.seen] == ["OpenSession", "CloseSession"], "refused before anything is sent"
+    assert [name for name, _ in hop.seen] == ["GetInfo", "OpenSession", "CloseSession"], "refused before any Forward"
 
 
 def test_the_cache_counts_in_the_memory_cap_and_dies_with_the_session(tiny_models, server_factory):
@@ -230,3 +232,18 @@ def test_the_cache_counts_in_the_memory_cap_and_dies_with_the_session(tiny_model
         assert list(_forward(transport, second, 2, 128, 0).hidden.shape) == [2, 128, HIDDEN]
     finally:
         transport.close()
+
+
+def test_an_adapter_on_the_client_blocks_only_sends_no_lora(servers, tiny_models, tmp_path):
+    """An offsite-tuned adapter (LoRA on the client's blocks only): the session has no remote LoRA; still exact."""
+    model_dir = tiny_models["gpt2"]
+    adapter = make_adapter(model_dir, str(tmp_path / "adapter"), seed=6, blocks=[0, 1, 4, 5])
+    hop = Hop(servers["gpt2"])
+    try:
+        result = generate_private(hop.transport_cfg(), PROMPTS, adapter, NEW)
+    finally:
+        hop.close()
+    assert [c["token_ids"] for c in result["completions"]] == merged_generation(model_dir, adapter)
+    opened = [request for name, request in hop.seen if name == "OpenSession"]
+    assert len(opened) == 1 and not opened[0].remote_lora
+    assert not any(request.HasField("lora") for name, request in hop.seen if name == "Forward")
