@@ -6,7 +6,8 @@ saves one), the same prompts, greedy, side by side in one run:
   server   `client push` the adapter, then `client generate --adapter NAME` on the cloud (the cloud holds it all);
   local    the adapter merged into the whole model, decoded in this process (the server path's decoding).
 Reports tokens/s (decoding only; the private session's open and client-stage download are one-time costs, shown
-apart), bytes per generated token on the wire, and whether the tokens agree.
+apart), bytes per generated token on the wire, and whether the tokens agree. The server computes on one torch thread
+(tandem.testing.servers); this process uses --threads (default 1, the same), so that no path gets more cores.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tandem.testing.bench_cli import bench_parser, offline_hub
 
 
 def parse_args(argv=None):
-    p = bench_parser(__file__, __doc__, model=True, work="scratch directory (TLS, adapter)", results=True, threads=0)
+    p = bench_parser(__file__, __doc__, model=True, work="scratch directory (TLS, adapter)", results=True, threads=1)
     p.add_argument("--prompts", type=int, default=4, help="prompts decoded as one batch; default 4")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt; default 32")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank; default 8")
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
             "generated": sum(len(c["token_ids"]) for c in private["completions"]),
             "bytes": private["bytes_sent"] + private["bytes_received"],
             "one_time_s": open_s,
+            "lora_bytes": private["lora_bytes"],
         }
         push_adapter(server.transport_cfg(), adapter, name="bench")
         start = time.perf_counter()
@@ -140,7 +142,12 @@ def report(rows: dict, args) -> None:
         row["bytes_per_token"] = row["bytes"] / max(row["generated"], 1)
         row["same_as_local"] = row["tokens"] == rows["local"]["tokens"]
         print(f"{name:8} {row['tokens_per_s']:9.1f} {row['bytes_per_token']:12,.0f} {str(row['same_as_local']):>22}")
-    print(f"private: session open + client-stage download {rows['private']['one_time_s']:.1f} s (one time)")
+    private = rows["private"]
+    print(
+        f"private: session open + client-stage download {private['one_time_s']:.1f} s (one time); the middle's LoRA "
+        f"{private['lora_bytes']:,} bytes once, in the first Forward: "
+        f"{(private['bytes'] - private['lora_bytes']) / private['generated']:,.0f} bytes/token without it"
+    )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"settings": vars(args), "rows": rows}, f, indent=2)

@@ -32,6 +32,7 @@ class CachedMiddle:
         self.transport, self.session = transport, session
         self.lora_flat = lora_flat  # the middle's LoRA: sent with the first Forward, then held by the cloud
         self.calls = 0
+        self.lora_bytes = 0  # what the middle's LoRA added to the first Forward
 
     def __call__(self, h: torch.Tensor, mask: torch.Tensor, past: int) -> torch.Tensor:
         """The middle's output (B, T, H) for new positions `h` (B, T, H); `mask` (B, past + T) covers past and new."""
@@ -44,6 +45,7 @@ class CachedMiddle:
         )
         if self.lora_flat is not None:
             req.lora.CopyFrom(serde.encode(self.lora_flat, self.session.lora_codec))
+            self.lora_bytes = req.lora.ByteSize()
         try:
             resp = self.transport.call("Forward", req, kind="Forward", sealer=self.session.sealer, step=self.calls)
         except ServerError as e:
@@ -256,4 +258,6 @@ def summary(run: PrivateRun, ids, results, seconds: float, totals: dict) -> dict
         "seconds": seconds,
         "tokens_per_s": generated / seconds if seconds > 0 else 0.0,
         "bytes_per_token": wire / generated if generated else 0.0,
+        "lora_bytes": run.middle.lora_bytes,  # once, in the first Forward (counted in bytes_sent)
+        "bytes_per_token_without_lora": (wire - run.middle.lora_bytes) / generated if generated else 0.0,
     }

@@ -47,7 +47,7 @@ def run_private(args: argparse.Namespace, settings: dict) -> int:
     print(
         f"{sum(len(c['token_ids']) for c in result['completions'])} tokens in {result['seconds']:.2f} s: "
         f"{result['tokens_per_s']:.1f} tokens/s, {result['bytes_per_token']:,.0f} bytes/token over the network "
-        f"({result['forwards']} Forwards)"
+        f"({result['forwards']} Forwards; the middle's LoRA: {result['lora_bytes']:,} bytes, once)"
     )
     return 0
 
