@@ -33,9 +33,9 @@ from torch import nn
 class KillReviveConfig:
     """The schedule's settings (`client tune --kill-*` flags)."""
 
-    threshold: float = 1.0  # kill below threshold * the mean significance of all modules
+    threshold: float = 1.25  # kill below threshold * the mean significance of all modules
     warmup: int = 10  # steps before the first kill
-    probe: int = 10  # steps a (revived) module stays live before it may be killed
+    probe: int = 5  # steps a (revived) module stays live before it may be killed
     revive_after: int = 50  # steps a killed module stays killed at most
     beta: float = 0.9  # the gradient average's decay per step
 
