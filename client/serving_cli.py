@@ -56,10 +56,12 @@ def add_generate_parser(sub) -> None:
     """Adds `generate` to the `client` command line."""
     parser = sub.add_parser(
         "generate",
-        help="generate text on the cloud with an adapter you pushed (or the base model)",
+        help="generate text on the cloud with an adapter you pushed (or the base model), or with --private with an "
+        "adapter that stays here",
         description="Continue each prompt on the cloud's model with a registered adapter applied (see "
         "`client push`). Requests for different adapters are batched together on the server; "
-        "each result is what generating alone gives (up to float rounding).",
+        "each result is what generating alone gives (up to float rounding). With --private, generation runs in "
+        "split mode and the adapter is never pushed: the same tokens as the merged model, one round trip per token.",
     )
     parser.add_argument(
         "--adapter",
