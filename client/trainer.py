@@ -202,7 +202,7 @@ class TrainState:
                 for p, value in zip(self.client_blocks, saved["client_blocks"]):
                     p.copy_(value)
         self.optimizer.load_state_dict(saved["optimizer"])
-        if self.kill_revive is not None:
+        if self.kill_revive is not None and saved.get("kill_revive") is not None:  # None: saved before it was on
             self.kill_revive.load_state_dict(saved["kill_revive"])
         self.steps, self.step = saved["steps"], saved["step"]
 
