@@ -12,7 +12,7 @@ from tandem.client.assemble import connect_split
 from tandem.client.cli import build_parser
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
-from tandem.client.kill_revive import KillReviveConfig
+from tandem.client.kill_revive import KillRevive, KillReviveConfig
 from tandem.client.report import render
 from tandem.client.session import open_session
 from tandem.client.trainer import TuneConfig, tune
@@ -198,3 +198,31 @@ def test_the_flags_make_the_schedule(sample_data):
     assert tune_config(parser.parse_args(["tune", "--data", sample_data])).kill_revive is None
     with pytest.raises(ClientError, match="--kill-revive"):
         tune_config(parser.parse_args(["tune", "--data", sample_data, "--kill-revive", "--cloud-optimizer"]))
+
+
+def test_the_schedule_kills_the_insignificant_and_revives_them():
+    """The controller alone, on gradients set by hand: a module whose gradient is small is killed after the
+    warm-up, comes back after revive_after steps, and early when the others' significance falls below its own."""
+    modules = [(torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))) for _ in range(3)]
+    kr = KillRevive(modules, KillReviveConfig(threshold=0.5, warmup=3, probe=2, revive_after=4, beta=0.0))
+
+    def step(step: int, sizes: list[float]) -> None:
+        for (a, b), size in zip(modules, sizes):
+            a.grad = torch.full_like(a, size) if a.requires_grad else None
+            b.grad = torch.full_like(b, size) if b.requires_grad else None
+        kr.after_backward(step)
+
+    for i in range(3):
+        step(i, [1.0, 1.0, 0.01])
+    assert kr.live == [True, True, False] and modules[2][0].grad is None and not modules[2][0].requires_grad
+    saved = kr.state_dict()
+    for i in range(3, 7):
+        step(i, [1.0, 1.0, 0.01])
+    assert kr.live == [True, True, True] and kr.revivals == 1  # revive_after 4 steps
+    step(7, [1.0, 1.0, 0.01])
+    step(8, [1.0, 1.0, 0.01])
+    assert kr.live == [True, True, False]  # the probe says it still does not matter
+    step(9, [0.001, 0.001, 0.01])  # the others' updates shrank below the killed module's last significance
+    assert kr.live[2]
+    kr.load_state_dict(saved)  # a checkpoint puts the decisions back
+    assert kr.live == [True, True, False] and not modules[2][1].requires_grad
