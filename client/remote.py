@@ -135,10 +135,12 @@ class RemoteMiddle(nn.Module):
         version = self._version()
         meter = self.transport.meter
         t0 = time.perf_counter()
+        # --exact-eval: evaluation forwards (negative steps) travel in float32, both ways, whatever the codec
+        codec = "float32" if step < 0 and not train and self.transport.cfg.exact_eval else self.session.codec
         req = pb.ForwardRequest(
             session_id=self.session.id,
             step=step,
-            hidden=serde.encode(h, self.session.codec, encoder=self._feedback("hidden", self.session.codec, step)),
+            hidden=serde.encode(h, codec, encoder=self._feedback("hidden", codec, step)),
             attention_mask=serde.to_proto(mask.to(torch.uint8)),
             lora_version=version,
             dropout_seed=seed,
@@ -160,7 +162,7 @@ class RemoteMiddle(nn.Module):
             self.step_live = live
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        out = arrived(serde.decode(resp.hidden, "hidden", self.session.codec, tuple(h.shape)), h)
+        out = arrived(serde.decode(resp.hidden, "hidden", codec, tuple(h.shape)), h)
         meter.step_serde_s += time.perf_counter() - t0
         return out
 

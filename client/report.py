@@ -61,6 +61,8 @@ def wire(model) -> dict:
         "lora_codec": session.lora_codec,
         "sealed": session.sealer is not None,
         "sealing": session.sealing,
+        "error_feedback": session.error_feedback,  # both sides carried their int8/int4 streams' error
+        "exact_eval": model.middle.transport.cfg.exact_eval,  # the validation forwards travelled in float32
     }
 
 

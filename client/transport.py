@@ -63,6 +63,7 @@ class TransportConfig:
     gradient_codec: str = ""  # empty: same as codec
     lora_codec: str = "float32"  # remote-LoRA weights up and their gradients down
     error_feedback: bool = False  # carry each int8/int4 stream's quantization error into its next step
+    exact_eval: bool = False  # evaluation forwards travel in float32, whatever the codec
 
     def __post_init__(self):
         if ":" not in self.server:

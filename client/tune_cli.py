@@ -96,6 +96,7 @@ def run_tune(args: argparse.Namespace) -> int:
             gradient_codec=args.gradient_codec,
             lora_codec=args.lora_codec,
             error_feedback=args.error_feedback,
+            exact_eval=args.exact_eval,
         )
     except ValueError as e:  # combinations of the codec flags
         raise ClientError(str(e)) from None

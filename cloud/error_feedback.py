@@ -1,9 +1,18 @@
 """The cloud's side of error feedback: a session's sender streams (hidden at the top cut, grad_input at the bottom
-cut) and their memory, counted under the server's cap for the session's life."""
+cut) and their memory, counted under the server's cap for the session's life; and the exact evaluation forwards
+that measure what a lossy-codec run tuned (`client tune --exact-eval`)."""
 
 from __future__ import annotations
 
 from tandem.kernels.feedback import Feedback
+from tandem.protos import split_pb2 as pb
+
+
+def forward_codec(session, request) -> str:
+    """The codec of a Forward's hidden, both ways: the session's, or float32 for an evaluation forward (not
+    training, negative step) that the client sent in float32 (exact: it only costs the client bytes)."""
+    exact = not request.train and request.step < 0 and request.hidden.codec == pb.CODEC_NONE
+    return "float32" if exact else session.codec
 
 
 def begin(session) -> None:

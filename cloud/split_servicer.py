@@ -194,7 +194,8 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
     def Forward(self, request, context, who):
         session = self._session(request, who)
         self._unseal(session, request)
-        hidden = serde.decode(request.hidden, "hidden", session.codec)
+        codec = error_feedback.forward_codec(session, request)  # float32 for an exact evaluation forward
+        hidden = serde.decode(request.hidden, "hidden", codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.decode(request.lora, "lora", session.lora_codec) if request.HasField("lora") else None
         live = remote_lora.parse_live(session, request.live_slots)  # Kill-and-Revive; refused in other sessions
@@ -209,8 +210,8 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
                 *(request.step, hidden, mask, request.lora_version, lora, request.dropout_seed, request.train),
                 **({"live": live} if live is not None else {}),
             )
-        encoder = error_feedback.encoder(self.service.store, session, "hidden", session.codec, request.step)
-        resp = pb.ForwardResponse(hidden=serde.encode(out, session.codec, encoder=encoder), compute_s=seconds)
+        encoder = error_feedback.encoder(self.service.store, session, "hidden", codec, request.step)
+        resp = pb.ForwardResponse(hidden=serde.encode(out, codec, encoder=encoder), compute_s=seconds)
         if session.sealer is not None:
             session.sealer.seal(resp, request.step)
         return resp

@@ -15,9 +15,12 @@ import torch
 from tandem.client.assemble import connect_split
 from tandem.client.checkpoint import settings, surviving_restarts
 from tandem.client.data import load_split
-from tandem.client.errors import ClientError
+from tandem.client.errors import ClientError, ServerError
+from tandem.client.evaluation import evaluate
 from tandem.client.transport import Transport, TransportConfig
 from tandem.client.tune_config import TuneConfig
+from tandem.protos import serde
+from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
 from tandem.testing.servers import BIN, free_port, start_server
 
@@ -189,3 +192,32 @@ def test_error_feedback_is_a_setting_a_resume_must_repeat(tmp_path):
     on = settings(cfg, TransportConfig(codec="int4", error_feedback=True), "data")
     off = settings(cfg, TransportConfig(codec="int4"), "data")
     assert on["--error-feedback"] is True and off["--error-feedback"] is False
+
+
+def test_exact_eval_measures_the_adapter_not_the_codec(tiny_models, sample_data, server_factory):
+    """--exact-eval: the validation forwards of an int4 session travel in float32 and give exactly a float32
+    session's validation loss; training forwards in float32 stay refused in an int4 session."""
+    server = server_factory(tiny_models["llama"])
+    losses = {}
+    for name, cfg in (
+        ("float32", {}),
+        ("int4 exact", {"codec": "int4", "exact_eval": True}),
+        ("int4", {"codec": "int4"}),
+    ):
+        transport, model = _model(server, **cfg)
+        data = load_split(sample_data, model.tokenizer, 24, 2, 0, 0.1)
+        losses[name] = evaluate(model, data, 0)["loss"]
+        if name == "int4":
+            hidden = serde.encode(torch.zeros(1, 4, 32))  # float32, as training
+            req = pb.ForwardRequest(
+                session_id=model.middle.session_id,
+                step=0,
+                hidden=hidden,
+                attention_mask=serde.to_proto(torch.ones(1, 4, dtype=torch.uint8)),
+                train=True,
+            )
+            with pytest.raises(ServerError, match="negotiated codec int4, got float32"):
+                transport.call("Forward", req, sealer=model.middle.session.sealer, step=0, retry=False)
+        model.close()
+        transport.close()
+    assert losses["int4 exact"] == losses["float32"] != losses["int4"]
