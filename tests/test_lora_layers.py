@@ -199,3 +199,58 @@ def test_top_only_adapter_exports_pushes_and_loads(tiny_models, server_factory, 
     server = server_factory(tiny_models["llama"], "--adapter-registry", str(tmp_path / "registry"))
     pushed = push_adapter(server.transport_cfg(), out, name="top-only")
     assert sorted(pushed["blocks"]) == list(TOP)
+
+
+def test_tune_top_only_split_equals_local_with_audit(tiny_models, sample_data, server_factory, tmp_path):
+    """The whole run (trainer, audit, report, checkpoint, adapter): exact, one round trip, resumes only alike."""
+    from tandem.client.errors import CheckpointError
+    from tandem.client.trainer import TuneConfig, tune
+
+    server = server_factory(tiny_models["llama"])
+    common = dict(data=sample_data, steps=3, batch_size=2, seq_len=32, lora=LoraConfig(rank=4, alpha=8, layers=TOP))
+    split = tune(TuneConfig(out=str(tmp_path / "s"), progress=False, **common), server.transport_cfg())
+    local = tune(
+        TuneConfig(out=str(tmp_path / "l"), mode="local", model=tiny_models["llama"], progress=False, **common)
+    )
+    assert [s["loss"] for s in split["steps"]] == [s["loss"] for s in local["steps"]]
+    kinds = split["totals"]["per_kind"]
+    assert kinds["Forward"]["calls"] == 3 and "Backward" not in kinds
+    assert split["config"]["lora"]["layers"] == list(TOP)
+    with open(tmp_path / "s" / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["layers_to_transform"] == list(TOP)
+    with pytest.raises(CheckpointError, match="--lora-layers 4-5"):
+        other = LoraConfig(rank=4, alpha=8, layers=(5,))
+        resumed = TuneConfig(
+            out=str(tmp_path / "s"), resume=True, progress=False, **{**common, "lora": other, "steps": 4}
+        )
+        tune(resumed, server.transport_cfg())
+
+
+def test_offsite_top_only_tunes_pushes_and_evaluates(sample_data, server_factory, tmp_path):
+    """Offsite mode (only the client's blocks exist): a top-only adapter, pushed and evaluated through the split path."""
+    from tandem.client.assemble import build_offsite
+    from tandem.client.offsite import eval_plugin
+    from tandem.client.trainer import TuneConfig, tune
+    from tandem.emulator.build import build_emulator
+    from tandem.emulator.distill import DistillConfig
+    from tandem.testing.models import make_model
+
+    model_dir = make_model("llama", str(tmp_path / "llama8"), layers=8)  # 2:2 leaves 4 middle blocks, 2 kept
+    pkg = str(tmp_path / "pkg")
+    distill = DistillConfig(steps=2, batch_size=4, seq_len=32, lr=3e-3, warmup=1, val_every=5, progress=False)
+    build_emulator(model_dir, "2:2", pkg, sample_data, distill, drop_ratio=0.5)
+    with pytest.raises(ClientError, match="carry no LoRA slot"):  # the emulator's blocks are never adapted
+        build_offsite(pkg, LoraConfig(rank=2, layers=(3, 7)), 0)
+
+    run = str(tmp_path / "run")
+    lora = LoraConfig(rank=4, alpha=8, layers=(6, 7))
+    tune(
+        TuneConfig(data=sample_data, out=run, mode="offsite", emulator=pkg, steps=3, lr=1e-2, lora=lora, progress=False)
+    )
+    adapter = os.path.join(run, "adapter")
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert json.load(f)["layers_to_transform"] == [6, 7]
+    server = server_factory(model_dir, "--emulator", pkg, "--adapter-registry", str(tmp_path / "registry"))
+    assert push_adapter(server.transport_cfg(), adapter, "top")["blocks"] == [6, 7]
+    rep = eval_plugin(server.transport_cfg(), adapter, sample_data, str(tmp_path / "eval"), seq_len=32, name="top")
+    assert rep["validation"]["plugged_in"]["loss"] != rep["validation"]["zero_shot"]["loss"]
