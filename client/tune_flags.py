@@ -144,10 +144,12 @@ def _add_error_feedback_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--error-feedback",
         action="store_true",
-        help="int8/int4 codecs: each sender (this client, and the cloud) carries a stream's quantization error into "
-        "that stream's next training step (activations and gradients at both cuts), so the error does not "
-        "accumulate over steps; state per session, restarted with each session. Evaluation forwards use the plain "
-        "codec (or float32: --exact-eval). Refused with float codecs (nothing to carry); the remote LoRA (--lora-codec) gets none; default off",
+        help="int8/int4 codecs: each sender carries its gradient stream's quantization error into that stream's "
+        "next training step (this client: the gradient at the top cut; the cloud: the gradient at the bottom cut), so "
+        "the error of the summed updates does not accumulate; activations are sent plain (their content changes every "
+        "step: a carried error would be another batch's, measured worse). State per session, restarted with each "
+        "session (a cloud restart equals a reopen). Evaluation uses the plain codec (or float32: --exact-eval). "
+        "Refused with float codecs (nothing to carry); the remote LoRA (--lora-codec) gets none; default off",
     )
 
 

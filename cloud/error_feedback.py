@@ -1,5 +1,5 @@
-"""The cloud's side of error feedback: a session's sender streams (hidden at the top cut, grad_input at the bottom
-cut) and their memory, counted under the server's cap for the session's life; and the exact evaluation forwards
+"""The cloud's side of error feedback: a session's sender stream (grad_input at the bottom cut; the hidden at the top
+cut is offered but carries nothing, see tandem.kernels.feedback) and its memory, counted under the server's cap for the session's life; and the exact evaluation forwards
 that measure what a lossy-codec run tuned (`client tune --exact-eval`)."""
 
 from __future__ import annotations

@@ -1,9 +1,17 @@
-"""Error feedback for the int8/int4 wire codecs: each sender stream carries its quantization error into its next step.
+"""Error feedback for the int8/int4 wire codecs: each gradient stream carries its quantization error into its next step.
 
-EF-SGD style, sender-side only: a stream (e.g. the client's hidden at the bottom cut) keeps the residual
-r = (x + r_prev) - decode(encode(x + r_prev)) of its last step and adds it to the next step's tensor, so the
-sum of what arrived over steps tracks the sum of the true tensors within one quantization step (the error
-does not accumulate). The receiver decodes as usual: it keeps no state and needs no change.
+EF-SGD style, sender-side only: a stream (the client's grad_output at the top cut, the cloud's grad_input at the
+bottom cut) keeps the residual r = (x + r_prev) - decode(encode(x + r_prev)) of its last step and adds it to the
+next step's tensor, so the sum of what arrived over steps tracks the sum of the true tensors within one
+quantization step (the error does not accumulate). The receiver decodes as usual: it keeps no state.
+
+Gradients carry, activations do not (CARRIED). A gradient's effect is summed over steps by the parameter
+updates, which is what a carried error corrects. An activation's content changes every step (other samples):
+a residual carried into the next step's activations is another batch's error, so each forward gets the
+difference of two errors (about 1.4x the plain error) and nothing sums it back. Measured on SmolLM2 in process
+(LoRA r=8 on q,v, 100 steps of 2x64, int4 at both cuts, validation loss computed exactly): float32 0.931, plain
+int4 0.939, int4 with the activations' error carried too 0.957. Per-sample deltas (AQ-SGD) would need state
+on both sides, and a sample seen once or twice in a run gains nothing from them.
 
 The state is keyed by step: encoding a step again (a transport retry, a step redone after a lost session)
 starts from the residual of the steps before it, so it sends the same bytes and leaves the same state. A
@@ -19,6 +27,7 @@ import torch
 from . import codecs
 
 LOSSY = ("int8", "int4")
+CARRIED = ("grad_output", "grad_input")  # the streams that carry their error (see the module docstring)
 
 
 class Stream:
@@ -65,9 +74,9 @@ class Feedback:
         return sum(stream.nbytes for stream in self.streams.values())
 
     def encoder(self, name: str, codec: str, step: int):
-        """A `tensor -> (values, scales)` encoder of stream `name` at `step`, or None where there is nothing to
-        carry: a float codec (exact or half precision) or a negative step (evaluation: stateless, the plain codec)."""
-        if codec not in LOSSY or step < 0:
+        """A `tensor -> (values, scales)` encoder of stream `name` at `step`, or None where nothing is carried: a
+        float codec (exact or half precision), a negative step (evaluation: the plain codec) or an activation stream."""
+        if codec not in LOSSY or step < 0 or name not in CARRIED:
             return None
 
         def encode(x: torch.Tensor):

@@ -92,12 +92,11 @@ def test_float_codecs_pass_through_and_get_no_encoder(codec):
 
 def test_feedback_streams_are_separate_and_evaluation_is_stateless():
     feedback = Feedback()
-    assert feedback.encoder("hidden", "int4", -1) is None  # evaluation steps: the plain codec
+    assert feedback.encoder("grad_input", "int4", -1) is None  # evaluation steps: the plain codec
+    assert feedback.encoder("hidden", "int4", 0) is None  # activations carry nothing
     xs = _series(3)
-    feedback.encoder("hidden", "int4", 0)(xs[0])
-    lone = Stream("int4")
-    lone.encode(xs[1], 0)
-    other = feedback.encoder("grad_output", "int4", 0)(xs[1])  # not disturbed by the hidden stream
+    feedback.encoder("grad_input", "int4", 0)(xs[0])
+    other = feedback.encoder("grad_output", "int4", 0)(xs[1])  # not disturbed by the other stream
     assert all(torch.equal(p, q) for p, q in zip(other, codecs.encode(xs[1], "int4")))
     assert feedback.nbytes > 0
     feedback.reset()
