@@ -70,9 +70,10 @@ class TransportConfig:
             raise ValueError(f"server must be HOST:PORT, got {self.server!r}")
         if self.retries < 0:
             raise ValueError(f"retries must be >= 0, got {self.retries}")
-        if self.error_feedback and not {self.codec, self.gradient_codec} & {"int8", "int4"}:
+        if self.error_feedback and (self.gradient_codec or self.codec) not in ("int8", "int4"):
             raise ValueError(
-                "--error-feedback needs --codec or --gradient-codec int8 or int4 (float codecs have no error to carry)"
+                "--error-feedback needs int8 or int4 gradients (--codec, or --gradient-codec): float codecs "
+                "have no error to carry"
             )
 
 

@@ -144,8 +144,10 @@ def test_two_sessions_do_not_share_state(tiny_models, sample_data, server_factor
 def test_float32_stays_exact(tiny_models, sample_data, server_factory):
     """The client refuses --error-feedback with float codecs; a session that asks anyway (an older or other client)
     is echoed and stays bit-exact (the float streams carry nothing)."""
-    with pytest.raises(ValueError, match="--error-feedback needs --codec or --gradient-codec int8 or int4"):
+    with pytest.raises(ValueError, match="--error-feedback needs int8 or int4 gradients"):
         TransportConfig(codec="float32", error_feedback=True)
+    with pytest.raises(ValueError, match="--error-feedback needs int8 or int4 gradients"):
+        TransportConfig(codec="int4", gradient_codec="float32", error_feedback=True)  # activations carry nothing
     server = server_factory(tiny_models["gpt2"])
     reference = _run(server, sample_data, 3)
     transport_cfg = server.transport_cfg()
@@ -167,7 +169,7 @@ def test_tune_refuses_error_feedback_without_a_lossy_codec_in_one_line(tmp_path)
         timeout=120,
     )
     assert r.returncode != 0
-    assert "--error-feedback needs --codec or --gradient-codec int8 or int4" in r.stderr
+    assert "--error-feedback needs int8 or int4 gradients" in r.stderr
     assert "Traceback" not in r.stderr
 
 
