@@ -25,13 +25,23 @@ class GenerationState:
     length: int = 0  # positions per row the cache holds
     batch: int = 0
 
+    def rewind(self, past_length: int) -> None:
+        """Drops the cached positions after `past_length` (every layer the middle filled)."""
+        try:
+            self.cache.crop(past_length - self.length)
+        except (RuntimeError, ValueError) as e:  # e.g. a sliding-window layer that no longer holds them
+            self.cache, self.length = None, 0
+            raise InvalidRequest(f"this cache cannot go back to {past_length} positions ({e}); start over") from None
+        self.length = past_length
+
     def check(self, past_length: int, batch: int, new: int) -> None:
-        """Refuses a Forward that does not extend what the cache holds, or that would grow it over the cap."""
+        """Refuses a Forward that names more positions than the cache holds, or that would grow it over the cap (fewer
+        is a retry whose reply was lost, or a client going back: the cache is cut back to them)."""
         if past_length < 0:
             raise InvalidRequest(f"past_length must be >= 0, got {past_length}")
-        if past_length and past_length != self.length:
+        if past_length > self.length:
             raise InvalidRequest(
-                f"past_length {past_length} does not match the {self.length} positions this session's cache holds; "
+                f"past_length {past_length} is more than the {self.length} positions this session's cache holds; "
                 f"send past_length={self.length}, or 0 to start over"
             )
         if past_length and batch != self.batch:
@@ -101,6 +111,8 @@ def forward(service, session, past_length: int, hidden, mask, lora_version: int,
         mask = mask.to(service.placement.device, torch.long)
         if past_length == 0:
             state.cache, state.length = new_cache(service.parts), 0
+        elif past_length < state.length:  # a retried Forward whose reply was lost: the cache goes back first
+            state.rewind(past_length)
         start = time.perf_counter()
         try:
             with torch.no_grad(), bind(Binding(tensors, session.lora_cfg.scaling)):

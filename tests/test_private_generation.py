@@ -143,8 +143,8 @@ def test_generation_session_refusals(servers):
     assert session.info.generation and session.info.max_cache_tokens == 256
     try:
         _forward(transport, session, 2, 5, 0)
-        with pytest.raises(ServerError, match=r"past_length 3 does not match the 5 positions .* send past_length=5"):
-            _forward(transport, session, 2, 1, 3)
+        with pytest.raises(ServerError, match=r"past_length 7 is more than the 5 positions .* send past_length=5"):
+            _forward(transport, session, 2, 1, 7)
         with pytest.raises(ServerError, match=r"batch size changed from 2 to 3"):
             _forward(transport, session, 3, 1, 5)
         with pytest.raises(ServerError, match=r"2 x 130 positions, over the server's cap of 256 per session"):
@@ -247,3 +247,31 @@ def test_an_adapter_on_the_client_blocks_only_sends_no_lora(servers, tiny_models
     opened = [request for name, request in hop.seen if name == "OpenSession"]
     assert len(opened) == 1 and not opened[0].remote_lora
     assert not any(request.HasField("lora") for name, request in hop.seen if name == "Forward")
+
+
+def test_a_retried_forward_gives_the_same_output(servers):
+    """A Forward whose reply was lost comes again with the same past_length: the cache goes back, the output is equal."""
+    transport, session = _stub_session(servers["llama"])
+    try:
+        torch.manual_seed(0)
+        prompt, token = torch.randn(2, 5, HIDDEN), torch.randn(2, 1, HIDDEN)
+        mask = torch.ones(2, 6, dtype=torch.uint8)
+
+        def forward(hidden, past):
+            req = pb.ForwardRequest(
+                session_id=session.id,
+                hidden=serde.to_proto(hidden),
+                attention_mask=serde.to_proto(mask[:, : past + hidden.shape[1]]),
+                past_length=past,
+            )
+            return serde.from_proto(transport.call("Forward", req, retry=False).hidden, "hidden")
+
+        forward(prompt, 0)
+        first = forward(token, 5)
+        again = forward(token, 5)  # the retry: the cache held 6 positions, it is cut back to 5 first
+        assert torch.equal(first, again)
+        whole, rerun = forward(prompt[:, :3], 0)[:, -1], forward(prompt[:, 2:3], 2)[:, -1]  # back from 3 to 2
+        torch.testing.assert_close(rerun, whole, rtol=1e-5, atol=1e-5)  # one query against three: rounding only
+    finally:
+        transport.call("CloseSession", pb.CloseSessionRequest(session_id=session.id), retry=False)
+        transport.close()
