@@ -13,8 +13,11 @@ The schedule:
 - a live module that has been live for `probe` steps is killed when its significance falls below `threshold`
   times the mean significance of all modules (a killed module keeps its last measured value);
 - a killed module is revived after `revive_after` steps killed (the scheduled probe: it then runs `probe` steps
-  and is judged on fresh gradients), or earlier when its last significance is again at least `threshold` times the
+  and is judged on its average, fed again with fresh gradients), or earlier when its last significance is again at least `threshold` times the
   mean (the others' updates have shrunk below it).
+
+The defaults (bench/kill_revive.py, SmolLM2, 200 steps): below the mean kills more than half of the middle's
+modules (mostly q_proj: v_proj's gradients are larger); probes of 5 steps every 50 keep the revival bursts cheap.
 
 A killed module is frozen: requires_grad is off and its gradient dropped before the optimizer step (AdamW skips it),
 so its values stay those the cloud already holds. In split mode its weights stop going up and its gradients stop
@@ -33,7 +36,7 @@ from torch import nn
 class KillReviveConfig:
     """The schedule's settings (`client tune --kill-*` flags)."""
 
-    threshold: float = 1.25  # kill below threshold * the mean significance of all modules
+    threshold: float = 1.0  # kill below threshold * the mean significance of all modules
     warmup: int = 10  # steps before the first kill
     probe: int = 5  # steps a (revived) module stays live before it may be killed
     revive_after: int = 50  # steps a killed module stays killed at most
@@ -75,9 +78,10 @@ class KillRevive:
     def live_count(self) -> int:
         return sum(self.live)
 
-    def after_backward(self, step: int) -> None:
+    def after_backward(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Updates the live modules' significance from their gradients, then kills and revives (before the
-        optimizer step: a module killed now does not change, so the cloud's copy of it stays current)."""
+        optimizer step: a module killed now does not change, so the cloud's copy of it stays current). A revived
+        module's AdamW momentum in `optimizer` restarts at zero: its old direction is stale (its scale is kept)."""
         beta = self.cfg.beta
         for i, pair in enumerate(self.modules):
             self.since[i] += 1
@@ -100,6 +104,9 @@ class KillRevive:
                 self._set(i, False)
             elif not self.live[i] and (self.since[i] >= self.cfg.revive_after or self.score[i] >= bar):
                 self._set(i, True)
+                for p in self.modules[i] if optimizer is not None else ():
+                    if "exp_avg" in optimizer.state.get(p, {}):
+                        optimizer.state[p]["exp_avg"].zero_()
 
     def _set(self, i: int, live: bool) -> None:
         self.live[i], self.since[i] = live, 0

@@ -161,7 +161,7 @@ class TrainState:
         loss, label_tokens = surviving_restarts(self.model, lambda: self._forward_backward(batch))
         lora_fields = self._lora_fields()
         if self.kill_revive is not None:  # before the step: a module killed now does not change
-            self.kill_revive.after_backward(self.step)
+            self.kill_revive.after_backward(self.step, self.optimizer)
         self.optimizer.step()
         wall = time.perf_counter() - started
         # Cloud optimizer: the remote LoRA and its state come down for the checkpoint (this step's traffic).
