@@ -8,7 +8,7 @@ import time
 import torch
 from torch import nn
 
-from tandem.kernels.feedback import Feedback, encoder_of
+from tandem.kernels.feedback import Feedback, encoder_of, received
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import flatten
@@ -120,6 +120,10 @@ class RemoteMiddle(nn.Module):
         """The error-feedback encoder of one of our streams at `step`; None without it (or in evaluation: step < 0)."""
         return encoder_of(self.feedback if self.session.error_feedback else None, stream, codec, step)
 
+    def _received(self, x: torch.Tensor, codec: str) -> torch.Tensor:
+        """A decoded hidden or gradient; an error-feedback session's sender rotated its int8/int4 tensors."""
+        return received(x, codec) if self.session.error_feedback else x
+
     def _call(self, method: str, req, step: int, kind: str):
         try:
             return self.transport.call(method, req, kind=kind, sealer=self.session.sealer, step=step)
@@ -162,7 +166,7 @@ class RemoteMiddle(nn.Module):
             self.step_live = live
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        out = arrived(serde.decode(resp.hidden, "hidden", codec, tuple(h.shape)), h)
+        out = arrived(self._received(serde.decode(resp.hidden, "hidden", codec, tuple(h.shape)), codec), h)
         meter.step_serde_s += time.perf_counter() - t0
         return out
 
@@ -207,7 +211,8 @@ class RemoteMiddle(nn.Module):
             resp = self._call("Backward", req, step, "Backward")
         meter.step_cloud_s += resp.compute_s
         t0 = time.perf_counter()
-        grad_in = arrived(serde.decode(resp.grad_input, "grad_input", self.session.gradient_codec, tuple(h.shape)), h)
+        codec = self.session.gradient_codec
+        grad_in = arrived(self._received(serde.decode(resp.grad_input, "grad_input", codec, tuple(h.shape)), codec), h)
         grads = self._lora_grads(resp)
         meter.step_serde_s += time.perf_counter() - t0
         return grad_in, grads

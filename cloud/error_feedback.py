@@ -4,8 +4,13 @@ that measure what a lossy-codec run tuned (`client tune --exact-eval`)."""
 
 from __future__ import annotations
 
-from tandem.kernels.feedback import Feedback
+from tandem.kernels import feedback as kernel
 from tandem.protos import split_pb2 as pb
+
+
+def received(session, x, codec: str):
+    """A decoded hidden or gradient; in an error-feedback session the client rotated its int8/int4 tensors."""
+    return kernel.received(x, codec) if session.feedback is not None else x
 
 
 def forward_codec(session, request) -> str:
@@ -17,7 +22,7 @@ def forward_codec(session, request) -> str:
 
 def begin(session) -> None:
     """Gives a session its streams (empty: the first step carries no error)."""
-    session.feedback = Feedback()
+    session.feedback = kernel.Feedback()
 
 
 def encoder(store, session, stream: str, codec: str, step: int):

@@ -195,7 +195,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         session = self._session(request, who)
         self._unseal(session, request)
         codec = error_feedback.forward_codec(session, request)  # float32 for an exact evaluation forward
-        hidden = serde.decode(request.hidden, "hidden", codec)
+        hidden = error_feedback.received(session, serde.decode(request.hidden, "hidden", codec), codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.decode(request.lora, "lora", session.lora_codec) if request.HasField("lora") else None
         live = remote_lora.parse_live(session, request.live_slots)  # Kill-and-Revive; refused in other sessions
@@ -221,9 +221,9 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         session = self._session(request, who)
         generation.refuse_backward(session)
         self._unseal(session, request)
-        grad_out = serde.decode(request.grad_output, "grad_output", session.gradient_codec)
-        grad_in, lora_grad, seconds = self.service.backward(session, request.step, grad_out)
         codec = session.gradient_codec
+        grad_out = error_feedback.received(session, serde.decode(request.grad_output, "grad_output", codec), codec)
+        grad_in, lora_grad, seconds = self.service.backward(session, request.step, grad_out)
         encoder = error_feedback.encoder(self.service.store, session, "grad_input", codec, request.step)
         resp = pb.BackwardResponse(grad_input=serde.encode(grad_in, codec, encoder=encoder), compute_s=seconds)
         if session.opt_spec is None:  # a cloud optimizer session gets no LoRA gradients: the cloud applied them

@@ -20,6 +20,7 @@ stream restarts from zero when the shape changes or the step goes backwards. Flo
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import torch
@@ -28,15 +29,56 @@ from . import codecs
 
 LOSSY = ("int8", "int4")
 CARRIED = ("grad_output", "grad_input")  # the streams that carry their error (see the module docstring)
+MAX_GROUP = 64  # the rotation's group: the largest power of two <= 64 that divides the last dimension
+
+
+def _group(dim: int) -> int:
+    group = 1
+    while group < MAX_GROUP and dim % (group * 2) == 0:
+        group *= 2
+    return group
+
+
+@functools.cache
+def _rotation(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random signs (one per channel) and the orthonormal Hadamard matrix of the group, for `dim`."""
+    group = _group(dim)
+    hadamard = torch.ones(1, 1)
+    while hadamard.shape[0] < group:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
+    signs = torch.randint(0, 2, (dim,), generator=torch.Generator().manual_seed(0x7A4D0E)).float() * 2 - 1
+    return signs, hadamard / group**0.5
+
+
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """Random-sign Hadamard rotation of the last dimension in groups of up to 64 (orthonormal): an outlier channel's
+    magnitude spreads over its group, so it no longer zeroes the other values of its absmax block."""
+    signs, hadamard = _rotation(x.shape[-1])
+    signs, hadamard = signs.to(x.device), hadamard.to(x.device)
+    group = hadamard.shape[0]
+    return ((x.float() * signs).reshape(*x.shape[:-1], -1, group) @ hadamard).reshape(x.shape)
+
+
+def unrotate(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of rotate (the Hadamard matrix is symmetric and orthonormal)."""
+    signs, hadamard = _rotation(x.shape[-1])
+    signs, hadamard = signs.to(x.device), hadamard.to(x.device)
+    group = hadamard.shape[0]
+    return (x.float().reshape(*x.shape[:-1], -1, group) @ hadamard).reshape(x.shape) * signs
+
+
+def received(x: torch.Tensor, codec: str) -> torch.Tensor:
+    """What a receiver in an error-feedback session does after decoding: undo the sender's rotation (lossy codecs)."""
+    return unrotate(x) if codec in LOSSY and x.dim() > 0 and x.shape[-1] > 0 else x
 
 
 class Stream:
     """One sender stream's residual, keyed by step (see the module docstring)."""
 
-    def __init__(self, codec: str, block: int = codecs.DEFAULT_BLOCK):
+    def __init__(self, codec: str, block: int = codecs.DEFAULT_BLOCK, carry: bool = True):
         if codec not in codecs.CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose one of {codecs.CODECS}")
-        self.codec, self.block = codec, block
+        self.codec, self.block, self.carry = codec, block, carry
         self.base: torch.Tensor | None = None  # residual carried into `step` (from the steps before it)
         self.step: int | None = None  # the last step encoded
         self.residual: torch.Tensor | None = None  # what `step` left to carry into the next one
@@ -47,13 +89,16 @@ class Stream:
         return sum(t.numel() * t.element_size() for t in (self.base, self.residual) if t is not None)
 
     def encode(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """codecs.encode of `x` plus the carried residual; returns (values, scales) and keeps the new residual."""
+        """codecs.encode of rotate(x) plus the carried residual; returns (values, scales) and keeps the new residual.
+        Not carrying (activations) or at a negative step (evaluation): the rotated tensor alone, no state."""
         if self.codec not in LOSSY:
             return codecs.encode(x.detach(), self.codec, self.block)
+        if not self.carry or step < 0:
+            return codecs.encode(rotate(x.detach()), self.codec, self.block)
         if self.step is not None and step != self.step:
             self.base = self.residual if step > self.step else None  # next step: commit; backwards: restart
         self.step = step
-        y = x.detach().float()
+        y = rotate(x.detach())
         if self.base is not None and self.base.shape == y.shape and self.base.device == y.device:
             y = y + self.base
         values, scales = codecs.encode(y, self.codec, self.block)
@@ -74,10 +119,12 @@ class Feedback:
         return sum(stream.nbytes for stream in self.streams.values())
 
     def encoder(self, name: str, codec: str, step: int):
-        """A `tensor -> (values, scales)` encoder of stream `name` at `step`, or None where nothing is carried: a
-        float codec (exact or half precision), a negative step (evaluation: the plain codec) or an activation stream."""
-        if codec not in LOSSY or step < 0 or name not in CARRIED:
+        """A `tensor -> (values, scales)` encoder of stream `name` at `step` (rotated; carrying its error for a
+        gradient stream at a training step), or None for a float codec (exact or half precision: nothing to do)."""
+        if codec not in LOSSY:
             return None
+        if step < 0 or name not in CARRIED:
+            return lambda x: Stream(codec, carry=False).encode(x, step)
 
         def encode(x: torch.Tensor):
             with self.lock:

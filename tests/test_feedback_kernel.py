@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tandem.kernels import codecs
-from tandem.kernels.feedback import Feedback, Stream
+from tandem.kernels.feedback import Feedback, Stream, rotate, unrotate
 
 
 def _decoded(stream: Stream, x: torch.Tensor, step: int) -> torch.Tensor:
     values, scales = stream.encode(x, step)
-    return codecs.decode(values, scales, stream.codec, tuple(x.shape), stream.block)
+    return unrotate(codecs.decode(values, scales, stream.codec, tuple(x.shape), stream.block))
 
 
 def _series(n: int, shape=(3, 5, 48), seed=0) -> list[torch.Tensor]:
@@ -35,12 +35,12 @@ def test_sum_of_what_arrived_tracks_the_sum_of_the_truth_within_one_step(codec):
     bound = torch.zeros(())
     for step, x in enumerate(xs):
         sent += _decoded(stream, x, step)
-        values, scales = codecs.encode(x, codec, 16)
-        plain += codecs.decode(values, scales, codec, tuple(x.shape), 16)
+        values, scales = codecs.encode(rotate(x), codec, 16)
+        plain += unrotate(codecs.decode(values, scales, codec, tuple(x.shape), 16))
         truth += x
         bound = torch.maximum(bound, scales.max() / 2)  # half a quantization step of the coarsest block seen
         # The EF identity: what arrived plus what is still carried is exactly the truth (up to float rounding).
-        assert torch.allclose(sent + stream.residual, truth, atol=1e-3)
+        assert torch.allclose(sent + unrotate(stream.residual), truth, atol=1e-3)
     ef_error = (sent - truth).abs().max()
     # what is carried is at most half a step of the last tensor (+ its residual); the sum's error never grows
     assert ef_error <= bound * 2 + 1e-4
@@ -51,7 +51,7 @@ def test_a_constant_tensor_averages_to_itself():
     x = _series(1)[0]
     stream = Stream("int4", block=16)
     total = sum(_decoded(stream, x, step) for step in range(64))
-    single = codecs.decode(*codecs.encode(x, "int4", 16), "int4", tuple(x.shape), 16)
+    single = unrotate(codecs.decode(*codecs.encode(rotate(x), "int4", 16), "int4", tuple(x.shape), 16))
     assert (total / 64 - x).abs().mean() < 0.1 * (single - x).abs().mean()
 
 
@@ -69,7 +69,7 @@ def test_encoding_a_step_again_sends_the_same_bytes_and_leaves_the_same_state():
 
 def test_a_new_shape_or_an_earlier_step_starts_from_zero():
     x = _series(1)[0]
-    fresh = codecs.encode(x, "int4")
+    fresh = codecs.encode(rotate(x), "int4")
     stream = Stream("int4")
     stream.encode(_series(1, seed=3)[0], 0)
     carried = stream.encode(x, 1)
@@ -92,12 +92,16 @@ def test_float_codecs_pass_through_and_get_no_encoder(codec):
 
 def test_feedback_streams_are_separate_and_evaluation_is_stateless():
     feedback = Feedback()
-    assert feedback.encoder("grad_input", "int4", -1) is None  # evaluation steps: the plain codec
-    assert feedback.encoder("hidden", "int4", 0) is None  # activations carry nothing
+    x = _series(1)[0]
+    for name, step in (("grad_input", -1), ("hidden", 0), ("hidden", 1)):  # evaluation, activations: rotated, no state
+        assert all(
+            torch.equal(p, q) for p, q in zip(feedback.encoder(name, "int4", step)(x), codecs.encode(rotate(x), "int4"))
+        )
+    assert not feedback.streams
     xs = _series(3)
     feedback.encoder("grad_input", "int4", 0)(xs[0])
     other = feedback.encoder("grad_output", "int4", 0)(xs[1])  # not disturbed by the other stream
-    assert all(torch.equal(p, q) for p, q in zip(other, codecs.encode(xs[1], "int4")))
+    assert all(torch.equal(p, q) for p, q in zip(other, codecs.encode(rotate(xs[1]), "int4")))
     assert feedback.nbytes > 0
     feedback.reset()
     assert feedback.nbytes == 0 and not feedback.streams
@@ -106,3 +110,14 @@ def test_feedback_streams_are_separate_and_evaluation_is_stateless():
 def test_unknown_codec_is_refused():
     with pytest.raises(ValueError, match="unknown codec"):
         Stream("int3")
+
+
+def test_rotation_is_orthonormal_and_spreads_outlier_channels():
+    x = _series(1, shape=(8, 576))[0]
+    x[:, [3, 150, 300, 450]] = torch.tensor([132.0, -63.0, 42.0, 28.0])  # SmolLM2's largest channels at the bottom cut
+    assert torch.allclose(unrotate(rotate(x)), x, atol=1e-3)
+    assert torch.allclose(rotate(x).norm(), x.norm(), rtol=1e-5)
+    for codec in ("int8", "int4"):
+        plain = codecs.decode(*codecs.encode(x, codec), codec, tuple(x.shape))
+        turned = unrotate(codecs.decode(*codecs.encode(rotate(x), codec), codec, tuple(x.shape)))
+        assert (turned - x).norm() < 0.6 * (plain - x).norm()
