@@ -146,10 +146,12 @@ def _add_error_feedback_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="int8/int4 codecs: each sender carries its gradient stream's quantization error into that stream's "
         "next training step (this client: the gradient at the top cut; the cloud: the gradient at the bottom cut), so "
-        "the error of the summed updates does not accumulate; activations are sent plain (their content changes every "
-        "step: a carried error would be another batch's, measured worse). State per session, restarted with each "
-        "session (a cloud restart equals a reopen). Evaluation uses the plain codec (or float32: --exact-eval). "
-        "Refused with float codecs (nothing to carry); the remote LoRA (--lora-codec) gets none; default off",
+        "the error of the summed updates does not accumulate; activations carry nothing (their content changes every "
+        "step: a carried error would be another batch's, measured worse). Both sides also rotate every int8/int4 "
+        "tensor (random-sign Hadamard) before quantizing, so outlier channels no longer zero their blocks (SmolLM2, "
+        "int4: 18.8%% -> 1.5%% forward loss). State per session, restarted with each session (a cloud restart equals "
+        "a reopen). Evaluation uses the codec, rotated (or float32: --exact-eval). Refused unless the gradients "
+        "travel in int8/int4; the remote LoRA (--lora-codec) gets none; default off",
     )
 
 

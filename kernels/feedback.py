@@ -1,9 +1,17 @@
-"""Error feedback for the int8/int4 wire codecs: each gradient stream carries its quantization error into its next step.
+"""Error feedback for the int8/int4 wire codecs: each gradient stream carries its quantization error into its next step,
+and every int8/int4 tensor is rotated before its blockwise quantization.
 
 EF-SGD style, sender-side only: a stream (the client's grad_output at the top cut, the cloud's grad_input at the
 bottom cut) keeps the residual r = (x + r_prev) - decode(encode(x + r_prev)) of its last step and adds it to the
 next step's tensor, so the sum of what arrived over steps tracks the sum of the true tensors within one
-quantization step (the error does not accumulate). The receiver decodes as usual: it keeps no state.
+quantization step (the error does not accumulate). The receiver keeps no state.
+
+The rotation (both sides of an error-feedback session, every int8/int4 hidden and gradient, evaluation included):
+fixed random signs per channel, then an orthonormal Hadamard transform over groups of up to 64 channels; the
+receiver undoes it after decoding (`received`). SmolLM2's residual stream has a few channels 100x the rest (and
+one of 20,000 on the first token at the top cut): without rotation the absmax scale of their 128-value block
+rounds the other 127 values to zero. A forward of SmolLM2 with int4 at both cuts (2 x 64 tokens of the sample
+data) lost 18.8% of its loss without rotation, 1.5% with it (0.3% with blocks of 64, at 0.141x float32 bytes).
 
 Gradients carry, activations do not (CARRIED). A gradient's effect is summed over steps by the parameter
 updates, which is what a carried error corrects. An activation's content changes every step (other samples):
