@@ -44,17 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence; default 64")
     p.add_argument("--records", type=int, default=400, help="sample-data records to generate; default 400")
     p.add_argument("--val-max-sequences", type=int, default=32, help="validation sequences; default 32")
+    p.add_argument(
+        "--kill-flags",
+        default="",
+        help='extra `client tune` flags of the kill-revive run, e.g. "--kill-threshold 0.9"; default: none (the '
+        "shipped schedule)",
+    )
     return p.parse_args(argv)
 
 
 def client_command(args, name: str, out: str, server, data: str) -> list[str]:
-    """`client tune` of one run (the kill-revive run adds only --kill-revive: its default schedule)."""
+    """`client tune` of one run (the kill-revive run adds --kill-revive and --kill-flags)."""
     cmd = [os.path.join(BIN, "client"), "tune", "--data", data, "--out", out, "--mode", "split"]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len)]
     cmd += ["--seed", str(args.seed), "--threads", str(args.threads), "--codec", "float32"]
     cmd += ["--val-max-sequences", str(args.val_max_sequences), "--audit", "no", "--checkpoint-every", str(10**6)]
     cmd += ["--no-progress", "--overwrite", *server.cli_args()]
-    return cmd + (["--kill-revive"] if name == "kill_revive" else [])
+    return cmd + (["--kill-revive", *args.kill_flags.split()] if name == "kill_revive" else [])
 
 
 def run_both(args, work: Path, data: str) -> dict:
