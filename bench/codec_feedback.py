@@ -9,7 +9,8 @@ step; --no-cloud-optimizer sends it up and its gradients down every step in --lo
 every request and reply of the training steps (serialized protobuf, sealed), the first step's LoRA upload included;
 the final GetRemoteState (the tuned remote LoRA and its moments, float32) is shown apart as a one-off.
 
-Validation loss is measured two ways after the same steps: through the session's codec (what `client tune` reports;
+`+ef` is `--error-feedback`: the gradient streams carry their error and every int8/int4 tensor is rotated
+(tandem.kernels.feedback). Validation loss is measured two ways after the same steps: through the session's codec (what `client tune` reports;
 evaluation forwards use the plain codec, no feedback) and exactly (the same adapter evaluated through a float32
 session: the honest measure of what was tuned). Writes bench/out/codec_feedback.json.
 """
