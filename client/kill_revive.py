@@ -7,6 +7,8 @@ Why this measure: AdamW moves each value by about lr * m / sqrt(v) per step, so 
 step is about lr * |E[g]| summed over its values; a module whose gradient only flips sign (noise, |EMA| small)
 moves nowhere and buys nothing. Per value, because a module's bytes on the wire are per value too: the measure is
 the benefit per byte. It needs only the gradients the step already has, so it costs no traffic.
+`--kill-measure snr` divides by the root of the moving average of the squared gradient instead: how steady a
+module's direction is, whatever its gradients' scale (AdamW moves a small but steady module as far as a large one).
 
 The schedule:
 - no module is killed before `warmup` steps (the averages fill first);
@@ -33,6 +35,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+MEASURES = ("gradient", "snr")
+SQUARES_BETA = 0.99  # the snr measure's average of squared gradients (Adam's second moment, shorter memory)
+
 
 @dataclass(frozen=True)
 class KillReviveConfig:
@@ -43,6 +48,7 @@ class KillReviveConfig:
     probe: int = 5  # steps a (revived) module stays live before it may be killed
     revive_after: int = 50  # steps a killed module stays killed at most
     beta: float = 0.9  # the gradient average's decay per step
+    measure: str = "gradient"  # gradient: mean |EMA of g|; snr: mean |EMA of g| / sqrt(EMA of g^2) (scale-free)
 
     def __post_init__(self):
         if not self.threshold > 0:
@@ -52,6 +58,8 @@ class KillReviveConfig:
                 f"--kill-warmup, --kill-probe and --revive-after must be >= 1, got "
                 f"{self.warmup}, {self.probe}, {self.revive_after}"
             )
+        if self.measure not in MEASURES:
+            raise ValueError(f"--kill-measure must be one of {MEASURES}, got {self.measure!r}")
         if not 0 <= self.beta < 1:
             raise ValueError(f"the kill-revive average's beta must be in [0, 1), got {self.beta}")
 
@@ -65,6 +73,7 @@ class KillRevive:
     def __init__(self, modules: list[tuple[nn.Parameter, nn.Parameter]], cfg: KillReviveConfig):
         self.modules, self.cfg = modules, cfg
         self.ema = [[torch.zeros_like(p) for p in pair] for pair in modules]
+        self.squares = [[torch.zeros_like(p) for p in pair] for pair in modules] if cfg.measure == "snr" else None
         self.score = [0.0] * len(modules)
         self.live = [True] * len(modules)
         self.since = [0] * len(modules)  # steps in the current state (live or killed)
@@ -84,20 +93,10 @@ class KillRevive:
         """Updates the live modules' significance from their gradients, then kills and revives (before the
         optimizer step: a module killed now does not change, so the cloud's copy of it stays current). A revived
         module's AdamW momentum in `optimizer` restarts at zero: its old direction is stale (its scale is kept)."""
-        beta = self.cfg.beta
         for i, pair in enumerate(self.modules):
             self.since[i] += 1
-            if not self.live[i]:
-                continue
-            total, count = 0.0, 0
-            for ema, p in zip(self.ema[i], pair):
-                if p.grad is not None:
-                    ema.mul_(beta).add_(p.grad.detach().to(ema.dtype), alpha=1 - beta)
-                else:
-                    ema.mul_(beta)
-                total += float(ema.abs().sum())
-                count += ema.numel()
-            self.score[i] = total / max(1, count)
+            if self.live[i]:
+                self.score[i] = self._measure(i, pair)
         if step + 1 < self.cfg.warmup or not self.modules:
             return
         bar = self.cfg.threshold * sum(self.score) / len(self.score)
@@ -109,6 +108,22 @@ class KillRevive:
                 for p in self.modules[i] if optimizer is not None else ():
                     if "exp_avg" in optimizer.state.get(p, {}):
                         optimizer.state[p]["exp_avg"].zero_()
+
+    def _measure(self, i: int, pair) -> float:
+        """Module i's significance after this step's gradients: mean |EMA of g|, or with `snr` that over the root of
+        the EMA of g^2 per value (how consistent its direction is, whatever its gradients' scale)."""
+        beta, total, count = self.cfg.beta, 0.0, 0
+        for k, p in enumerate(pair):
+            ema = self.ema[i][k]
+            grad = p.grad.detach().to(ema.dtype) if p.grad is not None else torch.zeros_like(ema)
+            ema.mul_(beta).add_(grad, alpha=1 - beta)
+            if self.squares is None:
+                total += float(ema.abs().sum())
+            else:
+                squares = self.squares[i][k].mul_(SQUARES_BETA).addcmul_(grad, grad, value=1 - SQUARES_BETA)
+                total += float((ema.abs() / (squares.sqrt() + 1e-12)).sum())
+            count += ema.numel()
+        return total / max(1, count)
 
     def _set(self, i: int, live: bool) -> None:
         self.live[i], self.since[i] = live, 0
@@ -128,6 +143,7 @@ class KillRevive:
         """What a checkpoint keeps (resume continues the same decisions)."""
         return {
             "ema": [[t.clone() for t in pair] for pair in self.ema],
+            "squares": None if self.squares is None else [[t.clone() for t in pair] for pair in self.squares],
             "score": list(self.score),
             "live": list(self.live),
             "since": list(self.since),
@@ -139,7 +155,7 @@ class KillRevive:
         if len(state["live"]) != len(self.modules):
             raise ValueError(f"kill-revive state for {len(state['live'])} modules, the model has {len(self.modules)}")
         with torch.no_grad():
-            for mine, saved in zip(self.ema, state["ema"]):
+            for mine, saved in zip(self.ema + (self.squares or []), state["ema"] + (state.get("squares") or [])):
                 for t, value in zip(mine, saved):
                     t.copy_(value)
         self.score, self.live, self.since = list(state["score"]), list(state["live"]), list(state["since"])

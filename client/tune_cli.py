@@ -31,7 +31,11 @@ def kill_revive_config(args: argparse.Namespace):
     if not args.kill_revive:
         return None
     return KillReviveConfig(
-        threshold=args.kill_threshold, warmup=args.kill_warmup, probe=args.kill_probe, revive_after=args.revive_after
+        threshold=args.kill_threshold,
+        warmup=args.kill_warmup,
+        probe=args.kill_probe,
+        revive_after=args.revive_after,
+        measure=args.kill_measure,
     )
 
 

@@ -205,7 +205,7 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_kill_revive_flags(parser: argparse.ArgumentParser) -> None:
-    from .kill_revive import KillReviveConfig
+    from .kill_revive import MEASURES, KillReviveConfig
 
     default = KillReviveConfig()
     parser.add_argument(
@@ -239,6 +239,14 @@ def _add_kill_revive_flags(parser: argparse.ArgumentParser) -> None:
         type=flags.positive_int,
         default=default.revive_after,
         help=f"--kill-revive: steps a killed module stays killed at most; default {default.revive_after}",
+    )
+    parser.add_argument(
+        "--kill-measure",
+        choices=MEASURES,
+        default=default.measure,
+        help="--kill-revive: a module's significance: gradient (mean |moving average of its gradient|) or snr (that "
+        f"over the root of the moving average of its squared gradient: how steady its direction is, whatever its "
+        f"scale); default {default.measure}",
     )
 
 

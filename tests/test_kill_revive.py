@@ -226,3 +226,22 @@ def test_the_schedule_kills_the_insignificant_and_revives_them():
     assert kr.live[2]
     kr.load_state_dict(saved)  # a checkpoint puts the decisions back
     assert kr.live == [True, True, False] and not modules[2][1].requires_grad
+
+
+def test_the_snr_measure_kills_the_noisy_module_not_the_small_steady_one():
+    """--kill-measure snr: a module whose gradient flips sign every step is killed, one whose gradient is 100x
+    smaller but steady stays live (the gradient measure would kill the small one); its state survives a checkpoint."""
+    modules = [(torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))) for _ in range(3)]
+    kr = KillRevive(modules, KillReviveConfig(threshold=0.9, warmup=4, probe=2, revive_after=50, measure="snr"))
+    for i in range(6):
+        for (a, b), size in zip(modules, [1.0, 0.01, 1.0 if i % 2 else -1.0]):  # steady, small and steady, noise
+            for p in (a, b):
+                p.grad = torch.full_like(p, size) if p.requires_grad else None
+        kr.after_backward(i)
+    assert kr.live == [True, True, False]
+    saved = kr.state_dict()
+    fresh = KillRevive(modules, KillReviveConfig(threshold=0.9, warmup=4, probe=2, revive_after=50, measure="snr"))
+    fresh.load_state_dict(saved)
+    assert fresh.live == kr.live and all(torch.equal(x, y) for x, y in zip(fresh.squares[0], kr.squares[0]))
+    with pytest.raises(ValueError, match="--kill-measure must be one of"):
+        KillReviveConfig(measure="loss")
