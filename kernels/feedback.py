@@ -48,7 +48,7 @@ def _group(dim: int) -> int:
     return group
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)  # bounded: the dimension comes from the network (a tensor's shape)
 def _rotation(dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed random signs (one per channel) and the orthonormal Hadamard matrix of the group, for `dim`."""
     group = _group(dim)
