@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from .errors import LayoutError
 
 MAX_SPEC_CHARS = 4096  # a --lora-layers value longer than this is not a list of blocks
+MAX_BLOCK = 1 << 16  # nor is one naming a block past this (a range up to it would only fill memory)
 
 
 def parse_layers(spec: str) -> tuple[int, ...]:
@@ -29,6 +30,8 @@ def parse_layers(spec: str) -> tuple[int, ...]:
         first, last = int(low), int(high) if dash else int(low)
         if last < first:
             raise ValueError(f"the range {part!r} runs backwards; write {last}-{first}")
+        if last >= MAX_BLOCK:
+            raise ValueError(f"block {last} in {part!r}: no model has that many blocks")
         blocks += range(first, last + 1)
     if len(set(blocks)) != len(blocks):
         raise ValueError(f"{spec!r} lists a block more than once")

@@ -36,7 +36,14 @@ def test_parse_layers(spec, blocks):
 
 @pytest.mark.parametrize(
     ("spec", "says"),
-    [("", "block indices"), ("a", "block indices"), ("-1", "block indices"), ("5-3", "backwards"), ("1,1-2", "once")],
+    [
+        ("", "block indices"),
+        ("a", "block indices"),
+        ("-1", "block indices"),
+        ("5-3", "backwards"),
+        ("1,1-2", "once"),
+        ("0-999999999", "no model has that many blocks"),
+    ],
 )
 def test_parse_layers_refuses(spec, says):
     with pytest.raises(ValueError, match=says):
