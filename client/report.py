@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-from tandem.kernels.codecs import DEFAULT_BLOCK
-from tandem.kernels.feedback import aligned_block
 from tandem.stages.traffic import step_bytes
 
 PRIVACY_NOTE = (
@@ -76,8 +74,7 @@ def expected_bytes(model, batch_tokens: int) -> int:
     lora = 0 if model.middle.cloud_optimizer else sum(p.numel() for p in model.middle.params)
     hidden = int(model.config.hidden_size)
     codecs = (session.codec, session.gradient_codec, session.lora_codec)
-    block = aligned_block(hidden) if session.error_feedback else DEFAULT_BLOCK
-    return step_bytes(batch_tokens, hidden, lora, *codecs, backward=model.trains_below_top(), block=block).total
+    return step_bytes(batch_tokens, hidden, lora, *codecs, backward=model.trains_below_top()).total
 
 
 def privacy_note(model) -> str:

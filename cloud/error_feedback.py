@@ -37,7 +37,7 @@ def encoder(store, session, stream: str, codec: str, step: int):
         return None
 
     def encode(x):
-        encoded = inner(x)  # (values, scales, block)
+        values, scales = inner(x)
         grown = feedback.nbytes - session.feedback_held
         if grown > 0:
             try:
@@ -46,6 +46,6 @@ def encoder(store, session, stream: str, codec: str, step: int):
                 feedback.reset()
                 raise
             session.feedback_held += grown
-        return encoded
+        return values, scales
 
     return encode

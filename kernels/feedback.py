@@ -12,7 +12,6 @@ receiver undoes it after decoding (`received`). SmolLM2's residual stream has a 
 one of 20,000 on the first token at the top cut): without rotation the absmax scale of their 128-value block
 rounds the other 127 values to zero. A forward of SmolLM2 with int4 at both cuts (2 x 64 tokens of the sample
 data) lost 18.8% of its loss without rotation, 1.5% with it (0.3% with blocks of 64, at 0.141x float32 bytes).
-Blocks are also aligned with tokens (aligned_block: 96 for SmolLM2's 576), for +0.3% at 0.135x.
 
 Gradients carry, activations do not (CARRIED). A gradient's effect is summed over steps by the parameter
 updates, which is what a carried error corrects. An activation's content changes every step (other samples):
@@ -81,26 +80,13 @@ def received(x: torch.Tensor, codec: str) -> torch.Tensor:
     return unrotate(x) if codec in LOSSY and x.dim() > 0 and x.shape[-1] > 0 else x
 
 
-def aligned_block(dim: int) -> int:
-    """The int8/int4 block of an error-feedback session's tensor whose last dimension is `dim`: the largest divisor
-    of `dim` from 32 up to codecs.DEFAULT_BLOCK, so that no block straddles two tokens (a token's outlier channel
-    then never sets the scale of the next token's values); DEFAULT_BLOCK when `dim` has none. SmolLM2 (576): 96,
-    one int4 forward at both cuts +0.3% loss against +2.7% with blocks of 128, at 0.135x float32 bytes."""
-    for block in range(codecs.DEFAULT_BLOCK, 31, -1):
-        if dim % block == 0:
-            return block
-    return codecs.DEFAULT_BLOCK
-
-
 class Stream:
     """One sender stream's residual, keyed by step (see the module docstring)."""
 
-    def __init__(self, codec: str, block: int | None = None, carry: bool = True):
-        """`block`: the int8/int4 block; None: aligned_block of each tensor's last dimension."""
+    def __init__(self, codec: str, block: int = codecs.DEFAULT_BLOCK, carry: bool = True):
         if codec not in codecs.CODECS:
             raise ValueError(f"unknown codec {codec!r}; choose one of {codecs.CODECS}")
         self.codec, self.block, self.carry = codec, block, carry
-        self.last_block = block or codecs.DEFAULT_BLOCK  # the block of the last tensor encoded
         self.base: torch.Tensor | None = None  # residual carried into `step` (from the steps before it)
         self.step: int | None = None  # the last step encoded
         self.residual: torch.Tensor | None = None  # what `step` left to carry into the next one
@@ -113,25 +99,19 @@ class Stream:
     def encode(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """codecs.encode of rotate(x) plus the carried residual; returns (values, scales) and keeps the new residual.
         Not carrying (activations) or at a negative step (evaluation): the rotated tensor alone, no state."""
-        block = self.last_block = self.block or aligned_block(x.shape[-1] if x.dim() else 1)
         if self.codec not in LOSSY:
-            return codecs.encode(x.detach(), self.codec, block)
+            return codecs.encode(x.detach(), self.codec, self.block)
         if not self.carry or step < 0:
-            return codecs.encode(rotate(x.detach()), self.codec, block)
+            return codecs.encode(rotate(x.detach()), self.codec, self.block)
         if self.step is not None and step != self.step:
             self.base = self.residual if step > self.step else None  # next step: commit; backwards: restart
         self.step = step
         y = rotate(x.detach())
         if self.base is not None and self.base.shape == y.shape and self.base.device == y.device:
             y = y + self.base
-        values, scales = codecs.encode(y, self.codec, block)
-        self.residual = y - codecs.decode(values, scales, self.codec, tuple(y.shape), block)
+        values, scales = codecs.encode(y, self.codec, self.block)
+        self.residual = y - codecs.decode(values, scales, self.codec, tuple(y.shape), self.block)
         return values, scales
-
-    def encode_with_block(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """encode(), and the block it used (serde writes it into the message: the receiver decodes with it)."""
-        values, scales = self.encode(x, step)
-        return values, scales, self.last_block
 
 
 class Feedback:
@@ -147,19 +127,19 @@ class Feedback:
         return sum(stream.nbytes for stream in self.streams.values())
 
     def encoder(self, name: str, codec: str, step: int):
-        """A `tensor -> (values, scales, block)` encoder of stream `name` at `step` (rotated, in token-aligned blocks;
-        carrying its error for a gradient stream at a training step), or None for a float codec (nothing to do)."""
+        """A `tensor -> (values, scales)` encoder of stream `name` at `step` (rotated; carrying its error for a
+        gradient stream at a training step), or None for a float codec (exact or half precision: nothing to do)."""
         if codec not in LOSSY:
             return None
         if step < 0 or name not in CARRIED:
-            return lambda x: Stream(codec, carry=False).encode_with_block(x, step)
+            return lambda x: Stream(codec, carry=False).encode(x, step)
 
         def encode(x: torch.Tensor):
             with self.lock:
                 stream = self.streams.get(name)
                 if stream is None or stream.codec != codec:
                     stream = self.streams[name] = Stream(codec)
-                return stream.encode_with_block(x, step)
+                return stream.encode(x, step)
 
         return encode
 

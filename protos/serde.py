@@ -109,14 +109,11 @@ def encode(t: torch.Tensor, codec: str = "float32", block: int = codecs.DEFAULT_
     """Encodes a float tensor of any compute dtype or device with a wire codec (float32 is exact and equals
     to_proto of the float32 tensor: a bfloat16 or float16 value travels as its exact float32 upcast).
 
-    `encoder`: a `tensor -> (values, scales, block)` in `codec` to use instead of codecs.encode (an error-feedback
-    stream, tandem.kernels.feedback, which picks its own block); None: codecs.encode in `block`."""
+    `encoder`: a `tensor -> (values, scales)` in `codec` and `block` to use instead of codecs.encode (an
+    error-feedback stream: tandem.kernels.feedback); None: codecs.encode."""
     if codec == "float32":
         return to_proto(t.float())
-    if encoder is not None:
-        values, scales, block = encoder(t)
-    else:
-        values, scales = codecs.encode(t.detach(), codec, block)
+    values, scales = encoder(t) if encoder is not None else codecs.encode(t.detach(), codec, block)
     msg = to_proto(values)
     del msg.shape[:]
     msg.shape.extend(t.shape)

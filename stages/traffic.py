@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tandem.kernels.codecs import DEFAULT_BLOCK, bytes_per_value
+from tandem.kernels.codecs import bytes_per_value
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ def step_bytes(
     gradient_codec: str = "",
     lora_codec: str = "float32",
     backward: bool = True,
-    block: int = DEFAULT_BLOCK,
 ) -> StepBytes:
     """What a training step of `batch_tokens` tokens must carry (tensor payloads; message framing excluded).
 
@@ -43,10 +42,9 @@ def step_bytes(
         gradient_codec: Codec of the gradients at the cuts; empty means `codec`.
         backward: Whether the step crosses back (False: nothing below the top cut trains, a top-only adapter;
             one round trip, no gradient at either cut, and no remote LoRA either way).
-        block: The int8/int4 block of the hidden states and gradients (error-feedback sessions align it with tokens).
     """
     values = batch_tokens * hidden_size  # one (B, T, H) tensor
-    hidden = math.ceil(values * bytes_per_value(codec, block))
-    grads = math.ceil(values * bytes_per_value(gradient_codec or codec, block)) if backward else 0
+    hidden = math.ceil(values * bytes_per_value(codec))
+    grads = math.ceil(values * bytes_per_value(gradient_codec or codec)) if backward else 0
     lora = math.ceil(lora_params * bytes_per_value(lora_codec)) if backward else 0
     return StepBytes(up=hidden + grads + lora + batch_tokens, down=hidden + grads + lora)

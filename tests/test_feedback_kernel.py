@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tandem.kernels import codecs
-from tandem.kernels.feedback import Feedback, Stream, aligned_block, received, rotate, unrotate
+from tandem.kernels.feedback import Feedback, Stream, rotate, unrotate
 
 
 def _decoded(stream: Stream, x: torch.Tensor, step: int) -> torch.Tensor:
@@ -69,7 +69,7 @@ def test_encoding_a_step_again_sends_the_same_bytes_and_leaves_the_same_state():
 
 def test_a_new_shape_or_an_earlier_step_starts_from_zero():
     x = _series(1)[0]
-    fresh = codecs.encode(rotate(x), "int4", aligned_block(x.shape[-1]))
+    fresh = codecs.encode(rotate(x), "int4")
     stream = Stream("int4")
     stream.encode(_series(1, seed=3)[0], 0)
     carried = stream.encode(x, 1)
@@ -95,16 +95,13 @@ def test_feedback_streams_are_separate_and_evaluation_is_stateless():
     x = _series(1)[0]
     for name, step in (("grad_input", -1), ("hidden", 0), ("hidden", 1)):  # evaluation, activations: rotated, no state
         assert all(
-            torch.equal(p, q)
-            for p, q in zip(
-                feedback.encoder(name, "int4", step)(x), codecs.encode(rotate(x), "int4", aligned_block(x.shape[-1]))
-            )
+            torch.equal(p, q) for p, q in zip(feedback.encoder(name, "int4", step)(x), codecs.encode(rotate(x), "int4"))
         )
     assert not feedback.streams
     xs = _series(3)
     feedback.encoder("grad_input", "int4", 0)(xs[0])
     other = feedback.encoder("grad_output", "int4", 0)(xs[1])  # not disturbed by the other stream
-    assert all(torch.equal(p, q) for p, q in zip(other, codecs.encode(rotate(xs[1]), "int4", aligned_block(48))))
+    assert all(torch.equal(p, q) for p, q in zip(other, codecs.encode(rotate(xs[1]), "int4")))
     assert feedback.nbytes > 0
     feedback.reset()
     assert feedback.nbytes == 0 and not feedback.streams
@@ -124,16 +121,3 @@ def test_rotation_is_orthonormal_and_spreads_outlier_channels():
         plain = codecs.decode(*codecs.encode(x, codec), codec, tuple(x.shape))
         turned = unrotate(codecs.decode(*codecs.encode(rotate(x), codec), codec, tuple(x.shape)))
         assert (turned - x).norm() < 0.6 * (plain - x).norm()
-
-
-def test_blocks_align_with_tokens_and_travel_in_the_message():
-    """An error-feedback tensor's blocks never straddle two tokens; the receiver decodes with the block sent."""
-    from tandem.protos import serde
-
-    assert [aligned_block(d) for d in (576, 4096, 896, 1000, 257)] == [96, 128, 128, 125, 128]
-    x = torch.randn(2, 3, 576)
-    x[:, 0, 7] = 1e4  # one token's outlier channel
-    msg = serde.encode(x, "int4", encoder=Feedback().encoder("hidden", "int4", 0))
-    assert msg.block_size == 96
-    got = received(serde.decode(msg, "hidden", "int4"), "int4")
-    assert (got[:, 1:] - x[:, 1:]).abs().max() < 0.5  # the other tokens keep their own scale
