@@ -189,8 +189,12 @@ class RaySplitService(SplitService):
         lora_flat: torch.Tensor | None,
         dropout_seed: int,
         train: bool,
+        live: list[bool] | None = None,
     ) -> tuple[torch.Tensor, float]:
-        """Runs the replica's shards in turn, each with its slice of the remote LoRA."""
+        """Runs the replica's shards in turn, each with its slice of the remote LoRA (`live`: never set here, since
+        this backend does not agree to Kill-and-Revive; refused if it is)."""
+        if live is not None:
+            raise InvalidRequest("this server's backend (Ray) does not serve Kill-and-Revive sessions")
         self.checks.activations(hidden, mask, "hidden")
         sliced = lora_flat is not None and session.remote_lora
         if sliced and lora_flat.numel() != sum(self._slices(session)):

@@ -208,7 +208,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
             out, seconds = self.service.forward(
                 session,
                 *(request.step, hidden, mask, request.lora_version, lora, request.dropout_seed, request.train),
-                **({"live": live} if live is not None else {}),
+                live=live,
             )
         encoder = error_feedback.encoder(self.service.store, session, "hidden", codec, request.step)
         resp = pb.ForwardResponse(hidden=serde.encode(out, codec, encoder=encoder), compute_s=seconds)
