@@ -46,14 +46,14 @@ def _connect(server, args, codec: str, feedback: bool):
         server.transport_cfg(codec=codec, error_feedback=feedback, lora_codec=args.lora_codec, seal=True)
     )
     adamw = ADAMW | {"lr": args.lr} if args.cloud_optimizer else None
-    return transport, connect_split(transport, LORA, seed=0, cloud_optimizer=adamw)
+    return transport, connect_split(transport, LORA, seed=args.seed, cloud_optimizer=adamw)
 
 
 def _exact_val(server, args, model, data_dir) -> float:
     """The adapter's validation loss through a float32 session (exact activations both ways)."""
     transport, exact = _connect(server, args, "float32", False)
     exact.adapter.load_state_dict(model.adapter.state_dict())
-    data = load_split(data_dir, exact.tokenizer, args.seq, args.batch, 0, 0.1)
+    data = load_split(data_dir, exact.tokenizer, args.seq, args.batch, args.seed, 0.1)
     loss = evaluate(exact, data, 0)["loss"]
     exact.close()
     transport.close()
@@ -62,9 +62,9 @@ def _exact_val(server, args, model, data_dir) -> float:
 
 def run(server, data_dir, name: str, args) -> dict:
     codec, feedback = name.removesuffix("+ef"), name.endswith("+ef")
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     transport, model = _connect(server, args, codec, feedback)
-    data = load_split(data_dir, model.tokenizer, args.seq, args.batch, 0, 0.1)
+    data = load_split(data_dir, model.tokenizer, args.seq, args.batch, args.seed, 0.1)
     remote = {id(p) for p in model.middle.params} if args.cloud_optimizer else set()
     optimizer = make_optimizer([p for p in model.adapter.parameters() if id(p) not in remote], args.lr)
     transport.meter.take_step()
@@ -99,7 +99,7 @@ def run(server, data_dir, name: str, args) -> dict:
 
 
 def main() -> None:
-    p = bench_parser(__file__, __doc__)
+    p = bench_parser(__file__, __doc__, results=True, seed=0)
     p.add_argument("--steps", type=int, default=150, help="tuning steps per configuration")
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
@@ -157,7 +157,7 @@ def main() -> None:
     Console().print(table)
     print(f"one-off final GetRemoteState: {base['final_fetch_bytes']:,} B (every config)")
     os.makedirs(os.path.join(os.path.dirname(__file__), "out"), exist_ok=True)
-    with open(os.path.join(os.path.dirname(__file__), "out", "codec_feedback.json"), "w") as f:
+    with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
 
 
