@@ -15,6 +15,7 @@ from tandem.stages.arch import arch_for, parts_of
 from tandem.stages.errors import ModelLoadError
 from tandem.stages.loading import DEFAULT_MODEL_ID, default_model_dir, shell_config, tokenizer_files
 from tandem.stages.lora import LoraConfig, inject_slots
+from tandem.stages.lora_layers import check_layers, format_layers, select_slots
 from tandem.stages.modules import MiddleStage, StageLayout
 from tandem.stages.traffic import step_bytes
 
@@ -40,6 +41,7 @@ class PlanConfig:
         sessions: Sessions the deployment should hold at once.
         codec: Wire codec of the activations and gradients at the cuts.
         lora_rank, lora_targets: The sessions' remote LoRA (empty targets: the architecture's default).
+        lora_layers: The blocks that carry LoRA; with none below the top cut a step is one round trip, no gradients.
         cloud_optimizer: The cloud applies the remote LoRA's AdamW updates (no LoRA crosses the wire per step).
         memory_cap_mb: The server's --memory-cap-mb.
     """
@@ -55,6 +57,7 @@ class PlanConfig:
     lora_targets: tuple[str, ...] = ()
     cloud_optimizer: bool = False
     memory_cap_mb: float = DEFAULT_MEMORY_CAP_MB
+    lora_layers: tuple[int, ...] = ()  # the blocks that carry LoRA (client tune --lora-layers); empty: every block
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "sessions", "lora_rank"):
@@ -151,7 +154,7 @@ def plan_session(parts, layout: StageLayout, cfg: PlanConfig) -> Session:
     unknown = sorted(targets - {slot.name.rsplit(".", 1)[-1] for slot in slots})
     if unknown:
         raise ValueError(f"--lora-targets {unknown} are not layers of the middle blocks")
-    chosen = [slot for slot in slots if slot.name.rsplit(".", 1)[-1] in targets]
+    chosen = [slot for slot in select_slots(slots, cfg.lora_layers) if slot.name.rsplit(".", 1)[-1] in targets]
     return Session("plan", "plan", lora, chosen, True, cfg.codec)
 
 
@@ -189,15 +192,18 @@ def resident_bytes(session: Session, cloud_optimizer: bool) -> int:
     return 4 * remote_lora_params(session) * (3 if cloud_optimizer else 1)
 
 
-def cloud_side(cfg: PlanConfig, model: nn.Module, layout: StageLayout, session: Session) -> dict:
-    """The cloud's weights, each session's resident LoRA and forward state per mode, and the sessions that fit."""
+def cloud_side(cfg: PlanConfig, model: nn.Module, layout: StageLayout, session: Session, backward: bool = True) -> dict:
+    """The cloud's weights, each session's resident LoRA and forward state per mode (none without a backward: a
+    step that does not cross back keeps nothing), and the sessions that fit."""
     parts = parts_of(model)
     weights = tensor_bytes(model.parameters(), getattr(torch, cfg.dtype))
     states = middle_state_model(parts, layout)
     adapter = AdapterShape.of(session)
     padded = cfg.sessions > 1  # concurrent sessions share batched passes, whose rows are padded
     modes = FORWARD_STATE_MODES
-    state = {mode: states.estimate(mode, cfg.batch_size, cfg.seq_len, padded, adapter) for mode in modes}
+    state = {
+        mode: states.estimate(mode, cfg.batch_size, cfg.seq_len, padded, adapter) if backward else 0 for mode in modes
+    }
     resident = resident_bytes(session, cfg.cloud_optimizer)
     cap = int(cfg.memory_cap_mb * 2**20)
     return {
@@ -206,7 +212,7 @@ def cloud_side(cfg: PlanConfig, model: nn.Module, layout: StageLayout, session: 
         "session_resident_bytes": resident,
         "forward_state_bytes": state,
         "memory_cap_bytes": cap,
-        "sessions_fit": {mode: cap // (state[mode] + resident) for mode in modes},
+        "sessions_fit": {mode: cap // max(1, state[mode] + resident) for mode in modes},
         "total_bytes": {mode: weights + cfg.sessions * (state[mode] + resident) for mode in modes},
     }
 
@@ -223,8 +229,12 @@ def plan(cfg: PlanConfig) -> dict:
     hidden = int(parts.embed.weight.shape[1])
     client = client_side(config, layout, cfg.dtype, model_dir)
     session = plan_session(parts, layout, cfg)
+    check_layers(cfg.lora_layers, layout.num_layers)
     lora_params = remote_lora_params(session)
-    traffic = step_bytes(cfg.batch_size * cfg.seq_len, hidden, 0 if cfg.cloud_optimizer else lora_params, cfg.codec)
+    # With no LoRA below the top cut nothing there trains: one round trip a step, no gradient crosses.
+    backward = not cfg.lora_layers or any(block < layout.num_layers - layout.top for block in cfg.lora_layers)
+    lora_up = 0 if cfg.cloud_optimizer else lora_params
+    traffic = step_bytes(cfg.batch_size * cfg.seq_len, hidden, lora_up, cfg.codec, backward=backward)
     return {
         "model": model_id,
         "architecture": config.model_type,
@@ -242,8 +252,10 @@ def plan(cfg: PlanConfig) -> dict:
             "slots": len(session.slots),
             "remote_params": lora_params,
             "cloud_optimizer": cfg.cloud_optimizer,
+            "layers": format_layers(cfg.lora_layers),
+            "round_trips_per_step": 2 if backward else 1,
         },
         "client": client,
         "step_bytes": {"up": traffic.up, "down": traffic.down, "total": traffic.total},
-        "cloud": cloud_side(cfg, model, layout, session),
+        "cloud": cloud_side(cfg, model, layout, session, backward),
     }

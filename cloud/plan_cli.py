@@ -12,6 +12,7 @@ from . import flags
 def run_plan(args: argparse.Namespace) -> int:
     """Prints the plan; 2 (one line on stderr) when the input cannot be planned."""
     from tandem.stages.errors import StageError
+    from tandem.stages.lora_layers import parse_layers
 
     from .plan import PlanConfig, plan
 
@@ -28,6 +29,7 @@ def run_plan(args: argparse.Namespace) -> int:
             lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
             cloud_optimizer=args.cloud_optimizer,
             memory_cap_mb=args.memory_cap_mb,
+            lora_layers=parse_layers(args.lora_layers) if args.lora_layers else (),
         )
         result = plan(cfg)
     except (StageError, ValueError, OSError) as e:
@@ -69,8 +71,12 @@ def render(result: dict) -> None:
         f"stages {_size(client['stages_bytes'])} + tokenizer {_size(client['tokenizer_bytes'])}",
     )
     table.add_row("client stage weights (memory)", _size(client["weights_bytes"]), f"{client['params']:,} parameters")
-    table.add_row("bytes per step, client to cloud", _size(traffic["up"]), "activations, gradient, remote LoRA, mask")
-    table.add_row("bytes per step, cloud to client", _size(traffic["down"]), "activations, gradient, LoRA gradients")
+    if result["lora"]["round_trips_per_step"] == 1:  # nothing below the top cut trains: no backward crosses
+        up, down = "activations, mask (one round trip)", "activations (no gradient crosses)"
+    else:
+        up, down = "activations, gradient, remote LoRA, mask", "activations, gradient, LoRA gradients"
+    table.add_row("bytes per step, client to cloud", _size(traffic["up"]), up)
+    table.add_row("bytes per step, cloud to client", _size(traffic["down"]), down)
     table.add_row("cloud weights (memory)", _size(cloud["weights_bytes"]), f"{cloud['params']:,} parameters")
     table.add_row(
         "remote LoRA per session",
@@ -140,6 +146,13 @@ def add_plan_parser(sub) -> None:
         "--lora-targets",
         default="",
         help="comma-separated layers the remote LoRA adapts; default: the architecture's (q_proj,v_proj / c_attn)",
+    )
+    parser.add_argument(
+        "--lora-layers",
+        default="",
+        metavar="BLOCKS",
+        help="the blocks that carry LoRA (client tune --lora-layers), e.g. 28-29; with none below the top cut a step "
+        "is one round trip and no gradient crosses; default: every block",
     )
     parser.add_argument(
         "--cloud-optimizer",

@@ -15,6 +15,7 @@ from tandem.client.transport import Transport
 from tandem.cloud.cli import main as cloud_main
 from tandem.cloud.plan import PlanConfig, plan
 from tandem.stages.arch import parts_of
+from tandem.stages.errors import LayoutError
 from tandem.stages.loading import client_state, load_model, pack_state, tokenizer_files
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
@@ -150,3 +151,32 @@ def test_json_and_table_from_the_installed_command(tiny_models):
         "sessions fit",
     ):
         assert row in table.stdout, (row, table.stdout)
+
+
+def test_plan_of_a_top_only_adapter_matches_a_real_run(tiny_models, sample_data, server_factory, tmp_path):
+    """`cloud plan --lora-layers` with LoRA above the top cut only: one round trip, no gradients, no forward state,
+    and the bytes a real top-only `client tune` carries."""
+    top = tuple(StageLayout.parse("2:2", load_model(tiny_models["llama"]).config).top_blocks)
+    planned = _plan(tiny_models["llama"], lora_layers=top)
+    assert planned["lora"]["round_trips_per_step"] == 1 and planned["lora"]["remote_params"] == 0
+    assert set(planned["cloud"]["forward_state_bytes"].values()) == {0}
+    assert planned["step_bytes"]["total"] < _plan(tiny_models["llama"])["step_bytes"]["total"] / 2
+    server = server_factory(tiny_models["llama"])
+    cfg = TuneConfig(
+        data=sample_data,
+        out=str(tmp_path / "run"),
+        steps=2,
+        batch_size=BATCH,
+        seq_len=SEQ,
+        lora=LoraConfig(rank=RANK, alpha=8, layers=top),
+        checkpoint_every=100,
+        audit="no",
+        progress=False,
+    )
+    report = tune(cfg, server.transport_cfg())
+    assert report["per_token"]["expected_bytes_per_step"] == planned["step_bytes"]["total"]
+    for step in report["steps"]:
+        assert _near(planned["step_bytes"]["up"], step["bytes_sent"]), (planned["step_bytes"], step)
+        assert _near(planned["step_bytes"]["down"], step["bytes_received"]), (planned["step_bytes"], step)
+    with pytest.raises(LayoutError, match="not blocks of the model"):
+        _plan(tiny_models["llama"], lora_layers=(99,))
