@@ -35,6 +35,15 @@ def split_losses(
     transport = Transport(transport_cfg)
     model = connect_split(transport, LoraConfig(rank=4, alpha=8), seed=seed)
     data = load_split(data_dir, model.tokenizer, seq_len, batch, seed, 0.1)
+    losses = train_losses(model, data, steps, seed, hook)
+    model.close()
+    transport.close()
+    return losses
+
+
+def train_losses(model, data, steps: int, seed: int, hook=None) -> list[float]:
+    """`steps` AdamW steps (lr 1e-2) of a staged model on `data`, surviving a lost session as `client tune` does;
+    `hook(step)` runs before each step. Returns the per-step training losses."""
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-2)
     losses = []
     for step in range(steps):
@@ -49,8 +58,6 @@ def split_losses(
 
         losses.append(float(surviving_restarts(model, one_step).detach()))
         optimizer.step()
-    model.close()
-    transport.close()
     return losses
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tandem.client.assemble import connect_split
-from tandem.client.checkpoint import settings, surviving_restarts
+from tandem.client.checkpoint import settings
 from tandem.client.data import load_split
 from tandem.client.errors import ClientError, ServerError
 from tandem.client.evaluation import evaluate
@@ -23,6 +23,7 @@ from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
 from tandem.testing.servers import BIN, free_port, start_server
+from tandem.testing.split_runs import train_losses
 
 
 def _model(server, seed=0, **cfg):
@@ -30,30 +31,11 @@ def _model(server, seed=0, **cfg):
     return transport, connect_split(transport, LoraConfig(rank=4, alpha=8), seed=seed)
 
 
-def _steps(model, data, steps, seed, before=None):
-    """`steps` training steps (reopening a lost session as `client tune` does); `before(step)` runs first."""
-    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=1e-2)
-    losses = []
-    for step in range(steps):
-        if before:
-            before(step)
-
-        def one_step():
-            optimizer.zero_grad()
-            loss, _ = model.loss(data.batch_at(step), step, seed, train=True)  # noqa: B023
-            loss.backward()
-            return loss
-
-        losses.append(float(surviving_restarts(model, one_step).detach()))
-        optimizer.step()
-    return losses
-
-
 def _run(server, sample_data, steps, seed=0, before=None, **cfg):
     transport, model = _model(server, seed, **cfg)
     data = load_split(sample_data, model.tokenizer, 24, 2, seed, 0.1)
     try:
-        return _steps(model, data, steps, seed, before=lambda step: before and before(step, model))
+        return train_losses(model, data, steps, seed, hook=lambda step: before and before(step, model))
     finally:
         model.close()
         transport.close()
@@ -160,7 +142,7 @@ def test_float32_stays_exact(tiny_models, sample_data, server_factory):
     model = connect_split(transport, LoraConfig(rank=4, alpha=8), seed=0)
     assert model.middle.session.error_feedback
     data = load_split(sample_data, model.tokenizer, 24, 2, 0, 0.1)
-    assert _steps(model, data, 3, 0) == reference
+    assert train_losses(model, data, 3, 0) == reference
     model.close()
     transport.close()
 
