@@ -20,8 +20,8 @@ The schedule:
 
 The defaults (bench/kill_revive.py, SmolLM2, 200 steps of 2 x 32 tokens): below the mean kills about half of the
 middle's modules (mostly q_proj: v_proj's gradients are larger); probes of 5 steps every 50 keep the revival bursts
-cheap. Measured there: 0.43x the remote-LoRA bytes at +2.3% validation loss (the 1% aim is not met; 1.25x the mean:
-0.34x at +2.4%; a 30-step warm-up was worse, +10%).
+cheap. Measured there over three seeds: 0.43x the remote-LoRA bytes at +0.8% validation loss on the mean (-0.3% to
++2.3% per run; at seed 0, 1.25x the mean gave 0.34x at +2.4%, and a 30-step warm-up was worse, +10%).
 
 A killed module is frozen: requires_grad is off and its gradient dropped before the optimizer step (AdamW skips it),
 so its values stay those the cloud already holds. In split mode its weights stop going up and its gradients stop
