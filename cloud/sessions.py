@@ -161,6 +161,12 @@ class SessionStore:
             self._resident += resident
             return s
 
+    def _check_open(self, s: Session) -> None:
+        """Refuses to count anything for a session closed while its request ran (the lock is held): what it counted
+        would never be given back."""
+        if self._sessions.get(s.id) is not s:
+            raise SessionNotFound(f"session {s.id[:8]}... was closed while this request ran; open a new session")
+
     def hold(self, s: Session, nbytes: int) -> None:
         """Counts `nbytes` more as held by `s` for its life (a generation session's KV cache), under the cap."""
         cap = self.cfg.memory_bytes
@@ -170,6 +176,7 @@ class SessionStore:
                 f"{cap / 2**20:.2f} MiB; ask the operator for a smaller --max-cache-tokens"
             )
         with self._lock:
+            self._check_open(s)
             self._evict(nbytes)
             if self._used + self._resident + self._reserved() + nbytes > cap:
                 raise Overloaded(
@@ -240,6 +247,7 @@ class SessionStore:
         if nbytes > cap - self._resident:
             raise self._too_large(nbytes, "an estimated ")
         with self._lock:
+            self._check_open(s)
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
             self._in_flight.pop((s.id, step), None)  # a retry of this very step replaces its reservation
@@ -261,8 +269,8 @@ class SessionStore:
         while self._used + self._resident + self._reserved() + nbytes > self.cfg.memory_bytes and self._lru:
             (sid, old_step), _ = next(iter(self._lru.items()))
             victim = self._sessions.get(sid)
-            if victim is None:
-                self._lru.pop((sid, old_step))
+            if victim is None:  # an orphan (its session is gone): still counted, so give it back
+                self._used -= self._lru.pop((sid, old_step))
                 continue
             self._release(victim, old_step)
             victim.evicted.add(old_step)
@@ -274,6 +282,7 @@ class SessionStore:
         p.taken = False
         with self._lock:
             self._in_flight.pop((s.id, step), None)  # the estimate gives way to the real state
+            self._check_open(s)
             for old in [k for k in s.pending if k <= step]:  # the client moved on (or retries this step)
                 self._release(s, old)
             self._evict(p.nbytes)

@@ -459,3 +459,27 @@ def test_forwards_in_flight_reserve_their_estimate():
     store.put(b, 0, Pending(None, torch.zeros(1), [], 45 * mib))
     store.unreserve(c, 1)
     store.admit(a, 1, 50 * mib)  # b's real state + a's estimate fit once c gave its reservation back
+
+
+def test_a_session_closed_while_its_request_runs_leaves_nothing_counted():
+    """A tenant closes its session while its own Forward computes (or its Backward encodes): what the request then
+    tries to count (forward state, error-feedback residuals, a KV cache) is refused, and the cap stays whole."""
+    from tandem.cloud.errors import SessionNotFound
+    from tandem.cloud.sessions import Pending, SessionStore, StoreConfig
+    from tandem.stages.lora import LoraConfig
+
+    mib = 2**20
+    store = SessionStore(StoreConfig(memory_bytes=100 * mib, max_sessions_per_identity=0))
+    mallory, alice = (store.open(name, LoraConfig(rank=4), [], False, "float32") for name in ("mallory", "alice"))
+    store.admit(mallory, 0, 60 * mib)  # mallory's forward computes...
+    store.close(mallory)  # ...while mallory closes the session
+    with pytest.raises(SessionNotFound, match="closed while this request ran"):
+        store.put(mallory, 0, Pending(None, torch.zeros(1), [], 60 * mib))
+    with pytest.raises(SessionNotFound):
+        store.hold(mallory, 30 * mib)
+    with pytest.raises(SessionNotFound):
+        store.admit(mallory, 1, 10 * mib)
+    assert store.used_bytes == 0
+    store.admit(alice, 0, 99 * mib)  # the whole cap is still there for others
+    store.put(alice, 0, Pending(None, torch.zeros(1), [], 99 * mib))
+    assert store.used_bytes == 99 * mib
