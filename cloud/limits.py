@@ -111,6 +111,18 @@ class RequestChecks:
                 f"{clip(str(e))}; list each block that carries LoRA once (empty: every block)"
             ) from None
 
+    def declared(self, shape, name: str) -> None:
+        """Checks the shape a tensor message declares, before it is decoded (decoding allocates it): (batch, seq,
+        hidden) within the tokens-per-step limit. Then activations() checks what was decoded."""
+        dims = [int(d) for d in shape[:4]]
+        if len(dims) != 3 or dims[2] != self.hidden_size:
+            raise InvalidRequest(f"{name}: expected shape [batch, seq, {self.hidden_size}], got {dims}")
+        if min(dims) > 0 and dims[0] * dims[1] > self.limits.max_tokens_per_step:  # negative, empty: decode's error
+            raise InvalidRequest(
+                f"{name}: {dims[0] * dims[1]} tokens in one step, over the server's limit of "
+                f"{self.limits.max_tokens_per_step}; use a smaller batch"
+            )
+
     def activations(self, h: torch.Tensor, mask: torch.Tensor | None, name: str) -> None:
         """Checks hidden states (or their gradient) of shape (batch, seq, hidden) and the attention mask."""
         if h.dim() != 3 or h.shape[2] != self.hidden_size:

@@ -195,6 +195,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         session = self._session(request, who)
         self._unseal(session, request)
         codec = error_feedback.forward_codec(session, request)  # float32 for an exact evaluation forward
+        self.service.checks.declared(request.hidden.shape, "hidden")  # before decoding allocates it
         hidden = error_feedback.received(session, serde.decode(request.hidden, "hidden", codec), codec)
         mask = serde.from_proto(request.attention_mask, "attention_mask")
         lora = serde.decode(request.lora, "lora", session.lora_codec) if request.HasField("lora") else None
@@ -222,6 +223,7 @@ class SplitServicer(Guarded, pb_grpc.SplitTuningServicer):
         generation.refuse_backward(session)
         self._unseal(session, request)
         codec = session.gradient_codec
+        self.service.checks.declared(request.grad_output.shape, "grad_output")  # before decoding allocates it
         grad_out = error_feedback.received(session, serde.decode(request.grad_output, "grad_output", codec), codec)
         grad_in, lora_grad, seconds = self.service.backward(session, request.step, grad_out)
         encoder = error_feedback.encoder(self.service.store, session, "grad_input", codec, request.step)

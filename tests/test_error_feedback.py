@@ -210,3 +210,26 @@ def test_exact_eval_measures_the_adapter_not_the_codec(tiny_models, sample_data,
         model.close()
         transport.close()
     assert losses["int4 exact"] == losses["float32"] != losses["int4"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "says"),
+    [([1, 1, 1 << 28], "expected shape \\[batch, seq, "), ([1, 1 << 20, None], "1048576 tokens in one step")],
+)
+def test_a_declared_shape_is_checked_before_it_is_decoded(shape, says, tiny_models, server_factory):
+    """A client declares a huge int4 hidden (or grad_output) in an error-feedback session: refused from the declared
+    shape, before decoding (and the rotation of its last dimension) would allocate it."""
+    server = server_factory(tiny_models["llama"])
+    transport, model = _model(server, seal=False, **INT4_EF)
+    hidden = model.config.hidden_size
+    declared = pb.Tensor(shape=[d if d is not None else hidden for d in shape], dtype=pb.FLOAT32, codec=pb.CODEC_INT4)
+    try:
+        forward = pb.ForwardRequest(session_id=model.session.id, step=0, hidden=declared, train=True)
+        with pytest.raises(ServerError, match=f"hidden: {says}"):
+            transport.call("Forward", forward, retry=False)
+        backward = pb.BackwardRequest(session_id=model.session.id, step=0, grad_output=declared)
+        with pytest.raises(ServerError, match=f"grad_output: {says}"):
+            transport.call("Backward", backward, retry=False)
+    finally:
+        model.close()
+        transport.close()
