@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -21,6 +23,18 @@ class OwnAdapter:
 
     lora: LoraConfig
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    trained_cut: tuple[int, int] | None = None  # (K, M) of the run that tuned it (its report.json), when known
+
+
+def trained_cut(adapter_dir: str) -> tuple[int, int] | None:
+    """(K, M) from the report.json of the `client tune` run whose adapter/ this is; None when there is none."""
+    path = os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), "report.json")
+    try:
+        with open(path) as f:
+            layout = json.load(f)["layout"]
+        return int(layout["bottom"]), int(layout["top"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def layers_of(config: dict) -> tuple[int, ...]:
@@ -67,4 +81,4 @@ def read_adapter(path: str) -> OwnAdapter:
     lora = LoraConfig(
         rank=rank, alpha=float(config.get("lora_alpha", rank)), target_modules=targets, layers=layers_of(config)
     )
-    return OwnAdapter(lora, tensors)
+    return OwnAdapter(lora, tensors, trained_cut(path))

@@ -11,6 +11,7 @@ import torch
 
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
+from tandem.stages.errors import LayoutError
 from tandem.stages.kv_cache import embed_cached, new_cache, run_cached
 from tandem.stages.lora import Binding, bind, block_of, flatten, inject_slots
 from tandem.stages.modules import StageLayout
@@ -136,6 +137,28 @@ def middle_lora(adapter: OwnAdapter, slots) -> torch.Tensor:
     return flatten(tensors)
 
 
+def check_middle_slots(slots, own: set[str], layout: StageLayout, config, remote: bool) -> None:
+    """Refuses middle slots a hostile cloud announces to draw the client's own LoRA up (a slot of a block this
+    client runs, or outside the announced middle), any slot when no remote LoRA was asked for, and sizes that are
+    not this model's (the client would allocate them)."""
+    if slots and not remote:
+        raise ClientError("the server announced remote-LoRA slots for a session opened without them; refusing it")
+    hidden = int(config.hidden_size)
+    limit = 16 * max(hidden, int(getattr(config, "intermediate_size", 0) or 0))
+    for slot in slots:
+        try:
+            block = block_of(slot.name)
+        except LayoutError:
+            block = -1
+        if slot.name in own or block not in layout.middle_blocks:
+            raise ClientError(
+                f"the server announced {slot.name[:80]!r} as a middle slot, but its block is not in the middle it "
+                "serves; refusing it (your own LoRA never leaves this machine)"
+            )
+        if not (0 < slot.in_features <= limit and 0 < slot.out_features <= limit):
+            raise ClientError(f"the server announced a middle slot of {slot.in_features} x {slot.out_features}")
+
+
 def connect(transport: Transport, adapter: OwnAdapter, device: str = "auto", dtype: str = "auto") -> PrivateRun:
     """Opens a generation session, downloads the client's stages and binds the adapter's own LoRA to them."""
     layout = transport.call("GetInfo", pb.GetInfoRequest(), one_time=True).layout
@@ -143,10 +166,18 @@ def connect(transport: Transport, adapter: OwnAdapter, device: str = "auto", dty
     remote = any(block_of(name) in middle_blocks for name in adapter.tensors)  # e.g. offsite adapters: none
     session = open_session(transport, adapter.lora, remote_lora=remote, generation=True)
     info = session.info
+    cut = (info.layout.bottom, info.layout.top)
+    if adapter.trained_cut not in (None, cut):  # before anything is downloaded or sent
+        close_refused_session(transport, session.id)
+        raise ClientError(
+            f"the server cuts the model at {cut[0]}:{cut[1]}, but this adapter was tuned at {adapter.trained_cut[0]}:"
+            f"{adapter.trained_cut[1]}: the LoRA of your own blocks would go to the cloud; refusing"
+        )
     config, layout, parts, tokenizer, placement = downloaded_parts(transport, info, device, dtype)
     try:
         client_slots = inject_slots(parts.blocks, parts.arch, layout.client_blocks, adapter.lora.target_modules)
         names = {spec.name for spec in client_slots}
+        check_middle_slots(info.middle_slots, names, layout, config, remote)
         middle_names = {slot.name for slot in info.middle_slots}
         stray = sorted(set(adapter.tensors) - names - middle_names)
         if stray:

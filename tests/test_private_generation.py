@@ -275,3 +275,49 @@ def test_a_retried_forward_gives_the_same_output(servers):
     finally:
         transport.call("CloseSession", pb.CloseSessionRequest(session_id=session.id), retry=False)
         transport.close()
+
+
+def _hostile(servers, tiny_models, tmp_path, rewrite, cut=None):
+    """Private generation through a hop that plays a hostile cloud rewriting the OpenSession reply (unsealed, so
+    the rewrite stands); returns the raised error and the calls the client made."""
+    run = tmp_path / "run"
+    adapter = make_adapter(tiny_models["llama"], str(run / "adapter"), seed=5)
+    if cut is not None:  # the report.json of the run that tuned the adapter
+        (run / "report.json").write_text(json.dumps({"layout": {"bottom": cut[0], "top": cut[1]}}))
+    hop = Hop(servers["llama"])
+    hop.on_response["OpenSession"] = rewrite
+    try:
+        with pytest.raises(ClientError) as refused:
+            generate_private(hop.transport_cfg(seal=False), PROMPTS, adapter, NEW)
+    finally:
+        hop.close()
+    return str(refused.value), [name for name, _ in hop.seen]
+
+
+def test_a_cloud_that_announces_a_client_block_as_middle_gets_no_lora(servers, tiny_models, tmp_path):
+    """The cloud lists one of the client's own slots (block 0) among the middle slots, or a slot of absurd size:
+    refused before any Forward, so the client's own LoRA never travels."""
+
+    def own_block(resp):
+        resp.middle_slots.add(name="model.layers.0.self_attn.q_proj", in_features=HIDDEN, out_features=HIDDEN)
+        return resp
+
+    def huge(resp):
+        resp.middle_slots[0].in_features = 2**31
+        return resp
+
+    for rewrite, says in ((own_block, "not in the middle it serves"), (huge, "middle slot of 2147483648")):
+        error, calls = _hostile(servers, tiny_models, tmp_path / rewrite.__name__, rewrite)
+        assert says in error and "Forward" not in calls, (error, calls)
+
+
+def test_a_cloud_that_moves_the_cut_is_refused(servers, tiny_models, tmp_path):
+    """The cloud announces a smaller bottom than the run was tuned with (to pull a bottom block into the middle):
+    the adapter's run recorded its cut, and the client refuses before any Forward."""
+
+    def moved(resp):
+        resp.layout.bottom -= 1
+        return resp
+
+    error, calls = _hostile(servers, tiny_models, tmp_path, moved, cut=(2, 2))  # the tests' servers cut at 2:2
+    assert "but this adapter was tuned at 2:2" in error and "Forward" not in calls, (error, calls)
