@@ -33,6 +33,7 @@ class Backbone(Protocol):
     client_files: ClientFiles  # what FetchClientStages streams (stages from a private file; none on a shard)
     batcher: Batcher | None  # the batching worker, when concurrent sessions share passes
     kill_revive: bool  # forward() takes Kill-and-Revive's live slots (cloud/remote_lora.py)
+    generation: bool  # serves generation sessions (cloud/generation.py)
 
     def open_session(
         self,

@@ -71,7 +71,7 @@ def begin(service, session) -> None:
     """Makes `session` a generation session: its cache's worst case counts in the store's memory cap from now,
     for the session's life. Refused (the session closed) when the backend or the session's options do not allow it."""
     try:
-        if not hasattr(service, "middle"):
+        if not service.generation:
             raise InvalidRequest("this server's backend (Ray) does not serve generation sessions")
         if session.opt_spec is not None:
             raise InvalidRequest("a generation session trains nothing: open it without a cloud optimizer")

@@ -69,6 +69,7 @@ class RaySplitService(SplitService):
     keep a copy of each session it serves, under the same id and owner."""
 
     kill_revive = False  # the shards take whole adapters: no live slots (cloud/remote_lora.py)
+    generation = False  # the middle runs in the shards: no KV cache of it here
 
     def __init__(
         self,

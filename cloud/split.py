@@ -49,6 +49,7 @@ class SplitService:
     """
 
     kill_revive = True  # forward() takes Kill-and-Revive's live slots
+    generation = True  # serves generation sessions (a KV cache of the middle, cloud/generation.py)
 
     def __init__(
         self,

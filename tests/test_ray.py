@@ -133,6 +133,17 @@ def test_ray_replicas_and_pipeline_match_plain_serve(tiny_models, sample_data, s
     wb = load_file(str(tmp_path / "ray" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
+    # The Ray backend does not serve generation sessions (the middle runs in the shards): one clear refusal.
+    from tandem.client.errors import ServerError
+    from tandem.client.session import open_session
+    from tandem.client.transport import Transport
+    from tandem.stages.lora import LoraConfig
+
+    transport = Transport(server.transport_cfg())
+    with pytest.raises(ServerError, match=r"\(Ray\) does not serve generation sessions"):
+        open_session(transport, LoraConfig(rank=4, alpha=8), remote_lora=False, generation=True)
+    transport.close()
+
     # Kill a replica's actor mid-run: Ray restarts it, the client reopens and finishes with identical losses.
     import ray
 
