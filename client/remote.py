@@ -8,6 +8,7 @@ import time
 import torch
 from torch import nn
 
+from tandem.kernels.checks import all_finite
 from tandem.kernels.feedback import Feedback, encoder_of, received
 from tandem.protos import serde
 from tandem.protos import split_pb2 as pb
@@ -228,12 +229,15 @@ class RemoteMiddle(nn.Module):
             self.sent_version = self.cloud_version
             self.synced = False
             return [None] * len(self.params)
-        flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec)
         live = self.step_live
         wanted = selected(self.params, live)
         expected = sum(p.numel() for p in wanted)
-        if flat.numel() != expected:
-            raise ClientError(f"the cloud returned {flat.numel()} LoRA gradients, expected {expected}")
+        try:  # the declared shape is checked before decoding allocates it
+            flat = serde.decode(resp.lora_grad, "lora_grad", self.session.lora_codec, (expected,))
+        except serde.WireError as e:
+            raise ClientError(f"the cloud returned LoRA gradients that do not fit the remote LoRA: {e}") from None
+        if not all_finite(flat):
+            raise ClientError("the cloud returned LoRA gradients with NaN or Inf; the step is not applied")
         self.traffic.count("received", resp.lora_grad.ByteSize(), wanted, self.params)
         grads = iter(_unflatten(flat.to(self.params[0].device) if self.params else flat, wanted))
         out = [next(grads) if live is None or live[i // 2] else None for i in range(len(self.params))]

@@ -7,6 +7,8 @@ from __future__ import annotations
 from tandem.kernels import feedback as kernel
 from tandem.protos import split_pb2 as pb
 
+from .errors import Overloaded, SessionNotFound, TooLarge
+
 
 def received(session, x, codec: str):
     """A decoded hidden or gradient; in an error-feedback session the client rotated its int8/int4 tensors."""
@@ -28,8 +30,9 @@ def begin(session) -> None:
 def encoder(store, session, stream: str, codec: str, step: int):
     """The encoder of `stream` at `step` for serde.encode (None: no error feedback, a float codec or evaluation).
 
-    What the streams hold beyond what the session already counts is counted with the store's `hold` (the cap
-    refuses a step whose residuals do not fit; the streams then restart from zero).
+    What the streams hold beyond what the session already counts is counted with the store's `hold`. When the cap
+    has no room for them, the streams restart from zero and this step's tensor still goes back: the step's backward
+    (and a cloud optimizer's update) has already run, so refusing now would lose it.
     """
     feedback = session.feedback
     inner = None if feedback is None else feedback.encoder(stream, codec, step)
@@ -42,10 +45,9 @@ def encoder(store, session, stream: str, codec: str, step: int):
         if grown > 0:
             try:
                 store.hold(session, grown)
-            except Exception:
-                feedback.reset()
-                raise
-            session.feedback_held += grown
+                session.feedback_held += grown
+            except (Overloaded, TooLarge, SessionNotFound):
+                feedback.reset()  # nothing carried, nothing held
         return values, scales
 
     return encode
