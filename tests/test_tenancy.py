@@ -276,7 +276,7 @@ def test_hostile_messages_get_bounded_reasoned_errors(tiny_models, server_factor
             ),
             inv,
             "invalid",
-            "larger than any message",
+            "expected shape [batch, seq, 32], got [4611686018427387904, 4611686018427387904, 0]",  # before decoding
         ),
         (
             "100 kB target module",
