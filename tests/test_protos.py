@@ -39,3 +39,11 @@ def test_from_proto_rejects_bad_messages():
     msg.dtype = 99
     with pytest.raises(serde.WireError, match="unknown dtype"):
         serde.from_proto(msg, "h")
+
+
+def test_a_shape_with_overflowing_dims_is_refused_before_anything_is_allocated():
+    """Zero elements by product, but dimensions no message could carry: refused from the declared shape."""
+    from tandem.protos import split_pb2 as pb
+
+    with pytest.raises(serde.WireError, match="larger than any message can carry"):
+        serde.decode(pb.Tensor(shape=[2**62, 2**62, 0], dtype=pb.FLOAT32), "lora")
