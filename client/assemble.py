@@ -234,7 +234,6 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto
     adapter plugs into the full model unchanged. No server is contacted.
     """
     from tandem.emulator.errors import PackageError
-    from tandem.emulator.model import EmulatorStage
     from tandem.emulator.package import load_package
     from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
@@ -251,12 +250,7 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto
     targets = lora.target_modules or parts.arch.lora_targets
     slots = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
     adapter, names = _adapter(slots, layout, lora, seed, placement.device)
-    sink = package.sink()
-    emulator = EmulatorStage(
-        parts,
-        package.emulator_blocks(config).to(placement.device, placement.dtype),
-        sink=None if sink is None else sink.to(placement.device, placement.dtype),
-    )
+    emulator = package.emulator_stage(parts, config, placement.device, placement.dtype)  # with its shared depth
     bottom, top = _client_stages(parts, layout)
     return StagedModel(
         bottom,

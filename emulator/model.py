@@ -19,24 +19,56 @@ class EmulatorStage(nn.Module):
     Args:
         parts: Any Parts of the same model family and config (the client's own parts work): used
             for the config and the rotary embedding, never for blocks.
-        blocks: The emulator's blocks, in order.
+        blocks: The emulator's unique blocks.
         sink: The full middle's mean output at the first token, which replaces the emulator's there
             (the package's attention sink; None: the emulator's own output).
+        slots: A shared emulator's slot map (tandem.emulator.share): slot i runs blocks[slots[i]], so a block
+            can stand in for several adjacent middle blocks, and the same module (one set of weights) runs in
+            each of its slots; None: one slot per block, in order.
     """
 
-    def __init__(self, parts: Parts, blocks: nn.ModuleList, sink: torch.Tensor | None = None):
+    def __init__(
+        self,
+        parts: Parts,
+        blocks: nn.ModuleList,
+        sink: torch.Tensor | None = None,
+        slots: list[int] | None = None,
+    ):
         super().__init__()
         self.parts = parts
         self.blocks = blocks
         self.sink = sink  # (H,): the full middle's first-token output (tandem.emulator.sink), or None
+        if slots is not None:
+            check_slot_map(slots, len(blocks))
+        self.slots = None if slots is None else list(slots)
+
+    def slot_blocks(self) -> list[nn.Module]:
+        """The block of every slot, in order (a shared block appears once per slot it fills)."""
+        return list(self.blocks) if self.slots is None else [self.blocks[i] for i in self.slots]
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = run_blocks(self.parts, self.blocks, h, attention_mask)  # (B, T, H)
+        out = run_blocks(self.parts, self.slot_blocks(), h, attention_mask)  # (B, T, H)
         if self.sink is not None:
             from .sink import apply_sink
 
             out = apply_sink(out, attention_mask, self.sink)
         return out
+
+
+def check_slot_map(slots, n_blocks: int) -> None:
+    """Refuses a slot map that is not a list of block indices in range(n_blocks) using every block.
+
+    Raises:
+        PackageError: one line saying what is wrong (the map may come from a downloaded package).
+    """
+    if not isinstance(slots, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in slots):
+        raise PackageError(f"the emulator's slot map must be a list of block indices, got {str(slots)[:80]}")
+    bad = sorted({i for i in slots if not 0 <= i < n_blocks})
+    if bad:
+        raise PackageError(f"the emulator's slot map names blocks {bad[:5]} but the emulator has {n_blocks} blocks")
+    unused = sorted(set(range(n_blocks)) - set(slots))
+    if unused:
+        raise PackageError(f"the emulator's slot map never uses blocks {unused[:5]}; the package is inconsistent")
 
 
 def copy_blocks(parts: Parts, block_ids: list[int]) -> nn.ModuleList:

@@ -25,7 +25,7 @@ from tandem.stages.loading import (
 from tandem.stages.modules import StageLayout
 
 from .errors import PackageError
-from .model import blocks_state, build_blocks
+from .model import EmulatorStage, blocks_state, build_blocks, check_slot_map
 
 FORMAT = "tandem-emulator/1"
 MANIFEST = "manifest.json"
@@ -45,6 +45,8 @@ def build_package(
     sink: tuple[torch.Tensor, dict] | None = None,
     selection: dict | None = None,
     pruning: dict | None = None,
+    slots: list[int] | None = None,
+    slot_blocks: list[int] | None = None,
 ) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
@@ -53,12 +55,16 @@ def build_package(
     only when stats["used"].
     selection: how the kept blocks were chosen ({"method": "uniform" | "blocks" | "greedy", ...}).
     pruning: the MLP width pruning of the emulator blocks (tandem.emulator.prune.prune_blocks' record), or None.
+    slots, slot_blocks: a shared emulator's slot map (tandem.emulator.share): slot i runs emulator block
+    slots[i] in place of full-model middle block slot_blocks[i]; None: one slot per kept block.
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
         raise PackageError(
             f"kept blocks {kept} must be increasing middle blocks {layout.middle_blocks}, one per emulator block"
         )
+    if (slots is None) != (slot_blocks is None):
+        raise PackageError("give both slots and slot_blocks for a shared emulator, or neither")
     client = client_state(parts, layout)
     emu = blocks_state(parts.arch, emulator)
     files = {
@@ -91,6 +97,9 @@ def build_package(
         "distillation": distillation or {},
         "sink": sink[1] if sink is not None else {"used": False, "measured": False},
     }
+    if slots is not None:
+        manifest["slots"], manifest["slot_blocks"] = list(slots), list(slot_blocks)
+        check_slots(manifest, layout, loaded.config)
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -127,6 +136,17 @@ class EmulatorPackage:
         """MLP neurons per emulator block when the emulator is width-pruned, else None."""
         return self.manifest.get("pruning", {}).get("mlp_width")
 
+    @property
+    def slots(self) -> list[int] | None:
+        """A shared emulator's slot map: slot i runs emulator block slots[i] (None: one slot per block)."""
+        slots = self.manifest.get("slots")
+        return None if slots is None else list(slots)
+
+    @property
+    def slot_blocks(self) -> list[int]:
+        """The full-model middle block each slot stands for (the kept blocks when the emulator shares none)."""
+        return list(self.manifest.get("slot_blocks", self.kept))
+
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
@@ -153,6 +173,50 @@ class EmulatorPackage:
     def emulator_blocks(self, config=None) -> nn.ModuleList:
         """The emulator's blocks, frozen."""
         return build_blocks(config or self.config(), self.kept, st_load(self.read(EMULATOR_FILE)), self.mlp_width)
+
+    def emulator_stage(self, parts, config=None, device=None, dtype=None) -> EmulatorStage:
+        """The emulator as a middle stage over `parts` (the client's), with its sink and its full shared depth.
+
+        Args:
+            parts: Parts of the same model family and config (for the config and rotary embedding).
+            config: The package's config (read from it when None).
+            device, dtype: Where the blocks and the sink compute (None: as loaded, float32 on the CPU).
+        """
+        blocks = self.emulator_blocks(config).to(device, dtype)
+        sink = self.sink()
+        return EmulatorStage(parts, blocks, None if sink is None else sink.to(device, dtype), slots=self.slots)
+
+
+def check_slots(manifest: dict, layout: StageLayout, config) -> None:
+    """Refuses a manifest whose slot map does not fit its emulator blocks and middle (one-line PackageError).
+
+    A package without "slots" passes. With it: "slots" indexes the kept blocks and uses each; "slot_blocks"
+    lists as many increasing middle blocks; where the config has per-layer attention types, every slot's block
+    has its slot's type (the block's attention is built for its own full-model index).
+    """
+    if "slots" not in manifest and "slot_blocks" not in manifest:
+        return
+    kept, slots, slot_blocks = manifest.get("kept_middle_blocks"), manifest.get("slots"), manifest.get("slot_blocks")
+    if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+        raise PackageError(f"the manifest's kept_middle_blocks is not a list of blocks: {str(kept)[:80]}")
+    check_slot_map(slots, len(kept))
+    if not isinstance(slot_blocks, list) or len(slot_blocks) != len(slots):
+        raise PackageError(
+            f"the manifest's slot_blocks must list one middle block per slot ({len(slots)}), got {str(slot_blocks)[:80]}"
+        )
+    middle = layout.middle_blocks
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i in middle for i in slot_blocks + kept) or sorted(
+        set(slot_blocks)
+    ) != list(slot_blocks):
+        raise PackageError(
+            f"the manifest's slot_blocks {str(slot_blocks)[:80]} and kept blocks must be increasing middle blocks "
+            f"{middle[0]}..{middle[-1]}"
+        )
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        odd = [b for b, i in zip(slot_blocks, slots) if types[b] != types[kept[i]]]
+        if odd:
+            raise PackageError(f"the slots of middle blocks {odd[:5]} run a block of another attention type")
 
 
 def load_package(path: str) -> EmulatorPackage:
@@ -185,8 +249,8 @@ def load_package(path: str) -> EmulatorPackage:
                     "altered); download or copy the package again"
                 )
     pkg = EmulatorPackage(path, manifest)
-    if pkg.layout.num_layers != num_blocks(pkg.config()):
-        raise PackageError(
-            f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(pkg.config())}"
-        )
+    config = pkg.config()
+    if pkg.layout.num_layers != num_blocks(config):
+        raise PackageError(f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(config)}")
+    check_slots(manifest, pkg.layout, config)
     return pkg
