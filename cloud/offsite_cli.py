@@ -57,6 +57,9 @@ def run_build(args: argparse.Namespace) -> int:
             select=args.select,
             select_seqs=args.select_seqs,
             mlp_width=args.mlp_width,
+            structure=args.structure,
+            clusters=args.clusters,
+            cka_seqs=args.cka_seqs,
         )
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
@@ -79,6 +82,7 @@ def package_summary(out: str, manifest: dict) -> dict:
         "kept_middle_blocks": manifest["kept_middle_blocks"],
         "selection": manifest["selection"]["method"],
         "mlp_width": manifest["pruning"]["mlp_width"],
+        "slots": len(manifest.get("slots", manifest["kept_middle_blocks"])),
         "val_kd_before": distillation.get("val_kd_before"),
         "val_kd_after": distillation.get("val_kd_after"),
         "package_params": params["package"],
@@ -131,6 +135,7 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
         "makes the model's attention sink swapped in (SmolLM2: 11; see the README)",
     )
+    _add_share_flags(parser, how)
     parser.add_argument(
         "--select",
         choices=("uniform", "greedy"),
@@ -154,6 +159,33 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         help="also width-prune: each kept block keeps only the N MLP neurons that add the most to the "
         "residual stream on the public text, so the emulator can keep more blocks in the same "
         "parameter budget (default: full-width blocks)",
+    )
+
+
+def _add_share_flags(parser: argparse.ArgumentParser, how) -> None:
+    """The shared emulator (--structure share): its cluster count joins --drop-ratio/--keep's group `how`."""
+    how.add_argument(
+        "--clusters",
+        type=int,
+        default=None,
+        metavar="C",
+        help="with --structure share: how many clusters (unique blocks) the middle is grouped into; "
+        "--keep/--drop-ratio give the same count (the same parameter budget as that layer drop)",
+    )
+    parser.add_argument(
+        "--structure",
+        choices=("drop", "share"),
+        default="drop",
+        help="'drop': the kept middle blocks run once each (Offsite-Tuning); 'share' (CRaSh): the middle's "
+        "adjacent blocks are grouped into clusters by the linear CKA of their outputs on the public text, each "
+        "cluster keeps its middle block and runs it in every slot of the cluster, so the emulator keeps the "
+        "model's depth with the weights of only --clusters blocks (stored once; needs --distill-data)",
+    )
+    parser.add_argument(
+        "--cka-seqs",
+        type=int,
+        default=256,
+        help="public sequences (of --seq-len tokens) the CKA of --structure share is measured on",
     )
 
 

@@ -30,6 +30,10 @@ def build_emulator(
     select: str = "uniform",
     select_seqs: int = 32,
     mlp_width: int | None = None,
+    structure: str = "drop",
+    clusters: int | None = None,
+    cka_seqs: int = 256,
+    representatives: list[int] | None = None,
 ) -> dict:
     """Builds an emulator package; returns its manifest.
 
@@ -48,12 +52,29 @@ def build_emulator(
             measure on.
         mlp_width: keep only this many MLP neurons in each kept block, the ones that add the most to the
             residual stream on the public text (tandem.emulator.prune), then distill; None keeps them all.
+        structure: "drop" (the kept blocks run once each) or "share" (CRaSh: the middle is clustered by the CKA
+            of its blocks' outputs into `clusters` clusters, or as many as drop_ratio/keep would keep, and each
+            cluster's representative block fills all its slots; tandem.emulator.share).
+        clusters: Clusters of a shared emulator (instead of drop_ratio/keep).
+        cka_seqs: Public sequences the shared emulator's CKA is measured on.
+        representatives: The full-model block each cluster keeps (None: each cluster's middle block).
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
     texts = read_texts(distill_data) if distill_data is not None else None
-    kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
-    chosen = {"method": "blocks" if keep_blocks is not None else "uniform"}
+    slots = slot_blocks = None
+    if structure not in ("drop", "share"):
+        raise SelectionError(f"--structure must be drop or share, got {structure!r}")
+    if structure == "share":
+        chosen = shared_selection(
+            loaded, layout, texts, cfg, (drop_ratio, keep, keep_blocks, clusters), select, cka_seqs, representatives
+        )
+        kept, slots, slot_blocks = chosen["kept"], chosen["slots"], chosen["slot_blocks"]
+    elif clusters is not None or representatives is not None:
+        raise SelectionError("--clusters groups blocks of a shared emulator: give it with --structure share")
+    else:
+        kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
+        chosen = {"method": "blocks" if keep_blocks is not None else "uniform"}
     if select not in ("uniform", "greedy"):
         raise SelectionError(f"--select must be uniform or greedy, got {select!r}")
     if select == "greedy":
@@ -72,7 +93,7 @@ def build_emulator(
 
     from .model import copy_blocks
 
-    student, pruning = copy_blocks(parts_of(loaded.model), kept), None
+    student, pruning = copy_blocks(parts_of(loaded.model), kept), None  # the unique blocks, shared or not
     if mlp_width is not None:
         if texts is None:
             raise SelectionError("--mlp-width ranks MLP neurons on public text: give --distill-data DIR")
@@ -86,7 +107,7 @@ def build_emulator(
             from .errors import TextError
 
             raise TextError("--distill-data DIR is needed to distill (or pass --steps 0 for a plain layer drop)")
-        student, hist = distill(loaded, layout, kept, texts, cfg, out, student)
+        student, hist = distill(loaded, layout, kept, texts, cfg, out, student, slots, slot_blocks)
     else:
         hist = {"config": {"steps": 0}}
     summary = {k: v for k, v in hist.items() if k != "steps"}
@@ -108,7 +129,7 @@ def build_emulator(
             "shipped as the emulator's sink" if sink[1]["used"] else "no sink",
         )
         made = sink[1]["made_by_block"]
-        if sink[1]["used"] and made is not None and made not in kept:
+        if sink[1]["used"] and made is not None and made not in kept and slots is None:
             near = min(kept[1:-1] or kept, key=lambda j: abs(j - made))
             log.warning(
                 "block %d makes the attention sink and this emulator drops it; keeping it instead of block %d "
@@ -117,11 +138,53 @@ def build_emulator(
                 near,
                 ",".join(str(j) for j in sorted({*kept, made} - {near})),
             )
-    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen, pruning)
+    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen, pruning, slots, slot_blocks)
     for name in (CHECKPOINT, SELECTION_FILE):  # the package is complete; these only served resumption
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     return manifest
+
+
+def shared_selection(
+    loaded,
+    layout: StageLayout,
+    texts: list[str] | None,
+    cfg: DistillConfig,
+    counts: tuple,
+    select: str,
+    seqs: int,
+    representatives: list[int] | None = None,
+) -> dict:
+    """A shared emulator's structure (tandem.emulator.share.share_selection) on `seqs` public sequences.
+
+    Args:
+        counts: (drop_ratio, keep, keep_blocks, clusters) as given: the cluster count is `clusters`, or the number
+            of blocks drop_ratio/keep would keep (the same number of unique blocks, so the same budget).
+    """
+    from tandem.stages.arch import parts_of
+
+    from .select import keep_count
+    from .share import share_selection
+
+    drop_ratio, keep, keep_blocks, clusters = counts
+    if keep_blocks is not None:
+        raise SelectionError(
+            "--structure share picks its blocks by clustering: give --clusters, --keep or --drop-ratio"
+        )
+    if select != "uniform":
+        raise SelectionError(f"--structure share clusters the middle itself; --select {select} drops blocks")
+    if clusters is not None and (drop_ratio is not None or keep is not None):
+        raise SelectionError("give one of --clusters, --keep or --drop-ratio")
+    if texts is None:
+        raise SelectionError(
+            "--structure share measures the blocks' similarity on public text: give --distill-data DIR"
+        )
+    if seqs < 1:
+        raise SelectionError(f"--cka-seqs must be >= 1, got {seqs}")
+    n = len(layout.middle_blocks)
+    count = clusters if clusters is not None else keep_count(n, drop_ratio, keep)
+    ids = _sample(loaded, texts, cfg, seqs)  # (S, T)
+    return share_selection(parts_of(loaded.model), layout, ids, count, representatives, seed=cfg.seed)
 
 
 def _sample(loaded, texts: list[str], cfg: DistillConfig, seqs: int):

@@ -167,14 +167,17 @@ class Distiller:
     layout: StageLayout
     kept: list[int]
     student: nn.ModuleList
+    slots: list[int] | None = None  # a shared student's slot map (tandem.emulator.share); None: one slot per block
+    slot_blocks: list[int] | None = None  # the full-model block each slot stands for (None: the kept blocks)
     bottom: BottomStage = field(init=False)
 
     def __post_init__(self):
         self.bottom = BottomStage(self.parts, self.layout.bottom_blocks)
         middle = self.layout.middle_blocks
-        # Teacher segment j: from kept block j up to (not including) kept block j+1; segment 0 starts at the
-        # middle's first block. The teacher's state after segment j is student block j's per-layer target.
-        bounds = [middle[0]] + list(self.kept[1:]) + [middle[-1] + 1]
+        stands_for = self.kept if self.slot_blocks is None else self.slot_blocks
+        # Teacher segment j: from slot j's block up to (not including) slot j+1's; segment 0 starts at the
+        # middle's first block. The teacher's state after segment j is student slot j's per-layer target.
+        bounds = [middle[0]] + list(stands_for[1:]) + [middle[-1] + 1]
         self.segments = [[self.parts.blocks[i] for i in range(a, b)] for a, b in zip(bounds[:-1], bounds[1:])]
         self.top = [self.parts.blocks[i] for i in self.layout.top_blocks]
 
@@ -195,12 +198,17 @@ class Distiller:
             out["top"] = run_blocks(self.parts, self.top, t, am)  # (B, T, H)
         return out
 
+    def slot_modules(self) -> list[nn.Module]:
+        """The student block of every slot, in order: a shared block is the same module in each of its slots, so
+        its gradient is the sum of its slots' gradients."""
+        return list(self.student) if self.slots is None else [self.student[i] for i in self.slots]
+
     def student_states(self, h: torch.Tensor, am: torch.Tensor, every: bool) -> list[torch.Tensor]:
-        """Outputs of every student block (every=True) or only of the last, each (B, T, H)."""
+        """Outputs of every student slot (every=True) or only of the last, each (B, T, H)."""
         if not every:
-            return [run_blocks(self.parts, self.student, h, am)]
+            return [run_blocks(self.parts, self.slot_modules(), h, am)]
         out = []
-        for block in self.student:
+        for block in self.slot_modules():
             h = run_blocks(self.parts, [block], h, am)
             out.append(h)
         return out
@@ -304,6 +312,8 @@ class Distiller:
         def final_err(states: list[torch.Tensor]) -> float:
             return sum(float(kd_loss(t["targets"][-1], x, per_token=tok)) for t, x in zip(teach, states))
 
+        if self.slots is not None:
+            raise EmulatorError("--init rescale fits one factor per block and slot; use --init copy with sharing")
         copy_err = final_err([run_blocks(self.parts, self.student, x, am) for x, am in zip(xs, ams)])
         originals = [{k: v.clone() for k, v in b.state_dict().items()} for b in self.student]
         for j, block in enumerate(self.student):
@@ -377,6 +387,8 @@ def distill(
     cfg: DistillConfig,
     out_dir: str,
     student: nn.ModuleList | None = None,
+    slots: list[int] | None = None,
+    slot_blocks: list[int] | None = None,
 ) -> tuple[nn.ModuleList, dict]:
     """Distills the kept middle blocks into an emulator of the whole middle.
 
@@ -389,6 +401,8 @@ def distill(
         out_dir: Where the checkpoint lives (the package directory).
         student: The blocks to start from, one per kept block (a width-pruned copy, tandem.emulator.prune);
             None: copies of the kept blocks.
+        slots, slot_blocks: a shared emulator's slot map (tandem.emulator.share): slot i runs student block
+            slots[i] in place of full-model block slot_blocks[i]; each unique block trains on all its slots.
 
     Returns:
         The student blocks and a history dict (validation KD before/after, per-step losses).
@@ -404,7 +418,11 @@ def distill(
     if len(student) != len(kept):
         raise EmulatorError(f"{len(student)} student blocks for {len(kept)} kept blocks")
     student.train(False)  # deterministic: no dropout in the student either
-    d = Distiller(parts, layout, kept, student)
+    if slots is not None and (slot_blocks is None or len(slot_blocks) != len(slots)):
+        raise EmulatorError("a shared student needs the full-model block of every slot: one per slot")
+    if cfg.init == "rescale" and slots is not None:
+        raise EmulatorError("--init rescale fits one factor per block and slot; use --init copy with sharing")
+    d = Distiller(parts, layout, kept, student, slots, slot_blocks)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     settings = {
         "kept": list(kept),
@@ -416,6 +434,8 @@ def distill(
         "kd_norm": cfg.kd_norm,
         "student_params": sum(p.numel() for p in student.parameters()),
     }
+    if slots is not None:  # a key only when shared, so an unshared run's checkpoint still resumes
+        settings["slots"], settings["slot_blocks"] = list(slots), list(slot_blocks or kept)
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:
