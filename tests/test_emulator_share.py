@@ -1,0 +1,364 @@
+"""Shared (CRaSh) emulators: CKA clusters, the slot map through the package, shared gradients, hostile maps, and
+fetch, offsite tuning, push and plug-in eval of a shared package against a real `cloud serve`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import tandem.emulator.distill as dmod
+from tandem.client.assemble import build_offsite
+from tandem.client.errors import ClientError
+from tandem.client.offsite import eval_plugin, fetch_emulator, push_adapter
+from tandem.client.trainer import TuneConfig, tune
+from tandem.cloud.cli import main as cloud_main
+from tandem.emulator.build import build_emulator
+from tandem.emulator.distill import DistillConfig
+from tandem.emulator.errors import EmulatorError, PackageError, SelectionError
+from tandem.emulator.model import EmulatorStage, copy_blocks
+from tandem.emulator.package import MANIFEST, build_package, load_package
+from tandem.emulator.prune import mlp_width_of
+from tandem.emulator.share import cluster_blocks, linear_cka, middle_cka, slot_map
+from tandem.stages.adapter_files import sha256
+from tandem.stages.arch import parts_of
+from tandem.stages.loading import load_model
+from tandem.stages.lora import LoraConfig
+from tandem.stages.modules import StageLayout, run_blocks
+from tandem.testing.models import ARCHS, make_model
+
+DISTILL = dict(batch_size=4, seq_len=32, lr=3e-3, warmup=2, val_every=4, progress=False)
+SHARE = dict(structure="share", cka_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def models10(tmp_path_factory):
+    """Tiny models with 10 blocks: 2:2 leaves 6 middle blocks to cluster."""
+    root = tmp_path_factory.mktemp("models10")
+    return {a: make_model(a, str(root / a), layers=10) for a in ARCHS}
+
+
+@pytest.fixture(scope="module")
+def shared_pkg(models10, sample_data, tmp_path_factory):
+    """A distilled llama emulator of 3 clusters over the 6 middle blocks."""
+    out = str(tmp_path_factory.mktemp("shared") / "pkg")
+    build_emulator(models10["llama"], "2:2", out, sample_data, DistillConfig(steps=8, **DISTILL), clusters=3, **SHARE)
+    return out
+
+
+def _ids(vocab: int, shape=(2, 12), seed=0) -> torch.Tensor:
+    return torch.randint(5, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_linear_cka_is_one_for_the_same_representation_up_to_rotation_and_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    rot, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert linear_cka(x, x) == pytest.approx(1.0)
+    assert linear_cka(x, 3.0 * x @ rot + 5.0) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(x, torch.randn(200, 16, generator=g)) < 0.2
+
+
+def test_the_middles_cka_matrix_matches_the_plain_forwards_hidden_states(models10):
+    loaded = load_model(models10["llama"])
+    layout = StageLayout.parse("2:2", loaded.config)
+    ids = _ids(loaded.config.vocab_size, (3, 10))
+    got = middle_cka(parts_of(loaded.model), layout, ids, tokens=10_000)  # every token but the first
+    with torch.no_grad():
+        states = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states  # [i + 1]: block i's output
+    outs = [states[i + 1][:, 1:].flatten(0, 1) for i in layout.middle_blocks]
+    assert got.shape == (6, 6)
+    for a in range(6):
+        for b in range(6):
+            assert float(got[a, b]) == pytest.approx(linear_cka(outs[a], outs[b]), abs=1e-4), (a, b)
+
+
+def test_clusters_merge_the_most_similar_neighbours_and_respect_attention_types():
+    cka = torch.full((6, 6), 0.2)
+    for run in ([0, 1, 2], [3, 4], [5]):
+        for a in run:
+            for b in run:
+                cka[a, b] = 0.95
+    assert cluster_blocks(cka, 3) == [[0, 1, 2], [3, 4], [5]]
+    assert cluster_blocks(cka, 6) == [[i] for i in range(6)]
+    assert cluster_blocks(cka, 1) == [list(range(6))]
+    types = ["full"] * 2 + ["sliding"] * 4  # blocks 1 and 2 are alike but never share a block
+    assert cluster_blocks(cka, 4, types) == [[0, 1], [2], [3, 4], [5]]
+    with pytest.raises(SelectionError, match="at least 2 clusters"):
+        cluster_blocks(cka, 1, types)
+    with pytest.raises(SelectionError, match="choose --clusters 1..6"):
+        cluster_blocks(cka, 7)
+    middle = [2, 3, 4, 5, 6, 7]
+    assert slot_map(middle, [[0, 1, 2], [3, 4], [5]]) == ([3, 5, 7], [0, 0, 0, 1, 1, 2], middle)
+    assert slot_map(middle, [[0, 1, 2], [3, 4], [5]], [2, 6, 7])[0] == [2, 6, 7]  # the caller's choice
+    with pytest.raises(SelectionError, match="inside each cluster"):
+        slot_map(middle, [[0, 1, 2], [3, 4], [5]], [2, 3, 7])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_shared_emulator_equals_the_model_with_its_kept_blocks_repeated(arch, models10, tmp_path):
+    """Oracle: the plain Hugging Face forward over a block list that repeats the kept blocks in their slots."""
+    loaded = load_model(models10[arch])
+    layout = StageLayout.parse("2:2", loaded.config)
+    kept, slots, slot_blocks = [3, 4, 7], [0, 0, 1, 1, 1, 2], layout.middle_blocks
+    parts = parts_of(loaded.model)
+    build_package(
+        loaded, layout, kept, copy_blocks(parts, kept), str(tmp_path / "pkg"), slots=slots, slot_blocks=slot_blocks
+    )
+    staged = build_offsite(str(tmp_path / "pkg"), LoraConfig(rank=4, alpha=8), 0)  # LoRA B = 0: no change yet
+    ids = _ids(loaded.config.vocab_size)
+    with torch.no_grad():
+        got = staged(ids, torch.ones_like(ids), step=0, seed=0, train=False)
+    oracle = load_model(models10[arch]).model.eval()
+    dec = getattr(oracle, parts.arch.decoder)
+    own = getattr(dec, parts.arch.blocks)
+    repeated = (
+        [own[i] for i in layout.bottom_blocks] + [own[kept[j]] for j in slots] + [own[i] for i in layout.top_blocks]
+    )
+    setattr(dec, parts.arch.blocks, torch.nn.ModuleList(repeated))  # the same module object in each of its slots
+    with torch.no_grad():
+        want = oracle(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    # And not the unshared emulator: the repeats matter.
+    stage = staged.middle.stage
+    assert isinstance(stage, EmulatorStage) and stage.slots == slots and len(stage.blocks) == 3
+    h = torch.randn(2, 12, loaded.config.hidden_size)
+    am = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        assert not torch.allclose(stage(h, am), run_blocks(stage.parts, stage.blocks, h, am))
+
+
+def test_the_slot_map_round_trips_and_weights_are_stored_once(models10, shared_pkg):
+    pkg = load_package(shared_pkg)
+    man = pkg.manifest
+    sel = man["selection"]
+    assert sel["method"] == "share" and len(sel["clusters"]) == 3
+    assert [b for run in sel["clusters"] for b in run] == [2, 3, 4, 5, 6, 7]
+    assert man["kept_middle_blocks"] == sel["representatives"] == [run[(len(run) - 1) // 2] for run in sel["clusters"]]
+    assert pkg.slots == man["slots"] == [c for c, run in enumerate(sel["clusters"]) for _ in run]
+    assert pkg.slot_blocks == man["slot_blocks"] == [2, 3, 4, 5, 6, 7]
+    assert len(sel["cka_adjacent"]) == 5 and len(sel["cka"]) == 6
+    assert all(sel["cka"][j][j + 1] == sel["cka_adjacent"][j] for j in range(5))
+    assert set(man["dropped_middle_blocks"]) == {2, 3, 4, 5, 6, 7} - set(man["kept_middle_blocks"])
+    d = man["distillation"]
+    assert d["val_kd_after"] < d["val_kd_before"], d["val"]
+    # Each unique block's tensors once, whatever the number of its slots.
+    blocks = pkg.emulator_blocks()
+    assert len(blocks) == 3 and man["params"]["emulator"] == sum(p.numel() for p in blocks.parameters())
+    from safetensors.torch import load_file
+
+    keys = load_file(pkg.file("emulator.safetensors"))
+    assert {int(k.split(".")[2]) for k in keys} == {0, 1, 2}
+    # The loaded stage runs each block in its slots (the distilled weights, not the model's).
+    config = pkg.config()
+    parts = parts_of(load_model(models10["llama"]).model)
+    stage = pkg.emulator_stage(parts, config)
+    h, am = torch.randn(2, 12, config.hidden_size), torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        want = run_blocks(parts, [blocks[i] for i in pkg.slots], h, am)
+        assert torch.equal(stage(h, am), want)
+
+
+def test_a_shared_blocks_gradient_is_the_sum_over_its_slots(models10):
+    loaded = load_model(models10["gpt2"])
+    parts = parts_of(loaded.model)
+    layout = StageLayout.parse("2:2", loaded.config)
+    kept, slots, slot_blocks = [3, 6], [0, 0, 0, 1, 1, 1], layout.middle_blocks
+    cfg = DistillConfig(steps=0, batch_size=2, layer_weight=0.5, kd_norm="token")
+    shared = dmod.Distiller(parts, layout, kept, copy_blocks(parts, kept), slots, slot_blocks)
+    mods = shared.slot_modules()
+    assert mods[0] is mods[1] is mods[2] and mods[3] is mods[5] and mods[0] is not mods[3]  # no copies
+    # Independent copies, one per slot, as an unshared student standing for the same middle blocks.
+    copies = torch.nn.ModuleList(copy.deepcopy(shared.student[i]) for i in slots)
+    apart = dmod.Distiller(parts, layout, slot_blocks, copies)
+    ids = _ids(loaded.config.vocab_size, (2, 16))
+    teacher = shared.teacher(ids, cfg)
+    losses = []
+    for d in (shared, apart):
+        d.student.requires_grad_(True)
+        out = d.losses(ids, cfg, teacher)
+        out["loss"].backward()
+        losses.append(float(out["loss"].detach()))
+    assert losses[0] == pytest.approx(losses[1]) and losses[0] > 0
+    for u, block in enumerate(shared.student):
+        for name, p in block.named_parameters():
+            total = sum(dict(copies[j].named_parameters())[name].grad for j, i in enumerate(slots) if i == u)
+            assert p.grad is not None and torch.allclose(p.grad, total, rtol=1e-4, atol=1e-6), name
+            assert float(p.grad.abs().sum()) > 0
+
+
+def _rewrite(src: str, dst: str, edit) -> str:
+    """A copy of package src whose manifest (and, with edit's help, files) is altered; hashes kept consistent."""
+    shutil.copytree(src, dst)
+    with open(os.path.join(dst, MANIFEST)) as f:
+        man = json.load(f)
+    edit(man, dst)
+    for name in man["files"]:
+        with open(os.path.join(dst, name), "rb") as f:
+            man["files"][name]["sha256"] = sha256(f.read())
+    with open(os.path.join(dst, MANIFEST), "w") as f:
+        json.dump(man, f)
+    return dst
+
+
+HOSTILE = [
+    ("out of range", lambda m, d: m.update(slots=[0, 0, 1, 1, 2, 7]), r"names blocks \[7\] but the emulator has 3"),
+    ("negative", lambda m, d: m.update(slots=[0, 0, 1, 1, 2, -1]), r"names blocks \[-1\]"),
+    ("short", lambda m, d: m.update(slots=[0, 1, 2]), "one middle block per slot"),
+    ("unused", lambda m, d: m.update(slots=[0, 0, 0, 1, 1, 1]), r"never uses blocks \[2\]"),
+    ("not ints", lambda m, d: m.update(slots=["0", 1, 2, 2, 2, 2]), "list of block indices"),
+    ("bools", lambda m, d: m.update(slots=[True, False, 2, 2, 2, 2]), "list of block indices"),
+    ("not a list", lambda m, d: m.update(slots={"a": 1}), "list of block indices"),
+    ("no slot_blocks", lambda m, d: m.pop("slot_blocks"), "one middle block per slot"),
+    ("only slot_blocks", lambda m, d: m.pop("slots"), "list of block indices"),
+    ("outside the middle", lambda m, d: m.update(slot_blocks=[2, 3, 4, 5, 6, 8]), "increasing middle blocks"),
+    ("unordered", lambda m, d: m.update(slot_blocks=[3, 2, 4, 5, 6, 7]), "increasing middle blocks"),
+]
+
+
+@pytest.mark.parametrize("case,edit,message", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_a_hostile_slot_map_is_refused_in_one_line(case, edit, message, shared_pkg, tmp_path):
+    bad = _rewrite(shared_pkg, str(tmp_path / "bad"), edit)
+    with pytest.raises(PackageError, match=message) as e:
+        load_package(bad)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ClientError, match="--emulator: .*" + message):
+        build_offsite(bad, LoraConfig(rank=4), 0)
+
+
+def test_a_slot_running_a_block_of_another_attention_type_is_refused(models10, sample_data, tmp_path):
+    src = str(tmp_path / "qwen")
+    build_emulator(models10["qwen2"], "2:2", src, sample_data, DistillConfig(steps=0, **DISTILL), clusters=2, **SHARE)
+    assert load_package(src).slots is not None  # all full attention: loads
+
+    def alternate(man, d):
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["layer_types"] = ["full_attention", "sliding_attention"] * 5
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+
+    with pytest.raises(PackageError, match="run a block of another attention type"):
+        load_package(_rewrite(src, str(tmp_path / "bad"), alternate))
+
+
+def test_a_hostile_server_cannot_slip_a_bad_slot_map_into_a_fetch(models10, shared_pkg, server_factory, tmp_path):
+    served = str(tmp_path / "served")
+    shutil.copytree(shared_pkg, served)
+    server = server_factory(models10["llama"], "--emulator", served)
+    with open(os.path.join(served, MANIFEST)) as f:  # the files on disk change under the running server
+        man = json.load(f)
+    man["slots"] = [0, 0, 1, 1, 2, 9]
+    with open(os.path.join(served, MANIFEST), "w") as f:
+        json.dump(man, f)
+    with pytest.raises(ClientError, match=r"does not verify: .*names blocks \[9\]"):
+        fetch_emulator(server.transport_cfg(), str(tmp_path / "fetched"))
+    assert not os.path.exists(tmp_path / "fetched")
+
+
+def test_fetch_tune_push_and_eval_with_a_shared_package(models10, shared_pkg, sample_data, server_factory, tmp_path):
+    registry = str(tmp_path / "registry")
+    server = server_factory(models10["llama"], "--emulator", shared_pkg, "--adapter-registry", registry)
+    transport_cfg = server.transport_cfg()
+    fetched = str(tmp_path / "fetched")
+    got = fetch_emulator(transport_cfg, fetched)
+    assert load_package(fetched).manifest == load_package(shared_pkg).manifest
+    assert got["kept_middle_blocks"] == load_package(shared_pkg).kept
+
+    calls = []
+    real = EmulatorStage.forward
+
+    def counting(self, h, attention_mask):
+        hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in self.blocks]
+        try:
+            return real(self, h, attention_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    run = str(tmp_path / "run")
+    cfg = TuneConfig(
+        data=sample_data,
+        out=run,
+        mode="offsite",
+        emulator=fetched,
+        steps=12,
+        batch_size=4,
+        seq_len=32,
+        lr=1e-2,
+        lora=LoraConfig(rank=4, alpha=8),
+        progress=False,
+    )
+    EmulatorStage.forward = counting
+    try:
+        r = tune(cfg)
+    finally:
+        EmulatorStage.forward = real
+    assert r["mode"] == "offsite" and r["totals"]["bytes_sent"] == 0
+    assert r["validation"]["after"]["loss"] < r["validation"]["before"]["loss"]
+    assert calls and len(calls) % 6 == 0, "every emulator pass runs all six slots"
+    adapter = os.path.join(run, "adapter")
+    pushed = push_adapter(transport_cfg, adapter, "shared")
+    assert pushed["blocks"] == [0, 1, 8, 9] and not pushed["already_registered"]
+    rep = eval_plugin(
+        transport_cfg, adapter, sample_data, str(tmp_path / "eval"), seq_len=32, batch_size=4, name="shared"
+    )
+    v = rep["validation"]
+    assert v["plugged_in"]["loss"] < v["zero_shot"]["loss"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_width_pruning_composes_with_sharing(arch, models10, sample_data, tmp_path):
+    out = str(tmp_path / "pkg")
+    cfg = DistillConfig(steps=2, **DISTILL)
+    m = build_emulator(models10[arch], "2:2", out, sample_data, cfg, keep=2, mlp_width=16, **SHARE)
+    pkg = load_package(out)
+    assert len(pkg.kept) == 2 and len(pkg.slots) == 6 and m["pruning"]["mlp_width"] == 16
+    assert all(mlp_width_of(b) == 16 for b in pkg.emulator_blocks())
+    full = build_emulator(models10[arch], "2:2", str(tmp_path / "full"), sample_data, cfg, keep=2, **SHARE)
+    assert m["params"]["emulator"] < full["params"]["emulator"]
+    assert full["kept_middle_blocks"] == m["kept_middle_blocks"]  # the same clusters: pruning acts on unique blocks
+    staged = build_offsite(out, LoraConfig(rank=4), 0)
+    ids = _ids(pkg.config().vocab_size)
+    with torch.no_grad():
+        assert torch.isfinite(staged(ids, torch.ones_like(ids), step=0, seed=0, train=False)).all()
+
+
+def test_the_build_refuses_what_sharing_cannot_do(models10, sample_data, tmp_path):
+    out, cfg = str(tmp_path / "pkg"), DistillConfig(steps=0, **DISTILL)
+    path = models10["llama"]
+    with pytest.raises(SelectionError, match="give --distill-data"):
+        build_emulator(path, "2:2", out, None, cfg, clusters=2, **SHARE)
+    with pytest.raises(SelectionError, match="picks its blocks by clustering"):
+        build_emulator(path, "2:2", out, sample_data, cfg, keep_blocks=[2, 7], **SHARE)
+    with pytest.raises(SelectionError, match="drops blocks"):
+        build_emulator(path, "2:2", out, sample_data, cfg, keep=2, select="greedy", **SHARE)
+    with pytest.raises(SelectionError, match="with --structure share"):
+        build_emulator(path, "2:2", out, sample_data, cfg, clusters=2)
+    with pytest.raises(SelectionError, match="choose --clusters 1..6"):
+        build_emulator(path, "2:2", out, sample_data, cfg, clusters=9, **SHARE)
+    with pytest.raises(EmulatorError, match="--init rescale"):
+        build_emulator(
+            path, "2:2", out, sample_data, DistillConfig(steps=1, init="rescale", **DISTILL), keep=2, **SHARE
+        )
+
+
+def test_cloud_emulator_build_share_from_the_command_line(models10, sample_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cloud_main(["emulator", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--structure {drop,share}", "--clusters C", "--cka-seqs", "linear CKA", "every slot"):
+        assert words in text, words
+    out = str(tmp_path / "pkg")
+    argv = ["emulator", "build", "--model", models10["gpt2"], "--distill-data", sample_data, "--out", out]
+    argv += ["--structure", "share", "--keep", "3", "--cka-seqs", "8", "--steps", "0", "--seq-len", "32"]
+    assert cloud_main(argv + ["--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["selection"] == "share" and summary["slots"] == 6 and len(summary["kept_middle_blocks"]) == 3
+    plain = argv[:8] + ["--clusters", "2", "--steps", "0", "--seq-len", "32", "--no-progress"]
+    assert cloud_main(plain) == 2  # --clusters groups a shared emulator's blocks
+    assert "with --structure share" in capsys.readouterr().err
