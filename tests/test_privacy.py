@@ -206,7 +206,8 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
         noise = r["privacy"]["defenses"]["cut_noise"]
         assert noise["noise_multiplier"] == 1.0 and noise["epsilon_per_release"] > 0
         assert "ONE release" in noise["assumptions"]
-        assert r["privacy"]["strongest"]["token_recovery"] < 0.5 < p["strongest"]["token_recovery"]
+        forward_only = max(a["token_recovery"] for a in r["privacy"]["attacks"]["known"].values())
+        assert forward_only < 0.5 < p["strongest"]["token_recovery"]  # the adaptive attacker reads the gradients too
 
     # What the audit attacks is exactly what crossed the wire: step 0 (bottom LoRA still zero) equals the shipped stage.
     run = str(tmp_path / "s")
@@ -223,7 +224,8 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
         with open(path, "wb") as f:
             f.write(msg.SerializeToString())
     tampered = audit_run(run, report["config"], tokens=64, search_tokens=32)
-    assert tampered["strongest"]["token_recovery"] < 0.5 < p["strongest"]["token_recovery"]
+    forward_only = max(a["token_recovery"] for a in tampered["attacks"]["known"].values())
+    assert forward_only < 0.5 < p["strongest"]["token_recovery"]
     for path in glob.glob(os.path.join(run, "cloud_view", "Forward-*.bin")):
         os.remove(path)
     with pytest.raises(ClientError, match="no recorded Forward"):

@@ -191,6 +191,7 @@ class RidgeInverter:
             targets.append(x[:, 1:].reshape(-1))
         x = torch.cat(states).double()
         self.mean = x.mean(0)
+        self.cov = torch.cov(x.T)  # (H, H): what the adaptive attacker aligns received states to
         xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # (n, H+1)
         y = known.embedding.detach()[torch.cat(targets)].double()  # (n, H)
         gram = xa.T @ xa
@@ -207,7 +208,14 @@ class RidgeInverter:
 
 
 def search_attack(
-    known: KnownStages, h: torch.Tensor, cands: torch.Tensor, defense=None, iters: int = 12, chunk_tokens: int = 512
+    known: KnownStages,
+    h: torch.Tensor,
+    cands: torch.Tensor,
+    defense=None,
+    iters: int = 12,
+    chunk_tokens: int = 512,
+    prior: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """Attack c: the candidate tokens whose bottom-stage output matches the received states.
 
@@ -224,6 +232,8 @@ def search_attack(
         defense: The run's cut defense; its clipping is applied to the candidates' outputs.
         iters: Upper bound on iterations.
         chunk_tokens: Candidate slots per masked pass (memory bound).
+        prior: Log-prior of each candidate, (T, C), subtracted from distance / scale (None: distance alone).
+        scale: What a squared distance is divided by before the prior is subtracted.
     """
     t_len, c = cands.shape
     x = cands[:, 0].clone()
@@ -245,8 +255,9 @@ def search_attack(
             out = known.bottom_masked(seq, pos, allow)[hi:].view(hi - lo, c, -1)  # (P, C, H)
             if defense is not None:
                 out = _clip_at(defense, out, lo)
-            dist[lo:hi] = ((out - h[lo:hi].unsqueeze(1)) ** 2).sum(-1)
-        new = cands[torch.arange(t_len), dist.argmin(1)]
+            dist[lo:hi] = ((out - h[lo:hi].unsqueeze(1)) ** 2).sum(-1) / scale
+        cost = dist if prior is None else dist - prior
+        new = cands[torch.arange(t_len), cost.argmin(1)]
         changed = (new != x).nonzero()
         x = new
         if len(changed) == 0:
@@ -277,13 +288,20 @@ def gradient_attack(
     Returns:
         (B, T) guessed label at each position (the token at position t + 1).
     """
+    return gradient_logits(known, h_mid, grad, attention_mask).argmax(-1)
+
+
+def gradient_logits(
+    known: KnownStages, h_mid: torch.Tensor, grad: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The received gradient -g pushed forward to the logits (gradient_attack's scores), (B, T, V)."""
     d = -grad
     eps = 1e-3 * float(h_mid.norm()) / max(float(d.norm()), 1e-30)
     up = known.top_hidden(h_mid + eps * d, attention_mask)
     down = known.top_hidden(h_mid - eps * d, attention_mask)
     tangent = (up - down) / (2 * eps)  # (B, T, H)
     with torch.no_grad():
-        return (tangent @ known.parts.head.weight.T).argmax(-1)  # (B, T)
+        return tangent @ known.parts.head.weight.T  # (B, T, V)
 
 
 def lcs(a: list, b: list) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -14,9 +13,11 @@ from tandem.stages.modules import StageLayout
 from .. import report
 from ..errors import ClientError
 from . import attacks
+from .adaptive import AdaptiveAttacker, audit_adaptive
 from .cloud_view import VIEW_DIR, Received, inventory, read_cloud_view, read_middle_output
+from .context import defense_of, read_context
 from .defenses import CutNoise, dp_statement
-from .record import CONTEXT_FILE
+from .sample import pairs_of, sample_rows, sample_summary, score
 
 ATTACKS = {
     "logit_lens": "a1: final norm + LM head on the cut state (no training, no search)",
@@ -24,6 +25,12 @@ ATTACKS = {
     "learned_inverter": "b: ridge regression from cut states to input embeddings, fitted on public text through the known bottom stage, nearest token",
     "search": "c: causal search over the inverter's top candidates for the tokens whose bottom-stage output is nearest the received state",
 }
+
+ADAPTIVE_KNOWS = (
+    "the defense's algorithm and settings (privacy_context.json), the shipped weights, public text, and every "
+    "recorded request (forward states, top-cut gradients, the middle's outputs it computed); not the data "
+    "owner's private weights, adapter or seeds"
+)
 
 ASSUMPTIONS = (
     "The attacker is the cloud operator: it knows the full model, hence the client-stage weights it shipped, "
@@ -43,19 +50,16 @@ def audit_run(
     public_tokens: int = 4096,
     progress: bool = False,
     tuned: bool = True,
+    adaptive: bool = True,
 ) -> dict:
     """Attacks what the cloud received in a run (RUN_DIR/cloud_view) and returns the privacy section.
 
-    Args:
-        run_dir: The --out directory of a `client tune` run.
-        cfg: The run's TuneConfig as a dict (default: from RUN_DIR/report.json).
-        data: The run's DataSplit (default: re-read from the run's --data, which must be unchanged).
-        tokens: Received tokens attacked by the cheap attacks.
-        search_tokens: Of those, tokens attacked by the search.
-        candidates: Candidates per position for the search.
-        public_tokens: Public-text tokens the inverter is fitted on.
-        progress: Show a progress bar.
-        tuned: Also attack with the data owner's tuned weights (shows how stale the cloud's copy is).
+    Args: run_dir: the --out directory of a `client tune` run; cfg: its TuneConfig as a dict (default: from
+    RUN_DIR/report.json); data: its DataSplit (default: re-read from its --data, which must be unchanged);
+    tokens: received tokens attacked; search_tokens: of those, tokens the searches try; candidates: per position,
+    for the searches; public_tokens: public text the inverters are fitted on; progress: a progress bar; tuned:
+    also attack with the data owner's tuned weights (how stale the cloud's copy is); adaptive: also run the
+    adaptive attacker (privacy/adaptive.py), which fits itself to what was received.
     """
     context = read_context(run_dir)
     if context.get("generation"):  # a private-generation session's recording (privacy/generation_view.py)
@@ -75,30 +79,27 @@ def audit_run(
     variants = {"known": known}
     if tuned and (tuned_stages := tuned_attacker(run_dir, state, layout, config)) is not None:
         variants["tuned"] = tuned_stages
-    results = attack_variants(variants, rows, tokenizer, defense, public, search_tokens, candidates, progress)
+    results = attack_variants(variants, pairs_of(rows), tokenizer, defense, public, search_tokens, candidates, progress)
+    fitted = None
+    if adaptive:  # the attacker sees the states and where they came from; the truth stays here, for scoring
+        attacker = AdaptiveAttacker(context, view, run_dir, config, layout, state, public, defense)
+        fitted = audit_adaptive(attacker, rows, tokenizer, search_tokens, candidates)
+        results["adaptive"] = fitted.pop("results")
     section = {
         "measured": True,
         "cut_after_block": layout.bottom,
         "client_blocks": f"{layout.bottom}:{layout.top}",
         "sample": sample_summary(forwards, rows, search_tokens, candidates, public),
         "attacks": results,
-        "strongest": strongest(results["known"]),
-        "labels": label_attack(view, run_dir, known, data),
+        "strongest": strongest({**results["known"], **results.get("adaptive", {})}),
+        "adaptive": adaptive_summary(results, fitted),
+        "labels": label_attack(view, run_dir, known, data, fitted),
         "received": inventory(view),
         "defenses": defenses_section(layout, defense, dp_of_run(defense, cfg, data), results),
         "assumptions": ASSUMPTIONS,
     }
     section["note"] = report.one_line(section)
     return section
-
-
-def read_context(run_dir: str) -> dict:
-    """RUN_DIR/privacy_context.json, as `attach` wrote it."""
-    path = os.path.join(run_dir, CONTEXT_FILE)
-    if not os.path.exists(path):
-        raise ClientError(f"no {CONTEXT_FILE} in {run_dir}: audit a directory written by `client tune`")
-    with open(path) as f:
-        return json.load(f)
 
 
 def recorded_forwards(view: list[Received], run_dir: str) -> list[Received]:
@@ -152,14 +153,6 @@ def reload_data(cfg: dict, tokenizer):
     )  # absent: a run from before the cap
 
 
-def defense_of(context: dict) -> CutNoise | None:
-    """The run's cut defense, as recorded in its context."""
-    settings = context["defense"]
-    if not settings:
-        return None
-    return CutNoise(settings["noise_multiplier"], settings["clip_norm"], settings["first_clip_norm"])
-
-
 def tuned_attacker(run_dir: str, state: dict, layout: StageLayout, config) -> attacks.KnownStages | None:
     """An attacker who also holds the run's tuned adapter (and tuned client blocks); None without an adapter."""
     adapter_dir = os.path.join(run_dir, "adapter")
@@ -184,61 +177,6 @@ def tuned_state(state: dict, adapter_dir: str, layout: StageLayout, config) -> d
         gid, rest = k[len(prefix) + 1 :].split(".", 1)
         out[f"{prefix}.{layout.client_blocks.index(int(gid))}.{rest}"] = v
     return out
-
-
-def sample_rows(forwards: list[Received], data, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Rows (received states, true ids) of the valid tokens, round robin over the recorded steps."""
-    per_step = []
-    for r in sorted(forwards, key=lambda r: r.step):
-        batch = data.batch_at(r.step)
-        if not torch.equal(batch["attention_mask"].long(), r.mask):
-            raise ClientError(
-                f"{r.path}: the recorded mask does not match step {r.step} of the run's data; "
-                "the audit needs the run's --data, --seq-len, --batch-size and --seed unchanged"
-            )
-        per_step.append(
-            [
-                (r.hidden[b, : int(r.mask[b].sum())], batch["input_ids"][b, : int(r.mask[b].sum())])
-                for b in range(r.hidden.shape[0])
-            ]
-        )
-    rows, n, i = [], 0, 0
-    while n < tokens and any(per_step):
-        group = per_step[i % len(per_step)]
-        if group:
-            h, t = group.pop(0)
-            take = min(len(t), tokens - n)
-            rows.append((h[:take], t[:take]))
-            n += take
-        i += 1
-    return rows
-
-
-def sample_summary(forwards: list[Received], rows, search_tokens: int, candidates: int, public: torch.Tensor) -> dict:
-    """What the attacks were run on: the recorded steps, the sampled tokens and the public text."""
-    tokens = sum(len(t) for _, t in rows)
-    return {
-        "kind": "Forward (training) requests as recorded from the transport",
-        "steps": sorted({r.step for r in forwards}),
-        "sequences": len(rows),
-        "tokens": tokens,
-        "search_tokens": min(search_tokens, tokens),
-        "search_candidates": candidates,
-        "public_tokens": int(public.numel()),
-    }
-
-
-def score(tokenizer, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Token recovery and word-level ROUGE-L F1 of (guess, truth) rows."""
-    hit = sum(int((g == t).sum()) for g, t in rows)
-    n = sum(len(t) for _, t in rows)
-    rouge = [attacks.rouge_l(tokenizer.decode(t).split(), tokenizer.decode(g).split()) for g, t in rows]
-    return {
-        "token_recovery": hit / max(n, 1),
-        "rouge_l": sum(rouge) / max(len(rouge), 1),
-        "tokens": n,
-        "sequences": len(rows),
-    }
 
 
 def attack_variants(variants, rows, tokenizer, defense, public, search_tokens, candidates, progress) -> dict:
@@ -281,8 +219,24 @@ def strongest(results: dict) -> dict:
     return {"attack": name, "token_recovery": best["token_recovery"], "rouge_l": best["rouge_l"]}
 
 
-def label_attack(view: list[Received], run_dir: str, known, data) -> dict:
-    """The gradient attack on the top cut, on every recorded Backward with its middle output."""
+def adaptive_summary(results: dict, fitted: dict | None) -> dict:
+    """The adaptive attacker's figure: the best of its attacks and of the non-adaptive ones (it knows all they know)."""
+    if fitted is None:
+        return {"measured": False}
+    return {
+        "measured": True,
+        "strongest": strongest({**results["known"], **results["adaptive"]}),
+        "strongest_adaptive_only": strongest(results["adaptive"]),
+        "labels_from_tokens": fitted["labels"],
+        "chose": fitted["chose"],
+        "simulated": fitted["attacker"],
+        "knows": ADAPTIVE_KNOWS,
+    }
+
+
+def label_attack(view: list[Received], run_dir: str, known, data, fitted: dict | None = None) -> dict:
+    """The gradient attack on the top cut, on every recorded Backward with its middle output (and the adaptive
+    attacker's labels: the next tokens its bidirectional search read)."""
     hits = n = 0
     steps = []
     for r in view:
@@ -298,7 +252,7 @@ def label_attack(view: list[Received], run_dir: str, known, data) -> dict:
         hits += int((guess[keep] == labels[keep]).sum())
         n += int(keep.sum())
         steps.append(r.step)
-    return {
+    out = {
         "gradient_attack": {
             "label_recovery": hits / n if n else None,
             "labels": n,
@@ -312,6 +266,12 @@ def label_attack(view: list[Received], run_dir: str, known, data) -> dict:
             "does not protect this path; the data owner's LoRA on the top blocks makes the cloud's Jacobian stale."
         ),
     }
+    if fitted is not None:
+        how = (
+            "the labelled next tokens the bidirectional search recovered (forward states and gradients), searched rows"
+        )
+        out["adaptive"] = {**fitted["labels"], "how": how}
+    return out
 
 
 def dp_of_run(defense: CutNoise | None, cfg: dict, data) -> dict:
