@@ -60,6 +60,7 @@ def run_build(args: argparse.Namespace) -> int:
             structure=args.structure,
             clusters=args.clusters,
             cka_seqs=args.cka_seqs,
+            budget=args.budget,
         )
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
@@ -120,7 +121,7 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="K:M",
         help="adapter blocks the data owner tunes, below (K) and above (M) the emulator",
     )
-    how = parser.add_mutually_exclusive_group(required=True)
+    how = parser.add_mutually_exclusive_group()  # one of them, except with --select gradient (which may choose it)
     how.add_argument(
         "--drop-ratio", type=float, default=None, help="share of the middle blocks to drop (0.5 keeps about half)"
     )
@@ -138,18 +139,25 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
     _add_share_flags(parser, how)
     parser.add_argument(
         "--select",
-        choices=("uniform", "greedy"),
+        choices=("uniform", "greedy", "gradient"),
         default="uniform",
         help="how --drop-ratio/--keep's blocks are chosen: 'uniform' spaces them evenly (the paper's rule); "
         "'greedy' drops, one at a time, the block whose removal raises the model's next-token loss on "
         "the public text least (first and last middle block kept; a closer emulator, but not a better "
-        "plug-in on SmolLM2: see the README; about 10 min on 2 cores for SmolLM2 at --seq-len 64)",
+        "plug-in on SmolLM2: see the README; about 10 min on 2 cores for SmolLM2 at --seq-len 64); "
+        "'gradient' scores candidate structures under --budget (block counts and MLP widths; with --structure "
+        "share also cluster counts and which block represents a cluster) by the cosine between the adapters' "
+        "start-of-tuning gradients through the candidate and through the full middle on --select-seqs public "
+        "sequences, bottom and top adapter apart, keeps the best (mean of the two) and records every candidate's "
+        "scores in the manifest; --drop-ratio/--keep/--clusters and --mlp-width, when given, fix that dimension",
     )
+    _add_gradient_flags(parser)
     parser.add_argument(
         "--select-seqs",
         type=int,
         default=32,
-        help="public sequences (of --seq-len tokens) the greedy selection, and --mlp-width's neuron ranking, measure on",
+        help="public sequences (of --seq-len tokens) the greedy and gradient selections, and --mlp-width's neuron "
+        "ranking, measure on",
     )
     parser.add_argument(
         "--mlp-width",
@@ -158,7 +166,19 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="also width-prune: each kept block keeps only the N MLP neurons that add the most to the "
         "residual stream on the public text, so the emulator can keep more blocks in the same "
-        "parameter budget (default: full-width blocks)",
+        "parameter budget; with --structure share it prunes each unique block once (default: full-width blocks)",
+    )
+
+
+def _add_gradient_flags(parser: argparse.ArgumentParser) -> None:
+    """The package budget of --select gradient."""
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        metavar="F",
+        help="with --select gradient: the largest share of the model's unique parameters the package (client "
+        "stages and the emulator's unique blocks) may hold (default 0.6)",
     )
 
 

@@ -34,6 +34,7 @@ def build_emulator(
     clusters: int | None = None,
     cka_seqs: int = 256,
     representatives: list[int] | None = None,
+    budget: float | None = None,
 ) -> dict:
     """Builds an emulator package; returns its manifest.
 
@@ -58,6 +59,11 @@ def build_emulator(
         clusters: Clusters of a shared emulator (instead of drop_ratio/keep).
         cka_seqs: Public sequences the shared emulator's CKA is measured on.
         representatives: The full-model block each cluster keeps (None: each cluster's middle block).
+        budget: With select "gradient" (tandem.emulator.gradient_select): the largest share of the model's
+            parameters the package may hold (None: 0.6). That selection scores structures of `structure` (block
+            counts, MLP widths, and for "share" which block represents a cluster) by the cosine of the adapters'
+            start-of-tuning gradients with the full model's; drop_ratio/keep/clusters and mlp_width, when given,
+            fix those dimensions.
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
@@ -65,7 +71,22 @@ def build_emulator(
     slots = slot_blocks = None
     if structure not in ("drop", "share"):
         raise SelectionError(f"--structure must be drop or share, got {structure!r}")
-    if structure == "share":
+    if select == "gradient":
+        from .gradient_select import gradient_structure
+
+        chosen = gradient_structure(
+            loaded,
+            layout,
+            texts,
+            lambda: _sample(loaded, texts, cfg, select_seqs),
+            structure,
+            (drop_ratio, keep, keep_blocks, clusters, representatives),
+            mlp_width,
+            budget,
+            cfg,
+        )
+        kept, slots, slot_blocks, mlp_width = (chosen[k] for k in ("kept", "slots", "slot_blocks", "mlp_width"))
+    elif structure == "share":
         chosen = shared_selection(
             loaded, layout, texts, cfg, (drop_ratio, keep, keep_blocks, clusters), select, cka_seqs, representatives
         )
@@ -75,8 +96,10 @@ def build_emulator(
     else:
         kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
         chosen = {"method": "blocks" if keep_blocks is not None else "uniform"}
-    if select not in ("uniform", "greedy"):
-        raise SelectionError(f"--select must be uniform or greedy, got {select!r}")
+    if select not in ("uniform", "greedy", "gradient"):
+        raise SelectionError(f"--select must be uniform, greedy or gradient, got {select!r}")
+    if budget is not None and select != "gradient":
+        raise SelectionError("--budget bounds the structures --select gradient scores: give it with --select gradient")
     if select == "greedy":
         if keep_blocks is not None:
             raise SelectionError(

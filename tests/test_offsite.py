@@ -474,7 +474,7 @@ def test_greedy_selection_errors_say_what_to_do(models8, sample_data, tmp_path):
         )
     with pytest.raises(SelectionError, match="--distill-data"):
         build_emulator(models8["llama"], "2:2", str(tmp_path / "b"), None, cfg, keep=2, select="greedy")
-    with pytest.raises(SelectionError, match="uniform or greedy"):
+    with pytest.raises(SelectionError, match="uniform, greedy or gradient"):
         build_emulator(models8["llama"], "2:2", str(tmp_path / "c"), sample_data, cfg, keep=2, select="best")
     with pytest.raises(SelectionError, match="choose 2..4"):
         build_emulator(models8["llama"], "2:2", str(tmp_path / "d"), sample_data, cfg, keep=1, select="greedy")
