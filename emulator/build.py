@@ -196,8 +196,8 @@ def shared_selection(
         )
     if select != "uniform":
         raise SelectionError(f"--structure share clusters the middle itself; --select {select} drops blocks")
-    if clusters is not None and (drop_ratio is not None or keep is not None):
-        raise SelectionError("give one of --clusters, --keep or --drop-ratio")
+    if (clusters is not None) + (drop_ratio is not None) + (keep is not None) != 1:
+        raise SelectionError("--structure share: give exactly one of --clusters C, --keep N or --drop-ratio F")
     if texts is None:
         raise SelectionError(
             "--structure share measures the blocks' similarity on public text: give --distill-data DIR"

@@ -333,6 +333,10 @@ def test_the_build_refuses_what_sharing_cannot_do(models10, sample_data, tmp_pat
     path = models10["llama"]
     with pytest.raises(SelectionError, match="give --distill-data"):
         build_emulator(path, "2:2", out, None, cfg, clusters=2, **SHARE)
+    with pytest.raises(SelectionError, match="exactly one of --clusters C, --keep N or --drop-ratio F"):
+        build_emulator(path, "2:2", out, sample_data, cfg, **SHARE)
+    with pytest.raises(SelectionError, match="exactly one of --clusters C"):
+        build_emulator(path, "2:2", out, sample_data, cfg, clusters=2, keep=2, **SHARE)
     with pytest.raises(SelectionError, match="picks its blocks by clustering"):
         build_emulator(path, "2:2", out, sample_data, cfg, keep_blocks=[2, 7], **SHARE)
     with pytest.raises(SelectionError, match="drops blocks"):
