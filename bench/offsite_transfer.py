@@ -1,14 +1,13 @@
 """Benchmark companion to offsite_table.py: which half of the Offsite-Tuning adapter fails to transfer, and why.
 
-Reads an offsite_table.py work directory (its offsite/ and full/ adapters and its data) and the package it
-used, and measures on the same held-out text:
+Reads an offsite_table.py work directory (one structure's offsite run and full tuning's, at one learning rate and
+split, its data and the structure's package) and measures on the same held-out text:
 - half swaps: the offsite adapter's LoRA on the bottom or top adapter blocks only, or combined with full
   tuning's other half, plugged into the full model (perplexity and share of full tuning's gain);
 - gradient alignment at the start of tuning: cosine and norm ratio between the adapter gradients the data
   owner gets through the emulator and the ones the full model gives, for the bottom and the top blocks.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/offsite_transfer.py --work bench/out/offsite_table \\
-        --package bench/out/offsite_table/pkg
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/offsite_transfer.py --work bench/out/offsite_table --structure uniform
 """
 
 from __future__ import annotations
@@ -29,9 +28,17 @@ ADAPTER = "adapter_model.safetensors"
 def parse_args(argv=None) -> argparse.Namespace:
     p = bench_parser(__file__, __doc__, threads=2)
     p.add_argument(
-        "--work", required=True, help="an offsite_table.py --work directory (with offsite/, full/ and private/)"
+        "--work", required=True, help="an offsite_table.py --work directory (with runs/, pkg/ and splitSEED/private)"
     )
-    p.add_argument("--package", default=None, help="the emulator package that run used; default WORK/pkg")
+    p.add_argument(
+        "--structure", default="uniform", help="the table's structure whose offsite run is read; default uniform"
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="the learning rate of the runs read; default 1e-3")
+    p.add_argument(
+        "--offsite-run", default=None, help="the offsite tune directory; default WORK/runs/STRUCTURE/sSEED/lrLR"
+    )
+    p.add_argument("--full-run", default=None, help="the full-tuning tune directory; default WORK/runs/full/sSEED/lrLR")
+    p.add_argument("--package", default=None, help="the emulator package that run used; default WORK/pkg/STRUCTURE")
     p.add_argument(
         "--grad-batches", type=int, default=4, help="private batches the start-of-tuning gradients sum over; default 4"
     )
@@ -46,16 +53,16 @@ def _block(name: str) -> int:
     return next(int(parts[i + 1]) for i, x in enumerate(parts[:-1]) if x in ("layers", "h") and parts[i + 1].isdigit())
 
 
-def mixed_adapter(work: str, out: str, pick) -> str:
+def mixed_adapter(runs: tuple[str, str], out: str, pick) -> str:
     """An adapter directory whose tensors come, per block, from the offsite ('o') or full ('f') run, or are
     switched off ('-': LoRA B zeroed)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    off = load_file(os.path.join(work, "offsite", "adapter", ADAPTER))
-    full = load_file(os.path.join(work, "full", "adapter", ADAPTER))
+    off = load_file(os.path.join(runs[0], "adapter", ADAPTER))
+    full = load_file(os.path.join(runs[1], "adapter", ADAPTER))
     os.makedirs(out, exist_ok=True)
-    shutil.copy(os.path.join(work, "offsite", "adapter", "adapter_config.json"), out)
+    shutil.copy(os.path.join(runs[0], "adapter", "adapter_config.json"), out)
     mixed = {}
     for k, v in off.items():
         src = pick(_block(k))
@@ -92,13 +99,17 @@ def main(argv=None) -> int:
     from tandem.stages.lora import LoraConfig
 
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.work, "offsite", "adapter", "adapter_config.json")) as f:
+    runs = (
+        args.offsite_run or os.path.join(args.work, "runs", args.structure, f"s{args.seed}", f"lr{args.lr:g}"),
+        args.full_run or os.path.join(args.work, "runs", "full", f"s{args.seed}", f"lr{args.lr:g}"),
+    )
+    with open(os.path.join(runs[0], "adapter", "adapter_config.json")) as f:
         acfg = json.load(f)
     table = ot.parse_args(["--work", os.path.join(args.work, "transfer"), "--seed", str(args.seed)])
     tok = load_tokenizer(default_model_dir())
     _, _, _, eval_ids = ot.write_data(table, tok)  # the same held-out text as the table (it depends on the seed only)
     lora = LoraConfig(rank=acfg["r"], alpha=float(acfg["lora_alpha"]), target_modules=tuple(acfg["target_modules"]))
-    pkg = args.package or os.path.join(args.work, "pkg")
+    pkg = args.package or os.path.join(args.work, "pkg", args.structure)
     layout = load_package(pkg).layout
     bottom, top = set(layout.bottom_blocks), set(layout.top_blocks)
     full = build_local(None, f"{layout.bottom}:{layout.top}", lora, args.seed, middle_lora=False)
@@ -121,14 +132,15 @@ def main(argv=None) -> int:
     }
     rows = {}
     for i, (name, pick) in enumerate(swaps.items()):
-        rows[name] = {"ppl": ppl(mixed_adapter(args.work, os.path.join(args.work, "transfer", f"mix{i}"), pick))}
+        rows[name] = {"ppl": ppl(mixed_adapter(runs, os.path.join(args.work, "transfer", f"mix{i}"), pick))}
     gain = zs - rows["full-tuning adapter"]["ppl"]
     for r in rows.values():
         r["share_of_full_tuning_gain"] = (zs - r["ppl"]) / gain
 
     # Gradient alignment: both models start from the same adapter (seed), on the same private batches.
     fresh = build_local(None, f"{layout.bottom}:{layout.top}", lora, args.seed, middle_lora=False)
-    data = load_split(os.path.join(args.work, "private"), fresh.tokenizer, 64, 4, args.seed, 0.1)
+    private = os.path.join(args.work, f"split{args.seed}", "private")
+    data = load_split(private, fresh.tokenizer, 64, 4, args.seed, 0.1)
     g_full = start_gradients(fresh, data, args.grad_batches)
     g_emu = start_gradients(build_offsite(pkg, lora, args.seed), data, args.grad_batches)
     align = {}
