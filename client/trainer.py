@@ -24,7 +24,9 @@ from .meter import Meter
 from .model import StagedModel
 from .privacy import record as privacy_record
 from .privacy.audit import audit_run
-from .privacy.record import AuditRecorder
+from .privacy.label_defense import LabelNoise
+from .privacy.private_bottom import PrivateBottom
+from .privacy.record import AuditRecorder, private_bottom_settings
 from .session import SessionLost
 from .transport import Transport, TransportConfig
 from .tune_config import TuneConfig
@@ -57,7 +59,7 @@ def tune(cfg: TuneConfig, transport_cfg: TransportConfig | None = None) -> dict:
         total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * data.batches_per_epoch))
         privacy_record.attach(model, cfg, total_steps, transport.recorder if transport is not None else None)
         state = TrainState(model, cfg, meter)
-        val_before = state.resume(saved) if saved else evaluate(model, data, cfg.seed)
+        val_before = state.begin(saved, data, cfg.batch_size)
         meter.take_step()  # evaluation traffic is accounted per kind, not per training step
         rollback = state.rollback(saved) if cfg.cloud_optimizer else None
         progress = Progress(cfg, total_steps, state)
@@ -86,7 +88,7 @@ def tune(cfg: TuneConfig, transport_cfg: TransportConfig | None = None) -> dict:
                 checkpoint.save(cfg.out, payload)
         progress.close()
         val_after = evaluate(model, data, cfg.seed + EVAL_AFTER_SEED)  # fresh cut noise: never the first pass's draws
-        save_adapter(model, cfg)
+        save_adapter(model, cfg, state.private)
         wall = time.perf_counter() - started
         run_report = report.run_report(cfg, model, data, state.steps, meter, val_before, val_after, wall)
         if state.kill_revive is not None:
@@ -120,8 +122,8 @@ def assemble_model(cfg: TuneConfig, transport_cfg: TransportConfig | None, meter
     return transport, model
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
-    """The data owner's AdamW (the ADAMW settings, at --lr)."""
+def make_optimizer(params: list, lr: float) -> torch.optim.AdamW:
+    """The data owner's AdamW (the ADAMW settings, at --lr): parameters, or parameter groups (dicts)."""
     betas = (ADAMW["beta1"], ADAMW["beta2"])
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
 
@@ -148,7 +150,13 @@ class TrainState:
         remote = {id(p) for p in model.middle.params} if cfg.cloud_optimizer else set()  # the cloud updates these
         adapter = [p for p in model.adapter.parameters() if id(p) not in remote]
         self.client_blocks = model.unfreeze_client_blocks() if cfg.tune_client_blocks else []
-        self.optimizer = make_optimizer(adapter + self.client_blocks, cfg.lr)
+        # The trained defenses, which the cloud never sees: the private bottom's blocks train at --private-lr.
+        self.private = PrivateBottom(model, private_bottom_settings(cfg)) if cfg.private_bottom > 0 else None
+        self.label_noise = LabelNoise(cfg.label_noise).install(model) if cfg.label_noise > 0 else None
+        groups = [{"params": adapter + self.client_blocks}]
+        if self.private is not None:
+            groups.append({"params": self.private.params, "lr": cfg.private_lr})
+        self.optimizer = make_optimizer(groups, cfg.lr)
         self.kill_revive = KillRevive.for_middle(model, cfg.kill_revive) if cfg.kill_revive is not None else None
         self.step = 0
         self.steps: list[dict] = []
@@ -181,7 +189,8 @@ class TrainState:
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, int]:
         self.optimizer.zero_grad(set_to_none=True)
         loss, label_tokens = self.model.loss(batch, self.step, self.seed, train=True)
-        loss.backward()
+        # The private bottom's term (client-local: it changes no tensor that travels, only the bottom's gradient).
+        (loss + self.private.loss() if self.private is not None else loss).backward()
         return loss, label_tokens
 
     def snapshot(self) -> dict:
@@ -191,6 +200,8 @@ class TrainState:
             "client_blocks": [p.detach().clone() for p in self.client_blocks],
             "optimizer": self.optimizer.state_dict(),
             "kill_revive": self.kill_revive.state_dict() if self.kill_revive is not None else None,
+            "private_bottom": self.private.state_dict() if self.private is not None else None,
+            "label_noise": self.label_noise.state_dict() if self.label_noise is not None else None,
             "step": self.step,
             "steps": self.steps,
         }
@@ -204,7 +215,19 @@ class TrainState:
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.kill_revive is not None and saved.get("kill_revive") is not None:  # None: saved before it was on
             self.kill_revive.load_state_dict(saved["kill_revive"])
+        for defense, key in ((self.private, "private_bottom"), (self.label_noise, "label_noise")):
+            if defense is not None and saved.get(key) is not None:
+                defense.load_state_dict(saved[key])
         self.steps, self.step = saved["steps"], saved["step"]
+
+    def begin(self, saved: dict | None, data, batch_size: int) -> dict:
+        """The validation before tuning: the checkpoint's (resuming), else measured after the private bottom's
+        warm-up (which runs before anything is sent, so the first evaluation goes through the private bottom)."""
+        if saved:
+            return self.resume(saved)
+        if self.private is not None:
+            log.info("private bottom: warm-up losses %s", self.private.warmup(batch_size))
+        return evaluate(self.model, data, self.seed)
 
     def resume(self, saved: dict) -> dict:
         """Continues from a checkpoint (the cloud gets the remote optimizer's state); returns its validation."""
@@ -254,8 +277,11 @@ class Progress:
         self.bar.close()
 
 
-def save_adapter(model: StagedModel, cfg: TuneConfig) -> None:
-    """OUT/adapter: the LoRA in PEFT's format, plus the fully tuned client blocks when --tune-client-blocks."""
+def save_adapter(model: StagedModel, cfg: TuneConfig, private: PrivateBottom | None = None) -> None:
+    """OUT/adapter: the LoRA in PEFT's format, plus the fully tuned client blocks when --tune-client-blocks; a
+    private bottom goes to OUT/private_bottom.safetensors (0600, outside adapter/: `client push` never sends it)."""
+    if private is not None:
+        private.save(cfg.out)
     adapter_dir = os.path.join(cfg.out, "adapter")
     save_peft(
         model.adapter, adapter_dir, PeftMeta(model.model_id, fan_in_fan_out=arch_for(model.config).fan_in_fan_out)

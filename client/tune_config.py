@@ -34,6 +34,10 @@ class TuneConfig:
     tune_client_blocks: bool = False  # also train the client's K+M blocks in full
     noise_multiplier: float = 0.0  # Gaussian noise at the bottom cut, sigma = noise_multiplier * clip_norm
     clip_norm: float = 0.0  # per-token L2 clip at the cut; 0 = auto (median norm on public text) when noise is on
+    private_bottom: float = 0.0  # weight of the private bottom's inverter term (0: the shipped bottom, untrained)
+    private_warmup: int = 0  # the private bottom's steps on public text before anything is sent
+    private_lr: float = 1e-4  # AdamW learning rate of the private bottom's blocks
+    label_noise: float = 0.0  # noise on the top-cut gradient, relative to each token's gradient norm (0: none)
     audit: str = "auto"  # privacy audit of what the cloud received: auto (split mode), yes, no, record (audit later)
     audit_tokens: int = 256  # received tokens the audit attacks
     emulator: str | None = None  # offsite mode: the emulator package directory
@@ -68,6 +72,7 @@ class TuneConfig:
             raise ValueError(
                 f"noise_multiplier and clip_norm must be >= 0, got {self.noise_multiplier}, {self.clip_norm}"
             )
+        self._check_private_defenses()
         if self.cloud_optimizer and (self.mode != "split" or not self.middle_lora):
             raise ValueError("--cloud-optimizer applies to --mode split with a remote LoRA (not with --no-middle-lora)")
         if self.kill_revive is not None and (self.mode == "offsite" or not self.middle_lora or self.cloud_optimizer):
@@ -79,6 +84,20 @@ class TuneConfig:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
         if self.audit not in ("auto", "yes", "no", "record"):
             raise ValueError(f"audit must be auto, yes, no or record, got {self.audit!r}")
+
+    def _check_private_defenses(self) -> None:
+        """The trained defenses' flags (client/privacy/private_bottom.py, label_defense.py)."""
+        if self.private_bottom < 0 or self.label_noise < 0 or self.private_warmup < 0 or not self.private_lr > 0:
+            raise ValueError(
+                "--private-bottom, --label-noise and --private-warmup must be >= 0 and --private-lr > 0, got "
+                f"{self.private_bottom}, {self.label_noise}, {self.private_warmup}, {self.private_lr}"
+            )
+        if (self.private_bottom > 0 or self.label_noise > 0) and self.mode == "offsite":
+            raise ValueError("--private-bottom and --label-noise apply to split and local mode (offsite sends nothing)")
+        if self.private_bottom > 0 and self.tune_client_blocks:
+            raise ValueError("--private-bottom trains the bottom blocks itself; not with --tune-client-blocks")
+        if self.private_warmup > 0 and not self.private_bottom > 0:
+            raise ValueError("--private-warmup warms up a private bottom; pass --private-bottom WEIGHT too")
 
     def to_dict(self) -> dict:
         """The config as JSON-ready dicts (the report's and the checkpoint's "config")."""

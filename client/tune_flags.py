@@ -6,6 +6,7 @@ import argparse
 
 from . import flags
 from .data import MAX_VAL_SEQUENCES
+from .privacy.flags import add_privacy_flags
 from .transport import DEFAULT_CA, DEFAULT_IDENTITY
 from .tune_cli import CODECS, run_tune
 
@@ -26,7 +27,7 @@ def add_tune_parser(sub) -> None:
     _add_kill_revive_flags(parser)
     _add_validation_flags(parser)
     _add_checkpoint_flags(parser)
-    _add_privacy_flags(parser)
+    add_privacy_flags(parser)
     _add_placement_flags(parser)
     flags.add_compute_flags(parser)
     parser.set_defaults(func=run_tune)
@@ -297,33 +298,4 @@ def _add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace the run in --out (its adapter, checkpoint and report); without it a finished or "
         "unfinished run there is refused",
-    )
-
-
-def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--noise-multiplier",
-        type=flags.nonneg_float,
-        default=0.0,
-        metavar="S",
-        help="privacy defense: Gaussian noise on every token's state at the bottom cut, sigma = S x clip norm "
-        "(train and eval); the report states the (epsilon, delta) it implies; default 0 (none)",
-    )
-    parser.add_argument(
-        "--clip-norm",
-        type=flags.nonneg_float,
-        default=0.0,
-        metavar="C",
-        help="clip every token's state at the cut to L2 norm C before the noise; default 0 = with noise on, the "
-        "median norm at the cut on public text (position 0 gets its own)",
-    )
-    parser.add_argument(
-        "--audit",
-        choices=("auto", "yes", "no", "record"),
-        default="auto",
-        help="privacy audit: record what the cloud receives (RUN_DIR/cloud_view) and attack it after tuning; "
-        "auto = in split mode; record = record only (run `client audit` later); default auto",
-    )
-    parser.add_argument(
-        "--audit-tokens", type=flags.positive_int, default=256, help="received tokens the audit attacks; default 256"
     )

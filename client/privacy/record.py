@@ -14,9 +14,11 @@ from tandem.stages.loading import config_json
 
 from ..errors import ClientError
 from ..transport import Recorder
+from . import label_defense
 from .attacks import public_ids
 from .cloud_view import middle_output_path
 from .defenses import CutNoise
+from .private_bottom import PrivateBottomSettings
 
 CONTEXT_FILE = "privacy_context.json"  # what the audit needs besides cloud_view/: the model, the cut, the defense
 
@@ -145,6 +147,11 @@ def attach(model, cfg, total_steps: int, recorder: AuditRecorder | None) -> Priv
     return tap
 
 
+def private_bottom_settings(cfg) -> PrivateBottomSettings:
+    """The private bottom's settings of a run's TuneConfig (--private-bottom > 0)."""
+    return PrivateBottomSettings(weight=cfg.private_bottom, warmup=cfg.private_warmup, lr=cfg.private_lr)
+
+
 def _write_context(model, cfg, defense: CutNoise | None, audit_on: bool) -> None:
     """RUN_DIR/privacy_context.json: the model, the cut and the defense, as the audit will need them."""
     context = {
@@ -154,6 +161,8 @@ def _write_context(model, cfg, defense: CutNoise | None, audit_on: bool) -> None
         "stages_sha256": model.stages_sha256,
         "model": cfg.model,
         "defense": defense.describe() if defense else None,
+        "private_bottom": private_bottom_settings(cfg).describe() if cfg.private_bottom > 0 else None,
+        "label_defense": label_defense.describe(cfg.label_noise) if cfg.label_noise > 0 else None,
         "audit": audit_on,
     }
     os.makedirs(cfg.out, exist_ok=True)
