@@ -47,6 +47,9 @@ def runs(tmp_path_factory, tiny_models, sample_data):
     return {
         "clean": _run(tmp, tiny_models, sample_data, "clean"),
         "noisy": _run(tmp, tiny_models, sample_data, "noisy", noise_multiplier=1.0),
+        "private": _run(
+            tmp, tiny_models, sample_data, "private", private_bottom=1.0, private_warmup=2, label_noise=1.0
+        ),
     }
 
 
@@ -75,10 +78,11 @@ def test_gradients_carry_the_adaptive_attacker_past_cut_noise(runs):
     assert p["adaptive"]["simulated"]["cut_noise"]["noise_multiplier"] == 1.0
 
 
-def test_adaptive_attacker_needs_only_the_cloud_view_and_the_context(runs, tiny_models, sample_data, tmp_path):
-    """A directory with nothing but cloud_view/ and privacy_context.json (no adapter, no private files, no report)
+@pytest.mark.parametrize("name", ["clean", "private"])
+def test_adaptive_attacker_needs_only_the_cloud_view_and_the_context(runs, tiny_models, sample_data, tmp_path, name):
+    """A directory with nothing but cloud_view/ and privacy_context.json (no adapter, no private bottom, no report)
     gives the adaptive attacker the same guesses: it never reads the data owner's weights or seeds."""
-    run, cfg = runs["clean"]
+    run, cfg = runs[name]
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copytree(os.path.join(run, "cloud_view"), bare / "cloud_view")
@@ -93,6 +97,13 @@ def test_adaptive_attacker_needs_only_the_cloud_view_and_the_context(runs, tiny_
     assert "tuned" in full["attacks"] and "tuned" not in only["attacks"]
     assert only["attacks"]["adaptive"] == full["attacks"]["adaptive"]
     assert only["adaptive"] == full["adaptive"]
+    shadow = only["adaptive"]["simulated"]["shadow"]
+    if name == "private":  # its shadow of the defense: the same algorithm and settings, its own seed, public text
+        assert os.path.exists(os.path.join(run, "private_bottom.safetensors"))
+        assert only["adaptive"]["simulated"]["bottom"] == "a shadow private bottom"
+        assert shadow["settings"] == json.loads((bare / "privacy_context.json").read_text())["private_bottom"]
+    else:
+        assert shadow is None
     context = json.loads((bare / "privacy_context.json").read_text())
     settings = [context] + [v for v in context.values() if isinstance(v, dict)]
     assert not [k for d in settings for k in d if "seed" in k], context  # no seed of the client's is in it

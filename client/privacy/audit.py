@@ -17,6 +17,7 @@ from .adaptive import AdaptiveAttacker, audit_adaptive
 from .cloud_view import VIEW_DIR, Received, inventory, read_cloud_view, read_middle_output
 from .context import defense_of, read_context
 from .defenses import CutNoise, dp_statement
+from .private_bottom import PRIVATE_BOTTOM_FILE as PRIVATE_FILE
 from .sample import pairs_of, sample_rows, sample_summary, score
 
 ATTACKS = {
@@ -154,28 +155,31 @@ def reload_data(cfg: dict, tokenizer):
 
 
 def tuned_attacker(run_dir: str, state: dict, layout: StageLayout, config) -> attacks.KnownStages | None:
-    """An attacker who also holds the run's tuned adapter (and tuned client blocks); None without an adapter."""
+    """An attacker who also holds the run's tuned adapter (and tuned client blocks, or its private bottom);
+    None without an adapter."""
     adapter_dir = os.path.join(run_dir, "adapter")
     if not os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors")):
         return None
-    tuned_weights = tuned_state(state, adapter_dir, layout, config)
+    tuned_weights = tuned_state(state, run_dir, layout, config)
     return attacks.KnownStages.build(config, layout, tuned_weights, load_peft_tensors(adapter_dir))
 
 
-def tuned_state(state: dict, adapter_dir: str, layout: StageLayout, config) -> dict:
-    """The shipped weights with the run's fully tuned client blocks (if any) put in place."""
+def tuned_state(state: dict, run_dir: str, layout: StageLayout, config) -> dict:
+    """The shipped weights with the run's fully tuned client blocks (--tune-client-blocks, or the private bottom's
+    RUN_DIR/private_bottom.safetensors) put in place: full-model block names, LoRA factors left to the adapter."""
     from safetensors.torch import load_file
 
     from tandem.stages.arch import arch_for
 
-    path = os.path.join(adapter_dir, "client_blocks.safetensors")
-    if not os.path.exists(path):
-        return state
     prefix = arch_for(config).block_prefix
     out = dict(state)
-    for k, v in load_file(path).items():
-        gid, rest = k[len(prefix) + 1 :].split(".", 1)
-        out[f"{prefix}.{layout.client_blocks.index(int(gid))}.{rest}"] = v
+    for path in (os.path.join(run_dir, "adapter", "client_blocks.safetensors"), os.path.join(run_dir, PRIVATE_FILE)):
+        if not os.path.exists(path):
+            continue
+        for k, v in load_file(path).items():
+            gid, rest = k[len(prefix) + 1 :].split(".", 1)
+            if ".lora_" not in rest:
+                out[f"{prefix}.{layout.client_blocks.index(int(gid))}.{rest}"] = v
     return out
 
 
