@@ -246,6 +246,9 @@ def one_line(section: dict) -> str:
     )
     if labels["label_recovery"] is not None:
         line += f" and {labels['label_recovery']:.0%} of the labels from the top-cut gradients"
+    adaptive = section.get("labels", {}).get("adaptive")
+    if adaptive and adaptive["label_recovery"] is not None:  # labels are next tokens: the adaptive attacker reads them
+        line += f" ({adaptive['label_recovery']:.0%} as the adaptive attacker's recovered next tokens)"
     if eps:
         noise_text = f"multiplier {noise['noise_multiplier']}, epsilon {eps:.3g} per vector per release (delta {noise['delta']:g})"
     else:
