@@ -57,7 +57,7 @@ def test_adaptive_attacker_does_at_least_as_well_undefended(runs):
     """Same rows: the adaptive figure is the best of a superset; the identity-aligned inverter IS attack b."""
     p = audit_run(runs["clean"][0], runs["clean"][1], **SMALL, tuned=False)
     known, fitted = p["attacks"]["known"], p["attacks"]["adaptive"]
-    assert set(fitted) == set(adaptive.ADAPTIVE_ATTACKS)
+    assert set(fitted) == set(adaptive.ADAPTIVE_ATTACKS) - {"inverter_noise_replay"}  # no cut noise to replay
     assert fitted["inverter_identity"]["token_recovery"] == known["learned_inverter"]["token_recovery"]
     assert fitted["inverter_identity"]["tokens"] == known["learned_inverter"]["tokens"] == p["sample"]["tokens"]
     assert fitted["bidirectional_search"]["tokens"] == known["search"]["tokens"]  # the same searched rows
@@ -69,13 +69,26 @@ def test_adaptive_attacker_does_at_least_as_well_undefended(runs):
     assert p["labels"]["adaptive"]["labels"] > 0 and p["labels"]["adaptive"]["label_recovery"] >= 0.9
 
 
-def test_gradients_carry_the_adaptive_attacker_past_cut_noise(runs):
-    """Noise 1.0 at the cut defeats the forward attacks (test_privacy); the top-cut gradient is not noised."""
+def test_cut_noise_is_replayed_from_the_seed_every_forward_carries(runs):
+    """Noise 1.0 at the cut defeats the forward attacks (test_privacy), but CutNoise draws it from the cut's seed,
+    the dropout seed sent with every Forward plus a constant: regenerated and subtracted, the clipped states remain."""
     p = audit_run(runs["noisy"][0], runs["noisy"][1], **SMALL, tuned=False)
     known, fitted = p["attacks"]["known"], p["attacks"]["adaptive"]
     assert known["search"]["token_recovery"] < 0.5
-    assert fitted["bidirectional_search"]["token_recovery"] > known["search"]["token_recovery"] + 0.2, (known, fitted)
+    assert fitted["inverter_noise_replay"]["token_recovery"] >= 0.85, fitted
+    assert p["adaptive"]["chose"]["alignment"] == "noise_replay"
+    assert fitted["bidirectional_search"]["token_recovery"] >= 0.9, fitted
     assert p["adaptive"]["simulated"]["cut_noise"]["noise_multiplier"] == 1.0
+
+
+def test_gradients_carry_the_adaptive_attacker_past_unreplayable_noise(runs, monkeypatch):
+    """With the replay broken (as when noise comes from a secret), the top-cut gradient still lifts the search."""
+    monkeypatch.setattr(adaptive, "cut_seed", lambda dropout_seed: dropout_seed + 12345)
+    p = audit_run(runs["noisy"][0], runs["noisy"][1], **SMALL, tuned=False)
+    known, fitted = p["attacks"]["known"], p["attacks"]["adaptive"]
+    assert fitted["inverter_noise_replay"]["token_recovery"] < 0.5
+    assert p["adaptive"]["chose"]["alignment"] != "noise_replay"  # its guesses explain the received states worse
+    assert fitted["bidirectional_search"]["token_recovery"] > known["search"]["token_recovery"] + 0.2, (known, fitted)
 
 
 @pytest.mark.parametrize("name", ["clean", "private"])

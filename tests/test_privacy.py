@@ -208,6 +208,7 @@ def test_split_audit_attacks_the_recorded_requests(tiny_models, sample_data, ser
         assert "ONE release" in noise["assumptions"]
         forward_only = max(a["token_recovery"] for a in r["privacy"]["attacks"]["known"].values())
         assert forward_only < 0.5 < p["strongest"]["token_recovery"]  # the adaptive attacker reads the gradients too
+        assert r["privacy"]["adaptive"]["chose"]["alignment"] == "noise_replay"  # split and local send the same seed
 
     # What the audit attacks is exactly what crossed the wire: step 0 (bottom LoRA still zero) equals the shipped stage.
     run = str(tmp_path / "s")

@@ -29,6 +29,7 @@ class Received:
     hidden: torch.Tensor | None  # (B, T, H): Forward/EvalForward hidden, Backward grad_output
     mask: torch.Tensor | None  # (B, T)
     path: str
+    dropout_seed: int = 0  # Forward/EvalForward: the middle's dropout seed for the step, as sent
 
 
 def middle_output_path(view_dir: str, step: int) -> str:
@@ -66,7 +67,7 @@ def _received(kind: str, order: int, raw: bytes, path: str) -> Received | None:
         msg = pb.ForwardRequest.FromString(raw)
         hidden = decoded_tensor(msg.hidden, "hidden").float()
         mask = decoded_tensor(msg.attention_mask, "attention_mask").long()
-        return Received(kind, msg.step, order, hidden, mask, path)
+        return Received(kind, msg.step, order, hidden, mask, path, msg.dropout_seed)
     return None
 
 

@@ -13,6 +13,7 @@ from tandem.protos import split_pb2 as pb
 from tandem.stages.loading import config_json
 
 from ..errors import ClientError
+from ..model import stage_seed
 from ..transport import Recorder
 from . import label_defense
 from .attacks import public_ids
@@ -70,6 +71,11 @@ def opened_request(request, sealer):
     return sealer.unseal_sent(request, int(getattr(request, "step", 0)))
 
 
+def middle_seed(cut_seed: int) -> int:
+    """The middle's dropout seed a split-mode Forward carries, from the cut transform's seed (model.stage_seed)."""
+    return (cut_seed + stage_seed(0, 0, 1) - stage_seed(0, 0, 3)) % (2**63 - 1)
+
+
 class PrivacyTap:
     """The cut transform of a run: applies the defense and keeps what the audit needs.
 
@@ -96,7 +102,7 @@ class PrivacyTap:
                     step=step,
                     hidden=serde.to_proto(out),
                     attention_mask=serde.to_proto(attention_mask.to(torch.uint8)),
-                    dropout_seed=seed,
+                    dropout_seed=middle_seed(seed),  # what split mode sends with the same step
                     train=train,
                 ),
             )
