@@ -146,6 +146,7 @@ def _broken(tmp_path, run: str, name: str, edit) -> str:
         ),
         ("defense-keys", lambda c: json.dumps({**c, "defense": {"noise_multiplier": 1}}), "not a cut defense"),
         ("private", lambda c: json.dumps({**c, "private_bottom": "yes"}), "private_bottom must be null or an object"),
+        ("private-algo", lambda c: json.dumps({**c, "private_bottom": {"algorithm": "?"}}), "do not train a shadow"),
     ],
 )
 def test_bad_context_is_one_line(runs, tmp_path, name, edit, match):
