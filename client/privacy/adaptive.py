@@ -29,8 +29,13 @@ ADAPTIVE_ATTACKS = {
         "every Forward carries (the cut's seed = the dropout seed sent + a constant); only with cut noise"
     ),
     "bidirectional_search": (
-        "c over the best-aligned inverter's top candidates AND the top-cut gradient's (a label is the next token), "
-        "scored by squared forward distance / the residual's scale minus the gradient's log-probability"
+        "c over every aligned inverter's top candidates AND the top-cut gradient's (a label is the next token), in "
+        "the best alignment (its guesses re-explain the received states best); cost: squared forward distance / "
+        "(2 x the median residual per coordinate) - log-probabilities from the gradient and the inverter"
+    ),
+    "bidirectional_search_balanced": (
+        "the same search with the forward distance in units of 2 x the median residual (for a structured mismatch, "
+        "e.g. a private bottom the attacker only shadows)"
     ),
 }
 SHRINK = 0.1  # covariance shrinkage towards its mean variance: a few hundred received states for H dimensions
@@ -155,8 +160,7 @@ class GradientEvidence:
                 self.cache[step] = None
             else:
                 z = attacks.gradient_logits(self.known, h_mid, self.grads[step], self.masks[step])
-                z = (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True).clamp_min(1e-12)
-                self.cache[step] = torch.log_softmax(z, -1)
+                self.cache[step] = standardised_logp(z)
         return self.cache[step]
 
     def of_row(self, step: int, b: int, length: int) -> torch.Tensor | None:
@@ -167,15 +171,20 @@ class GradientEvidence:
         return torch.cat([torch.zeros(1, logp.shape[-1]), logp[b, : length - 1]])
 
 
-def merged_candidates(inverter_top: torch.Tensor, gradient_top: torch.Tensor | None, c: int) -> torch.Tensor:
-    """(T, c) candidates per position: the gradient's top picks first, then the inverter's, no repeats."""
-    if gradient_top is None:
-        return inverter_top[:, :c]
-    out = torch.empty(len(inverter_top), c, dtype=torch.long)
-    for t in range(len(inverter_top)):
-        firsts = gradient_top[t].tolist() if t > 0 else []
-        picks = list(dict.fromkeys(firsts + inverter_top[t].tolist()))[:c]
-        out[t] = torch.tensor(picks)
+def standardised_logp(z: torch.Tensor) -> torch.Tensor:
+    """Scores (n, V) standardised over the vocabulary per row, as log-probabilities."""
+    return torch.log_softmax((z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True).clamp_min(1e-12), -1)
+
+
+def merged_candidates(inverter_tops: list[torch.Tensor], gradient_top: torch.Tensor | None, c: int) -> torch.Tensor:
+    """(T, c) candidates per position: the gradient's top picks, then the inverters' (T, C) tops interleaved rank by
+    rank (the best-aligned first), no repeats."""
+    t_len = len(inverter_tops[0])
+    out = torch.empty(t_len, c, dtype=torch.long)
+    ranked = torch.stack(inverter_tops, 2).flatten(1)  # (T, C * A): rank 0 of every alignment, then rank 1, ...
+    for t in range(t_len):
+        firsts = gradient_top[t].tolist() if gradient_top is not None and t > 0 else []
+        out[t] = torch.tensor(list(dict.fromkeys(firsts + ranked[t].tolist()))[:c])
     return out
 
 
@@ -220,21 +229,34 @@ class AdaptiveAttacker:
             per_position = [residual(self.sim, t[:, 0], h)[1:] for t, h in zip(tops[name][1], targets)]
             spread[name] = float(torch.cat(per_position).median()) if sum(map(len, per_position)) else 0.0
         best = min(spread, key=spread.get)  # the alignment whose guesses best re-explain the received states
-        dim = rows[0][0].shape[-1]
-        scale = max(2 * spread[best] / dim, 1e-12)
-        guesses["bidirectional_search"] = self.search(rows, tops[best], search_tokens, candidates, scale)
-        return guesses, {"alignment": best, "residual_median": spread, "forward_scale": scale}
+        order = [best] + [name for name in tops if name != best]
+        ranked = [tops[best][0], [list(cands) for cands in zip(*(tops[name][1] for name in order))]]
+        scales = {  # iid Gaussian residual per coordinate; or one typical residual per nat (structured mismatch)
+            "bidirectional_search": max(2 * spread[best] / rows[0][0].shape[-1], 1e-12),
+            "bidirectional_search_balanced": max(2 * spread[best], 1e-12),
+        }
+        for name, scale in scales.items():
+            guesses[name] = self.search(rows, ranked, self.maps[best][1], search_tokens, candidates, scale)
+        return guesses, {"alignment": best, "residual_median": spread, "forward_scales": scales}
 
-    def search(self, rows, best_tops, search_tokens: int, candidates: int, scale: float) -> list[torch.Tensor]:
-        """The bidirectional search on the first `search_tokens` tokens of the rows."""
+    def search(self, rows, ranked, inverter, search_tokens: int, candidates: int, scale: float) -> list[torch.Tensor]:
+        """The bidirectional search on the first `search_tokens` tokens of the rows.
+
+        Args: rows: [(states, step, row in batch)]; ranked: (the best alignment's targets, each row's list of every
+        alignment's top candidates, the best first); inverter: the best alignment's; scale: what a squared forward
+        distance is divided by. A candidate's cost: distance / scale - its log-probability from the gradient (the
+        label one position earlier) - its log-probability from the inverter (both standardised over the vocabulary).
+        """
         out, budget = [], search_tokens
-        for (h, step, b), target, top in zip(rows, *best_tops):
+        for (h, step, b), target, tops in zip(rows, *ranked):
             if budget <= 0:
                 break
             logp = self.evidence.of_row(step, b, len(h))
             gradient_top = logp.topk(max(1, candidates // 2), -1).indices if logp is not None else None
-            cands = merged_candidates(top, gradient_top, candidates)
+            cands = merged_candidates(tops, gradient_top, candidates)
             prior = logp.gather(1, cands) if logp is not None else None
+            from_inverter = standardised_logp(inverter.scores(target)).gather(1, cands)
+            prior = from_inverter if prior is None else prior + from_inverter
             out.append(attacks.search_attack(self.sim.known, target, cands, self.sim.defense, prior=prior, scale=scale))
             budget -= len(h)
         return out
@@ -257,5 +279,8 @@ def audit_adaptive(attacker: AdaptiveAttacker, rows, tokenizer, search_tokens: i
         name: {**score(tokenizer, list(zip(g, [r.ids for r in rows]))), "how": ADAPTIVE_ATTACKS[name]}
         for name, g in guesses.items()
     }
-    labels = label_score(guesses["bidirectional_search"], rows)
+    labels = max(
+        (label_score(guesses[name], rows) for name in guesses if name.startswith("bidirectional")),
+        key=lambda score: -1 if score["label_recovery"] is None else score["label_recovery"],
+    )
     return {"results": results, "labels": labels, "chose": chose, "attacker": attacker.describe()}
