@@ -169,3 +169,17 @@ def test_alignments_map_received_moments_onto_the_simulations():
     coral = torch.cov(maps["coral"](received).T.double())
     want = adaptive.shrunk(torch.cov(target.T.double()))  # received states are isotropic: shrinking leaves them be
     assert float((coral - want).norm() / want.norm()) < 0.1
+
+
+def test_cut_seed_and_candidates():
+    """The cut's seed follows from the dropout seed a Forward carries; candidates merge without repeats."""
+    from tandem.client.model import stage_seed
+    from tandem.client.privacy.record import middle_seed
+
+    for seed, step in ((0, 0), (7, 3), (2**62, 10**6), (123456789, -4)):
+        assert adaptive.cut_seed(stage_seed(seed, step, 1)) == stage_seed(seed, step, 3)
+        assert middle_seed(stage_seed(seed, step, 3)) == stage_seed(seed, step, 1)
+    best, other = torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([[2, 9, 8], [7, 4, 6]])
+    gradient = torch.tensor([[5, 1], [6, 0]])
+    merged = adaptive.merged_candidates([best, other], gradient, 4)
+    assert merged.tolist() == [[1, 2, 9, 3], [6, 0, 4, 7]]  # position 0 has no gradient evidence
