@@ -12,6 +12,7 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from tandem.stages.arch import num_blocks, parts_of
+from tandem.stages.errors import StageError
 from tandem.stages.loading import (
     LoadedModel,
     client_state,
@@ -205,15 +206,18 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
             f"the manifest's slot_blocks must list one middle block per slot ({len(slots)}), got {str(slot_blocks)[:80]}"
         )
     middle = layout.middle_blocks
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i in middle for i in slot_blocks + kept) or sorted(
-        set(slot_blocks)
-    ) != list(slot_blocks):
+    in_middle = all(isinstance(i, int) and not isinstance(i, bool) and i in middle for i in slot_blocks + kept)
+    if not in_middle or sorted(set(slot_blocks)) != slot_blocks or sorted(set(kept)) != kept:
         raise PackageError(
             f"the manifest's slot_blocks {str(slot_blocks)[:80]} and kept blocks must be increasing middle blocks "
             f"{middle[0]}..{middle[-1]}"
         )
     types = getattr(config, "layer_types", None)
     if types is not None:
+        if not isinstance(types, (list, tuple)) or len(types) != layout.num_layers:
+            raise PackageError(
+                f"config.json's layer_types must name one attention type per block ({layout.num_layers})"
+            )
         odd = [b for b, i in zip(slot_blocks, slots) if types[b] != types[kept[i]]]
         if odd:
             raise PackageError(f"the slots of middle blocks {odd[:5]} run a block of another attention type")
@@ -249,7 +253,10 @@ def load_package(path: str) -> EmulatorPackage:
                     "altered); download or copy the package again"
                 )
     pkg = EmulatorPackage(path, manifest)
-    config = pkg.config()
+    try:
+        config = pkg.config()
+    except StageError as e:
+        raise PackageError(f"the package's {CONFIG_FILE}: {e}") from None
     if pkg.layout.num_layers != num_blocks(config):
         raise PackageError(f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(config)}")
     check_slots(manifest, pkg.layout, config)

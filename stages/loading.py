@@ -288,12 +288,20 @@ def config_json(config) -> str:
 
 def config_from_json(text: str):
     """A transformers config from its JSON (which may come from the network: any failure is a ModelLoadError)."""
+    from huggingface_hub.errors import StrictDataclassError  # a config's own validators (e.g. layer_types' length)
     from transformers import AutoConfig
 
     try:
         d = json.loads(text)
         return AutoConfig.for_model(d.pop("model_type"), **d)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:  # deep nesting, 5000-digit ints
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        RecursionError,
+        StrictDataclassError,
+    ) as e:  # deep nesting, 5000-digit ints
         raise ModelLoadError(
             f"a model configuration that does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
         ) from None

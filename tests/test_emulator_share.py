@@ -217,6 +217,7 @@ HOSTILE = [
     ("only slot_blocks", lambda m, d: m.pop("slots"), "list of block indices"),
     ("outside the middle", lambda m, d: m.update(slot_blocks=[2, 3, 4, 5, 6, 8]), "increasing middle blocks"),
     ("unordered", lambda m, d: m.update(slot_blocks=[3, 2, 4, 5, 6, 7]), "increasing middle blocks"),
+    ("kept unordered", lambda m, d: m.update(kept_middle_blocks=m["kept_middle_blocks"][::-1]), "increasing middle"),
 ]
 
 
@@ -244,6 +245,17 @@ def test_a_slot_running_a_block_of_another_attention_type_is_refused(models10, s
 
     with pytest.raises(PackageError, match="run a block of another attention type"):
         load_package(_rewrite(src, str(tmp_path / "bad"), alternate))
+
+    def short(man, d):
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["layer_types"] = ["full_attention"] * 3
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(cfg, f)
+
+    with pytest.raises(PackageError, match="config.json: a model configuration that does not load") as e:
+        load_package(_rewrite(src, str(tmp_path / "short"), short))
+    assert "\n" not in str(e.value)
 
 
 def test_a_hostile_server_cannot_slip_a_bad_slot_map_into_a_fetch(models10, shared_pkg, server_factory, tmp_path):
