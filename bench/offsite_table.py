@@ -84,6 +84,7 @@ PROTOCOL_KEYS = (
     "qa_test",
     "public_limit",
     "grad_seqs",
+    "select_seqs",
     "seed",
 )
 
@@ -160,6 +161,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qa-test", type=int, default=60, help="held-out arithmetic questions for accuracy; default 60")
     p.add_argument(
         "--public-limit", type=int, default=0, help="use only the first N public texts (0: all); for quick runs"
+    )
+    p.add_argument(
+        "--select-seqs",
+        type=int,
+        default=8,
+        help="public sequences the gradient-selected builds score their candidates on; default 8",
     )
     p.add_argument(
         "--grad-seqs", type=int, default=8, help="data-owner sequences the gradient cosines sum over; default 8"
@@ -356,7 +363,7 @@ def build_settings(args: argparse.Namespace, name: str) -> dict:
     if "structure" in spec:
         out["structure"] = spec["structure"]
     if out["select"] == "gradient":
-        out["budget"] = args.budget
+        out["budget"], out["select_seqs"] = args.budget, args.select_seqs
     return out
 
 
