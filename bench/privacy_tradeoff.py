@@ -170,6 +170,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def short(defense: str) -> str:
+    """A defense setting as a short chart label: private=1+warmup=20 -> pb1 w20."""
+    names = {"noise": "n", "clip": "c", "private": "pb", "warmup": "w", "plr": "lr", "label": "ln"}
+    return " ".join(names.get(k, k) + v for k, _, v in (p.partition("=") for p in defense.split("+")))
+
+
 def chart(rows: list[dict], path: str) -> str:
     """Two panels against the validation-loss cost: strongest token recovery (adaptive included), label recovery."""
     import matplotlib
@@ -178,20 +184,21 @@ def chart(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in with_costs(rows):
+    for i, r in enumerate(with_costs(rows)):
         x = 100 * r["val_cost"]
-        name = r["defense"] if len({q["K"] for q in rows}) == 1 else f"K={r['K']} {r['defense']}"
+        name = short(r["defense"]) if len({q["K"] for q in rows}) == 1 else f"K={r['K']} {short(r['defense'])}"
+        offset = (3, 3 + 9 * (i % 3))  # staggered: settings with close costs do not print over each other
         a.scatter(x, r["strongest"]["token_recovery"], color="C0")
         a.scatter(x, r["strongest_non_adaptive"], facecolors="none", edgecolors="C0")
-        a.annotate(name, (x, r["strongest"]["token_recovery"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        a.annotate(name, (x, r["strongest"]["token_recovery"]), fontsize=7, xytext=offset, textcoords="offset points")
         b.scatter(x, r["label_recovery"], color="C1")
         if r["label_recovery_adaptive"] is not None:
             b.scatter(x, r["label_recovery_adaptive"], marker="x", color="C3")
-        b.annotate(name, (x, r["label_recovery"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        b.annotate(name, (x, r["label_recovery"]), fontsize=7, xytext=offset, textcoords="offset points")
     for ax, what in ((a, "tokens recovered (filled: adaptive incl.; hollow: non-adaptive)"), (b, "labels recovered")):
         ax.axhline(AIM["tokens"], color="gray", ls="--", lw=1)
         ax.axvline(100 * AIM["val_cost"], color="gray", ls=":", lw=1)
-        ax.set(xlabel="validation-loss cost vs undefended (%)", ylabel=what, ylim=(0, 1.05))
+        ax.set(xlabel="validation-loss cost vs undefended (%)", ylabel=what, ylim=(0, 1.15))
     a.set_title("strongest attack on the forward states")
     b.set_title("labels: gradient attack (dots), adaptive search (x)")
     fig.suptitle("tandem: the privacy frontier at the bottom cut (SmolLM2-135M-Instruct; aim: lower left of the lines)")
