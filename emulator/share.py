@@ -11,6 +11,11 @@ adjacent clusters are merged greedily by their mean pairwise CKA (average linkag
 cluster is represented by its middle block unless the caller names another (helper code that scores
 candidates, e.g. by gradient alignment, passes its own). Blocks of different attention types (a config's
 `layer_types`) never share a cluster, so every slot runs a block built for its own kind of attention.
+
+Without distillation sharing does not pay on SmolLM2 (2:2, 10 unique blocks of 26, --steps 0, held-out
+perplexity, full model 22.9): the uniform drop gives 11,947, the CKA-shared emulator 4.3 million (clusters of
+up to seven slots; a block's update applied seven times overshoots), equal-size clusters 8.3 million; with
+each cluster's first block instead of its middle one, 334 thousand.
 """
 
 from __future__ import annotations
