@@ -56,6 +56,13 @@ def read_adapter(path: str) -> OwnAdapter:
             f"--adapter: {path} also retunes whole client blocks ({CLIENT_BLOCKS}); private generation runs plain "
             "LoRA adapters (tune without --tune-client-blocks)"
         )
+    from .privacy.private_bottom import PRIVATE_BOTTOM_FILE
+
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), PRIVATE_BOTTOM_FILE)):
+        raise ClientError(
+            f"--adapter: {path} was tuned with a private bottom ({PRIVATE_BOTTOM_FILE} beside it); private "
+            "generation runs the shipped bottom blocks, which this adapter was not tuned with"
+        )
     config, raw = load_peft_tensors(path)
     plain = config.get("peft_type", "LORA") == "LORA" and not any(
         config.get(k) for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern")

@@ -321,3 +321,15 @@ def test_a_cloud_that_moves_the_cut_is_refused(servers, tiny_models, tmp_path):
 
     error, calls = _hostile(servers, tiny_models, tmp_path, moved, cut=(2, 2))  # the tests' servers cut at 2:2
     assert "but this adapter was tuned at 2:2" in error and "Forward" not in calls, (error, calls)
+
+
+def test_an_adapter_tuned_with_a_private_bottom_is_refused(tiny_models, tmp_path):
+    """The adapter learned against the data owner's private bottom; running it on the shipped bottom would be wrong."""
+    from tandem.client.own_adapter import read_adapter
+    from tandem.client.privacy.private_bottom import PRIVATE_BOTTOM_FILE
+
+    adapter = make_adapter(tiny_models["llama"], str(tmp_path / "run" / "adapter"), seed=1)
+    assert read_adapter(adapter).lora.rank == 4
+    (tmp_path / "run" / PRIVATE_BOTTOM_FILE).write_bytes(b"")
+    with pytest.raises(ClientError, match="private bottom"):
+        read_adapter(adapter)
