@@ -202,6 +202,7 @@ class TrainState:
             "kill_revive": self.kill_revive.state_dict() if self.kill_revive is not None else None,
             "private_bottom": self.private.state_dict() if self.private is not None else None,
             "label_noise": self.label_noise.state_dict() if self.label_noise is not None else None,
+            "cut_noise_secret": self._cut_noise().secret if self._cut_noise() is not None else None,
             "step": self.step,
             "steps": self.steps,
         }
@@ -218,7 +219,13 @@ class TrainState:
         for defense, key in ((self.private, "private_bottom"), (self.label_noise, "label_noise")):
             if defense is not None and saved.get(key) is not None:
                 defense.load_state_dict(saved[key])
+        if self._cut_noise() is not None and saved.get("cut_noise_secret") is not None:  # the same noise on resume
+            self._cut_noise().secret = saved["cut_noise_secret"]
         self.steps, self.step = saved["steps"], saved["step"]
+
+    def _cut_noise(self):
+        """The run's CutNoise (its key is checkpointed), or None."""
+        return getattr(self.model.cut_transform, "defense", None)
 
     def begin(self, saved: dict | None, data, batch_size: int) -> dict:
         """The validation before tuning: the checkpoint's (resuming), else measured after the private bottom's

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
+import secrets
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,19 +17,23 @@ class CutNoise:
     """Clips every token's hidden state to an L2 norm and adds Gaussian noise (the Gaussian mechanism).
 
     Used as `StagedModel.cut_transform`: it runs on the bottom stage's output before it leaves the
-    client, in training and in evaluation (the cloud receives both), and its noise is drawn from a
-    generator seeded with the step's seed, so split and local mode see the same noise.
+    client, in training and in evaluation (the cloud receives both). Its noise is drawn from a generator
+    seeded with a hash of the run's secret and the step's seed: the step's seed alone is no secret (every
+    Forward carries a dropout seed it can be derived from), so a cloud that knew the draw could subtract it.
 
     Attributes:
         noise_multiplier: sigma / C; 0 means clipping only.
         clip_norm: C for every position but the first.
         first_clip_norm: C for position 0, whose state is far larger in Llama-family models (the
             attention sink); 0 means the same as clip_norm.
+        secret: 32 random bytes the noise is keyed with; kept in the run's private checkpoint, never in
+            the privacy context. None (an attacker's copy of the settings) draws from the step's seed alone.
     """
 
     noise_multiplier: float
     clip_norm: float
     first_clip_norm: float = 0.0
+    secret: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.noise_multiplier < 0:
@@ -50,6 +56,9 @@ class CutNoise:
 
     def noise(self, shape, seed: int) -> torch.Tensor:
         """The noise added for one release: N(0, (noise_multiplier * C_t)^2) per coordinate."""
+        if self.secret is not None:
+            digest = hashlib.sha256(self.secret + int(seed).to_bytes(8, "little")).digest()
+            seed = int.from_bytes(digest[:8], "little") >> 1
         g = torch.Generator().manual_seed(int(seed))
         z = torch.randn(shape, generator=g)  # (B, T, H)
         return z * self.bounds(z) * self.noise_multiplier
@@ -66,6 +75,11 @@ class CutNoise:
             "clip_norm": self.clip_norm,
             "first_clip_norm": self.first_clip_norm or self.clip_norm,
         }
+
+
+def new_secret() -> bytes:
+    """A fresh key for a run's cut noise."""
+    return secrets.token_bytes(32)
 
 
 def _phi(x: float) -> float:

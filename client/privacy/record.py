@@ -18,7 +18,7 @@ from ..transport import Recorder
 from . import label_defense
 from .attacks import public_ids
 from .cloud_view import middle_output_path
-from .defenses import CutNoise
+from .defenses import CutNoise, new_secret
 from .private_bottom import PrivateBottomSettings
 
 CONTEXT_FILE = "privacy_context.json"  # what the audit needs besides cloud_view/: the model, the cut, the defense
@@ -140,7 +140,7 @@ def attach(model, cfg, total_steps: int, recorder: AuditRecorder | None) -> Priv
     defense = None
     if cfg.noise_multiplier > 0 or cfg.clip_norm > 0:
         clip, first_clip = (cfg.clip_norm, 0.0) if cfg.clip_norm > 0 else auto_clip(model, model.tokenizer)
-        defense = CutNoise(cfg.noise_multiplier, clip, first_clip)
+        defense = CutNoise(cfg.noise_multiplier, clip, first_clip, secret=new_secret())
     audit_on = cfg.audit in ("yes", "record") or (cfg.audit == "auto" and model.mode == "split")
     if audit_on and recorder is None:
         recorder = AuditRecorder(cfg.out)
