@@ -85,6 +85,7 @@ def run_one(args, data: str, k: int, defense: str) -> dict:
     cfg = TuneConfig(
         data=data,
         out=out,
+        overwrite=True,  # the bench's own scratch run: a row not in --json is measured again
         mode="local",
         model=args.model,
         client_blocks=f"{k}:2",
