@@ -31,20 +31,13 @@ def checkpoint_path(out: str) -> str:
 def save(out: str, payload: dict) -> None:
     """Writes the checkpoint atomically (a failure, disk full, leaves the previous one intact) and private."""
     path = checkpoint_path(out)
-    tmp = path + ".tmp"
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        rundir.write_atomic(path, lambda f: torch.save(payload, f))  # created 0600: it holds the defenses' keys
     except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
         raise CheckpointError(
             f"could not write the checkpoint to {path} ({e.strerror or e}); the previous checkpoint is intact. "
             "Free disk space and rerun with --resume to continue from it."
         ) from None
-    rundir.make_private(path)
 
 
 def load(out: str, run_settings: dict) -> dict:

@@ -159,6 +159,13 @@ def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "
     The adapter belongs to this client's identity: other identities can neither list it nor generate
     with it, unless `public`.
     """
+    from .privacy.private_bottom import PRIVATE_BOTTOM_FILE
+
+    if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(adapter_dir)), PRIVATE_BOTTOM_FILE)):
+        raise ClientError(
+            f"--adapter: {adapter_dir} was tuned with a private bottom ({PRIVATE_BOTTOM_FILE} beside it), which "
+            "stays with you; on the cloud's model it would run on the shipped bottom blocks instead"
+        )
     blobs = _read_adapter(adapter_dir)
     req = offsite_pb.PushAdapterRequest(
         name=name,

@@ -19,6 +19,8 @@ ARTIFACTS = (
     "adapter",
     "cloud_view",
     "privacy_context.json",
+    "private_bottom.safetensors",
+    "private_bottom.safetensors.tmp",
 )
 FINISHED = ("report.json", "adapter")
 PRIVATE_DIR = 0o700

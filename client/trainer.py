@@ -188,6 +188,8 @@ class TrainState:
 
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, int]:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.label_noise is not None:
+            self.label_noise.step = self.step
         loss, label_tokens = self.model.loss(batch, self.step, self.seed, train=True)
         # The private bottom's term (client-local: it changes no tensor that travels, only the bottom's gradient).
         (loss + self.private.loss() if self.private is not None else loss).backward()

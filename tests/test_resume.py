@@ -111,9 +111,8 @@ def test_disk_full_mid_checkpoint_keeps_previous(tiny_models, sample_data, tmp_p
     tune(TuneConfig(steps=2, **cfg), TransportConfig())
     real_save = torch.save
 
-    def full_disk(obj, path, *a, **k):
-        with open(path, "wb") as f:
-            f.write(b"partial")
+    def full_disk(obj, target, *a, **k):  # target: the open temporary file the checkpoint writes through
+        target.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)

@@ -57,10 +57,9 @@ class CutNoise:
     def noise(self, shape, seed: int) -> torch.Tensor:
         """The noise added for one release: N(0, (noise_multiplier * C_t)^2) per coordinate."""
         if self.secret is not None:
-            digest = hashlib.sha256(self.secret + int(seed).to_bytes(8, "little")).digest()
-            seed = int.from_bytes(digest[:8], "little") >> 1
-        g = torch.Generator().manual_seed(int(seed))
-        z = torch.randn(shape, generator=g)  # (B, T, H)
+            z = keyed_normal(shape, self.secret + int(seed).to_bytes(8, "little"))  # (B, T, H)
+        else:  # an attacker's guess: the step's seed alone (torch's generator keeps only 32 bits of any seed)
+            z = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
         return z * self.bounds(z) * self.noise_multiplier
 
     def __call__(self, h, attention_mask, step: int, seed: int, train: bool) -> torch.Tensor:
@@ -75,6 +74,19 @@ class CutNoise:
             "clip_norm": self.clip_norm,
             "first_clip_norm": self.first_clip_norm or self.clip_norm,
         }
+
+
+def keyed_normal(shape, key: bytes) -> torch.Tensor:
+    """Standard normal draws (float32) from a generator keyed with all 128 bits of sha256(key).
+
+    Not torch.Generator: it keeps only the low 32 bits of a seed, so a cloud could try every seed and keep
+    the one whose subtraction leaves a clipped state.
+    """
+    import numpy as np
+
+    digest = hashlib.sha256(key).digest()
+    generator = np.random.Generator(np.random.Philox(key=int.from_bytes(digest[:16], "little")))
+    return torch.from_numpy(generator.standard_normal(tuple(shape), dtype=np.float32))
 
 
 def new_secret() -> bytes:

@@ -12,11 +12,12 @@ the top stage, registered after the privacy tap's, so the audit records the grad
 
 from __future__ import annotations
 
-import hashlib
 import math
 import secrets
 
 import torch
+
+from .defenses import keyed_normal
 
 ALGORITHM = "relative-gaussian/v1"
 
@@ -42,7 +43,8 @@ class LabelNoise:
             raise ValueError(f"--label-noise must be a finite number > 0, got {scale}")
         self.scale = scale
         self.secret = secrets.randbits(62) if secret is None else int(secret)
-        self.calls = 0  # training forwards so far: each draws its own noise
+        self.step = 0  # the training step the next forward belongs to (set by the trainer): a redone step
+        # draws the same noise again, so a cloud that drops the session after a Backward cannot average draws
 
     def install(self, model) -> LabelNoise:
         model.top.register_forward_pre_hook(self._hook)
@@ -52,18 +54,15 @@ class LabelNoise:
         h = args[0]
         if not (torch.is_grad_enabled() and h.requires_grad):
             return None  # evaluation, or nothing below the top cut trains: no gradient goes down
-        self.calls += 1
-        return (NoisyGradient.apply(h, self, self.draw_seed(self.calls)), *args[1:])
+        return (NoisyGradient.apply(h, self, self.draw_key(self.step)), *args[1:])
 
-    def draw_seed(self, call: int) -> int:
-        """The noise seed of one call: a hash of the secret and the call's number."""
-        digest = hashlib.sha256(f"{self.secret}:{call}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") >> 1
+    def draw_key(self, step: int) -> bytes:
+        """The noise key of one training step: the secret and the step's number."""
+        return f"{self.secret}:{step}".encode()
 
-    def perturb(self, grad: torch.Tensor, seed: int) -> torch.Tensor:
+    def perturb(self, grad: torch.Tensor, key: bytes) -> torch.Tensor:
         """grad (B, T, H) plus noise of expected norm scale x each token's gradient norm."""
-        generator = torch.Generator().manual_seed(seed)
-        z = torch.randn(grad.shape, generator=generator, dtype=torch.float32).to(grad.device, grad.dtype)
+        z = keyed_normal(grad.shape, key).to(grad.device, grad.dtype)
         norm = grad.norm(dim=-1, keepdim=True)  # (B, T, 1)
         return grad + z * norm * (self.scale / math.sqrt(grad.shape[-1]))
 
@@ -71,10 +70,10 @@ class LabelNoise:
         return describe(self.scale)
 
     def state_dict(self) -> dict:
-        return {"secret": self.secret, "calls": self.calls}
+        return {"secret": self.secret}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.secret, self.calls = int(saved["secret"]), int(saved["calls"])
+        self.secret = int(saved["secret"])
 
 
 def describe(scale: float) -> dict:

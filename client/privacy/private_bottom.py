@@ -33,6 +33,7 @@ from tandem.stages.modules import run_blocks
 from .. import rundir
 from ..errors import ClientError
 from .attacks import public_ids
+from .defenses import keyed_normal, new_secret
 
 ALGORITHM = "ridge-adversary/v1"
 PRIVATE_BOTTOM_FILE = "private_bottom.safetensors"  # RUN_DIR/...: the tuned bottom blocks, full-model key names
@@ -138,6 +139,10 @@ class PrivateBottom:
         self.public = public_ids(model.tokenizer, 64 * PUBLIC_SEQ, PUBLIC_SEQ)  # (N, 64)
         self.public_rows = n_rows
         self.refits = 0
+        # The order the public rows are used in, keyed with a secret: from the shipped weights and public text
+        # alone the cloud could otherwise replay the warm-up exactly.
+        self.secret = new_secret()
+        self.order = secret_order(len(self.public), self.secret)
         self.caught: tuple | None = None
         model.bottom.register_forward_hook(self._catch)
 
@@ -147,7 +152,7 @@ class PrivateBottom:
 
     def _public_batch(self) -> torch.Tensor:
         at = (self.refits * self.public_rows) % len(self.public)
-        rows = torch.arange(at, at + self.public_rows) % len(self.public)
+        rows = self.order[torch.arange(at, at + self.public_rows) % len(self.public)]
         self.refits += 1
         return self.public[rows]
 
@@ -178,7 +183,7 @@ class PrivateBottom:
         optimizer = torch.optim.AdamW(self.params, lr=self.settings.lr, weight_decay=0.0)
         losses = []
         for step in range(self.settings.warmup):
-            rows = torch.arange(step * batch_size, (step + 1) * batch_size) % len(self.public)
+            rows = self.order[torch.arange(step * batch_size, (step + 1) * batch_size) % len(self.public)]
             ids = self.public[rows].to(device)
             mask = torch.ones_like(ids)
             with torch.no_grad():
@@ -196,6 +201,7 @@ class PrivateBottom:
             "params": [p.detach().clone() for p in self.params],
             "kept": list(self.inverter.kept),
             "refits": self.refits,
+            "secret": self.secret,
         }
 
     def load_state_dict(self, saved: dict) -> None:
@@ -205,6 +211,9 @@ class PrivateBottom:
         self.inverter.kept.clear()
         self.inverter.kept.extend(saved["kept"])
         self.refits = saved["refits"]
+        if saved.get("secret") is not None:  # absent: a checkpoint from before the keyed order
+            self.secret = saved["secret"]
+            self.order = secret_order(len(self.public), self.secret)
 
     def save(self, out: str) -> str:
         """Writes the tuned bottom blocks to OUT/private_bottom.safetensors (mode 0600); returns the path."""
@@ -262,6 +271,11 @@ def lm_loss(parts, top_blocks, h_mid: torch.Tensor, ids: torch.Tensor, mask: tor
     logits = parts.head(parts.norm(run_blocks(parts, top_blocks, h_mid, mask)))[:, :-1].float()
     labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+def secret_order(n: int, secret: bytes) -> torch.Tensor:
+    """A permutation of range(n) keyed with `secret`."""
+    return torch.argsort(keyed_normal((n,), secret + b"order"))
 
 
 def train_private_bottom(
