@@ -16,6 +16,7 @@ from .allowed_files import STAGES_FILE
 from .downloads import fetch_client_files, load_tokenizer
 from .errors import ClientError
 from .model import LocalMiddle, StagedModel, seeded_generator
+from .placement import check_shapes, emulator_slots
 from .remote import RemoteMiddle
 from .session import Session, close_refused_session, open_session
 from .transport import Transport
@@ -44,8 +45,8 @@ def chosen_slots(specs: list[SlotSpec], layout: StageLayout, layers: tuple[int, 
     if bare:
         raise ClientError(
             f"--lora-layers: blocks {format_layers(bare)} carry no LoRA slot in this run (the client runs blocks "
-            f"{format_layers(layout.client_blocks)}; the middle's carry LoRA only in split or local mode with a "
-            "middle LoRA); list only blocks that can carry LoRA"
+            f"{format_layers(layout.client_blocks)}; the middle's carry LoRA in split or local mode with a "
+            "middle LoRA, and in offsite mode where the emulator keeps them); list only blocks that can carry LoRA"
         )
     return select_slots(specs, layers)
 
@@ -230,8 +231,9 @@ def build_local(
 def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto", dtype: str = "auto") -> StagedModel:
     """The data owner's model in offsite mode: client stages from the package, the emulator as the middle.
 
-    Only the client's blocks carry LoRA slots; the emulator blocks are frozen and never adapted, so the
-    adapter plugs into the full model unchanged. No server is contacted.
+    The client's blocks carry LoRA slots, and so do the emulator slots of middle blocks `lora.layers` lists
+    (tandem.client.placement); the emulator's weights stay frozen, so the adapter plugs into the full model
+    unchanged. No server is contacted.
     """
     from tandem.emulator.errors import PackageError
     from tandem.emulator.package import load_package
@@ -249,12 +251,14 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto
     check_tokenizer(tokenizer, config)
     targets = lora.target_modules or parts.arch.lora_targets
     slots = inject_slots(parts.blocks, parts.arch, layout.client_blocks, targets)
-    adapter, names = _adapter(slots, layout, lora, seed, placement.device)
     emulator = package.emulator_stage(parts, config, placement.device, placement.dtype)  # with its shared depth
+    placed = emulator_slots(emulator, package.slot_blocks, lora.layers, layout.middle_blocks, parts.arch, targets)
+    check_shapes(placed, slots, package.mlp_width)
+    adapter, names = _adapter(slots + placed, layout, lora, seed, placement.device)
     bottom, top = _client_stages(parts, layout)
     return StagedModel(
         bottom,
-        LocalMiddle(emulator, adapter, []),
+        LocalMiddle(emulator, adapter, names[1]),
         top,
         adapter,
         names,

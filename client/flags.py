@@ -63,14 +63,17 @@ def block_split(text: str) -> str:
     return text
 
 
-def lora_layers(text: str) -> tuple[int, ...]:
-    """Full-model block indices: "28,29", "26-29" or a mix ("0,26-29"); each block once."""
-    from tandem.stages.lora_layers import parse_layers
+def lora_layers(text: str) -> str:
+    """Full-model block indices: "28,29", "26-29" or a mix ("0,26-29"), each block once, and the words of
+    tandem.stages.lora_layers.WORDS ("client,clusters"); checked here, resolved once the layout is known
+    (tandem.client.placement)."""
+    from tandem.stages.lora_layers import split_words
 
     try:
-        return parse_layers(text)
+        split_words(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_server_flag(parser: argparse.ArgumentParser) -> None:

@@ -14,13 +14,15 @@ CODECS = ("float32", "float16", "bfloat16", "int8", "int4")
 def lora_config(args: argparse.Namespace):
     from tandem.stages.lora import LoraConfig
 
+    from .placement import resolve_placement
+
     targets = tuple(name for name in (args.lora_targets or "").split(",") if name)
     return LoraConfig(
         rank=args.lora_rank,
         alpha=args.lora_alpha,
         dropout=args.lora_dropout,
         target_modules=targets,
-        layers=args.lora_layers,
+        layers=resolve_placement(args.lora_layers, args.mode, args.emulator),
     )
 
 

@@ -197,11 +197,14 @@ def _add_optimization_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora-layers",
         type=flags.lora_layers,
-        default=(),
+        default="",
         metavar="BLOCKS",
         help="the blocks that carry LoRA, as full-model indices (peft's layers_to_transform): e.g. 28,29 or 26-29; "
         "default: every block (offsite: every client block). With only top blocks listed nothing below the top "
-        "cut trains, and a split step makes one round trip: no gradient crosses the network",
+        "cut trains, and a split step makes one round trip: no gradient crosses the network. Offsite mode may also "
+        "list blocks the emulator keeps (LoRA on its slot for that block, plugged into that block of the full model) "
+        "and the words client (the client's blocks) and clusters (each block the emulator keeps, at its own "
+        "position: CRaSh's placement), e.g. client,clusters",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -11,6 +12,8 @@ from tandem.stages.arch import Arch, Parts, parts_of
 from tandem.stages.modules import run_blocks
 
 from .errors import PackageError
+
+MAX_SLOT_SCALE = 8.0  # the largest |scale| a package may give a slot's update
 
 
 class EmulatorStage(nn.Module):
@@ -25,6 +28,8 @@ class EmulatorStage(nn.Module):
         slots: A shared emulator's slot map (tandem.emulator.share): slot i runs blocks[slots[i]], so a block
             can stand in for several adjacent middle blocks, and the same module (one set of weights) runs in
             each of its slots; None: one slot per block, in order.
+        scales: A shared emulator's per-slot update scales (tandem.emulator.share.fit_slot_scales): slot i computes
+            h + scales[i] * (block(h) - h); None (or a scale of exactly 1.0): the block's plain output.
     """
 
     def __init__(
@@ -33,6 +38,7 @@ class EmulatorStage(nn.Module):
         blocks: nn.ModuleList,
         sink: torch.Tensor | None = None,
         slots: list[int] | None = None,
+        scales: list[float] | None = None,
     ):
         super().__init__()
         self.parts = parts
@@ -41,18 +47,77 @@ class EmulatorStage(nn.Module):
         if slots is not None:
             check_slot_map(slots, len(blocks))
         self.slots = None if slots is None else list(slots)
+        if scales is not None and (slots is None or len(scales) != len(slots)):
+            raise PackageError("the emulator's slot scales need a slot map of as many slots")
+        self.scales = None if scales is None else [float(x) for x in scales]
+        self.own = nn.ModuleDict()  # slot -> its own module (tied weights), for LoRA on one slot of a shared block
 
     def slot_blocks(self) -> list[nn.Module]:
-        """The block of every slot, in order (a shared block appears once per slot it fills)."""
-        return list(self.blocks) if self.slots is None else [self.blocks[i] for i in self.slots]
+        """The module of every slot, in order (a shared block appears once per slot it fills, unless own_slot gave
+        that slot a module of its own)."""
+        shared = list(self.blocks) if self.slots is None else [self.blocks[i] for i in self.slots]
+        return [self.own[str(i)] if str(i) in self.own else block for i, block in enumerate(shared)]
+
+    def own_slot(self, slot: int) -> nn.Module:
+        """Slot `slot`'s module, made its own when its block fills other slots too: a copy whose parameters and
+        buffers are the shared block's own tensors (no new memory, frozen weights stay one), so wrapping its layers
+        (e.g. in LoRA slots) changes this slot only."""
+        block = self.slot_blocks()[slot]
+        if self.slots is None or self.slots.count(self.slots[slot]) == 1 or str(slot) in self.own:
+            return block
+        memo = {id(t): t for t in [*block.parameters(), *block.buffers()]}
+        self.own[str(slot)] = copy.deepcopy(block, memo)
+        return self.own[str(slot)]
 
     def forward(self, h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = run_blocks(self.parts, self.slot_blocks(), h, attention_mask)  # (B, T, H)
+        out = run_blocks(self.parts, scaled_slots(self.slot_blocks(), self.scales), h, attention_mask)  # (B, T, H)
         if self.sink is not None:
             from .sink import apply_sink
 
             out = apply_sink(out, attention_mask, self.sink)
         return out
+
+
+def scaled_slots(blocks: list[nn.Module], scales: list[float] | None) -> list:
+    """The slots' blocks for run_blocks, each slot of scale a != 1.0 wrapped to compute h + a * (block(h) - h).
+
+    A scale of exactly 1.0 keeps the block itself (bit for bit the unscaled forward).
+    """
+    if scales is None:
+        return list(blocks)
+    return [block if scale == 1.0 else ScaledSlot(block, scale) for block, scale in zip(blocks, scales)]
+
+
+class ScaledSlot:
+    """One slot's block with its residual update scaled: h + scale * (block(h) - h) (a callable, not a module, so
+    the block's parameters and hooks stay the block's own)."""
+
+    def __init__(self, block: nn.Module, scale: float):
+        self.block, self.scale = block, scale
+
+    def __call__(self, h: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.block(h, **kwargs)
+        out = out[0] if isinstance(out, tuple) else out  # (B, T, H)
+        return h + self.scale * (out - h)
+
+
+def check_slot_scales(scales, n_slots: int | None) -> None:
+    """Refuses slot scales that are not a list of n_slots finite numbers of magnitude at most MAX_SLOT_SCALE.
+
+    Raises:
+        PackageError: one line saying what is wrong (the scales may come from a downloaded package).
+    """
+    if n_slots is None:
+        raise PackageError("the manifest has slot_scales but no slot map; the package is inconsistent")
+    ok = isinstance(scales, list) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= MAX_SLOT_SCALE and math.isfinite(x)
+        for x in scales
+    )
+    if not ok or len(scales) != n_slots:
+        raise PackageError(
+            f"the manifest's slot_scales must list {n_slots} finite numbers in [-{MAX_SLOT_SCALE:g}, "
+            f"{MAX_SLOT_SCALE:g}], one per slot, got {str(scales)[:80]}"
+        )
 
 
 def check_slot_map(slots, n_blocks: int) -> None:

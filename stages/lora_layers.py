@@ -12,6 +12,10 @@ from .errors import LayoutError
 
 MAX_SPEC_CHARS = 4096  # a --lora-layers value longer than this is not a list of blocks
 MAX_BLOCK = 1 << 16  # nor is one naming a block past this (a range up to it would only fill memory)
+# Words a spec may hold besides indices, each standing for blocks only a layout or emulator package knows
+# (resolved by the caller, e.g. tandem.client.placement): "client" the client's blocks, "clusters" each block an
+# emulator keeps, at its own position (a shared emulator's cluster representatives).
+WORDS = ("client", "clusters")
 
 
 def parse_layers(spec: str) -> tuple[int, ...]:
@@ -35,6 +39,41 @@ def parse_layers(spec: str) -> tuple[int, ...]:
         blocks += range(first, last + 1)
     if len(set(blocks)) != len(blocks):
         raise ValueError(f"{spec!r} lists a block more than once")
+    return tuple(sorted(blocks))
+
+
+def split_words(spec: str) -> tuple[str, tuple[str, ...]]:
+    """A spec's indices and ranges (as a spec) and its words, in order: "0,clusters,28-29" -> ("0,28-29", ("clusters",)).
+
+    Raises:
+        ValueError: the indices are malformed (parse_layers) or a word appears twice.
+    """
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ValueError(f"expected block indices such as 26-29 or 28,29, got {len(spec)} characters")
+    if not spec:
+        return "", ()  # every block
+    parts = [p.strip() for p in spec.split(",")]
+    words = tuple(p for p in parts if p in WORDS)
+    if len(set(words)) != len(words):
+        raise ValueError(f"{spec!r} lists a word more than once")
+    numeric = ",".join(p for p in parts if p not in WORDS)
+    if numeric or not words:
+        parse_layers(numeric)  # checks the indices (words alone leave none to check)
+    return numeric, words
+
+
+def resolve_layers(spec: str, named: dict[str, Sequence[int]]) -> tuple[int, ...]:
+    """A spec's blocks with each word replaced by the blocks `named` gives it (sorted, each once).
+
+    Raises:
+        ValueError: malformed indices, or a word `named` lacks (it names what the words need).
+    """
+    numeric, words = split_words(spec)
+    blocks = set(parse_layers(numeric)) if numeric else set()
+    for word in words:
+        if word not in named:
+            raise ValueError(f"{word!r} names blocks of an emulator package: it applies to --mode offsite only")
+        blocks |= {int(b) for b in named[word]}
     return tuple(sorted(blocks))
 
 
