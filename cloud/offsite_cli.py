@@ -61,6 +61,8 @@ def run_build(args: argparse.Namespace) -> int:
             clusters=args.clusters,
             cka_seqs=args.cka_seqs,
             budget=args.budget,
+            max_cluster=args.max_cluster,
+            slot_scales=args.slot_scales,
         )
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
@@ -205,7 +207,25 @@ def _add_share_flags(parser: argparse.ArgumentParser, how) -> None:
         "--cka-seqs",
         type=int,
         default=256,
-        help="public sequences (of --seq-len tokens) the CKA of --structure share is measured on",
+        help="public sequences (of --seq-len tokens) the CKA of --structure share is measured on (and "
+        "--slot-scales fit fitted on)",
+    )
+    parser.add_argument(
+        "--max-cluster",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --structure share: no cluster holds more than K middle blocks, so no block fills more than K "
+        "slots (--clusters x K must reach the middle's size); default: no cap",
+    )
+    parser.add_argument(
+        "--slot-scales",
+        choices=("none", "fit"),
+        default="none",
+        help="with --structure share: 'fit' gives every slot a scalar on its block's residual update "
+        "(h + a * (block(h) - h)), fitted in order on the --cka-seqs public sequences by least squares to the "
+        "full model's state after the block the slot stands for (no training; distillation keeps them fixed); "
+        "stored in the manifest as slot_scales",
     )
 
 

@@ -35,6 +35,8 @@ def build_emulator(
     cka_seqs: int = 256,
     representatives: list[int] | None = None,
     budget: float | None = None,
+    max_cluster: int | None = None,
+    slot_scales: str = "none",
 ) -> dict:
     """Builds an emulator package; returns its manifest.
 
@@ -64,6 +66,10 @@ def build_emulator(
             counts, MLP widths, and for "share" which block represents a cluster) by the cosine of the adapters'
             start-of-tuning gradients with the full model's; drop_ratio/keep/clusters and mlp_width, when given,
             fix those dimensions.
+        max_cluster: With structure "share": the most middle blocks one CKA cluster may hold (None: no cap).
+        slot_scales: "none", or "fit" (a shared emulator only): every slot's residual update gets a scalar fitted
+            in order on cka_seqs public sequences, without training, to the full model's state after the block
+            the slot stands for (tandem.emulator.share.fit_slot_scales); distillation keeps the scales fixed.
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
@@ -71,6 +77,10 @@ def build_emulator(
     slots = slot_blocks = None
     if structure not in ("drop", "share"):
         raise SelectionError(f"--structure must be drop or share, got {structure!r}")
+    if slot_scales not in ("none", "fit"):
+        raise SelectionError(f"--slot-scales must be none or fit, got {slot_scales!r}")
+    if max_cluster is not None and (structure != "share" or select != "uniform"):
+        raise SelectionError("--max-cluster caps the CKA clusters of --structure share (with --select uniform)")
     if select == "gradient":
         from .gradient_select import gradient_structure
 
@@ -88,7 +98,15 @@ def build_emulator(
         kept, slots, slot_blocks, mlp_width = (chosen[k] for k in ("kept", "slots", "slot_blocks", "mlp_width"))
     elif structure == "share":
         chosen = shared_selection(
-            loaded, layout, texts, cfg, (drop_ratio, keep, keep_blocks, clusters), select, cka_seqs, representatives
+            loaded,
+            layout,
+            texts,
+            cfg,
+            (drop_ratio, keep, keep_blocks, clusters),
+            select,
+            cka_seqs,
+            representatives,
+            max_cluster,
         )
         kept, slots, slot_blocks = chosen["kept"], chosen["slots"], chosen["slot_blocks"]
     elif clusters is not None or representatives is not None:
@@ -125,12 +143,21 @@ def build_emulator(
         scores = neuron_scores(parts_of(loaded.model), layout, kept, _sample(loaded, texts, cfg, select_seqs))
         pruning = prune_blocks(student, kept, scores, mlp_width)
         log.info("emulator blocks keep %d of %d MLP neurons each", mlp_width, pruning["from_width"])
+    scales = None
+    if slot_scales == "fit":
+        if slots is None:
+            raise SelectionError("--slot-scales fit scales the slots of a shared emulator: give --structure share")
+        from .share import fit_slot_scales
+
+        ids = _sample(loaded, texts, cfg, cka_seqs)  # (S, T): the CKA's public sequences
+        scales = fit_slot_scales(parts_of(loaded.model), layout, list(student), slots, slot_blocks, ids)
+        chosen = {**chosen, "slot_scales": {"method": "fit", "sequences": int(ids.shape[0])}}
     if cfg.steps > 0:
         if texts is None:
             from .errors import TextError
 
             raise TextError("--distill-data DIR is needed to distill (or pass --steps 0 for a plain layer drop)")
-        student, hist = distill(loaded, layout, kept, texts, cfg, out, student, slots, slot_blocks)
+        student, hist = distill(loaded, layout, kept, texts, cfg, out, student, slots, slot_blocks, scales)
     else:
         hist = {"config": {"steps": 0}}
     summary = {k: v for k, v in hist.items() if k != "steps"}
@@ -161,7 +188,9 @@ def build_emulator(
                 near,
                 ",".join(str(j) for j in sorted({*kept, made} - {near})),
             )
-    manifest = build_package(loaded, layout, kept, student, out, summary, sink, chosen, pruning, slots, slot_blocks)
+    manifest = build_package(
+        loaded, layout, kept, student, out, summary, sink, chosen, pruning, slots, slot_blocks, scales
+    )
     for name in (CHECKPOINT, SELECTION_FILE):  # the package is complete; these only served resumption
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
@@ -177,6 +206,7 @@ def shared_selection(
     select: str,
     seqs: int,
     representatives: list[int] | None = None,
+    max_cluster: int | None = None,
 ) -> dict:
     """A shared emulator's structure (tandem.emulator.share.share_selection) on `seqs` public sequences.
 
@@ -207,7 +237,9 @@ def shared_selection(
     n = len(layout.middle_blocks)
     count = clusters if clusters is not None else keep_count(n, drop_ratio, keep)
     ids = _sample(loaded, texts, cfg, seqs)  # (S, T)
-    return share_selection(parts_of(loaded.model), layout, ids, count, representatives, seed=cfg.seed)
+    return share_selection(
+        parts_of(loaded.model), layout, ids, count, representatives, seed=cfg.seed, max_cluster=max_cluster
+    )
 
 
 def _sample(loaded, texts: list[str], cfg: DistillConfig, seqs: int):

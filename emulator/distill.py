@@ -17,7 +17,7 @@ from tandem.stages.loading import LoadedModel
 from tandem.stages.modules import BottomStage, StageLayout, run_blocks
 
 from .errors import EmulatorError
-from .model import copy_blocks
+from .model import copy_blocks, scaled_slots
 from .text import pack_blocks, split_blocks
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ class Distiller:
     student: nn.ModuleList
     slots: list[int] | None = None  # a shared student's slot map (tandem.emulator.share); None: one slot per block
     slot_blocks: list[int] | None = None  # the full-model block each slot stands for (None: the kept blocks)
+    scales: list[float] | None = None  # fixed per-slot update scales (tandem.emulator.share.fit_slot_scales)
     bottom: BottomStage = field(init=False)
 
     def __post_init__(self):
@@ -205,10 +206,11 @@ class Distiller:
 
     def student_states(self, h: torch.Tensor, am: torch.Tensor, every: bool) -> list[torch.Tensor]:
         """Outputs of every student slot (every=True) or only of the last, each (B, T, H)."""
+        slots = scaled_slots(self.slot_modules(), self.scales)
         if not every:
-            return [run_blocks(self.parts, self.slot_modules(), h, am)]
+            return [run_blocks(self.parts, slots, h, am)]
         out = []
-        for block in self.slot_modules():
+        for block in slots:
             h = run_blocks(self.parts, [block], h, am)
             out.append(h)
         return out
@@ -389,6 +391,7 @@ def distill(
     student: nn.ModuleList | None = None,
     slots: list[int] | None = None,
     slot_blocks: list[int] | None = None,
+    scales: list[float] | None = None,
 ) -> tuple[nn.ModuleList, dict]:
     """Distills the kept middle blocks into an emulator of the whole middle.
 
@@ -403,6 +406,7 @@ def distill(
             None: copies of the kept blocks.
         slots, slot_blocks: a shared emulator's slot map (tandem.emulator.share): slot i runs student block
             slots[i] in place of full-model block slot_blocks[i]; each unique block trains on all its slots.
+        scales: a shared student's per-slot update scales (tandem.emulator.share.fit_slot_scales), kept fixed.
 
     Returns:
         The student blocks and a history dict (validation KD before/after, per-step losses).
@@ -422,7 +426,7 @@ def distill(
         raise EmulatorError("a shared student needs the full-model block of every slot: one per slot")
     if cfg.init == "rescale" and slots is not None:
         raise EmulatorError("--init rescale fits one factor per block and slot; use --init copy with sharing")
-    d = Distiller(parts, layout, kept, student, slots, slot_blocks)
+    d = Distiller(parts, layout, kept, student, slots, slot_blocks, scales)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     settings = {
         "kept": list(kept),
@@ -436,6 +440,8 @@ def distill(
     }
     if slots is not None:  # a key only when shared, so an unshared run's checkpoint still resumes
         settings["slots"], settings["slot_blocks"] = list(slots), list(slot_blocks or kept)
+    if scales is not None:
+        settings["slot_scales"] = [float(x) for x in scales]
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:

@@ -26,7 +26,7 @@ from tandem.stages.loading import (
 from tandem.stages.modules import StageLayout
 
 from .errors import PackageError
-from .model import EmulatorStage, blocks_state, build_blocks, check_slot_map
+from .model import EmulatorStage, blocks_state, build_blocks, check_slot_map, check_slot_scales
 
 FORMAT = "tandem-emulator/1"
 MANIFEST = "manifest.json"
@@ -48,6 +48,7 @@ def build_package(
     pruning: dict | None = None,
     slots: list[int] | None = None,
     slot_blocks: list[int] | None = None,
+    slot_scales: list[float] | None = None,
 ) -> dict:
     """Writes PKG: client stages, tokenizer, emulator blocks, config and manifest.json; returns the manifest.
 
@@ -58,6 +59,7 @@ def build_package(
     pruning: the MLP width pruning of the emulator blocks (tandem.emulator.prune.prune_blocks' record), or None.
     slots, slot_blocks: a shared emulator's slot map (tandem.emulator.share): slot i runs emulator block
     slots[i] in place of full-model middle block slot_blocks[i]; None: one slot per kept block.
+    slot_scales: a shared emulator's per-slot update scales (tandem.emulator.share.fit_slot_scales), or None.
     """
     parts = parts_of(loaded.model)
     if sorted(kept) != list(kept) or not set(kept) <= set(layout.middle_blocks) or len(kept) != len(emulator):
@@ -100,6 +102,9 @@ def build_package(
     }
     if slots is not None:
         manifest["slots"], manifest["slot_blocks"] = list(slots), list(slot_blocks)
+    if slot_scales is not None:
+        manifest["slot_scales"] = [float(x) for x in slot_scales]
+    if slots is not None or slot_scales is not None:
         check_slots(manifest, layout, loaded.config)
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -144,6 +149,12 @@ class EmulatorPackage:
         return None if slots is None else list(slots)
 
     @property
+    def slot_scales(self) -> list[float] | None:
+        """A shared emulator's per-slot update scales: slot i computes h + s_i * (block(h) - h) (None: none)."""
+        scales = self.manifest.get("slot_scales")
+        return None if scales is None else [float(x) for x in scales]
+
+    @property
     def slot_blocks(self) -> list[int]:
         """The full-model middle block each slot stands for (the kept blocks when the emulator shares none)."""
         return list(self.manifest.get("slot_blocks", self.kept))
@@ -185,7 +196,8 @@ class EmulatorPackage:
         """
         blocks = self.emulator_blocks(config).to(device, dtype)
         sink = self.sink()
-        return EmulatorStage(parts, blocks, None if sink is None else sink.to(device, dtype), slots=self.slots)
+        sink = None if sink is None else sink.to(device, dtype)
+        return EmulatorStage(parts, blocks, sink, slots=self.slots, scales=self.slot_scales)
 
 
 def check_slots(manifest: dict, layout: StageLayout, config) -> None:
@@ -193,8 +205,11 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
 
     A package without "slots" passes. With it: "slots" indexes the kept blocks and uses each; "slot_blocks"
     lists as many increasing middle blocks; where the config has per-layer attention types, every slot's block
-    has its slot's type (the block's attention is built for its own full-model index).
+    has its slot's type (the block's attention is built for its own full-model index); "slot_scales", when
+    present, holds one finite number of magnitude at most 8 per slot.
     """
+    if "slot_scales" in manifest and "slots" not in manifest:
+        check_slot_scales(manifest["slot_scales"], None)
     if "slots" not in manifest and "slot_blocks" not in manifest:
         return
     kept, slots, slot_blocks = manifest.get("kept_middle_blocks"), manifest.get("slots"), manifest.get("slot_blocks")
@@ -221,6 +236,8 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
         odd = [b for b, i in zip(slot_blocks, slots) if types[b] != types[kept[i]]]
         if odd:
             raise PackageError(f"the slots of middle blocks {odd[:5]} run a block of another attention type")
+    if "slot_scales" in manifest:
+        check_slot_scales(manifest["slot_scales"], len(slots))
 
 
 def load_package(path: str) -> EmulatorPackage:

@@ -89,33 +89,55 @@ def middle_cka(
     return _cka_matrix([torch.cat(chunks) for chunks in outputs]).to(torch.float32)
 
 
-def cluster_blocks(cka: torch.Tensor, clusters: int, types: list[str] | None = None) -> list[list[int]]:
+def cluster_blocks(
+    cka: torch.Tensor, clusters: int, types: list[str] | None = None, max_cluster: int | None = None
+) -> list[list[int]]:
     """Positions 0..N-1 grouped into `clusters` runs of adjacent blocks, merged greedily by mean pairwise CKA.
 
     Args:
         cka: (N, N) similarity of the blocks' outputs.
         clusters: How many clusters to leave, 1..N.
         types: Per-block attention type; blocks of different types are never merged.
+        max_cluster: The most blocks one cluster may hold (None: no cap); a merge that would pass it, or that would
+            leave `clusters` out of reach under it, is never made.
     """
     n = cka.shape[0]
     if not 1 <= clusters <= n:
         raise SelectionError(f"cannot make {clusters} clusters of {n} middle blocks; choose --clusters 1..{n}")
+    if max_cluster is not None and max_cluster < 1:
+        raise SelectionError(f"--max-cluster must be >= 1, got {max_cluster}")
+    cap = n if max_cluster is None else max_cluster
     runs = [[i] for i in range(n)]
 
-    def link(a: list[int], b: list[int]) -> float:
-        if types is not None and types[a[0]] != types[b[0]]:
-            return float("-inf")
-        return float(cka[a][:, b].mean())
+    def mergeable(a: list[int], b: list[int]) -> bool:
+        return len(a) + len(b) <= cap and (types is None or types[a[0]] == types[b[0]])
 
+    def fewest(runs: list[list[int]]) -> int:  # clusters still reachable: pack runs left to right
+        count, current = 0, None
+        for run in runs:
+            if current is not None and mergeable(current, run):
+                current = current + run
+            else:
+                count, current = count + 1, run
+        return count
+
+    least = fewest(runs)
+    if least > clusters and max_cluster is None:
+        raise SelectionError(
+            f"the middle has {least} runs of blocks with different attention types; choose at least {least} clusters"
+        )
+    if least > clusters:
+        raise SelectionError(
+            f"cannot group {n} middle blocks into {clusters} clusters of at most {max_cluster} blocks (at least "
+            f"{least} are needed); raise --clusters or --max-cluster"
+        )
     while len(runs) > clusters:
-        scores = [link(runs[k], runs[k + 1]) for k in range(len(runs) - 1)]
-        best = max(range(len(scores)), key=scores.__getitem__)
-        if scores[best] == float("-inf"):
-            raise SelectionError(
-                f"the middle has {len(runs)} runs of blocks with different attention types; choose at least "
-                f"{len(runs)} clusters"
-            )
-        runs[best : best + 2] = [runs[best] + runs[best + 1]]
+        scores = [float(cka[runs[k]][:, runs[k + 1]].mean()) for k in range(len(runs) - 1)]
+        for k in sorted(range(len(scores)), key=lambda k: -scores[k]):
+            merged = runs[:k] + [runs[k] + runs[k + 1]] + runs[k + 2 :]
+            if mergeable(runs[k], runs[k + 1]) and fewest(merged) <= clusters:
+                runs = merged
+                break
     return runs
 
 
@@ -157,18 +179,20 @@ def share_selection(
     representatives: list[int] | None = None,
     tokens: int = 2048,
     seed: int = 0,
+    max_cluster: int | None = None,
 ) -> dict:
-    """Measures the CKA on ids (S, T), clusters the middle and picks the kept blocks.
+    """Measures the CKA on ids (S, T), clusters the middle (no cluster over max_cluster blocks) and picks the kept
+    blocks.
 
     Returns:
         The manifest's selection record: {"method": "share", "kept", "slots", "slot_blocks", "clusters" (full-model
         indices per cluster), "representatives", "cka_adjacent" (block i's output against block i+1's),
-        "cka" (every pair, rounded), "sequences", "tokens"}.
+        "cka" (every pair, rounded), "sequences", "tokens"} and, when capped, "max_cluster".
     """
     middle = layout.middle_blocks
     cka = middle_cka(parts, layout, ids, tokens=tokens, seed=seed)
     types = getattr(parts.config, "layer_types", None)
-    runs = cluster_blocks(cka, clusters, None if types is None else [types[i] for i in middle])
+    runs = cluster_blocks(cka, clusters, None if types is None else [types[i] for i in middle], max_cluster)
     kept, slots, slot_blocks = slot_map(middle, runs, representatives)
     record = {
         "method": "share",
@@ -182,5 +206,60 @@ def share_selection(
         "sequences": int(ids.shape[0]),
         "tokens": min(tokens, int(ids.shape[0]) * (int(ids.shape[1]) - 1)),
     }
+    if max_cluster is not None:
+        record["max_cluster"] = max_cluster
     log.info("shared emulator: clusters %s, kept %s", record["clusters"], kept)
     return record
+
+
+@torch.no_grad()
+def fit_slot_scales(
+    parts: Parts,
+    layout: StageLayout,
+    blocks: list[torch.nn.Module],
+    slots: list[int],
+    slot_blocks: list[int],
+    ids: torch.Tensor,
+    batch_size: int = 8,
+) -> list[float]:
+    """Per-slot update scales of a shared emulator, fitted in order on public ids (S, T), without training.
+
+    Slot s computes h + a_s * (block(h) - h). With h the emulator's state entering slot s (earlier slots already
+    scaled), u = block(h) - h and t the full model's state after its middle block slot_blocks[s], a_s is the least-
+    squares fit <u, t - h> / <u, u>, summed over every token but each sequence's first (as the CKA), clipped to
+    [-MAX_SLOT_SCALE, MAX_SLOT_SCALE] (1.0 where the update is zero).
+
+    Args:
+        parts: The full model (the teacher).
+        layout: Where the client's stages are cut.
+        blocks: The emulator's unique blocks; slot s runs blocks[slots[s]].
+        slots, slot_blocks: The slot map and the full-model middle block each slot stands for (increasing).
+        ids: (S, T) public token ids.
+        batch_size: Sequences per forward pass.
+    """
+    from .model import MAX_SLOT_SCALE
+
+    if ids.shape[1] < 2:
+        raise SelectionError("fitting slot scales needs sequences of at least 2 tokens; raise --seq-len")
+    bottom = BottomStage(parts, layout.bottom_blocks)
+    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
+    masks = [torch.ones_like(x) for x in batches]
+    states = [bottom(x, mask) for x, mask in zip(batches, masks)]  # the emulator's running states, (B, T, H) each
+    teacher = list(states)  # the full model's states after the middle blocks up to the current slot's
+    done = layout.middle_blocks[0]  # the first full-model middle block the teacher has not yet run
+    scales = []
+    for block_index, stands_for in zip(slots, slot_blocks):
+        segment = [parts.blocks[i] for i in range(done, stands_for + 1)]
+        done = stands_for + 1
+        teacher = [run_blocks(parts, segment, t, mask) for t, mask in zip(teacher, masks)]
+        updates = [run_blocks(parts, [blocks[block_index]], h, mask) - h for h, mask in zip(states, masks)]
+        num = sum(
+            float((u[:, 1:].double() * (t - h)[:, 1:].double()).sum()) for u, t, h in zip(updates, teacher, states)
+        )
+        den = sum(float(u[:, 1:].double().pow(2).sum()) for u in updates)
+        scale = num / den if den > 0 else 1.0
+        scale = max(-MAX_SLOT_SCALE, min(MAX_SLOT_SCALE, scale))
+        scales.append(scale)
+        states = [h + scale * u for h, u in zip(states, updates)]
+    log.info("slot scales %s", [round(a, 3) for a in scales])
+    return scales

@@ -378,3 +378,182 @@ def test_cloud_emulator_build_share_from_the_command_line(models10, sample_data,
     plain = argv[:8] + ["--clusters", "2", "--steps", "0", "--seq-len", "32", "--no-progress"]
     assert cloud_main(plain) == 2  # --clusters groups a shared emulator's blocks
     assert "with --structure share" in capsys.readouterr().err
+
+
+# Levers that make sharing pay: a cap on a cluster's size, and per-slot update scales.
+
+
+def test_a_cluster_cap_is_honoured_and_an_unreachable_count_refused():
+    cka = torch.full((6, 6), 0.99)  # all alike: uncapped, the greedy merge makes one long run
+    assert max(len(run) for run in cluster_blocks(cka, 2)) >= 3
+    for cap, clusters in ((2, 3), (3, 2), (4, 2), (2, 4), (1, 6)):
+        runs = cluster_blocks(cka, clusters, max_cluster=cap)
+        assert len(runs) == clusters and [p for run in runs for p in run] == list(range(6))
+        assert max(len(run) for run in runs) <= cap, (cap, runs)
+    # The best pair sits in the middle: merging it first would strand the ends; the cap still reaches 2 of 2.
+    middle = torch.full((4, 4), 0.1)
+    middle[1, 2] = middle[2, 1] = 0.99
+    assert cluster_blocks(middle, 2, max_cluster=2) == [[0, 1], [2, 3]]
+    assert cluster_blocks(middle, 3, max_cluster=2) == [[0], [1, 2], [3]]
+    with pytest.raises(SelectionError, match=r"into 2 clusters of at most 2 blocks \(at least 3 are needed\)") as e:
+        cluster_blocks(cka, 2, max_cluster=2)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SelectionError, match="--max-cluster must be >= 1"):
+        cluster_blocks(cka, 6, max_cluster=0)
+    types = ["full"] * 2 + ["sliding"] * 4  # types and cap together: [0, 1] | [2..5] needs 3 clusters at cap 2
+    assert cluster_blocks(cka, 3, types, max_cluster=2) == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(SelectionError, match="at least 3 are needed"):
+        cluster_blocks(cka, 2, types, max_cluster=3)
+
+
+def _tiny_stage(models10, arch="llama", scales=None):
+    loaded = load_model(models10[arch])
+    parts = parts_of(loaded.model)
+    blocks = torch.nn.ModuleList(parts.blocks[i] for i in (3, 6))
+    return loaded, parts, EmulatorStage(parts, blocks, slots=[0, 0, 0, 1, 1, 1], scales=scales)
+
+
+def test_slot_scales_of_one_give_exactly_the_unscaled_forward_and_others_scale_each_update(models10):
+    loaded, parts, plain = _tiny_stage(models10)
+    h = torch.randn(2, 12, loaded.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    am = torch.ones(2, 12, dtype=torch.long)
+    ones = EmulatorStage(parts, plain.blocks, slots=plain.slots, scales=[1.0] * 6)
+    scales = [0.5, 1.0, -0.25, 2.0, 1.5, 0.75]
+    scaled = EmulatorStage(parts, plain.blocks, slots=plain.slots, scales=scales)
+    with torch.no_grad():
+        assert torch.equal(ones(h, am), plain(h, am))
+        want = h
+        for block, a in zip(plain.slot_blocks(), scales):
+            want = want + a * (run_blocks(parts, [block], want, am) - want)
+        got = scaled(h, am)
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain(h, am), atol=1e-3)
+    with pytest.raises(PackageError, match="slot scales need a slot map"):
+        EmulatorStage(parts, plain.blocks, slots=plain.slots, scales=[1.0] * 5)
+
+
+def test_a_fitted_slot_scale_is_the_least_squares_closed_form(models10):
+    from tandem.emulator.share import fit_slot_scales
+
+    loaded, parts, stage = _tiny_stage(models10)
+    layout = StageLayout.parse("2:2", loaded.config)
+    ids = _ids(loaded.config.vocab_size, (3, 10), seed=4)
+    slot_blocks = layout.middle_blocks
+    got = fit_slot_scales(parts, layout, list(stage.blocks), stage.slots, slot_blocks, ids, batch_size=2)
+    assert len(got) == 6 and len(set(got)) == 6
+    am = torch.ones_like(ids)
+    with torch.no_grad():  # independently: the plain forward's hidden states are the targets
+        states = loaded.model(input_ids=ids, output_hidden_states=True).hidden_states  # [i + 1]: block i's output
+        h = states[layout.bottom_blocks[-1] + 1]
+        for s, (block, b) in enumerate(zip(stage.slot_blocks(), slot_blocks)):
+            u = run_blocks(parts, [block], h, am) - h
+            target = states[b + 1]
+            alpha = float((u[:, 1:] * (target - h)[:, 1:]).sum() / u[:, 1:].pow(2).sum())
+            assert got[s] == pytest.approx(alpha, rel=1e-4, abs=1e-6), s
+            h = h + alpha * u
+
+
+def _scaled_pkg(models10, tmp_path, scales=(0.5, 0.75, 1.0, 1.25, 1.5, 2.0)) -> str:
+    loaded = load_model(models10["llama"])
+    layout = StageLayout.parse("2:2", loaded.config)
+    out = str(tmp_path / "scaled")
+    blocks = copy_blocks(parts_of(loaded.model), [3, 6])
+    slots = [0, 0, 0, 1, 1, 1]
+    build_package(
+        loaded, layout, [3, 6], blocks, out, slots=slots, slot_blocks=layout.middle_blocks, slot_scales=list(scales)
+    )
+    return out
+
+
+SCALES_HOSTILE = [
+    ("nan", lambda m, d: m.update(slot_scales=[float("nan")] + m["slot_scales"][1:])),
+    ("inf", lambda m, d: m.update(slot_scales=[float("inf")] + m["slot_scales"][1:])),
+    ("too large", lambda m, d: m.update(slot_scales=[8.5] + m["slot_scales"][1:])),
+    ("huge int", lambda m, d: m.update(slot_scales=[10**400] + m["slot_scales"][1:])),
+    ("short", lambda m, d: m.update(slot_scales=m["slot_scales"][:5])),
+    ("long", lambda m, d: m.update(slot_scales=m["slot_scales"] + [1.0])),
+    ("strings", lambda m, d: m.update(slot_scales=["1.0"] * 6)),
+    ("bools", lambda m, d: m.update(slot_scales=[True] * 6)),
+    ("not a list", lambda m, d: m.update(slot_scales={"0": 1.0})),
+    ("null", lambda m, d: m.update(slot_scales=None)),
+]
+
+
+def test_slot_scales_round_trip_and_hostile_ones_are_refused_in_one_line(models10, tmp_path):
+    pkg_dir = _scaled_pkg(models10, tmp_path)
+    pkg = load_package(pkg_dir)
+    assert pkg.manifest["slot_scales"] == pkg.slot_scales == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    parts = parts_of(load_model(models10["llama"]).model)
+    stage = pkg.emulator_stage(parts)
+    assert stage.scales == pkg.slot_scales and stage.slots == [0, 0, 0, 1, 1, 1]
+    staged = build_offsite(pkg_dir, LoraConfig(rank=4), 0)
+    assert staged.middle.stage.scales == pkg.slot_scales
+    cases = SCALES_HOSTILE + [("no slot map", lambda m, d: [m.pop("slots"), m.pop("slot_blocks")])]
+    for case, edit in cases:
+        bad = _rewrite(pkg_dir, str(tmp_path / case.replace(" ", "_")), edit)
+        message = "no slot map" if case == "no slot map" else r"slot_scales must list 6 finite numbers in \[-8, 8\]"
+        with pytest.raises(PackageError, match=message) as e:
+            load_package(bad)
+        assert "\n" not in str(e.value), case
+    with pytest.raises(PackageError, match="no slot map"):  # the builder refuses the same
+        build_package(
+            load_model(models10["llama"]),
+            StageLayout(10, 2, 2),
+            [3],
+            copy_blocks(parts, [3]),
+            str(tmp_path / "x"),
+            slot_scales=[1.0],
+        )
+
+
+def test_distillation_runs_the_slots_with_their_fixed_scales(models10):
+    loaded, parts, _ = _tiny_stage(models10, "gpt2")
+    layout = StageLayout.parse("2:2", loaded.config)
+    scales = [0.5, 1.0, 1.5, 0.8, 1.2, 2.0]
+    student = copy_blocks(parts, [3, 6])
+    d = dmod.Distiller(parts, layout, [3, 6], student, [0, 0, 0, 1, 1, 1], layout.middle_blocks, scales)
+    stage = EmulatorStage(parts, student, slots=[0, 0, 0, 1, 1, 1], scales=scales)
+    h = torch.randn(2, 12, loaded.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    am = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        want = stage(h, am)
+        assert torch.equal(d.student_states(h, am, False)[-1], want)
+        assert torch.allclose(d.student_states(h, am, True)[-1], want, atol=1e-6)
+    student.requires_grad_(True)
+    cfg = DistillConfig(steps=0, batch_size=2, layer_weight=0.5)
+    d.losses(_ids(loaded.config.vocab_size, (2, 12)), cfg)["loss"].backward()
+    assert all(p.grad is not None for p in student.parameters()) and d.scales == scales  # scales are not parameters
+    with pytest.raises(SelectionError, match="give --structure share"):
+        build_emulator(models10["gpt2"], "2:2", "unused", None, cfg, keep=2, slot_scales="fit")
+    with pytest.raises(SelectionError, match="--max-cluster caps"):
+        build_emulator(models10["gpt2"], "2:2", "unused", None, cfg, keep=2, max_cluster=2)
+
+
+def test_cloud_emulator_build_cap_and_scales_from_the_command_line(models10, sample_data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cloud_main(["emulator", "build", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--max-cluster K", "--slot-scales {none,fit}", "h + a * (block(h) - h)"):
+        assert words in text, words
+    out = str(tmp_path / "pkg")
+    argv = ["emulator", "build", "--model", models10["gpt2"], "--distill-data", sample_data, "--out", out]
+    argv += ["--structure", "share", "--cka-seqs", "8", "--seq-len", "32", "--batch-size", "2", "--no-progress"]
+    argv += ["--val-fraction", "0.05"]  # a short validation: the distilled build's cost
+    levers = ["--clusters", "3", "--max-cluster", "2", "--slot-scales", "fit"]
+    assert cloud_main(argv + ["--steps", "0"] + levers) == 0
+    capsys.readouterr()
+    man = load_package(out).manifest
+    assert man["selection"]["max_cluster"] == 2 and [len(run) for run in man["selection"]["clusters"]] == [2, 2, 2]
+    assert man["selection"]["slot_scales"] == {"method": "fit", "sequences": 8}
+    assert len(man["slot_scales"]) == 6 and all(abs(a) <= 8 for a in man["slot_scales"])
+    assert len(set(man["slot_scales"])) == 6 and man["slot_scales"] != [1.0] * 6
+    # Distillation trains the blocks with the scales fitted before it, and keeps them.
+    assert cloud_main(argv + ["--steps", "2"] + levers) == 0
+    capsys.readouterr()
+    distilled = load_package(out).manifest
+    assert distilled["slot_scales"] == man["slot_scales"] and distilled["distillation"]["train_kd_first"] > 0
+    assert cloud_main(argv + ["--steps", "0", "--clusters", "2", "--max-cluster", "2"]) == 2
+    assert "(at least 3 are needed); raise --clusters or --max-cluster" in capsys.readouterr().err
+    assert cloud_main(argv + ["--steps", "0", "--clusters", "3"]) == 0  # defaults: no cap, no scales
+    capsys.readouterr()
+    man = load_package(out).manifest
+    assert "slot_scales" not in man and "max_cluster" not in man["selection"]
