@@ -99,10 +99,21 @@ def _ints(text: str) -> list[int]:
 
 def _names(text: str) -> list[str]:
     names = [x for x in text.split(",") if x]
-    bad = [n for n in names if n not in STRUCTURES and not re.fullmatch(r"width\d+", n)]
+    bad = [n for n in names if not _known(base(n)) or n.partition("+")[2] not in ("", "clusters")]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown structures {bad}; choose from {sorted(STRUCTURES)} or widthN")
+        raise argparse.ArgumentTypeError(
+            f"unknown structures {bad}; choose from {sorted(STRUCTURES)} or widthN, each optionally +clusters"
+        )
     return names
+
+
+def _known(name: str) -> bool:
+    return name in STRUCTURES or re.fullmatch(r"width\d+", name) is not None
+
+
+def base(name: str) -> str:
+    """The emulator structure of a --structures name ("uniform+clusters" -> "uniform"): its build is shared."""
+    return name.partition("+")[0]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,7 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="emulator structures, side by side: uniform (--drop-ratio's evenly spaced blocks), greedy, widthN (all "
         "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), gradient (uniform "
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
-        "widths by gradient cosine); default uniform,width256,share,share-gradient",
+        "widths by gradient cosine); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
+        "--lora-layers client,clusters), against full tuning with the same placement; default "
+        "uniform,width256,share,share-gradient",
     )
     p.add_argument(
         "--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3], help="learning rates swept; default 5e-4,1e-3,2e-3"
@@ -415,6 +428,7 @@ class Protocol:
             rank=args.lora_rank, alpha=2.0 * args.lora_rank, target_modules=tuple(args.lora_targets.split(","))
         )
         self.full = build_local(args.model, args.client_blocks, self.lora, args.seed, middle_lora=False)
+        self.placed: dict[tuple[int, ...], object] = {}  # --lora-layers -> the full model with that adapter layout
         self.data = {s: write_data(args, self.tok, s) for s in args.splits}  # split -> (pub, priv, qa, eval ids)
         self.probe = None
 
@@ -432,13 +446,29 @@ class Protocol:
         ids = self.data[self.args.splits[0]][3][: self.args.batch_size]
         return {"input_ids": ids, "attention_mask": ids.new_ones(ids.shape), "labels": ids}
 
-    def tuned(self, name: str, pkg: str | None, split: int, lr: float) -> dict:
-        """Tunes the adapter (offsite through `pkg`, or on the full model when None) and measures it plugged in."""
+    def full_for(self, layers: tuple[int, ...]):
+        """The full model with LoRA on `layers` (the client's blocks when empty), built once per layout."""
+        from dataclasses import replace
+
+        from tandem.client.assemble import build_local
+
+        if not layers:
+            return self.full
+        if layers not in self.placed:
+            lora = replace(self.lora, layers=layers)
+            self.placed[layers] = build_local(self.args.model, self.args.client_blocks, lora, self.args.seed)
+        return self.placed[layers]
+
+    def tuned(self, name: str, pkg: str | None, split: int, lr: float, layers: tuple[int, ...] = ()) -> dict:
+        """Tunes the adapter (offsite through `pkg`, or on the full model when None) on the blocks `layers` (the
+        client's when empty) and measures it plugged in."""
+        from dataclasses import replace
+
         from tandem.client.assemble import build_offsite
         from tandem.client.offsite import load_adapter
         from tandem.client.trainer import TuneConfig, tune
 
-        args = self.args
+        args, lora = self.args, replace(self.lora, layers=layers)
         out = os.path.join(args.work, "runs", name, f"s{split}", f"lr{lr:g}")
         report = tune(
             TuneConfig(
@@ -448,24 +478,25 @@ class Protocol:
                 model=args.model,
                 client_blocks=args.client_blocks,
                 emulator=pkg,
-                middle_lora=False,
+                middle_lora=bool(layers) and not pkg,
                 steps=args.tune_steps,
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
                 lr=lr,
-                lora=self.lora,
+                lora=lora,
                 seed=split,
                 checkpoint_every=10**6,
                 overwrite=True,
                 progress=False,
             )
         )
-        load_adapter(self.full, os.path.join(out, "adapter"))
-        cell = self.measure(self.full, split)
+        full = self.full_for(layers)
+        load_adapter(full, os.path.join(out, "adapter"))
+        cell = self.measure(full, split)
         cell["step_wall_s_median"] = statistics.median(s["wall_s"] for s in report["steps"][1:] or report["steps"])
         cell["trainable_params"] = report["adapter"]["trainable_params"]
         if pkg:
-            emulator = build_offsite(pkg, self.lora, split)
+            emulator = build_offsite(pkg, lora, split)
             load_adapter(emulator, os.path.join(out, "adapter"))
             cell["emulator_ppl"] = perplexity(emulator, self.data[split][3], args.batch_size)
         return cell
@@ -475,10 +506,14 @@ class Protocol:
 
         return self.measure(build_offsite(pkg, self.lora, split), split)
 
-    def flops(self, pkg: str | None) -> dict:
+    def flops(self, pkg: str | None, layers: tuple[int, ...] = ()) -> dict:
+        from dataclasses import replace
+
         from tandem.client.assemble import build_offsite
 
-        return {"flops": step_flops(build_offsite(pkg, self.lora, self.args.seed) if pkg else self.full, self.batch())}
+        lora = replace(self.lora, layers=layers)
+        model = build_offsite(pkg, lora, self.args.seed) if pkg else self.full_for(layers)
+        return {"flops": step_flops(model, self.batch())}
 
     def gradients(self, pkg: str) -> dict:
         """Start-of-tuning gradient cosines of the bottom and top adapter through the package's emulator and through
@@ -505,15 +540,17 @@ def summary(args: argparse.Namespace, cells: Cells, name: str) -> dict:
     """One structure's row: each mode at its own best learning rate, means and sds over the splits."""
     data, splits = cells.data, args.splits
     zs = [data[f"zero_shot/s{s}"]["ppl"] for s in splits]
-    lr_full, lr_pi = best_lr(args, cells, "full"), best_lr(args, cells, name)
-    full = [data[f"full/s{s}/lr{lr_full:g}"] for s in splits]
+    full_name = full_key(data[f"{name}/layers"]["layers"])
+    lr_full, lr_pi = best_lr(args, cells, full_name), best_lr(args, cells, name)
+    full = [data[f"{full_name}/s{s}/lr{lr_full:g}"] for s in splits]
     plug = [data[f"{name}/s{s}/lr{lr_pi:g}"] for s in splits]
-    emu = [data[f"{name}/emulator_zero_shot/s{s}"]["ppl"] for s in splits]
+    emu = [data[f"{base(name)}/emulator_zero_shot/s{s}"]["ppl"] for s in splits]
     recovery = [(z - p["ppl"]) / (z - f["ppl"]) if z > f["ppl"] else float("nan") for z, p, f in zip(zs, plug, full)]
     acc_pi, acc_ft = statistics.mean(p["acc"] for p in plug), statistics.mean(f["acc"] for f in full)
-    built, grads = data[f"{name}/build"], data[f"{name}/gradients"]
-    flops, flops_full = data[f"{name}/flops"]["flops"], data["full/flops"]["flops"]
+    built, grads = data[f"{base(name)}/build"], data[f"{base(name)}/gradients"]
+    flops, flops_full = data[f"{name}/flops"]["flops"], data[f"{full_name}/flops"]["flops"]
     return {
+        "lora_layers": data[f"{name}/layers"]["layers"],
         "lr_plug_in": lr_pi,
         "lr_full": lr_full,
         "zero_shot_ppl": _mean_sd(zs),
@@ -563,24 +600,48 @@ def table(rows: dict[str, dict]) -> str:
     return head + "\n".join(lines)
 
 
+def full_key(layers: list[int]) -> str:
+    """The cells' prefix of full tuning with the adapter on `layers` (the client's blocks when empty)."""
+    from tandem.stages.lora_layers import format_layers
+
+    return "full" if not layers else f"full@{format_layers(layers)}"
+
+
+def placement(name: str, pkg: str) -> dict:
+    """The --lora-layers of a structure name: empty (the client's blocks), or with +clusters those and the kept ones."""
+    from tandem.client.placement import resolve_placement
+
+    return {"layers": list(resolve_placement("client,clusters", "offsite", pkg)) if "+" in name else []}
+
+
 def run(args: argparse.Namespace, cells: Cells) -> dict:
     """Every cell of the protocol, builds first, then split by split (so an interrupted run has whole splits)."""
     proto = Protocol(args, cells)
     pub = proto.data[args.splits[0]][0]
-    builds = {name: cells.get(f"{name}/build", lambda n=name: build_cell(args, n, pub)) for name in args.structures}
-    cells.get("full/flops", lambda: proto.flops(None))
-    for name, built in builds.items():
-        cells.get(f"{name}/flops", lambda p=built["package"]: proto.flops(p))
-        cells.get(f"{name}/gradients", lambda p=built["package"]: proto.gradients(p))
+    bases = dict.fromkeys(base(name) for name in args.structures)
+    builds = {b: cells.get(f"{b}/build", lambda b=b: build_cell(args, b, pub)) for b in bases}
+    pkgs = {name: builds[base(name)]["package"] for name in args.structures}
+    layers = {n: tuple(cells.get(f"{n}/layers", lambda n=n: placement(n, pkgs[n]))["layers"]) for n in pkgs}
+    for placed in dict.fromkeys(layers.values()):
+        cells.get(f"{full_key(list(placed))}/flops", lambda p=placed: proto.flops(None, p))
+    for name, pkg in pkgs.items():
+        cells.get(f"{name}/flops", lambda p=pkg, n=name: proto.flops(p, layers[n]))
+    for b in bases:
+        cells.get(f"{b}/gradients", lambda p=builds[b]["package"]: proto.gradients(p))
     for s in args.splits:
         cells.get(f"zero_shot/s{s}", lambda s=s: proto.zero_shot(s))
-        for lr in args.lrs:
-            cells.get(f"full/s{s}/lr{lr:g}", lambda s=s, lr=lr: proto.tuned("full", None, s, lr))
-        for name, built in builds.items():
-            pkg = built["package"]
-            cells.get(f"{name}/emulator_zero_shot/s{s}", lambda p=pkg, s=s: proto.emulator_zero_shot(p, s))
+        for placed in dict.fromkeys(layers.values()):
             for lr in args.lrs:
-                cells.get(f"{name}/s{s}/lr{lr:g}", lambda n=name, p=pkg, s=s, lr=lr: proto.tuned(n, p, s, lr))
+                key = f"{full_key(list(placed))}/s{s}/lr{lr:g}"
+                cells.get(key, lambda s=s, lr=lr, p=placed: proto.tuned(full_key(list(p)), None, s, lr, p))
+        for b in bases:
+            pkg = builds[b]["package"]
+            cells.get(f"{b}/emulator_zero_shot/s{s}", lambda p=pkg, s=s: proto.emulator_zero_shot(p, s))
+        for name, pkg in pkgs.items():
+            for lr in args.lrs:
+                cells.get(
+                    f"{name}/s{s}/lr{lr:g}", lambda n=name, p=pkg, s=s, lr=lr: proto.tuned(n, p, s, lr, layers[n])
+                )
     return {name: summary(args, cells, name) for name in args.structures}
 
 
@@ -605,9 +666,11 @@ def main(argv=None) -> int:
             # for compare_modes.py: the first structure's and full tuning's step times at their best lr
             "tune_step_wall_s_median": {
                 "offsite": cells.data[f"{first}/s{s0}/lr{rows[first]['lr_plug_in']:g}"]["step_wall_s_median"],
-                "full": cells.data[f"full/s{s0}/lr{lr_full:g}"]["step_wall_s_median"],
+                "full": cells.data[f"{full_key(rows[first]['lora_layers'])}/s{s0}/lr{lr_full:g}"]["step_wall_s_median"],
             },
-            "adapter_trainable_params": cells.data[f"full/s{s0}/lr{lr_full:g}"]["trainable_params"],
+            "adapter_trainable_params": cells.data[f"{full_key(rows[first]['lora_layers'])}/s{s0}/lr{lr_full:g}"][
+                "trainable_params"
+            ],
         }
     )
     print()

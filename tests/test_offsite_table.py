@@ -9,10 +9,11 @@ import os
 import subprocess
 import sys
 
+from tandem.stages.lora_layers import format_layers
 from tandem.testing.models import make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STRUCTURES = ["uniform", "share", "share-gradient"]
+STRUCTURES = ["uniform", "share", "share-gradient", "share+clusters"]  # +clusters: LoRA on the kept blocks too
 SPLITS, LRS = [0, 1], [1e-3, 4e-3]
 
 
@@ -32,22 +33,27 @@ def test_the_protocol_runs_end_to_end_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads((tmp_path / "table.json").read_text())
     cells = res["cells"]
-    # Full tuning's sweep once, shared by every structure; every structure's own sweep on every split.
-    assert sorted(k for k in cells if k.startswith("full/s")) == sorted(
-        f"full/s{s}/lr{lr:g}" for s in SPLITS for lr in LRS
-    )
+    # Full tuning's sweep once per adapter layout, shared by every structure; every structure's own sweep.
+    placed = cells["share+clusters/layers"]["layers"]
+    assert placed == sorted([0, 1, 6, 7] + cells["share/build"]["kept"]) and cells["share/layers"]["layers"] == []
+    full = {name: "full" if name != "share+clusters" else f"full@{format_layers(placed)}" for name in STRUCTURES}
+    for prefix in set(full.values()):
+        assert sorted(k for k in cells if k.startswith(f"{prefix}/s")) == sorted(
+            f"{prefix}/s{s}/lr{lr:g}" for s in SPLITS for lr in LRS
+        )
+    assert "share+clusters/build" not in cells, "the placed structure reuses its emulator's build"
     for name in STRUCTURES:
         for s in SPLITS:
             for lr in LRS:
                 cell = cells[f"{name}/s{s}/lr{lr:g}"]
                 assert cell["ppl"] > 1 and 0 <= cell["acc"] <= 1 and cell["emulator_ppl"] > 1
         row = res["summary"][name]
-        for mode, prefix in (("lr_plug_in", name), ("lr_full", "full")):  # each mode at its own best lr
+        for mode, prefix in (("lr_plug_in", name), ("lr_full", full[name])):  # each mode at its own best lr
             mean = {lr: sum(cells[f"{prefix}/s{s}/lr{lr:g}"]["ppl"] for s in SPLITS) / 2 for lr in LRS}
             assert row[mode] == min(mean, key=mean.get)
         zs = [cells[f"zero_shot/s{s}"]["ppl"] for s in SPLITS]
         pi = [cells[f"{name}/s{s}/lr{row['lr_plug_in']:g}"]["ppl"] for s in SPLITS]
-        ft = [cells[f"full/s{s}/lr{row['lr_full']:g}"]["ppl"] for s in SPLITS]
+        ft = [cells[f"{full[name]}/s{s}/lr{row['lr_full']:g}"]["ppl"] for s in SPLITS]
         want = [(z - p) / (z - f) for z, p, f in zip(zs, pi, ft)]
         assert all(
             math.isclose(a, b) or math.isnan(a) and z <= f
