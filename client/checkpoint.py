@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 
@@ -92,7 +93,19 @@ def settings(cfg, transport_cfg, data_fingerprint: str) -> dict:
         "--model": cfg.model if cfg.mode == "local" else None,
         "--client-blocks": cfg.client_blocks if cfg.mode == "local" else None,
         "--emulator": cfg.emulator,
+        "--emulator (package SHA-256)": package_digest(cfg.emulator),
     }
+
+
+def package_digest(pkg_dir: str | None) -> str | None:
+    """The SHA-256 of an emulator package's manifest, which holds every file's: a package rebuilt in place differs."""
+    if pkg_dir is None:
+        return None
+    try:
+        with open(os.path.join(pkg_dir, "manifest.json"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None  # the run's own load of the package says what is wrong
 
 
 def stages(model, lora) -> dict:

@@ -17,6 +17,7 @@ from torch import nn
 
 from tandem.stages.lora import SlotSpec, inject_slots
 from tandem.stages.lora_layers import format_layers, parse_layers, resolve_layers, split_words
+from tandem.stages.modules import StageLayout
 
 from .errors import ClientError
 
@@ -32,19 +33,23 @@ def resolve_placement(spec: str | tuple, mode: str, emulator: str | None) -> tup
     _, words = split_words(spec)
     if not words:
         return parse_layers(spec)
-    if mode != "offsite" or emulator is None:
+    if mode != "offsite":
         raise ClientError(
             f"--lora-layers: {', '.join(words)} names blocks of an emulator package, so it applies to --mode offsite "
             "only; in split and local mode list the blocks (e.g. those of the package's manifest)"
         )
+    if emulator is None:
+        raise ClientError("--mode offsite needs --emulator PKG, and --emulator only applies to --mode offsite")
     from tandem.emulator.errors import PackageError
-    from tandem.emulator.package import load_package
+    from tandem.emulator.package import read_manifest
 
     try:
-        package = load_package(emulator)
+        manifest = read_manifest(emulator)  # checked here; every file is hashed once, when the run loads it
     except PackageError as e:
         raise ClientError(f"--emulator: {e}") from None
-    return resolve_layers(spec, {"client": package.layout.client_blocks, "clusters": package.kept})
+    lay = manifest["layout"]
+    client = StageLayout(lay["num_layers"], lay["bottom"], lay["top"]).client_blocks
+    return resolve_layers(spec, {"client": client, "clusters": manifest["kept_middle_blocks"]})
 
 
 def emulator_slots(emulator, stands_for: list[int], layers: tuple[int, ...], middle: list[int], arch, targets):

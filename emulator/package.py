@@ -227,6 +227,12 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
             f"the manifest's slot_blocks {str(slot_blocks)[:80]} and kept blocks must be increasing middle blocks "
             f"{middle[0]}..{middle[-1]}"
         )
+    strays = [kept[j] for j in range(len(kept)) if kept[j] not in {b for b, i in zip(slot_blocks, slots) if i == j}]
+    if strays:
+        raise PackageError(
+            f"the manifest keeps blocks {strays[:5]} but runs them only in other blocks' slots; a kept block runs in "
+            "its own slot"
+        )
     types = getattr(config, "layer_types", None)
     if types is not None:
         if not isinstance(types, (list, tuple)) or len(types) != layout.num_layers:
@@ -240,11 +246,14 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
         check_slot_scales(manifest["slot_scales"], len(slots))
 
 
-def load_package(path: str) -> EmulatorPackage:
-    """Opens PKG and verifies the SHA-256 of every file against manifest.json.
+def read_manifest(path: str) -> dict:
+    """PKG's manifest.json, with its format, layout and kept blocks checked (no file is hashed: see load_package).
+
+    The manifest itself carries no hash: whoever built the package chose every value in it, so the values that
+    place blocks are checked here whichever way the package is opened.
 
     Raises:
-        PackageError: a file is missing, altered, or the manifest is not a tandem emulator manifest.
+        PackageError: one line, when the manifest is missing, unreadable, of another format or inconsistent.
     """
     mpath = os.path.join(path, MANIFEST)
     if not os.path.isfile(mpath):
@@ -255,10 +264,50 @@ def load_package(path: str) -> EmulatorPackage:
     try:
         with open(mpath) as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PackageError(f"cannot read {mpath}: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise PackageError(f"{mpath} is format {manifest.get('format')!r}, this tandem reads {FORMAT!r}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise PackageError(f"{mpath} is format {found!r}, this tandem reads {FORMAT!r}")
+    check_kept(manifest)
+    return manifest
+
+
+def check_kept(manifest: dict) -> None:
+    """Refuses a layout that is not whole numbers, or kept_middle_blocks that are not increasing middle blocks.
+
+    Raises:
+        PackageError: one line naming the value.
+    """
+    lay, files = manifest.get("layout"), manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
+        raise PackageError("the manifest's files must map each file name to its sha256")
+    if not isinstance(lay, dict) or not all(_whole(lay.get(k)) for k in ("num_layers", "bottom", "top")):
+        raise PackageError(f"the manifest's layout must give num_layers, bottom and top as numbers: {str(lay)[:80]}")
+    try:
+        middle = StageLayout(lay["num_layers"], lay["bottom"], lay["top"]).middle_blocks
+    except (StageError, ValueError) as e:
+        raise PackageError(f"the manifest's layout {str(lay)[:80]}: {e}") from None
+    kept = manifest.get("kept_middle_blocks")
+    ok = isinstance(kept, list) and all(_whole(i) and i in middle for i in kept)
+    if not ok or sorted(set(kept)) != kept:
+        raise PackageError(
+            f"the manifest's kept_middle_blocks must be increasing middle blocks {middle[:1]}..{middle[-1:]}, got "
+            f"{str(kept)[:80]}"
+        )
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def load_package(path: str) -> EmulatorPackage:
+    """Opens PKG and verifies the SHA-256 of every file against manifest.json.
+
+    Raises:
+        PackageError: a file is missing, altered, or the manifest is not a tandem emulator manifest.
+    """
+    manifest = read_manifest(path)
     for name, meta in manifest["files"].items():
         fpath = os.path.join(path, name)
         if os.path.basename(name) != name or not os.path.isfile(fpath):

@@ -152,3 +152,66 @@ def test_tune_push_and_eval_a_placed_adapter(tiny_models, shared_pkg, sample_dat
 
     assert client_main(["tune", *flags, "client", "--mode", "split", "--server", "x:1", "--overwrite"]) == 2
     assert "applies to --mode offsite only" in capsys.readouterr().err
+
+
+def _edited(pkg: str, out: str, **changes) -> str:
+    """A copy of `pkg` whose manifest the cloud rewrote (the manifest carries no hash of its own)."""
+    import shutil
+
+    shutil.copytree(pkg, out)
+    path = os.path.join(out, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    manifest.update(changes)
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return out
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"kept_middle_blocks": [3, 2]},  # out of order: block 3's LoRA would train before block 2
+        {"kept_middle_blocks": [0, 3]},  # a client block: `clusters` would name it
+        {"kept_middle_blocks": [True, 3]},
+        {"kept_middle_blocks": [2, 2]},
+        {"kept_middle_blocks": [2.0, 3]},
+        {"kept_middle_blocks": None},
+        {"kept_middle_blocks": "23"},
+        {"layout": {"num_layers": "6", "bottom": 1, "top": 1}},
+        {"layout": None},
+        {"files": []},
+        {"slots": [1, 1, 0, 0]},  # block 2's slots run block 3: a kept block must run in its own slot
+    ],
+)
+def test_a_hostile_manifest_is_refused_in_one_line(changes, tiny_models, shared_pkg, tmp_path):
+    from tandem.emulator.errors import PackageError
+    from tandem.emulator.package import load_package
+
+    base = shared_pkg if "slots" in changes else _package(tiny_models["llama"], str(tmp_path / "plain"), shared=False)
+    pkg = _edited(base, str(tmp_path / "hostile"), **changes)
+    with pytest.raises(PackageError) as e:
+        load_package(pkg)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ClientError):
+        resolve_placement("client,clusters", "offsite", pkg) if "slots" not in changes else build_offsite(
+            pkg, LoraConfig(rank=2), 0
+        )
+
+
+def test_resume_refuses_a_package_rebuilt_in_place(tiny_models, sample_data, tmp_path, capsys):
+    pkg = _package(tiny_models["llama"], str(tmp_path / "pkg"), shared=False)
+    run = str(tmp_path / "run")
+    flags = ["--data", sample_data, "--out", run, "--mode", "offsite", "--emulator", pkg, "--batch-size", "2"]
+    flags += ["--seq-len", "16", "--no-progress", "--checkpoint-every", "1", "--lora-layers", "client,clusters"]
+    assert client_main(["tune", *flags, "--steps", "1"]) == 0
+    loaded = load_model(tiny_models["llama"])
+    build_package(
+        loaded, StageLayout.parse("1:1", loaded.config), [1, 4], copy_blocks(parts_of(loaded.model), [1, 4]), pkg
+    )
+    capsys.readouterr()
+    assert client_main(["tune", *flags, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "package SHA-256" in err and len(err.strip().splitlines()) == 1
+    assert client_main(["tune", *flags[:6], "--lora-layers", "clusters", "--steps", "1"]) == 2
+    assert "--mode offsite needs --emulator" in capsys.readouterr().err
