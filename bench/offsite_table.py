@@ -61,6 +61,8 @@ STRUCTURES = {
     "uniform": {"drop": True},  # --drop-ratio's count of evenly spaced blocks (the paper's)
     "greedy": {"drop": True, "select": "greedy"},  # the same count, the blocks whose removal costs least
     "share": {"drop": True, "structure": "share"},  # as many CKA clusters as --drop-ratio keeps, shared depth
+    # the same, clusters of at most 4 blocks and a fitted scale on each slot's update (--max-cluster, --slot-scales)
+    "share-scaled": {"drop": True, "structure": "share", "max_cluster": 4, "slot_scales": "fit"},
     "gradient": {"select": "gradient"},  # uniform drops and widths under --budget, by gradient cosine
     "share-gradient": {"structure": "share", "select": "gradient"},  # clusters, representatives and widths
 }
@@ -125,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=_names,
         default=_names("uniform,width256,share,share-gradient"),
         help="emulator structures, side by side: uniform (--drop-ratio's evenly spaced blocks), greedy, widthN (all "
-        "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), gradient (uniform "
+        "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), share-scaled (the same, "
+        "clusters of at most 4 blocks, a fitted scale on each slot's update), gradient (uniform "
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
         "widths by gradient cosine); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
         "--lora-layers client,clusters), against full tuning with the same placement; default "
@@ -373,8 +376,7 @@ def build_settings(args: argparse.Namespace, name: str) -> dict:
         return {"drop_ratio": 0.0, "mlp_width": int(width.group(1))}
     spec = STRUCTURES[name]
     out = {"drop_ratio": args.drop_ratio if spec.get("drop") else None, "select": spec.get("select", "uniform")}
-    if "structure" in spec:
-        out["structure"] = spec["structure"]
+    out.update({k: spec[k] for k in ("structure", "max_cluster", "slot_scales") if k in spec})
     if out["select"] == "gradient":
         out["budget"], out["select_seqs"] = args.budget, args.select_seqs
     return out
