@@ -110,7 +110,7 @@ def _names(text: str) -> list[str]:
 
 
 def _known(name: str) -> bool:
-    return name in STRUCTURES or re.fullmatch(r"width\d+", name) is not None
+    return name in STRUCTURES or re.fullmatch(r"width\d+|blocks\d+(\.\d+)*", name) is not None
 
 
 def base(name: str) -> str:
@@ -130,7 +130,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), share-scaled (the same, "
         "clusters of at most 4 blocks, a fitted scale on each slot's update), gradient (uniform "
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
-        "widths by gradient cosine); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
+        "widths by gradient cosine), blocksA.B.C (exactly those middle blocks); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
         "--lora-layers client,clusters), against full tuning with the same placement; default "
         "uniform,width256,share,share-gradient",
     )
@@ -374,6 +374,8 @@ def build_settings(args: argparse.Namespace, name: str) -> dict:
     width = re.fullmatch(r"width(\d+)", name)
     if width:
         return {"drop_ratio": 0.0, "mlp_width": int(width.group(1))}
+    if name.startswith("blocks"):  # blocks2.5.8: exactly these middle blocks (cloud emulator build --keep-blocks)
+        return {"keep_blocks": [int(b) for b in name[len("blocks") :].split(".")]}
     spec = STRUCTURES[name]
     out = {"drop_ratio": args.drop_ratio if spec.get("drop") else None, "select": spec.get("select", "uniform")}
     out.update({k: spec[k] for k in ("structure", "max_cluster", "slot_scales") if k in spec})
