@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from tandem.client.cli import main
+from tandem.testing.cli_errors import one_line_error
 from tandem.testing.servers import BIN
 
 
@@ -39,14 +40,7 @@ def a_file(tmp_path):
 
 
 def _run(argv, capsys) -> str:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, rc, err)
-    return lines[0]
+    return one_line_error(main, argv, capsys)
 
 
 def _tune_cases(data, out, a_file):

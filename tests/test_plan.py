@@ -19,6 +19,7 @@ from tandem.stages.errors import LayoutError
 from tandem.stages.loading import client_state, load_model, pack_state, tokenizer_files
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
+from tandem.testing.cli_errors import one_line_error
 from tandem.testing.models import ARCHS
 from tandem.testing.servers import BIN, free_port, metric
 
@@ -99,14 +100,7 @@ def test_plan_weights_and_download_match_the_loaded_model(arch, tiny_models):
 
 
 def _one_line(argv, capsys) -> str:
-    try:
-        rc = cloud_main(["plan", *argv])
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, rc, err)
-    return lines[0]
+    return one_line_error(lambda args: cloud_main(["plan", *args]), argv, capsys)
 
 
 def test_bad_input_is_one_line(tiny_models, tmp_path, capsys):

@@ -29,6 +29,7 @@ from tandem.stages.arch import parts_of
 from tandem.stages.loading import client_state, load_model
 from tandem.stages.lora import LoraConfig
 from tandem.stages.modules import StageLayout
+from tandem.testing.cli_errors import one_line_error
 from tandem.testing.proxies import Hop
 
 CUT = ("--client-blocks", "2:2")
@@ -198,14 +199,7 @@ def test_private_bottom_in_local_mode_resumes_and_its_shadow_runs(tiny_models, s
 
 
 def _one_line(argv, capsys) -> str:
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, rc, err)
-    return lines[0]
+    return one_line_error(main, argv, capsys)
 
 
 def test_bad_defense_flags_are_one_line_errors(sample_data, tmp_path, capsys):
