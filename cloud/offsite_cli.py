@@ -63,6 +63,7 @@ def run_build(args: argparse.Namespace) -> int:
             budget=args.budget,
             max_cluster=args.max_cluster,
             slot_scales=args.slot_scales,
+            keep_sink=args.keep_sink_block,
         )
     except (EmulatorError, StageError, ValueError, OSError) as e:
         print(f"cloud emulator build: {e}", file=sys.stderr)
@@ -137,6 +138,13 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         metavar="I,J,...",
         help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
         "makes the model's attention sink swapped in (SmolLM2: 11; see the README)",
+    )
+    parser.add_argument(
+        "--keep-sink-block",
+        action="store_true",
+        help="with the uniform drop: when the model has an attention sink (measured on --distill-data) and the "
+        "drop loses the block that makes it, keep that block instead of the nearest kept one; the manifest's "
+        "selection records the swap",
     )
     _add_share_flags(parser, how)
     parser.add_argument(

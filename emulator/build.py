@@ -37,6 +37,7 @@ def build_emulator(
     budget: float | None = None,
     max_cluster: int | None = None,
     slot_scales: str = "none",
+    keep_sink: bool = False,
 ) -> dict:
     """Builds an emulator package; returns its manifest.
 
@@ -70,10 +71,13 @@ def build_emulator(
         slot_scales: "none", or "fit" (a shared emulator only): every slot's residual update gets a scalar fitted
             in order on cka_seqs public sequences, without training, to the full model's state after the block
             the slot stands for (tandem.emulator.share.fit_slot_scales); distillation keeps the scales fixed.
+        keep_sink: With the uniform drop: when the model has an attention sink and the drop loses the block that
+            makes it, keep that block instead of the nearest kept one (tandem.emulator.sink.keep_sink_block).
     """
     loaded = load_model(model)
     layout = StageLayout.parse(client_blocks, loaded.config)
     texts = read_texts(distill_data) if distill_data is not None else None
+    sink = _measure_sink(loaded, layout, texts, cfg)  # (vector, stats) on the public text, or None without text
     slots = slot_blocks = None
     if structure not in ("drop", "share"):
         raise SelectionError(f"--structure must be drop or share, got {structure!r}")
@@ -114,6 +118,8 @@ def build_emulator(
     else:
         kept = kept_blocks(layout.middle_blocks, drop_ratio, keep, keep_blocks)
         chosen = {"method": "blocks" if keep_blocks is not None else "uniform"}
+        if keep_sink:
+            kept, chosen = _with_sink_block(kept, chosen, sink, select, keep_blocks)
     if select not in ("uniform", "greedy", "gradient"):
         raise SelectionError(f"--select must be uniform, greedy or gradient, got {select!r}")
     if budget is not None and select != "gradient":
@@ -163,14 +169,7 @@ def build_emulator(
     summary = {k: v for k, v in hist.items() if k != "steps"}
     if hist.get("steps"):
         summary["train_kd_first"], summary["train_kd_last"] = hist["steps"][0]["kd"], hist["steps"][-1]["kd"]
-    sink = None
-    if texts is not None:  # the attention sink, measured on the same public text
-        from tandem.stages.loading import load_tokenizer
-
-        from .sink import measure_sink
-        from .text import pack_blocks
-
-        sink = measure_sink(loaded, layout, pack_blocks(texts, load_tokenizer(loaded.path), cfg.seq_len))
+    if sink is not None:
         log.info(
             "first-token output: RMS %.1f vs %.1f for other tokens, spread %.3f: %s",
             sink[1]["rms_first"],
@@ -195,6 +194,34 @@ def build_emulator(
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
     return manifest
+
+
+def _measure_sink(loaded, layout, texts, cfg) -> tuple | None:
+    """The full middle's first-token output and its stats on the public text (tandem.emulator.sink), or None."""
+    if texts is None:
+        return None
+    from tandem.stages.loading import load_tokenizer
+
+    from .sink import measure_sink
+    from .text import pack_blocks
+
+    return measure_sink(loaded, layout, pack_blocks(texts, load_tokenizer(loaded.path), cfg.seq_len))
+
+
+def _with_sink_block(kept: list[int], chosen: dict, sink, select: str, keep_blocks) -> tuple[list[int], dict]:
+    """--keep-sink-block on a uniform drop: the kept blocks with the sink's maker swapped in, the swap recorded."""
+    if select != "uniform" or keep_blocks is not None:
+        raise SelectionError("--keep-sink-block adjusts the uniform drop: not with --select or --keep-blocks")
+    if sink is None:
+        raise SelectionError("--keep-sink-block finds the sink on public text: give --distill-data DIR")
+    from .sink import keep_sink_block
+
+    kept, swap = keep_sink_block(kept, sink[1])
+    if swap is not None:
+        log.info(
+            "keeping block %d, which makes the attention sink, instead of block %d", swap["kept"], swap["instead_of"]
+        )
+    return kept, {**chosen, "sink_block": swap}
 
 
 def shared_selection(

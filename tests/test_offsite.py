@@ -397,6 +397,30 @@ def test_a_measured_sink_travels_in_the_package_only_when_there_is_one(models8, 
         assert torch.equal(h[:, 0], vec.expand(2, -1)) is used
 
 
+def test_keep_sink_block_swaps_the_sinks_maker_in(models8, sample_data, tmp_path, monkeypatch, capsys):
+    import tandem.emulator.sink as sink_mod
+    from tandem.cloud.cli import main as cloud_main
+    from tandem.emulator.sink import keep_sink_block
+
+    made = {"used": True, "made_by_block": 11}
+    assert keep_sink_block([2, 5, 8, 10, 13, 27], made) == ([2, 5, 8, 11, 13, 27], {"kept": 11, "instead_of": 10})
+    assert keep_sink_block([2, 11, 27], made) == ([2, 11, 27], None)
+    assert keep_sink_block([2, 10, 27], {"used": False, "made_by_block": 11}) == ([2, 10, 27], None)
+    assert keep_sink_block([2, 27], made) == ([2, 27], None), "the first and last middle blocks stay"
+
+    real = sink_mod.measure_sink  # a tiny random model has no sink: give it one made by block 3
+    monkeypatch.setattr(sink_mod, "measure_sink", lambda *a: (real(*a)[0], {**real(*a)[1], **made, "made_by_block": 3}))
+    argv = ["emulator", "build", "--model", models8["llama"], "--distill-data", sample_data, "--steps", "0"]
+    argv += ["--keep", "3", "--seq-len", "16", "--no-progress", "--out", str(tmp_path / "pkg"), "--keep-sink-block"]
+    assert cloud_main(argv) == 0  # uniform 3 of middle 2-5: 2, 4 (round(1.5)), 5 -> 2, 3, 5
+    manifest = load_package(str(tmp_path / "pkg")).manifest
+    assert manifest["kept_middle_blocks"] == [2, 3, 5]
+    assert manifest["selection"]["sink_block"] == {"kept": 3, "instead_of": 4}
+    capsys.readouterr()
+    assert cloud_main([*argv[:-2], str(tmp_path / "p2"), "--keep-sink-block", "--select", "greedy"]) == 2
+    assert "not with --select" in capsys.readouterr().err
+
+
 def _loss_without(model_dir: str, drop: list[int], ids: torch.Tensor) -> float:
     """Oracle: the plain Hugging Face forward's loss with the given blocks removed from the model."""
     from tandem.stages.arch import parts_of
