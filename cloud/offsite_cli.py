@@ -106,6 +106,7 @@ def add_emulator_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_selection_flags(build)
+    _add_sink_flags(build)
     _add_distillation_flags(build)
     _add_loss_flags(build)
     _add_start_flags(build)
@@ -139,13 +140,6 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         help="exactly these middle blocks (full-model indices), e.g. a uniform choice with the block that "
         "makes the model's attention sink swapped in (SmolLM2: 11; see the README)",
     )
-    parser.add_argument(
-        "--keep-sink-block",
-        action="store_true",
-        help="with the uniform drop: when the model has an attention sink (measured on --distill-data) and the "
-        "drop loses the block that makes it, keep that block instead of the nearest kept one; the manifest's "
-        "selection records the swap",
-    )
     _add_share_flags(parser, how)
     parser.add_argument(
         "--select",
@@ -177,6 +171,16 @@ def _add_selection_flags(parser: argparse.ArgumentParser) -> None:
         help="also width-prune: each kept block keeps only the N MLP neurons that add the most to the "
         "residual stream on the public text, so the emulator can keep more blocks in the same "
         "parameter budget; with --structure share it prunes each unique block once (default: full-width blocks)",
+    )
+
+
+def _add_sink_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--keep-sink-block",
+        action="store_true",
+        help="with the uniform drop: when the model has an attention sink (measured on --distill-data) and the "
+        "drop loses the block that makes it, keep that block instead of the nearest kept one; the manifest's "
+        "selection records the swap",
     )
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tandem.client.cli import main as client_main
 from tandem.client.errors import CheckpointError
 from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import TransportConfig
 from tandem.stages.lora import LoraConfig
+from tandem.testing.cli_errors import one_line_error
 from tandem.testing.servers import BIN
 
 
@@ -195,7 +197,7 @@ def _message(fn) -> str:
 
 
 def test_resume_cli_refuses_changed_split_settings_before_any_network_call(
-    tiny_models, sample_data, server_factory, tmp_path
+    tiny_models, sample_data, server_factory, tmp_path, capsys
 ):
     server = server_factory(tiny_models["llama"])
     out = str(tmp_path / "run")
@@ -223,9 +225,7 @@ def test_resume_cli_refuses_changed_split_settings_before_any_network_call(
         "--mode": ["--mode", "local", "--model", tiny_models["llama"]],
         "--no-middle-lora": ["--no-middle-lora"],
     }.items():
-        r = subprocess.run(resume + change, capture_output=True, text=True)
-        line = _one_line(r.stderr)
-        assert r.returncode == 2 and flag in line and "--resume" in line, (flag, line)
+        line = one_line_error(client_main, resume[1:] + change, capsys)  # in process: the CLI's own entry point
+        assert flag in line and "--resume" in line, (flag, line)
     # The same settings get past the checks and only then need the server.
-    r = subprocess.run(resume, capture_output=True, text=True)
-    assert r.returncode == 2 and "not reachable" in _one_line(r.stderr)
+    assert "not reachable" in one_line_error(client_main, resume[1:], capsys)
