@@ -22,14 +22,14 @@ from tandem.stages.modules import StageLayout
 from .errors import ClientError
 
 
-def resolve_placement(spec: str | tuple, mode: str, emulator: str | None) -> tuple[int, ...]:
+def resolve_placement(spec: str, mode: str, emulator: str | None) -> tuple[int, ...]:
     """--lora-layers as block indices; its words need the emulator package of --mode offsite.
 
     Raises:
         ClientError: one line, for words outside offsite mode or a package that cannot be read.
     """
-    if isinstance(spec, tuple) or not spec:
-        return tuple(spec)
+    if not spec:
+        return ()  # every block (offsite: every client block)
     _, words = split_words(spec)
     if not words:
         return parse_layers(spec)

@@ -34,6 +34,7 @@ CLIENT_FILE = "client_stages.safetensors"
 EMULATOR_FILE = "emulator.safetensors"
 CONFIG_FILE = "config.json"
 SINK_FILE = "sink.safetensors"
+MAX_LAYERS = 1 << 16  # a manifest naming more blocks than this is not a model's
 
 
 def build_package(
@@ -203,6 +204,7 @@ class EmulatorPackage:
 def check_slots(manifest: dict, layout: StageLayout, config) -> None:
     """Refuses a manifest whose slot map does not fit its emulator blocks and middle (one-line PackageError).
 
+    The kept blocks are checked already (check_kept when a package is opened, build_package when one is written).
     A package without "slots" passes. With it: "slots" indexes the kept blocks and uses each; "slot_blocks"
     lists as many increasing middle blocks; where the config has per-layer attention types, every slot's block
     has its slot's type (the block's attention is built for its own full-model index); "slot_scales", when
@@ -212,19 +214,16 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
         check_slot_scales(manifest["slot_scales"], None)
     if "slots" not in manifest and "slot_blocks" not in manifest:
         return
-    kept, slots, slot_blocks = manifest.get("kept_middle_blocks"), manifest.get("slots"), manifest.get("slot_blocks")
-    if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
-        raise PackageError(f"the manifest's kept_middle_blocks is not a list of blocks: {str(kept)[:80]}")
+    kept, slots, slot_blocks = manifest["kept_middle_blocks"], manifest.get("slots"), manifest.get("slot_blocks")
     check_slot_map(slots, len(kept))
     if not isinstance(slot_blocks, list) or len(slot_blocks) != len(slots):
         raise PackageError(
             f"the manifest's slot_blocks must list one middle block per slot ({len(slots)}), got {str(slot_blocks)[:80]}"
         )
     middle = layout.middle_blocks
-    in_middle = all(isinstance(i, int) and not isinstance(i, bool) and i in middle for i in slot_blocks + kept)
-    if not in_middle or sorted(set(slot_blocks)) != slot_blocks or sorted(set(kept)) != kept:
+    if not all(_whole(i) and i in middle for i in slot_blocks) or sorted(set(slot_blocks)) != slot_blocks:
         raise PackageError(
-            f"the manifest's slot_blocks {str(slot_blocks)[:80]} and kept blocks must be increasing middle blocks "
+            f"the manifest's slot_blocks {str(slot_blocks)[:80]} must be increasing middle blocks "
             f"{middle[0]}..{middle[-1]}"
         )
     strays = [kept[j] for j in range(len(kept)) if kept[j] not in {b for b, i in zip(slot_blocks, slots) if i == j}]
@@ -284,6 +283,8 @@ def check_kept(manifest: dict) -> None:
         raise PackageError("the manifest's files must map each file name to its sha256")
     if not isinstance(lay, dict) or not all(_whole(lay.get(k)) for k in ("num_layers", "bottom", "top")):
         raise PackageError(f"the manifest's layout must give num_layers, bottom and top as numbers: {str(lay)[:80]}")
+    if not 0 < lay["num_layers"] <= MAX_LAYERS:  # before anything lists the blocks
+        raise PackageError(f"the manifest's layout has {lay['num_layers']} blocks; no model has that many")
     try:
         middle = StageLayout(lay["num_layers"], lay["bottom"], lay["top"]).middle_blocks
     except (StageError, ValueError) as e:

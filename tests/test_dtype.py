@@ -15,6 +15,7 @@ from tandem.client.data import load_split
 from tandem.client.transport import Transport
 from tandem.stages.lora import LoraConfig
 from tandem.stages.precision import PlacementError, resolve
+from tandem.testing.cli_errors import one_line_error
 from tandem.testing.models import ARCHS
 from tandem.testing.servers import BIN
 
@@ -218,13 +219,8 @@ def test_cloud_serve_bad_device_or_dtype_is_one_line(tiny_models, flag, value, w
 @pytest.mark.parametrize("flag, value", [("--dtype", "half"), ("--device", "gpu")])
 def test_client_tune_bad_device_or_dtype_is_one_line(sample_data, tmp_path, capsys, flag, value):
     argv = ["tune", "--data", sample_data, "--out", str(tmp_path / "run"), "--server", "127.0.0.1:9", flag, value]
-    try:
-        rc = client_main(argv)
-    except SystemExit as e:
-        rc = e.code
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and flag in lines[0] and value in lines[0], err
+    line = one_line_error(client_main, argv, capsys)
+    assert flag in line and value in line, line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -180,6 +180,7 @@ def _edited(pkg: str, out: str, **changes) -> str:
         {"kept_middle_blocks": "23"},
         {"layout": {"num_layers": "6", "bottom": 1, "top": 1}},
         {"layout": None},
+        {"layout": {"num_layers": 10**12, "bottom": 1, "top": 1}},  # no list of a trillion blocks is built
         {"files": []},
         {"slots": [1, 1, 0, 0]},  # block 2's slots run block 3: a kept block must run in its own slot
     ],

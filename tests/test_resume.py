@@ -132,12 +132,6 @@ def test_resume_without_checkpoint_says_what_to_do(tmp_path, sample_data):
         tune(TuneConfig(data=sample_data, out=str(tmp_path / "x"), mode="local", resume=True, progress=False))
 
 
-def _one_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
 def test_resume_refuses_every_setting_that_changes_the_result(tiny_models, sample_data, tmp_path):
     """Today's silent cases (another --lr trained on with the new lr reported) and loud ones (another rank ended in a
     size-mismatch traceback) both become a refusal that names the flag, with the saved and the new value."""

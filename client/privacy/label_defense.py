@@ -13,11 +13,10 @@ the top stage, registered after the privacy tap's, so the audit records the grad
 from __future__ import annotations
 
 import math
-import secrets
 
 import torch
 
-from .defenses import keyed_normal
+from .defenses import keyed_normal, new_secret
 
 ALGORITHM = "relative-gaussian/v1"
 
@@ -38,11 +37,11 @@ class NoisyGradient(torch.autograd.Function):
 class LabelNoise:
     """The defense: see the module docstring. `scale` is --label-noise."""
 
-    def __init__(self, scale: float, secret: int | None = None):
+    def __init__(self, scale: float, secret: bytes | None = None):
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"--label-noise must be a finite number > 0, got {scale}")
         self.scale = scale
-        self.secret = secrets.randbits(62) if secret is None else int(secret)
+        self.secret = new_secret() if secret is None else bytes(secret)  # 256 bits, like the cut noise's key
         self.step = 0  # the training step the next forward belongs to (set by the trainer): a redone step
         # draws the same noise again, so a cloud that drops the session after a Backward cannot average draws
 
@@ -58,7 +57,7 @@ class LabelNoise:
 
     def draw_key(self, step: int) -> bytes:
         """The noise key of one training step: the secret and the step's number."""
-        return f"{self.secret}:{step}".encode()
+        return self.secret + int(step).to_bytes(8, "little")
 
     def perturb(self, grad: torch.Tensor, key: bytes) -> torch.Tensor:
         """grad (B, T, H) plus noise of expected norm scale x each token's gradient norm."""
@@ -73,7 +72,8 @@ class LabelNoise:
         return {"secret": self.secret}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.secret = int(saved["secret"])
+        secret = saved["secret"]  # an int in checkpoints from before the 256-bit key
+        self.secret = secret.to_bytes(8, "little") if isinstance(secret, int) else bytes(secret)
 
 
 def describe(scale: float) -> dict:
