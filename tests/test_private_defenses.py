@@ -250,6 +250,12 @@ def test_defense_noise_uses_every_bit_of_its_key_and_a_redone_step_redraws_the_s
     assert not torch.equal(
         LabelNoise(2.0).perturb(grad, LabelNoise(2.0).draw_key(3)), noise.perturb(grad, noise.draw_key(3))
     )
+    assert len(noise.secret) == 32, "256 bits of key, like the cut noise's"
+    old = LabelNoise(2.0)
+    old.load_state_dict({"secret": 12345})  # a checkpoint from before the 256-bit key held an int
+    again = LabelNoise(2.0)
+    again.load_state_dict(old.state_dict())
+    assert torch.equal(old.perturb(grad, old.draw_key(3)), again.perturb(grad, again.draw_key(3)))
 
 
 def test_push_refuses_an_adapter_tuned_with_a_private_bottom(tmp_path):
