@@ -63,6 +63,8 @@ STRUCTURES = {
     "share": {"drop": True, "structure": "share"},  # as many CKA clusters as --drop-ratio keeps, shared depth
     # the same, clusters of at most 4 blocks and a fitted scale on each slot's update (--max-cluster, --slot-scales)
     "share-scaled": {"drop": True, "structure": "share", "max_cluster": 4, "slot_scales": "fit"},
+    # the same, the fitted scales then trained with the blocks in distillation (--slot-scales learn)
+    "share-learned": {"drop": True, "structure": "share", "max_cluster": 4, "slot_scales": "learn"},
     "gradient": {"select": "gradient"},  # uniform drops and widths under --budget, by gradient cosine
     "share-gradient": {"structure": "share", "select": "gradient"},  # clusters, representatives and widths
 }
@@ -128,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=_names("uniform,width256,share,share-gradient"),
         help="emulator structures, side by side: uniform (--drop-ratio's evenly spaced blocks), greedy, widthN (all "
         "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), share-scaled (the same, "
-        "clusters of at most 4 blocks, a fitted scale on each slot's update), gradient (uniform "
+        "clusters of at most 4 blocks, a fitted scale on each slot's update), share-learned (those scales then trained "
+        "in distillation), gradient (uniform "
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
         "widths by gradient cosine), blocksA.B.C (exactly those middle blocks); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
         "--lora-layers client,clusters), against full tuning with the same placement; default "

@@ -232,12 +232,13 @@ def _add_share_flags(parser: argparse.ArgumentParser, how) -> None:
     )
     parser.add_argument(
         "--slot-scales",
-        choices=("none", "fit"),
+        choices=("none", "fit", "learn"),
         default="none",
         help="with --structure share: 'fit' gives every slot a scalar on its block's residual update "
         "(h + a * (block(h) - h)), fitted in order on the --cka-seqs public sequences by least squares to the "
         "full model's state after the block the slot stands for (no training; distillation keeps them fixed); "
-        "stored in the manifest as slot_scales",
+        "'learn' starts from the fitted scales and trains them with the blocks during distillation (needs "
+        "--steps > 0); stored in the manifest as slot_scales",
     )
 
 

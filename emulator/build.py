@@ -71,6 +71,7 @@ def build_emulator(
         slot_scales: "none", or "fit" (a shared emulator only): every slot's residual update gets a scalar fitted
             in order on cka_seqs public sequences, without training, to the full model's state after the block
             the slot stands for (tandem.emulator.share.fit_slot_scales); distillation keeps the scales fixed.
+            "learn": fitted so, then trained with the blocks during distillation (needs cfg.steps > 0).
         keep_sink: With the uniform drop: when the model has an attention sink and the drop loses the block that
             makes it, keep that block instead of the nearest kept one (tandem.emulator.sink.keep_sink_block).
     """
@@ -81,8 +82,10 @@ def build_emulator(
     slots = slot_blocks = None
     if structure not in ("drop", "share"):
         raise SelectionError(f"--structure must be drop or share, got {structure!r}")
-    if slot_scales not in ("none", "fit"):
-        raise SelectionError(f"--slot-scales must be none or fit, got {slot_scales!r}")
+    if slot_scales not in ("none", "fit", "learn"):
+        raise SelectionError(f"--slot-scales must be none, fit or learn, got {slot_scales!r}")
+    if slot_scales == "learn" and cfg.steps <= 0:
+        raise SelectionError("--slot-scales learn trains the scales during distillation: give --steps > 0 (or fit)")
     if max_cluster is not None and (structure != "share" or select != "uniform"):
         raise SelectionError("--max-cluster caps the CKA clusters of --structure share (with --select uniform)")
     if select == "gradient":
@@ -150,20 +153,24 @@ def build_emulator(
         pruning = prune_blocks(student, kept, scores, mlp_width)
         log.info("emulator blocks keep %d of %d MLP neurons each", mlp_width, pruning["from_width"])
     scales = None
-    if slot_scales == "fit":
+    if slot_scales != "none":
         if slots is None:
-            raise SelectionError("--slot-scales fit scales the slots of a shared emulator: give --structure share")
+            raise SelectionError(
+                f"--slot-scales {slot_scales} scales the slots of a shared emulator: give --structure share"
+            )
         from .share import fit_slot_scales
 
         ids = _sample(loaded, texts, cfg, cka_seqs)  # (S, T): the CKA's public sequences
         scales = fit_slot_scales(parts_of(loaded.model), layout, list(student), slots, slot_blocks, ids)
-        chosen = {**chosen, "slot_scales": {"method": "fit", "sequences": int(ids.shape[0])}}
+        chosen = {**chosen, "slot_scales": {"method": slot_scales, "sequences": int(ids.shape[0])}}
     if cfg.steps > 0:
         if texts is None:
             from .errors import TextError
 
             raise TextError("--distill-data DIR is needed to distill (or pass --steps 0 for a plain layer drop)")
-        student, hist = distill(loaded, layout, kept, texts, cfg, out, student, slots, slot_blocks, scales)
+        learn = slot_scales == "learn"
+        student, hist = distill(loaded, layout, kept, texts, cfg, out, student, slots, slot_blocks, scales, learn)
+        scales = hist.get("slot_scales", scales)
     else:
         hist = {"config": {"steps": 0}}
     summary = {k: v for k, v in hist.items() if k != "steps"}

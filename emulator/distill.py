@@ -17,13 +17,17 @@ from tandem.stages.loading import LoadedModel
 from tandem.stages.modules import BottomStage, StageLayout, run_blocks
 
 from .errors import EmulatorError
-from .model import copy_blocks, scaled_slots
+from .model import MAX_SLOT_SCALE, copy_blocks, scaled_slots
 from .text import pack_blocks, split_blocks
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "distill_checkpoint.pt"
 INITS = ("copy", "rescale")
+# Learned slot scales (--slot-scales learn) train at this multiple of the blocks' learning rate: a scale is one number
+# for a whole slot, and AdamW moves a parameter by about lr per step, so at the blocks' rate a scale could move only
+# ~0.1 in 100 steps.
+SCALE_LR_FACTOR = 10.0
 
 
 @dataclass
@@ -169,7 +173,9 @@ class Distiller:
     student: nn.ModuleList
     slots: list[int] | None = None  # a shared student's slot map (tandem.emulator.share); None: one slot per block
     slot_blocks: list[int] | None = None  # the full-model block each slot stands for (None: the kept blocks)
-    scales: list[float] | None = None  # fixed per-slot update scales (tandem.emulator.share.fit_slot_scales)
+    # Per-slot update scales (tandem.emulator.share.fit_slot_scales): a list stays fixed, a tensor (one entry per
+    # slot, an nn.Parameter) trains with the blocks (--slot-scales learn).
+    scales: list[float] | torch.Tensor | None = None
     bottom: BottomStage = field(init=False)
 
     def __post_init__(self):
@@ -364,6 +370,19 @@ class TeacherCache:
         return {**{k: v[idx] for k, v in self.data.items()}, "targets": [t[idx] for t in self.targets]}
 
 
+def learnable(scales: list[float]) -> nn.Parameter:
+    """Slot scales as one trainable tensor (slots,), for a distillation that learns them."""
+    return nn.Parameter(torch.tensor([float(x) for x in scales], dtype=torch.float32))
+
+
+def _optimizer(student: nn.ModuleList, scales, cfg: DistillConfig) -> torch.optim.Optimizer:
+    """AdamW over the student's blocks, and over learned slot scales (a tensor) at SCALE_LR_FACTOR x the rate."""
+    groups = [{"params": list(student.parameters())}]
+    if isinstance(scales, torch.Tensor):
+        groups.append({"params": [scales], "lr": cfg.lr * SCALE_LR_FACTOR})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+
+
 def _schedule(cfg: DistillConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
@@ -392,6 +411,7 @@ def distill(
     slots: list[int] | None = None,
     slot_blocks: list[int] | None = None,
     scales: list[float] | None = None,
+    learn_scales: bool = False,
 ) -> tuple[nn.ModuleList, dict]:
     """Distills the kept middle blocks into an emulator of the whole middle.
 
@@ -406,7 +426,10 @@ def distill(
             None: copies of the kept blocks.
         slots, slot_blocks: a shared emulator's slot map (tandem.emulator.share): slot i runs student block
             slots[i] in place of full-model block slot_blocks[i]; each unique block trains on all its slots.
-        scales: a shared student's per-slot update scales (tandem.emulator.share.fit_slot_scales), kept fixed.
+        scales: a shared student's per-slot update scales (tandem.emulator.share.fit_slot_scales), kept fixed...
+        learn_scales: ...unless True: then they are where the scales start, they train with the blocks (at
+            SCALE_LR_FACTOR times the rate, clamped to MAX_SLOT_SCALE), and the history's "slot_scales" holds
+            the learned ones.
 
     Returns:
         The student blocks and a history dict (validation KD before/after, per-step losses).
@@ -426,7 +449,9 @@ def distill(
         raise EmulatorError("a shared student needs the full-model block of every slot: one per slot")
     if cfg.init == "rescale" and slots is not None:
         raise EmulatorError("--init rescale fits one factor per block and slot; use --init copy with sharing")
-    d = Distiller(parts, layout, kept, student, slots, slot_blocks, scales)
+    if learn_scales and scales is None:
+        raise EmulatorError("learning slot scales needs the scales to start from (--slot-scales learn)")
+    d = Distiller(parts, layout, kept, student, slots, slot_blocks, learnable(scales) if learn_scales else scales)
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     settings = {
         "kept": list(kept),
@@ -442,12 +467,22 @@ def distill(
         settings["slots"], settings["slot_blocks"] = list(slots), list(slot_blocks or kept)
     if scales is not None:
         settings["slot_scales"] = [float(x) for x in scales]
+    if learn_scales:  # a key only when learning, so a fixed-scale run's checkpoint still resumes
+        settings["slot_scales_learn"] = True
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:
         if not os.path.exists(ckpt_path):
             raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
-        ck = torch.load(ckpt_path, weights_only=False)
+        try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
+            ck = torch.load(ckpt_path, weights_only=True)
+        except Exception:  # torch's unpickler refused it (any other object), or the file is damaged
+            ck = None
+        if not isinstance(ck, dict) or "settings" not in ck:
+            raise EmulatorError(
+                f"--resume: {ckpt_path} is unreadable, damaged or holds more than tensors and plain values (it is "
+                "not loaded); start fresh without --resume"
+            )
         if ck["settings"] != settings:
             raise EmulatorError(
                 "--resume: the checkpoint was made with other blocks, seed, layout, init or batch "
@@ -462,9 +497,11 @@ def distill(
             log.info("residual rescaling factors %s", [round(f, 3) for f in hist["rescale_factors"]])
             hist["val"].append({"step": 0, "init": "rescale", **d.validate(val, cfg)})
     student.requires_grad_(True)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+    opt = _optimizer(student, d.scales, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if cfg.resume:
+        if learn_scales:
+            d.scales.data.copy_(ck["slot_scales"])
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -490,6 +527,9 @@ def distill(
         out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None, step)
         out["loss"].backward()
         opt.step()
+        if learn_scales:
+            with torch.no_grad():
+                d.scales.clamp_(-MAX_SLOT_SCALE, MAX_SLOT_SCALE)  # what a package may hold
         sched.step()
         hist["steps"].append(
             {"step": step, **{k: float(v.detach()) for k, v in out.items()}, "wall_s": time.perf_counter() - t0}
@@ -508,10 +548,14 @@ def distill(
                     "step": step + 1,
                     "history": hist,
                     "settings": settings,
+                    **({"slot_scales": d.scales.detach().clone()} if learn_scales else {}),
                 },
             )
     bar.close()
     student.requires_grad_(False)
+    if learn_scales:
+        hist["slot_scales"] = [float(x) for x in d.scales.detach()]
+        log.info("learned slot scales %s", [round(a, 3) for a in hist["slot_scales"]])
     hist["val_kd_before"] = hist["val"][0]["kd"]
     hist["val_kd_after"] = hist["val"][-1]["kd"]
     return student, hist

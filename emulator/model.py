@@ -81,11 +81,13 @@ class EmulatorStage(nn.Module):
 def scaled_slots(blocks: list[nn.Module], scales: list[float] | None) -> list:
     """The slots' blocks for run_blocks, each slot of scale a != 1.0 wrapped to compute h + a * (block(h) - h).
 
-    A scale of exactly 1.0 keeps the block itself (bit for bit the unscaled forward).
+    A scale of exactly 1.0 keeps the block itself (bit for bit the unscaled forward); scales given as a tensor (a
+    distillation that learns them) wrap every slot, so each scale gets its gradient.
     """
     if scales is None:
         return list(blocks)
-    return [block if scale == 1.0 else ScaledSlot(block, scale) for block, scale in zip(blocks, scales)]
+    learned = isinstance(scales, torch.Tensor)
+    return [ScaledSlot(block, scale) if learned or scale != 1.0 else block for block, scale in zip(blocks, scales)]
 
 
 class ScaledSlot:

@@ -528,11 +528,75 @@ def test_distillation_runs_the_slots_with_their_fixed_scales(models10):
         build_emulator(models10["gpt2"], "2:2", "unused", None, cfg, keep=2, max_cluster=2)
 
 
+def test_learned_slot_scales_get_each_slots_gradient_and_train_with_the_blocks(models10):
+    loaded, parts, _ = _tiny_stage(models10, "llama")
+    layout = StageLayout.parse("2:2", loaded.config)
+    start = [0.5, 1.0, 1.5, 0.8, 1.2, 2.0]
+    student, slots = copy_blocks(parts, [3, 6]), [0, 0, 0, 1, 1, 1]
+    learned = dmod.learnable(start)
+    fixed = dmod.Distiller(parts, layout, [3, 6], student, slots, layout.middle_blocks, start)
+    d = dmod.Distiller(parts, layout, [3, 6], student, slots, layout.middle_blocks, learned)
+    h = torch.randn(2, 12, loaded.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    am = torch.ones(2, 12, dtype=torch.long)
+    # The same forward as the fixed scales (a slot of scale 1.0 is wrapped too, so it gets a gradient).
+    assert torch.allclose(d.student_states(h, am, False)[-1], fixed.student_states(h, am, False)[-1], atol=1e-5)
+    student.requires_grad_(True)
+    cfg = DistillConfig(steps=1, batch_size=2, layer_weight=0.5)
+    d.losses(_ids(loaded.config.vocab_size, (2, 12)), cfg)["loss"].backward()
+    assert learned.grad is not None and bool((learned.grad != 0).all()) and bool(learned.grad.isfinite().all())
+    opt = dmod._optimizer(student, learned, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [cfg.lr, cfg.lr * dmod.SCALE_LR_FACTOR]
+    assert len(dmod._optimizer(student, start, cfg).param_groups) == 1  # fixed scales are not trained
+
+
+def test_learned_slot_scales_resume_to_the_uninterrupted_result(models10, sample_data, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from tandem.emulator.text import read_texts
+
+    loaded, layout = load_model(models10["gpt2"]), StageLayout(10, 2, 2)
+    cfg = DistillConfig(**{**DISTILL, "steps": 4, "checkpoint_every": 2, "batch_size": 2})
+    start, slots = [0.5, 1.0, 1.5, 0.8, 1.2, 2.0], [0, 0, 0, 1, 1, 1]
+    texts = read_texts(sample_data)
+
+    def run(out, resume=False):
+        student = copy_blocks(parts_of(loaded.model), [3, 6])
+        c = replace(cfg, resume=resume)
+        return dmod.distill(loaded, layout, [3, 6], texts, c, out, student, slots, layout.middle_blocks, start, True)
+
+    _, full = run(str(tmp_path / "full"))
+    real = dmod.save_checkpoint
+
+    def save_then_stop(path, payload):  # an interruption right after the first checkpoint (step 2)
+        real(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dmod, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(str(tmp_path / "cut"))
+    monkeypatch.setattr(dmod, "save_checkpoint", real)
+    _, resumed = run(str(tmp_path / "cut"), resume=True)
+    assert resumed["slot_scales"] == full["slot_scales"] != start
+    with pytest.raises(EmulatorError, match="other blocks, seed"):  # a fixed-scale run does not resume a learned one
+        dmod.distill(
+            loaded,
+            layout,
+            [3, 6],
+            texts,
+            replace(cfg, resume=True),
+            str(tmp_path / "cut"),
+            copy_blocks(parts_of(loaded.model), [3, 6]),
+            slots,
+            layout.middle_blocks,
+            start,
+        )
+
+
 def test_cloud_emulator_build_cap_and_scales_from_the_command_line(models10, sample_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cloud_main(["emulator", "build", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("--max-cluster K", "--slot-scales {none,fit}", "h + a * (block(h) - h)"):
+    for words in ("--max-cluster K", "--slot-scales {none,fit,learn}", "h + a * (block(h) - h)", "trains them"):
         assert words in text, words
     out = str(tmp_path / "pkg")
     argv = ["emulator", "build", "--model", models10["gpt2"], "--distill-data", sample_data, "--out", out]
@@ -551,6 +615,16 @@ def test_cloud_emulator_build_cap_and_scales_from_the_command_line(models10, sam
     capsys.readouterr()
     distilled = load_package(out).manifest
     assert distilled["slot_scales"] == man["slot_scales"] and distilled["distillation"]["train_kd_first"] > 0
+    # 'learn' starts from the same fit and trains the scales: they move, stay in range, and the package loads.
+    assert cloud_main(argv + ["--steps", "2"] + levers[:-1] + ["learn"]) == 0
+    capsys.readouterr()
+    learned = load_package(out).manifest
+    assert learned["selection"]["slot_scales"] == {"method": "learn", "sequences": 8}
+    assert len(learned["slot_scales"]) == 6 and all(abs(a) <= 8 for a in learned["slot_scales"])
+    assert all(a != b for a, b in zip(learned["slot_scales"], man["slot_scales"]))
+    assert max(abs(a - b) for a, b in zip(learned["slot_scales"], man["slot_scales"])) < 0.2  # two small steps
+    assert cloud_main(argv + ["--steps", "0"] + levers[:-1] + ["learn"]) == 2
+    assert "--slot-scales learn trains the scales during distillation: give --steps > 0" in capsys.readouterr().err
     assert cloud_main(argv + ["--steps", "0", "--clusters", "2", "--max-cluster", "2"]) == 2
     assert "(at least 3 are needed); raise --clusters or --max-cluster" in capsys.readouterr().err
     assert cloud_main(argv + ["--steps", "0", "--clusters", "3"]) == 0  # defaults: no cap, no scales
