@@ -228,7 +228,8 @@ def _add_share_flags(parser: argparse.ArgumentParser, how) -> None:
         default=None,
         metavar="K",
         help="with --structure share: no cluster holds more than K middle blocks, so no block fills more than K "
-        "slots (--clusters x K must reach the middle's size); default: no cap",
+        "slots (--clusters x K must reach the middle's size); with --select gradient every candidate keeps the "
+        "cap; default: no cap",
     )
     parser.add_argument(
         "--slot-scales",

@@ -67,7 +67,8 @@ def build_emulator(
             counts, MLP widths, and for "share" which block represents a cluster) by the cosine of the adapters'
             start-of-tuning gradients with the full model's; drop_ratio/keep/clusters and mlp_width, when given,
             fix those dimensions.
-        max_cluster: With structure "share": the most middle blocks one CKA cluster may hold (None: no cap).
+        max_cluster: With structure "share": the most middle blocks one CKA cluster may hold (None: no cap); with
+            select "gradient", every candidate's.
         slot_scales: "none", or "fit" (a shared emulator only): every slot's residual update gets a scalar fitted
             in order on cka_seqs public sequences, without training, to the full model's state after the block
             the slot stands for (tandem.emulator.share.fit_slot_scales); distillation keeps the scales fixed.
@@ -86,8 +87,10 @@ def build_emulator(
         raise SelectionError(f"--slot-scales must be none, fit or learn, got {slot_scales!r}")
     if slot_scales == "learn" and cfg.steps <= 0:
         raise SelectionError("--slot-scales learn trains the scales during distillation: give --steps > 0 (or fit)")
-    if max_cluster is not None and (structure != "share" or select != "uniform"):
-        raise SelectionError("--max-cluster caps the CKA clusters of --structure share (with --select uniform)")
+    if max_cluster is not None and (structure != "share" or select == "greedy"):
+        raise SelectionError(
+            "--max-cluster caps the CKA clusters of --structure share (with --select uniform or gradient)"
+        )
     if select == "gradient":
         from .gradient_select import gradient_structure
 
@@ -101,6 +104,7 @@ def build_emulator(
             mlp_width,
             budget,
             cfg,
+            max_cluster,
         )
         kept, slots, slot_blocks, mlp_width = (chosen[k] for k in ("kept", "slots", "slot_blocks", "mlp_width"))
     elif structure == "share":

@@ -75,10 +75,17 @@ def uniform_candidates(parts: Parts, layout: StageLayout, room: int, counts: lis
 
 
 def share_candidates(
-    parts: Parts, layout: StageLayout, room: int, counts: list[int], width: int | None, cka: torch.Tensor
+    parts: Parts,
+    layout: StageLayout,
+    room: int,
+    counts: list[int],
+    width: int | None,
+    cka: torch.Tensor,
+    max_cluster: int | None = None,
 ) -> list:
     """Shared emulators of c clusters for every c in counts (below the middle's size: c = n shares nothing), each
-    cluster filled by its first, middle or last block, at the widest MLP that fits (or at `width`)."""
+    cluster filled by its first, middle or last block, at the widest MLP that fits (or at `width`); no cluster
+    over max_cluster blocks (None: no cap; a count the cap cannot reach is left out)."""
     from .share import cluster_blocks, slot_map
 
     middle = layout.middle_blocks
@@ -88,8 +95,8 @@ def share_candidates(
     for c in (c for c in counts if c < len(middle)):
         w = _width(parts.blocks[middle[0]], c, room, width)
         try:
-            runs = cluster_blocks(cka, c, types)
-        except SelectionError:  # fewer clusters than runs of attention types
+            runs = cluster_blocks(cka, c, types, max_cluster)
+        except SelectionError:  # fewer clusters than runs of attention types, or more than the cap allows
             continue
         for rule in REPRESENTATIVES if w is not None else ():
             reps = [middle[run[{"first": 0, "middle": (len(run) - 1) // 2, "last": -1}[rule]]] for run in runs]
@@ -106,6 +113,7 @@ def structures(
     count: int | None,
     width: int | None,
     families: tuple[str, ...],
+    max_cluster: int | None = None,
 ) -> list[Candidate]:
     """The candidates of `families` ("uniform", "share") whose unique blocks fit `room` parameters.
 
@@ -113,6 +121,7 @@ def structures(
         ids: Public ids (S, T) the share family's CKA is measured on.
         count: Only this many unique blocks (None: counts_to_try's spread).
         width: Only this MLP width (None: the widest that fits each count).
+        max_cluster: The share family's cap on a cluster's blocks (None: no cap).
     """
     if not families or set(families) - {"uniform", "share"}:
         raise SelectionError(f"candidate families must be uniform and/or share, got {families}")
@@ -122,7 +131,7 @@ def structures(
     if "share" in families:
         from .share import middle_cka
 
-        out += share_candidates(parts, layout, room, counts, width, middle_cka(parts, layout, ids))
+        out += share_candidates(parts, layout, room, counts, width, middle_cka(parts, layout, ids), max_cluster)
     return out
 
 

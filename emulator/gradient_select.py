@@ -213,6 +213,7 @@ def gradient_choice(
     sink: torch.Tensor | None = None,
     families: tuple[str, ...] = ("uniform", "share"),
     progress: bool = False,
+    max_cluster: int | None = None,
 ) -> dict:
     """`cloud emulator build --select gradient`: scores candidate structures on public ids (S, T) and returns the
     selection record of the best one under the budget (see choose).
@@ -227,6 +228,7 @@ def gradient_choice(
         sink: The attention-sink vector the package will ship (tandem.emulator.sink), applied to every candidate.
         families: "uniform" (drops of evenly spaced blocks, tandem.emulator.candidates) and/or "share" (CKA
             clusters with a first, middle or last representative).
+        max_cluster: No share candidate has a cluster over this many blocks (None: no cap).
     """
     from tandem.stages.arch import parts_of
     from tandem.stages.loading import client_state, n_params
@@ -242,11 +244,12 @@ def gradient_choice(
     model_params = sum(p.numel() for p in loaded.model.parameters())
     client_params = n_params(client_state(parts, layout))
     room = int(budget * model_params) - client_params
-    cands = structures(parts, layout, ids, room, count, mlp_width, families)
+    cands = structures(parts, layout, ids, room, count, mlp_width, families, max_cluster)
     if not cands:
+        capped = "" if max_cluster is None else f" with clusters of at most {max_cluster} blocks"
         raise SelectionError(
-            f"no {'/'.join(families)} structure fits a package of {budget:.0%} of the model's parameters; "
-            "raise --budget, lower --mlp-width or leave --keep/--drop-ratio/--clusters out"
+            f"no {'/'.join(families)} structure{capped} fits a package of {budget:.0%} of the model's parameters; "
+            "raise --budget or --max-cluster, lower --mlp-width or leave --keep/--drop-ratio/--clusters out"
         )
     neurons = neuron_scores(parts, layout, middle, ids) if any(c.mlp_width for c in cands) else None
 
@@ -261,11 +264,22 @@ def gradient_choice(
     probe = GradientProbe(parts, layout, ids)
     record = choose(rank_candidates(probe, cands, build_middle, progress), room, budget, model_params, client_params)
     record.update(sequences=int(ids.shape[0]), tokens=int(ids.numel()))
+    if max_cluster is not None:
+        record["max_cluster"] = max_cluster
     return record
 
 
 def gradient_structure(
-    loaded, layout: StageLayout, texts, sample, structure: str, counts: tuple, mlp_width, budget, cfg
+    loaded,
+    layout: StageLayout,
+    texts,
+    sample,
+    structure: str,
+    counts: tuple,
+    mlp_width,
+    budget,
+    cfg,
+    max_cluster: int | None = None,
 ) -> dict:
     """`build_emulator`'s --select gradient: checks the options, measures the package's attention sink and runs
     gradient_choice on the structure's family.
@@ -278,6 +292,7 @@ def gradient_structure(
         mlp_width: The operator's --mlp-width (None: chosen too).
         budget: Package share of the model's parameters (None: DEFAULT_BUDGET).
         cfg: The distillation settings (its sequence length for the sink, its progress flag).
+        max_cluster: With structure "share": no candidate has a cluster over this many blocks (None: no cap).
     """
     from tandem.stages.loading import load_tokenizer
 
@@ -309,4 +324,5 @@ def gradient_structure(
         sink if stats["used"] else None,
         families,
         cfg.progress,
+        max_cluster,
     )

@@ -100,6 +100,33 @@ def test_select_gradient_records_every_candidate_and_keeps_the_best_under_the_bu
         assert pkg.slots is not None and len(pkg.slots) == 4
 
 
+def test_select_gradient_over_capped_clusters_scores_only_structures_under_the_cap(llama8, sample_data, tmp_path):
+    def build(name, **kw):
+        kw = dict(select="gradient", structure="share", budget=0.9, select_seqs=4, **kw)
+        return build_emulator(llama8, "2:2", str(tmp_path / name), sample_data, CFG, **kw)["selection"]
+
+    def biggest(slots):  # the most slots one stored block fills: its cluster's size
+        return max(slots.count(b) for b in set(slots))
+
+    from tandem.emulator.candidates import share_candidates
+
+    # Blocks 0-2 of the middle alike, block 3 apart: two clusters are [0, 1, 2] and [3], or [0, 1] and [2, 3] capped.
+    cka = torch.full((4, 4), 0.1)
+    cka[:3, :3] = 1.0
+    parts, layout = parts_of(load_model(llama8).model), StageLayout(8, 2, 2)
+    free = share_candidates(parts, layout, 10**9, [2], None, cka)
+    capped = share_candidates(parts, layout, 10**9, [2], None, cka, max_cluster=2)
+    assert {biggest(c.slots) for c in free} == {3} and {biggest(c.slots) for c in capped} == {2}
+    assert {tuple(c.slot_blocks) for c in capped} == {(2, 3, 4, 5)} and len(capped) == 2  # first/last == middle
+    record = build("capped", max_cluster=2)
+    assert record["max_cluster"] == 2 and record["candidates"]
+    assert all(biggest(c["slots"]) <= 2 for c in record["candidates"])
+    with pytest.raises(
+        SelectionError, match="with clusters of at most 1 blocks fits .* raise --budget or --max-cluster"
+    ):
+        build("none", max_cluster=1)  # no shared structure of 4 middle blocks has clusters of one
+
+
 def test_select_gradient_errors_say_what_to_do(llama8, sample_data, tmp_path):
     def build(name, data=sample_data, **kw):
         return build_emulator(llama8, "2:2", str(tmp_path / name), data, CFG, select_seqs=4, **kw)
