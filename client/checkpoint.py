@@ -46,10 +46,19 @@ def load(out: str, run_settings: dict) -> dict:
     path = checkpoint_path(out)
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint in {out}; run without --resume to start fresh")
-    try:
-        saved = torch.load(path, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"--resume: cannot read {path} ({e}); start fresh without --resume") from None
+    try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
+        saved = torch.load(path, weights_only=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"--resume: cannot read {path} ({e.strerror or e}); start fresh without --resume"
+        ) from None
+    except Exception:  # torch's unpickler refused it (any other object) or the file is damaged
+        saved = None
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"--resume: {path} is damaged or holds more than tensors and plain values (it is not loaded); "
+            "start fresh without --resume"
+        )
     check(saved.get("settings"), run_settings, out)
     return saved
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import pytest
 
@@ -54,3 +55,20 @@ def server_factory(tmp_path):
     yield make
     for server in started:
         server.stop()
+
+
+class Planted:
+    """What a planted or swapped checkpoint can hold: an object whose unpickling runs code (here: creates a file)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    """(an object whose unpickling creates a marker file, that file's path); the file does not exist yet."""
+    marker = tmp_path / "planted-code-ran"
+    return Planted(marker), marker

@@ -341,4 +341,4 @@ def test_a_cloud_that_loses_every_attempt_stops_the_run_with_one_clear_error(
         _run(server, sample_data, tmp_path / "cut")
     assert len(closed) == MAX_LOST_WITHOUT_PROGRESS + 1 == 6
     # The checkpoint at step 3 is intact: --resume continues from it.
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3

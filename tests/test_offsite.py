@@ -107,6 +107,23 @@ def test_distillation_resumes_to_the_uninterrupted_result(models8, sample_data, 
     assert resumed["distillation"]["val_kd_after"] == full["distillation"]["val_kd_after"]
 
 
+def test_distillation_resume_never_runs_code_from_a_planted_checkpoint(models8, sample_data, tmp_path, planted):
+    """--resume loads tensors and plain values only: another object (or a damaged file) is refused, nothing runs."""
+    (code, marker), out = planted, tmp_path / "pkg"
+    out.mkdir()
+    ckpt = out / dmod.CHECKPOINT
+    cfg = DistillConfig(**{**DISTILL, "steps": 2}, resume=True)
+    args = (load_model(models8["gpt2"]), StageLayout(8, 2, 2), [2, 5], read_texts(sample_data), cfg, str(out))
+    for payload in ({"settings": code}, code, [1, 2], {"step": 2}):
+        torch.save(payload, ckpt)
+        with pytest.raises(EmulatorError, match="start fresh without --resume") as e:
+            dmod.distill(*args)
+        assert "\n" not in str(e.value) and not marker.exists()
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(EmulatorError, match="damaged"):
+        dmod.distill(*args)
+
+
 def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
     pkg = load_package(llama_pkg)
     man = pkg.manifest

@@ -174,9 +174,9 @@ def test_private_bottom_in_local_mode_resumes_and_its_shadow_runs(tiny_models, s
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # The label noise's secret (never in the context) is kept in the private checkpoint and resumed with it.
     tune(_cfg(sample_data, tmp_path / "noisy", steps=2, **local))
-    first = torch.load(tmp_path / "noisy" / "checkpoint.pt", weights_only=False)["label_noise"]
+    first = torch.load(tmp_path / "noisy" / "checkpoint.pt", weights_only=True)["label_noise"]
     tune(_cfg(sample_data, tmp_path / "noisy", steps=4, resume=True, **local))
-    second = torch.load(tmp_path / "noisy" / "checkpoint.pt", weights_only=False)["label_noise"]
+    second = torch.load(tmp_path / "noisy" / "checkpoint.pt", weights_only=True)["label_noise"]
     assert first["secret"] == second["secret"]
 
     model = load_model(tiny_models["llama"])

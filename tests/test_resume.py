@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_exactly(tiny_models, sample_data, server_factor
         "the run must have been interrupted, not have finished: " + "\n".join(errs)
     )
     assert not os.path.exists(os.path.join(cut, "report.json"))
-    done = torch.load(ckpt, weights_only=False)["step"]
+    done = torch.load(ckpt, weights_only=True)["step"]
     assert 2 <= done < steps
 
     subprocess.run(_tune_cmd(server, sample_data, cut, steps) + ["--resume"], check=True, capture_output=True)
@@ -122,7 +122,7 @@ def test_disk_full_mid_checkpoint_keeps_previous(tiny_models, sample_data, tmp_p
         tune(TuneConfig(steps=4, resume=True, **cfg), TransportConfig())
     monkeypatch.setattr(torch, "save", real_save)
     assert not os.path.exists(os.path.join(out, "checkpoint.pt.tmp"))
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["step"] == 2
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 2
     report = tune(TuneConfig(steps=4, resume=True, **cfg), TransportConfig())
     assert [s["step"] for s in report["steps"]] == [0, 1, 2, 3]
 
@@ -223,3 +223,27 @@ def test_resume_cli_refuses_changed_split_settings_before_any_network_call(
         assert flag in line and "--resume" in line, (flag, line)
     # The same settings get past the checks and only then need the server.
     assert "not reachable" in one_line_error(client_main, resume[1:], capsys)
+
+
+def test_resume_never_runs_code_from_a_planted_checkpoint(tiny_models, sample_data, tmp_path, planted, capsys):
+    """--resume loads tensors and plain values only: a checkpoint holding any other object (or a damaged one) is
+    refused with one line, and nothing in it runs."""
+    (code, marker), out = planted, tmp_path / "run"
+    out.mkdir(mode=0o700)
+    ckpt = out / "checkpoint.pt"
+    argv = ["tune", "--mode", "local", "--model", tiny_models["gpt2"], "--data", sample_data, "--out", str(out)]
+    argv += ["--steps", "2", "--no-progress", "--resume"]
+    for payload in ({"settings": {}, "step": code}, code):
+        torch.save(payload, ckpt)
+        line = one_line_error(client_main, argv, capsys)
+        assert "checkpoint.pt" in line and "start fresh without --resume" in line, line
+        assert not marker.exists()
+    for damaged in (b"", b"not a checkpoint", ckpt.read_bytes()[:100]):
+        ckpt.write_bytes(damaged)
+        assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
+    torch.save([1, 2], ckpt)  # loadable, but not a checkpoint
+    assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
+    # The test can fail: the planted file is live, as an unsafe load shows.
+    torch.save({"step": code}, ckpt)
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
