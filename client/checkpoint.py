@@ -63,6 +63,16 @@ def load(out: str, run_settings: dict) -> dict:
     return saved
 
 
+def misfit(out: str, error: Exception) -> CheckpointError:
+    """The refusal of a checkpoint whose settings match this run's but whose contents do not fit it (missing
+    entries, tensors of other shapes: a damaged or edited file)."""
+    first = (str(error).strip().splitlines() or [""])[0][:160]
+    return CheckpointError(
+        f"--resume: {checkpoint_path(out)} does not fit this run ({type(error).__name__}: {first}); "
+        "start fresh without --resume"
+    )
+
+
 def settings(cfg, transport_cfg, data_fingerprint: str) -> dict:
     """The settings a resumed run must repeat, keyed by the flag that sets them (known before any network call).
 

@@ -147,6 +147,7 @@ class TrainState:
 
     def __init__(self, model: StagedModel, cfg: TuneConfig, meter: Meter):
         self.model, self.meter, self.seed, self.cloud_optimizer = model, meter, cfg.seed, cfg.cloud_optimizer
+        self.out = cfg.out  # where the checkpoint is, for a refusal to name it
         remote = {id(p) for p in model.middle.params} if cfg.cloud_optimizer else set()  # the cloud updates these
         adapter = [p for p in model.adapter.parameters() if id(p) not in remote]
         self.client_blocks = model.unfreeze_client_blocks() if cfg.tune_client_blocks else []
@@ -240,7 +241,10 @@ class TrainState:
 
     def resume(self, saved: dict) -> dict:
         """Continues from a checkpoint (the cloud gets the remote optimizer's state); returns its validation."""
-        self.restore(saved)
+        try:
+            self.restore(saved)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise checkpoint.misfit(self.out, e) from None
         if self.cloud_optimizer:
             self.model.middle.put_state(saved["remote_optimizer"], self.step)
         log.info("resumed from step %d", self.step)

@@ -393,6 +393,26 @@ def _schedule(cfg: DistillConfig):
     return f
 
 
+def _restore(ck: dict, path: str, student: nn.ModuleList, scales, opt, sched) -> tuple[int, dict]:
+    """Loads a checkpoint whose settings match into the student, its learned scales (a tensor, or None), the
+    optimizer and the schedule; returns (step, history). A file whose contents do not fit is refused in one line."""
+    try:
+        if scales is not None:
+            scales.data.copy_(ck["slot_scales"])
+        student.load_state_dict(ck["student"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start, hist = int(ck["step"]), ck["history"]
+        if not isinstance(hist, dict):
+            raise TypeError("the history is not a dict")
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise EmulatorError(
+            f"--resume: {path} does not fit this run ({type(e).__name__}: {first}); start fresh without --resume"
+        ) from None
+    return start, hist
+
+
 def save_checkpoint(path: str, payload: dict) -> None:
     """Writes the distillation checkpoint atomically (a .tmp file, then a rename)."""
     tmp = path + ".tmp"
@@ -500,12 +520,7 @@ def distill(
     opt = _optimizer(student, d.scales, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if cfg.resume:
-        if learn_scales:
-            d.scales.data.copy_(ck["slot_scales"])
-        student.load_state_dict(ck["student"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start, hist = ck["step"], ck["history"]
+        start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched)
         log.info("resumed distillation at step %d", start)
     os.makedirs(out_dir, exist_ok=True)
     per_epoch = max(1, len(train) // cfg.batch_size)

@@ -122,6 +122,14 @@ def test_distillation_resume_never_runs_code_from_a_planted_checkpoint(models8, 
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.raises(EmulatorError, match="damaged"):
         dmod.distill(*args)
+    ckpt.unlink()  # a real checkpoint of this run, edited: its settings match, its contents do not fit
+    dmod.distill(*args[:4], replace(cfg, resume=False), str(out))
+    real = torch.load(ckpt, weights_only=True)
+    for key, value in (("student", None), ("student", {"0.bogus": torch.zeros(2)}), ("history", [1])):
+        torch.save({**real, key: value} if value is not None else {k: v for k, v in real.items() if k != key}, ckpt)
+        with pytest.raises(EmulatorError, match="does not fit this run.*start fresh without --resume") as e:
+            dmod.distill(*args)
+        assert "\n" not in str(e.value)
 
 
 def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):

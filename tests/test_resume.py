@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -243,6 +244,20 @@ def test_resume_never_runs_code_from_a_planted_checkpoint(tiny_models, sample_da
         assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
     torch.save([1, 2], ckpt)  # loadable, but not a checkpoint
     assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
+    # A real checkpoint of this run, edited: its settings match, its contents do not fit.
+    assert client_main([a for a in argv if a != "--resume"] + ["--overwrite"]) == 0
+    capsys.readouterr()
+    real = torch.load(ckpt, weights_only=True)
+    name = next(iter(real["adapter"]))
+    for edit in (lambda c: c.pop("adapter"), lambda c: c["adapter"].update({name: torch.zeros(3, 3)})):
+        broken = copy.deepcopy(real)
+        edit(broken)
+        torch.save(broken, ckpt)
+        assert client_main(argv) == 2  # after the model loads (its progress bar is on stderr too)
+        err = capsys.readouterr().err
+        lines = [x for x in err.splitlines() if x.startswith("client tune:")]
+        assert "Traceback" not in err and len(lines) == 1, err
+        assert "does not fit this run" in lines[0] and "start fresh without --resume" in lines[0], lines
     # The test can fail: the planted file is live, as an unsafe load shows.
     torch.save({"step": code}, ckpt)
     torch.load(ckpt, weights_only=False)
