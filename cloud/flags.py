@@ -6,7 +6,7 @@ import argparse
 import os
 
 DEFAULT_TLS_DIR = os.path.join(os.path.expanduser("~"), ".tandem", "tls")
-# The registry's own default (cloud/registry.py), repeated so that parsing flags does not import torch.
+# Where `client push` uploads are registered (cloud/registry.py); here, so that parsing flags does not import torch.
 DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
 # cloud serve --memory-cap-mb, and what `cloud plan` sizes sessions against.
 DEFAULT_MEMORY_CAP_MB = 8192

@@ -18,10 +18,10 @@ from tandem.stages.modules import StageLayout
 
 from .adapter_check import AdapterCheck, received_files
 from .errors import InvalidRequest, NameTaken, RegistryFull
+from .flags import DEFAULT_REGISTRY
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REGISTRY = os.path.join(os.path.expanduser("~"), ".tandem", "adapters")
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch: `$` would let "name\n" through
 DEFAULT_QUOTA_BYTES = 2**30  # registry disk per identity
 DEFAULT_MAX_ADAPTERS = 64  # registered adapters per identity

@@ -375,7 +375,7 @@ def learnable(scales: list[float]) -> nn.Parameter:
     return nn.Parameter(torch.tensor([float(x) for x in scales], dtype=torch.float32))
 
 
-def _optimizer(student: nn.ModuleList, scales, cfg: DistillConfig) -> torch.optim.Optimizer:
+def build_optimizer(student: nn.ModuleList, scales, cfg: DistillConfig) -> torch.optim.Optimizer:
     """AdamW over the student's blocks, and over learned slot scales (a tensor) at SCALE_LR_FACTOR x the rate."""
     groups = [{"params": list(student.parameters())}]
     if isinstance(scales, torch.Tensor):
@@ -517,7 +517,7 @@ def distill(
             log.info("residual rescaling factors %s", [round(f, 3) for f in hist["rescale_factors"]])
             hist["val"].append({"step": 0, "init": "rescale", **d.validate(val, cfg)})
     student.requires_grad_(True)
-    opt = _optimizer(student, d.scales, cfg)
+    opt = build_optimizer(student, d.scales, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if cfg.resume:
         start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched)

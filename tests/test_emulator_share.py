@@ -544,9 +544,9 @@ def test_learned_slot_scales_get_each_slots_gradient_and_train_with_the_blocks(m
     cfg = DistillConfig(steps=1, batch_size=2, layer_weight=0.5)
     d.losses(_ids(loaded.config.vocab_size, (2, 12)), cfg)["loss"].backward()
     assert learned.grad is not None and bool((learned.grad != 0).all()) and bool(learned.grad.isfinite().all())
-    opt = dmod._optimizer(student, learned, cfg)
+    opt = dmod.build_optimizer(student, learned, cfg)
     assert [g["lr"] for g in opt.param_groups] == [cfg.lr, cfg.lr * dmod.SCALE_LR_FACTOR]
-    assert len(dmod._optimizer(student, start, cfg).param_groups) == 1  # fixed scales are not trained
+    assert len(dmod.build_optimizer(student, start, cfg).param_groups) == 1  # fixed scales are not trained
 
 
 def test_learned_slot_scales_resume_to_the_uninterrupted_result(models10, sample_data, tmp_path, monkeypatch):
