@@ -11,6 +11,7 @@ import torch
 
 from tandem.stages.arch import arch_for
 from tandem.stages.lora_layers import format_layers
+from tandem.stages.resume_settings import PLAIN, differing
 
 from . import rundir
 from .errors import CheckpointError
@@ -54,12 +55,12 @@ def load(out: str, run_settings: dict) -> dict:
         ) from None
     except Exception:  # torch's unpickler refused it (any other object) or the file is damaged
         saved = None
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise CheckpointError(
             f"--resume: {path} is damaged or holds more than tensors and plain values (it is not loaded); "
             "start fresh without --resume"
         )
-    check(saved.get("settings"), run_settings, out)
+    check(saved["settings"], run_settings, out)
     return saved
 
 
@@ -141,6 +142,8 @@ def stages(model, lora) -> dict:
 
 
 def _show(value) -> str:
+    if not isinstance(value, PLAIN):
+        return f"a {type(value).__name__}"
     if isinstance(value, str) and len(value) == 64:
         return value[:12] + "..."
     return "(default)" if value is None else str(value)
@@ -153,7 +156,9 @@ def check(saved: dict | None, now: dict, out: str) -> None:
     """
     if saved is None:
         return
-    diffs = [f"{k} {_show(saved[k])} (now {_show(now[k])})" for k in now if k in saved and saved[k] != now[k]]
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume: the checkpoint in {out} is damaged; start fresh without --resume")
+    diffs = [f"{k} {_show(saved[k])} (now {_show(now[k])})" for k in differing(saved, now, missing_differs=False)]
     if diffs:
         raise CheckpointError(
             f"--resume: the checkpoint in {out} was made with {'; '.join(diffs)}; resume with the "

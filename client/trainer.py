@@ -242,6 +242,8 @@ class TrainState:
     def resume(self, saved: dict) -> dict:
         """Continues from a checkpoint (the cloud gets the remote optimizer's state); returns its validation."""
         try:
+            if not isinstance(saved.get("step"), int) or isinstance(saved["step"], bool) or saved["step"] < 0:
+                raise ValueError(f"its step {str(saved.get('step'))[:20]} is not a step count")
             self.restore(saved)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
             raise checkpoint.misfit(self.out, e) from None

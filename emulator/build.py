@@ -87,6 +87,10 @@ def build_emulator(
         raise SelectionError(f"--slot-scales must be none, fit or learn, got {slot_scales!r}")
     if slot_scales == "learn" and cfg.steps <= 0:
         raise SelectionError("--slot-scales learn trains the scales during distillation: give --steps > 0 (or fit)")
+    if max_cluster is not None and max_cluster < 1:
+        raise SelectionError(f"--max-cluster must be >= 1, got {max_cluster}")
+    if cfg.init == "rescale" and structure == "share":
+        raise SelectionError("--init rescale fits one factor per block and slot; use --init copy with sharing")
     if max_cluster is not None and (structure != "share" or select == "greedy"):
         raise SelectionError(
             "--max-cluster caps the CKA clusters of --structure share (with --select uniform or gradient)"

@@ -15,6 +15,7 @@ from torch import nn
 from tandem.stages.arch import Parts, parts_of
 from tandem.stages.loading import LoadedModel
 from tandem.stages.modules import BottomStage, StageLayout, run_blocks
+from tandem.stages.resume_settings import differing
 
 from .errors import EmulatorError
 from .model import MAX_SLOT_SCALE, copy_blocks, scaled_slots
@@ -393,16 +394,57 @@ def _schedule(cfg: DistillConfig):
     return f
 
 
-def _restore(ck: dict, path: str, student: nn.ModuleList, scales, opt, sched) -> tuple[int, dict]:
+def _check_finite(value: float, step: int | None = None) -> None:
+    """Stops a distillation that diverged (a loss, or the trained weights' sum, not finite) before it is stepped on,
+    checkpointed or packaged: NaN weights would otherwise ship in a package that loads."""
+    if not math.isfinite(value):
+        where = "in its last step" if step is None else f"at step {step + 1}"
+        raise EmulatorError(
+            f"distillation diverged {where} (not finite): lower --lr; --resume continues from the last checkpoint"
+        )
+
+
+def _load_checkpoint(path: str, out_dir: str, settings: dict) -> dict:
+    """The distillation checkpoint --resume continues from, refused in one line when it is missing, unreadable,
+    not made of tensors and plain values, or made with other settings (named)."""
+    if not os.path.exists(path):
+        raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
+    try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
+        ck = torch.load(path, weights_only=True)
+    except Exception:  # torch's unpickler refused it (any other object), or the file is damaged
+        ck = None
+    if not isinstance(ck, dict) or not isinstance(ck.get("settings"), dict):
+        raise EmulatorError(
+            f"--resume: {path} is unreadable, damaged or holds more than tensors and plain values (it is "
+            "not loaded); start fresh without --resume"
+        )
+    saved = ck["settings"]
+    changed = differing(saved, settings) + [k for k in saved if k not in settings]
+    if changed:
+        raise EmulatorError(
+            f"--resume: the checkpoint was made with other settings ({', '.join(map(str, changed))[:200]}); use the "
+            "same blocks, seed, layout, init, batch shape and slot scales, or start fresh without --resume"
+        )
+    return ck
+
+
+def _restore(ck: dict, path: str, student: nn.ModuleList, scales, opt, sched, steps: int) -> tuple[int, dict]:
     """Loads a checkpoint whose settings match into the student, its learned scales (a tensor, or None), the
     optimizer and the schedule; returns (step, history). A file whose contents do not fit is refused in one line."""
     try:
         if scales is not None:
-            scales.data.copy_(ck["slot_scales"])
+            saved = ck["slot_scales"]
+            if not isinstance(saved, torch.Tensor) or saved.shape != scales.shape or not saved.isfinite().all():
+                raise ValueError(f"slot_scales must be {scales.numel()} finite numbers")
+            if saved.abs().max() > MAX_SLOT_SCALE:
+                raise ValueError(f"slot_scales past {MAX_SLOT_SCALE:g}")
+            scales.data.copy_(saved)
         student.load_state_dict(ck["student"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        start, hist = int(ck["step"]), ck["history"]
+        start, hist = ck["step"], ck["history"]
+        if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= steps:
+            raise ValueError(f"its step {str(start)[:20]} is not one of this run's 0..{steps} (--steps)")
         if not isinstance(hist, dict):
             raise TypeError("the history is not a dict")
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
@@ -492,22 +534,7 @@ def distill(
     hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
     start = 0
     if cfg.resume:
-        if not os.path.exists(ckpt_path):
-            raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
-        try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
-            ck = torch.load(ckpt_path, weights_only=True)
-        except Exception:  # torch's unpickler refused it (any other object), or the file is damaged
-            ck = None
-        if not isinstance(ck, dict) or "settings" not in ck:
-            raise EmulatorError(
-                f"--resume: {ckpt_path} is unreadable, damaged or holds more than tensors and plain values (it is "
-                "not loaded); start fresh without --resume"
-            )
-        if ck["settings"] != settings:
-            raise EmulatorError(
-                "--resume: the checkpoint was made with other blocks, seed, layout, init or batch "
-                "shape; use the same settings or start fresh without --resume"
-            )
+        ck = _load_checkpoint(ckpt_path, out_dir, settings)
     else:
         hist["val"].append({"step": 0, "init": "copy", **d.validate(val, cfg)})
         if cfg.init == "rescale":
@@ -520,7 +547,7 @@ def distill(
     opt = build_optimizer(student, d.scales, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     if cfg.resume:
-        start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched)
+        start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched, cfg.steps)
         log.info("resumed distillation at step %d", start)
     os.makedirs(out_dir, exist_ok=True)
     per_epoch = max(1, len(train) // cfg.batch_size)
@@ -540,6 +567,7 @@ def distill(
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None, step)
+        _check_finite(float(out["loss"].detach()), step)
         out["loss"].backward()
         opt.step()
         if learn_scales:
@@ -567,6 +595,7 @@ def distill(
                 },
             )
     bar.close()
+    _check_finite(sum(float(p.detach().sum()) for p in [*student.parameters(), *([d.scales] if learn_scales else [])]))
     student.requires_grad_(False)
     if learn_scales:
         hist["slot_scales"] = [float(x) for x in d.scales.detach()]

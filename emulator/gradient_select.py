@@ -246,7 +246,12 @@ def gradient_choice(
     room = int(budget * model_params) - client_params
     cands = structures(parts, layout, ids, room, count, mlp_width, families, max_cluster)
     if not cands:
-        capped = "" if max_cluster is None else f" with clusters of at most {max_cluster} blocks"
+        if count is not None and max_cluster is not None and count * max_cluster < len(middle):
+            raise SelectionError(
+                f"cannot group {len(middle)} middle blocks into {count} clusters of at most {max_cluster} "
+                f"(at least {-(-len(middle) // max_cluster)} are needed); raise --clusters or --max-cluster"
+            )
+        capped = "" if max_cluster is None else f" with clusters of at most {max_cluster} block(s)"
         raise SelectionError(
             f"no {'/'.join(families)} structure{capped} fits a package of {budget:.0%} of the model's parameters; "
             "raise --budget or --max-cluster, lower --mlp-width or leave --keep/--drop-ratio/--clusters out"

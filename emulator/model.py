@@ -82,7 +82,8 @@ def scaled_slots(blocks: list[nn.Module], scales: list[float] | None) -> list:
     """The slots' blocks for run_blocks, each slot of scale a != 1.0 wrapped to compute h + a * (block(h) - h).
 
     A scale of exactly 1.0 keeps the block itself (bit for bit the unscaled forward); scales given as a tensor (a
-    distillation that learns them) wrap every slot, so each scale gets its gradient.
+    distillation that learns them) wrap every slot, so each scale gets its gradient (a slot whose learned scale is
+    exactly 1.0 then differs from the shipped one by rounding, ~1e-10).
     """
     if scales is None:
         return list(blocks)

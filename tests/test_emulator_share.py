@@ -577,19 +577,19 @@ def test_learned_slot_scales_resume_to_the_uninterrupted_result(models10, sample
     monkeypatch.setattr(dmod, "save_checkpoint", real)
     _, resumed = run(str(tmp_path / "cut"), resume=True)
     assert resumed["slot_scales"] == full["slot_scales"] != start
-    with pytest.raises(EmulatorError, match="other blocks, seed"):  # a fixed-scale run does not resume a learned one
-        dmod.distill(
-            loaded,
-            layout,
-            [3, 6],
-            texts,
-            replace(cfg, resume=True),
-            str(tmp_path / "cut"),
-            copy_blocks(parts_of(loaded.model), [3, 6]),
-            slots,
-            layout.middle_blocks,
-            start,
-        )
+    fixed = (loaded, layout, [3, 6], texts, replace(cfg, resume=True), str(tmp_path / "cut"))
+    with pytest.raises(EmulatorError, match=r"other settings \(slot_scales_learn\)"):  # fixed does not resume learned
+        dmod.distill(*fixed, copy_blocks(parts_of(loaded.model), [3, 6]), slots, layout.middle_blocks, start)
+    # The finished run's checkpoint, edited: settings that match, contents that do not fit.
+    ckpt = tmp_path / "cut" / dmod.CHECKPOINT
+    done = torch.load(ckpt, weights_only=True)
+    edits = {"slot_scales": torch.tensor([7.5]), "step": 99, "history": [1]}
+    edits |= {"settings": {**done["settings"], "seed": torch.tensor([0, 0])}}
+    for key, value in [*edits.items(), ("slot_scales", torch.full((6,), float("nan"))), ("step", -3)]:
+        torch.save({**done, key: value}, ckpt)
+        with pytest.raises(EmulatorError, match="start fresh without --resume") as e:
+            run(str(tmp_path / "cut"), resume=True)
+        assert "\n" not in str(e.value) and ("other settings (seed)" in str(e.value)) == (key == "settings"), key
 
 
 def test_cloud_emulator_build_cap_and_scales_from_the_command_line(models10, sample_data, tmp_path, capsys):

@@ -122,9 +122,14 @@ def test_select_gradient_over_capped_clusters_scores_only_structures_under_the_c
     assert record["max_cluster"] == 2 and record["candidates"]
     assert all(biggest(c["slots"]) <= 2 for c in record["candidates"])
     with pytest.raises(
-        SelectionError, match="with clusters of at most 1 blocks fits .* raise --budget or --max-cluster"
+        SelectionError, match=r"with clusters of at most 1 block\(s\) fits .* raise --budget or --max-cluster"
     ):
         build("none", max_cluster=1)  # no shared structure of 4 middle blocks has clusters of one
+    with pytest.raises(SelectionError, match=r"into 1 clusters of at most 2 \(at least 2 are needed\); raise --clusters"):
+        build("short", max_cluster=2, clusters=1)
+    for cap in (0, -2):
+        with pytest.raises(SelectionError, match="--max-cluster must be >= 1"):
+            build("zero", max_cluster=cap)
 
 
 def test_select_gradient_errors_say_what_to_do(llama8, sample_data, tmp_path):

@@ -132,6 +132,13 @@ def test_distillation_resume_never_runs_code_from_a_planted_checkpoint(models8, 
         assert "\n" not in str(e.value)
 
 
+def test_a_diverging_distillation_stops_before_it_ships_nan_weights(models8, sample_data, tmp_path):
+    cfg = DistillConfig(**{**DISTILL, "steps": 3, "lr": 1e30, "warmup": 0})
+    with pytest.raises(EmulatorError, match="distillation diverged .* lower --lr") as e:
+        build_emulator(models8["gpt2"], "2:2", str(tmp_path / "pkg"), sample_data, cfg, keep=2)
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "pkg" / "manifest.json")
+
+
 def test_package_never_contains_a_dropped_block(models8, llama_pkg, tmp_path):
     pkg = load_package(llama_pkg)
     man = pkg.manifest

@@ -242,14 +242,20 @@ def test_resume_never_runs_code_from_a_planted_checkpoint(tiny_models, sample_da
     for damaged in (b"", b"not a checkpoint", ckpt.read_bytes()[:100]):
         ckpt.write_bytes(damaged)
         assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
-    torch.save([1, 2], ckpt)  # loadable, but not a checkpoint
-    assert "start fresh without --resume" in one_line_error(client_main, argv, capsys)
+    for not_one in ([1, 2], {}, {"settings": "--mode"}, {"settings": [1, 2]}):  # loadable, but not checkpoints
+        torch.save(not_one, ckpt)
+        assert "start fresh without --resume" in one_line_error(client_main, argv, capsys), not_one
+    torch.save({"settings": {"--lr": torch.tensor([1.0, 2.0]), "--mode": ["local", torch.ones(2)]}}, ckpt)
+    line = one_line_error(client_main, argv, capsys)
+    assert "--mode" in line and "--lr a Tensor" in line and "resume with the same settings" in line, line
     # A real checkpoint of this run, edited: its settings match, its contents do not fit.
     assert client_main([a for a in argv if a != "--resume"] + ["--overwrite"]) == 0
     capsys.readouterr()
     real = torch.load(ckpt, weights_only=True)
     name = next(iter(real["adapter"]))
-    for edit in (lambda c: c.pop("adapter"), lambda c: c["adapter"].update({name: torch.zeros(3, 3)})):
+    edits = [lambda c: c.pop("adapter"), lambda c: c["adapter"].update({name: torch.zeros(3, 3)})]
+    edits += [lambda c: c.update(step=-3), lambda c: c.update(step="2")]
+    for edit in edits:
         broken = copy.deepcopy(real)
         edit(broken)
         torch.save(broken, ckpt)
