@@ -18,7 +18,7 @@ and reports side by side:
 Full tuning's sweep is computed once and shared by all structures. Every finished cell (a build, a tuned run and its
 measurements) is saved in the JSON at once; --resume continues a run from there. A Markdown table goes to stdout.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/offsite_table.py --structures uniform,width256,share,share-gradient
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/offsite_table.py --structures uniform,width256,share,share-learned,share-gradient
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--structures",
         type=_names,
-        default=_names("uniform,width256,share,share-gradient"),
+        default=_names("uniform,width256,share,share-learned,share-gradient"),
         help="emulator structures, side by side: uniform (--drop-ratio's evenly spaced blocks), greedy, widthN (all "
         "middle blocks at N MLP neurons), share (CKA clusters, as many as --drop-ratio keeps), share-scaled (the same, "
         "clusters of at most 4 blocks, a fitted scale on each slot's update), share-learned (those scales then trained "
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
         "widths by gradient cosine), blocksA.B.C (exactly those middle blocks); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
         "--lora-layers client,clusters), against full tuning with the same placement; default "
-        "uniform,width256,share,share-gradient",
+        "uniform,width256,share,share-learned,share-gradient",
     )
     p.add_argument(
         "--lrs", type=_floats, default=[5e-4, 1e-3, 2e-3], help="learning rates swept; default 5e-4,1e-3,2e-3"
