@@ -48,13 +48,18 @@ def load(out: str, run_settings: dict) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"--resume: no checkpoint in {out}; run without --resume to start fresh")
     try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
-        saved = torch.load(path, weights_only=True)
+        saved = torch.load(path, weights_only=True, map_location="cpu")  # a GPU run's checkpoint resumes anywhere
     except OSError as e:
         raise CheckpointError(
             f"--resume: cannot read {path} ({e.strerror or e}); start fresh without --resume"
         ) from None
     except Exception:  # torch's unpickler refused it (any other object) or the file is damaged
         saved = None
+    if isinstance(saved, dict) and "settings" not in saved and "step" in saved:
+        raise CheckpointError(
+            f"--resume: {path} was written by an older client that did not record its settings, so they cannot be "
+            "checked; start fresh without --resume"
+        )
     if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
         raise CheckpointError(
             f"--resume: {path} is damaged or holds more than tensors and plain values (it is not loaded); "
@@ -142,11 +147,27 @@ def stages(model, lora) -> dict:
 
 
 def _show(value) -> str:
-    if not isinstance(value, PLAIN):
-        return f"a {type(value).__name__}"
+    """A setting as the refusal prints it: short, one line, and never a tensor's values (an edited file may hold
+    one anywhere)."""
+    if not _plain(value):
+        return (
+            f"a {type(value).__name__} holding other objects"
+            if isinstance(value, PLAIN)
+            else f"a {type(value).__name__}"
+        )
     if isinstance(value, str) and len(value) == 64:
         return value[:12] + "..."
-    return "(default)" if value is None else str(value)
+    text = "(default)" if value is None else " ".join(str(value).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether value is made of str, int, float, bool and None only (in lists, tuples and dicts, a few levels)."""
+    if isinstance(value, (list, tuple)):
+        return depth < 4 and all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return depth < 4 and all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return isinstance(value, (str, int, float, bool, type(None)))
 
 
 def check(saved: dict | None, now: dict, out: str) -> None:

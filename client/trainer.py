@@ -244,8 +244,14 @@ class TrainState:
         try:
             if not isinstance(saved.get("step"), int) or isinstance(saved["step"], bool) or saved["step"] < 0:
                 raise ValueError(f"its step {str(saved.get('step'))[:20]} is not a step count")
+            if not isinstance(saved.get("steps"), list) or not isinstance(saved.get("val_before"), dict):
+                raise ValueError("its step records or first validation are missing")
+            if self.cloud_optimizer and not isinstance(saved.get("remote_optimizer"), dict):
+                raise ValueError("it holds no state of the cloud's optimizer")
             self.restore(saved)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+        except torch.OutOfMemoryError:
+            raise  # not the checkpoint's fault: it stays usable
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError) as e:
             raise checkpoint.misfit(self.out, e) from None
         if self.cloud_optimizer:
             self.model.middle.put_state(saved["remote_optimizer"], self.step)

@@ -400,8 +400,15 @@ def _check_finite(value: float, step: int | None = None) -> None:
     if not math.isfinite(value):
         where = "in its last step" if step is None else f"at step {step + 1}"
         raise EmulatorError(
-            f"distillation diverged {where} (not finite): lower --lr; --resume continues from the last checkpoint"
+            f"distillation diverged {where} (not finite): lower --lr and start fresh without --resume (a resumed run "
+            "repeats the same steps)"
         )
+
+
+def _all_finite(student: nn.ModuleList, scales) -> bool:
+    """Whether every trained weight (and learned scale) is finite: a step can turn them NaN with a finite loss."""
+    tensors = [*student.parameters(), *([scales] if scales is not None else [])]
+    return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
 def _load_checkpoint(path: str, out_dir: str, settings: dict) -> dict:
@@ -410,7 +417,7 @@ def _load_checkpoint(path: str, out_dir: str, settings: dict) -> dict:
     if not os.path.exists(path):
         raise EmulatorError(f"--resume: no {CHECKPOINT} in {out_dir}; run without --resume to start fresh")
     try:  # tensors and plain values only: a planted or swapped file must not run code when loaded
-        ck = torch.load(path, weights_only=True)
+        ck = torch.load(path, weights_only=True, map_location="cpu")
     except Exception:  # torch's unpickler refused it (any other object), or the file is damaged
         ck = None
     if not isinstance(ck, dict) or not isinstance(ck.get("settings"), dict):
@@ -445,8 +452,10 @@ def _restore(ck: dict, path: str, student: nn.ModuleList, scales, opt, sched, st
         start, hist = ck["step"], ck["history"]
         if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start <= steps:
             raise ValueError(f"its step {str(start)[:20]} is not one of this run's 0..{steps} (--steps)")
-        if not isinstance(hist, dict):
-            raise TypeError("the history is not a dict")
+        if not isinstance(hist, dict) or not all(isinstance(hist.get(k), list) for k in ("steps", "val")):
+            raise TypeError("the history is not a dict of step and validation records")
+    except torch.OutOfMemoryError:
+        raise  # not the checkpoint's fault: it stays usable
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:160]
         raise EmulatorError(
@@ -582,6 +591,7 @@ def distill(
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             hist["val"].append({"step": step + 1, **d.validate(val, cfg)})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _check_finite(0.0 if _all_finite(student, d.scales if learn_scales else None) else math.nan, step)
             save_checkpoint(
                 ckpt_path,
                 {
@@ -595,7 +605,7 @@ def distill(
                 },
             )
     bar.close()
-    _check_finite(sum(float(p.detach().sum()) for p in [*student.parameters(), *([d.scales] if learn_scales else [])]))
+    _check_finite(0.0 if _all_finite(student, d.scales if learn_scales else None) else math.nan)
     student.requires_grad_(False)
     if learn_scales:
         hist["slot_scales"] = [float(x) for x in d.scales.detach()]

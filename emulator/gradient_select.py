@@ -249,7 +249,7 @@ def gradient_choice(
         if count is not None and max_cluster is not None and count * max_cluster < len(middle):
             raise SelectionError(
                 f"cannot group {len(middle)} middle blocks into {count} clusters of at most {max_cluster} "
-                f"(at least {-(-len(middle) // max_cluster)} are needed); raise --clusters or --max-cluster"
+                f"(at least {-(-len(middle) // max_cluster)} are needed); raise the count (--clusters) or --max-cluster"
             )
         capped = "" if max_cluster is None else f" with clusters of at most {max_cluster} block(s)"
         raise SelectionError(

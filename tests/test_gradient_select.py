@@ -125,7 +125,9 @@ def test_select_gradient_over_capped_clusters_scores_only_structures_under_the_c
         SelectionError, match=r"with clusters of at most 1 block\(s\) fits .* raise --budget or --max-cluster"
     ):
         build("none", max_cluster=1)  # no shared structure of 4 middle blocks has clusters of one
-    with pytest.raises(SelectionError, match=r"into 1 clusters of at most 2 \(at least 2 are needed\); raise --clusters"):
+    with pytest.raises(
+        SelectionError, match=r"into 1 clusters of at most 2 \(at least 2 are needed\); raise the count"
+    ):
         build("short", max_cluster=2, clusters=1)
     for cap in (0, -2):
         with pytest.raises(SelectionError, match="--max-cluster must be >= 1"):
