@@ -67,6 +67,8 @@ STRUCTURES = {
     "share-learned": {"drop": True, "structure": "share", "max_cluster": 4, "slot_scales": "learn"},
     "gradient": {"select": "gradient"},  # uniform drops and widths under --budget, by gradient cosine
     "share-gradient": {"structure": "share", "select": "gradient"},  # clusters, representatives and widths
+    # the same under clusters of at most 4 blocks, the slot scales fitted and then learned in distillation
+    "share-gradient-learned": {"structure": "share", "select": "gradient", "max_cluster": 4, "slot_scales": "learn"},
 }
 # What changes a cell's result: a --resume run must agree on all of these.
 PROTOCOL_KEYS = (
@@ -133,7 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "clusters of at most 4 blocks, a fitted scale on each slot's update), share-learned (those scales then trained "
         "in distillation), gradient (uniform "
         "drops and widths under --budget, chosen by gradient cosine), share-gradient (clusters, representatives and "
-        "widths by gradient cosine), blocksA.B.C (exactly those middle blocks); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
+        "widths by gradient cosine), share-gradient-learned (the same, clusters of at most 4 blocks, learned slot "
+        "scales), blocksA.B.C (exactly those middle blocks); NAME+clusters puts LoRA on the blocks the emulator keeps too (client tune "
         "--lora-layers client,clusters), against full tuning with the same placement; default "
         "uniform,width256,share,share-learned,share-gradient",
     )
