@@ -394,14 +394,13 @@ def _schedule(cfg: DistillConfig):
     return f
 
 
-def _check_finite(value: float, step: int | None = None) -> None:
-    """Stops a distillation that diverged (a loss, or the trained weights' sum, not finite) before it is stepped on,
+def _check_finite(value: float, step: int) -> None:
+    """Stops a distillation that diverged (a loss or a trained weight not finite) before it is stepped on,
     checkpointed or packaged: NaN weights would otherwise ship in a package that loads."""
     if not math.isfinite(value):
-        where = "in its last step" if step is None else f"at step {step + 1}"
         raise EmulatorError(
-            f"distillation diverged {where} (not finite): lower --lr and start fresh without --resume (a resumed run "
-            "repeats the same steps)"
+            f"distillation diverged at step {step + 1} (not finite): lower --lr and start fresh without --resume "
+            "(a resumed run repeats the same steps)"
         )
 
 
@@ -591,6 +590,7 @@ def distill(
         if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
             hist["val"].append({"step": step + 1, **d.validate(val, cfg)})
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            # the weights too: a finite loss can still step them to NaN (the last step always checkpoints)
             _check_finite(0.0 if _all_finite(student, d.scales if learn_scales else None) else math.nan, step)
             save_checkpoint(
                 ckpt_path,
@@ -605,7 +605,6 @@ def distill(
                 },
             )
     bar.close()
-    _check_finite(0.0 if _all_finite(student, d.scales if learn_scales else None) else math.nan)
     student.requires_grad_(False)
     if learn_scales:
         hist["slot_scales"] = [float(x) for x in d.scales.detach()]
