@@ -73,7 +73,7 @@ class Batcher:
         self._stop = False
         self._dead = False
         self.on_death = None  # fn() called once if the worker thread dies (the server then reports NOT_SERVING)
-        self.batches = 0  # batched passes run, for tests and metrics
+        self.batches = 0  # batched passes started (a failed one too), for tests and metrics
         self.batched_requests = 0
         self.compute_s = 0.0  # seconds spent in passes; over wall time, the worker's busy share
         self._thread = threading.Thread(target=self._run, name="tandem-batcher", daemon=True)
@@ -228,12 +228,13 @@ class Batcher:
             if kind == "forward" and batch[0].key[1]:
                 with self._cv:
                     self._cycled(batch[0].key, {j.member for j in batch if j.member})
+            # Counted before the pass hands out results: a caller holding its result sees its pass counted.
+            self.batches += 1
+            self.batched_requests += len(batch)
             if kind == "forward":
                 forward_pass(self.middle, batch, self.saved_bytes, self.recompute)
             else:
                 backward_pass(batch, self.middle)
-            self.batches += 1
-            self.batched_requests += len(batch)
         except Exception as e:  # noqa: BLE001 - every waiting request of this batch gets the error; the worker lives on
             log.warning("batched %s of %d requests failed: %s", kind, len(batch), type(e).__name__)
             for j in batch:
