@@ -235,14 +235,19 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto
     (tandem.client.placement); the emulator's weights stay frozen, so the adapter plugs into the full model
     unchanged. No server is contacted.
     """
-    from tandem.emulator.errors import PackageError
+    from tandem.emulator.errors import EmulatorError
+
+    try:  # every check of the package (built by the cloud: untrusted) is an EmulatorError
+        return _offsite_model(pkg_dir, lora, seed, device, dtype)
+    except EmulatorError as e:
+        raise ClientError(f"--emulator: {e}") from None
+
+
+def _offsite_model(pkg_dir: str, lora: LoraConfig, seed: int, device: str, dtype: str) -> StagedModel:
     from tandem.emulator.package import load_package
     from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
-    try:
-        package = load_package(pkg_dir)
-    except PackageError as e:
-        raise ClientError(f"--emulator: {e}") from None
+    package = load_package(pkg_dir)
     config = package.config()
     layout = package.layout
     placement = resolve(device, dtype, config)

@@ -10,6 +10,7 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from tandem.kernels.checks import all_finite
 from tandem.stages.arch import arch_for
 from tandem.stages.loading import cache_root
 from tandem.stages.lora import PeftMeta, save_peft
@@ -18,6 +19,7 @@ from . import checkpoint, report, rundir
 from .assemble import build_local, build_offsite, connect_split
 from .checkpoint import Rollback, surviving_restarts
 from .data import check_positions, fingerprint, load_split
+from .errors import ClientError
 from .evaluation import evaluate
 from .kill_revive import KillRevive
 from .meter import Meter
@@ -168,6 +170,7 @@ class TrainState:
         if rollback is not None:  # here, inside the caller's try: the cloud may go away again while it restarts
             rollback.restart_if_pending(self.model)
         loss, label_tokens = surviving_restarts(self.model, lambda: self._forward_backward(batch))
+        self._check_finite(loss)
         lora_fields = self._lora_fields()
         if self.kill_revive is not None:  # before the step: a module killed now does not change
             self.kill_revive.after_backward(self.step, self.optimizer)
@@ -178,6 +181,17 @@ class TrainState:
         self.steps.append(step_record(self.meter.take_step(), self.step, loss, batch, label_tokens, wall) | lora_fields)
         self.step += 1
         return remote_state
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stops before a NaN or Inf loss or gradient reaches the adapter (the last checkpoint stays as it was)."""
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if math.isfinite(float(loss.detach())) and all(all_finite(g) for g in grads):
+            return
+        raise ClientError(
+            f"step {self.step + 1}: the loss or its gradients are not finite, so the step is not applied; lower "
+            "--lr, or check the data and the emulator or cloud it runs through (--resume continues from the last "
+            "checkpoint)"
+        )
 
     def _lora_fields(self) -> dict:
         """The step record's remote-LoRA figures: its bytes each way (split mode) and the live modules."""

@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from tandem.stages.arch import Arch, Parts, parts_of
+from tandem.kernels.checks import all_finite
+from tandem.stages.arch import Arch, Parts, arch_for, parts_of
 from tandem.stages.modules import run_blocks
 
 from .errors import PackageError
@@ -153,6 +154,13 @@ def blocks_state(arch: Arch, blocks: nn.ModuleList) -> dict[str, torch.Tensor]:
     return out
 
 
+def full_mlp_width(config) -> int:
+    """The model's own MLP neurons per block (GPT-2: n_inner, or 4 x n_embd when unset)."""
+    if hasattr(config, "n_inner"):
+        return config.n_inner or 4 * config.n_embd
+    return config.intermediate_size
+
+
 def _blocks_config(config, kept: list[int], mlp_width: int | None = None):
     cfg = copy.deepcopy(config)
     n = len(kept)
@@ -174,6 +182,10 @@ def build_blocks(
 ) -> nn.ModuleList:
     """Rebuilds emulator blocks from their saved state (frozen, eval mode).
 
+    The values come from a package the cloud built, so nothing is allocated from them before they are checked:
+    the weights must name exactly len(kept) blocks, and the shell is built on the meta device, compared shape by
+    shape with the weights, then takes the weights' own tensors.
+
     Args:
         config: The full model's config.
         kept: Full-model indices of the kept middle blocks (for per-layer settings).
@@ -182,19 +194,41 @@ def build_blocks(
     """
     from transformers import AutoModelForCausalLM
 
-    shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept, mlp_width), dtype=torch.float32)
-    parts = parts_of(shell)
-    prefix = parts.arch.block_prefix + "."
+    prefix = arch_for(config).block_prefix + "."
     local = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if len(local) != len(state):
         raise PackageError("emulator weights have keys outside the blocks; the package is not a tandem emulator")
-    missing, unexpected = parts.blocks.load_state_dict(local, strict=False)
-    missing = [k for k in missing if not k.endswith(".attn.bias") and "masked_bias" not in k]
+    found = {k.split(".", 1)[0] for k in local}
+    if found != {str(j) for j in range(len(kept))}:
+        raise PackageError(f"emulator weights hold {len(found)} block(s); the manifest keeps {len(kept)}")
+    try:
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(_blocks_config(config, kept, mlp_width), dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - any failure of a config from the network is the package's fault
+        raise PackageError(f"the package's config does not build its blocks ({type(e).__name__}: {e})"[:200]) from None
+    blocks = parts_of(shell).blocks
+    _check_fit(blocks.state_dict(), local)
+    blocks.load_state_dict({k: v.to(torch.float32) for k, v in local.items()}, strict=False, assign=True)
+    empty = [n for n, v in [*blocks.named_parameters(), *blocks.named_buffers()] if v.is_meta]
+    if empty:
+        raise PackageError(f"emulator weights do not fit the config: no weights for {empty[:3]}")
+    blocks.eval()
+    blocks.requires_grad_(False)
+    return blocks
+
+
+def _check_fit(wanted: dict[str, torch.Tensor], local: dict[str, torch.Tensor]) -> None:
+    """Refuses weights whose names or shapes differ from the blocks the config builds (one-line PackageError)."""
+    missing = [k for k in wanted if k not in local and not k.endswith(".attn.bias") and "masked_bias" not in k]
+    unexpected = [k for k in local if k not in wanted]
     if missing or unexpected:
         raise PackageError(
             f"emulator weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    blocks = parts.blocks
-    blocks.eval()
-    blocks.requires_grad_(False)
-    return blocks
+    wrong = [
+        f"{k} {list(v.shape)} (needs {list(wanted[k].shape)})" for k, v in local.items() if v.shape != wanted[k].shape
+    ]
+    if wrong:
+        raise PackageError(f"emulator weights do not fit the config: {', '.join(wrong[:2])}")
+    if not all(all_finite(v) for v in local.values() if v.is_floating_point()):
+        raise PackageError("emulator weights hold NaN or Inf; the package is broken or hostile")

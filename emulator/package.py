@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load as st_load
 from torch import nn
 
+from tandem.kernels.checks import all_finite
 from tandem.stages.arch import num_blocks, parts_of
 from tandem.stages.errors import StageError
 from tandem.stages.loading import (
@@ -26,7 +27,7 @@ from tandem.stages.loading import (
 from tandem.stages.modules import StageLayout
 
 from .errors import PackageError
-from .model import EmulatorStage, blocks_state, build_blocks, check_slot_map, check_slot_scales
+from .model import EmulatorStage, blocks_state, build_blocks, check_slot_map, check_slot_scales, full_mlp_width
 
 FORMAT = "tandem-emulator/1"
 MANIFEST = "manifest.json"
@@ -181,7 +182,16 @@ class EmulatorPackage:
         """The full middle's first-token output the emulator stands in with (None: the package has none)."""
         if SINK_FILE not in self.manifest.get("files", {}):
             return None
-        return st_load(self.read(SINK_FILE))["first_token_output"]
+        state = st_load(self.read(SINK_FILE))
+        sink = state.get("first_token_output")
+        hidden = self.config().hidden_size
+        if set(state) != {"first_token_output"} or sink.shape != (hidden,) or not sink.is_floating_point():
+            raise PackageError(
+                f"the package's {SINK_FILE} must hold one vector of {hidden} numbers (first_token_output)"
+            )
+        if not all_finite(sink):
+            raise PackageError(f"the package's {SINK_FILE} holds NaN or Inf; the package is broken or hostile")
+        return sink
 
     def emulator_blocks(self, config=None) -> nn.ModuleList:
         """The emulator's blocks, frozen."""
@@ -221,12 +231,16 @@ def check_slots(manifest: dict, layout: StageLayout, config) -> None:
             f"the manifest's slot_blocks must list one middle block per slot ({len(slots)}), got {str(slot_blocks)[:80]}"
         )
     middle = layout.middle_blocks
-    if not all(_whole(i) and i in middle for i in slot_blocks) or sorted(set(slot_blocks)) != slot_blocks:
+    if (
+        not all(_whole(i) and middle[0] <= i <= middle[-1] for i in slot_blocks)
+        or sorted(set(slot_blocks)) != slot_blocks
+    ):
         raise PackageError(
             f"the manifest's slot_blocks {str(slot_blocks)[:80]} must be increasing middle blocks "
             f"{middle[0]}..{middle[-1]}"
         )
-    strays = [kept[j] for j in range(len(kept)) if kept[j] not in {b for b, i in zip(slot_blocks, slots) if i == j}]
+    own = {kept[i] for b, i in zip(slot_blocks, slots) if b == kept[i]}  # kept blocks that run in their own slot
+    strays = [b for b in kept if b not in own]
     if strays:
         raise PackageError(
             f"the manifest keeps blocks {strays[:5]} but runs them only in other blocks' slots; a kept block runs in "
@@ -290,7 +304,8 @@ def check_kept(manifest: dict) -> None:
     except (StageError, ValueError) as e:
         raise PackageError(f"the manifest's layout {str(lay)[:80]}: {e}") from None
     kept = manifest.get("kept_middle_blocks")
-    ok = isinstance(kept, list) and all(_whole(i) and i in middle for i in kept)
+    ok = isinstance(kept, list) and len(kept) <= len(middle)  # before the per-entry checks: a list may be huge
+    ok = ok and all(_whole(i) and middle[0] <= i <= middle[-1] for i in kept)
     if not ok or sorted(set(kept)) != kept:
         raise PackageError(
             f"the manifest's kept_middle_blocks must be increasing middle blocks {middle[:1]}..{middle[-1:]}, got "
@@ -327,4 +342,17 @@ def load_package(path: str) -> EmulatorPackage:
     if pkg.layout.num_layers != num_blocks(config):
         raise PackageError(f"manifest layout has {pkg.layout.num_layers} blocks, config.json {num_blocks(config)}")
     check_slots(manifest, pkg.layout, config)
+    check_pruning(manifest, config)
     return pkg
+
+
+def check_pruning(manifest: dict, config) -> None:
+    """Refuses a "pruning" record whose MLP width is not a whole number in 1..the model's own width."""
+    pruning = manifest.get("pruning", {})
+    if not isinstance(pruning, dict):
+        raise PackageError(f"the manifest's pruning must be a record, got {str(pruning)[:80]}")
+    width, full = pruning.get("mlp_width"), full_mlp_width(config)
+    if width is not None and not (_whole(width) and 0 < width <= full):
+        raise PackageError(
+            f"the manifest's pruning.mlp_width must be 1..{full} (the model's own), got {str(width)[:40]}"
+        )

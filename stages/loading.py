@@ -174,8 +174,11 @@ def build_client_model(
     from transformers import AutoModelForCausalLM
 
     cfg = shell_config(config, layout)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=placement.dtype)
+    except Exception as e:  # noqa: BLE001 - the config may come from the network: any failure is its fault
+        raise ModelLoadError(f"the model configuration does not build ({type(e).__name__}: {e})"[:200]) from None
     _compute_buffers(model, placement.device)
     wanted = model.state_dict()
     unexpected = [k for k in state if k not in wanted]
@@ -293,6 +296,7 @@ def config_from_json(text: str):
 
     try:
         d = json.loads(text)
+        check_config_values(d)
         return AutoConfig.for_model(d.pop("model_type"), **d)
     except (
         ValueError,
@@ -305,6 +309,37 @@ def config_from_json(text: str):
         raise ModelLoadError(
             f"a model configuration that does not load ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
         ) from None
+
+
+# Sizes a config from the network must give as positive whole numbers (model code divides by them and allocates).
+SIZE_FIELDS = (
+    "hidden_size", "n_embd", "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner",
+    "num_hidden_layers", "n_layer", "vocab_size", "head_dim", "max_position_embeddings", "n_positions",
+)  # fmt: skip
+# Keys that choose code rather than describe the model: a received config never picks its attention kernel.
+CODE_FIELDS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal", "auto_map")
+
+
+def check_config_values(d: dict) -> None:
+    """Refuses a received config whose sizes are not positive whole numbers or whose activation is unknown; drops
+    the keys that would choose code (ModelLoadError, one line)."""
+    from transformers.activations import ACT2FN
+
+    if not isinstance(d, dict):
+        raise ModelLoadError("a model configuration must be a JSON object")
+    bad = [k for k in SIZE_FIELDS if d.get(k) is not None and not (type(d[k]) is int and d[k] > 0)]
+    if bad:
+        raise ModelLoadError(
+            f"a model configuration whose {bad[0]} is not a positive whole number: {str(d[bad[0]])[:40]}"
+        )
+    pad, vocab = d.get("pad_token_id"), d.get("vocab_size")
+    if pad is not None and not (type(pad) is int and 0 <= pad < (vocab or pad + 1)):
+        raise ModelLoadError(f"a model configuration whose pad_token_id is not a token: {str(pad)[:40]}")
+    for key in ("hidden_act", "activation_function"):
+        if key in d and not (isinstance(d[key], str) and d[key] in ACT2FN):
+            raise ModelLoadError(f"a model configuration with an unknown {key}: {str(d[key])[:40]}")
+    for key in CODE_FIELDS:
+        d.pop(key, None)
 
 
 def n_params(state: dict[str, torch.Tensor]) -> int:
