@@ -35,15 +35,12 @@ from .allowed_files import (
     read_by_transformers,
     stage_files,
 )
+from .download_target import CACHE_MANIFEST, check_replaceable
 from .errors import ClientError
 from .rundir import write_atomic
 
 if TYPE_CHECKING:
     from .transport import Transport
-
-# Written by this client beside downloaded files: name -> SHA-256. Its leading dot keeps it out of SAFE_NAME,
-# so no server can send a file of that name.
-CACHE_MANIFEST = ".verified.json"
 
 
 class _Receiver:
@@ -159,9 +156,13 @@ def receive(chunks, target: str, allowed: Allowed, check=None) -> dict[str, str]
         if check is not None:
             check(staging, digests)
         write_atomic(os.path.join(staging, CACHE_MANIFEST), json.dumps(digests, sort_keys=True).encode())
-        _commit(staging, target)
-    except BaseException:
+        _commit(staging, target, allowed)
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # e.g. a mount point: EBUSY
+            raise ClientError(
+                f"cannot put {allowed.what} in {target} ({e.strerror or e}); choose another directory"
+            ) from None
         raise
     return digests
 
@@ -177,14 +178,21 @@ def _makedirs_private(path: str) -> None:
         pass
 
 
-def _commit(staging: str, target: str) -> None:
-    """Renames staging to target; a target already there (stale or another client's) is moved aside first."""
+def _commit(staging: str, target: str, allowed: Allowed) -> None:
+    """Renames staging to target; a target already there (stale or another client's) is moved aside first.
+
+    Outside the client's own cache (whose entries are replaced whatever they hold: a tampered one is downloaded
+    again), only a target check_replaceable accepts is moved aside: never a directory of the user's files.
+    """
     try:
         os.rename(staging, target)
         return
     except OSError:
         if not os.path.lexists(target):
             raise
+    cache = os.path.abspath(cache_root())
+    if os.path.commonpath([os.path.abspath(target), cache]) != cache:
+        check_replaceable(target, allowed)
     aside = f"{target}.old-{uuid.uuid4().hex[:12]}"
     try:
         os.rename(target, aside)

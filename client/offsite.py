@@ -34,22 +34,40 @@ log = logging.getLogger(__name__)
 
 
 def adapter_lora_config(adapter_dir: str) -> LoraConfig:
-    """The LoraConfig an adapter directory was trained with (dropout off: for evaluation)."""
+    """The LoraConfig an adapter directory was trained with (dropout off: for evaluation).
+
+    Raises:
+        ClientError: (one line, naming the file and the field) adapter_config.json is not the object peft writes.
+    """
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     try:
-        with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ClientError(
-            f"--adapter: cannot read {ADAPTER_CONFIG} in {adapter_dir!r} ({e}); pass a run's adapter/ directory"
-        ) from None
-    lora = LoraConfig(
-        rank=int(cfg["r"]),
-        alpha=float(cfg["lora_alpha"]),
+        with open(path, "rb") as f:
+            cfg = json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
+        raise ClientError(f"--adapter: cannot read {path} ({e}); pass a run's adapter/ directory") from None
+    if not isinstance(cfg, dict):
+        raise ClientError(f"--adapter: {path} holds a JSON {type(cfg).__name__}, not an object of LoRA settings")
+    rank, targets = cfg.get("r"), cfg.get("target_modules") or []
+    alpha = cfg.get("lora_alpha", rank)  # as the cloud reads it (cloud/adapter_config.py), and its bounds
+    for field, value, ok, what in (
+        ("r", rank, isinstance(rank, int) and 1 <= rank <= 4096, "an integer in 1..4096 (the LoRA rank)"),
+        ("lora_alpha", alpha, isinstance(alpha, (int, float)) and 0 < alpha <= 1e6, "a number in (0, 1e6]"),
+        (
+            "target_modules",
+            targets,
+            isinstance(targets, list) and all(isinstance(n, str) for n in targets),
+            "a list of names",
+        ),
+    ):
+        if not ok or isinstance(value, bool):
+            raise ClientError(f"--adapter: {path}: {field!r} must be {what}, not {value!r:.60}")
+    return LoraConfig(
+        rank=rank,
+        alpha=float(alpha),
         dropout=0.0,
-        target_modules=tuple(cfg.get("target_modules") or ()),
+        target_modules=tuple(targets),
         layers=_layers_to_transform(cfg, adapter_dir),
     )
-    return lora
 
 
 def _layers_to_transform(cfg: dict, adapter_dir: str) -> tuple[int, ...]:

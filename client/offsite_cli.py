@@ -65,10 +65,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_fetch_emulator(args: argparse.Namespace) -> int:
+    from .allowed_files import emulator_files
+    from .download_target import check_replaceable
     from .offsite import fetch_emulator
     from .rundir import check_creatable
 
     check_creatable(args.out, "--out")
+    check_replaceable(args.out, emulator_files(), "--out")  # before any network call: a user's files are kept
     print(json.dumps(fetch_emulator(flags.transport_config(args), args.out)))
     return 0
 
@@ -142,7 +145,11 @@ def _add_fetch_emulator_parser(sub) -> None:
         "fetch-emulator", help="download the cloud's emulator package for offsite tuning (bytes accounted)"
     )
     parser.add_argument(
-        "--out", required=True, metavar="PKG", help="package directory to write (replaced when it exists)"
+        "--out",
+        required=True,
+        metavar="PKG",
+        help="package directory to write; an existing one is replaced only when it is empty or holds an "
+        "emulator package (a directory of other files, such as a run, is refused and kept)",
     )
     flags.add_transport_flags(parser)
     parser.set_defaults(func=run_fetch_emulator)
