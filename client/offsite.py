@@ -16,6 +16,7 @@ from tandem.emulator.errors import PackageError
 from tandem.emulator.package import MANIFEST, load_package
 from tandem.protos import offsite_pb2 as offsite_pb
 from tandem.protos import offsite_pb2_grpc as offsite_pb_grpc
+from tandem.protos.handshake import package_transcript
 from tandem.stages.adapter_files import ADAPTER_CONFIG, CLIENT_BLOCKS, adapter_digest, read_adapter_dir, sha256
 from tandem.stages.arch import arch_for
 from tandem.stages.lora import LoraConfig, block_of, load_peft_tensors
@@ -23,11 +24,13 @@ from tandem.stages.lora import LoraConfig, block_of, load_peft_tensors
 from .allowed_files import MAX_DOWNLOAD_BYTES, emulator_files
 from .assemble import connect_split
 from .data import MAX_VAL_SEQUENCES, load_split
+from .downloads import receive
 from .errors import ClientError
 from .evaluation import evaluate
 from .meter import Meter
 from .model import StagedModel
 from .rundir import write_json
+from .signed_replies import PackageSeal, check_reply, check_signed, fresh_nonce
 from .transport import Transport, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -124,11 +127,13 @@ def fetch_emulator(transport_cfg: TransportConfig, out: str, max_bytes: int = MA
     """Downloads the server's emulator package into `out` and verifies it; returns a summary with bytes.
 
     Only the files a package holds are accepted, each against its SHA-256 and within `max_bytes` in all;
-    `out` is replaced only when the whole package verifies (see tandem.client.downloads).
+    `out` is replaced only when the whole package verifies (see tandem.client.downloads), and is the package the
+    serving process signed for this request (client/signed_replies.py).
     """
     transport = Transport(transport_cfg, stub=offsite_pb_grpc.OffsiteTuningStub)
     t0 = time.perf_counter()
     seen: dict = {}
+    request, seal = offsite_pb.FetchEmulatorRequest(nonce=fresh_nonce()), PackageSeal(MANIFEST)
 
     def verify(staging: str, digests: dict[str, str]) -> None:
         if MANIFEST not in digests:
@@ -144,10 +149,12 @@ def fetch_emulator(transport_cfg: TransportConfig, out: str, max_bytes: int = MA
                 f"the server sent files {sorted(set(digests) - listed)} its manifest does not list; "
                 "refusing the package"
             )
+        transcript = package_transcript(request.nonce, digests)
+        seen["signature"] = check_signed(transport, "emulator package", seal.certificate, seal.signature, transcript)
 
     try:
-        request = offsite_pb.FetchEmulatorRequest()
-        digests = transport.download("FetchEmulator", request, out, emulator_files(max_bytes), verify)
+        chunks = seal.watch(transport.stream("FetchEmulator", request))
+        digests = receive(chunks, out, emulator_files(max_bytes), verify)
     finally:
         transport.close()
     totals = transport.meter.totals()["one_time"].get("FetchEmulator", {})
@@ -160,6 +167,7 @@ def fetch_emulator(transport_cfg: TransportConfig, out: str, max_bytes: int = MA
         "wall_s": time.perf_counter() - t0,
         "model_id": seen["model_id"],
         "kept_middle_blocks": seen["kept"],
+        "signature": seen["signature"],  # "authenticated", or "unauthenticated" without a CA (--insecure)
     }
 
 
@@ -189,12 +197,14 @@ def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "
         name=name,
         files=[offsite_pb.AdapterFile(name=n, data=b, sha256=sha256(b)) for n, b in sorted(blobs.items())],
         public=public,
+        nonce=fresh_nonce(),
     )
     transport = Transport(transport_cfg, stub=offsite_pb_grpc.OffsiteTuningStub)
     try:
         resp = transport.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
     finally:
         transport.close()
+    signature = check_reply(transport, "PushAdapter", req.nonce, resp)
     adapter = resp.adapter
     if adapter.sha256 != adapter_digest(blobs):
         raise ClientError("the cloud registered a different digest than this adapter's; push again")
@@ -208,6 +218,7 @@ def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "
         "owner": adapter.owner,
         "public": adapter.public,
         "already_registered": resp.already_registered,
+        "signature": signature,
         "bytes_sent": totals["sent"],
         "bytes_received": totals["received"],
     }
@@ -216,10 +227,12 @@ def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "
 def _check_registered(transport_cfg: TransportConfig, meter: Meter, name: str, adapter_dir: str, digest: str) -> None:
     """Refuses an adapter `name` the server does not list for this identity, or lists with another digest."""
     transport = Transport(transport_cfg, meter, stub=offsite_pb_grpc.OffsiteTuningStub)
+    request = offsite_pb.ListAdaptersRequest(nonce=fresh_nonce())
     try:
-        resp = transport.call("ListAdapters", offsite_pb.ListAdaptersRequest(), kind="ListAdapters", one_time=True)
+        resp = transport.call("ListAdapters", request, kind="ListAdapters", one_time=True)
     finally:
         transport.close()
+    check_reply(transport, "ListAdapters", request.nonce, resp)
     listed = {adapter.name: adapter for adapter in resp.adapters}
     if name not in listed:
         raise ClientError(

@@ -1,14 +1,19 @@
-"""gRPC servicer of Offsite-Tuning: the emulator download from an OffsiteService, adapter push and list."""
+"""gRPC servicer of Offsite-Tuning: the emulator download from an OffsiteService, adapter push and list, signed.
+
+What the client relies on - the package's files, the push and list replies - is signed over the client's nonce
+by the serving process's sealing key (protos/handshake.py), which a TLS-terminating hop does not hold."""
 
 from __future__ import annotations
 
 import grpc
 
+from tandem.emulator.package import MANIFEST
 from tandem.protos import offsite_pb2 as pb
 from tandem.protos import offsite_pb2_grpc as pb_grpc
-from tandem.protos import serde, split_pb2
+from tandem.protos import serde
+from tandem.protos.handshake import MAX_NONCE_BYTES, package_transcript, reply_transcript, sign
 
-from .errors import AdapterRejected
+from .errors import AdapterRejected, InvalidRequest
 from .identity import Identities
 from .offsite import OffsiteService
 from .registry import AdapterRegistry, Registered
@@ -28,6 +33,13 @@ def registered_to_proto(reg: Registered) -> pb.RegisteredAdapter:
     )
 
 
+def checked_nonce(request) -> bytes:
+    """The request's nonce, which the reply signs back; refused when longer than a nonce needs to be."""
+    if len(request.nonce) > MAX_NONCE_BYTES:
+        raise InvalidRequest(f"the nonce is {len(request.nonce)} bytes; at most {MAX_NONCE_BYTES} are signed")
+    return request.nonce
+
+
 class OffsiteServicer(Guarded, pb_grpc.OffsiteTuningServicer):
     """Thin gRPC shell over an OffsiteService and an AdapterRegistry. An adapter belongs to the identity that
     pushed it: others neither list it nor generate with it, unless it was pushed as public. Every call checks
@@ -39,44 +51,61 @@ class OffsiteServicer(Guarded, pb_grpc.OffsiteTuningServicer):
         registry: AdapterRegistry,
         identities: Identities,
         streams: StreamSlots | None = None,
+        sealing=None,
     ):
+        """`sealing`: (ECDSA P-256 key, certificate DER) that signs replies (cloud/tls.py load_sealing), or None."""
         self.service = service
         self.registry = registry
         self.identities = identities
         self.streams = streams or StreamSlots(4, 600.0)  # shared with FetchClientStages (cloud/server.py)
+        self.sealing = sealing
+
+    def _signature(self, transcript: bytes) -> tuple[bytes, bytes]:
+        """(certificate DER, signature over the transcript); empty without a sealing key."""
+        if self.sealing is None:
+            return b"", b""
+        key, cert_der = self.sealing
+        return cert_der, sign(key, transcript)
+
+    def _signed(self, method: str, nonce: bytes, reply):
+        """The reply with its signature over the request's nonce and every other field of it."""
+        reply.seal_certificate, reply.seal_signature = self._signature(reply_transcript(method, nonce, reply))
+        return reply
 
     @guarded
     def FetchEmulator(self, request, context, who):
-        files = list(self.service.package_files())
-        release = self.streams.take(context)  # an unread stream holds a worker: bounded and timed
+        self.service.require_package()
+        nonce = checked_nonce(request)
+        release = self.streams.take(context)  # before any work: an unread stream holds a worker, bounded and timed
         try:
-            for name, blob, digest in files:
-                for off in range(0, max(len(blob), 1), serde.CHUNK_BYTES):
-                    chunk = split_pb2.FileChunk(
-                        name=name,
-                        offset=off,
-                        data=blob[off : off + serde.CHUNK_BYTES],
-                        total_bytes=len(blob),
-                        sha256=digest if off == 0 else "",
-                    )
-                    self.identities.pace(who, chunk.ByteSize(), context)
-                    yield chunk
+            digests = {name: digest for name, (_, digest) in self.service.files.items()}
+            seal = self._signature(package_transcript(nonce, digests))
+            for piece in self.service.chunks(serde.CHUNK_BYTES):  # read from disk as the client reads
+                chunk = pb.PackageChunk(**piece._asdict())
+                if piece.name == MANIFEST and piece.offset == 0:
+                    chunk.seal_certificate, chunk.seal_signature = seal
+                self.identities.pace(who, chunk.ByteSize(), context)
+                yield chunk
         finally:
             release()
 
     @guarded
     def PushAdapter(self, request, context, who):  # `who` is the adapter's owner
+        nonce = checked_nonce(request)
         files = {}
         for f in request.files:
             if f.name in files:
                 raise AdapterRejected(f"file {f.name!r} was sent twice")
             files[f.name] = (f.data, f.sha256)
         reg, again = self.registry.push(request.name, files, owner=who, public=request.public)
-        return pb.PushAdapterResponse(adapter=registered_to_proto(reg), already_registered=again)
+        reply = pb.PushAdapterResponse(adapter=registered_to_proto(reg), already_registered=again)
+        return self._signed("PushAdapter", nonce, reply)
 
     @guarded
     def ListAdapters(self, request, context, who):
-        return pb.ListAdaptersResponse(adapters=[registered_to_proto(r) for r in self.registry.list(who)])
+        nonce = checked_nonce(request)
+        reply = pb.ListAdaptersResponse(adapters=[registered_to_proto(r) for r in self.registry.list(who)])
+        return self._signed("ListAdapters", nonce, reply)
 
 
 def add_offsite(
@@ -85,6 +114,9 @@ def add_offsite(
     registry: AdapterRegistry,
     identities: Identities,
     streams: StreamSlots | None = None,
+    sealing=None,
 ) -> None:
-    """Registers the Offsite-Tuning servicer on a grpc.Server (`streams`: the download slots it shares)."""
-    pb_grpc.add_OffsiteTuningServicer_to_server(OffsiteServicer(service, registry, identities, streams), server)
+    """Registers the Offsite-Tuning servicer on a grpc.Server (`streams`: the download slots it shares; `sealing`:
+    the key and certificate that sign its replies)."""
+    servicer = OffsiteServicer(service, registry, identities, streams, sealing)
+    pb_grpc.add_OffsiteTuningServicer_to_server(servicer, server)

@@ -71,14 +71,17 @@ def build_server(
     identities = Identities(tls_dir, mutual, quotas)
     sealing = load_sealing(tls_dir) if tls_dir is not None else None  # signs sealing handshakes (protos/handshake.py)
     if tls_dir is not None and sealing is None:
-        log.warning("no sealing certificate in %s: TLS clients will refuse to seal (`cloud serve` issues one)", tls_dir)
+        log.warning(
+            "no sealing certificate in %s: TLS clients will refuse to seal or to fetch (`cloud serve` issues one)",
+            tls_dir,
+        )
     streams = download_slots(max_downloads, workers, download_deadline_s)
     servicer = SplitServicer(
         service, identities, metrics or Metrics(), require_sealing, sealing=sealing, streams=streams
     )
     pb_grpc.add_SplitTuningServicer_to_server(servicer, server)
     if offsite is not None:  # Offsite-Tuning (emulator download, adapter push): cloud/offsite_servicer.py
-        add_offsite(server, offsite, registry, identities, streams)
+        add_offsite(server, offsite, registry, identities, streams, sealing)
     if serving is not None:  # adapter serving (Generate): cloud/serving_servicer.py
         add_serving(server, serving, identities)
     health_servicer = _CheckedHealth(identities)

@@ -7,6 +7,10 @@ no TLS certificate. It signs the transcript: a label, the session id, both X2551
 digest of every other field of OpenSessionRequest and OpenSessionResponse. The client checks the
 certificate against the CA it trusts for TLS and the signature against the transcript it computed
 itself; the transcript hash also salts the sealing keys (protos/sealing.py).
+
+The same key signs what Offsite-Tuning's client relies on (protos/offsite.proto): the emulator
+package's files (package_transcript) and the adapter push and list replies (reply_transcript),
+each over a fresh nonce of the client's, so no hop can substitute them or replay old ones.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from .sealing import canonical
 # A private arc: "tandem sealing". A certificate without it never signs a handshake.
 SEALING_EKU = x509.ObjectIdentifier("1.3.6.1.4.1.57264.1.1")
 _LABEL = b"tandem/v1 sealing handshake"
+_PACKAGE_LABEL = b"tandem/v1 emulator package"
+_REPLY_LABEL = b"tandem/v1 signed reply"
+NONCE_BYTES = 32  # what a client sends
+MAX_NONCE_BYTES = 64  # what a server signs back at most
 _SEAL_FIELDS = frozenset({"seal_public_key", "seal_certificate", "seal_signature"})
 
 
@@ -34,8 +42,22 @@ class HandshakeError(ValueError):
 def transcript_hash(session_id: str, client_public: bytes, server_public: bytes, request, response) -> bytes:
     """SHA-256 over the label, session id, both keys and the parameters of both OpenSession messages."""
     params = hashlib.sha256(canonical(request, _SEAL_FIELDS) + canonical(response, _SEAL_FIELDS)).digest()
+    return _hash_parts(_LABEL, session_id.encode(), client_public, server_public, params)
+
+
+def package_transcript(nonce: bytes, digests: dict[str, str]) -> bytes:
+    """What FetchEmulator signs: the client's nonce and every file's name and SHA-256 (the manifest's too)."""
+    return _hash_parts(_PACKAGE_LABEL, nonce, files_digest(digests).encode())
+
+
+def reply_transcript(method: str, nonce: bytes, reply) -> bytes:
+    """What a signed unary reply (PushAdapter, ListAdapters) signs: the method, the nonce and every other field."""
+    return _hash_parts(_REPLY_LABEL, method.encode(), nonce, canonical(reply, _SEAL_FIELDS))
+
+
+def _hash_parts(*parts: bytes) -> bytes:
     h = hashlib.sha256()
-    for part in (_LABEL, session_id.encode(), client_public, server_public, params):
+    for part in parts:
         h.update(len(part).to_bytes(4, "big") + part)  # length-prefixed: no two transcripts encode alike
     return h.digest()
 
@@ -94,11 +116,18 @@ def _purpose(cert: x509.Certificate) -> None:
 
 
 def verify(
-    cert_der: bytes, signature: bytes, transcript: bytes, ca_pem: bytes, now: dt.datetime | None = None
+    cert_der: bytes,
+    signature: bytes,
+    transcript: bytes,
+    ca_pem: bytes,
+    now: dt.datetime | None = None,
+    signed: str = "handshake",
+    changed: str = "the sealing keys or session parameters were",
 ) -> x509.Certificate:
-    """Checks the sealing certificate (CA, validity, purpose, key type) and its signature over `transcript`."""
+    """Checks the sealing certificate (CA, validity, purpose, key type) and its signature over `transcript`;
+    `signed` and `changed` name what was signed in the errors."""
     if not cert_der or not signature:
-        raise HandshakeError("the server sent no sealing certificate or no handshake signature")
+        raise HandshakeError(f"the server sent no sealing certificate or no {signed} signature")
     try:
         cert = x509.load_der_x509_certificate(cert_der)
     except ValueError:
@@ -117,7 +146,5 @@ def verify(
     try:
         key.verify(signature, transcript, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
-        raise HandshakeError(
-            "the handshake signature does not verify: the sealing keys or session parameters were changed on the way"
-        ) from None
+        raise HandshakeError(f"the {signed} signature does not verify: {changed} changed on the way") from None
     return cert

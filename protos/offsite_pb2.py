@@ -22,30 +22,31 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from tandem.protos import split_pb2 as tandem_dot_protos_dot_split__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/protos/offsite.proto\x12\ttandem.v1\x1a\x19tandem/protos/split.proto\"\x16\n\x14\x46\x65tchEmulatorRequest\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"Y\n\x12PushAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x16.tandem.v1.AdapterFile\x12\x0e\n\x06public\x18\x03 \x01(\x08\"\x82\x01\n\x11RegisteredAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06public\x18\x07 \x01(\x08\"`\n\x13PushAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.tandem.v1.RegisteredAdapter\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"\x15\n\x13ListAdaptersRequest\"F\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.tandem.v1.RegisteredAdapter2\xf8\x01\n\rOffsiteTuning\x12H\n\rFetchEmulator\x12\x1f.tandem.v1.FetchEmulatorRequest\x1a\x14.tandem.v1.FileChunk0\x01\x12L\n\x0bPushAdapter\x12\x1d.tandem.v1.PushAdapterRequest\x1a\x1e.tandem.v1.PushAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/protos/offsite.proto\x12\ttandem.v1\"%\n\x14\x46\x65tchEmulatorRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\x91\x01\n\x0cPackageChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x18\n\x10seal_certificate\x18\x06 \x01(\x0c\x12\x16\n\x0eseal_signature\x18\x07 \x01(\x0c\"9\n\x0b\x41\x64\x61pterFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"h\n\x12PushAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x16.tandem.v1.AdapterFile\x12\x0e\n\x06public\x18\x03 \x01(\x08\x12\r\n\x05nonce\x18\x04 \x01(\x0c\"\x82\x01\n\x11RegisteredAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0e\n\x06params\x18\x03 \x01(\x03\x12\x0e\n\x06\x62locks\x18\x04 \x03(\x05\x12\x10\n\x08model_id\x18\x05 \x01(\t\x12\r\n\x05owner\x18\x06 \x01(\t\x12\x0e\n\x06public\x18\x07 \x01(\x08\"\x92\x01\n\x13PushAdapterResponse\x12-\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x1c.tandem.v1.RegisteredAdapter\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\x12\x18\n\x10seal_certificate\x18\x03 \x01(\x0c\x12\x16\n\x0eseal_signature\x18\x04 \x01(\x0c\"$\n\x13ListAdaptersRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"x\n\x14ListAdaptersResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.tandem.v1.RegisteredAdapter\x12\x18\n\x10seal_certificate\x18\x02 \x01(\x0c\x12\x16\n\x0eseal_signature\x18\x03 \x01(\x0c\x32\xfb\x01\n\rOffsiteTuning\x12K\n\rFetchEmulator\x12\x1f.tandem.v1.FetchEmulatorRequest\x1a\x17.tandem.v1.PackageChunk0\x01\x12L\n\x0bPushAdapter\x12\x1d.tandem.v1.PushAdapterRequest\x1a\x1e.tandem.v1.PushAdapterResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.protos.offsite_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FETCHEMULATORREQUEST']._serialized_start=69
-  _globals['_FETCHEMULATORREQUEST']._serialized_end=91
-  _globals['_ADAPTERFILE']._serialized_start=93
-  _globals['_ADAPTERFILE']._serialized_end=150
-  _globals['_PUSHADAPTERREQUEST']._serialized_start=152
-  _globals['_PUSHADAPTERREQUEST']._serialized_end=241
-  _globals['_REGISTEREDADAPTER']._serialized_start=244
-  _globals['_REGISTEREDADAPTER']._serialized_end=374
-  _globals['_PUSHADAPTERRESPONSE']._serialized_start=376
-  _globals['_PUSHADAPTERRESPONSE']._serialized_end=472
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=474
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=495
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=497
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=567
-  _globals['_OFFSITETUNING']._serialized_start=570
-  _globals['_OFFSITETUNING']._serialized_end=818
+  _globals['_FETCHEMULATORREQUEST']._serialized_start=42
+  _globals['_FETCHEMULATORREQUEST']._serialized_end=79
+  _globals['_PACKAGECHUNK']._serialized_start=82
+  _globals['_PACKAGECHUNK']._serialized_end=227
+  _globals['_ADAPTERFILE']._serialized_start=229
+  _globals['_ADAPTERFILE']._serialized_end=286
+  _globals['_PUSHADAPTERREQUEST']._serialized_start=288
+  _globals['_PUSHADAPTERREQUEST']._serialized_end=392
+  _globals['_REGISTEREDADAPTER']._serialized_start=395
+  _globals['_REGISTEREDADAPTER']._serialized_end=525
+  _globals['_PUSHADAPTERRESPONSE']._serialized_start=528
+  _globals['_PUSHADAPTERRESPONSE']._serialized_end=674
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=676
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=712
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=714
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=834
+  _globals['_OFFSITETUNING']._serialized_start=837
+  _globals['_OFFSITETUNING']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

@@ -4,7 +4,6 @@ import grpc
 import warnings
 
 from tandem.protos import offsite_pb2 as tandem_dot_protos_dot_offsite__pb2
-from tandem.protos import split_pb2 as tandem_dot_protos_dot_split__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -38,7 +37,7 @@ class OffsiteTuningStub:
         self.FetchEmulator = channel.unary_stream(
                 '/tandem.v1.OffsiteTuning/FetchEmulator',
                 request_serializer=tandem_dot_protos_dot_offsite__pb2.FetchEmulatorRequest.SerializeToString,
-                response_deserializer=tandem_dot_protos_dot_split__pb2.FileChunk.FromString,
+                response_deserializer=tandem_dot_protos_dot_offsite__pb2.PackageChunk.FromString,
                 _registered_method=True)
         self.PushAdapter = channel.unary_unary(
                 '/tandem.v1.OffsiteTuning/PushAdapter',
@@ -57,7 +56,8 @@ class OffsiteTuningServicer:
 
     def FetchEmulator(self, request, context):
         """Streams the emulator package's files in chunks (SHA-256 on each file's first chunk),
-        manifest.json last. FAILED_PRECONDITION when the server was started without --emulator.
+        manifest.json last, its first chunk signed. FAILED_PRECONDITION when the server was
+        started without --emulator.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,7 +84,7 @@ def add_OffsiteTuningServicer_to_server(servicer, server):
             'FetchEmulator': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchEmulator,
                     request_deserializer=tandem_dot_protos_dot_offsite__pb2.FetchEmulatorRequest.FromString,
-                    response_serializer=tandem_dot_protos_dot_split__pb2.FileChunk.SerializeToString,
+                    response_serializer=tandem_dot_protos_dot_offsite__pb2.PackageChunk.SerializeToString,
             ),
             'PushAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.PushAdapter,
@@ -123,7 +123,7 @@ class OffsiteTuning:
             target,
             '/tandem.v1.OffsiteTuning/FetchEmulator',
             tandem_dot_protos_dot_offsite__pb2.FetchEmulatorRequest.SerializeToString,
-            tandem_dot_protos_dot_split__pb2.FileChunk.FromString,
+            tandem_dot_protos_dot_offsite__pb2.PackageChunk.FromString,
             options,
             channel_credentials,
             insecure,
