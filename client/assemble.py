@@ -12,7 +12,7 @@ from tandem.stages.lora_layers import check_layers, format_layers, select_slots,
 from tandem.stages.modules import BottomStage, MiddleStage, StageLayout, TopStage
 from tandem.stages.precision import resolve
 
-from .allowed_files import STAGES_FILE
+from .allowed_files import STAGES_FILE, TOKENIZER_NAMES, check_no_remote_code
 from .downloads import fetch_client_files, load_tokenizer
 from .errors import ClientError
 from .model import LocalMiddle, StagedModel, seeded_generator
@@ -243,11 +243,24 @@ def build_offsite(pkg_dir: str, lora: LoraConfig, seed: int, device: str = "auto
         raise ClientError(f"--emulator: {e}") from None
 
 
+def _check_tokenizer_files(package) -> None:
+    """The tokenizer loads only from files the package's manifest hashes, and none of them names code."""
+    import os
+
+    listed = set(package.manifest["files"])
+    unlisted = sorted(n for n in os.listdir(package.path) if n in TOKENIZER_NAMES and n not in listed)
+    if unlisted:
+        raise ClientError(f"--emulator: {package.path} holds {unlisted[0]}, which its manifest does not list")
+    for name in sorted(listed):
+        check_no_remote_code(name, package.read(name))
+
+
 def _offsite_model(pkg_dir: str, lora: LoraConfig, seed: int, device: str, dtype: str) -> StagedModel:
     from tandem.emulator.package import load_package
     from tandem.stages.loading import load_tokenizer as load_tokenizer_dir
 
     package = load_package(pkg_dir)
+    _check_tokenizer_files(package)
     config = package.config()
     layout = package.layout
     placement = resolve(device, dtype, config)

@@ -46,8 +46,12 @@ def forged(honest: str, where: str, edit) -> str:
 
 
 def config_edit(**values):
+    return json_edit(CONFIG_FILE, **values)
+
+
+def json_edit(name: str, **values):
     def edit(_manifest, where):
-        path = os.path.join(where, CONFIG_FILE)
+        path = os.path.join(where, name)
         with open(path) as f:
             config = json.load(f)
         config.update(values)
@@ -114,6 +118,14 @@ CASES = {
     "a sink of another size": (sink_edit(first_token_output=torch.zeros(7)), "one vector of 32 numbers"),
     "a sink without its vector": (sink_edit(other=torch.zeros(32)), "one vector of 32 numbers"),
     "a NaN sink": (sink_edit(first_token_output=torch.full((32,), float("nan"))), "sink.safetensors holds NaN"),
+    "a tokenizer file the manifest does not list": (
+        lambda m, d: open(os.path.join(d, "special_tokens_map.json"), "w").write("{}"),
+        "special_tokens_map.json, which its manifest does not list",
+    ),
+    "a tokenizer config that names code": (
+        json_edit("tokenizer_config.json", auto_map={"AutoTokenizer": ["x.Tok", None]}),
+        "would make transformers run",
+    ),
     "no key-value heads": (config_edit(num_key_value_heads=0), "num_key_value_heads is not a positive whole"),
     "negative vocabulary": (config_edit(vocab_size=-1), "vocab_size is not a positive whole"),
     "unknown activation": (config_edit(hidden_act="bogus"), "unknown hidden_act"),
