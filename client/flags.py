@@ -115,8 +115,11 @@ def add_transport_flags(parser: argparse.ArgumentParser) -> None:
 
 def transport_config(args: argparse.Namespace, **settings):
     """The TransportConfig the connection flags describe; `settings` adds the command's own (seal, codecs)."""
+    from .errors import ClientError
     from .transport import TransportConfig
 
+    if args.insecure and args.ca:  # plaintext checks no certificate and no signature: the CA would do nothing
+        raise ClientError("--insecure talks plaintext and checks nothing, so it cannot go with --ca")
     return TransportConfig(
         server=args.server,
         insecure=args.insecure,

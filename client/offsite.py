@@ -138,19 +138,19 @@ def fetch_emulator(transport_cfg: TransportConfig, out: str, max_bytes: int = MA
     def verify(staging: str, digests: dict[str, str]) -> None:
         if MANIFEST not in digests:
             raise ClientError("the server's package has no manifest; ask the operator to rebuild it")
+        transcript = package_transcript(request.nonce, digests)  # first: nothing parses a hop's files
+        seen["signature"] = check_signed(transport, "emulator package", seal.certificate, seal.signature, transcript)
         try:
             manifest = load_package(staging).manifest  # every file against the manifest's SHA-256
             listed = set(manifest["files"]) | {MANIFEST}
             seen.update(model_id=str(manifest["model_id"]), kept=[int(i) for i in manifest["kept_middle_blocks"]])
-        except (PackageError, KeyError, TypeError, ValueError, AttributeError) as e:
+        except (PackageError, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
             raise ClientError(f"the downloaded package does not verify: {e}") from None
         if listed != set(digests):
             raise ClientError(
                 f"the server sent files {sorted(set(digests) - listed)} its manifest does not list; "
                 "refusing the package"
             )
-        transcript = package_transcript(request.nonce, digests)
-        seen["signature"] = check_signed(transport, "emulator package", seal.certificate, seal.signature, transcript)
 
     try:
         chunks = seal.watch(transport.stream("FetchEmulator", request))
@@ -204,10 +204,12 @@ def push_adapter(transport_cfg: TransportConfig, adapter_dir: str, name: str = "
         resp = transport.call("PushAdapter", req, kind="PushAdapter", one_time=True, retry=True)
     finally:
         transport.close()
-    signature = check_reply(transport, "PushAdapter", req.nonce, resp)
+    signature = check_reply(transport, "PushAdapter", req, resp)
     adapter = resp.adapter
     if adapter.sha256 != adapter_digest(blobs):
         raise ClientError("the cloud registered a different digest than this adapter's; push again")
+    if adapter.public != public or (name and adapter.name != name):  # the signature covers the request: a guard
+        raise ClientError(f"the cloud registered {adapter.name!r} (public={adapter.public}), not what was asked")
     totals = transport.meter.totals()["one_time"]["PushAdapter"]
     return {
         "name": adapter.name,
@@ -232,7 +234,7 @@ def _check_registered(transport_cfg: TransportConfig, meter: Meter, name: str, a
         resp = transport.call("ListAdapters", request, kind="ListAdapters", one_time=True)
     finally:
         transport.close()
-    check_reply(transport, "ListAdapters", request.nonce, resp)
+    check_reply(transport, "ListAdapters", request, resp)
     listed = {adapter.name: adapter for adapter in resp.adapters}
     if name not in listed:
         raise ClientError(

@@ -47,9 +47,9 @@ def check_signed(transport: Transport, what: str, certificate: bytes, signature:
     return "authenticated"
 
 
-def check_reply(transport: Transport, method: str, nonce: bytes, reply) -> str:
-    """check_signed for a unary reply (PushAdapter, ListAdapters): its every field, over this request's nonce."""
-    transcript = reply_transcript(method, nonce, reply)
+def check_reply(transport: Transport, method: str, request, reply) -> str:
+    """check_signed for a unary reply (PushAdapter, ListAdapters): its every field, over the request as sent."""
+    transcript = reply_transcript(method, request, reply)
     return check_signed(transport, f"{method} reply", reply.seal_certificate, reply.seal_signature, transcript)
 
 

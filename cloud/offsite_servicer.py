@@ -67,9 +67,9 @@ class OffsiteServicer(Guarded, pb_grpc.OffsiteTuningServicer):
         key, cert_der = self.sealing
         return cert_der, sign(key, transcript)
 
-    def _signed(self, method: str, nonce: bytes, reply):
-        """The reply with its signature over the request's nonce and every other field of it."""
-        reply.seal_certificate, reply.seal_signature = self._signature(reply_transcript(method, nonce, reply))
+    def _signed(self, method: str, request, reply):
+        """The reply with its signature over the request as received and every other field of the reply."""
+        reply.seal_certificate, reply.seal_signature = self._signature(reply_transcript(method, request, reply))
         return reply
 
     @guarded
@@ -91,7 +91,7 @@ class OffsiteServicer(Guarded, pb_grpc.OffsiteTuningServicer):
 
     @guarded
     def PushAdapter(self, request, context, who):  # `who` is the adapter's owner
-        nonce = checked_nonce(request)
+        checked_nonce(request)  # the reply signs the whole request back
         files = {}
         for f in request.files:
             if f.name in files:
@@ -99,13 +99,13 @@ class OffsiteServicer(Guarded, pb_grpc.OffsiteTuningServicer):
             files[f.name] = (f.data, f.sha256)
         reg, again = self.registry.push(request.name, files, owner=who, public=request.public)
         reply = pb.PushAdapterResponse(adapter=registered_to_proto(reg), already_registered=again)
-        return self._signed("PushAdapter", nonce, reply)
+        return self._signed("PushAdapter", request, reply)
 
     @guarded
     def ListAdapters(self, request, context, who):
-        nonce = checked_nonce(request)
+        checked_nonce(request)
         reply = pb.ListAdaptersResponse(adapters=[registered_to_proto(r) for r in self.registry.list(who)])
-        return self._signed("ListAdapters", nonce, reply)
+        return self._signed("ListAdapters", request, reply)
 
 
 def add_offsite(

@@ -90,6 +90,8 @@ def _take(session: Session, version: int, flat: torch.Tensor) -> None:
 def cloud_step(session: Session, flat_grad: torch.Tensor) -> torch.Tensor:
     """Applies a cloud optimizer session's update (its lock is held by the waiting request); nothing LoRA-sized
     goes back to the client, so this returns an empty gradient."""
+    if not all_finite(flat_grad):
+        raise InvalidRequest("lora gradient: contains NaN or Inf; the cloud optimizer does not step")
     session.lora = session.optimizer.step(flat_grad)
     session.lora_version += 1
     return torch.zeros(0)

@@ -277,8 +277,8 @@ def read_manifest(path: str) -> dict:
     try:
         with open(mpath) as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PackageError(f"cannot read {mpath}: {e}") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PackageError(f"cannot read {mpath}: {type(e).__name__}: {str(e)[:120]}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise PackageError(f"{mpath} is format {found!r}, this tandem reads {FORMAT!r}")

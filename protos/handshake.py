@@ -50,9 +50,11 @@ def package_transcript(nonce: bytes, digests: dict[str, str]) -> bytes:
     return _hash_parts(_PACKAGE_LABEL, nonce, files_digest(digests).encode())
 
 
-def reply_transcript(method: str, nonce: bytes, reply) -> bytes:
-    """What a signed unary reply (PushAdapter, ListAdapters) signs: the method, the nonce and every other field."""
-    return _hash_parts(_REPLY_LABEL, method.encode(), nonce, canonical(reply, _SEAL_FIELDS))
+def reply_transcript(method: str, request, reply) -> bytes:
+    """What a signed unary reply (PushAdapter, ListAdapters) signs: the method, every field of the request as the
+    server received it (its nonce too: a hop that rewrites the request is caught) and every other field of the
+    reply."""
+    return _hash_parts(_REPLY_LABEL, method.encode(), canonical(request), canonical(reply, _SEAL_FIELDS))
 
 
 def _hash_parts(*parts: bytes) -> bytes:

@@ -316,30 +316,41 @@ SIZE_FIELDS = (
     "hidden_size", "n_embd", "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner",
     "num_hidden_layers", "n_layer", "vocab_size", "head_dim", "max_position_embeddings", "n_positions",
 )  # fmt: skip
+MAX_HIDDEN = 1 << 16  # the largest published models use 16384
 # Keys that choose code rather than describe the model: a received config never picks its attention kernel.
 CODE_FIELDS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal", "auto_map")
 
 
 def check_config_values(d: dict) -> None:
-    """Refuses a received config whose sizes are not positive whole numbers or whose activation is unknown; drops
-    the keys that would choose code (ModelLoadError, one line)."""
+    """Refuses a received config whose sizes are not positive whole numbers (or absurd), whose padding token is
+    far outside the vocabulary or whose activation is unknown; drops the keys that would choose code
+    (ModelLoadError, one line)."""
     from transformers.activations import ACT2FN
 
     if not isinstance(d, dict):
         raise ModelLoadError("a model configuration must be a JSON object")
-    bad = [k for k in SIZE_FIELDS if d.get(k) is not None and not (type(d[k]) is int and d[k] > 0)]
-    if bad:
-        raise ModelLoadError(
-            f"a model configuration whose {bad[0]} is not a positive whole number: {str(d[bad[0]])[:40]}"
-        )
-    pad, vocab = d.get("pad_token_id"), d.get("vocab_size")
-    if pad is not None and not (type(pad) is int and 0 <= pad < (vocab or pad + 1)):
+    _check_sizes(d)
+    pad, vocab = d.get("pad_token_id"), d.get("vocab_size") or 0
+    if pad is not None and not (type(pad) is int and abs(pad) <= max(vocab, 1)):  # -1 and == vocab occur in real ones
         raise ModelLoadError(f"a model configuration whose pad_token_id is not a token: {str(pad)[:40]}")
     for key in ("hidden_act", "activation_function"):
         if key in d and not (isinstance(d[key], str) and d[key] in ACT2FN):
             raise ModelLoadError(f"a model configuration with an unknown {key}: {str(d[key])[:40]}")
     for key in CODE_FIELDS:
         d.pop(key, None)
+
+
+def _check_sizes(d: dict) -> None:
+    bad = [k for k in SIZE_FIELDS if d.get(k) is not None and not (type(d[k]) is int and d[k] > 0)]
+    if bad:
+        raise ModelLoadError(
+            f"a model configuration whose {bad[0]} is not a positive whole number: {str(d[bad[0]])[:40]}"
+        )
+    hidden = d.get("hidden_size") or d.get("n_embd") or 1
+    if hidden > MAX_HIDDEN or (d.get("head_dim") or 0) > hidden:  # buffers built from these come before weights
+        raise ModelLoadError(
+            f"a model configuration of hidden size {hidden} and head_dim {d.get('head_dim')}: too large"
+        )
 
 
 def n_params(state: dict[str, torch.Tensor]) -> int:

@@ -152,11 +152,12 @@ def whole_files(chunks) -> dict[str, bytes]:
 class HostileProxy:
     """Listens on loopback as the cloud; `rewrite(chunks) -> iterable of chunks` replaces each file stream.
 
-    `on_open(resp)` may alter an OpenSessionResponse in place. `yielded` counts the chunks sent to the client.
+    `on_open(resp)` may alter an OpenSessionResponse in place; `on_request(method, raw) -> raw` may rewrite any
+    unary request on its way up. `yielded` counts the chunks sent to the client.
     """
 
-    def __init__(self, server, rewrite=None, on_open=None):
-        self.rewrite, self.on_open = rewrite, on_open
+    def __init__(self, server, rewrite=None, on_open=None, on_request=None):
+        self.rewrite, self.on_open, self.on_request = rewrite, on_open, on_request
         self.yielded = 0
         self._lock = threading.Lock()
         key, cert, ca = read_bundle(server.identity)
@@ -194,6 +195,8 @@ class _HostileForwarder(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(lambda req, ctx: self._unary(method, req, ctx))
 
     def _unary(self, method: str, req: bytes, context) -> bytes:
+        if self.proxy.on_request is not None:
+            req = self.proxy.on_request(method, req)
         try:
             resp = self.proxy.upstream.unary_unary(method)(req, timeout=120)
         except grpc.RpcError as e:

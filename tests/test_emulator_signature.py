@@ -197,17 +197,20 @@ def test_registry_replies_are_signed_over_the_nonce(cloud):
     try:
         nonce = fresh_nonce()
         reply = _list(transport, nonce)
-        assert check_reply(transport, "ListAdapters", nonce, reply) == "authenticated"
+        request = offsite_pb2.ListAdaptersRequest(nonce=nonce)
+        assert check_reply(transport, "ListAdapters", request, reply) == "authenticated"
         with pytest.raises(ClientError, match="ListAdapters reply signature does not verify"):
-            check_reply(transport, "ListAdapters", fresh_nonce(), reply)  # an old reply, replayed
+            check_reply(
+                transport, "ListAdapters", offsite_pb2.ListAdaptersRequest(nonce=fresh_nonce()), reply
+            )  # replayed
         forged = offsite_pb2.ListAdaptersResponse()
         forged.CopyFrom(reply)
         forged.adapters.add(name="mine", sha256="0" * 64)  # what a hop would add to pass `--name mine`
         with pytest.raises(ClientError, match="ListAdapters reply signature does not verify"):
-            check_reply(transport, "ListAdapters", nonce, forged)
+            check_reply(transport, "ListAdapters", request, forged)
         forged.ClearField("seal_signature")
         with pytest.raises(ClientError, match="no ListAdapters reply signature"):
-            check_reply(transport, "ListAdapters", nonce, forged)
+            check_reply(transport, "ListAdapters", request, forged)
         with pytest.raises(ServerError, match="at most 64"):
             _list(transport, b"n" * 65)
     finally:
@@ -236,3 +239,34 @@ def test_without_a_ca_the_package_is_taken_unauthenticated(cloud, server_factory
         got = fetch_emulator(server.transport_cfg(insecure=True), str(tmp_path / "fetched"))
     assert got["signature"] == "unauthenticated" and "UNAUTHENTICATED" in caplog.text
     assert load_package(str(tmp_path / "fetched")).manifest == load_package(pkg).manifest
+
+
+def test_a_hop_that_rewrites_a_push_is_caught(cloud, tiny_models, tmp_path, monkeypatch):
+    """The hop makes a private push public under its own name: the server signs what it received, which is not
+    what the client sent, so the client refuses the reply (and a reply signed over the rewritten request, were
+    the check skipped, is still caught by the client's comparison with what it asked for)."""
+    from tandem.client.assemble import build_local
+    from tandem.client.offsite import push_adapter
+    from tandem.stages.lora import LoraConfig, PeftMeta, save_peft
+
+    server, hop, _, _ = cloud
+    staged = build_local(tiny_models["llama"], "2:2", LoraConfig(rank=4, alpha=8), seed=0)
+    adapter = str(tmp_path / "run" / "adapter")
+    save_peft(staged.adapter, adapter, PeftMeta(staged.model_id))
+
+    def flip(method, raw):
+        if not method.endswith("/PushAdapter"):
+            return raw
+        request = offsite_pb2.PushAdapterRequest.FromString(raw)
+        request.public, request.name = True, f"hop-chosen-{len(request.nonce)}"
+        return request.SerializeToString()
+
+    hop.on_request = flip
+    try:
+        with pytest.raises(ClientError, match="PushAdapter reply signature does not verify"):
+            push_adapter(_tcfg(server, hop.addr), adapter, name="private-one", public=False)
+        monkeypatch.setattr(offsite_mod, "check_reply", lambda *a: "skipped")
+        with pytest.raises(ClientError, match=r"registered 'hop-chosen-32' \(public=True\), not what was asked"):
+            push_adapter(_tcfg(server, hop.addr), adapter, name="private-two", public=False)
+    finally:
+        hop.on_request = None

@@ -110,6 +110,7 @@ def test_other_subcommands_check_their_flags(sample_data, sentinel, a_file, tmp_
         "--temperature": ["generate", "--prompt", "hi", *net, "--temperature", "-1"],
         "--max-new-tokens": ["generate", "--prompt", "hi", *net, "--max-new-tokens", "-1"],
         "--out ": ["fetch-emulator", "--out", os.path.join(a_file, "pkg"), *net],
+        "--ca": ["fetch-emulator", "--out", str(tmp_path / "pkg"), *net, "--ca", a_file],  # checks nothing
         "--tokens": ["audit", str(tmp_path), "--tokens", "0"],
         "--n": ["sample-data", "--n", "0"],
         "--log-level": ["--log-level", "loud", "sample-data"],

@@ -31,6 +31,9 @@ def honest(tiny_models, sample_data, tmp_path_factory):
     return pkg
 
 
+NESTED = "nested lists deeper than Python's parser recurses"
+
+
 def forged(honest: str, where: str, edit) -> str:
     """A copy of the honest package with `edit(manifest, dir)` applied and every hash made to match again."""
     shutil.rmtree(where, ignore_errors=True)
@@ -40,8 +43,9 @@ def forged(honest: str, where: str, edit) -> str:
     for name in manifest["files"]:
         with open(os.path.join(where, name), "rb") as f:
             manifest["files"][name]["sha256"] = sha256(f.read())
+    text = json.dumps(manifest).replace(json.dumps(NESTED), "[" * 100_000 + "]" * 100_000)  # too deep to dump
     with open(os.path.join(where, MANIFEST), "w") as f:
-        json.dump(manifest, f)
+        f.write(text)
     return where
 
 
@@ -130,6 +134,11 @@ CASES = {
     "negative vocabulary": (config_edit(vocab_size=-1), "vocab_size is not a positive whole"),
     "unknown activation": (config_edit(hidden_act="bogus"), "unknown hidden_act"),
     "padding outside the vocabulary": (config_edit(pad_token_id=10**9), "pad_token_id is not a token"),
+    "a head_dim far above the hidden size": (config_edit(head_dim=2**28), "head_dim 268435456: too large"),
+    "a deeply nested manifest": (
+        lambda m, d: m.update(nested=NESTED),
+        "cannot read .*RecursionError",
+    ),
 }
 
 
@@ -142,7 +151,9 @@ def test_a_hostile_package_is_refused_in_one_line(honest, tmp_path, case):
 
 
 def test_a_package_cannot_choose_the_attention_code(honest, tmp_path):
-    pkg = forged(honest, str(tmp_path / "pkg"), config_edit(attn_implementation="kernels-community/flash-attn"))
+    """It is dropped; the padding token of early Llama conversions (-1) is still accepted, as transformers does."""
+    edit = config_edit(attn_implementation="kernels-community/flash-attn", pad_token_id=-1)
+    pkg = forged(honest, str(tmp_path / "pkg"), edit)
     model = build_offsite(pkg, LoraConfig(rank=4), 0, device="cpu", dtype="float32")
     assert model.config._attn_implementation != "kernels-community/flash-attn"
 
