@@ -504,25 +504,56 @@ def distill(
     Returns:
         The student blocks and a history dict (validation KD before/after, per-step losses).
     """
-    from tqdm.auto import tqdm
-
     from tandem.stages.loading import load_tokenizer
 
     parts = parts_of(loaded.model)
     tokenizer = load_tokenizer(loaded.path)
     train, val = split_blocks(pack_blocks(texts, tokenizer, cfg.seq_len), cfg.val_fraction, cfg.seed)
     student = copy_blocks(parts, kept) if student is None else student
+    _check_student(student, kept, slots, slot_blocks, cfg, scales if learn_scales else [])
+    student.train(False)  # deterministic: no dropout in the student either
+    d = Distiller(parts, layout, kept, student, slots, slot_blocks, learnable(scales) if learn_scales else scales)
+    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    settings = run_settings(layout, kept, cfg, student, slots, slot_blocks, scales, learn_scales)
+    hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
+    start = 0
+    if cfg.resume:
+        ck = _load_checkpoint(ckpt_path, out_dir, settings)
+    else:
+        _first_validation(d, train, val, cfg, hist)
+    student.requires_grad_(True)
+    opt = build_optimizer(student, d.scales, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    if cfg.resume:
+        start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched, cfg.steps)
+        log.info("resumed distillation at step %d", start)
+    os.makedirs(out_dir, exist_ok=True)
+    run = _Run(d, opt, sched, cfg, learn_scales, ckpt_path, settings)
+    run.train(train, val, hist, start)
+    student.requires_grad_(False)
+    if learn_scales:
+        hist["slot_scales"] = [float(x) for x in d.scales.detach()]
+        log.info("learned slot scales %s", [round(a, 3) for a in hist["slot_scales"]])
+    hist["val_kd_before"] = hist["val"][0]["kd"]
+    hist["val_kd_after"] = hist["val"][-1]["kd"]
+    return student, hist
+
+
+def _check_student(student, kept, slots, slot_blocks, cfg: DistillConfig, learn_from) -> None:
+    """Refuses a student that does not fit its kept blocks and slot map (`learn_from`: the scales a learning
+    run starts from, None when missing; [] when not learning)."""
     if len(student) != len(kept):
         raise EmulatorError(f"{len(student)} student blocks for {len(kept)} kept blocks")
-    student.train(False)  # deterministic: no dropout in the student either
     if slots is not None and (slot_blocks is None or len(slot_blocks) != len(slots)):
         raise EmulatorError("a shared student needs the full-model block of every slot: one per slot")
     if cfg.init == "rescale" and slots is not None:
         raise EmulatorError("--init rescale fits one factor per block and slot; use --init copy with sharing")
-    if learn_scales and scales is None:
+    if learn_from is None:
         raise EmulatorError("learning slot scales needs the scales to start from (--slot-scales learn)")
-    d = Distiller(parts, layout, kept, student, slots, slot_blocks, learnable(scales) if learn_scales else scales)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
+
+
+def run_settings(layout, kept, cfg: DistillConfig, student, slots, slot_blocks, scales, learn_scales) -> dict:
+    """What a checkpoint must match to be resumed: the run's structure and the settings its steps depend on."""
     settings = {
         "kept": list(kept),
         "seed": cfg.seed,
@@ -539,76 +570,79 @@ def distill(
         settings["slot_scales"] = [float(x) for x in scales]
     if learn_scales:  # a key only when learning, so a fixed-scale run's checkpoint still resumes
         settings["slot_scales_learn"] = True
-    hist = {"config": asdict(cfg), "train_blocks": len(train), "val_blocks": len(val), "steps": [], "val": []}
-    start = 0
-    if cfg.resume:
-        ck = _load_checkpoint(ckpt_path, out_dir, settings)
-    else:
-        hist["val"].append({"step": 0, "init": "copy", **d.validate(val, cfg)})
-        if cfg.init == "rescale":
+    return settings
+
+
+def _first_validation(d: Distiller, train, val, cfg: DistillConfig, hist: dict) -> None:
+    """A fresh run's validation at step 0, and the residual rescaling when asked for (validated again)."""
+    hist["val"].append({"step": 0, "init": "copy", **d.validate(val, cfg)})
+    if cfg.init == "rescale":
+        t0 = time.perf_counter()
+        hist["rescale_factors"] = d.rescale(train[: cfg.batch_size * cfg.init_batches], cfg)
+        hist["rescale_s"] = time.perf_counter() - t0
+        log.info("residual rescaling factors %s", [round(f, 3) for f in hist["rescale_factors"]])
+        hist["val"].append({"step": 0, "init": "rescale", **d.validate(val, cfg)})
+
+
+class _Run:
+    """The distillation's steps from `start`: batches, updates, validations and checkpoints."""
+
+    def __init__(self, d: Distiller, opt, sched, cfg: DistillConfig, learn_scales: bool, ckpt_path: str, settings):
+        self.d, self.opt, self.sched, self.cfg = d, opt, sched, cfg
+        self.learn_scales, self.ckpt_path, self.settings = learn_scales, ckpt_path, settings
+
+    def train(self, train, val, hist: dict, start: int) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        per_epoch = max(1, len(train) // cfg.batch_size)
+        # The cache pays off once a block is seen twice: with more than one epoch of steps. (Decided on the
+        # whole run, not on what is left, so that a resumed run computes exactly what an uninterrupted one does.)
+        cache = None
+        if cfg.cache_teacher and cfg.steps > per_epoch and start < cfg.steps:
             t0 = time.perf_counter()
-            hist["rescale_factors"] = d.rescale(train[: cfg.batch_size * cfg.init_batches], cfg)
-            hist["rescale_s"] = time.perf_counter() - t0
-            log.info("residual rescaling factors %s", [round(f, 3) for f in hist["rescale_factors"]])
-            hist["val"].append({"step": 0, "init": "rescale", **d.validate(val, cfg)})
-    student.requires_grad_(True)
-    opt = build_optimizer(student, d.scales, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
-    if cfg.resume:
-        start, hist = _restore(ck, ckpt_path, student, d.scales if learn_scales else None, opt, sched, cfg.steps)
-        log.info("resumed distillation at step %d", start)
-    os.makedirs(out_dir, exist_ok=True)
-    per_epoch = max(1, len(train) // cfg.batch_size)
-    # The cache pays off once a block is seen twice: with more than one epoch of steps. (Decided on the
-    # whole run, not on what is left, so that a resumed run computes exactly what an uninterrupted one does.)
-    cache = None
-    if cfg.cache_teacher and cfg.steps > per_epoch and start < cfg.steps:
+            cache = TeacherCache(self.d, train, cfg)
+            hist["teacher_cache_s"] = hist.get("teacher_cache_s", 0.0) + time.perf_counter() - t0
+        bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
+        for step in range(start, cfg.steps):
+            epoch, i = divmod(step, per_epoch)
+            perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            hist["steps"].append(self.step(train[idx], cache.get(idx) if cache is not None else None, step))
+            bar.update(1)
+            bar.set_postfix(kd=f"{hist['steps'][-1]['kd']:.4f}", val_kd=f"{hist['val'][-1]['kd']:.4f}")
+            if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+                hist["val"].append({"step": step + 1, **self.d.validate(val, cfg)})
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+                self.checkpoint(step, hist)
+        bar.close()
+
+    def step(self, ids: torch.Tensor, cached, step: int) -> dict:
+        """One update on the (B, T) batch `ids`; returns its record."""
         t0 = time.perf_counter()
-        cache = TeacherCache(d, train, cfg)
-        hist["teacher_cache_s"] = hist.get("teacher_cache_s", 0.0) + time.perf_counter() - t0
-    bar = tqdm(total=cfg.steps, initial=start, desc="distill", unit="step", disable=not cfg.progress)
-    for step in range(start, cfg.steps):
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        ids = train[idx]  # (B, T)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        out = d.losses(ids, cfg, cache.get(idx) if cache is not None else None, step)
+        self.opt.zero_grad(set_to_none=True)
+        out = self.d.losses(ids, self.cfg, cached, step)
         _check_finite(float(out["loss"].detach()), step)
         out["loss"].backward()
-        opt.step()
-        if learn_scales:
+        self.opt.step()
+        if self.learn_scales:
             with torch.no_grad():
-                d.scales.clamp_(-MAX_SLOT_SCALE, MAX_SLOT_SCALE)  # what a package may hold
-        sched.step()
-        hist["steps"].append(
-            {"step": step, **{k: float(v.detach()) for k, v in out.items()}, "wall_s": time.perf_counter() - t0}
-        )
-        bar.update(1)
-        bar.set_postfix(kd=f"{hist['steps'][-1]['kd']:.4f}", val_kd=f"{hist['val'][-1]['kd']:.4f}")
-        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
-            hist["val"].append({"step": step + 1, **d.validate(val, cfg)})
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            # the weights too: a finite loss can still step them to NaN (the last step always checkpoints)
-            _check_finite(0.0 if _all_finite(student, d.scales if learn_scales else None) else math.nan, step)
-            save_checkpoint(
-                ckpt_path,
-                {
-                    "student": student.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "step": step + 1,
-                    "history": hist,
-                    "settings": settings,
-                    **({"slot_scales": d.scales.detach().clone()} if learn_scales else {}),
-                },
-            )
-    bar.close()
-    student.requires_grad_(False)
-    if learn_scales:
-        hist["slot_scales"] = [float(x) for x in d.scales.detach()]
-        log.info("learned slot scales %s", [round(a, 3) for a in hist["slot_scales"]])
-    hist["val_kd_before"] = hist["val"][0]["kd"]
-    hist["val_kd_after"] = hist["val"][-1]["kd"]
-    return student, hist
+                self.d.scales.clamp_(-MAX_SLOT_SCALE, MAX_SLOT_SCALE)  # what a package may hold
+        self.sched.step()
+        return {"step": step, **{k: float(v.detach()) for k, v in out.items()}, "wall_s": time.perf_counter() - t0}
+
+    def checkpoint(self, step: int, hist: dict) -> None:
+        """Saves the run after `step`; the weights must be finite (a finite loss can still step them to NaN)."""
+        student, scales = self.d.student, self.d.scales if self.learn_scales else None
+        _check_finite(0.0 if _all_finite(student, scales) else math.nan, step)
+        payload = {
+            "student": student.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": step + 1,
+            "history": hist,
+            "settings": self.settings,
+        }
+        if self.learn_scales:
+            payload["slot_scales"] = self.d.scales.detach().clone()
+        save_checkpoint(self.ckpt_path, payload)
