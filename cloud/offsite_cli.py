@@ -330,7 +330,11 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
         "--checkpoint-every", type=int, default=50, help="steps between checkpoints (OUT/distill_checkpoint.pt)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the text split and batch order")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/distill_checkpoint.pt")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/distill_checkpoint.pt (refused, in one line, when its structure, steps, rate or loss weights differ)",
+    )
     flags.add_threads_flag(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--out", required=True, metavar="PKG", help="package directory to write")

@@ -425,11 +425,15 @@ def _load_checkpoint(path: str, out_dir: str, settings: dict) -> dict:
             "not loaded); start fresh without --resume"
         )
     saved = ck["settings"]
-    changed = differing(saved, settings) + [k for k in saved if k not in settings]
+    structure = {k: v for k, v in settings.items() if k not in OBJECTIVE}
+    objective = {k: v for k, v in settings.items() if k in OBJECTIVE}  # older checkpoints lack these: not refused
+    changed = differing(saved, structure) + differing(saved, objective, missing_differs=False)
+    changed += [k for k in saved if k not in settings]
     if changed:
         raise EmulatorError(
             f"--resume: the checkpoint was made with other settings ({', '.join(map(str, changed))[:200]}); use the "
-            "same blocks, seed, layout, init, batch shape and slot scales, or start fresh without --resume"
+            "same blocks, seed, layout, init, batch shape, slot scales, steps, rate and loss weights, or start fresh "
+            "without --resume"
         )
     return ck
 
@@ -552,6 +556,13 @@ def _check_student(student, kept, slots, slot_blocks, cfg: DistillConfig, learn_
         raise EmulatorError("learning slot scales needs the scales to start from (--slot-scales learn)")
 
 
+# The settings a resumed run's steps depend on besides its structure: its schedule, objective and data split.
+OBJECTIVE = (
+    "steps", "lr", "warmup", "kd_weight", "lm_weight", "kl_weight", "layer_weight", "jacobian_weight", "jacobian_eps",
+    "val_fraction",
+)  # fmt: skip
+
+
 def run_settings(layout, kept, cfg: DistillConfig, student, slots, slot_blocks, scales, learn_scales) -> dict:
     """What a checkpoint must match to be resumed: the run's structure and the settings its steps depend on."""
     settings = {
@@ -570,7 +581,7 @@ def run_settings(layout, kept, cfg: DistillConfig, student, slots, slot_blocks, 
         settings["slot_scales"] = [float(x) for x in scales]
     if learn_scales:  # a key only when learning, so a fixed-scale run's checkpoint still resumes
         settings["slot_scales_learn"] = True
-    return settings
+    return settings | {k: getattr(cfg, k) for k in OBJECTIVE}
 
 
 def _first_validation(d: Distiller, train, val, cfg: DistillConfig, hist: dict) -> None:

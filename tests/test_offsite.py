@@ -102,6 +102,9 @@ def test_distillation_resumes_to_the_uninterrupted_result(models8, sample_data, 
         dmod.distill(load_model(models8["gpt2"]), StageLayout(8, 2, 2), [2, 5], read_texts(sample_data), cfg, out)
     monkeypatch.setattr(dmod, "save_checkpoint", real)
     assert saved == [2]
+    for changed in ({"lr": cfg.lr * 2}, {"steps": 6}, {"kl_weight": 1.0}):  # the rest of the run would differ
+        with pytest.raises(EmulatorError, match=f"other settings \\({next(iter(changed))}\\)"):
+            build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True, **changed), keep=2)
     resumed = build_emulator(models8["gpt2"], "2:2", out, sample_data, replace(cfg, resume=True), keep=2)
     assert resumed["files"]["emulator.safetensors"]["sha256"] == full["files"]["emulator.safetensors"]["sha256"]
     assert resumed["distillation"]["val_kd_after"] == full["distillation"]["val_kd_after"]
