@@ -392,6 +392,10 @@ def test_the_build_refuses_what_sharing_cannot_do(models10, sample_data, tmp_pat
         build_emulator(path, "2:2", out, sample_data, cfg, clusters=2)
     with pytest.raises(SelectionError, match="choose --clusters 1..6"):
         build_emulator(path, "2:2", out, sample_data, cfg, clusters=9, **SHARE)
+    with pytest.raises(SelectionError, match="--keep-sink-block adjusts the uniform drop"):
+        build_emulator(path, "2:2", out, sample_data, cfg, clusters=2, keep_sink=True, **SHARE)
+    with pytest.raises(SelectionError, match="--budget bounds"):  # flags are checked before the model loads
+        build_emulator(str(tmp_path / "no-such-model"), "2:2", out, sample_data, cfg, clusters=2, budget=0.5, **SHARE)
     with pytest.raises(EmulatorError, match="--init rescale"):
         build_emulator(
             path, "2:2", out, sample_data, DistillConfig(steps=1, init="rescale", **DISTILL), keep=2, **SHARE
