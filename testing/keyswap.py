@@ -86,3 +86,32 @@ class KeySwap:
         self._read(msg, self.to_server, self.step)
         self.to_client.seal(msg, self.step)
         return msg
+
+
+def minted_sealing_cert(tls_key_pem: bytes, tls_cert_pem: bytes) -> tuple:
+    """What a hop holding the server's TLS key can mint: (a P-256 key, the DER of a certificate with the sealing
+    purpose issued, i.e. signed, by that TLS key). Only a client that trusts the TLS certificate as a CA takes it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tandem.protos.handshake import SEALING_EKU
+
+    tls_key = serialization.load_pem_private_key(tls_key_pem, None)
+    tls_cert = x509.load_pem_x509_certificate(tls_cert_pem)
+    key, now = ec.generate_private_key(ec.SECP256R1()), dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
+        .issuer_name(tls_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
+        .sign(tls_key, hashes.SHA256())
+    )
+    return key, cert.public_bytes(serialization.Encoding.DER)

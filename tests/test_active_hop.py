@@ -21,7 +21,7 @@ from tandem.client.trainer import TuneConfig, tune
 from tandem.client.transport import Transport, TransportConfig
 from tandem.protos import split_pb2 as pb
 from tandem.stages.lora import LoraConfig
-from tandem.testing.keyswap import KeySwap
+from tandem.testing.keyswap import KeySwap, minted_sealing_cert
 from tandem.testing.proxies import Hop
 from tandem.testing.servers import start_server
 
@@ -110,32 +110,7 @@ def test_the_same_mitm_reads_everything_when_the_client_skips_the_check(hop, sam
 
 
 def _sealing_cert_signed_by_the_tls_key(hop):
-    """What a hop can mint: a certificate with the sealing purpose, issued (signed) by the server's TLS key."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from tandem.protos.handshake import SEALING_EKU
-
-    tls_key = serialization.load_pem_private_key(hop.tls_key, None)
-    tls_cert = x509.load_pem_x509_certificate(hop.tls_cert)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
-        .issuer_name(tls_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
-        .sign(tls_key, hashes.SHA256())
-    )
-    return key, cert.public_bytes(serialization.Encoding.DER)
+    return minted_sealing_cert(hop.tls_key, hop.tls_cert)
 
 
 def test_only_a_ca_in_the_trusted_file_vouches_for_sealing(hop, tmp_path):

@@ -26,6 +26,7 @@ from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import MANIFEST, load_package
 from tandem.protos import offsite_pb2, offsite_pb2_grpc
 from tandem.protos.handshake import package_transcript, sign
+from tandem.testing.keyswap import minted_sealing_cert
 from tandem.testing.proxies import HostileProxy
 from tandem.testing.servers import start_server
 
@@ -126,29 +127,11 @@ def test_a_stripped_signature_is_refused(cloud, tmp_path):
 
 def _sealing_cert_minted_with_the_tls_key(server) -> tuple:
     """What a hop can mint: a certificate with the sealing purpose, issued (signed) by the server's TLS key."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from tandem.protos.handshake import SEALING_EKU
-
-    tls_key = serialization.load_pem_private_key(open(os.path.join(server.tls_dir, "server.key"), "rb").read(), None)
-    tls_cert = x509.load_pem_x509_certificate(open(os.path.join(server.tls_dir, "server.pem"), "rb").read())
-    key, now = ec.generate_private_key(ec.SECP256R1()), dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "hop")]))
-        .issuer_name(tls_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([SEALING_EKU]), critical=True)
-        .sign(tls_key, hashes.SHA256())
-    )
-    return key, cert.public_bytes(serialization.Encoding.DER)
+    with (
+        open(os.path.join(server.tls_dir, "server.key"), "rb") as key,
+        open(os.path.join(server.tls_dir, "server.pem"), "rb") as cert,
+    ):
+        return minted_sealing_cert(key.read(), cert.read())
 
 
 def test_a_package_signed_with_what_the_hop_can_mint_is_refused(cloud, tmp_path):
