@@ -149,6 +149,24 @@ def whole_files(chunks) -> dict[str, bytes]:
     return files
 
 
+def signed_by_the_cloud(tls_dir: str, nonce: bytes, chunks) -> list:
+    """A FetchEmulator stream as a hostile *cloud* sends it: its files whole, signed with the serving process's own
+    sealing key over the client's `nonce` (the client's own checks are then all that stand in the way)."""
+    from tandem.cloud.tls import load_sealing
+    from tandem.protos.handshake import package_transcript, sign
+
+    key, cert = load_sealing(tls_dir)
+    files = whole_files(chunks)
+    out = [
+        offsite_pb2.PackageChunk(name=n, data=b, total_bytes=len(b), sha256=hashlib.sha256(b).hexdigest())
+        for n, b in files.items()
+    ]
+    manifest = next((c for c in out if c.name == "manifest.json"), out[-1])
+    manifest.seal_certificate = cert
+    manifest.seal_signature = sign(key, package_transcript(nonce, {c.name: c.sha256 for c in out}))
+    return out
+
+
 class HostileProxy:
     """Listens on loopback as the cloud; `rewrite(chunks) -> iterable of chunks` replaces each file stream.
 

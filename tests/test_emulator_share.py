@@ -259,44 +259,24 @@ def test_a_slot_running_a_block_of_another_attention_type_is_refused(models10, s
     assert "\n" not in str(e.value)
 
 
-def _package_chunk(name: str, data: bytes):
-    """One whole file of a FetchEmulator stream."""
-    import hashlib
-
-    from tandem.protos import offsite_pb2
-
-    sha = hashlib.sha256(data).hexdigest()
-    return offsite_pb2.PackageChunk(name=name, data=data, total_bytes=len(data), sha256=sha)
-
-
 def test_a_hostile_server_cannot_slip_a_bad_slot_map_into_a_fetch(
     models10, shared_pkg, server_factory, tmp_path, monkeypatch
 ):
     """The cloud itself is hostile: it holds the sealing key, so it signs its bad manifest; the client's own
     check of the slot map refuses it."""
-    from cryptography.hazmat.primitives import serialization
-
     import tandem.client.offsite as offsite_mod
-    from tandem.protos import offsite_pb2
-    from tandem.protos.handshake import package_transcript, sign
-    from tandem.testing.proxies import HostileProxy, whole_files
+    from tandem.testing.proxies import HostileProxy, chunk, signed_by_the_cloud, whole_files
 
     server = server_factory(models10["llama"], "--emulator", shared_pkg)
-    with open(os.path.join(server.tls_dir, "sealing.key"), "rb") as f:
-        key = serialization.load_pem_private_key(f.read(), None)
     nonce = b"n" * 32
     monkeypatch.setattr(offsite_mod, "fresh_nonce", lambda: nonce)
 
     def bad_slots(chunks):
-        files = whole_files(chunks)  # the proxy reads FileChunks; the seal rides in PackageChunk's own fields
-        seal = offsite_pb2.PackageChunk.FromString(chunks[-1].SerializeToString())
+        files = whole_files(chunks)
         man = json.loads(files[MANIFEST])
         man["slots"] = [0, 0, 1, 1, 2, 9]
         files[MANIFEST] = json.dumps(man).encode()
-        out = [_package_chunk(name, data) for name, data in files.items()]
-        signed = package_transcript(nonce, {c.name: c.sha256 for c in out})
-        out[-1].seal_certificate, out[-1].seal_signature = seal.seal_certificate, sign(key, signed)
-        return out
+        return signed_by_the_cloud(server.tls_dir, nonce, [chunk(n, b) for n, b in files.items()])
 
     proxy = HostileProxy(server, rewrite=bad_slots)
     try:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+import tandem.client.offsite as offsite_mod
 from tandem.client.allowed_files import MAX_DOWNLOAD_BYTES, TOKENIZER_ALLOWANCE
 from tandem.client.downloads import CACHE_MANIFEST
 from tandem.client.errors import ClientError
@@ -17,7 +18,7 @@ from tandem.client.transport import TransportConfig
 from tandem.emulator.build import build_emulator
 from tandem.emulator.distill import DistillConfig
 from tandem.emulator.package import load_package
-from tandem.testing.proxies import HostileProxy, chunk, whole_files
+from tandem.testing.proxies import HostileProxy, chunk, signed_by_the_cloud, whole_files
 from tandem.testing.servers import start_server
 from tandem.testing.split_runs import connect_via
 
@@ -278,6 +279,10 @@ def _emu_replace(name: str, fn):
     return rw
 
 
+def _resigned(tls_dir: str, rewrite):
+    return lambda cs: signed_by_the_cloud(tls_dir, NONCE, rewrite(cs))
+
+
 def _with_auto_map(config: bytes) -> bytes:
     d = json.loads(config)
     d["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoTokenizer": ["evil.EvilTokenizer", None]}
@@ -304,16 +309,27 @@ EMULATOR_CASES = [
     ("oversized-total", _set_first(total_bytes=2**45), "at most .* allowed"),
     ("endless", _emu_endless, "more of manifest.json than"),
     ("out-of-order", lambda cs: _split_in_two(cs, swap=True), "out of order"),
-    ("unlisted-file", lambda cs: [chunk("sink.safetensors", b"x"), *cs], "its manifest does not list"),
+    ("unlisted-file", lambda cs: [chunk("sink.safetensors", b"x"), *cs], "signature does not verify"),
     ("no-manifest", lambda cs: cs[:-1], "no manifest"),
-    ("altered-file", _emu_replace("config.json", lambda b: b.replace(b"}", b' , "x": 1}', 1)), "does not verify"),
+    (
+        "altered-file",
+        _emu_replace("config.json", lambda b: b.replace(b"}", b' , "x": 1}', 1)),
+        "no emulator package signature",
+    ),
+    # the same two from the cloud itself, which signs them: the client's own checks refuse them
+    ("cloud-unlisted-file", lambda cs: [chunk("sink.safetensors", b"x"), *cs], "its manifest does not list"),
+    ("cloud-altered-file", _emu_replace("config.json", lambda b: b.replace(b"}", b' , "x": 1}', 1)), "SHA-256"),
 ]
+NONCE = b"n" * 32  # the client's nonce when the cloud itself re-signs
 
 
 @pytest.mark.parametrize("case,rewrite,error", EMULATOR_CASES, ids=[c[0] for c in EMULATOR_CASES])
-def test_hostile_emulator_download_is_refused_and_writes_nothing(cloud, box, case, rewrite, error):
+def test_hostile_emulator_download_is_refused_and_writes_nothing(cloud, box, case, rewrite, error, monkeypatch):
     if case == "absolute":
         rewrite = _emu_add(str(box / "abs-escape"))
+    if case.startswith("cloud-"):
+        monkeypatch.setattr(offsite_mod, "fresh_nonce", lambda: NONCE)
+        rewrite = _resigned(cloud[0].tls_dir, rewrite)
     cloud[1].rewrite = rewrite
     with pytest.raises(ClientError, match=error) as e:
         fetch_emulator(tcfg(cloud), str(box / "a" / "pkgs" / "fetched"))
