@@ -151,6 +151,11 @@ class AdapterCheck:
                 "does not have; was it tuned for another architecture?"
             )
         fan_in, fan_out = self.modules[path]
+        if lora.rank > min(fan_in, fan_out):  # no more expressive than that, and it would pad every shared batch
+            raise AdapterRejected(
+                f"{ADAPTER_CONFIG}: r={lora.rank} is over {path!r}'s smaller side ({min(fan_in, fan_out)}); a larger "
+                "rank adds nothing: tune with --lora-rank at most that"
+            )
         want = (lora.rank, fan_in) if half == "A" else (fan_out, lora.rank)
         if tuple(tensor.shape) != want:
             raise AdapterRejected(

@@ -138,6 +138,9 @@ class AdapterRegistry:
         digest = adapter_digest(blobs)
         name = name or f"adapter-{digest[:12]}"
         with self._lock:
+            twin = next((n for n in self.adapters if n != name and n.casefold() == name.casefold()), None)
+            if twin is not None:  # one directory on a case-insensitive disk: it would replace the other's files
+                raise NameTaken(f"the name {name!r} is taken (names that differ only in case are one); use another")
             old = self.adapters.get(name)
             if old is not None:
                 return self._push_again(old, digest, owner, public), True

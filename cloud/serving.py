@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tandem.stages.adapter_files import CLIENT_BLOCKS
+from tandem.stages.adapter_files import CLIENT_BLOCKS, adapter_digest, read_adapter_dir
 from tandem.stages.loading import LoadedModel
 from tandem.stages.lora import load_peft_tensors
 
@@ -25,6 +25,7 @@ from .registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
+CHARS_PER_POSITION = 32  # no token of a real vocabulary is longer: a longer prompt cannot fit
 _KEY = re.compile(r"(.+)\.lora_([AB])\.weight")  # keys as load_peft_tensors returns them
 
 
@@ -97,6 +98,10 @@ def load_served(name: str, sha256: str, directory: str, slots: set[str]) -> Serv
         raise NotServable(
             f"adapter {name!r} also retunes whole client blocks ({CLIENT_BLOCKS}); serving shares one frozen "
             "model, so only LoRA adapters can be served: tune without --tune-client-blocks and push again"
+        )
+    if adapter_digest(read_adapter_dir(directory)) != sha256:
+        raise NotServable(
+            f"adapter {name!r}'s files on this server no longer match its registered digest; push it again"
         )
     cfg, raw = load_peft_tensors(directory)
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -199,6 +204,12 @@ class ServingService:
         if not (math.isfinite(temperature) and temperature >= 0):
             raise InvalidRequest(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
         n_new = min(max_new_tokens or self.cfg.default_new_tokens, self.cfg.max_new_tokens)
+        limit = self.max_positions * CHARS_PER_POSITION  # before tokenizing: the tokenizer lock is shared
+        long = next((k for k, prompt in enumerate(prompts) if len(prompt) > limit), None)
+        if long is not None:
+            raise InvalidRequest(
+                f"prompt {long} has over {limit} characters, more than the model's {self.max_positions} positions hold"
+            )
         with self._tok_lock:
             ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         for k, prompt_ids in enumerate(ids):
@@ -306,9 +317,15 @@ class ServingService:
         try:
             results = decode(self.model, [pending.job for pending in batch], self.pad_id, self.eos_ids, self.impl)
         except Exception as e:  # noqa: BLE001 - the worker must survive; each caller gets the error
-            log.exception("generate batch of %d request(s) failed", len(batch))
-            for pending in batch:
-                pending.future.set_exception(e)
+            if len(batch) > 1:  # one request's failure (its adapter, its sampling) must not fail the others
+                log.warning(
+                    "generate batch of %d requests failed (%s); running each alone", len(batch), type(e).__name__
+                )
+                for pending in batch:
+                    self._run([pending])
+                return
+            log.exception("generate request failed")
+            batch[0].future.set_exception(e)
             return
         sequences = sum(len(pending.job.prompts) for pending in batch)
         log.debug(

@@ -21,5 +21,8 @@ def draw(logits: torch.Tensor, temperature: float, generator: torch.Generator) -
 
     Drawn on the CPU (where the generator lives), so a GPU computes the same draws as a CPU.
     """
-    probs = torch.softmax(logits / temperature, dim=-1)  # (n, V)
+    # Shifted so the largest logit is 0 and divided in float64: a tiny temperature then tends to greedy instead of
+    # overflowing to inf - inf = NaN (which failed every request in the batch).
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    probs = torch.softmax(shifted / temperature, dim=-1)  # (n, V)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)

@@ -323,3 +323,40 @@ def test_generate_help_lists_its_flags(capsys):
         "--insecure",
     ):
         assert flag in out, flag
+
+
+def test_one_tenant_cannot_spoil_generation_for_the_others(tiny_models, tmp_path):
+    """A tiny temperature, a prompt far over the positions, a rank over a layer's size, a name that differs only in
+    case, and an adapter changed on disk: each is refused or confined to its own request."""
+    from tandem.cloud.errors import AdapterRejected, NameTaken
+
+    model_dir = tiny_models["llama"]
+    loaded = load_model(model_dir)
+    layout = StageLayout.parse("2:2", loaded.config)
+    SplitService(loaded, layout)
+    registry = AdapterRegistry(loaded.model, loaded.model_id, layout, str(tmp_path / "registry"))
+    _push_local(registry, "alices", make_adapter(model_dir, str(tmp_path / "a"), [0, 1], seed=1))
+    with pytest.raises(NameTaken, match="differ only in case"):
+        _push_local(registry, "Alices", make_adapter(model_dir, str(tmp_path / "b"), [0, 1], seed=2))
+    with pytest.raises(AdapterRejected, match=r"r=64 is over .* smaller side \((16|32)\)"):
+        _push_local(registry, "wide", make_adapter(model_dir, str(tmp_path / "w"), [0], seed=3, rank=64))
+    svc = ServingService(loaded, registry, ServingConfig(window_ms=10_000, max_batch=2))
+    try:
+        svc.cfg.window_ms = 0
+        greedy = svc.generate("", PROMPTS[:1], NEW)
+        svc.cfg.window_ms = 10_000  # the next two share one batch (it closes when it holds max_batch)
+        victim, tiny = svc.submit("", PROMPTS[:1], NEW), svc.submit("", ["x"], NEW, temperature=1e-45, seed=1)
+        assert victim.result(timeout=120).batch_sequences == 2
+        assert victim.result().completions[0].token_ids == greedy.completions[0].token_ids
+        assert tiny.result(timeout=120).completions[0].token_ids  # a near-greedy draw, not NaN
+        limit = svc.max_positions * 32
+        with pytest.raises(InvalidRequest, match=f"over {limit} characters"):
+            svc.submit("", ["ab " * limit], NEW)  # refused before the tokenizer sees it
+        weights = os.path.join(registry.lookup("alices")[1], "adapter_model.safetensors")
+        with open(weights, "r+b") as f:  # the operator's disk changed under the registration
+            f.seek(-1, os.SEEK_END)
+            f.write(b" ")
+        with pytest.raises(NotServable, match="no longer match its registered digest"):
+            svc.submit("alices", PROMPTS[:1], NEW)
+    finally:
+        svc.close()
