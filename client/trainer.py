@@ -170,7 +170,9 @@ class TrainState:
         if rollback is not None:  # here, inside the caller's try: the cloud may go away again while it restarts
             rollback.restart_if_pending(self.model)
         loss, label_tokens = surviving_restarts(self.model, lambda: self._forward_backward(batch))
-        self._check_finite(loss, [p.grad for group in self.optimizer.param_groups for p in group["params"]])
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not all(all_finite(g) for g in grads):  # the loss was checked before backward
+            raise self._not_finite()
         lora_fields = self._lora_fields()
         if self.kill_revive is not None:  # before the step: a module killed now does not change
             self.kill_revive.after_backward(self.step, self.optimizer)
@@ -182,11 +184,9 @@ class TrainState:
         self.step += 1
         return remote_state
 
-    def _check_finite(self, loss: torch.Tensor, grads: list) -> None:
-        """Stops before a NaN or Inf loss or gradient reaches the adapter (the last checkpoint stays as it was)."""
-        if math.isfinite(float(loss.detach())) and all(all_finite(g) for g in grads if g is not None):
-            return
-        raise ClientError(
+    def _not_finite(self) -> ClientError:
+        """The refusal of a NaN or Inf loss or gradient: the step is not applied, the last checkpoint stays."""
+        return ClientError(
             f"step {self.step + 1}: the loss or its gradients are not finite, so the step is not applied; lower "
             "--lr, or check the data and the emulator or cloud it runs through (--resume continues from the last "
             "checkpoint)"
@@ -205,7 +205,8 @@ class TrainState:
         if self.label_noise is not None:
             self.label_noise.step = self.step
         loss, label_tokens = self.model.loss(batch, self.step, self.seed, train=True)
-        self._check_finite(loss, [])  # before backward: a cloud optimizer steps during it
+        if not math.isfinite(float(loss.detach())):  # before backward: a cloud optimizer steps during it
+            raise self._not_finite()
         # The private bottom's term (client-local: it changes no tensor that travels, only the bottom's gradient).
         (loss + self.private.loss() if self.private is not None else loss).backward()
         return loss, label_tokens

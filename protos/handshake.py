@@ -53,8 +53,11 @@ def package_transcript(nonce: bytes, digests: dict[str, str]) -> bytes:
 def reply_transcript(method: str, request, reply) -> bytes:
     """What a signed unary reply (PushAdapter, ListAdapters) signs: the method, every field of the request as the
     server received it (its nonce too: a hop that rewrites the request is caught) and every other field of the
-    reply."""
-    return _hash_parts(_REPLY_LABEL, method.encode(), canonical(request), canonical(reply, _SEAL_FIELDS))
+    reply. A pushed file counts by its name and SHA-256 (the server checks them against the data), so an adapter
+    of hundreds of MB is not spelled out again."""
+    files = {f.name: f.sha256 for f in getattr(request, "files", ())}
+    asked = canonical(request, frozenset({"files"})) + files_digest(files).encode()
+    return _hash_parts(_REPLY_LABEL, method.encode(), asked, canonical(reply, _SEAL_FIELDS))
 
 
 def _hash_parts(*parts: bytes) -> bytes:
